@@ -1,0 +1,16 @@
+"""llava-ivtp: Instruction-guided Visual Token Pruning (IVTP) for LLaVA-1.5, native to Hugging Face transformers."""
+
+from .configuration_llava_ivtp import SUPPORTED_TRANSFORMERS, IvtpConfig
+from .cache_ivtp import IvtpCache
+from .modeling_llava_ivtp import IvtpCausalLMOutputWithPast, LlavaIvtpForConditionalGeneration
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IvtpCache",
+    "IvtpCausalLMOutputWithPast",
+    "IvtpConfig",
+    "LlavaIvtpForConditionalGeneration",
+    "SUPPORTED_TRANSFORMERS",
+]

@@ -1,0 +1,190 @@
+"""Configuration of LLaVA-IVTP: `LlavaConfig` plus the two-stage pruning schedule of the IVTP paper."""
+
+from __future__ import annotations
+
+import math
+
+import transformers
+from huggingface_hub.dataclasses import strict
+from packaging import version
+from transformers import LlavaConfig
+
+
+# The transformers releases this package is tested against. Outside this range the HF glue (encoder and decoder
+# loops, mask creation, checkpoint conversion mapping) may no longer match the library, so fail loudly.
+SUPPORTED_TRANSFORMERS = (">=5.23.0", "<6.0.0")
+_MIN_TRANSFORMERS, _MAX_TRANSFORMERS = version.parse("5.23.0"), version.parse("6.0.0")
+if not _MIN_TRANSFORMERS <= version.parse(transformers.__version__) < _MAX_TRANSFORMERS:
+    raise ImportError(
+        f"llava-ivtp supports transformers {','.join(SUPPORTED_TRANSFORMERS)}, but transformers "
+        f"{transformers.__version__} is installed. Install a supported release: "
+        f"pip install 'transformers{','.join(SUPPORTED_TRANSFORMERS)}'"
+    )
+
+SCHEDULE_STAGES = ("vision", "llm")
+
+
+def resolve_feature_layer_count(vision_feature_layer: int, num_vision_layers: int) -> int:
+    """Number of vision encoder layers that run to produce the patch features LLaVA reads.
+
+    `hidden_states[i]` of a CLIP encoder is the output of its first `i` layers (index 0 is the embeddings), so
+    `vision_feature_layer=-2` on a 24-layer tower means 23 layers run.
+    """
+    count = vision_feature_layer if vision_feature_layer >= 0 else num_vision_layers + 1 + vision_feature_layer
+    if not 1 <= count <= num_vision_layers:
+        raise ValueError(
+            f"`vision_feature_layer`={vision_feature_layer} selects no encoder layer of a {num_vision_layers}-layer "
+            f"vision tower; allowed: 1..{num_vision_layers} or -{num_vision_layers}..-1."
+        )
+    return count
+
+
+def layer_groups(num_layers: int, group_size: int) -> list[tuple[int, int]]:
+    """Cut layers `0..num_layers-1` into `(first, last)` groups of `group_size`; the last group may be shorter."""
+    return [(start, min(start + group_size, num_layers) - 1) for start in range(0, num_layers, group_size)]
+
+
+@strict
+class IvtpConfig(LlavaConfig):
+    r"""
+    Configuration of [`LlavaIvtpForConditionalGeneration`]: a [`LlavaConfig`] plus IVTP's pruning fields.
+
+    Args:
+        group_size (`int`, *optional*, defaults to 3):
+            Layers per pruning group, in the vision tower and in the LLM (paper sec. 4.1: 3). Attention rollout
+            (eq. 3) aggregates the attention of a group's layers; tokens are pruned at the group's top layer.
+        schedule (`dict`, *optional*):
+            `{"vision": [k1, ..., kG], "llm": [m1, ..., mH]}`: patches (vision, CLS not counted) and visual tokens
+            (LLM) kept after each group. One vision entry per group over the vision layers that run for patch
+            features (23 for LLaVA-1.5 with `group_size=3`: 8 groups, the last of 2 layers); the LLM prunes in its
+            first `group_size * H` layers. An empty list turns a stage off. `None` turns pruning off and the
+            model equals stock Llava.
+        tau (`float`, *optional*, defaults to 0.2):
+            Relevance threshold of eq. 8: instruction tokens whose CLIP relevance is `>= tau` form the pseudo-CLS.
+        clip_text_encoder (`dict`, *optional*):
+            Architecture of the frozen open_clip text tower that scores the instruction (eq. 5-7). `None`: no text
+            guidance, the pseudo-CLS is the visual CLS through the multimodal projector.
+    """
+
+    model_type = "llava_ivtp"
+
+    group_size: int = 3
+    schedule: dict | None = None
+    tau: float = 0.2
+    clip_text_encoder: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._validate_ivtp()
+
+    # --- derived geometry -------------------------------------------------------------------------------------
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image (576 for LLaVA-1.5: (336 / 14) ** 2)."""
+        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+
+    @property
+    def vision_layer_groups(self) -> list[tuple[int, int]]:
+        """`(first, last)` vision layer of each stage-1 group, over the layers that run for patch features."""
+        feature_layers = resolve_feature_layer_count(self.vision_feature_layer, self.vision_config.num_hidden_layers)
+        return layer_groups(feature_layers, self.group_size)
+
+    @property
+    def llm_layer_groups(self) -> list[tuple[int, int]]:
+        """`(first, last)` LLM layer of each stage-2 group."""
+        num_groups = len(self.schedule["llm"]) if self.schedule else 0
+        return layer_groups(self.group_size * num_groups, self.group_size)
+
+    @property
+    def pruning_enabled(self) -> bool:
+        return self.schedule is not None
+
+    # --- validation -------------------------------------------------------------------------------------------
+    def _validate_ivtp(self) -> None:
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"`group_size` must be an integer >= 1 (layers per pruning group), got {self.group_size!r}.")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau):
+            raise ValueError(f"`tau` must be a number in [-1, 1] (a cosine similarity threshold), got {self.tau!r}.")
+        if not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"`tau` must be in [-1, 1] (a cosine similarity threshold), got {self.tau}.")
+        if self.clip_text_encoder is not None and not isinstance(self.clip_text_encoder, dict):
+            raise ValueError(
+                "`clip_text_encoder` must be None or a dict with an open_clip text tower's architecture, got "
+                f"{type(self.clip_text_encoder).__name__}."
+            )
+        if self.schedule is None:
+            return
+        self._validate_schedule()
+
+    def _validate_schedule(self) -> None:
+        schedule = self.schedule
+        if not isinstance(schedule, dict):
+            raise ValueError(
+                f'`schedule` must be None or a dict {{"vision": [...], "llm": [...]}}, got {type(schedule).__name__}.'
+            )
+        unknown = sorted(set(schedule) - set(SCHEDULE_STAGES))
+        missing = [stage for stage in SCHEDULE_STAGES if stage not in schedule]
+        if unknown or missing:
+            raise ValueError(
+                f"`schedule` must have exactly the keys {list(SCHEDULE_STAGES)}; unknown: {unknown}, missing: {missing}."
+            )
+        if self.vision_config.model_type != "clip_vision_model":
+            raise ValueError(
+                "IVTP prunes inside a CLIP vision tower: `vision_config.model_type` must be 'clip_vision_model', "
+                f"got {self.vision_config.model_type!r}."
+            )
+        if isinstance(self.vision_feature_layer, bool) or not isinstance(self.vision_feature_layer, int):
+            raise ValueError(
+                "IVTP needs one vision feature layer: `vision_feature_layer` must be an int, got "
+                f"{self.vision_feature_layer!r}."
+            )
+        if self.vision_feature_select_strategy != "default":
+            raise ValueError(
+                "IVTP prunes patch tokens and keeps CLS out of the LLM: `vision_feature_select_strategy` must be "
+                f"'default', got {self.vision_feature_select_strategy!r}."
+            )
+        if self.image_seq_length != self.num_patches:
+            raise ValueError(
+                f"`image_seq_length` ({self.image_seq_length}) must equal the patches per image "
+                f"({self.num_patches} = ({self.vision_config.image_size} // {self.vision_config.patch_size}) ** 2)."
+            )
+
+        available = self.num_patches
+        for stage in SCHEDULE_STAGES:
+            counts = schedule[stage]
+            if not isinstance(counts, (list, tuple)):
+                raise ValueError(f'`schedule["{stage}"]` must be a list of token counts, got {type(counts).__name__}.')
+            for index, count in enumerate(counts):
+                if isinstance(count, bool) or not isinstance(count, int):
+                    raise ValueError(f'`schedule["{stage}"][{index}]` must be an int, got {count!r}.')
+                if count < 1:
+                    raise ValueError(
+                        f'`schedule["{stage}"][{index}]` = {count}: every group must keep at least 1 token.'
+                    )
+                if count > available:
+                    what = "the previous group's count" if index else "the tokens available"
+                    raise ValueError(
+                        f'`schedule["{stage}"][{index}]` = {count} is larger than {what} ({available}); counts '
+                        "must not increase."
+                    )
+                available = count
+
+        vision_groups = len(self.vision_layer_groups)
+        if schedule["vision"] and len(schedule["vision"]) != vision_groups:
+            feature_layers = resolve_feature_layer_count(self.vision_feature_layer, self.vision_config.num_hidden_layers)
+            raise ValueError(
+                f'`schedule["vision"]` must have one entry per vision group: {feature_layers} layers run for patch '
+                f"features, in groups of {self.group_size} that is {vision_groups} entries, got "
+                f"{len(schedule['vision'])} (or [] to turn stage 1 off)."
+            )
+        num_llm_layers = self.text_config.num_hidden_layers
+        if self.group_size * len(schedule["llm"]) > num_llm_layers:
+            raise ValueError(
+                f'`schedule["llm"]` has {len(schedule["llm"])} groups of {self.group_size} layers = '
+                f"{self.group_size * len(schedule['llm'])} layers, more than the LLM's {num_llm_layers}; at most "
+                f"{num_llm_layers // self.group_size} entries are allowed."
+            )
+        self.schedule = {stage: list(schedule[stage]) for stage in SCHEDULE_STAGES}
+
+
+__all__ = ["IvtpConfig"]

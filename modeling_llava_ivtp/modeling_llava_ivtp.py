@@ -1,0 +1,717 @@
+"""LLaVA-IVTP: `LlavaForConditionalGeneration` with IVTP's two-stage group-wise visual token pruning.
+
+Adapted from transformers 5.23 `models/llava/modeling_llava.py` (the forward), `models/clip/modeling_clip.py`
+(`CLIPVisionModel.forward` and the `CLIPEncoder` loop) and `models/llama/modeling_llama.py` (the `LlamaModel`
+loop); IVTP changes marked "IVTP:". Stock layers run as they are, with the configured attention backend; the
+attention probabilities that scoring needs are computed beside them from the layers' own projections.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import LlavaForConditionalGeneration
+from transformers.cache_utils import Cache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+from transformers.utils import logging
+
+from .cache_ivtp import IvtpCache
+from .configuration_llava_ivtp import IvtpConfig
+from .pruning_ivtp import (
+    attention_probabilities,
+    pseudo_cls,
+    rollout_cls_row,
+    select_keep_indices,
+    token_scores,
+)
+
+
+logger = logging.get_logger(__name__)
+
+# llava-hf checkpoints store `language_model.lm_head`, `language_model.model.*`, `vision_tower.*`: the conversion
+# mapping of the stock "llava" model type renames them. Custom-code classes only get mappings registered for them,
+# so register llava's for this class; both the installed package and the remote-code copy run this line.
+register_checkpoint_conversion_mapping(
+    "LlavaIvtpForConditionalGeneration", get_checkpoint_conversion_mapping("llava"), overwrite=True
+)
+
+
+@dataclass
+class IvtpCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
+    r"""
+    kept_positions (`torch.LongTensor` of shape `(batch_size, kept_len)`, *optional*):
+        For each row of `logits`, its index in `input_ids`; -1 marks a padding slot (a sample of a batch that kept
+        fewer tokens than the others). With pruning off this is `arange(sequence_length)`.
+    vision_keep_indices (`torch.LongTensor` of shape `(num_images, k_final)`, *optional*):
+        Indices (0..num_patches-1, row-major in the patch grid) of the patches stage 1 kept, in increasing order.
+    llm_keep_indices (`tuple(torch.LongTensor)`, *optional*):
+        One entry per stage-2 group: `(batch_size, m_g)` patch indices (0..num_patches-1) of the visual tokens
+        kept after that group, for samples with an image (-1 rows for samples without one).
+    vision_token_counts (`tuple(int)`, *optional*):
+        Patch tokens (CLS not counted) that stage 1 kept after each vision group.
+    llm_token_counts (`tuple(int)`, *optional*):
+        Visual tokens per image that stage 2 kept after each LLM group.
+    """
+
+    kept_positions: torch.LongTensor | None = None
+    vision_keep_indices: torch.LongTensor | None = None
+    llm_keep_indices: tuple[torch.LongTensor, ...] | None = None
+    vision_token_counts: tuple[int, ...] | None = None
+    llm_token_counts: tuple[int, ...] | None = None
+
+
+@dataclass
+class _TokenSet:
+    """The tokens one LLM layer sees, as gathers from the logical sequence (one row per sample).
+
+    `positions` index `input_ids` (-1: padding slot), `position_ids` are the rotary positions the tokens keep,
+    `attention_mask` is the 2-D padding mask gathered at the kept tokens, `is_visual` marks image tokens and
+    `patch_index` their patch (0..num_patches-1, -1 for non-visual tokens).
+    """
+
+    hidden_states: torch.Tensor
+    positions: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    is_visual: torch.Tensor
+    patch_index: torch.Tensor
+
+    def gather(self, index: torch.Tensor, slot_valid: torch.Tensor) -> _TokenSet:
+        hidden_index = index.unsqueeze(-1).expand(-1, -1, self.hidden_states.shape[-1])
+        return _TokenSet(
+            hidden_states=self.hidden_states.gather(1, hidden_index),
+            positions=self.positions.gather(1, index).masked_fill(~slot_valid, -1),
+            position_ids=self.position_ids.gather(1, index),
+            attention_mask=self.attention_mask.gather(1, index) & slot_valid,
+            is_visual=self.is_visual.gather(1, index) & slot_valid,
+            patch_index=self.patch_index.gather(1, index).masked_fill(~slot_valid, -1),
+        )
+
+    def append(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> _TokenSet:
+        """Append one token per sample at the end (the pseudo-CLS slot)."""
+        batch_size = hidden.shape[0]
+        column = torch.ones(batch_size, 1, dtype=torch.bool, device=hidden.device)
+        minus_one = torch.full((batch_size, 1), -1, dtype=torch.long, device=hidden.device)
+        return _TokenSet(
+            hidden_states=torch.cat([self.hidden_states, hidden.unsqueeze(1).to(self.hidden_states.dtype)], dim=1),
+            positions=torch.cat([self.positions, minus_one], dim=1),
+            position_ids=torch.cat([self.position_ids, position_ids.unsqueeze(1)], dim=1),
+            attention_mask=torch.cat([self.attention_mask, column], dim=1),
+            is_visual=torch.cat([self.is_visual, ~column], dim=1),
+            patch_index=torch.cat([self.patch_index, minus_one], dim=1),
+        )
+
+    def drop_last(self) -> _TokenSet:
+        return _TokenSet(*(tensor[:, :-1] for tensor in vars(self).values()))
+
+
+def _pack_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the `True` entries of each row of `keep`, in order, right-aligned (left-padded) to one length.
+
+    Returns `(index, slot_valid)`, both `(batch, max_kept)`; padding slots point at index 0 and are not valid.
+    """
+    sequence_length = keep.shape[1]
+    order = torch.arange(sequence_length, device=keep.device).expand_as(keep)
+    marked = torch.where(keep, order, torch.full_like(order, -1))
+    max_kept = int(keep.sum(dim=1).max())
+    packed = marked.sort(dim=1).values[:, sequence_length - max_kept :]
+    slot_valid = packed >= 0
+    return packed.clamp_min(0), slot_valid
+
+
+class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA-1.5 with Instruction-guided Visual Token Pruning (IVTP).
+
+    Same modules and parameter names as [`LlavaForConditionalGeneration`], so llava-hf checkpoints load unchanged.
+    With `config.schedule` set, the forward prunes visual tokens in two stages:
+
+    1. in the CLIP vision tower, group-wise token pruning (GTP): per group of `group_size` layers, attention rollout
+       with residual (eq. 3) of the CLS row times the value norms (eq. 4) keeps the top-k patches;
+    2. in the first `group_size * len(schedule["llm"])` LLM layers, GTP again, with a textual pseudo-CLS (eq. 8)
+       that attends to the tokens up to the image and that no real token attends to.
+
+    Kept tokens keep their original position ids. With `config.schedule=None` the model is stock Llava.
+    """
+
+    config_class = IvtpConfig
+    config: IvtpConfig
+
+    def __init__(self, config: IvtpConfig):
+        super().__init__(config)
+        if config.pruning_enabled and config.schedule["llm"]:
+            self._check_llm_supports_scoring()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------------------------------------------------
+    def _check_llm_supports_scoring(self) -> None:
+        """Stage 2 computes queries and keys with the decoder layers' own modules; say clearly when it cannot."""
+        language_model = self.model.language_model
+        layer = language_model.layers[0]
+        attention = getattr(layer, "self_attn", None)
+        needed = ["q_proj", "k_proj", "v_proj", "head_dim", "scaling", "num_key_value_groups"]
+        missing = [name for name in needed if attention is None or not hasattr(attention, name)]
+        if not hasattr(layer, "input_layernorm"):
+            missing.append("input_layernorm")
+        if not hasattr(language_model, "rotary_emb"):
+            missing.append("rotary_emb")
+        if attention is not None and (hasattr(attention, "q_norm") or hasattr(attention, "k_norm")):
+            missing.append("(no q_norm/k_norm)")
+        if self._rotary_function() is None:
+            missing.append("apply_rotary_pos_emb")
+        if missing:
+            raise ValueError(
+                f"IVTP stage 2 supports Llama-style decoders (LLaVA-1.5's Vicuna); text_config.model_type="
+                f"{self.config.text_config.model_type!r} lacks {missing}. Use schedule['llm'] = [] for vision-only "
+                "pruning."
+            )
+
+    def _rotary_function(self):
+        """The decoder's own `apply_rotary_pos_emb`, from the module that defines its attention class."""
+        attention = self.model.language_model.layers[0].self_attn
+        return getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+
+    def _check_prunable_inputs(self, pixel_values, vision_feature_layer, vision_feature_select_strategy, kwargs):
+        if vision_feature_layer is not None and vision_feature_layer != self.config.vision_feature_layer:
+            raise ValueError(
+                f"`vision_feature_layer`={vision_feature_layer} differs from the config's "
+                f"{self.config.vision_feature_layer}, which the pruning schedule is built for; leave it unset."
+            )
+        if (
+            vision_feature_select_strategy is not None
+            and vision_feature_select_strategy != self.config.vision_feature_select_strategy
+        ):
+            raise ValueError(
+                "`vision_feature_select_strategy` must be left unset (the schedule is built for the config's "
+                f"{self.config.vision_feature_select_strategy!r}), got {vision_feature_select_strategy!r}."
+            )
+        for name in ("image_sizes", "mm_encoder_outputs"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"`{name}` is not supported with IVTP pruning: pass `pixel_values` (LLaVA-1.5 images).")
+        if kwargs.get("output_attentions"):
+            raise ValueError(
+                "`output_attentions=True` is not supported with IVTP pruning: layers see different token sets."
+            )
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"`pixel_values` must be `(num_images, channels, height, width)`, got shape {tuple(pixel_values.shape)}."
+            )
+        attn_implementation = self.config.text_config._attn_implementation or ""
+        if self.config.schedule["llm"] and "flash" in attn_implementation:
+            raise ValueError(
+                f"IVTP stage 2 isolates its pseudo-CLS with a 4-D mask, which {attn_implementation!r} cannot take; "
+                "load the model with attn_implementation='sdpa' (or 'eager')."
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        instruction_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> tuple | IvtpCausalLMOutputWithPast:
+        r"""
+        Same arguments as [`LlavaForConditionalGeneration.forward`], plus:
+
+        instruction_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            The tokens of the instruction (the user's text: not image placeholders, not chat-template role words,
+            never answer tokens) that the textual pseudo-CLS (eq. 8) may average.
+
+        Returns an [`IvtpCausalLMOutputWithPast`]: `logits` has one row per token that reached the last layer, and
+        `kept_positions` says which `input_ids` index each row belongs to.
+        """
+        if instruction_mask is not None:
+            self._check_instruction_mask(instruction_mask, input_ids if input_ids is not None else inputs_embeds)
+        # IVTP: without a schedule or without images this is stock Llava (samples without an image pass unpruned).
+        if not self.config.pruning_enabled or pixel_values is None:
+            outputs = super().forward(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            sequence = (input_ids if input_ids is not None else inputs_embeds).shape
+            kept_positions = torch.arange(sequence[1], device=outputs.logits.device).expand(sequence[0], -1)
+            return IvtpCausalLMOutputWithPast(
+                **outputs, kept_positions=slice_logits_to_keep(kept_positions.unsqueeze(-1), logits_to_keep)[..., 0]
+            )
+        return_dict = kwargs.pop("return_dict", None)
+        self._check_prunable_inputs(pixel_values, vision_feature_layer, vision_feature_select_strategy, kwargs)
+        outputs = self._forward_pruned(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            instruction_mask=instruction_mask,
+            use_cache=use_cache if use_cache is not None else self.config.text_config.use_cache,
+            **kwargs,
+        )
+        return outputs if return_dict is not False else outputs.to_tuple()
+
+    @staticmethod
+    def _check_instruction_mask(instruction_mask: torch.Tensor, reference: torch.Tensor | None) -> None:
+        if reference is None or tuple(instruction_mask.shape) != tuple(reference.shape[:2]):
+            expected = None if reference is None else tuple(reference.shape[:2])
+            raise ValueError(
+                f"`instruction_mask` must have the shape of `input_ids` {expected}, got {tuple(instruction_mask.shape)}."
+            )
+        if instruction_mask.dtype not in (torch.bool, torch.long, torch.int, torch.int8, torch.uint8):
+            raise ValueError(f"`instruction_mask` must be a bool or integer 0/1 tensor, got {instruction_mask.dtype}.")
+
+    def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(dim=-1)
+
+    def _forward_pruned(
+        self,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        position_ids,
+        past_key_values,
+        inputs_embeds,
+        labels,
+        logits_to_keep,
+        instruction_mask,
+        use_cache,
+        **kwargs,
+    ) -> IvtpCausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        config = self.config
+        image_mask = self._image_token_mask(input_ids, inputs_embeds)
+        batch_size, sequence_length = image_mask.shape
+        num_patches = config.num_patches
+        placeholders = image_mask.sum(dim=1)
+        images_per_sample = placeholders // num_patches
+        if bool((placeholders % num_patches).any()) or int(images_per_sample.sum()) != pixel_values.shape[0]:
+            raise ValueError(
+                f"Each image needs exactly {num_patches} image placeholder tokens (id {config.image_token_id}): got "
+                f"{placeholders.tolist()} placeholders per sample for {pixel_values.shape[0]} images. Use the "
+                "model's processor, which expands `<image>` to the right count."
+            )
+        if config.schedule["llm"] and bool((images_per_sample > 1).any()):
+            raise ValueError(
+                "IVTP stage 2 prunes one image per sample (one pseudo-CLS per image block); got "
+                f"{images_per_sample.tolist()} images per sample. Use schedule['llm'] = [] for several images."
+            )
+
+        # IVTP stage 1: group-wise token pruning in the vision tower.
+        vision = self._prune_vision_tower(pixel_values)
+        image_features = self.model.multi_modal_projector(vision["patch_hidden_states"])
+        visual_cls = self.model.multi_modal_projector(vision["cls_hidden_state"])
+
+        # The tokens that enter the LLM: every non-image token, and the placeholders of the kept patches.
+        placeholder_rank = image_mask.long().cumsum(dim=1) - 1
+        patch_of_token = torch.where(image_mask, placeholder_rank % num_patches, torch.full_like(placeholder_rank, -1))
+        image_of_token = torch.where(image_mask, placeholder_rank // num_patches, torch.zeros_like(placeholder_rank))
+        image_offset = torch.cumsum(images_per_sample, dim=0) - images_per_sample
+        global_image = (image_of_token + image_offset.unsqueeze(1)).clamp_max(pixel_values.shape[0] - 1)
+        kept_patch = torch.zeros(pixel_values.shape[0], num_patches, dtype=torch.bool, device=image_mask.device)
+        kept_patch.scatter_(1, vision["keep_indices"].to(image_mask.device), True)
+        keep = ~image_mask | kept_patch[global_image, patch_of_token.clamp_min(0)]
+        index, slot_valid = _pack_rows(keep)
+
+        if inputs_embeds is None:
+            token_embeds = self.get_input_embeddings()(input_ids.gather(1, index))
+        else:
+            token_embeds = inputs_embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
+        if position_ids is None:
+            position_ids = torch.arange(sequence_length, device=image_mask.device).unsqueeze(0)
+        full_attention_mask = (
+            torch.ones_like(image_mask) if attention_mask is None else attention_mask.to(image_mask.device).bool()
+        )
+        logical = _TokenSet(
+            hidden_states=token_embeds.new_zeros(batch_size, sequence_length, 0),
+            positions=torch.arange(sequence_length, device=image_mask.device).expand(batch_size, -1),
+            position_ids=position_ids.to(image_mask.device).expand(batch_size, -1),
+            attention_mask=full_attention_mask,
+            is_visual=image_mask,
+            patch_index=patch_of_token,
+        )
+        tokens = logical.gather(index, slot_valid)
+        is_visual = tokens.is_visual.unsqueeze(-1)
+        tokens.hidden_states = token_embeds.masked_scatter(
+            is_visual, image_features.to(token_embeds.dtype).reshape(-1, token_embeds.shape[-1])
+        )
+
+        # IVTP stage 2: the pseudo-CLS (eq. 8) -- until text guidance, the visual CLS through the projector.
+        pseudo = pseudo_cls(
+            tokens.hidden_states, None, None, config.tau, fallback=self._sample_visual_cls(visual_cls, images_per_sample)
+        )
+        # Position of the pseudo-CLS: right after its image block (the first text position after the image).
+        pseudo_position = torch.where(image_mask, logical.position_ids, -1).amax(dim=1) + 1
+        pseudo_position = torch.where(images_per_sample > 0, pseudo_position, logical.position_ids.amax(dim=1) + 1)
+        if config.schedule["llm"]:
+            logger.warning_once(
+                "IVTP: no instruction guidance (CLIP relevance) was given; stage 2 prunes with the visual CLS as the "
+                "pseudo-CLS."
+            )
+
+        if use_cache and past_key_values is None:
+            past_key_values = IvtpCache(config=config)
+        if past_key_values is not None:
+            if not isinstance(past_key_values, IvtpCache):
+                raise ValueError(
+                    f"IVTP needs an `IvtpCache` to hold pruned layers, got {type(past_key_values).__name__}; pass "
+                    "`past_key_values=None` (one is created) or an empty `IvtpCache`."
+                )
+            if past_key_values.get_seq_length() > 0:
+                raise ValueError("IVTP prunes at prefill: `pixel_values` need an empty `past_key_values`.")
+
+        hidden_states, tokens, llm_keep, all_hidden = self._run_language_model(
+            tokens, pseudo, pseudo_position, images_per_sample > 0, past_key_values, use_cache, sequence_length, **kwargs
+        )
+
+        kept_positions = tokens.positions
+        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        kept_positions = slice_logits_to_keep(kept_positions.unsqueeze(-1), logits_to_keep)[..., 0]
+
+        loss = None
+        if labels is not None:
+            # IVTP: labels at the kept positions (pruned positions are image tokens); padding slots are ignored.
+            kept_labels = labels.to(kept_positions.device).gather(1, kept_positions.clamp_min(0))
+            kept_labels = kept_labels.masked_fill(kept_positions < 0, -100)
+            loss = self.loss_function(
+                logits=logits, labels=kept_labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+
+        return IvtpCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden,
+            image_hidden_states=image_features,
+            kept_positions=kept_positions,
+            vision_keep_indices=vision["keep_indices"],
+            llm_keep_indices=llm_keep,
+            vision_token_counts=vision["counts"],
+            llm_token_counts=tuple(config.schedule["llm"]),
+        )
+
+    @staticmethod
+    def _sample_visual_cls(visual_cls: torch.Tensor, images_per_sample: torch.Tensor) -> torch.Tensor:
+        """The projected visual CLS of each sample's (only) image; zeros for samples without an image."""
+        has_image = images_per_sample > 0
+        first_image = (torch.cumsum(images_per_sample, dim=0) - images_per_sample).clamp_max(visual_cls.shape[0] - 1)
+        picked = visual_cls[first_image.to(visual_cls.device)]
+        return picked * has_image.to(picked.device, picked.dtype).unsqueeze(-1)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Stage 1: the vision tower
+    # ------------------------------------------------------------------------------------------------------------
+    def _prune_vision_tower(self, pixel_values: torch.Tensor) -> dict:
+        """Run the CLIP encoder up to the feature layer, pruning patches at the top layer of each group.
+
+        Adapted from transformers 5.23 `CLIPVisionModel.forward` / `CLIPEncoder.forward`.
+        """
+        vision_tower = self.model.vision_tower
+        hidden_states = vision_tower.embeddings(pixel_values)
+        hidden_states = vision_tower.pre_layrnorm(hidden_states)
+        num_images = hidden_states.shape[0]
+        keep_indices = torch.arange(self.config.num_patches, device=hidden_states.device).expand(num_images, -1)
+        layers = vision_tower.encoder.layers
+        counts = self.config.schedule["vision"]
+        groups = self.config.vision_layer_groups
+        if not counts:  # IVTP: stage 1 off -- run the feature layers unpruned.
+            for layer in layers[: groups[-1][1] + 1]:
+                hidden_states = layer(hidden_states, None)
+        for (first, last), num_keep in zip(groups if counts else [], counts):
+            lower_attentions = []
+            for layer_idx in range(first, last + 1):
+                layer = layers[layer_idx]
+                with torch.no_grad():
+                    if layer_idx < last:  # lower layers: the full attention matrix (rows: every token)
+                        lower_attentions.append(_clip_attention(layer, hidden_states))
+                    else:  # top layer: only the CLS row, and the value norms of eq. 4
+                        top_cls_row = _clip_attention(layer, hidden_states, num_rows=1)[:, 0]
+                        value_norms = _clip_value_norms(layer, hidden_states)
+                hidden_states = layer(hidden_states, None)
+            with torch.no_grad():
+                rollout = rollout_cls_row(top_cls_row, lower_attentions, cls_index=0)  # eq. 3
+                scores = token_scores(rollout[:, 1:], value_norms[:, 1:])  # eq. 4, CLS excluded
+                keep = select_keep_indices(scores, num_keep)
+            patches = hidden_states[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+            hidden_states = torch.cat([hidden_states[:, :1], patches], dim=1)  # CLS always kept, order kept
+            keep_indices = keep_indices.gather(1, keep)
+        return {
+            "patch_hidden_states": hidden_states[:, 1:],
+            "cls_hidden_state": hidden_states[:, 0],
+            "feature_layer_hidden_states": hidden_states,
+            "keep_indices": keep_indices,
+            "counts": tuple(counts) if counts else (self.config.num_patches,),
+        }
+
+    def final_clip_cls(self, feature_layer_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The vision tower's final CLS (after its last layer and `post_layernorm`) from the feature layer's output.
+
+        The layers between the feature layer and the last one run on the kept tokens; the last layer computes only
+        its CLS query row -- never a second vision pass.
+
+        Args:
+            feature_layer_hidden_states: `(num_images, 1 + kept, hidden)`, CLS first.
+
+        Returns:
+            `(num_images, hidden)`.
+        """
+        vision_tower = self.model.vision_tower
+        layers = vision_tower.encoder.layers
+        first_unrun = self.config.vision_layer_groups[-1][1] + 1
+        hidden_states = feature_layer_hidden_states
+        for layer in layers[first_unrun:-1]:
+            hidden_states = layer(hidden_states, None)
+        if first_unrun < len(layers):
+            hidden_states = _clip_layer_cls_row(layers[-1], hidden_states)
+        return vision_tower.post_layernorm(hidden_states[:, 0])
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Stage 2: the language model
+    # ------------------------------------------------------------------------------------------------------------
+    def _run_language_model(
+        self,
+        tokens: _TokenSet,
+        pseudo: torch.Tensor,
+        pseudo_position: torch.Tensor,
+        has_image: torch.Tensor,
+        cache,
+        use_cache,
+        logical_length,
+        **kwargs,
+    ):
+        """The decoder loop of `LlamaModel.forward` over pruned token sets (adapted from transformers 5.23).
+
+        Layers are run in segments that see one token set: each stage-2 group, then the remaining layers.
+        """
+        config = self.config
+        language_model = self.model.language_model
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = config.text_config.output_hidden_states
+        num_layers = config.text_config.num_hidden_layers
+        groups = config.llm_layer_groups
+        has_image = has_image.to(tokens.hidden_states.device)
+        if groups:
+            # IVTP: the pseudo-CLS slot sits after every real token, so causality alone keeps real tokens from
+            # attending to it; its mask row lets it see the tokens up to its image (and itself).
+            tokens = tokens.append(pseudo, pseudo_position.to(tokens.position_ids.device))
+        segments = [(first, last, True) for first, last in groups]
+        if not groups or groups[-1][1] + 1 < num_layers:
+            segments.append((groups[-1][1] + 1 if groups else 0, num_layers - 1, False))
+
+        all_hidden = () if output_hidden_states else None
+        llm_keep = []
+        for segment_index, (first, last, prunes) in enumerate(segments):
+            with_pseudo = prunes
+            mask = self._segment_mask(tokens, cache, first, with_pseudo)
+            position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
+            hidden_states = tokens.hidden_states
+            lower_attentions = []
+            for layer_idx in range(first, last + 1):
+                layer = language_model.layers[layer_idx]
+                if prunes and bool(has_image.any()):
+                    with torch.no_grad():
+                        block = self._llm_attention_block(layer, hidden_states, tokens, has_image, top=layer_idx == last)
+                    if layer_idx < last:
+                        lower_attentions.append(block[0])
+                    else:
+                        top_row, value_norms = block
+                if output_hidden_states:
+                    all_hidden += (hidden_states[:, :-1] if with_pseudo else hidden_states,)
+                hidden_states = layer(
+                    hidden_states,
+                    attention_mask=mask,
+                    position_ids=tokens.position_ids,
+                    past_key_values=cache,
+                    use_cache=use_cache,
+                    position_embeddings=position_embeddings,
+                    **kwargs,
+                )
+                if cache is not None:
+                    if with_pseudo:
+                        cache.drop_last_token(layer_idx)  # IVTP: the pseudo-CLS never enters the KV cache
+                    held = tokens.positions[:, :-1] if with_pseudo else tokens.positions
+                    cache.record_positions(layer_idx, held, logical_length)
+            tokens.hidden_states = hidden_states
+            if not prunes:
+                continue
+            num_keep = config.schedule["llm"][segment_index]
+            keep = ~tokens.is_visual
+            keep_patches = torch.full((tokens.is_visual.shape[0], num_keep), -1, dtype=torch.long, device=keep.device)
+            if bool(has_image.any()):
+                with torch.no_grad():
+                    rollout = rollout_cls_row(top_row, lower_attentions, cls_index=top_row.shape[-1] - 1)
+                    scores = token_scores(rollout[:, :-1], value_norms)  # eq. 4 over the visual tokens
+                    selected = select_keep_indices(scores, num_keep)
+                image_rows = has_image.nonzero().squeeze(-1)
+                visual_slots = tokens.is_visual[image_rows].nonzero()[:, 1].view(len(image_rows), -1)
+                chosen_slots = visual_slots.gather(1, selected)
+                keep[image_rows] = keep[image_rows].scatter(1, chosen_slots, True)
+                keep_patches[image_rows] = tokens.patch_index[image_rows].gather(1, chosen_slots)
+            llm_keep.append(keep_patches)
+            index, slot_valid = _pack_rows(keep)
+            tokens = tokens.gather(index, slot_valid)
+            if segment_index == len(groups) - 1:
+                tokens = tokens.drop_last()  # IVTP: the pseudo-CLS leaves after the last stage-2 group
+
+        hidden_states = language_model.norm(tokens.hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        return hidden_states, tokens, tuple(llm_keep), all_hidden
+
+    def _segment_mask(self, tokens: _TokenSet, cache, layer_idx: int, with_pseudo: bool):
+        """The 4-D mask of one segment: causal over the kept tokens (order is kept), padding, pseudo-CLS rules."""
+        and_mask_function = None
+        if with_pseudo:
+            pseudo_slot = tokens.hidden_states.shape[1] - 1
+            slots = torch.arange(pseudo_slot + 1, device=tokens.is_visual.device)
+            # Last visual slot of each sample; samples without an image let the pseudo-CLS see only itself.
+            visual_end = torch.where(tokens.is_visual, slots, -1).amax(dim=1)
+
+            def and_mask_function(batch_idx, head_idx, q_idx, kv_idx):
+                return (q_idx != pseudo_slot) | (kv_idx <= visual_end[batch_idx]) | (kv_idx == pseudo_slot)
+
+        return create_causal_mask(
+            config=self.config.text_config,
+            inputs_embeds=tokens.hidden_states,
+            attention_mask=tokens.attention_mask,
+            past_key_values=cache,
+            position_ids=None,  # kept positions have gaps: they must not be read as packed sequences
+            and_mask_function=and_mask_function,
+            layer_idx=layer_idx,
+        )
+
+    def _llm_attention_block(self, layer, hidden_states, tokens: _TokenSet, has_image: torch.Tensor, top: bool):
+        """Attention probabilities of one decoder layer over the visual block and the pseudo-CLS row.
+
+        Queries and keys come from the layer's own `input_layernorm`, `q_proj`, `k_proj` and rotary embedding. Rows:
+        the visual tokens and the pseudo-CLS (top layer: the pseudo-CLS only); keys: every token up to the last
+        visual one plus the pseudo-CLS, so the softmax is over everything each row attends to. Returns the block
+        restricted to `[visual tokens..., pseudo-CLS]` columns (a `(rows, V + 1)` matrix per image sample); for the
+        top layer also the value norms of the visual tokens (eq. 4).
+        """
+        attention = layer.self_attn
+        image_rows = has_image.nonzero().squeeze(-1)
+        hidden_states = hidden_states[image_rows]
+        is_visual = tokens.is_visual[image_rows]
+        num_images, num_slots = is_visual.shape
+        pseudo_slot = num_slots - 1
+        visual_slots = is_visual.nonzero()[:, 1].view(num_images, -1)
+        key_end = int(visual_slots.max()) + 1
+        key_slots = torch.cat(
+            [torch.arange(key_end, device=is_visual.device), torch.tensor([pseudo_slot], device=is_visual.device)]
+        )
+        pseudo_column = torch.full((num_images, 1), key_end, dtype=torch.long, device=is_visual.device)
+        block_columns = torch.cat([visual_slots, pseudo_column], dim=1)  # in key coordinates
+        query_columns = pseudo_column if top else block_columns
+
+        key_hidden = layer.input_layernorm(hidden_states[:, key_slots])
+        key_positions = tokens.position_ids[image_rows][:, key_slots]
+        cos, sin = self.model.language_model.rotary_emb(key_hidden, position_ids=key_positions)
+        apply_rotary = self._rotary_function()
+
+        def heads(states):
+            return states.view(num_images, states.shape[1], -1, attention.head_dim).transpose(1, 2)
+
+        def gather_rows(states, rows):
+            return states.gather(1, rows.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
+
+        keys = heads(attention.k_proj(key_hidden))
+        keys, _ = apply_rotary(keys, keys, cos, sin)
+        queries = heads(attention.q_proj(gather_rows(key_hidden, query_columns)))
+        queries, _ = apply_rotary(queries, queries, gather_rows(cos, query_columns), gather_rows(sin, query_columns))
+        keys = keys.repeat_interleave(attention.num_key_value_groups, dim=1)
+
+        # Which keys each query row attends to: causal by slot, padding, and the pseudo-CLS's own rule.
+        query_slots = torch.where(query_columns == key_end, pseudo_slot, query_columns)  # visual slots < key_end
+        key_grid = key_slots.view(1, 1, -1)
+        visual_end = visual_slots[:, -1].view(-1, 1, 1)
+        is_pseudo_row = (query_slots == pseudo_slot).unsqueeze(-1)
+        allowed = torch.where(
+            is_pseudo_row, (key_grid <= visual_end) | (key_grid == pseudo_slot), key_grid <= query_slots.unsqueeze(-1)
+        )
+        allowed = allowed & tokens.attention_mask[image_rows][:, key_slots].unsqueeze(1)
+        probabilities = attention_probabilities(queries, keys, attention.scaling, allowed)
+        block = probabilities.gather(2, block_columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1))
+        if not top:
+            return (block,)
+        value_norms = attention.v_proj(gather_rows(key_hidden, visual_slots)).norm(dim=-1)
+        return block[:, 0], value_norms
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLIP encoder layer helpers: queries, keys and values from the layer's own modules.
+# ------------------------------------------------------------------------------------------------------------------
+def _clip_heads(attention, states: torch.Tensor) -> torch.Tensor:
+    return states.view(states.shape[0], states.shape[1], -1, attention.head_dim).transpose(1, 2)
+
+
+def _clip_attention(layer, hidden_states: torch.Tensor, num_rows: int | None = None) -> torch.Tensor:
+    """Head-averaged attention probabilities of a CLIP encoder layer: `(images, rows, tokens)`, float32.
+
+    Rows are the first `num_rows` tokens (CLS first) or every token.
+    """
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden_states)
+    queries = _clip_heads(attention, attention.q_proj(normed if num_rows is None else normed[:, :num_rows]))
+    keys = _clip_heads(attention, attention.k_proj(normed))
+    return attention_probabilities(queries, keys, attention.scale)
+
+
+def _clip_value_norms(layer, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`||V_i||` of eq. 4: the L2 norm of each token's value vector (all heads), `(images, tokens)`."""
+    return layer.self_attn.v_proj(layer.layer_norm1(hidden_states)).float().norm(dim=-1)
+
+
+def _clip_layer_cls_row(layer, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A CLIP encoder layer computed for its CLS query only: `(images, 1, hidden)`.
+
+    Same arithmetic as `CLIPEncoderLayer.forward` (pre-norm attention and MLP, each with a residual), with one
+    query row: every key and value, one output row.
+    """
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden_states)
+    queries = _clip_heads(attention, attention.q_proj(normed[:, :1]))
+    keys = _clip_heads(attention, attention.k_proj(normed))
+    values = _clip_heads(attention, attention.v_proj(normed))
+    attended = F.scaled_dot_product_attention(queries, keys, values, scale=attention.scale)
+    attended = attended.transpose(1, 2).reshape(hidden_states.shape[0], 1, -1)
+    cls_hidden = hidden_states[:, :1] + attention.out_proj(attended)
+    return cls_hidden + layer.mlp(layer.layer_norm2(cls_hidden))
+
+
+__all__ = ["LlavaIvtpForConditionalGeneration", "IvtpCausalLMOutputWithPast"]

@@ -1,0 +1,87 @@
+"""Tiny LLaVA-IVTP models and inputs built from configs, offline, for the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
+
+
+IMAGE_TOKEN_ID = 90
+PAD_TOKEN_ID = 0
+# 24 px images of 4 px patches: 36 patches. 7 vision layers, feature layer -2: 6 layers run, 3 groups of 2.
+TINY_SCHEDULE = {"vision": [24, 16, 12], "llm": [8, 5]}
+
+
+def tiny_config_dict(schedule=TINY_SCHEDULE, group_size: int = 2, **overrides) -> dict:
+    vision = CLIPVisionConfig(
+        image_size=24, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=7,
+        num_attention_heads=4, projection_dim=16,
+    ).to_dict()
+    text = LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD_TOKEN_ID, bos_token_id=1,
+        eos_token_id=2,
+    ).to_dict()
+    config = dict(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID, image_seq_length=36,
+        schedule=schedule, group_size=group_size,
+    )
+    config.update(overrides)
+    return config
+
+
+def tiny_config(schedule=TINY_SCHEDULE, group_size: int = 2, attn_implementation: str = "sdpa", **overrides):
+    config = IvtpConfig(**tiny_config_dict(schedule, group_size, **overrides))
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_model(schedule=TINY_SCHEDULE, group_size: int = 2, attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(schedule, group_size, attn_implementation, **overrides)
+    return LlavaIvtpForConditionalGeneration(config).eval()
+
+
+def stock_twin(model: LlavaIvtpForConditionalGeneration, attn_implementation: str = "sdpa"):
+    """A stock `LlavaForConditionalGeneration` with the same weights."""
+    config_dict = model.config.to_dict()
+    for key in ("schedule", "group_size", "tau", "clip_text_encoder", "model_type", "auto_map", "architectures"):
+        config_dict.pop(key, None)
+    config = LlavaConfig(**config_dict)
+    config._attn_implementation = attn_implementation
+    stock = LlavaForConditionalGeneration(config).eval()
+    missing, unexpected = stock.load_state_dict(model.state_dict(), strict=True)
+    assert not missing and not unexpected
+    return stock
+
+
+def make_prompt(num_prefix: int, num_suffix: int, num_patches: int = 36, seed: int = 0) -> list[int]:
+    """BOS, `num_prefix` text tokens, the image placeholders, `num_suffix` text tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, 80, (num_prefix,), generator=generator).tolist()
+    suffix = torch.randint(3, 80, (num_suffix,), generator=generator).tolist()
+    return [1] + prefix + [IMAGE_TOKEN_ID] * num_patches + suffix
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), length), PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, length - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+def make_pixels(num_images: int, seed: int = 0, image_size: int = 24) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num_images, 3, image_size, image_size, generator=generator)
+
+
+def make_batch(lengths=((2, 5), (4, 9)), seed: int = 0):
+    """A left-padded batch, one image per sample."""
+    prompts = [make_prompt(prefix, suffix, seed=seed + row) for row, (prefix, suffix) in enumerate(lengths)]
+    input_ids, attention_mask = left_pad(prompts)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": make_pixels(len(prompts), seed)}
