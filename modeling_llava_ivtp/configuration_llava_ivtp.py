@@ -162,7 +162,12 @@ class IvtpConfig(LlavaConfig):
                         f'`schedule["{stage}"][{index}]` = {count}: every group must keep at least 1 token.'
                     )
                 if count > available:
-                    what = "the previous group's count" if index else "the tokens available"
+                    if index:
+                        what = "the previous group's count"
+                    elif stage == "vision":
+                        what = "the patches per image"
+                    else:
+                        what = "the visual tokens that enter the LLM (the last vision count, or every patch)"
                     raise ValueError(
                         f'`schedule["{stage}"][{index}]` = {count} is larger than {what} ({available}); counts '
                         "must not increase."

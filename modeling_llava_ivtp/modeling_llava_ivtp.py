@@ -54,9 +54,9 @@ class IvtpCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
         One entry per stage-2 group: `(batch_size, m_g)` patch indices (0..num_patches-1) of the visual tokens
         kept after that group, for samples with an image (-1 rows for samples without one).
     vision_token_counts (`tuple(int)`, *optional*):
-        Patch tokens (CLS not counted) that stage 1 kept after each vision group.
+        Patch tokens (CLS not counted) that stage 1 kept after each vision group, read off the pruned tensors.
     llm_token_counts (`tuple(int)`, *optional*):
-        Visual tokens per image that stage 2 kept after each LLM group.
+        Visual tokens per image that stage 2 kept after each LLM group, read off the pruned tensors.
     """
 
     kept_positions: torch.LongTensor | None = None
@@ -393,7 +393,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             if past_key_values.get_seq_length() > 0:
                 raise ValueError("IVTP prunes at prefill: `pixel_values` need an empty `past_key_values`.")
 
-        hidden_states, tokens, llm_keep, all_hidden = self._run_language_model(
+        hidden_states, tokens, llm_keep, llm_counts, all_hidden = self._run_language_model(
             tokens, pseudo, pseudo_position, images_per_sample > 0, past_key_values, use_cache, sequence_length, **kwargs
         )
 
@@ -421,7 +421,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             vision_keep_indices=vision["keep_indices"],
             llm_keep_indices=llm_keep,
             vision_token_counts=vision["counts"],
-            llm_token_counts=tuple(config.schedule["llm"]),
+            llm_token_counts=llm_counts,
         )
 
     @staticmethod
@@ -451,6 +451,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         if not counts:  # IVTP: stage 1 off -- run the feature layers unpruned.
             for layer in layers[: groups[-1][1] + 1]:
                 hidden_states = layer(hidden_states, None)
+        kept_counts = []
         for (first, last), num_keep in zip(groups if counts else [], counts):
             lower_attentions = []
             for layer_idx in range(first, last + 1):
@@ -469,12 +470,13 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             patches = hidden_states[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
             hidden_states = torch.cat([hidden_states[:, :1], patches], dim=1)  # CLS always kept, order kept
             keep_indices = keep_indices.gather(1, keep)
+            kept_counts.append(hidden_states.shape[1] - 1)
         return {
             "patch_hidden_states": hidden_states[:, 1:],
             "cls_hidden_state": hidden_states[:, 0],
             "feature_layer_hidden_states": hidden_states,
             "keep_indices": keep_indices,
-            "counts": tuple(counts) if counts else (self.config.num_patches,),
+            "counts": tuple(kept_counts),
         }
 
     def final_clip_cls(self, feature_layer_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -534,7 +536,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             segments.append((groups[-1][1] + 1 if groups else 0, num_layers - 1, False))
 
         all_hidden = () if output_hidden_states else None
-        llm_keep = []
+        llm_keep, kept_counts = [], []
         for segment_index, (first, last, prunes) in enumerate(segments):
             with_pseudo = prunes
             mask = self._segment_mask(tokens, cache, first, with_pseudo)
@@ -585,13 +587,14 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             llm_keep.append(keep_patches)
             index, slot_valid = _pack_rows(keep)
             tokens = tokens.gather(index, slot_valid)
+            kept_counts.append(int(tokens.is_visual[has_image].sum(dim=1).max()) if bool(has_image.any()) else 0)
             if segment_index == len(groups) - 1:
                 tokens = tokens.drop_last()  # IVTP: the pseudo-CLS leaves after the last stage-2 group
 
         hidden_states = language_model.norm(tokens.hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        return hidden_states, tokens, tuple(llm_keep), all_hidden
+        return hidden_states, tokens, tuple(llm_keep), tuple(kept_counts), all_hidden
 
     def _segment_mask(self, tokens: _TokenSet, cache, layer_idx: int, with_pseudo: bool):
         """The 4-D mask of one segment: causal over the kept tokens (order is kept), padding, pseudo-CLS rules."""

@@ -1,0 +1,73 @@
+"""Analytic FLOPs of LLaVA-1.5 with and without an IVTP schedule (paper Table 9 convention).
+
+Convention: 2 FLOPs per multiply-add; vision layers up to the feature layer (23 of 24 for LLaVA-1.5) plus the
+patch embedding; every LLM layer with its token count; the LM head over all tokens. Attention scores count the
+full `T x T` products (`QK^T` and `AV`). Not needed by remote code: a tool for presets and reports.
+"""
+
+from __future__ import annotations
+
+from .configuration_llava_ivtp import IvtpConfig
+
+
+def vision_layer_flops(tokens: int, hidden: int, intermediate: int) -> int:
+    projections = 4 * tokens * hidden * hidden
+    mlp = 2 * tokens * hidden * intermediate
+    scores = 2 * tokens * tokens * hidden
+    return 2 * (projections + mlp + scores)
+
+
+def llm_layer_flops(tokens: int, hidden: int, intermediate: int, kv_hidden: int) -> int:
+    projections = 2 * tokens * hidden * hidden + 2 * tokens * hidden * kv_hidden
+    mlp = 3 * tokens * hidden * intermediate
+    scores = 2 * tokens * tokens * hidden
+    return 2 * (projections + mlp + scores)
+
+
+def llava_flops(config: IvtpConfig, text_tokens: int) -> dict[str, float]:
+    """FLOPs of one forward over one image and `text_tokens` text tokens: `{"vit", "llm", "total"}`."""
+    vision, text = config.vision_config, config.text_config
+    patches = config.num_patches
+    groups = config.vision_layer_groups
+    schedule = config.schedule or {"vision": [], "llm": []}
+    vit = 2 * patches * vision.num_channels * vision.patch_size**2 * vision.hidden_size
+    tokens = patches + 1
+    counts = schedule["vision"] or [patches] * len(groups)
+    for (first, last), kept in zip(groups, counts):
+        vit += (last - first + 1) * vision_layer_flops(tokens, vision.hidden_size, vision.intermediate_size)
+        tokens = kept + 1
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_hidden = text.num_key_value_heads * head_dim
+    visual = counts[-1]
+    llm = 0
+    layer_counts = []
+    for kept in schedule["llm"]:
+        layer_counts += [visual] * config.group_size
+        visual = kept
+    layer_counts += [visual] * (text.num_hidden_layers - len(layer_counts))
+    for visual_tokens in layer_counts:
+        llm += llm_layer_flops(visual_tokens + text_tokens, text.hidden_size, text.intermediate_size, kv_hidden)
+    llm += 2 * (layer_counts[-1] + text_tokens) * text.hidden_size * text.vocab_size
+    return {"vit": vit, "llm": llm, "total": vit + llm}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Analytic TFLOPs of a preset against stock LLaVA (paper Table 3/9).")
+    parser.add_argument("preset", help="path of an IvtpConfig JSON, e.g. configuration/llava-1.5-7b-ivtp.json")
+    parser.add_argument("--text-tokens", type=int, nargs="+", default=[128, 256, 512, 1024])
+    args = parser.parse_args(argv)
+    ivtp = IvtpConfig.from_json_file(args.preset)
+    stock = IvtpConfig.from_dict({**ivtp.to_dict(), "schedule": None})
+    print("| text tokens | stock ViT | stock LLM | stock total | IVTP ViT | IVTP LLM | IVTP total | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for text_tokens in args.text_tokens:
+        base, pruned = llava_flops(stock, text_tokens), llava_flops(ivtp, text_tokens)
+        cells = [base["vit"], base["llm"], base["total"], pruned["vit"], pruned["llm"], pruned["total"]]
+        row = " | ".join(f"{value / 1e12:.3f}" for value in cells)
+        print(f"| {text_tokens} | {row} | {pruned['total'] / base['total']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
