@@ -240,6 +240,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         """
         if instruction_mask is not None:
             self._check_instruction_mask(instruction_mask, input_ids if input_ids is not None else inputs_embeds)
+        return_dict = kwargs.pop("return_dict", None)
         # IVTP: without a schedule or without images this is stock Llava (samples without an image pass unpruned).
         if not self.config.pruning_enabled or pixel_values is None:
             outputs = super().forward(
@@ -254,14 +255,15 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 labels=labels,
                 logits_to_keep=logits_to_keep,
                 use_cache=use_cache,
+                return_dict=True,
                 **kwargs,
             )
             sequence = (input_ids if input_ids is not None else inputs_embeds).shape
             kept_positions = torch.arange(sequence[1], device=outputs.logits.device).expand(sequence[0], -1)
-            return IvtpCausalLMOutputWithPast(
+            outputs = IvtpCausalLMOutputWithPast(
                 **outputs, kept_positions=slice_logits_to_keep(kept_positions.unsqueeze(-1), logits_to_keep)[..., 0]
             )
-        return_dict = kwargs.pop("return_dict", None)
+            return outputs if return_dict is not False else outputs.to_tuple()
         self._check_prunable_inputs(pixel_values, vision_feature_layer, vision_feature_select_strategy, kwargs)
         outputs = self._forward_pruned(
             input_ids=input_ids,

@@ -43,6 +43,9 @@ def test_pruning_off_equals_stock_llava():
     assert ours.logits.shape == theirs.logits.shape
     assert (ours.logits - theirs.logits).abs().max() <= 1e-5
     assert torch.equal(ours.kept_positions, torch.arange(batch["input_ids"].shape[1]).expand(2, -1))
+    as_tuple = run(model, batch, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], ours.logits)
 
 
 def test_keep_all_schedule_equals_stock_llava():
