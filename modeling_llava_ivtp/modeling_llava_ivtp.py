@@ -540,8 +540,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         all_hidden = () if output_hidden_states else None
         llm_keep, kept_counts = [], []
         for segment_index, (first, last, prunes) in enumerate(segments):
-            with_pseudo = prunes
-            mask = self._segment_mask(tokens, cache, first, with_pseudo)
+            mask = self._segment_mask(tokens, cache, first, with_pseudo=prunes)
             position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
             hidden_states = tokens.hidden_states
             lower_attentions = []
@@ -555,7 +554,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                     else:
                         top_row, value_norms = block
                 if output_hidden_states:
-                    all_hidden += (hidden_states[:, :-1] if with_pseudo else hidden_states,)
+                    all_hidden += (hidden_states[:, :-1] if prunes else hidden_states,)
                 hidden_states = layer(
                     hidden_states,
                     attention_mask=mask,
@@ -566,9 +565,9 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                     **kwargs,
                 )
                 if cache is not None:
-                    if with_pseudo:
+                    if prunes:
                         cache.drop_last_token(layer_idx)  # IVTP: the pseudo-CLS never enters the KV cache
-                    held = tokens.positions[:, :-1] if with_pseudo else tokens.positions
+                    held = tokens.positions[:, :-1] if prunes else tokens.positions
                     cache.record_positions(layer_idx, held, logical_length)
             tokens.hidden_states = hidden_states
             if not prunes:
