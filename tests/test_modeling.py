@@ -333,3 +333,13 @@ def test_stock_llava_class_is_untouched():
     """No monkeypatching: the stock class keeps its own forward."""
     assert LlavaForConditionalGeneration.forward is not LlavaIvtpForConditionalGeneration.forward
     assert "modeling_llava" in LlavaForConditionalGeneration.forward.__module__
+
+
+def test_hidden_states_follow_the_pruned_lengths():
+    model = tiny_model()
+    batch = make_batch()
+    out = run(model, batch, output_hidden_states=True)
+    text_tokens = batch["input_ids"].shape[1] - 36
+    lengths = [hidden.shape[1] - text_tokens for hidden in out.hidden_states]
+    assert lengths == [12, 12, 8, 8, 5, 5, 5, 5, 5]  # input of each of the 8 layers, then the final norm
+    torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits)
