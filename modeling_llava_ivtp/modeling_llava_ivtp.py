@@ -111,6 +111,24 @@ class _TokenSet:
         return _TokenSet(*(tensor[:, :-1] for tensor in vars(self).values()))
 
 
+@dataclass
+class _VisualBlock:
+    """Stage-2 scoring layout of one segment, for the samples with an image (`image_rows`).
+
+    `visual_slots` `(images, V)` and `key_slots` `(keys,)` index the segment's token slots; `block_columns`
+    `(images, V + 1)` are the visual tokens and the pseudo-CLS in key coordinates; `allowed` `(images, V + 1, keys)`
+    says which keys each block row attends to; `cos`/`sin` are the rotary embeddings at the keys.
+    """
+
+    image_rows: torch.Tensor
+    visual_slots: torch.Tensor
+    key_slots: torch.Tensor
+    block_columns: torch.Tensor
+    allowed: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 def _pack_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the `True` entries of each row of `keep`, in order, right-aligned (left-padded) to one length.
 
@@ -454,7 +472,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             for layer in layers[: groups[-1][1] + 1]:
                 hidden_states = layer(hidden_states, None)
         kept_counts = []
-        for (first, last), num_keep in zip(groups if counts else [], counts):
+        for (first, last), num_keep in zip(groups, counts):
             lower_attentions = []
             for layer_idx in range(first, last + 1):
                 layer = layers[layer_idx]
@@ -543,16 +561,20 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             mask = self._segment_mask(tokens, cache, first, with_pseudo=prunes)
             position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
             hidden_states = tokens.hidden_states
+            scoring = prunes and bool(has_image.any())
+            if scoring:
+                with torch.no_grad():
+                    block = self._visual_block(tokens, has_image)
             lower_attentions = []
             for layer_idx in range(first, last + 1):
                 layer = language_model.layers[layer_idx]
-                if prunes and bool(has_image.any()):
+                if scoring:
                     with torch.no_grad():
-                        block = self._llm_attention_block(layer, hidden_states, tokens, has_image, top=layer_idx == last)
+                        scored = self._llm_attention_block(layer, hidden_states, block, top=layer_idx == last)
                     if layer_idx < last:
-                        lower_attentions.append(block[0])
+                        lower_attentions.append(scored[0])
                     else:
-                        top_row, value_norms = block
+                        top_row, value_norms = scored
                 if output_hidden_states:
                     all_hidden += (hidden_states[:, :-1] if prunes else hidden_states,)
                 hidden_states = layer(
@@ -575,20 +597,19 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             num_keep = config.schedule["llm"][segment_index]
             keep = ~tokens.is_visual
             keep_patches = torch.full((tokens.is_visual.shape[0], num_keep), -1, dtype=torch.long, device=keep.device)
-            if bool(has_image.any()):
+            if scoring:
                 with torch.no_grad():
                     rollout = rollout_cls_row(top_row, lower_attentions, cls_index=top_row.shape[-1] - 1)
                     scores = token_scores(rollout[:, :-1], value_norms)  # eq. 4 over the visual tokens
                     selected = select_keep_indices(scores, num_keep)
-                image_rows = has_image.nonzero().squeeze(-1)
-                visual_slots = tokens.is_visual[image_rows].nonzero()[:, 1].view(len(image_rows), -1)
-                chosen_slots = visual_slots.gather(1, selected)
+                image_rows = block.image_rows
+                chosen_slots = block.visual_slots.gather(1, selected)
                 keep[image_rows] = keep[image_rows].scatter(1, chosen_slots, True)
                 keep_patches[image_rows] = tokens.patch_index[image_rows].gather(1, chosen_slots)
             llm_keep.append(keep_patches)
             index, slot_valid = _pack_rows(keep)
             tokens = tokens.gather(index, slot_valid)
-            kept_counts.append(int(tokens.is_visual[has_image].sum(dim=1).max()) if bool(has_image.any()) else 0)
+            kept_counts.append(int(tokens.is_visual[has_image].sum(dim=1).max()) if scoring else 0)
             if segment_index == len(groups) - 1:
                 tokens = tokens.drop_last()  # IVTP: the pseudo-CLS leaves after the last stage-2 group
 
@@ -619,34 +640,49 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             layer_idx=layer_idx,
         )
 
-    def _llm_attention_block(self, layer, hidden_states, tokens: _TokenSet, has_image: torch.Tensor, top: bool):
-        """Attention probabilities of one decoder layer over the visual block and the pseudo-CLS row.
+    def _visual_block(self, tokens: _TokenSet, has_image: torch.Tensor) -> _VisualBlock:
+        """The index bookkeeping of stage-2 scoring for one segment (its token set is fixed across its layers).
 
-        Queries and keys come from the layer's own `input_layernorm`, `q_proj`, `k_proj` and rotary embedding. Rows:
-        the visual tokens and the pseudo-CLS (top layer: the pseudo-CLS only); keys: every token up to the last
-        visual one plus the pseudo-CLS, so the softmax is over everything each row attends to. Returns the block
-        restricted to `[visual tokens..., pseudo-CLS]` columns (a `(rows, V + 1)` matrix per image sample); for the
-        top layer also the value norms of the visual tokens (eq. 4).
+        Rows of the block: the visual tokens, then the pseudo-CLS. Keys: every slot up to the last visual one plus
+        the pseudo-CLS, so the softmax is over everything each row attends to. Only samples with an image count.
         """
-        attention = layer.self_attn
         image_rows = has_image.nonzero().squeeze(-1)
-        hidden_states = hidden_states[image_rows]
         is_visual = tokens.is_visual[image_rows]
         num_images, num_slots = is_visual.shape
+        device = is_visual.device
         pseudo_slot = num_slots - 1
         visual_slots = is_visual.nonzero()[:, 1].view(num_images, -1)
         key_end = int(visual_slots.max()) + 1
-        key_slots = torch.cat(
-            [torch.arange(key_end, device=is_visual.device), torch.tensor([pseudo_slot], device=is_visual.device)]
-        )
-        pseudo_column = torch.full((num_images, 1), key_end, dtype=torch.long, device=is_visual.device)
+        key_slots = torch.cat([torch.arange(key_end, device=device), torch.tensor([pseudo_slot], device=device)])
+        pseudo_column = torch.full((num_images, 1), key_end, dtype=torch.long, device=device)
         block_columns = torch.cat([visual_slots, pseudo_column], dim=1)  # in key coordinates
-        query_columns = pseudo_column if top else block_columns
 
-        key_hidden = layer.input_layernorm(hidden_states[:, key_slots])
+        # Which keys each row attends to: causal by slot, padding, and the pseudo-CLS's own rule.
+        row_slots = torch.cat([visual_slots, torch.full_like(pseudo_column, pseudo_slot)], dim=1)
+        key_grid = key_slots.view(1, 1, -1)
+        visual_end = visual_slots[:, -1].view(-1, 1, 1)
+        is_pseudo_row = (row_slots == pseudo_slot).unsqueeze(-1)
+        allowed = torch.where(
+            is_pseudo_row, (key_grid <= visual_end) | (key_grid == pseudo_slot), key_grid <= row_slots.unsqueeze(-1)
+        )
+        allowed = allowed & tokens.attention_mask[image_rows][:, key_slots].unsqueeze(1)
         key_positions = tokens.position_ids[image_rows][:, key_slots]
-        cos, sin = self.model.language_model.rotary_emb(key_hidden, position_ids=key_positions)
+        cos, sin = self.model.language_model.rotary_emb(tokens.hidden_states, position_ids=key_positions)
+        return _VisualBlock(image_rows, visual_slots, key_slots, block_columns, allowed, cos, sin)
+
+    def _llm_attention_block(self, layer, hidden_states: torch.Tensor, block: _VisualBlock, top: bool):
+        """Attention probabilities of one decoder layer over the visual block and the pseudo-CLS row.
+
+        Queries and keys come from the layer's own `input_layernorm`, `q_proj`, `k_proj` and rotary embedding. Returns
+        the block restricted to `[visual tokens..., pseudo-CLS]` columns: a `(V + 1, V + 1)` matrix per image sample
+        for a lower layer; for the top layer the pseudo-CLS row only and the value norms of the visual tokens (eq. 4).
+        """
+        attention = layer.self_attn
         apply_rotary = self._rotary_function()
+        query_columns = block.block_columns[:, -1:] if top else block.block_columns
+        allowed = block.allowed[:, -1:] if top else block.allowed
+        key_hidden = layer.input_layernorm(hidden_states[block.image_rows][:, block.key_slots])
+        num_images = key_hidden.shape[0]
 
         def heads(states):
             return states.view(num_images, states.shape[1], -1, attention.head_dim).transpose(1, 2)
@@ -655,26 +691,18 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             return states.gather(1, rows.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
 
         keys = heads(attention.k_proj(key_hidden))
-        keys, _ = apply_rotary(keys, keys, cos, sin)
+        keys, _ = apply_rotary(keys, keys, block.cos, block.sin)
         queries = heads(attention.q_proj(gather_rows(key_hidden, query_columns)))
-        queries, _ = apply_rotary(queries, queries, gather_rows(cos, query_columns), gather_rows(sin, query_columns))
+        query_cos, query_sin = gather_rows(block.cos, query_columns), gather_rows(block.sin, query_columns)
+        queries, _ = apply_rotary(queries, queries, query_cos, query_sin)
         keys = keys.repeat_interleave(attention.num_key_value_groups, dim=1)
-
-        # Which keys each query row attends to: causal by slot, padding, and the pseudo-CLS's own rule.
-        query_slots = torch.where(query_columns == key_end, pseudo_slot, query_columns)  # visual slots < key_end
-        key_grid = key_slots.view(1, 1, -1)
-        visual_end = visual_slots[:, -1].view(-1, 1, 1)
-        is_pseudo_row = (query_slots == pseudo_slot).unsqueeze(-1)
-        allowed = torch.where(
-            is_pseudo_row, (key_grid <= visual_end) | (key_grid == pseudo_slot), key_grid <= query_slots.unsqueeze(-1)
-        )
-        allowed = allowed & tokens.attention_mask[image_rows][:, key_slots].unsqueeze(1)
         probabilities = attention_probabilities(queries, keys, attention.scaling, allowed)
-        block = probabilities.gather(2, block_columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1))
+        columns = block.block_columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1)
+        restricted = probabilities.gather(2, columns)
         if not top:
-            return (block,)
-        value_norms = attention.v_proj(gather_rows(key_hidden, visual_slots)).norm(dim=-1)
-        return block[:, 0], value_norms
+            return (restricted,)
+        value_norms = attention.v_proj(gather_rows(key_hidden, block.visual_slots)).norm(dim=-1)
+        return restricted[:, 0], value_norms
 
 
 # ------------------------------------------------------------------------------------------------------------------
