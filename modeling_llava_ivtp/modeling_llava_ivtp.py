@@ -34,6 +34,9 @@ from .pruning_ivtp import (
 
 logger = logging.get_logger(__name__)
 
+# Inputs that guide pruning: like `pixel_values`, they are used on the step that prunes (the prefill) only.
+GUIDANCE_INPUTS = ("instruction_mask",)
+
 # llava-hf checkpoints store `language_model.lm_head`, `language_model.model.*`, `vision_tower.*`: the conversion
 # mapping of the stock "llava" model type renames them. Custom-code classes only get mappings registered for them,
 # so register llava's for this class; both the installed package and the remote-code copy run this line.
@@ -259,6 +262,24 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         if instruction_mask is not None:
             self._check_instruction_mask(instruction_mask, input_ids if input_ids is not None else inputs_embeds)
         return_dict = kwargs.pop("return_dict", None)
+        # IVTP: steps after a pruned prefill attend to the pruned cache, each layer to the tokens it holds.
+        if pixel_values is None and isinstance(past_key_values, IvtpCache) and past_key_values.is_pruned:
+            if instruction_mask is not None:
+                raise ValueError(
+                    "`instruction_mask` guides pruning at prefill; it cannot be passed with a cache that was already "
+                    "pruned (decode steps and conversation continuations take only the new tokens' inputs)."
+                )
+            outputs = self._forward_with_pruned_cache(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+            return outputs if return_dict is not False else outputs.to_tuple()
         # IVTP: without a schedule or without images this is stock Llava (samples without an image pass unpruned).
         if not self.config.pruning_enabled or pixel_values is None:
             outputs = super().forward(
@@ -307,6 +328,24 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             )
         if instruction_mask.dtype not in (torch.bool, torch.long, torch.int, torch.int8, torch.uint8):
             raise ValueError(f"`instruction_mask` must be a bool or integer 0/1 tensor, got {instruction_mask.dtype}.")
+
+    @staticmethod
+    def _check_prefill_cache(past_key_values) -> None:
+        if past_key_values is None:
+            return
+        if not isinstance(past_key_values, IvtpCache):
+            raise ValueError(
+                f"IVTP stores a different set of tokens per layer, which a {type(past_key_values).__name__} cannot "
+                "hold (static, quantized, offloaded and compiled caches included). Pass `past_key_values=None` (an "
+                "`IvtpCache` is created) or an empty `IvtpCache`; in `generate`, leave `cache_implementation` unset."
+            )
+        if past_key_values.get_seq_length() > 0:
+            raise ValueError(
+                "IVTP prunes the image once, at prefill: `pixel_values` need an empty `past_key_values`, this one "
+                f"holds {past_key_values.get_seq_length()} tokens. To continue a conversation about the same image, "
+                "pass the whole conversation's `input_ids` with the returned cache and without `pixel_values`; "
+                "`prefill_chunk_size` cannot be used with pruning."
+            )
 
     def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if input_ids is not None:
@@ -402,20 +441,17 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 "pseudo-CLS."
             )
 
-        if use_cache and past_key_values is None:
-            past_key_values = IvtpCache(config=config)
-        if past_key_values is not None:
-            if not isinstance(past_key_values, IvtpCache):
-                raise ValueError(
-                    f"IVTP needs an `IvtpCache` to hold pruned layers, got {type(past_key_values).__name__}; pass "
-                    "`past_key_values=None` (one is created) or an empty `IvtpCache`."
-                )
-            if past_key_values.get_seq_length() > 0:
-                raise ValueError("IVTP prunes at prefill: `pixel_values` need an empty `past_key_values`.")
+        self._check_prefill_cache(past_key_values)
+        if not use_cache:
+            past_key_values = None
+        elif past_key_values is None:
+            past_key_values = IvtpCache(config=config.text_config)
 
         hidden_states, tokens, llm_keep, llm_counts, all_hidden = self._run_language_model(
-            tokens, pseudo, pseudo_position, images_per_sample > 0, past_key_values, use_cache, sequence_length, **kwargs
+            tokens, pseudo, pseudo_position, images_per_sample > 0, past_key_values, use_cache, **kwargs
         )
+        if use_cache:
+            past_key_values.set_logical_length(sequence_length)
 
         kept_positions = tokens.positions
         hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
@@ -532,7 +568,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         has_image: torch.Tensor,
         cache,
         use_cache,
-        logical_length,
         **kwargs,
     ):
         """The decoder loop of `LlamaModel.forward` over pruned token sets (adapted from transformers 5.23).
@@ -544,16 +579,13 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         output_hidden_states = kwargs.pop("output_hidden_states", None)
         if output_hidden_states is None:
             output_hidden_states = config.text_config.output_hidden_states
-        num_layers = config.text_config.num_hidden_layers
         groups = config.llm_layer_groups
         has_image = has_image.to(tokens.hidden_states.device)
         if groups:
             # IVTP: the pseudo-CLS slot sits after every real token, so causality alone keeps real tokens from
             # attending to it; its mask row lets it see the tokens up to its image (and itself).
             tokens = tokens.append(pseudo, pseudo_position.to(tokens.position_ids.device))
-        segments = [(first, last, True) for first, last in groups]
-        if not groups or groups[-1][1] + 1 < num_layers:
-            segments.append((groups[-1][1] + 1 if groups else 0, num_layers - 1, False))
+        segments = self._llm_segments()
 
         all_hidden = () if output_hidden_states else None
         llm_keep, kept_counts = [], []
@@ -566,6 +598,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 with torch.no_grad():
                     block = self._visual_block(tokens, has_image)
             lower_attentions = []
+            held = tokens.positions[:, :-1] if prunes else tokens.positions  # one record shared by the segment
             for layer_idx in range(first, last + 1):
                 layer = language_model.layers[layer_idx]
                 if scoring:
@@ -589,8 +622,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 if cache is not None:
                     if prunes:
                         cache.drop_last_token(layer_idx)  # IVTP: the pseudo-CLS never enters the KV cache
-                    held = tokens.positions[:, :-1] if prunes else tokens.positions
-                    cache.record_positions(layer_idx, held, logical_length)
+                    cache.record_positions(layer_idx, held)
             tokens.hidden_states = hidden_states
             if not prunes:
                 continue
@@ -617,6 +649,178 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         if output_hidden_states:
             all_hidden += (hidden_states,)
         return hidden_states, tokens, tuple(llm_keep), tuple(kept_counts), all_hidden
+
+    def _llm_segments(self) -> list[tuple[int, int, bool]]:
+        """`(first_layer, last_layer, prunes)` of each run of decoder layers that sees one token set."""
+        groups = self.config.llm_layer_groups
+        num_layers = self.config.text_config.num_hidden_layers
+        segments = [(first, last, True) for first, last in groups]
+        start = groups[-1][1] + 1 if groups else 0
+        if start < num_layers:
+            segments.append((start, num_layers - 1, False))
+        return segments
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Steps after prefill: decoding (and conversation continuation) with the pruned cache
+    # ------------------------------------------------------------------------------------------------------------
+    def _forward_with_pruned_cache(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        cache: IvtpCache,
+        inputs_embeds,
+        labels,
+        logits_to_keep,
+        **kwargs,
+    ) -> IvtpCausalLMOutputWithPast:
+        """New tokens through the decoder when each layer's cache holds its own (pruned) token set.
+
+        Per segment of layers that hold one token set, the 2-D attention mask (logical: cache length + new tokens,
+        as `generate` keeps it) is gathered at the positions the segment holds, then causal masking runs over the
+        layer's physical keys. New tokens get logical positions (and, unless given, rotary positions) after the cache.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if kwargs.get("output_attentions"):
+            raise ValueError("`output_attentions=True` is not supported with IVTP pruning: layers hold different tokens.")
+        if bool(self._image_token_mask(input_ids, inputs_embeds).any()):
+            raise ValueError(
+                "Image placeholder tokens were given after the image was pruned into the cache. IVTP prunes images at "
+                "prefill: start from an empty cache with `pixel_values` to add an image."
+            )
+        language_model = self.model.language_model
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch_size, num_new = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        past_length = cache.get_seq_length()
+        if cache.batch_size not in (-1, batch_size):
+            raise ValueError(f"The cache holds {cache.batch_size} samples but {batch_size} were given.")
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, past_length + num_new, dtype=torch.bool, device=device)
+        if attention_mask.ndim != 2 or attention_mask.shape[1] != past_length + num_new:
+            raise ValueError(
+                f"`attention_mask` must be 2-D `(batch, {past_length + num_new})` after a pruned prefill: the cache's "
+                f"logical length {past_length} plus {num_new} new tokens; got shape {tuple(attention_mask.shape)}."
+            )
+        attention_mask = attention_mask.to(device).bool()
+        new_positions = torch.arange(past_length, past_length + num_new, device=device).expand(batch_size, -1)
+        if position_ids is None:
+            position_ids = new_positions
+        position_ids = position_ids.to(device).expand(batch_size, -1)
+        position_embeddings = language_model.rotary_emb(inputs_embeds, position_ids=position_ids)
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.text_config.output_hidden_states
+        kwargs.pop("use_cache", None)
+
+        all_hidden = () if output_hidden_states else None
+        hidden_states = inputs_embeds
+        for first, last, _ in self._llm_segments():
+            held = cache.layer_positions[first]
+            if held is None:
+                raise ValueError(f"The IvtpCache has no record of the tokens layer {first} holds; prefill again.")
+            kv_positions = torch.cat([held.to(device), new_positions], dim=1)
+            kv_mask = attention_mask.gather(1, kv_positions.clamp_min(0)) & (kv_positions >= 0)
+            mask = create_causal_mask(
+                config=self.config.text_config,
+                inputs_embeds=hidden_states,
+                attention_mask=kv_mask,
+                past_key_values=cache,
+                position_ids=None,
+                layer_idx=first,
+            )
+            for layer_idx in range(first, last + 1):
+                if output_hidden_states:
+                    all_hidden += (hidden_states,)
+                hidden_states = language_model.layers[layer_idx](
+                    hidden_states,
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                    position_embeddings=position_embeddings,
+                    **kwargs,
+                )
+                cache.record_positions(layer_idx, kv_positions)
+        cache.set_logical_length(past_length + num_new)
+        hidden_states = language_model.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+
+        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return IvtpCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=cache,
+            hidden_states=all_hidden,
+            kept_positions=slice_logits_to_keep(new_positions.unsqueeze(-1), logits_to_keep)[..., 0],
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # generate
+    # ------------------------------------------------------------------------------------------------------------
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """IVTP: `generate` gets an `IvtpCache`; caches that cannot hold per-layer token sets are refused up front."""
+        if (
+            not self.config.pruning_enabled
+            or model_kwargs.get("past_key_values") is not None
+            or generation_config.use_cache is False
+        ):
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"`cache_implementation={generation_config.cache_implementation!r}` cannot hold IVTP's pruned cache "
+                "(each layer holds a different set of tokens, so static, quantized, offloaded and compiled caches do "
+                "not apply). Leave `cache_implementation` unset: an `IvtpCache` (a `DynamicCache`) is used."
+            )
+        model_kwargs["past_key_values"] = IvtpCache(config=self.config.text_config)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        next_sequence_length=None,
+        past_key_values=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        is_first_iteration=False,
+        **kwargs,
+    ):
+        """Stock inputs, plus IVTP's guidance inputs on the steps that prune.
+
+        Like `pixel_values`, guidance inputs reach the model on the prefill step only (with a cache) or on every step
+        (`use_cache=False`, which prunes from scratch each step); there they are cut or right-padded with zeros (new
+        tokens are not instruction) to the length of the `input_ids` the step takes.
+        """
+        guidance = {name: kwargs.pop(name) for name in GUIDANCE_INPUTS if kwargs.get(name) is not None}
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if guidance and (is_first_iteration or not kwargs.get("use_cache", True)):
+            step_inputs = model_inputs.get("input_ids")
+            if step_inputs is None:
+                step_inputs = model_inputs["inputs_embeds"]
+            length = step_inputs.shape[1]
+            for name, value in guidance.items():
+                if value.shape[1] >= length:
+                    value = value[:, value.shape[1] - length :]
+                else:
+                    value = torch.cat([value, value.new_zeros(value.shape[0], length - value.shape[1])], dim=1)
+                model_inputs[name] = value.to(step_inputs.device)
+        return model_inputs
 
     def _segment_mask(self, tokens: _TokenSet, cache, layer_idx: int, with_pseudo: bool):
         """The 4-D mask of one segment: causal over the kept tokens (order is kept), padding, pseudo-CLS rules."""
