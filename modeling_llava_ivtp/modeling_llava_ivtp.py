@@ -330,15 +330,18 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError(f"`instruction_mask` must be a bool or integer 0/1 tensor, got {instruction_mask.dtype}.")
 
     @staticmethod
-    def _check_prefill_cache(past_key_values) -> None:
-        if past_key_values is None:
-            return
+    def _check_cache_class(past_key_values) -> None:
         if not isinstance(past_key_values, IvtpCache):
             raise ValueError(
                 f"IVTP stores a different set of tokens per layer, which a {type(past_key_values).__name__} cannot "
                 "hold (static, quantized, offloaded and compiled caches included). Pass `past_key_values=None` (an "
                 "`IvtpCache` is created) or an empty `IvtpCache`; in `generate`, leave `cache_implementation` unset."
             )
+
+    def _check_prefill_cache(self, past_key_values) -> None:
+        if past_key_values is None:
+            return
+        self._check_cache_class(past_key_values)
         if past_key_values.get_seq_length() > 0:
             raise ValueError(
                 "IVTP prunes the image once, at prefill: `pixel_values` need an empty `past_key_values`, this one "
@@ -684,19 +687,15 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if kwargs.get("output_attentions"):
             raise ValueError("`output_attentions=True` is not supported with IVTP pruning: layers hold different tokens.")
-        if bool(self._image_token_mask(input_ids, inputs_embeds).any()):
-            raise ValueError(
-                "Image placeholder tokens were given after the image was pruned into the cache. IVTP prunes images at "
-                "prefill: start from an empty cache with `pixel_values` to add an image."
-            )
         language_model = self.model.language_model
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         batch_size, num_new = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         past_length = cache.get_seq_length()
-        if cache.batch_size not in (-1, batch_size):
-            raise ValueError(f"The cache holds {cache.batch_size} samples but {batch_size} were given.")
+        cached_batch = cache.layers[0].keys.shape[0]
+        if cached_batch != batch_size:
+            raise ValueError(f"The cache holds {cached_batch} samples but {batch_size} were given.")
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, past_length + num_new, dtype=torch.bool, device=device)
         if attention_mask.ndim != 2 or attention_mask.shape[1] != past_length + num_new:
@@ -769,6 +768,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
     # ------------------------------------------------------------------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """IVTP: `generate` gets an `IvtpCache`; caches that cannot hold per-layer token sets are refused up front."""
+        if self.config.pruning_enabled and model_kwargs.get("past_key_values") is not None:
+            self._check_cache_class(model_kwargs["past_key_values"])
         if (
             not self.config.pruning_enabled
             or model_kwargs.get("past_key_values") is not None

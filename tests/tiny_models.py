@@ -85,3 +85,28 @@ def make_batch(lengths=((2, 5), (4, 9)), seed: int = 0):
     prompts = [make_prompt(prefix, suffix, seed=seed + row) for row, (prefix, suffix) in enumerate(lengths)]
     input_ids, attention_mask = left_pad(prompts)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": make_pixels(len(prompts), seed)}
+
+
+TOKENIZER_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!'-"
+
+
+def tiny_tokenizer():
+    """A Llama-style (Metaspace, BPE) tokenizer over the tiny vocabulary, built offline: one token per character,
+    "\u2581" for a space; ids 0-2 are pad/BOS/EOS, `IMAGE_TOKEN_ID` is `<image>`, unused ids are `<unusedN>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD_TOKEN_ID, "<s>": 1, "</s>": 2, "\u2581": 3}
+    for offset, character in enumerate(TOKENIZER_CHARACTERS):
+        vocab[character] = 4 + offset
+    vocab["<image>"] = IMAGE_TOKEN_ID
+    for index in range(99):
+        if index not in vocab.values():
+            vocab[f"<unused{index}>"] = index
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unused98>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unused98>",
+        additional_special_tokens=["<image>"],
+    )

@@ -1,0 +1,395 @@
+"""`generate` with IVTP's pruned KV cache: every decoding path against the same decoding without a cache (each step
+re-prunes from scratch), per-layer cache contents, batch layouts, continuation, cache operations and refusals.
+
+The tiny vocabulary contains the image placeholder id; it is suppressed while generating, as a sampled placeholder
+would be read as an image token by the prefill-from-scratch path (stock Llava behaves the same).
+"""
+
+import threading
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache, TextIteratorStreamer
+
+from modeling_llava_ivtp import IvtpCache
+from tiny_models import (
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    TOKENIZER_CHARACTERS,
+    left_pad,
+    make_batch,
+    stock_twin,
+    tiny_model,
+    tiny_tokenizer,
+)
+
+
+EOS_TOKEN_ID = 2
+LENGTHS_OF_3 = ((2, 5), (4, 9), (1, 3))  # (text before, text after) the image: three prompt lengths
+GREEDY = dict(do_sample=False, pad_token_id=PAD_TOKEN_ID, suppress_tokens=[IMAGE_TOKEN_ID])
+# Fixed length: EOS suppressed too, so every row generates every step.
+FIXED = dict(GREEDY, suppress_tokens=[IMAGE_TOKEN_ID, EOS_TOKEN_ID])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def batch3():
+    return make_batch(LENGTHS_OF_3)
+
+
+def new_tokens(sequences, batch):
+    return sequences[:, batch["input_ids"].shape[1] :]
+
+
+def test_greedy_with_cache_equals_a_loop_of_full_forwards(model, batch3):
+    """32 tokens, batch of 3, left padding: each loop step re-prunes the whole sequence with `use_cache=False`."""
+    steps = 32
+    generated = model.generate(**batch3, max_new_tokens=steps, **FIXED)
+    input_ids, attention_mask = batch3["input_ids"], batch3["attention_mask"]
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch3["pixel_values"], use_cache=False
+            ).logits[:, -1]
+            logits[:, FIXED["suppress_tokens"]] = -float("inf")
+            next_token = logits.argmax(-1, keepdim=True)
+            input_ids = torch.cat([input_ids, next_token], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
+    assert generated.shape == (3, batch3["input_ids"].shape[1] + steps)
+    assert torch.equal(generated, input_ids)
+
+
+def test_greedy_128_new_tokens_with_and_without_cache(model, batch3):
+    with_cache = model.generate(**batch3, max_new_tokens=128, **FIXED)
+    without = model.generate(**batch3, max_new_tokens=128, use_cache=False, **FIXED)
+    assert new_tokens(with_cache, batch3).shape == (3, 128)
+    assert torch.equal(with_cache, without)
+
+
+def test_decode_logits_match_full_forwards(model, batch3):
+    """Not only the argmax: the decode step's logits equal the last row of a full re-pruned forward."""
+    out = model.generate(
+        **batch3, max_new_tokens=6, output_logits=True, return_dict_in_generate=True, **FIXED
+    )
+    sequences = out.sequences
+    attention_mask = torch.cat([batch3["attention_mask"], torch.ones(3, 6, dtype=torch.long)], dim=1)
+    for step, step_logits in enumerate(out.logits):
+        length = batch3["input_ids"].shape[1] + step
+        with torch.no_grad():
+            full = model(
+                input_ids=sequences[:, :length], attention_mask=attention_mask[:, :length],
+                pixel_values=batch3["pixel_values"], use_cache=False,
+            ).logits[:, -1]
+        assert (step_logits - full).abs().max() <= 1e-4
+
+
+def test_beam_search_with_cache_equals_without(model, batch3):
+    kwargs = dict(GREEDY, num_beams=3, max_new_tokens=20)
+    with_cache = model.generate(**batch3, **kwargs)
+    without = model.generate(**batch3, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without)
+    several = model.generate(**batch3, num_return_sequences=3, **kwargs)
+    several_without = model.generate(**batch3, num_return_sequences=3, use_cache=False, **kwargs)
+    assert several.shape[0] == 9
+    assert torch.equal(several, several_without)
+
+
+@pytest.mark.parametrize(
+    "sampling", [dict(), dict(temperature=0.7, top_p=0.9), dict(top_k=20, num_return_sequences=2)], ids=str
+)
+def test_sampling_with_a_seed_with_cache_equals_without(model, batch3, sampling):
+    kwargs = dict(do_sample=True, max_new_tokens=24, pad_token_id=PAD_TOKEN_ID, suppress_tokens=[IMAGE_TOKEN_ID])
+    torch.manual_seed(7)
+    with_cache = model.generate(**batch3, **sampling, **kwargs)
+    torch.manual_seed(7)
+    without = model.generate(**batch3, use_cache=False, **sampling, **kwargs)
+    assert torch.equal(with_cache, without)
+    torch.manual_seed(8)
+    other_seed = model.generate(**batch3, **sampling, **kwargs)
+    assert not torch.equal(with_cache, other_seed), "sampling should depend on the seed"
+
+
+def test_cache_after_prefill_holds_the_schedule_layer_by_layer(model, batch3):
+    """TINY_SCHEDULE, group_size 2: layers 0-1 hold stage 1's 12 visual tokens, 2-3 hold 8, 4-7 hold 5 (+ text)."""
+    with torch.no_grad():
+        out = model(**batch3, use_cache=True)
+    cache = out.past_key_values
+    mask = batch3["attention_mask"].bool()
+    text_per_sample = (mask.sum(dim=1) - 36).tolist()
+    longest_text = max(text_per_sample)
+    visual_per_layer = [12, 12, 8, 8, 5, 5, 5, 5]
+    for layer_idx, (layer, visual) in enumerate(zip(cache.layers, visual_per_layer)):
+        assert layer.keys.shape == (3, 2, longest_text + visual, 8), layer_idx  # (batch, kv heads, held, head dim)
+        assert layer.values.shape == layer.keys.shape
+        positions = cache.layer_positions[layer_idx]
+        assert positions.shape == (3, longest_text + visual)
+        for row in range(3):
+            held = positions[row][positions[row] >= 0]
+            is_image = batch3["input_ids"][row, held] == IMAGE_TOKEN_ID
+            assert int(is_image.sum()) == visual, (layer_idx, row)
+            assert int((~is_image & mask[row, held]).sum()) == text_per_sample[row]
+            assert torch.equal(held, held.sort().values)
+    # Layers of one pruning group share one record; the prompt's logical length is answered.
+    assert cache.layer_positions[2] is cache.layer_positions[3]
+    assert cache.get_seq_length() == batch3["input_ids"].shape[1]
+    assert [cache.get_query_offset(i) for i in range(8)] == [longest_text + v for v in visual_per_layer]
+
+    # Each decode step adds one token to every layer, at the next logical position.
+    generated = model.generate(**batch3, max_new_tokens=5, return_dict_in_generate=True, **FIXED)
+    decoded = generated.past_key_values
+    assert [layer.keys.shape[-2] for layer in decoded.layers] == [longest_text + v + 4 for v in visual_per_layer]
+    assert decoded.get_seq_length() == batch3["input_ids"].shape[1] + 4
+    last = batch3["input_ids"].shape[1] + 3
+    assert all(int(positions[0, -1]) == last for positions in decoded.layer_positions)
+
+
+def test_a_sample_alone_equals_the_same_sample_in_a_padded_batch(model, batch3):
+    batched = new_tokens(model.generate(**batch3, max_new_tokens=24, **FIXED), batch3)
+    for row in range(3):
+        real = batch3["attention_mask"][row].bool()
+        alone = {
+            "input_ids": batch3["input_ids"][row : row + 1, real],
+            "pixel_values": batch3["pixel_values"][row : row + 1],
+        }
+        tokens = model.generate(**alone, max_new_tokens=24, **FIXED)[:, alone["input_ids"].shape[1] :]
+        assert torch.equal(tokens[0], batched[row]), row
+
+
+def test_sdpa_and_eager_generate_the_same_tokens(batch3):
+    sdpa = tiny_model(attn_implementation="sdpa")
+    eager = tiny_model(attn_implementation="eager")
+    assert all(torch.equal(a, b) for a, b in zip(sdpa.state_dict().values(), eager.state_dict().values()))
+    tokens_sdpa = sdpa.generate(**batch3, max_new_tokens=32, **FIXED)
+    tokens_eager = eager.generate(**batch3, max_new_tokens=32, **FIXED)
+    assert torch.equal(tokens_sdpa, tokens_eager)
+
+
+def test_multi_turn_continuation_equals_the_whole_conversation_from_scratch(model, batch3):
+    first = model.generate(**batch3, max_new_tokens=10, return_dict_in_generate=True, **FIXED)
+    cache = first.past_key_values
+    second_turn = torch.randint(3, 80, (3, 6), generator=torch.Generator().manual_seed(11))
+    conversation = torch.cat([first.sequences, second_turn], dim=1)
+    attention_mask = torch.cat(
+        [batch3["attention_mask"], torch.ones(3, conversation.shape[1] - batch3["input_ids"].shape[1], dtype=torch.long)],
+        dim=1,
+    )
+    continued = model.generate(
+        input_ids=conversation, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=12, **FIXED
+    )
+    from_scratch = model.generate(
+        input_ids=conversation, attention_mask=attention_mask, pixel_values=batch3["pixel_values"],
+        max_new_tokens=12, **FIXED,
+    )
+    assert continued.shape == from_scratch.shape == (3, conversation.shape[1] + 12)
+    assert torch.equal(continued, from_scratch)
+    # The continued cache still holds the pruned image: the last layers keep 5 visual tokens per sample.
+    held_tokens = continued.gather(1, cache.layer_positions[-1].clamp_min(0))
+    assert (held_tokens == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [5, 5, 5]
+    assert cache.get_seq_length() == continued.shape[1] - 1
+
+
+def test_pruning_off_generates_like_stock_llava(batch3):
+    model = tiny_model(schedule=None)
+    stock = stock_twin(model)
+    assert torch.equal(
+        model.generate(**batch3, max_new_tokens=20, **FIXED), stock.generate(**batch3, max_new_tokens=20, **FIXED)
+    )
+
+
+def test_keep_all_schedule_generates_like_stock_llava(batch3):
+    """IVTP's own prefill and decode loops, with nothing pruned, against stock Llava's generate with its cache."""
+    model = tiny_model(schedule={"vision": [36, 36, 36], "llm": [36, 36]})
+    stock = stock_twin(model)
+    ours = model.generate(**batch3, max_new_tokens=20, output_logits=True, return_dict_in_generate=True, **FIXED)
+    theirs = stock.generate(**batch3, max_new_tokens=20, output_logits=True, return_dict_in_generate=True, **FIXED)
+    assert isinstance(ours.past_key_values, IvtpCache) and ours.past_key_values.is_pruned
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.logits, theirs.logits):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_inputs_embeds_generate_like_input_ids(model, batch3):
+    embeds = model.get_input_embeddings()(batch3["input_ids"])
+    from_embeds = model.generate(
+        inputs_embeds=embeds, attention_mask=batch3["attention_mask"], pixel_values=batch3["pixel_values"],
+        max_new_tokens=16, **FIXED,
+    )
+    from_ids = model.generate(**batch3, max_new_tokens=16, **FIXED)
+    assert torch.equal(from_embeds, new_tokens(from_ids, batch3))
+
+
+def test_eos_stops_each_row_and_pads_it(model, batch3):
+    free = new_tokens(model.generate(**batch3, max_new_tokens=16, **FIXED), batch3)
+    stop_token = int(free[0, 3])  # a token row 0 emits at step 4
+    stopped = new_tokens(
+        model.generate(**batch3, max_new_tokens=16, eos_token_id=stop_token, **GREEDY), batch3
+    )
+    for row in range(3):
+        hits = (free[row] == stop_token).nonzero()
+        if len(hits) == 0:
+            assert torch.equal(stopped[row], free[row])
+            continue
+        end = int(hits[0]) + 1
+        assert torch.equal(stopped[row, :end], free[row, :end])
+        assert bool((stopped[row, end:] == PAD_TOKEN_ID).all())
+    assert stopped.shape[1] < 16 or bool((stopped == PAD_TOKEN_ID).any())
+
+
+def test_stop_strings_and_a_streamer(model, batch3):
+    tokenizer = tiny_tokenizer()
+    alone = {key: value[1:2] for key, value in batch3.items()}
+    free = new_tokens(model.generate(**alone, max_new_tokens=20, **FIXED), alone)[0]
+    character_ids = [int(token) for token in free[3:] if 4 <= int(token) < 4 + len(TOKENIZER_CHARACTERS)]
+    stop_id = character_ids[0]  # a token that is one character (not a space, not special)
+    stop = tokenizer.decode([stop_id])
+    assert len(stop) == 1
+    first_hit = int((free == stop_id).nonzero()[0]) + 1
+    stopped = new_tokens(
+        model.generate(**alone, max_new_tokens=20, stop_strings=[stop], tokenizer=tokenizer, **FIXED), alone
+    )[0]
+    assert torch.equal(stopped, free[:first_hit])
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    result = {}
+
+    def run():
+        result["tokens"] = model.generate(**alone, max_new_tokens=20, streamer=streamer, **FIXED)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    assert torch.equal(new_tokens(result["tokens"], alone)[0], free)
+    assert streamed == tokenizer.decode(free) and len(streamed) > 0
+
+
+def test_prompt_lookup_decoding_crops_the_pruned_cache(model, batch3):
+    """Candidate tokens are verified several at a time and the rejected ones cropped from every layer."""
+    alone = {key: value[1:2] for key, value in batch3.items()}
+    plain = model.generate(**alone, max_new_tokens=24, **FIXED)
+    lookup = model.generate(**alone, max_new_tokens=24, prompt_lookup_num_tokens=3, **FIXED)
+    assert torch.equal(plain, lookup)
+
+
+def test_guidance_inputs_reach_the_prefill_step_only(model, batch3):
+    """`instruction_mask` goes with `pixel_values`: on prefill (cut to the step's tokens), never on decode steps; with
+    `use_cache=False` every step prunes, so it comes every step, zero-padded over the generated tokens."""
+    instruction_mask = batch3["attention_mask"].bool() & (batch3["input_ids"] != IMAGE_TOKEN_ID)
+    inputs = dict(batch3, instruction_mask=instruction_mask, use_cache=True)
+    prefill = model.prepare_inputs_for_generation(past_key_values=IvtpCache(), is_first_iteration=True, **inputs)
+    assert torch.equal(prefill["instruction_mask"], instruction_mask)
+    longer = torch.cat([batch3["input_ids"], torch.full((3, 1), 5)], dim=1)
+    decode = model.prepare_inputs_for_generation(
+        **dict(inputs, input_ids=longer), next_sequence_length=1, is_first_iteration=False
+    )
+    assert "instruction_mask" not in decode and "pixel_values" not in decode
+    no_cache = model.prepare_inputs_for_generation(**dict(inputs, input_ids=longer, use_cache=False))
+    assert torch.equal(no_cache["instruction_mask"][:, :-1], instruction_mask)
+    assert not bool(no_cache["instruction_mask"][:, -1].any())
+    # And through generate, both ways.
+    with_mask = model.generate(**batch3, instruction_mask=instruction_mask, max_new_tokens=8, **FIXED)
+    without_cache = model.generate(
+        **batch3, instruction_mask=instruction_mask, max_new_tokens=8, use_cache=False, **FIXED
+    )
+    assert torch.equal(with_mask, without_cache)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# IvtpCache operations
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def prefilled(model, batch3):
+    with torch.no_grad():
+        return model(**batch3, use_cache=True).past_key_values
+
+
+def _snapshot(cache):
+    return [(layer.keys.clone(), layer.values.clone(), positions.clone())
+            for layer, positions in zip(cache.layers, cache.layer_positions)]
+
+
+def test_reorder_and_batch_operations_move_positions_with_keys(prefilled):
+    before = _snapshot(prefilled)
+    order = torch.tensor([2, 0, 0])
+    prefilled.reorder_cache(order)
+    for (keys, values, positions), layer, held in zip(before, prefilled.layers, prefilled.layer_positions):
+        assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.values, values[order])
+        assert torch.equal(held, positions[order])
+    assert prefilled.layer_positions[2] is prefilled.layer_positions[3], "a group keeps one shared record"
+
+    prefilled.batch_repeat_interleave(2)
+    assert prefilled.layers[0].keys.shape[0] == 6
+    assert torch.equal(prefilled.layer_positions[0], before[0][2][order].repeat_interleave(2, dim=0))
+    prefilled.batch_select_indices(torch.tensor([1, 4]))
+    assert torch.equal(prefilled.layer_positions[-1], before[-1][2][[2, 0]])
+    assert torch.equal(prefilled.layers[-1].keys, before[-1][0][[2, 0]])
+
+
+def test_crop_removes_generated_tokens_and_refuses_cutting_into_images(model, batch3, prefilled):
+    prompt_length = batch3["input_ids"].shape[1]
+    before = _snapshot(prefilled)
+    with torch.no_grad():
+        model(
+            input_ids=torch.full((3, 2), 5), attention_mask=torch.ones(3, prompt_length + 2, dtype=torch.long),
+            past_key_values=prefilled,
+        )
+    assert prefilled.get_seq_length() == prompt_length + 2
+    prefilled.crop(0)
+    assert prefilled.get_seq_length() == prompt_length + 2
+    prefilled.crop(-2)
+    assert prefilled.get_seq_length() == prompt_length
+    for (keys, _, positions), layer, held in zip(before, prefilled.layers, prefilled.layer_positions):
+        assert torch.equal(layer.keys, keys) and torch.equal(held, positions)
+    with pytest.raises(ValueError, match="negative"):
+        prefilled.crop(3)
+    # Row 0's image starts at 3, row 1's at 5 (padding differs): cutting at 10 removes different counts per row.
+    with pytest.raises(ValueError, match="image tokens"):
+        prefilled.crop(10 - prompt_length)
+    prefilled.reset()
+    assert prefilled.get_seq_length() == 0 and not prefilled.is_pruned
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What cannot work says so
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("implementation", ["static", "offloaded", "quantized"])
+def test_caches_that_cannot_hold_pruned_layers_are_refused(model, batch3, implementation):
+    with pytest.raises(ValueError, match="Leave `cache_implementation` unset"):
+        model.generate(**batch3, max_new_tokens=2, cache_implementation=implementation, **GREEDY)
+
+
+@pytest.mark.parametrize("cache_class", [StaticCache, DynamicCache])
+def test_user_caches_other_than_ivtp_cache_are_refused(model, batch3, cache_class):
+    kwargs = {"max_cache_len": 256} if cache_class is StaticCache else {}
+    cache = cache_class(config=model.config.text_config, **kwargs)
+    with pytest.raises(ValueError, match="IvtpCache"):
+        model.generate(**batch3, max_new_tokens=2, past_key_values=cache, **GREEDY)
+
+
+def test_new_image_with_a_filled_cache_is_refused(model, batch3, prefilled):
+    with pytest.raises(ValueError, match="empty `past_key_values`"):
+        with torch.no_grad():
+            model(**batch3, past_key_values=prefilled)
+    with pytest.raises(ValueError, match="instruction_mask"):
+        with torch.no_grad():
+            model(
+                input_ids=torch.full((3, 1), 5), instruction_mask=torch.ones(3, 1, dtype=torch.bool),
+                attention_mask=torch.ones(3, batch3["input_ids"].shape[1] + 1, dtype=torch.long),
+                past_key_values=prefilled,
+            )
+    with pytest.raises(ValueError, match="attention_mask"):
+        with torch.no_grad():
+            model(input_ids=torch.full((3, 1), 5), attention_mask=torch.ones(3, 4), past_key_values=prefilled)
+
+
+def test_text_only_prompts_generate_through_the_stock_path(model):
+    """No image: nothing to prune; an IvtpCache still serves as a plain dynamic cache."""
+    input_ids, attention_mask = left_pad([[1, 5, 6, 7], [1, 8, 9]])
+    stock = stock_twin(model)
+    ours = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=10, **FIXED)
+    theirs = stock.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=10, **FIXED)
+    assert torch.equal(ours, theirs)
