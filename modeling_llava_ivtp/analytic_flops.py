@@ -24,6 +24,30 @@ def llm_layer_flops(tokens: int, hidden: int, intermediate: int, kv_hidden: int)
     return 2 * (projections + mlp + scores)
 
 
+def _head_dim(text_config) -> int:
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
+def llm_visual_tokens_per_layer(config: IvtpConfig) -> list[int]:
+    """Visual tokens of one image that each LLM layer sees (and caches) under the config's schedule."""
+    schedule = config.schedule or {"vision": [], "llm": []}
+    visual = schedule["vision"][-1] if schedule["vision"] else config.num_patches
+    per_layer = []
+    for kept in schedule["llm"]:
+        per_layer += [visual] * config.group_size
+        visual = kept
+    return per_layer + [visual] * (config.text_config.num_hidden_layers - len(per_layer))
+
+
+def kv_cache_bytes_per_layer(
+    config: IvtpConfig, text_tokens: int, batch_size: int = 1, bytes_per_value: int = 2
+) -> list[int]:
+    """Bytes of keys and values each LLM layer holds after a prefill of one image and `text_tokens` text tokens."""
+    text = config.text_config
+    per_token = 2 * text.num_key_value_heads * _head_dim(text) * bytes_per_value
+    return [batch_size * (visual + text_tokens) * per_token for visual in llm_visual_tokens_per_layer(config)]
+
+
 def llava_flops(config: IvtpConfig, text_tokens: int) -> dict[str, float]:
     """FLOPs of one forward over one image and `text_tokens` text tokens: `{"vit", "llm", "total"}`."""
     vision, text = config.vision_config, config.text_config
@@ -36,15 +60,9 @@ def llava_flops(config: IvtpConfig, text_tokens: int) -> dict[str, float]:
     for (first, last), kept in zip(groups, counts):
         vit += (last - first + 1) * vision_layer_flops(tokens, vision.hidden_size, vision.intermediate_size)
         tokens = kept + 1
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_hidden = text.num_key_value_heads * head_dim
-    visual = counts[-1]
+    kv_hidden = text.num_key_value_heads * _head_dim(text)
+    layer_counts = llm_visual_tokens_per_layer(config)
     llm = 0
-    layer_counts = []
-    for kept in schedule["llm"]:
-        layer_counts += [visual] * config.group_size
-        visual = kept
-    layer_counts += [visual] * (text.num_hidden_layers - len(layer_counts))
     for visual_tokens in layer_counts:
         llm += llm_layer_flops(visual_tokens + text_tokens, text.hidden_size, text.intermediate_size, kv_hidden)
     llm += 2 * (layer_counts[-1] + text_tokens) * text.hidden_size * text.vocab_size

@@ -140,4 +140,15 @@ class IvtpCache(DynamicCache):
         self.logical_length = 0
 
 
-__all__ = ["IvtpCache"]
+def cache_bytes(cache) -> list[int]:
+    """Bytes of keys and values each layer of a `DynamicCache` (an `IvtpCache` or not) holds, as stored."""
+    sizes = []
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False) or layer.keys is None:
+            sizes.append(0)
+            continue
+        sizes.append(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size())
+    return sizes
+
+
+__all__ = ["IvtpCache", "cache_bytes"]

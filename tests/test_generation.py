@@ -17,6 +17,8 @@ from tiny_models import (
     PAD_TOKEN_ID,
     TOKENIZER_CHARACTERS,
     left_pad,
+    make_pixels,
+    make_prompt,
     make_batch,
     stock_twin,
     tiny_model,
@@ -393,3 +395,21 @@ def test_text_only_prompts_generate_through_the_stock_path(model):
     ours = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=10, **FIXED)
     theirs = stock.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=10, **FIXED)
     assert torch.equal(ours, theirs)
+
+
+def test_measured_cache_bytes_equal_the_analytic_count(model):
+    """`kv_cache_bytes_per_layer` (used for the 7B figures) against the tensors a prefill actually stores."""
+    from modeling_llava_ivtp.analytic_flops import kv_cache_bytes_per_layer
+    from modeling_llava_ivtp.cache_ivtp import cache_bytes
+
+    prompt = make_prompt(3, 7)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt]), pixel_values=make_pixels(1), use_cache=True)
+    text_tokens = len(prompt) - 36
+    measured = cache_bytes(out.past_key_values)
+    assert measured == kv_cache_bytes_per_layer(model.config, text_tokens, bytes_per_value=4)
+    assert measured[0] == 2 * 2 * 8 * (text_tokens + 12) * 4  # K and V, 2 kv heads of 8 dims, fp32
+    stock = stock_twin(model)
+    with torch.no_grad():
+        stock_cache = stock(input_ids=torch.tensor([prompt]), pixel_values=make_pixels(1), use_cache=True).past_key_values
+    assert cache_bytes(stock_cache) == [2 * 2 * 8 * len(prompt) * 4] * 8
