@@ -413,3 +413,14 @@ def test_measured_cache_bytes_equal_the_analytic_count(model):
     with torch.no_grad():
         stock_cache = stock(input_ids=torch.tensor([prompt]), pixel_values=make_pixels(1), use_cache=True).past_key_values
     assert cache_bytes(stock_cache) == [2 * 2 * 8 * len(prompt) * 4] * 8
+
+
+def test_batch_with_a_text_only_sample_generates_like_alone(model):
+    """A sample without an image passes unpruned (its layers hold all its tokens) beside pruned samples."""
+    prompts = [make_prompt(2, 5), [1, 5, 6, 7, 8, 9, 10], make_prompt(4, 2, seed=3)]
+    input_ids, attention_mask = left_pad(prompts)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=make_pixels(2))
+    with_cache = model.generate(**inputs, max_new_tokens=20, **FIXED)
+    assert torch.equal(with_cache, model.generate(**inputs, max_new_tokens=20, use_cache=False, **FIXED))
+    text_alone = model.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=20, **FIXED)
+    assert torch.equal(text_alone[0, -20:], with_cache[1, -20:])
