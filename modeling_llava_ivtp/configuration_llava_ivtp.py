@@ -9,6 +9,8 @@ from huggingface_hub.dataclasses import strict
 from packaging import version
 from transformers import LlavaConfig
 
+from .guidance_ivtp import validate_clip_text_encoder
+
 
 # The transformers releases this package is tested against. Outside this range the HF glue (encoder and decoder
 # loops, mask creation, checkpoint conversion mapping) may no longer match the library, so fail loudly.
@@ -22,6 +24,8 @@ if not _MIN_TRANSFORMERS <= version.parse(transformers.__version__) < _MAX_TRANS
     )
 
 SCHEDULE_STAGES = ("vision", "llm")
+# How the stage-2 pseudo-CLS is formed (paper Table 6, last row first: the paper's method is the default).
+GUIDANCE_MODES = ("clip_relevance", "embedding_relevance", "instruction_mean", "visual_cls")
 
 
 def resolve_feature_layer_count(vision_feature_layer: int, num_vision_layers: int) -> int:
@@ -62,8 +66,16 @@ class IvtpConfig(LlavaConfig):
         tau (`float`, *optional*, defaults to 0.2):
             Relevance threshold of eq. 8: instruction tokens whose CLIP relevance is `>= tau` form the pseudo-CLS.
         clip_text_encoder (`dict`, *optional*):
-            Architecture of the frozen open_clip text tower that scores the instruction (eq. 5-7). `None`: no text
-            guidance, the pseudo-CLS is the visual CLS through the multimodal projector.
+            Architecture of the frozen open_clip text tower that scores the instruction (eq. 5-7):
+            `{"model_name", "embed_dim", "quick_gelu", "text_cfg": {context_length, vocab_size, width, heads, layers}}`,
+            e.g. `clip_text_encoder_spec("ViT-L-14-336")`. The model then holds the tower and CLIP's visual projection
+            (`clip_text_model`, `clip_visual_projection`), frozen. `None`: no CLIP tower.
+        guidance (`str`, *optional*, defaults to `"clip_relevance"`):
+            How the stage-2 pseudo-CLS is formed (paper Table 6): `"clip_relevance"` (the paper: instruction tokens
+            whose CLIP relevance to the image is `>= tau`), `"embedding_relevance"` (threshold on the cosine of the
+            LLM's own token embeddings with the projected visual CLS), `"instruction_mean"` (every instruction token,
+            no threshold), `"visual_cls"` (the visual CLS through the projector). Where a mode's inputs are missing
+            the visual CLS is used, with a one-time warning naming what is missing.
     """
 
     model_type = "llava_ivtp"
@@ -72,6 +84,7 @@ class IvtpConfig(LlavaConfig):
     schedule: dict | None = None
     tau: float = 0.2
     clip_text_encoder: dict | None = None
+    guidance: str = "clip_relevance"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -107,11 +120,10 @@ class IvtpConfig(LlavaConfig):
             raise ValueError(f"`tau` must be a number in [-1, 1] (a cosine similarity threshold), got {self.tau!r}.")
         if not -1.0 <= self.tau <= 1.0:
             raise ValueError(f"`tau` must be in [-1, 1] (a cosine similarity threshold), got {self.tau}.")
-        if self.clip_text_encoder is not None and not isinstance(self.clip_text_encoder, dict):
-            raise ValueError(
-                "`clip_text_encoder` must be None or a dict with an open_clip text tower's architecture, got "
-                f"{type(self.clip_text_encoder).__name__}."
-            )
+        if self.clip_text_encoder is not None:
+            validate_clip_text_encoder(self.clip_text_encoder)
+        if self.guidance not in GUIDANCE_MODES:
+            raise ValueError(f"`guidance` must be one of {list(GUIDANCE_MODES)}, got {self.guidance!r}.")
         if self.schedule is None:
             return
         self._validate_schedule()

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import LlavaForConditionalGeneration
+from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.masking_utils import create_causal_mask
@@ -23,9 +25,12 @@ from transformers.utils import logging
 
 from .cache_ivtp import IvtpCache
 from .configuration_llava_ivtp import IvtpConfig
+from .guidance_ivtp import build_clip_text_tower, clip_content_mask, clip_token_features
 from .pruning_ivtp import (
     attention_probabilities,
+    cosine_relevance,
     pseudo_cls,
+    span_mean,
     rollout_cls_row,
     select_keep_indices,
     token_scores,
@@ -34,8 +39,11 @@ from .pruning_ivtp import (
 
 logger = logging.get_logger(__name__)
 
-# Inputs that guide pruning: like `pixel_values`, they are used on the step that prunes (the prefill) only.
-GUIDANCE_INPUTS = ("instruction_mask",)
+# Inputs that guide pruning (the processor's extra outputs): like `pixel_values`, they are used on the step that
+# prunes (the prefill) only. The first are aligned with `input_ids` (dim 1 is the sequence), the last is per sample.
+SEQUENCE_GUIDANCE_INPUTS = ("instruction_mask", "clip_token_spans")
+SAMPLE_GUIDANCE_INPUTS = ("clip_input_ids",)
+GUIDANCE_INPUTS = SEQUENCE_GUIDANCE_INPUTS + SAMPLE_GUIDANCE_INPUTS
 
 # llava-hf checkpoints store `language_model.lm_head`, `language_model.model.*`, `vision_tower.*`: the conversion
 # mapping of the stock "llava" model type renames them. Custom-code classes only get mappings registered for them,
@@ -60,6 +68,11 @@ class IvtpCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
         Patch tokens (CLS not counted) that stage 1 kept after each vision group, read off the pruned tensors.
     llm_token_counts (`tuple(int)`, *optional*):
         Visual tokens per image that stage 2 kept after each LLM group, read off the pruned tensors.
+    instruction_relevance (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        Relevance of each `input_ids` token to its image under the guidance mode (eq. 7 for `"clip_relevance"`, the
+        embedding cosine for `"embedding_relevance"`); NaN where a token has none (not instruction, no CLIP token).
+    pseudo_cls_tokens (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        The `input_ids` tokens averaged into each sample's pseudo-CLS (eq. 8); all False where the visual CLS was used.
     """
 
     kept_positions: torch.LongTensor | None = None
@@ -67,6 +80,8 @@ class IvtpCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     llm_keep_indices: tuple[torch.LongTensor, ...] | None = None
     vision_token_counts: tuple[int, ...] | None = None
     llm_token_counts: tuple[int, ...] | None = None
+    instruction_relevance: torch.FloatTensor | None = None
+    pseudo_cls_tokens: torch.BoolTensor | None = None
 
 
 @dataclass
@@ -132,6 +147,16 @@ class _VisualBlock:
     sin: torch.Tensor
 
 
+def _unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor, length: int, fill):
+    """Put `(batch, kept)` values of packed slots back at their `(batch, length)` input positions, `fill` elsewhere."""
+    if values is None:
+        return None
+    out = torch.full((values.shape[0], length), fill, dtype=values.dtype, device=values.device)
+    rows, slots = slot_valid.to(values.device).nonzero(as_tuple=True)
+    out[rows, index.to(values.device)[rows, slots]] = values[rows, slots]
+    return out
+
+
 def _pack_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the `True` entries of each row of `keep`, in order, right-aligned (left-padded) to one length.
 
@@ -165,8 +190,31 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
 
     def __init__(self, config: IvtpConfig):
         super().__init__(config)
+        if config.clip_text_encoder is not None:
+            # IVTP: the frozen CLIP text tower (eq. 5) and CLIP's visual projection, which maps the vision tower's
+            # final CLS into the joint space (eq. 6). Neither is in llava-hf checkpoints; both are saved with ours.
+            self.clip_text_model = build_clip_text_tower(config.clip_text_encoder)
+            self.clip_visual_projection = nn.Linear(
+                config.vision_config.hidden_size, config.clip_text_encoder["embed_dim"], bias=False
+            )
+            self.clip_text_model.requires_grad_(False)
+            self.clip_visual_projection.requires_grad_(False)
+            self.clip_text_model.eval()
         if config.pruning_enabled and config.schedule["llm"]:
             self._check_llm_supports_scoring()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is getattr(self, "clip_text_model", None):  # the open_clip tower's own (non-module) parameters
+            hf_init.normal_(module.positional_embedding, std=0.01)
+            hf_init.normal_(module.text_projection, std=module.width**-0.5)
+
+    def train(self, mode: bool = True):
+        """As `nn.Module.train`, except that the frozen CLIP text tower stays in eval mode."""
+        super().train(mode)
+        if getattr(self, "clip_text_model", None) is not None:
+            self.clip_text_model.eval()
+        return self
 
     # ------------------------------------------------------------------------------------------------------------
     # Checks
@@ -246,6 +294,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         instruction_mask: torch.Tensor | None = None,
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_token_spans: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> tuple | IvtpCausalLMOutputWithPast:
@@ -255,19 +305,25 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         instruction_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
             The tokens of the instruction (the user's text: not image placeholders, not chat-template role words,
             never answer tokens) that the textual pseudo-CLS (eq. 8) may average.
+        clip_input_ids (`torch.LongTensor` of shape `(batch_size, clip_context_length)`, *optional*):
+            The instruction tokenized by CLIP's tokenizer (start, content, end, padding), from `LlavaIvtpProcessor`.
+        clip_token_spans (`torch.LongTensor` of shape `(batch_size, sequence_length, 2)`, *optional*):
+            For each `input_ids` token, the range `[start, end)` of `clip_input_ids` positions whose text overlaps
+            it (eq. 7); `(0, 0)` for none. From `LlavaIvtpProcessor`.
 
         Returns an [`IvtpCausalLMOutputWithPast`]: `logits` has one row per token that reached the last layer, and
         `kept_positions` says which `input_ids` index each row belongs to.
         """
-        if instruction_mask is not None:
-            self._check_instruction_mask(instruction_mask, input_ids if input_ids is not None else inputs_embeds)
+        guidance = {"instruction_mask": instruction_mask, "clip_input_ids": clip_input_ids, "clip_token_spans": clip_token_spans}
+        self._check_guidance_inputs(guidance, input_ids if input_ids is not None else inputs_embeds)
         return_dict = kwargs.pop("return_dict", None)
         # IVTP: steps after a pruned prefill attend to the pruned cache, each layer to the tokens it holds.
         if pixel_values is None and isinstance(past_key_values, IvtpCache) and past_key_values.is_pruned:
-            if instruction_mask is not None:
+            given = [name for name, value in guidance.items() if value is not None]
+            if given:
                 raise ValueError(
-                    "`instruction_mask` guides pruning at prefill; it cannot be passed with a cache that was already "
-                    "pruned (decode steps and conversation continuations take only the new tokens' inputs)."
+                    f"{given} guide pruning at prefill; they cannot be passed with a cache that was already pruned "
+                    "(decode steps and conversation continuations take only the new tokens' inputs)."
                 )
             outputs = self._forward_with_pruned_cache(
                 input_ids=input_ids,
@@ -313,21 +369,44 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             inputs_embeds=inputs_embeds,
             labels=labels,
             logits_to_keep=logits_to_keep,
-            instruction_mask=instruction_mask,
+            guidance=guidance,
             use_cache=use_cache if use_cache is not None else self.config.text_config.use_cache,
             **kwargs,
         )
         return outputs if return_dict is not False else outputs.to_tuple()
 
     @staticmethod
-    def _check_instruction_mask(instruction_mask: torch.Tensor, reference: torch.Tensor | None) -> None:
-        if reference is None or tuple(instruction_mask.shape) != tuple(reference.shape[:2]):
-            expected = None if reference is None else tuple(reference.shape[:2])
-            raise ValueError(
-                f"`instruction_mask` must have the shape of `input_ids` {expected}, got {tuple(instruction_mask.shape)}."
-            )
-        if instruction_mask.dtype not in (torch.bool, torch.long, torch.int, torch.int8, torch.uint8):
-            raise ValueError(f"`instruction_mask` must be a bool or integer 0/1 tensor, got {instruction_mask.dtype}.")
+    def _check_guidance_inputs(guidance: dict, reference: torch.Tensor | None) -> None:
+        """Shapes and dtypes of the processor's guidance tensors, each error naming the field and what is allowed."""
+        expected = None if reference is None else tuple(reference.shape[:2])
+        integer_types = (torch.bool, torch.long, torch.int, torch.int16, torch.int8, torch.uint8)
+        mask, clip_ids, spans = guidance["instruction_mask"], guidance["clip_input_ids"], guidance["clip_token_spans"]
+        if mask is not None:
+            if expected is None or tuple(mask.shape) != expected:
+                raise ValueError(f"`instruction_mask` must have the shape of `input_ids` {expected}, got {tuple(mask.shape)}.")
+            if mask.dtype not in integer_types:
+                raise ValueError(f"`instruction_mask` must be a bool or integer 0/1 tensor, got {mask.dtype}.")
+        if spans is not None:
+            if expected is None or tuple(spans.shape) != (*expected, 2):
+                raise ValueError(
+                    f"`clip_token_spans` must have shape {(*expected, 2) if expected else None} (input_ids' shape, then "
+                    f"[start, end)), got {tuple(spans.shape)}."
+                )
+            if spans.dtype not in integer_types[1:]:
+                raise ValueError(f"`clip_token_spans` must be an integer tensor, got {spans.dtype}.")
+        if clip_ids is not None:
+            if clip_ids.ndim != 2 or (expected is not None and clip_ids.shape[0] != expected[0]):
+                raise ValueError(
+                    f"`clip_input_ids` must be `(batch_size, clip_context_length)` with batch_size "
+                    f"{expected[0] if expected else None}, got {tuple(clip_ids.shape)}."
+                )
+            if clip_ids.dtype not in integer_types[1:]:
+                raise ValueError(f"`clip_input_ids` must be an integer tensor, got {clip_ids.dtype}.")
+            if spans is not None and spans.numel() and int(spans.max()) > clip_ids.shape[1]:
+                raise ValueError(
+                    f"`clip_token_spans` point past `clip_input_ids` ({clip_ids.shape[1]} positions): max "
+                    f"{int(spans.max())}."
+                )
 
     @staticmethod
     def _check_cache_class(past_key_values) -> None:
@@ -368,7 +447,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         inputs_embeds,
         labels,
         logits_to_keep,
-        instruction_mask,
+        guidance,
         use_cache,
         **kwargs,
     ) -> IvtpCausalLMOutputWithPast:
@@ -431,18 +510,28 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             is_visual, image_features.to(token_embeds.dtype).reshape(-1, token_embeds.shape[-1])
         )
 
-        # IVTP stage 2: the pseudo-CLS (eq. 8) -- until text guidance, the visual CLS through the projector.
+        # IVTP stage 2: the pseudo-CLS (eq. 5-8), over the kept tokens (instruction tokens are text: always kept).
+        relevance, selected = None, None
+        if config.schedule["llm"]:
+            packed_guidance = {
+                name: None if value is None else value.to(index.device).gather(
+                    1, index.view(*index.shape, *[1] * (value.ndim - 2)).expand(-1, -1, *value.shape[2:])
+                )
+                for name, value in guidance.items()
+                if name in SEQUENCE_GUIDANCE_INPUTS
+            }
+            packed_guidance["clip_input_ids"] = guidance["clip_input_ids"]
+            if packed_guidance["instruction_mask"] is not None:
+                packed_guidance["instruction_mask"] = packed_guidance["instruction_mask"].bool() & slot_valid
+            relevance, selected = self._instruction_relevance(
+                tokens.hidden_states, vision, visual_cls, images_per_sample, packed_guidance
+            )
         pseudo = pseudo_cls(
-            tokens.hidden_states, None, None, config.tau, fallback=self._sample_visual_cls(visual_cls, images_per_sample)
+            tokens.hidden_states, selected, fallback=self._sample_visual_cls(visual_cls, images_per_sample)
         )
         # Position of the pseudo-CLS: right after its image block (the first text position after the image).
         pseudo_position = torch.where(image_mask, logical.position_ids, -1).amax(dim=1) + 1
         pseudo_position = torch.where(images_per_sample > 0, pseudo_position, logical.position_ids.amax(dim=1) + 1)
-        if config.schedule["llm"]:
-            logger.warning_once(
-                "IVTP: no instruction guidance (CLIP relevance) was given; stage 2 prunes with the visual CLS as the "
-                "pseudo-CLS."
-            )
 
         self._check_prefill_cache(past_key_values)
         if not use_cache:
@@ -481,7 +570,55 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             llm_keep_indices=llm_keep,
             vision_token_counts=vision["counts"],
             llm_token_counts=llm_counts,
+            instruction_relevance=_unpack(relevance, index, slot_valid, sequence_length, float("nan")),
+            pseudo_cls_tokens=_unpack(selected, index, slot_valid, sequence_length, False),
         )
+
+    def _instruction_relevance(self, embeddings, vision: dict, visual_cls, images_per_sample, guidance: dict):
+        """Relevance of each kept token and the tokens eq. 8 averages, by `config.guidance` (paper Table 6).
+
+        Returns `(relevance, selected)`, `(batch, kept)` each, or `(None, None)` when the pseudo-CLS is the visual
+        CLS (mode `"visual_cls"`, or the mode's inputs are missing: warned once, naming them).
+        """
+        config = self.config
+        mode = config.guidance
+        if mode == "visual_cls":
+            return None, None
+        needed = {
+            "instruction_mean": ["instruction_mask"],
+            "embedding_relevance": ["instruction_mask"],
+            "clip_relevance": ["instruction_mask", "clip_input_ids", "clip_token_spans"],
+        }[mode]
+        missing = [name for name in needed if guidance[name] is None]
+        if mode == "clip_relevance" and getattr(self, "clip_text_model", None) is None:
+            missing.append("config.clip_text_encoder (the CLIP text tower)")
+        if missing:
+            logger.warning_once(
+                f"IVTP guidance {mode!r} needs {missing}, which were not given; stage 2 prunes with the visual CLS as "
+                "the pseudo-CLS. Use LlavaIvtpProcessor to get the guidance inputs."
+            )
+            return None, None
+        instruction = guidance["instruction_mask"]
+        if mode == "instruction_mean":
+            return None, instruction
+        if mode == "embedding_relevance":
+            reference = self._sample_visual_cls(visual_cls, images_per_sample)
+            relevance = cosine_relevance(embeddings, reference)
+            relevance = torch.where(instruction, relevance, torch.full_like(relevance, float("nan")))
+            return relevance, instruction & (relevance >= config.tau)
+        with torch.no_grad():
+            image_embedding = self.clip_visual_projection(self.final_clip_cls(vision["feature_layer_hidden_states"]))
+            clip_input_ids = guidance["clip_input_ids"].to(image_embedding.device)
+            text_features = clip_token_features(self.clip_text_model, clip_input_ids)
+            reference = self._sample_visual_cls(image_embedding, images_per_sample.to(image_embedding.device))
+            clip_relevance = cosine_relevance(text_features, reference.to(text_features.dtype))  # eq. 6
+            relevance, has_relevance = span_mean(  # eq. 7
+                clip_relevance, clip_content_mask(clip_input_ids), guidance["clip_token_spans"].to(clip_relevance.device)
+            )
+        relevance, has_relevance = relevance.to(instruction.device), has_relevance.to(instruction.device)
+        has_relevance = has_relevance & instruction
+        relevance = torch.where(has_relevance, relevance, torch.full_like(relevance, float("nan")))
+        return relevance, has_relevance & (relevance >= config.tau)
 
     @staticmethod
     def _sample_visual_cls(visual_cls: torch.Tensor, images_per_sample: torch.Tensor) -> torch.Tensor:
@@ -816,10 +953,12 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 step_inputs = model_inputs["inputs_embeds"]
             length = step_inputs.shape[1]
             for name, value in guidance.items():
-                if value.shape[1] >= length:
-                    value = value[:, value.shape[1] - length :]
-                else:
-                    value = torch.cat([value, value.new_zeros(value.shape[0], length - value.shape[1])], dim=1)
+                if name in SEQUENCE_GUIDANCE_INPUTS:
+                    if value.shape[1] >= length:
+                        value = value[:, value.shape[1] - length :]
+                    else:  # generated tokens are not instruction and overlap no CLIP token
+                        padding = value.new_zeros(value.shape[0], length - value.shape[1], *value.shape[2:])
+                        value = torch.cat([value, padding], dim=1)
                 model_inputs[name] = value.to(step_inputs.device)
         return model_inputs
 

@@ -8,6 +8,7 @@ and value vectors of the layers it prunes in.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def attention_probabilities(
@@ -94,31 +95,58 @@ def select_keep_indices(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
     return order[:, :num_keep].sort(dim=-1).values
 
 
-def pseudo_cls(
-    input_embeddings: torch.Tensor,
-    relevance: torch.Tensor | None,
-    instruction_mask: torch.Tensor | None,
-    tau: float,
-    fallback: torch.Tensor,
-) -> torch.Tensor:
-    """Textual pseudo-CLS of eq. 8.
+def cosine_relevance(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: cosine of every token feature with its sample's reference vector, in float32.
 
-    The mean of the input embeddings of instruction tokens whose relevance is `>= tau`; where no token passes (or
-    there is no relevance), the `fallback` (the visual CLS through the multimodal projector).
+    Args:
+        features: `(batch, seq_len, dim)`.
+        reference: `(batch, dim)`.
+
+    Returns:
+        `(batch, seq_len)`.
+    """
+    return F.cosine_similarity(features.float(), reference.float().unsqueeze(1), dim=-1)
+
+
+def span_mean(values: torch.Tensor, valid: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 7: for each span `[start, end)` over `values`' positions, the mean of the valid values inside it.
+
+    Args:
+        values: `(batch, source_len)`, e.g. CLIP token relevance.
+        valid: `(batch, source_len)` bool, which values count.
+        spans: `(batch, target_len, 2)` int, e.g. the CLIP tokens each LLM token overlaps; `(0, 0)` = none.
+
+    Returns:
+        `(mean, has_value)`, both `(batch, target_len)`; `mean` is 0 where `has_value` is False.
+    """
+    weights = valid.to(torch.float32)
+    zero = values.new_zeros(values.shape[0], 1, dtype=torch.float32)
+    value_sums = torch.cat([zero, (values.float() * weights).cumsum(dim=1)], dim=1)
+    count_sums = torch.cat([zero, weights.cumsum(dim=1)], dim=1)
+    start = spans[..., 0].clamp(0, values.shape[1]).long()
+    end = spans[..., 1].clamp(0, values.shape[1]).long().maximum(start)
+    total = value_sums.gather(1, end) - value_sums.gather(1, start)
+    count = count_sums.gather(1, end) - count_sums.gather(1, start)
+    has_value = count > 0
+    return torch.where(has_value, total / count.clamp_min(1), torch.zeros_like(total)), has_value
+
+
+def pseudo_cls(input_embeddings: torch.Tensor, selected: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """Textual pseudo-CLS of eq. 8: the mean of the input embeddings of the `selected` tokens (the instruction tokens
+    whose relevance is `>= tau`, or every instruction token, by guidance mode); where a sample selects none (or
+    `selected` is None), the `fallback` (the visual CLS through the multimodal projector).
 
     Args:
         input_embeddings: `(batch, seq_len, hidden)`, the LLM input embeddings.
-        relevance: `(batch, seq_len)` per-token relevance `C_i` (eq. 7), or None.
-        instruction_mask: `(batch, seq_len)` bool, the instruction tokens, or None.
-        tau: the threshold.
+        selected: `(batch, seq_len)` bool, or None.
         fallback: `(batch, hidden)`.
 
     Returns:
         `(batch, hidden)`.
     """
-    if relevance is None or instruction_mask is None:
+    if selected is None:
         return fallback
-    selected = instruction_mask.bool() & (relevance >= tau)
+    selected = selected.bool()
     counts = selected.sum(dim=-1, keepdim=True)
     summed = (input_embeddings * selected.unsqueeze(-1).to(input_embeddings.dtype)).sum(dim=1)
     mean = summed / counts.clamp_min(1).to(summed.dtype)

@@ -7,7 +7,9 @@ from hypothesis import strategies as st
 
 from modeling_llava_ivtp.pruning_ivtp import (
     attention_probabilities,
+    cosine_relevance,
     pseudo_cls,
+    span_mean,
     rollout_cls_row,
     select_keep_indices,
     token_scores,
@@ -123,11 +125,31 @@ def test_property_scores_and_indices(batch, n, group_size, data):
 
 def test_pseudo_cls_eq8():
     embeddings = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
-    relevance = torch.tensor([[0.5, 0.1, 0.3, 0.9], [0.0, 0.1, 0.1, 0.0]])
-    instruction = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    selected = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
     fallback = torch.full((2, 3), -1.0)
-    got = pseudo_cls(embeddings, relevance, instruction, tau=0.2, fallback=fallback)
-    # sample 0: tokens 0 and 2 pass (token 3 is not instruction); sample 1: none pass -> fallback
+    got = pseudo_cls(embeddings, selected, fallback=fallback)
+    # sample 0: tokens 0 and 2 selected; sample 1: none -> fallback
     torch.testing.assert_close(got[0], (embeddings[0, 0] + embeddings[0, 2]) / 2)
     torch.testing.assert_close(got[1], fallback[1])
-    assert pseudo_cls(embeddings, None, None, 0.2, fallback) is fallback
+    assert pseudo_cls(embeddings, None, fallback) is fallback
+
+
+def test_span_mean_eq7_against_a_loop():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.rand(2, 9, generator=generator)
+    valid = torch.rand(2, 9, generator=generator) > 0.3
+    spans = torch.tensor([[[1, 4], [0, 0], [4, 5], [2, 9], [8, 9]], [[0, 9], [3, 3], [5, 7], [6, 8], [0, 1]]])
+    mean, has = span_mean(values, valid, spans)
+    for b in range(2):
+        for t in range(5):
+            start, end = spans[b, t].tolist()
+            picked = [values[b, k] for k in range(start, end) if valid[b, k]]
+            assert bool(has[b, t]) == bool(picked)
+            expected = torch.stack(picked).mean() if picked else torch.tensor(0.0)
+            torch.testing.assert_close(mean[b, t], expected)
+
+
+def test_cosine_relevance_eq6():
+    features = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]]])
+    reference = torch.tensor([[2.0, 0.0]])
+    torch.testing.assert_close(cosine_relevance(features, reference), torch.tensor([[1.0, 0.0, -1.0]]))
