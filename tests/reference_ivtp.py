@@ -26,8 +26,10 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_forward(stock, config, input_ids: torch.Tensor, pixel_values: torch.Tensor):
-    """`stock` must use eager attention. `input_ids` is 1-D (one sample, one image, no padding)."""
+def reference_forward(stock, config, input_ids: torch.Tensor, pixel_values: torch.Tensor, pseudo_cls=None):
+    """`stock` must use eager attention. `input_ids` is 1-D (one sample, one image, no padding). `pseudo_cls`
+    (a callable of the stage-1 output `(1 + kept, hidden)` -> `(hidden,)` in LLM space) replaces the visual CLS
+    through the projector."""
     vision = stock.model.vision_tower
     hidden = vision.pre_layrnorm(vision.embeddings(pixel_values[None].float()))[0]
     patch_ids = torch.arange(config.num_patches)
@@ -45,7 +47,7 @@ def reference_forward(stock, config, input_ids: torch.Tensor, pixel_values: torc
         hidden = torch.cat([hidden[:1], hidden[1:][keep]])
         patch_ids = patch_ids[keep]
     features = stock.model.multi_modal_projector(hidden[1:])
-    pseudo = stock.model.multi_modal_projector(hidden[0])
+    pseudo = stock.model.multi_modal_projector(hidden[0]) if pseudo_cls is None else pseudo_cls(hidden)
 
     image_slots = (input_ids == config.image_token_id).nonzero()[:, 0]
     image_start, image_end = int(image_slots[0]), int(image_slots[-1])

@@ -47,12 +47,13 @@ def tiny_model(schedule=TINY_SCHEDULE, group_size: int = 2, attn_implementation:
 def stock_twin(model: LlavaIvtpForConditionalGeneration, attn_implementation: str = "sdpa"):
     """A stock `LlavaForConditionalGeneration` with the same weights."""
     config_dict = model.config.to_dict()
-    for key in ("schedule", "group_size", "tau", "clip_text_encoder", "model_type", "auto_map", "architectures"):
+    for key in ("schedule", "group_size", "tau", "clip_text_encoder", "guidance", "model_type", "auto_map", "architectures"):
         config_dict.pop(key, None)
     config = LlavaConfig(**config_dict)
     config._attn_implementation = attn_implementation
     stock = LlavaForConditionalGeneration(config).eval()
-    missing, unexpected = stock.load_state_dict(model.state_dict(), strict=True)
+    llava_weights = {k: v for k, v in model.state_dict().items() if not k.startswith("clip_")}  # IVTP's CLIP parts
+    missing, unexpected = stock.load_state_dict(llava_weights, strict=True)
     assert not missing and not unexpected
     return stock
 
@@ -110,3 +111,10 @@ def tiny_tokenizer():
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unused98>",
         additional_special_tokens=["<image>"],
     )
+
+
+# A narrow open_clip text tower with CLIP's real tokenizer vocabulary and context (ViT-L-14-336's tokenizer).
+TINY_CLIP_TEXT = {
+    "model_name": "ViT-L-14-336", "embed_dim": 16, "quick_gelu": True,
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
