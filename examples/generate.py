@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from quickstart import ROOT, generated_image, small_config
-from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+from quickstart import ROOT, generated_image, model_and_stock
+from transformers import CLIPImageProcessor
 from transformers.generation.streamers import BaseStreamer
 
-from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
+from modeling_llava_ivtp import IvtpConfig
 from modeling_llava_ivtp.analytic_flops import kv_cache_bytes_per_layer
 from modeling_llava_ivtp.cache_ivtp import cache_bytes
 
@@ -58,15 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    config = small_config(args.preset)
-    config._attn_implementation = "sdpa"
-    model = LlavaIvtpForConditionalGeneration(config).eval()
-    stock_config = LlavaConfig(
-        **{k: v for k, v in config.to_dict().items() if k not in ("schedule", "group_size", "tau", "clip_text_encoder", "model_type")}
-    )
-    stock_config._attn_implementation = "sdpa"
-    stock = LlavaForConditionalGeneration(stock_config).eval()
-    stock.load_state_dict(model.state_dict())
+    model, stock = model_and_stock(args.preset)
+    config = model.config
 
     # Three prompts: BOS, some text, the image's 576 placeholders, more text; different lengths, left-padded.
     image_token, patches = config.image_token_id, config.num_patches

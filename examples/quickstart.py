@@ -36,6 +36,19 @@ def small_config(preset_path: Path) -> IvtpConfig:
     return IvtpConfig(**preset)
 
 
+def model_and_stock(preset_path: Path) -> tuple[LlavaIvtpForConditionalGeneration, LlavaForConditionalGeneration]:
+    """The small IVTP model of `preset_path` (random weights, sdpa) and a stock Llava holding the same weights."""
+    config = small_config(preset_path)
+    config._attn_implementation = "sdpa"
+    model = LlavaIvtpForConditionalGeneration(config).eval()
+    ivtp_fields = ("schedule", "group_size", "tau", "clip_text_encoder", "guidance", "model_type")
+    stock_config = LlavaConfig(**{k: v for k, v in config.to_dict().items() if k not in ivtp_fields})
+    stock_config._attn_implementation = "sdpa"
+    stock = LlavaForConditionalGeneration(stock_config).eval()
+    stock.load_state_dict(model.state_dict())
+    return model, stock
+
+
 def generated_image(size: int = 336) -> Image.Image:
     """A picture with structure: a bright disc on a gradient, so patches differ."""
     yy, xx = np.mgrid[0:size, 0:size]
@@ -64,13 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    config = small_config(args.preset)
-    config._attn_implementation = "sdpa"
-    model = LlavaIvtpForConditionalGeneration(config).eval()
-    stock_config = LlavaConfig(**{k: v for k, v in config.to_dict().items() if k not in ("schedule", "group_size", "tau", "clip_text_encoder", "model_type")})
-    stock_config._attn_implementation = "sdpa"
-    stock = LlavaForConditionalGeneration(stock_config).eval()
-    stock.load_state_dict(model.state_dict())
+    model, stock = model_and_stock(args.preset)
+    config = model.config
 
     processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     pixel_values = processor(images=generated_image(), return_tensors="pt")["pixel_values"]
