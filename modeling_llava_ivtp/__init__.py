@@ -3,6 +3,7 @@
 from .configuration_llava_ivtp import SUPPORTED_TRANSFORMERS, IvtpConfig
 from .cache_ivtp import IvtpCache
 from .modeling_llava_ivtp import IvtpCausalLMOutputWithPast, LlavaIvtpForConditionalGeneration
+from .processing_llava_ivtp import LlavaIvtpProcessor
 
 
 __version__ = "0.1.0"
@@ -12,5 +13,6 @@ __all__ = [
     "IvtpCausalLMOutputWithPast",
     "IvtpConfig",
     "LlavaIvtpForConditionalGeneration",
+    "LlavaIvtpProcessor",
     "SUPPORTED_TRANSFORMERS",
 ]

@@ -88,13 +88,13 @@ def make_batch(lengths=((2, 5), (4, 9)), seed: int = 0):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": make_pixels(len(prompts), seed)}
 
 
-TOKENIZER_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!'-"
+TOKENIZER_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!'-:\n"
 
 
 def tiny_tokenizer():
-    """A Llama-style (Metaspace, BPE) tokenizer over the tiny vocabulary, built offline: one token per character,
-    "\u2581" for a space; ids 0-2 are pad/BOS/EOS, `IMAGE_TOKEN_ID` is `<image>`, unused ids are `<unusedN>`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A Llama-style (Metaspace, BPE, BOS added) tokenizer over the tiny vocabulary, built offline: one token per
+    character, "\u2581" for a space; ids 0-2 are pad/BOS/EOS, `IMAGE_TOKEN_ID` is `<image>`, unused ids `<unusedN>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": PAD_TOKEN_ID, "<s>": 1, "</s>": 2, "\u2581": 3}
@@ -107,6 +107,7 @@ def tiny_tokenizer():
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unused98>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unused98>",
         additional_special_tokens=["<image>"],
@@ -118,3 +119,42 @@ TINY_CLIP_TEXT = {
     "model_name": "ViT-L-14-336", "embed_dim": 16, "quick_gelu": True,
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
 }
+
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ..."), written for the tests.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for block in message['content'] %}{% if block['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}"
+    "{% for block in message['content'] %}{% if block['type'] == 'text' %}{{ block['text'] + ' ' }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def tiny_image_processor():
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+
+
+def tiny_processor(**overrides):
+    """`LlavaIvtpProcessor` for the tiny models: 24 px images, 4 px patches (36 placeholders), the tiny tokenizer."""
+    from modeling_llava_ivtp import LlavaIvtpProcessor
+
+    settings = dict(
+        patch_size=4, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE, clip_model_name="ViT-L-14-336",
+    )
+    settings.update(overrides)
+    return LlavaIvtpProcessor(tiny_image_processor(), tiny_tokenizer(), **settings)
+
+
+def make_images(count: int, seed: int = 0):
+    """PIL images of random pixels, different sizes (the image processor resizes and crops them)."""
+    import numpy as np
+    from PIL import Image
+
+    generator = np.random.default_rng(seed)
+    return [
+        Image.fromarray(generator.integers(0, 256, (30 + 4 * index, 40, 3), dtype=np.uint8)) for index in range(count)
+    ]
