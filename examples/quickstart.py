@@ -26,14 +26,58 @@ from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def small_config(preset_path: Path) -> IvtpConfig:
-    """The preset's geometry and schedule with narrow widths."""
+def small_config(preset_path: Path, **overrides) -> IvtpConfig:
+    """The preset's geometry and schedule with narrow widths (and `overrides` of IvtpConfig fields)."""
     preset = json.loads(preset_path.read_text())
     preset["vision_config"].update(hidden_size=128, intermediate_size=512, num_attention_heads=4, projection_dim=64)
     preset["text_config"].update(
         hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=8, vocab_size=32064
     )
+    preset.update(overrides)
     return IvtpConfig(**preset)
+
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ...") as a chat template.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for block in message['content'] %}{% if block['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}"
+    "{% for block in message['content'] %}{% if block['type'] == 'text' %}{{ block['text'] + ' ' }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def demo_tokenizer(corpus: list[str], image_token_id: int = 32000):
+    """A Llama-style tokenizer (Metaspace + BPE, BOS added) trained here on `corpus`, offline, so the words of the
+    demo are whole tokens; `<image>` gets LLaVA-1.5's id. Stands in for LLaVA's tokenizer, which cannot be fetched."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:'-\n\u2581")
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet, show_progress=False
+    )
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizer
+    trained.train_from_iterator(corpus, trainer=trainer)
+    state = json.loads(trained.to_str())["model"]
+    vocab = dict(state["vocab"], **{"<image>": image_token_id})
+    merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in state["merges"]]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>",
+        additional_special_tokens=["<image>"], padding_side="left",
+    )
 
 
 def model_and_stock(preset_path: Path) -> tuple[LlavaIvtpForConditionalGeneration, LlavaForConditionalGeneration]:
