@@ -204,4 +204,7 @@ class IvtpConfig(LlavaConfig):
         self.schedule = {stage: list(schedule[stage]) for stage in SCHEDULE_STAGES}
 
 
+# Remote code: `save_pretrained` copies this file (and what it imports) and writes `auto_map["AutoConfig"]`.
+IvtpConfig.register_for_auto_class()
+
 __all__ = ["IvtpConfig"]

@@ -209,6 +209,15 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             hf_init.normal_(module.positional_embedding, std=0.01)
             hf_init.normal_(module.text_projection, std=module.width**-0.5)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As [`PreTrainedModel.save_pretrained`]; the checkpoint is self-contained remote code: the config's `auto_map`
+        sends `AutoConfig`, `AutoModel` and `AutoModelForImageTextToText` to this package's files, copied beside the
+        weights. Save the processor into the same folder for `AutoProcessor`."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModel", f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def train(self, mode: bool = True):
         """As `nn.Module.train`, except that the frozen CLIP text tower stays in eval mode."""
         super().train(mode)
@@ -1089,5 +1098,9 @@ def _clip_layer_cls_row(layer, hidden_states: torch.Tensor) -> torch.Tensor:
     cls_hidden = hidden_states[:, :1] + attention.out_proj(attended)
     return cls_hidden + layer.mlp(layer.layer_norm2(cls_hidden))
 
+
+# Remote code: `save_pretrained` copies this file and every file it imports relatively, and writes
+# `auto_map["AutoModelForImageTextToText"]` (`save_pretrained` adds "AutoModel" for the same class).
+LlavaIvtpForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = ["LlavaIvtpForConditionalGeneration", "IvtpCausalLMOutputWithPast"]

@@ -393,4 +393,7 @@ def _like(rows: list, reference):
     return rows
 
 
+# Remote code: `save_pretrained` copies this file (and what it imports) and writes `auto_map["AutoProcessor"]`.
+LlavaIvtpProcessor.register_for_auto_class()
+
 __all__ = ["GUIDANCE_OUTPUTS", "LlavaIvtpProcessor", "clip_tokenizer_for"]

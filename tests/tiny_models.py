@@ -110,7 +110,7 @@ def tiny_tokenizer():
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unused98>",
-        additional_special_tokens=["<image>"],
+        additional_special_tokens=["<image>"], padding_side="left",
     )
 
 

@@ -1,0 +1,115 @@
+"""Self-contained remote-code checkpoints: saved with config/weights/processor/code, loaded in a fresh process by
+the Auto classes with `trust_remote_code=True`, from the checkpoint's own files."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_models import IMAGE_TOKEN_ID, TINY_CLIP_TEXT, make_images, tiny_model, tiny_processor
+
+
+REMOTE_FILES = {
+    "configuration_llava_ivtp.py", "modeling_llava_ivtp.py", "processing_llava_ivtp.py", "cache_ivtp.py",
+    "guidance_ivtp.py", "pruning_ivtp.py",
+}
+PROMPTS = ["USER: <image>\nWhat color is the dog? ASSISTANT:", "USER: <image>\nIs it big? ASSISTANT:"]
+
+
+def run_fresh(script: str, tmp_path: Path) -> dict:
+    """Run `script` in a new interpreter that cannot import the repository's package from its working directory;
+    remote modules are cached under `tmp_path`. The script prints one JSON line last."""
+    environment = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    environment.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=environment,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("remote") / "tiny-llava-ivtp"
+    model = tiny_model(clip_text_encoder=TINY_CLIP_TEXT, tau=0.0)
+    processor = tiny_processor()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    images = make_images(2)
+    inputs = processor(images=images, text=PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits
+    tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID])
+    torch.save({"state": model.state_dict(), "logits": logits, "tokens": tokens, "images": images, "inputs": dict(inputs)}, folder.parent / "expected.pt")
+    return folder
+
+
+def test_checkpoint_is_self_contained(checkpoint):
+    files = set(os.listdir(checkpoint))
+    assert REMOTE_FILES <= files
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "chat_template.jinja"} <= files
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_llava_ivtp.IvtpConfig",
+        "AutoModel": "modeling_llava_ivtp.LlavaIvtpForConditionalGeneration",
+        "AutoModelForImageTextToText": "modeling_llava_ivtp.LlavaIvtpForConditionalGeneration",
+    }
+    processor_config = json.loads((checkpoint / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_llava_ivtp.LlavaIvtpProcessor"}
+    assert processor_config["clip_model_name"] == "ViT-L-14-336"
+    # the remote files import each other relatively, never the installed package
+    for name in REMOTE_FILES:
+        assert not re.search(r"^\s*(from|import)\s+modeling_llava_ivtp", (checkpoint / name).read_text(), re.MULTILINE)
+
+
+def test_auto_classes_load_everything_from_the_checkpoints_own_code(checkpoint, tmp_path):
+    result = run_fresh(
+        f"""
+        import json, torch
+        from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+        folder = {str(checkpoint)!r}
+        expected = torch.load({str(checkpoint.parent / "expected.pt")!r}, weights_only=False)
+        report = {{"config": type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__module__}}
+        for auto in (AutoModel, AutoModelForImageTextToText):
+            model, info = auto.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+            state = model.state_dict()
+            report[auto.__name__] = {{
+                "module": type(model).__module__, "class": type(model).__name__,
+                "info": {{key: sorted(map(str, value)) for key, value in info.items()}},
+                "same_keys": sorted(state) == sorted(expected["state"]),
+                "all_equal": all(torch.equal(state[key], expected["state"][key]) for key in expected["state"]),
+                "lm_head_equal": torch.equal(model.lm_head.weight, expected["state"]["lm_head.weight"]),
+            }}
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        report["processor"] = [type(processor).__module__, type(processor).__name__]
+        inputs = processor(images=expected["images"], text={PROMPTS!r}, padding=True, return_tensors="pt")
+        report["inputs_equal"] = sorted(inputs) == sorted(expected["inputs"]) and all(
+            torch.equal(inputs[key], expected["inputs"][key]) for key in inputs
+        )
+        model.eval()
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+        tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[{IMAGE_TOKEN_ID}])
+        report["logits_max_diff"] = float((logits - expected["logits"]).abs().max())
+        report["tokens_equal"] = torch.equal(tokens, expected["tokens"])
+        print(json.dumps(report))
+        """,
+        tmp_path,
+    )
+    assert result["config"].startswith("transformers_modules.")
+    for auto in ("AutoModel", "AutoModelForImageTextToText"):
+        loaded = result[auto]
+        assert loaded["module"].startswith("transformers_modules.") and loaded["class"] == "LlavaIvtpForConditionalGeneration"
+        assert loaded["info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        assert loaded["same_keys"] and loaded["all_equal"] and loaded["lm_head_equal"]
+    assert result["processor"][0].startswith("transformers_modules.") and result["processor"][1] == "LlavaIvtpProcessor"
+    assert result["inputs_equal"]
+    assert result["logits_max_diff"] <= 1e-5
+    assert result["tokens_equal"]
