@@ -113,3 +113,50 @@ def test_auto_classes_load_everything_from_the_checkpoints_own_code(checkpoint, 
     assert result["inputs_equal"]
     assert result["logits_max_diff"] <= 1e-5
     assert result["tokens_equal"]
+
+
+def test_pipeline_answers_chat_messages_with_ivtp_guidance(checkpoint):
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=str(checkpoint), trust_remote_code=True)
+    assert type(pipe.model).__module__.startswith("transformers_modules.")
+    assert type(pipe.processor).__name__ == "LlavaIvtpProcessor"
+    images = make_images(2)
+    questions = ["What color is the dog?", "Is it big?"]
+    messages = [
+        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+        for image, question in zip(images, questions)
+    ]
+    seen = []
+
+    def record(module, args, kwargs):
+        if kwargs.get("pixel_values") is not None:  # the prefill step
+            seen.append({key: kwargs.get(key) for key in ("input_ids", "instruction_mask", "clip_input_ids", "clip_token_spans")})
+
+    handle = pipe.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        single = pipe(text=messages[0], max_new_tokens=4, generate_kwargs={"do_sample": False})
+        batch = pipe(text=messages, max_new_tokens=4, batch_size=2, generate_kwargs={"do_sample": False})
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and seen[1]["input_ids"].shape[0] == 2
+    # what reached the model is the processor's guidance for these conversations
+    for row, conversation in enumerate(messages):
+        direct = pipe.processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        real = seen[1]["input_ids"][row] != pipe.processor.tokenizer.pad_token_id
+        assert torch.equal(seen[1]["input_ids"][row][real], direct["input_ids"][0])
+        for key in ("instruction_mask", "clip_token_spans"):
+            assert torch.equal(seen[1][key][row][real], direct[key][0]), key
+            assert seen[1][key][row][~real].abs().sum() == 0
+        assert torch.equal(seen[1]["clip_input_ids"][row], direct["clip_input_ids"][0])
+        tokens = pipe.model.generate(**direct, max_new_tokens=4, do_sample=False)
+        answer = pipe.processor.decode(tokens[0, direct["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert batch[row][0]["generated_text"][-1] == {"role": "assistant", "content": answer}
+    assert single[0]["generated_text"][-1] == batch[0][0]["generated_text"][-1]
+    assert instruction_words(pipe.processor, seen[0]) == "Whatcoloristhedog?"
+
+
+def instruction_words(processor, seen) -> str:
+    return processor.tokenizer.decode(seen["input_ids"][0][seen["instruction_mask"][0].bool()])
