@@ -370,7 +370,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             return outputs if return_dict is not False else outputs.to_tuple()
         self._check_prunable_inputs(pixel_values, vision_feature_layer, vision_feature_select_strategy, kwargs)
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
-        if use_cache and self.training and self.is_gradient_checkpointing:
+        if use_cache and self.training and self.is_activation_checkpointing:
             # As the stock decoder does: checkpointed layers recompute their forward and cannot fill a cache.
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing in training; using `use_cache=False`.")
             use_cache = False

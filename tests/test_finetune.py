@@ -102,3 +102,88 @@ def test_trainer_fine_tunes_with_pruning_in_every_step_and_reloads(workspace):
     assert reloaded.returncode == 0, reloaded.stderr[-3000:]
     report = json.loads(reloaded.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("transformers_modules.") and not report["missing"] and not report["unexpected"]
+
+
+LORA_CHECK = """
+import json, sys, torch
+from PIL import Image
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, AutoProcessor
+base_dir, adapter_dir, image_path = sys.argv[1:4]
+processor = AutoProcessor.from_pretrained(adapter_dir, trust_remote_code=True)
+inputs = processor(images=[Image.open(image_path).convert("RGB")], text="USER: <image>\\nWhat color is it? ASSISTANT:",
+                   return_tensors="pt")
+settings = dict(max_new_tokens=6, do_sample=False, suppress_tokens=[90])
+base = AutoModelForImageTextToText.from_pretrained(base_dir, trust_remote_code=True).eval()
+plain = base.generate(**inputs, **settings)
+model = PeftModel.from_pretrained(base, adapter_dir).eval()
+adapted = model.generate(**inputs, **settings)
+merged = model.merge_and_unload()
+merged_tokens = merged.generate(**inputs, **settings)
+print(json.dumps({"plain": plain.tolist(), "adapted": adapted.tolist(), "merged": merged_tokens.tolist(),
+                  "merged_class": type(merged).__name__, "merged_module": type(merged).__module__}))
+"""
+
+
+def test_lora_adapter_trains_saves_reloads_and_merges(workspace):
+    out = workspace / "lora"
+    summary_path = workspace / "lora_summary.json"
+    run_example(
+        "finetune_lora.py",
+        ["--model", str(workspace / "base"), "--data", str(workspace / "train.jsonl"), "--output-dir", str(out),
+         "--max-steps", "8", "--learning-rate", "1e-2", "--summary", str(summary_path)],
+        workspace,
+    )
+    summary = json.loads(summary_path.read_text())
+    adapted = summary["adapted_modules"]
+    assert len(adapted) == 8 * 7  # 8 LLM layers x (q, k, v, o, gate, up, down)
+    assert all(".language_model.layers." in name for name in adapted)
+    assert not any("vision_tower" in name or "clip_" in name or "projector" in name for name in adapted)
+    assert summary["losses"][-1] < summary["losses"][0]
+
+
+
+def test_lora_generates_the_same_tokens_after_reload_and_merge(workspace):
+    """Train LoRA a few steps here, generate, save the adapter; in a fresh process the remote-code base + the
+    adapter, and the merged model, generate the same tokens."""
+    import torch
+
+    from modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from finetune import ConversationCollator, read_conversations
+        from finetune_lora import lora_model
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    processor = tiny_processor()
+    torch.manual_seed(0)
+    model = lora_model(LlavaIvtpForConditionalGeneration.from_pretrained(workspace / "base"))
+    batch = ConversationCollator(processor, "</s>")(read_conversations(workspace / "train.jsonl")[:4])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(4):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    inputs = processor(
+        images=[Image.open(workspace / "images" / "0.png").convert("RGB")],
+        text="USER: <image>\nWhat color is it? ASSISTANT:", return_tensors="pt",
+    )
+    before = model.generate(**inputs, max_new_tokens=6, do_sample=False, suppress_tokens=[90]).tolist()
+    out = workspace / "lora_here"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    check = subprocess.run(
+        [sys.executable, "-c", LORA_CHECK, str(workspace / "base"), str(out), str(workspace / "images" / "0.png")],
+        capture_output=True, text=True, timeout=600, cwd=workspace,
+        env=dict(os.environ, HF_MODULES_CACHE=str(workspace / "modules3"), HF_HUB_OFFLINE="1"),
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    report = json.loads(check.stdout.strip().splitlines()[-1])
+    assert report["adapted"] == before == report["merged"]
+    assert report["adapted"] != report["plain"]  # the adapter changed what the model says
+    assert report["merged_class"] == "LlavaIvtpForConditionalGeneration"
+    assert report["merged_module"].startswith("transformers_modules.")
