@@ -45,7 +45,8 @@ def test_explicit_multi_entry_device_map_with_disk_offload(saved):
     check_same(model, placed, inputs)
 
 
-def test_device_map_auto(saved):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only placement")
+def test_device_map_auto_on_cpu(saved):
     folder, model, inputs = saved
     placed = LlavaIvtpForConditionalGeneration.from_pretrained(folder / "model", device_map="auto").eval()
     # one device here (CPU): accelerate places everything on it (no hooks needed, so no `hf_device_map`)
