@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
+from modeling_llava_ivtp.processing_llava_ivtp import expanded_position_function
+
 
 ROLES = {"human": "USER", "gpt": "ASSISTANT"}
 
@@ -83,12 +85,7 @@ class ConversationCollator:
         replacements = batch.pop("text_replacement_offsets")
         labels = torch.full_like(batch["input_ids"], -100)
         for row, spans in enumerate(answer_spans):
-            # offsets are in the text after `<image>` was expanded: move the answer ranges there
-            gains = [(item["span"][1], item["new_span"][1] - item["span"][1]) for item in replacements[row]]
-
-            def shift(position: int) -> int:
-                return position + max([gain for end, gain in gains if end <= position], default=0)
-
+            shift = expanded_position_function(replacements[row])  # offsets are in the text after `<image>` expanded
             for start, end in spans:
                 start, end = shift(start), shift(end)
                 inside = (offsets[row, :, 0] < end) & (offsets[row, :, 1] > start) & (batch["attention_mask"][row] > 0)

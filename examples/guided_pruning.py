@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from quickstart import LLAVA_CHAT_TEMPLATE, ROOT, demo_tokenizer, generated_image, small_config
+from quickstart import ROOT, demo_tokenizer, generated_image, small_config
 from transformers import CLIPImageProcessor
 
 from modeling_llava_ivtp import LlavaIvtpForConditionalGeneration, LlavaIvtpProcessor
+from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE
 
 
 QUESTIONS = ["Where is the bright blue disc in this picture?", "What color is the sky at the top of the image?"]

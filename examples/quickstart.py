@@ -37,16 +37,6 @@ def small_config(preset_path: Path, **overrides) -> IvtpConfig:
     return IvtpConfig(**preset)
 
 
-# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ...") as a chat template.
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for block in message['content'] %}{% if block['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}"
-    "{% for block in message['content'] %}{% if block['type'] == 'text' %}{{ block['text'] + ' ' }}{% endif %}"
-    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-
 def demo_tokenizer(corpus: list[str], image_token_id: int = 32000):
     """A Llama-style tokenizer (Metaspace + BPE, BOS added) trained here on `corpus`, offline, so the words of the
     demo are whole tokens; `<image>` gets LLaVA-1.5's id. Stands in for LLaVA's tokenizer, which cannot be fetched."""

@@ -34,6 +34,15 @@ from .guidance_ivtp import align_llm_to_clip, clip_tokens_with_spans
 
 
 GUIDANCE_OUTPUTS = ("instruction_mask", "clip_input_ids", "clip_token_spans")
+# LLaVA-1.5's conversation format ("USER: <image>\n{question} ASSISTANT: {answer}") as a chat template; the default
+# `instruction_start` / `instruction_end` markers are its role words.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for block in message['content'] %}{% if block['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}"
+    "{% for block in message['content'] %}{% if block['type'] == 'text' %}{{ block['text'] + ' ' }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 # Private-use characters that mark the user's text blocks while locating them in a rendered chat template.
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
 
@@ -257,7 +266,7 @@ class LlavaIvtpProcessor(LlavaProcessor):
 
         # Offsets are in the text after image placeholders were expanded: move ranges and spans there.
         expanded = _expanded_text(text, replacements)
-        shift = _shift_function(replacements)
+        shift = expanded_position_function(replacements)
         ranges = [(shift(start), shift(end)) for start, end in ranges]
         clip_spans = [(shift(start), shift(end)) for start, end in clip_spans]
         tokens = self.tokenizer.convert_ids_to_tokens(input_ids)
@@ -365,8 +374,9 @@ def _expanded_text(text: str, replacements: list[dict]) -> str:
     return "".join(pieces)
 
 
-def _shift_function(replacements: list[dict]):
-    """Maps a character position of the prompt (outside placeholders) to the expanded prompt."""
+def expanded_position_function(replacements: list[dict]):
+    """Maps a character position of a prompt (outside its placeholders) to the prompt after the processor expanded
+    them; `replacements` is one row of the processor's `text_replacement_offsets`."""
     ends = [replacement["span"][1] for replacement in replacements]
     gains = [replacement["new_span"][1] - replacement["span"][1] for replacement in replacements]
 
@@ -396,4 +406,4 @@ def _like(rows: list, reference):
 # Remote code: `save_pretrained` copies this file (and what it imports) and writes `auto_map["AutoProcessor"]`.
 LlavaIvtpProcessor.register_for_auto_class()
 
-__all__ = ["GUIDANCE_OUTPUTS", "LlavaIvtpProcessor", "clip_tokenizer_for"]
+__all__ = ["GUIDANCE_OUTPUTS", "LLAVA_CHAT_TEMPLATE", "LlavaIvtpProcessor", "clip_tokenizer_for", "expanded_position_function"]

@@ -6,6 +6,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
+from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE
 
 
 IMAGE_TOKEN_ID = 90
@@ -119,16 +120,6 @@ TINY_CLIP_TEXT = {
     "model_name": "ViT-L-14-336", "embed_dim": 16, "quick_gelu": True,
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
 }
-
-
-# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ..."), written for the tests.
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for block in message['content'] %}{% if block['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}"
-    "{% for block in message['content'] %}{% if block['type'] == 'text' %}{{ block['text'] + ' ' }}{% endif %}"
-    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 
 def tiny_image_processor():
