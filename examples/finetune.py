@@ -110,9 +110,8 @@ class PruningTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def build_trainer(model, processor, records, args) -> PruningTrainer:
-    model.model.vision_tower.requires_grad_(False)  # frozen, as in LLaVA's fine-tuning; the CLIP text tower is frozen
-    model.config.use_cache = False
+def build_trainer(model, processor, records, args, gradient_checkpointing: bool = True) -> PruningTrainer:
+    """The `PruningTrainer` of both fine-tuning examples, from their command-line arguments."""
     training_args = TrainingArguments(
         output_dir=str(args.output_dir),
         max_steps=args.max_steps,
@@ -120,7 +119,7 @@ def build_trainer(model, processor, records, args) -> PruningTrainer:
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        gradient_checkpointing=True,
+        gradient_checkpointing=gradient_checkpointing,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -136,23 +135,26 @@ def build_trainer(model, processor, records, args) -> PruningTrainer:
     )
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_parser(description: str, learning_rate: float, summary_help: str) -> argparse.ArgumentParser:
+    """The arguments both fine-tuning examples take."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a LLaVA-IVTP checkpoint (folder or hub id, remote code)")
     parser.add_argument("--data", type=Path, required=True, help="JSON lines, LLaVA conversation format")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument("--learning-rate", type=float, default=learning_rate)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--summary", type=Path, help="write the losses and pruning counts per step here (JSON)")
-    return parser.parse_args(argv)
+    parser.add_argument("--summary", type=Path, help=summary_help)
+    return parser
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = training_parser(__doc__, 2e-5, "write the losses and pruning counts per step here (JSON)").parse_args(argv)
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model.model.vision_tower.requires_grad_(False)  # frozen, as in LLaVA's fine-tuning; the CLIP text tower is frozen
+    model.config.use_cache = False
     trainer = build_trainer(model, processor, read_conversations(args.data), args)
     trainer.train()
     trainer.save_model(str(args.output_dir))

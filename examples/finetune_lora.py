@@ -12,14 +12,12 @@ format and collator as `finetune.py`. The output folder holds the adapter (and t
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
-from finetune import ConversationCollator, PruningTrainer, read_conversations
+from finetune import build_trainer, read_conversations, training_parser
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
 # Every projection of the LLM's decoder layers, nothing else (PEFT matches this against full module names).
@@ -31,38 +29,17 @@ def lora_model(model, rank: int = 8, alpha: int = 16, dropout: float = 0.0):
     return get_peft_model(model, config)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a LLaVA-IVTP checkpoint (folder or hub id, remote code)")
-    parser.add_argument("--data", type=Path, required=True, help="JSON lines, LLaVA conversation format")
-    parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--max-steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
+def main(argv=None) -> dict:
+    parser = training_parser(__doc__, 2e-4, "write the losses and the adapted module names here (JSON)")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-alpha", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--summary", type=Path, help="write the losses and the adapted module names here (JSON)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     base = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     model = lora_model(base, rank=args.lora_r, alpha=args.lora_alpha)
     model.print_trainable_parameters()
-    training_args = TrainingArguments(
-        output_dir=str(args.output_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-        report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), seed=args.seed,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-    )
-    trainer = PruningTrainer(
-        model=model, args=training_args, train_dataset=read_conversations(args.data),
-        data_collator=ConversationCollator(processor, processor.tokenizer.eos_token),
-    )
+    trainer = build_trainer(model, processor, read_conversations(args.data), args, gradient_checkpointing=False)
     trainer.train()
     model.save_pretrained(str(args.output_dir))
     processor.save_pretrained(str(args.output_dir))
