@@ -1,0 +1,260 @@
+"""`llava-ivtp convert` on tiny checkpoints written here in llava-hf's and open_clip's on-disk formats, the model
+card it writes, its refusals, and `--push-to-hub` against a recording stand-in for `HfApi`."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import save_file
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from hub_cards import render_model_card
+from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration, LlavaIvtpProcessor
+from modeling_llava_ivtp.cli import main as cli_main
+from modeling_llava_ivtp.convert_ivtp import VISION_EMBEDDINGS, ConversionError, convert, push_to_hub
+from modeling_llava_ivtp.guidance_ivtp import clip_token_features
+from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE
+from tiny_models import (
+    IMAGE_TOKEN_ID, TINY_SCHEDULE, make_images, tiny_config_dict, tiny_image_processor, tiny_tokenizer,
+)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET_7B = str(ROOT / "configuration" / "llava-1.5-7b-ivtp.json")
+TINY_CLIP_CFG = {
+    "embed_dim": 16,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 24, "patch_size": 4, "width": 32, "layers": 7, "head_width": 8, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+def write_llava_hf(folder: Path, seed: int = 0) -> LlavaForConditionalGeneration:
+    """A stock tiny LLaVA saved by transformers (llava-hf layout) with its processor and a card with a license."""
+    torch.manual_seed(seed)
+    settings = {k: v for k, v in tiny_config_dict().items() if k not in ("schedule", "group_size")}
+    model = LlavaForConditionalGeneration(LlavaConfig(**settings)).eval()
+    model.save_pretrained(folder)
+    LlavaProcessor(
+        image_processor=tiny_image_processor(), tokenizer=tiny_tokenizer(), patch_size=4,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    ).save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlicense: llama2\n---\n# tiny llava\n")
+    return model
+
+
+def write_open_clip(folder: Path, llava: LlavaForConditionalGeneration | None, seed: int = 1):
+    """A tiny OpenAI-style open_clip CLIP in open_clip's folder format; with `llava`, its vision embeddings are the
+    llava vision tower's (the same CLIP), otherwise random (another CLIP)."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    clip = open_clip.model.CLIP(**TINY_CLIP_CFG).eval()
+    if llava is not None:
+        ours = dict(llava.model.vision_tower.named_parameters())
+        theirs = dict(clip.visual.named_parameters())
+        with torch.no_grad():
+            for hf_name, clip_name in VISION_EMBEDDINGS:
+                theirs[clip_name].copy_(ours[hf_name])
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return clip
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    llava = write_llava_hf(root / "llava-hf")
+    clip = write_open_clip(root / "clip", llava)
+    preset = root / "tiny-preset.json"
+    preset.write_text(json.dumps({"model_type": "llava_ivtp", **tiny_config_dict(), "tau": 0.0}))
+    return {"root": root, "llava": llava, "clip": clip, "preset": str(preset)}
+
+
+def convert_args(sources, out, **overrides):
+    args = {
+        "--llava": str(sources["root"] / "llava-hf"), "--clip": f"local-dir:{sources['root'] / 'clip'}",
+        "--preset": sources["preset"], "--out": str(out), "--clip-tokenizer": "ViT-L-14-336",
+        "--base-model": "llava-hf/llava-1.5-7b-hf",
+    }
+    args.update(overrides)
+    return ["convert"] + [item for pair in args.items() for item in pair if item is not None]
+
+
+@pytest.fixture(scope="module")
+def converted(sources):
+    out = sources["root"] / "out"
+    assert cli_main(convert_args(sources, out)) == 0
+    return out
+
+
+def test_converted_checkpoint_holds_every_llava_tensor_and_the_clip_text_tower(sources, converted):
+    files = set(p.name for p in converted.iterdir())
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "chat_template.jinja",
+            "README.md", "modeling_llava_ivtp.py", "configuration_llava_ivtp.py", "processing_llava_ivtp.py"} <= files
+    model, info = LlavaIvtpForConditionalGeneration.from_pretrained(converted, output_loading_info=True)
+    assert not any(info.values()), info
+    config = model.config
+    assert config.schedule == TINY_SCHEDULE and config.tau == 0.0 and config.group_size == 2
+    assert config.clip_text_encoder == {
+        "model_name": "ViT-L-14-336", "embed_dim": 16, "quick_gelu": True,
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2, "mlp_ratio": 4.0},
+    }
+    # every LLaVA tensor is the llava-hf checkpoint's (lm_head included)
+    source = sources["llava"].state_dict()
+    converted_state = model.state_dict()
+    llava_keys = [k for k in converted_state if not k.startswith("clip_")]
+    assert sorted(llava_keys) == sorted(source)
+    for key in llava_keys:
+        assert torch.equal(converted_state[key], source[key]), key
+    # the CLIP text tower computes what open_clip's own model computes (weights, activation, widths all carried over)
+    clip = sources["clip"]
+    ids = torch.tensor([[49406, 320, 1929, 539, 49407] + [0] * 72])
+    with torch.no_grad():
+        ours = clip_token_features(model.clip_text_model, ids)[:, 4]
+        theirs = clip.encode_text(ids)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.clip_visual_projection.weight, clip.visual.proj.detach().t())
+
+
+def test_converted_processor_and_generation(converted):
+    processor = LlavaIvtpProcessor.from_pretrained(converted)
+    assert processor.chat_template == LLAVA_CHAT_TEMPLATE and processor.clip_model_name == "ViT-L-14-336"
+    model = LlavaIvtpForConditionalGeneration.from_pretrained(converted).eval()
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the dog?"}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=make_images(1), text=[prompt], return_tensors="pt")
+    assert inputs["instruction_mask"].any()
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID],
+                         return_dict_in_generate=True)
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_model_card_written_by_the_converter(converted):
+    card = ModelCard.load(converted / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "image-text-to-text"
+    assert data["base_model"] == "llava-hf/llava-1.5-7b-hf"
+    assert data["license"] == "llama2"  # read from the base checkpoint's card
+    assert "custom_code" in data["tags"]
+    assert "trust_remote_code=True" in card.text and 'revision = "' in card.text
+    for kept in TINY_SCHEDULE["vision"] + TINY_SCHEDULE["llm"]:
+        assert f"| {kept} |" in card.text
+
+
+def test_model_card_renders_the_7b_preset():
+    config = IvtpConfig.from_json_file(PRESET_7B)
+    card = render_model_card(config, base_model="llava-hf/llava-1.5-7b-hf", license="llama2",
+                             clip_source="ViT-L-14-336:openai", repo_id="me/llava-1.5-7b-ivtp", revision="0" * 40)
+    reparsed = ModelCard(str(card))  # metadata parses back from the rendered text
+    assert reparsed.data.to_dict() == {
+        "base_model": "llava-hf/llava-1.5-7b-hf", "library_name": "transformers", "license": "llama2",
+        "pipeline_tag": "image-text-to-text", "tags": ["llava", "ivtp", "token-pruning", "image-text-to-text", "custom_code"],
+    }
+    text = card.text
+    assert '"me/llava-1.5-7b-ivtp", "' + "0" * 40 + '"' in text
+    assert "| 1: vision tower (attention rollout) | 0-2 | 472 |" in text
+    assert "| 2: LLM (instruction-guided) | 9-11 | 64 |" in text
+    assert "**the paper's figures**" in text and "8.228" in text and "15.364" in text
+    # the analytic figure for this checkpoint is computed, not copied from the paper
+    assert "Computed for this checkpoint's shapes" in text and "15.364 TFLOPs for stock LLaVA (53.1% of stock)" in text
+    with pytest.raises(ValueError, match="license"):
+        render_model_card(config, base_model="a/b", license="", clip_source="x")
+
+
+def test_converter_refuses_another_clip(sources, tmp_path):
+    write_open_clip(tmp_path / "other-clip", None, seed=5)
+    with pytest.raises(ConversionError, match=r"is not the CLIP of --llava .*\n.*class_embedding differs"):
+        convert(str(sources["root"] / "llava-hf"), f"local-dir:{tmp_path / 'other-clip'}", sources["preset"],
+                tmp_path / "out", clip_tokenizer="ViT-L-14-336", base_model="a/b")
+
+
+def test_converter_refuses_a_preset_for_another_architecture(sources, tmp_path):
+    with pytest.raises(ConversionError, match=r"made for another architecture(.|\n)*text_config.hidden_size: preset 4096, checkpoint 32"):
+        convert(str(sources["root"] / "llava-hf"), f"local-dir:{sources['root'] / 'clip'}", PRESET_7B,
+                tmp_path / "out", clip_tokenizer="ViT-L-14-336", base_model="a/b")
+    not_ivtp = tmp_path / "llava.json"
+    not_ivtp.write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ConversionError, match="--preset .*not an IVTP preset"):
+        convert(str(sources["root"] / "llava-hf"), "ViT-L-14-336:openai", str(not_ivtp), tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--clip": "ViT-L-14-336:/no/such/open_clip_pytorch_model.bin"}, "neither an existing checkpoint file nor a pretrained tag"),
+        ({"--clip": "ViT-L-14-336"}, r"give the weights as ViT-L-14-336:TAG \(openai\)"),
+        ({"--clip": "ViT-Nope:openai"}, "not a built-in open_clip architecture"),
+        ({"--clip": "local-dir:/no/such/dir"}, "needs open_clip_config.json and weights"),
+        ({"--preset": "/no/such/preset.json"}, "--preset /no/such/preset.json: no such file"),
+        ({"--llava": "/no/such/llava"}, "no such folder"),
+        ({"--clip-tokenizer": "ViT-B-16-SigLIP"}, "Hugging Face / SigLIP tokenizer"),
+        ({"--dtype": "int8"}, "--dtype int8: expected one of"),
+    ],
+)
+def test_converter_refuses_bad_arguments(sources, tmp_path, capsys, change, message):
+    assert cli_main(convert_args(sources, tmp_path / "out", **change)) == 2
+    assert __import__("re").search(message, capsys.readouterr().out)
+    assert not (tmp_path / "out").exists()
+
+
+def test_converter_refuses_missing_files_and_metadata(sources, tmp_path):
+    broken = tmp_path / "llava-no-weights"
+    shutil.copytree(sources["root"] / "llava-hf", broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(ConversionError, match="not a llava-hf checkpoint folder, missing model.safetensors"):
+        convert(str(broken), f"local-dir:{sources['root'] / 'clip'}", sources["preset"], tmp_path / "a",
+                clip_tokenizer="ViT-L-14-336", base_model="a/b")
+    no_card = tmp_path / "llava-no-card"
+    shutil.copytree(sources["root"] / "llava-hf", no_card)
+    (no_card / "README.md").unlink()
+    with pytest.raises(ConversionError, match="--license"):
+        convert(str(no_card), f"local-dir:{sources['root'] / 'clip'}", sources["preset"], tmp_path / "b",
+                clip_tokenizer="ViT-L-14-336", base_model="a/b")
+    with pytest.raises(ConversionError, match="--base-model"):
+        convert(str(no_card), f"local-dir:{sources['root'] / 'clip'}", sources["preset"], tmp_path / "c",
+                clip_tokenizer="ViT-L-14-336")
+    with pytest.raises(ConversionError, match="--clip-tokenizer"):
+        convert(str(no_card), f"local-dir:{sources['root'] / 'clip'}", sources["preset"], tmp_path / "d")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("x")
+    with pytest.raises(ConversionError, match="--out .*not empty"):
+        convert(str(no_card), f"local-dir:{sources['root'] / 'clip'}", sources["preset"], occupied)
+
+
+class RecordingHubApi:
+    """Stands in for `huggingface_hub.HfApi` (no network): records calls, returns commit infos."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+        self.calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+        return type("CommitInfo", (), {"oid": "1" * 40})()
+
+    def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+        self.calls.append(("upload_file", repo_id, path_in_repo, Path(path_or_fileobj).read_text()))
+        return type("CommitInfo", (), {"oid": "2" * 40})()
+
+
+def test_push_to_hub_uploads_and_pins_the_card(converted, tmp_path):
+    folder = tmp_path / "push"
+    shutil.copytree(converted, folder)
+    api = RecordingHubApi()
+    commit = push_to_hub(folder, "me/tiny-ivtp", private=True, api=api)
+    assert commit.oid == "2" * 40
+    (create, repo, kwargs), upload, card_upload = api.calls
+    assert (create, repo, kwargs["private"], kwargs["exist_ok"]) == ("create_repo", "me/tiny-ivtp", True, True)
+    assert upload[0] == "upload_folder" and {"model.safetensors", "README.md", "config.json"} <= set(upload[2])
+    assert card_upload[:3] == ("upload_file", "me/tiny-ivtp", "README.md")
+    assert f'repo, revision = "me/tiny-ivtp", "{"1" * 40}"' in card_upload[3]
+    assert ModelCard(card_upload[3]).data.base_model == "llava-hf/llava-1.5-7b-hf"
+    assert "open_clip `local-dir:" in card_upload[3]  # provenance carried over from the converter's card
