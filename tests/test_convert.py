@@ -258,3 +258,29 @@ def test_push_to_hub_uploads_and_pins_the_card(converted, tmp_path):
     assert f'repo, revision = "me/tiny-ivtp", "{"1" * 40}"' in card_upload[3]
     assert ModelCard(card_upload[3]).data.base_model == "llava-hf/llava-1.5-7b-hf"
     assert "open_clip `local-dir:" in card_upload[3]  # provenance carried over from the converter's card
+
+
+def test_real_vit_l_14_336_maps_onto_the_7b_preset():
+    """The real CLIP's architecture (on the meta device: shapes, no weights, nothing downloaded) gives the text tower
+    spec of `clip_text_encoder_spec`, loads into our tower key for key, and its vision embeddings have the shapes of
+    the 7B preset's vision tower."""
+    import open_clip
+    from transformers import CLIPVisionModel
+
+    from modeling_llava_ivtp.convert_ivtp import clip_text_spec
+    from modeling_llava_ivtp.guidance_ivtp import build_clip_text_tower, clip_text_encoder_spec
+
+    with torch.device("meta"):
+        clip = open_clip.create_model("ViT-L-14-336", pretrained=None, force_quick_gelu=True, device="meta")
+    spec = clip_text_spec(clip, "ViT-L-14-336")
+    assert spec == {**clip_text_encoder_spec("ViT-L-14-336"), "text_cfg": {**clip_text_encoder_spec("ViT-L-14-336")["text_cfg"], "mlp_ratio": 4.0}}
+    config = IvtpConfig.from_json_file(PRESET_7B)
+    with torch.device("meta"):
+        tower = build_clip_text_tower(spec)
+        vision = CLIPVisionModel(config.vision_config)
+    clip_state = clip.state_dict()
+    assert {k: v.shape for k, v in tower.state_dict().items()} == {k: clip_state[k].shape for k in tower.state_dict()}
+    ours, theirs = dict(vision.named_parameters()), dict(clip.visual.named_parameters())
+    for hf_name, clip_name in VISION_EMBEDDINGS:
+        assert ours[hf_name].shape == theirs[clip_name].shape, hf_name
+    assert clip.visual.proj.shape == (config.vision_config.hidden_size, spec["embed_dim"])
