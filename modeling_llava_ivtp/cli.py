@@ -1,8 +1,8 @@
 """`llava-ivtp` command line: `convert`, `flops`, `bench`.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; the module is only
-imported when its subcommand is named on the command line or `--help` lists it, so `llava-ivtp flops` does not pay
-for the converter's imports and the reverse. Not needed by remote code.
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; only the named
+subcommand's module is imported, so `llava-ivtp flops` does not pay for the converter's imports and the reverse.
+Not needed by remote code.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        if only is None or name == only:
+        if name == only:
             importlib.import_module(module_name).add_arguments(sub)
     return parser
 

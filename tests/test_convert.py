@@ -2,14 +2,13 @@
 card it writes, its refusals, and `--push-to-hub` against a recording stand-in for `HfApi`."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from safetensors.torch import save_file
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from hub_cards import render_model_card
 from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration, LlavaIvtpProcessor
@@ -17,54 +16,11 @@ from modeling_llava_ivtp.cli import main as cli_main
 from modeling_llava_ivtp.convert_ivtp import VISION_EMBEDDINGS, ConversionError, convert, push_to_hub
 from modeling_llava_ivtp.guidance_ivtp import clip_token_features
 from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE
-from tiny_models import (
-    IMAGE_TOKEN_ID, TINY_SCHEDULE, make_images, tiny_config_dict, tiny_image_processor, tiny_tokenizer,
-)
+from tiny_models import IMAGE_TOKEN_ID, TINY_SCHEDULE, RecordingHubApi, make_images, tiny_config_dict, write_llava_hf, write_open_clip
 
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET_7B = str(ROOT / "configuration" / "llava-1.5-7b-ivtp.json")
-TINY_CLIP_CFG = {
-    "embed_dim": 16,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 24, "patch_size": 4, "width": 32, "layers": 7, "head_width": 8, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
-}
-
-
-def write_llava_hf(folder: Path, seed: int = 0) -> LlavaForConditionalGeneration:
-    """A stock tiny LLaVA saved by transformers (llava-hf layout) with its processor and a card with a license."""
-    torch.manual_seed(seed)
-    settings = {k: v for k, v in tiny_config_dict().items() if k not in ("schedule", "group_size")}
-    model = LlavaForConditionalGeneration(LlavaConfig(**settings)).eval()
-    model.save_pretrained(folder)
-    LlavaProcessor(
-        image_processor=tiny_image_processor(), tokenizer=tiny_tokenizer(), patch_size=4,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
-    ).save_pretrained(folder)
-    (folder / "README.md").write_text("---\nlicense: llama2\n---\n# tiny llava\n")
-    return model
-
-
-def write_open_clip(folder: Path, llava: LlavaForConditionalGeneration | None, seed: int = 1):
-    """A tiny OpenAI-style open_clip CLIP in open_clip's folder format; with `llava`, its vision embeddings are the
-    llava vision tower's (the same CLIP), otherwise random (another CLIP)."""
-    import open_clip
-
-    torch.manual_seed(seed)
-    clip = open_clip.model.CLIP(**TINY_CLIP_CFG).eval()
-    if llava is not None:
-        ours = dict(llava.model.vision_tower.named_parameters())
-        theirs = dict(clip.visual.named_parameters())
-        with torch.no_grad():
-            for hf_name, clip_name in VISION_EMBEDDINGS:
-                theirs[clip_name].copy_(ours[hf_name])
-    folder.mkdir(parents=True)
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, folder / "open_clip_model.safetensors")
-    return clip
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
@@ -198,7 +154,7 @@ def test_converter_refuses_a_preset_for_another_architecture(sources, tmp_path):
 )
 def test_converter_refuses_bad_arguments(sources, tmp_path, capsys, change, message):
     assert cli_main(convert_args(sources, tmp_path / "out", **change)) == 2
-    assert __import__("re").search(message, capsys.readouterr().out)
+    assert re.search(message, capsys.readouterr().out)
     assert not (tmp_path / "out").exists()
 
 
@@ -225,24 +181,6 @@ def test_converter_refuses_missing_files_and_metadata(sources, tmp_path):
     (occupied / "keep.txt").write_text("x")
     with pytest.raises(ConversionError, match="--out .*not empty"):
         convert(str(no_card), f"local-dir:{sources['root'] / 'clip'}", sources["preset"], occupied)
-
-
-class RecordingHubApi:
-    """Stands in for `huggingface_hub.HfApi` (no network): records calls, returns commit infos."""
-
-    def __init__(self):
-        self.calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-
-    def upload_folder(self, *, folder_path, repo_id, **kwargs):
-        self.calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
-        return type("CommitInfo", (), {"oid": "1" * 40})()
-
-    def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, **kwargs):
-        self.calls.append(("upload_file", repo_id, path_in_repo, Path(path_or_fileobj).read_text()))
-        return type("CommitInfo", (), {"oid": "2" * 40})()
 
 
 def test_push_to_hub_uploads_and_pins_the_card(converted, tmp_path):

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiny_models import TINY_CLIP_TEXT, tiny_model, tiny_processor
+from tiny_models import TINY_CLIP_TEXT, tiny_model, tiny_processor, write_color_dataset
 
 
 ROOT = Path(__file__).resolve().parent.parent
-COLORS = {"Red.": (220, 30, 30), "Blue.": (30, 30, 220), "Green.": (30, 200, 30), "Gray.": (128, 128, 128)}
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +23,7 @@ def workspace(tmp_path_factory):
     folder = tmp_path_factory.mktemp("finetune")
     tiny_model(clip_text_encoder=TINY_CLIP_TEXT).save_pretrained(folder / "base")
     tiny_processor().save_pretrained(folder / "base")
-    (folder / "images").mkdir()
-    lines = []
-    for index in range(8):
-        answer = list(COLORS)[index % 4]
-        pixels = np.zeros((24 + 2 * index, 24, 3), dtype=np.uint8) + np.array(COLORS[answer], dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / "images" / f"{index}.png")
-        turns = [{"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": answer}]
-        if index == 7:
-            turns += [{"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]
-        lines.append(json.dumps({"image": f"images/{index}.png", "conversations": turns}))
-    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    write_color_dataset(folder)
     return folder
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -149,3 +152,98 @@ def make_images(count: int, seed: int = 0):
     return [
         Image.fromarray(generator.integers(0, 256, (30 + 4 * index, 40, 3), dtype=np.uint8)) for index in range(count)
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files on disk in other projects' formats (for the converter, the README's snippets and the fine-tuning examples)
+# ----------------------------------------------------------------------------------------------------------------
+TINY_CLIP_CFG = {
+    "embed_dim": 16,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 24, "patch_size": 4, "width": 32, "layers": 7, "head_width": 8, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+def write_llava_hf(folder, seed: int = 0) -> LlavaForConditionalGeneration:
+    """A stock tiny LLaVA saved by transformers (llava-hf layout) with its processor and a card with a license."""
+    from transformers import LlavaProcessor
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    settings = {k: v for k, v in tiny_config_dict().items() if k not in ("schedule", "group_size")}
+    model = LlavaForConditionalGeneration(LlavaConfig(**settings)).eval()
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]  # random weights: never answer with <image>
+    model.save_pretrained(folder)
+    LlavaProcessor(
+        image_processor=tiny_image_processor(), tokenizer=tiny_tokenizer(), patch_size=4,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    ).save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlicense: llama2\n---\n# tiny llava\n")
+    return model
+
+
+def write_open_clip(folder, llava: LlavaForConditionalGeneration | None, seed: int = 1):
+    """A tiny OpenAI-style open_clip CLIP in open_clip's folder format; with `llava`, its vision embeddings are the
+    llava vision tower's (the same CLIP), otherwise random (another CLIP)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from modeling_llava_ivtp.convert_ivtp import VISION_EMBEDDINGS
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    clip = open_clip.model.CLIP(**TINY_CLIP_CFG).eval()
+    if llava is not None:
+        ours = dict(llava.model.vision_tower.named_parameters())
+        theirs = dict(clip.visual.named_parameters())
+        with torch.no_grad():
+            for hf_name, clip_name in VISION_EMBEDDINGS:
+                theirs[clip_name].copy_(ours[hf_name])
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return clip
+
+
+COLORS = {"Red.": (220, 30, 30), "Blue.": (30, 30, 220), "Green.": (30, 200, 30), "Gray.": (128, 128, 128)}
+
+
+def write_color_dataset(folder, count: int = 8):
+    """`folder/train.jsonl` in LLaVA's conversation format: questions about solid-colour images in
+    `folder/images/` (the last conversation has two turns). Returns the file's path."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(count):
+        answer = list(COLORS)[index % 4]
+        pixels = np.zeros((24 + 2 * index, 24, 3), dtype=np.uint8) + np.array(COLORS[answer], dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "images" / f"{index}.png")
+        turns = [{"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": answer}]
+        if index == count - 1:
+            turns += [{"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]
+        lines.append(json.dumps({"image": f"images/{index}.png", "conversations": turns}))
+    path = folder / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class RecordingHubApi:
+    """Stands in for `huggingface_hub.HfApi` (no network): records calls, returns commit infos."""
+
+    def __init__(self, *args, **kwargs):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+        self.calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+        return type("CommitInfo", (), {"oid": "1" * 40})()
+
+    def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+        self.calls.append(("upload_file", repo_id, path_in_repo, Path(path_or_fileobj).read_text()))
+        return type("CommitInfo", (), {"oid": "2" * 40})()
