@@ -148,6 +148,7 @@ def test_converter_refuses_a_preset_for_another_architecture(sources, tmp_path):
         ({"--clip": "local-dir:/no/such/dir"}, "needs open_clip_config.json and weights"),
         ({"--preset": "/no/such/preset.json"}, "--preset /no/such/preset.json: no such file"),
         ({"--llava": "/no/such/llava"}, "no such folder"),
+        ({"--llava": "nobody/no-such-llava"}, "--llava nobody/no-such-llava: cannot read its config"),  # offline
         ({"--clip-tokenizer": "ViT-B-16-SigLIP"}, "Hugging Face / SigLIP tokenizer"),
         ({"--dtype": "int8"}, "--dtype int8: expected one of"),
     ],
