@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from transformers import LlavaForConditionalGeneration
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
@@ -491,15 +492,18 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         visual_cls = self.model.multi_modal_projector(vision["cls_hidden_state"])
 
         # The tokens that enter the LLM: every non-image token, and the placeholders of the kept patches.
-        placeholder_rank = image_mask.long().cumsum(dim=1) - 1
-        patch_of_token = torch.where(image_mask, placeholder_rank % num_patches, torch.full_like(placeholder_rank, -1))
-        image_of_token = torch.where(image_mask, placeholder_rank // num_patches, torch.zeros_like(placeholder_rank))
-        image_offset = torch.cumsum(images_per_sample, dim=0) - images_per_sample
-        global_image = (image_of_token + image_offset.unsqueeze(1)).clamp_max(pixel_values.shape[0] - 1)
-        kept_patch = torch.zeros(pixel_values.shape[0], num_patches, dtype=torch.bool, device=image_mask.device)
-        kept_patch.scatter_(1, vision["keep_indices"].to(image_mask.device), True)
-        keep = ~image_mask | kept_patch[global_image, patch_of_token.clamp_min(0)]
-        index, slot_valid = _pack_rows(keep)
+        with record_function("ivtp/llm_entry_selection"):  # profiler label only (llava-ivtp bench)
+            placeholder_rank = image_mask.long().cumsum(dim=1) - 1
+            patch_of_token = torch.where(
+                image_mask, placeholder_rank % num_patches, torch.full_like(placeholder_rank, -1)
+            )
+            image_of_token = torch.where(image_mask, placeholder_rank // num_patches, torch.zeros_like(placeholder_rank))
+            image_offset = torch.cumsum(images_per_sample, dim=0) - images_per_sample
+            global_image = (image_of_token + image_offset.unsqueeze(1)).clamp_max(pixel_values.shape[0] - 1)
+            kept_patch = torch.zeros(pixel_values.shape[0], num_patches, dtype=torch.bool, device=image_mask.device)
+            kept_patch.scatter_(1, vision["keep_indices"].to(image_mask.device), True)
+            keep = ~image_mask | kept_patch[global_image, patch_of_token.clamp_min(0)]
+            index, slot_valid = _pack_rows(keep)
 
         if inputs_embeds is None:
             token_embeds = self.get_input_embeddings()(input_ids.gather(1, index))
@@ -527,25 +531,27 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         # IVTP stage 2: the pseudo-CLS (eq. 5-8), over the kept tokens (instruction tokens are text: always kept).
         relevance, selected = None, None
         if config.schedule["llm"]:
-            packed_guidance = {
-                name: None if value is None else value.to(index.device).gather(
-                    1, index.view(*index.shape, *[1] * (value.ndim - 2)).expand(-1, -1, *value.shape[2:])
+            with record_function("ivtp/guidance"):
+                packed_guidance = {
+                    name: None if value is None else value.to(index.device).gather(
+                        1, index.view(*index.shape, *[1] * (value.ndim - 2)).expand(-1, -1, *value.shape[2:])
+                    )
+                    for name, value in guidance.items()
+                    if name in SEQUENCE_GUIDANCE_INPUTS
+                }
+                packed_guidance["clip_input_ids"] = guidance["clip_input_ids"]
+                if packed_guidance["instruction_mask"] is not None:
+                    packed_guidance["instruction_mask"] = packed_guidance["instruction_mask"].bool() & slot_valid
+                relevance, selected = self._instruction_relevance(
+                    tokens.hidden_states, vision, visual_cls, images_per_sample, packed_guidance
                 )
-                for name, value in guidance.items()
-                if name in SEQUENCE_GUIDANCE_INPUTS
-            }
-            packed_guidance["clip_input_ids"] = guidance["clip_input_ids"]
-            if packed_guidance["instruction_mask"] is not None:
-                packed_guidance["instruction_mask"] = packed_guidance["instruction_mask"].bool() & slot_valid
-            relevance, selected = self._instruction_relevance(
-                tokens.hidden_states, vision, visual_cls, images_per_sample, packed_guidance
+        with record_function("ivtp/pseudo_cls"):
+            pseudo = pseudo_cls(
+                tokens.hidden_states, selected, fallback=self._sample_visual_cls(visual_cls, images_per_sample)
             )
-        pseudo = pseudo_cls(
-            tokens.hidden_states, selected, fallback=self._sample_visual_cls(visual_cls, images_per_sample)
-        )
-        # Position of the pseudo-CLS: right after its image block (the first text position after the image).
-        pseudo_position = torch.where(image_mask, logical.position_ids, -1).amax(dim=1) + 1
-        pseudo_position = torch.where(images_per_sample > 0, pseudo_position, logical.position_ids.amax(dim=1) + 1)
+            # Position of the pseudo-CLS: right after its image block (the first text position after the image).
+            pseudo_position = torch.where(image_mask, logical.position_ids, -1).amax(dim=1) + 1
+            pseudo_position = torch.where(images_per_sample > 0, pseudo_position, logical.position_ids.amax(dim=1) + 1)
 
         self._check_prefill_cache(past_key_values)
         if not use_cache:
@@ -621,9 +627,13 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             relevance = torch.where(instruction, relevance, torch.full_like(relevance, float("nan")))
             return relevance, instruction & (relevance >= config.tau)
         with torch.no_grad():
-            image_embedding = self.clip_visual_projection(self.final_clip_cls(vision["feature_layer_hidden_states"]))
+            with record_function("ivtp/guidance/clip_image_embedding"):
+                image_embedding = self.clip_visual_projection(
+                    self.final_clip_cls(vision["feature_layer_hidden_states"])
+                )
             clip_input_ids = guidance["clip_input_ids"].to(image_embedding.device)
-            text_features = clip_token_features(self.clip_text_model, clip_input_ids)
+            with record_function("ivtp/guidance/clip_text_tower"):
+                text_features = clip_token_features(self.clip_text_model, clip_input_ids)
             reference = self._sample_visual_cls(image_embedding, images_per_sample.to(image_embedding.device))
             clip_relevance = cosine_relevance(text_features, reference.to(text_features.dtype))  # eq. 6
             relevance, has_relevance = span_mean(  # eq. 7
@@ -666,20 +676,21 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             lower_attentions = []
             for layer_idx in range(first, last + 1):
                 layer = layers[layer_idx]
-                with torch.no_grad():
+                with torch.no_grad(), record_function("ivtp/vision_scoring"):  # profiler label only
                     if layer_idx < last:  # lower layers: the full attention matrix (rows: every token)
                         lower_attentions.append(_clip_attention(layer, hidden_states))
                     else:  # top layer: only the CLS row, and the value norms of eq. 4
                         top_cls_row = _clip_attention(layer, hidden_states, num_rows=1)[:, 0]
                         value_norms = _clip_value_norms(layer, hidden_states)
                 hidden_states = layer(hidden_states, None)
-            with torch.no_grad():
+            with torch.no_grad(), record_function("ivtp/vision_scoring"):
                 rollout = rollout_cls_row(top_cls_row, lower_attentions, cls_index=0)  # eq. 3
                 scores = token_scores(rollout[:, 1:], value_norms[:, 1:])  # eq. 4, CLS excluded
                 keep = select_keep_indices(scores, num_keep)
-            patches = hidden_states[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
-            hidden_states = torch.cat([hidden_states[:, :1], patches], dim=1)  # CLS always kept, order kept
-            keep_indices = keep_indices.gather(1, keep)
+            with record_function("ivtp/vision_selection"):
+                patches = hidden_states[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+                hidden_states = torch.cat([hidden_states[:, :1], patches], dim=1)  # CLS always kept, order kept
+                keep_indices = keep_indices.gather(1, keep)
             kept_counts.append(hidden_states.shape[1] - 1)
         return {
             "patch_hidden_states": hidden_states[:, 1:],
@@ -738,25 +749,29 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         if groups:
             # IVTP: the pseudo-CLS slot sits after every real token, so causality alone keeps real tokens from
             # attending to it; its mask row lets it see the tokens up to its image (and itself).
-            tokens = tokens.append(pseudo, pseudo_position.to(tokens.position_ids.device))
+            with record_function("ivtp/llm_selection"):  # profiler label only (llava-ivtp bench)
+                tokens = tokens.append(pseudo, pseudo_position.to(tokens.position_ids.device))
         segments = self._llm_segments()
 
         all_hidden = () if output_hidden_states else None
         llm_keep, kept_counts = [], []
         for segment_index, (first, last, prunes) in enumerate(segments):
-            mask = self._segment_mask(tokens, cache, first, with_pseudo=prunes)
-            position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
+            with record_function("ivtp/segment_setup"):  # a mask and rotary table per segment (stock: one)
+                mask = self._segment_mask(tokens, cache, first, with_pseudo=prunes)
+                position_embeddings = language_model.rotary_emb(
+                    tokens.hidden_states, position_ids=tokens.position_ids
+                )
             hidden_states = tokens.hidden_states
             scoring = prunes and bool(has_image.any())
             if scoring:
-                with torch.no_grad():
+                with torch.no_grad(), record_function("ivtp/llm_scoring"):
                     block = self._visual_block(tokens, has_image)
             lower_attentions = []
             held = tokens.positions[:, :-1] if prunes else tokens.positions  # one record shared by the segment
             for layer_idx in range(first, last + 1):
                 layer = language_model.layers[layer_idx]
                 if scoring:
-                    with torch.no_grad():
+                    with torch.no_grad(), record_function("ivtp/llm_scoring"):
                         scored = self._llm_attention_block(layer, hidden_states, block, top=layer_idx == last)
                     if layer_idx < last:
                         lower_attentions.append(scored[0])
@@ -781,23 +796,27 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             if not prunes:
                 continue
             num_keep = config.schedule["llm"][segment_index]
-            keep = ~tokens.is_visual
-            keep_patches = torch.full((tokens.is_visual.shape[0], num_keep), -1, dtype=torch.long, device=keep.device)
             if scoring:
-                with torch.no_grad():
+                with torch.no_grad(), record_function("ivtp/llm_scoring"):
                     rollout = rollout_cls_row(top_row, lower_attentions, cls_index=top_row.shape[-1] - 1)
                     scores = token_scores(rollout[:, :-1], value_norms)  # eq. 4 over the visual tokens
                     selected = select_keep_indices(scores, num_keep)
-                image_rows = block.image_rows
-                chosen_slots = block.visual_slots.gather(1, selected)
-                keep[image_rows] = keep[image_rows].scatter(1, chosen_slots, True)
-                keep_patches[image_rows] = tokens.patch_index[image_rows].gather(1, chosen_slots)
-            llm_keep.append(keep_patches)
-            index, slot_valid = _pack_rows(keep)
-            tokens = tokens.gather(index, slot_valid)
-            kept_counts.append(int(tokens.is_visual[has_image].sum(dim=1).max()) if scoring else 0)
-            if segment_index == len(groups) - 1:
-                tokens = tokens.drop_last()  # IVTP: the pseudo-CLS leaves after the last stage-2 group
+            with record_function("ivtp/llm_selection"):
+                keep = ~tokens.is_visual
+                keep_patches = torch.full(
+                    (tokens.is_visual.shape[0], num_keep), -1, dtype=torch.long, device=keep.device
+                )
+                if scoring:
+                    image_rows = block.image_rows
+                    chosen_slots = block.visual_slots.gather(1, selected)
+                    keep[image_rows] = keep[image_rows].scatter(1, chosen_slots, True)
+                    keep_patches[image_rows] = tokens.patch_index[image_rows].gather(1, chosen_slots)
+                llm_keep.append(keep_patches)
+                index, slot_valid = _pack_rows(keep)
+                tokens = tokens.gather(index, slot_valid)
+                kept_counts.append(int(tokens.is_visual[has_image].sum(dim=1).max()) if scoring else 0)
+                if segment_index == len(groups) - 1:
+                    tokens = tokens.drop_last()  # IVTP: the pseudo-CLS leaves after the last stage-2 group
 
         hidden_states = language_model.norm(tokens.hidden_states)
         if output_hidden_states:

@@ -1,0 +1,904 @@
+"""`llava-ivtp bench`: wall-clock and memory of stock Llava and IVTP, side by side, same weights, same prompts.
+
+Three variants run in one process on the same random weights and the same prompts:
+
+- `stock_sdpa`: `transformers.LlavaForConditionalGeneration`, sdpa attention;
+- `ivtp_sdpa`: `LlavaIvtpForConditionalGeneration`, sdpa attention (the stock layers' backend);
+- `ivtp_eager`: the same IVTP model with eager attention.
+
+The IVTP model is built first (LLaVA weights plus the frozen CLIP text tower and visual projection); the stock model
+gets IVTP's LLaVA weights with `load_state_dict(strict=True)` (nothing of the shared part may be missing), the eager
+model all of IVTP's weights.
+
+Figures, per variant and batch size:
+
+- prefill latency: one forward over the prompt with `use_cache=True` and logits for every token that reaches the
+  LM head (the FLOPs convention of the paper's Table 9); median of `--repeats` after `--warmup` runs; the variants
+  take turns run by run so that drift in machine load hits all of them alike; no profiler is active;
+- decode tokens/s: greedy `generate` of `--new-tokens` tokens at a fixed length (EOS and the image token are
+  suppressed), timed by a streamer from the first generated token to the last, so the prefill is not in it;
+- peak memory: on CUDA `torch.cuda.max_memory_allocated` above what was allocated before the call; on CPU the rise
+  of the process's peak resident set (`VmHWM`, reset through `/proc/self/clear_refs`, after `malloc_trim`) above the
+  resident set before the call. Both are reported with the model's weight bytes;
+- KV-cache bytes: the keys and values of the cache the prefill returned, summed over layers, with the analytic
+  figure of `analytic_flops.kv_cache_bytes_per_layer` beside it;
+- the pruning's own time as a share of prefill: separate prefills under `torch.profiler`, with the `ivtp/...`
+  `record_function` labels of the model (vision scoring and rollout, CLIP guidance, LLM scoring, the token
+  selections and per-segment masks) summed and divided by the profiled prefill (CPU: wall time of the ranges;
+  CUDA: device time of the kernels inside them).
+
+`--plot` sweeps the number of kept tokens (16-512, like the paper's Fig. 4) and draws analytic TFLOPs and measured
+IVTP prefill latency against it. Schedules for other kept counts are derived from the config's schedule by
+`derive_schedule` (each count keeps its share of the log-reduction, see there). Not needed by remote code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configuration"
+VARIANTS = ("stock_sdpa", "ivtp_sdpa", "ivtp_eager")
+VARIANT_TITLES = {"stock_sdpa": "stock Llava (sdpa)", "ivtp_sdpa": "IVTP (sdpa)", "ivtp_eager": "IVTP (eager)"}
+IVTP_FIELDS = ("schedule", "group_size", "tau", "clip_text_encoder", "guidance")
+PLOT_KEPT_DEFAULT = (16, 32, 64, 128, 256, 512)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Prompt layout: LLaVA-1.5's system prompt and "USER:" before the image (about 35 tokens), "ASSISTANT:" at the end.
+PREFIX_TOKENS = 35
+ANSWER_PROMPT_TOKENS = 5
+# Width divisor of the reduced shape: 7B's depths, token geometry and schedule, every width / 8, head dims kept.
+NARROW_DIVISOR = 8
+
+
+class BenchError(ValueError):
+    """A bad command line: the message names the flag."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------------
+def _read_preset(name: str) -> dict:
+    return json.loads((PRESET_DIR / name).read_text())
+
+
+def _clip_spec_vit_l14_336() -> dict:
+    from .guidance_ivtp import clip_text_encoder_spec
+
+    return clip_text_encoder_spec("ViT-L-14-336")
+
+
+def _narrow_7b() -> dict:
+    """LLaVA-1.5-7B's depths (24 vision layers, 32 LLM layers), 576 patches of a 336 px image, the 7B preset's
+    schedule (8 vision groups, 4 LLM groups of 3 layers, 64 tokens kept), every width divided by 8 with the head
+    dimensions kept (vision 2 heads of 64, LLM 4 heads of 128), LLaMA's vocabulary; CLIP text tower (ViT-L-14-336's
+    12 layers and 77 tokens) at width 96 and embedding 96."""
+    config = _read_preset("llava-1.5-7b-ivtp.json")
+    vision, text = config["vision_config"], config["text_config"]
+    d = NARROW_DIVISOR
+    vision.update(
+        hidden_size=vision["hidden_size"] // d, intermediate_size=vision["intermediate_size"] // d,
+        num_attention_heads=vision["num_attention_heads"] // d, projection_dim=vision["projection_dim"] // d,
+    )
+    text.update(
+        hidden_size=text["hidden_size"] // d, intermediate_size=text["intermediate_size"] // d,
+        num_attention_heads=text["num_attention_heads"] // d, num_key_value_heads=text["num_key_value_heads"] // d,
+    )
+    clip = _clip_spec_vit_l14_336()
+    clip["embed_dim"] //= d
+    clip["text_cfg"].update(width=clip["text_cfg"]["width"] // d, heads=2)
+    config["clip_text_encoder"] = clip
+    return config
+
+
+NAMED_CONFIGS = {
+    "7b": ("configuration/llava-1.5-7b-ivtp.json: LLaVA-1.5-7B, the paper's schedule", lambda: _read_preset("llava-1.5-7b-ivtp.json")),
+    "13b": ("configuration/llava-1.5-13b-ivtp.json: LLaVA-1.5-13B", lambda: _read_preset("llava-1.5-13b-ivtp.json")),
+    "7b-narrow": ("LLaVA-1.5-7B depths, 576 patches, the 7B schedule, widths / 8 (CPU)", _narrow_7b),
+}
+
+
+def load_config_dict(spec: str) -> tuple[dict, str]:
+    """`--config`: a named shape or the path of an IvtpConfig JSON. Returns the config dict and its description."""
+    if spec in NAMED_CONFIGS:
+        description, build = NAMED_CONFIGS[spec]
+        return build(), description
+    path = Path(spec)
+    if path.is_file():
+        try:
+            return json.loads(path.read_text()), str(path)
+        except json.JSONDecodeError as error:
+            raise BenchError(f"--config {spec}: not a JSON file ({error}).") from None
+    raise BenchError(
+        f"--config {spec!r} is neither a named shape ({', '.join(NAMED_CONFIGS)}) nor an existing IvtpConfig JSON file."
+    )
+
+
+def derive_schedule(schedule: dict, num_patches: int, kept: int) -> dict:
+    """The schedule that ends with `kept` visual tokens, derived from `schedule` (which ends with `k0`).
+
+    Every count `c` keeps its share of the log-reduction: `c' = P * (c / P) ** s` with `P` the patches per image and
+    `s = log(kept / P) / log(k0 / P)`; `s = 1` gives the schedule back, `s = 0` keeps every patch. Counts are rounded
+    to multiples of 8 (the presets' grid; 1 below 576 / 8 patches), held between `kept` and the previous count, and
+    the last count is `kept`. Group structure (entries per stage) is unchanged. For the 7B preset this gives, e.g.,
+    16 -> vision [416, 304, 224, 160, 120, 88, 64, 48], LLM [32, 24, 16, 16].
+    """
+    counts = list(schedule["vision"]) + list(schedule["llm"])
+    if not counts:
+        raise BenchError("--kept needs a config that prunes: its schedule has no counts.")
+    base_final = counts[-1]
+    if kept == base_final:
+        return {stage: list(schedule[stage]) for stage in ("vision", "llm")}
+    if base_final >= num_patches:
+        raise BenchError(f"--kept: the config's schedule keeps every patch ({base_final}); there is no reduction to scale.")
+    share = math.log(kept / num_patches) / math.log(base_final / num_patches)
+    quantum = max(1, (8 * num_patches) // 576)
+    derived, previous = [], num_patches
+    for count in counts:
+        value = num_patches * (count / num_patches) ** share
+        value = quantum * round(value / quantum)
+        value = max(kept, min(previous, value))
+        derived.append(value)
+        previous = value
+    derived[-1] = kept
+    split = len(schedule["vision"])
+    return {"vision": derived[:split], "llm": derived[split:]}
+
+
+def stock_config_dict(config_dict: dict) -> dict:
+    """The `LlavaConfig` fields of an IVTP config dict (IVTP's own fields and identity removed)."""
+    drop = set(IVTP_FIELDS) | {"model_type", "architectures", "auto_map"}
+    return {key: value for key, value in copy.deepcopy(config_dict).items() if key not in drop}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and inputs
+# ----------------------------------------------------------------------------------------------------------------
+def build_models(config_dict: dict, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+    """IVTP (sdpa), stock Llava (sdpa) and IVTP (eager) holding the same weights, in eval mode on `device`."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from . import IvtpConfig, LlavaIvtpForConditionalGeneration
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        ivtp = LlavaIvtpForConditionalGeneration._from_config(
+            IvtpConfig(**copy.deepcopy(config_dict)), dtype=dtype, attn_implementation="sdpa"
+        ).eval()
+        stock = LlavaForConditionalGeneration._from_config(
+            LlavaConfig(**stock_config_dict(config_dict)), dtype=dtype, attn_implementation="sdpa"
+        ).eval()
+        eager = LlavaIvtpForConditionalGeneration._from_config(
+            IvtpConfig(**copy.deepcopy(config_dict)), dtype=dtype, attn_implementation="eager"
+        ).eval()
+    weights = ivtp.state_dict()
+    shared = {key: value for key, value in weights.items() if not key.startswith("clip_")}
+    result = stock.load_state_dict(shared, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(
+            f"stock Llava and IVTP do not share their LLaVA weights: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    eager.load_state_dict(weights, strict=True)
+    return {"stock_sdpa": stock, "ivtp_sdpa": ivtp, "ivtp_eager": eager}
+
+
+def build_ivtp_model(config_dict: dict, weights: dict, device, dtype, attn_implementation: str = "sdpa"):
+    from . import IvtpConfig, LlavaIvtpForConditionalGeneration
+
+    with torch.device(device):
+        model = LlavaIvtpForConditionalGeneration._from_config(
+            IvtpConfig(**copy.deepcopy(config_dict)), dtype=dtype, attn_implementation=attn_implementation
+        ).eval()
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+@dataclass
+class PromptLayout:
+    prefix: int  # text tokens between BOS and the image
+    suffix: int  # text tokens after the image
+    instruction: int  # of the suffix, the instruction (the rest is "ASSISTANT:")
+    clip_tokens: int  # instruction tokens that get a CLIP token (CLIP reads context - 2 content tokens)
+
+
+def prompt_layout(text_tokens: int, clip_context: int = 77) -> PromptLayout:
+    prefix = min(PREFIX_TOKENS, (text_tokens - 1) // 4)
+    suffix = text_tokens - 1 - prefix
+    instruction = suffix - min(ANSWER_PROMPT_TOKENS, suffix - 1)
+    return PromptLayout(prefix, suffix, instruction, min(instruction, clip_context - 2))
+
+
+def build_inputs(config, batch_size: int, text_tokens: int, device, dtype, seed: int) -> tuple[dict, dict]:
+    """Prompts of `text_tokens` text tokens (BOS included) around one image's placeholders, one image per sample, all
+    of one length (no padding), random ids and pixels; and IVTP's guidance inputs as `LlavaIvtpProcessor` makes them:
+    the instruction (the text after the image, "ASSISTANT:" excluded), its CLIP ids (start, content, end, padding)
+    and each LLM token's CLIP span (one CLIP token per LLM token, none past CLIP's context, like long text).
+
+    Returns `(common, guidance)`: `common` for both models, `guidance` for IVTP only.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    text = config.text_config
+    clip = config.clip_text_encoder
+    layout = prompt_layout(text_tokens, clip["text_cfg"]["context_length"] if clip else 77)
+    image_token = config.image_token_index
+    high = min(text.vocab_size, image_token) if image_token >= 4 else text.vocab_size
+    bos = text.bos_token_id if text.bos_token_id is not None else 1
+    prefix = torch.randint(3, high, (batch_size, layout.prefix), generator=generator)
+    suffix = torch.randint(3, high, (batch_size, layout.suffix), generator=generator)
+    image = torch.full((batch_size, config.num_patches), image_token)
+    input_ids = torch.cat([torch.full((batch_size, 1), bos), prefix, image, suffix], dim=1)
+    image_size = config.vision_config.image_size
+    pixel_values = torch.randn(batch_size, config.vision_config.num_channels, image_size, image_size, generator=generator)
+    common = {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "pixel_values": pixel_values.to(device, dtype),
+    }
+    guidance = {}
+    if clip is not None:
+        sequence = input_ids.shape[1]
+        start = 1 + layout.prefix + config.num_patches
+        instruction_mask = torch.zeros(batch_size, sequence, dtype=torch.bool)
+        instruction_mask[:, start : start + layout.instruction] = True
+        context, vocab = clip["text_cfg"]["context_length"], clip["text_cfg"]["vocab_size"]
+        clip_ids = torch.zeros(batch_size, context, dtype=torch.long)
+        clip_ids[:, 0] = vocab - 2  # start of text
+        clip_ids[:, 1 : 1 + layout.clip_tokens] = torch.randint(1, vocab - 2, (batch_size, layout.clip_tokens), generator=generator)
+        clip_ids[:, 1 + layout.clip_tokens] = vocab - 1  # end of text (the largest id)
+        spans = torch.zeros(batch_size, sequence, 2, dtype=torch.long)
+        offsets = torch.arange(layout.clip_tokens)
+        spans[:, start : start + layout.clip_tokens, 0] = 1 + offsets
+        spans[:, start : start + layout.clip_tokens, 1] = 2 + offsets
+        guidance = {
+            "instruction_mask": instruction_mask.to(device),
+            "clip_input_ids": clip_ids.to(device),
+            "clip_token_spans": spans.to(device),
+        }
+    return common, guidance
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------------------------
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model_bytes(model) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use before it (see the module docstring for the method)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes: int | None = None
+        self.note = ""
+
+    @staticmethod
+    def method(device: torch.device) -> str:
+        if device.type == "cuda":
+            return "torch.cuda.max_memory_allocated() - memory_allocated() before the call"
+        return "process peak RSS (VmHWM, reset via /proc/self/clear_refs after malloc_trim) - RSS before the call"
+
+    def __enter__(self):
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            return self
+        _malloc_trim()
+        self.before = _proc_status_kib("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError as error:
+            self.before = None
+            self.note = f"peak RSS cannot be reset here ({error})"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.before
+        elif self.before is not None:
+            peak = _proc_status_kib("VmHWM")
+            self.peak_bytes = None if peak is None else max(0, peak - self.before) * 1024
+        return False
+
+
+class _StepTimes:
+    """A `generate` streamer that records when each generated step arrives (after a device sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # `generate` sends the prompt first
+            self.prompt_seen = True
+            return
+        _synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def cache_bytes_per_layer(cache) -> list[int]:
+    from .cache_ivtp import cache_bytes
+
+    return cache_bytes(cache)
+
+
+LABEL_PREFIX = "ivtp/"
+
+
+def pruning_times_from_profile(prof, device: torch.device) -> dict:
+    """From a profiled prefill wrapped in `bench/prefill`: the total and each `ivtp/...` label's time, in ms.
+
+    CPU: the labels' wall time (`cpu_time_total` of the ranges); CUDA: the device time of the kernels launched inside
+    them. Labels with one `/` are summed into the pruning total (they do not nest); deeper labels are a breakdown.
+    """
+    from torch.autograd import DeviceType
+
+    def duration(event) -> float:
+        return (event.device_time_total if device.type == "cuda" else event.cpu_time_total) / 1000.0
+
+    total, labels = 0.0, {}
+    for event in prof.events():
+        if event.device_type != DeviceType.CPU:  # CUDA-side copies of user annotations
+            continue
+        if event.name == "bench/prefill":
+            total += duration(event)
+        elif event.name.startswith(LABEL_PREFIX):
+            labels[event.name] = labels.get(event.name, 0.0) + duration(event)
+    own = sum(value for name, value in labels.items() if name.count("/") == 1)
+    return {"profiled_prefill_ms": total, "pruning_ms": own, "labels_ms": dict(sorted(labels.items()))}
+
+
+def top_ops(prof, device: torch.device, count: int) -> list[dict]:
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = [event for event in prof.key_averages() if not event.key.startswith(("ivtp/", "bench/"))]
+    total = sum(getattr(event, key) for event in averages) or 1.0
+    averages.sort(key=lambda event: getattr(event, key), reverse=True)
+    return [
+        {"op": event.key, "self_ms": getattr(event, key) / 1000.0, "share": getattr(event, key) / total, "calls": event.count}
+        for event in averages[:count]
+    ]
+
+
+class Runner:
+    """One variant's calls: prefill, generate; the inputs are fixed at construction."""
+
+    def __init__(self, name: str, model, inputs: dict, guidance: dict, device: torch.device, new_tokens: int):
+        self.name, self.model, self.device, self.new_tokens = name, model, device, new_tokens
+        self.inputs = dict(inputs, **(guidance if name.startswith("ivtp") else {}))
+
+    def prefill(self):
+        with torch.inference_mode():
+            return self.model(**self.inputs, use_cache=True)
+
+    def timed_prefill(self) -> float:
+        _synchronize(self.device)
+        start = time.perf_counter()
+        output = self.prefill()
+        _synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        del output
+        return elapsed
+
+    def generate(self, new_tokens: int):
+        config = self.model.config
+        text = config.text_config
+        eos = text.eos_token_id if isinstance(text.eos_token_id, list) else [text.eos_token_id]
+        suppress = sorted({config.image_token_index, *[token for token in eos if token is not None]})
+        streamer = _StepTimes(self.device)
+        pad = text.pad_token_id if text.pad_token_id is not None else 0
+        with torch.inference_mode():
+            sequences = self.model.generate(
+                **self.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                suppress_tokens=suppress, pad_token_id=pad, streamer=streamer,
+            )
+        generated = sequences.shape[1] - self.inputs["input_ids"].shape[1]
+        if generated != new_tokens:
+            raise RuntimeError(f"{self.name}: generate stopped after {generated} of {new_tokens} tokens.")
+        return streamer.times
+
+
+def decode_figures(step_times: list[float], batch_size: int) -> dict:
+    steps = len(step_times) - 1
+    seconds = step_times[-1] - step_times[0]
+    return {
+        "new_tokens": len(step_times),
+        "timed_steps": steps,
+        "ms_per_step": 1000.0 * seconds / steps,
+        "tokens_per_s": batch_size * steps / seconds,
+        "steps_per_s": steps / seconds,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "named shapes for --config: "
+        + "; ".join(f"{name}: {description}" for name, (description, _) in NAMED_CONFIGS.items())
+        + "\nexamples:\n  llava-ivtp bench --device cpu --config 7b-narrow --batch-sizes 1 8 --json cpu.json\n"
+        "  llava-ivtp bench --device cuda --config 7b --dtype bfloat16 --batch-sizes 1 8 --json gpu.json"
+    )
+    parser.add_argument("--config", default=None, help="named shape or IvtpConfig JSON path (default: 7b on cuda, "
+                        "7b-narrow on cpu)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="B")
+    parser.add_argument("--text-tokens", type=int, default=512, help="text tokens per prompt, BOS included (default 512)")
+    parser.add_argument("--kept", type=int, default=None,
+                        help="visual tokens kept at the end of the schedule (default: the config's, 64 for the presets)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per decode run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed prefills per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed prefills per variant first")
+    parser.add_argument("--profile-runs", type=int, default=1, help="profiled prefills per variant (pruning share)")
+    parser.add_argument("--top-ops", type=int, default=0, metavar="K",
+                        help="print the K ops with the most self time in each variant's profiled prefill")
+    parser.add_argument("--no-clip-text", action="store_true",
+                        help="no CLIP text tower: stage 2 guided by the visual CLS (default: a random-weight CLIP "
+                        "text tower is added where the config has none, ViT-L-14-336's shape)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every figure as JSON")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
+                        help="sweep --plot-kept and draw TFLOPs and prefill latency against kept tokens (needs "
+                        "matplotlib: pip install 'llava-ivtp[bench]')")
+    parser.add_argument("--plot-kept", type=int, nargs="+", default=list(PLOT_KEPT_DEFAULT), metavar="K")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _check_args(args, config_dict: dict) -> None:
+    from . import IvtpConfig
+
+    for flag, value, low in (
+        ("--text-tokens", args.text_tokens, 4), ("--new-tokens", args.new_tokens, 2), ("--repeats", args.repeats, 1),
+        ("--warmup", args.warmup, 0), ("--profile-runs", args.profile_runs, 1), ("--top-ops", args.top_ops, 0),
+    ):
+        if value < low:
+            raise BenchError(f"{flag} must be >= {low}, got {value}.")
+    if any(size < 1 for size in args.batch_sizes):
+        raise BenchError(f"--batch-sizes must be >= 1, got {args.batch_sizes}.")
+    if args.threads is not None and args.threads < 1:
+        raise BenchError(f"--threads must be >= 1, got {args.threads}.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device is available to torch here.")
+    if args.device == "cpu" and args.dtype == "float16":
+        raise BenchError("--dtype float16 is not supported on --device cpu; use float32 or bfloat16.")
+    try:
+        config = IvtpConfig(**copy.deepcopy(config_dict))
+    except (TypeError, ValueError) as error:
+        raise BenchError(f"--config: not a valid IvtpConfig: {error}") from None
+    if config.schedule is None:
+        raise BenchError("--config has no pruning schedule (schedule is null): nothing to compare with stock.")
+    num_patches = config.num_patches
+    plot_kept = args.plot_kept if args.plot is not None else []
+    for flag, values in (("--kept", [args.kept] if args.kept is not None else []), ("--plot-kept", plot_kept)):
+        for value in values:
+            if not 1 <= value <= num_patches:
+                raise BenchError(f"{flag} must be in [1, {num_patches}] (the patches per image), got {value}.")
+    length = args.text_tokens + num_patches + args.new_tokens
+    if length > config.text_config.max_position_embeddings:
+        raise BenchError(
+            f"--text-tokens {args.text_tokens} + {num_patches} image tokens + --new-tokens {args.new_tokens} = {length} "
+            f"exceeds the LLM's max_position_embeddings ({config.text_config.max_position_embeddings})."
+        )
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise BenchError("--plot needs matplotlib, which is not installed: pip install 'llava-ivtp[bench]'.")
+
+
+def _prepare_config(args) -> tuple[dict, str]:
+    name = args.config or ("7b" if args.device == "cuda" else "7b-narrow")
+    config_dict, description = load_config_dict(name)
+    config_dict = copy.deepcopy(config_dict)
+    if args.no_clip_text:
+        config_dict["clip_text_encoder"] = None
+        config_dict["guidance"] = "visual_cls"
+    elif config_dict.get("clip_text_encoder") is None:
+        config_dict["clip_text_encoder"] = _clip_spec_vit_l14_336()
+        description += " + random-weight ViT-L-14-336 CLIP text tower"
+    _check_args(args, config_dict)
+    if args.kept is not None:
+        from . import IvtpConfig
+
+        num_patches = IvtpConfig(**copy.deepcopy(config_dict)).num_patches
+        config_dict["schedule"] = derive_schedule(config_dict["schedule"], num_patches, args.kept)
+    return config_dict, name if name in NAMED_CONFIGS else description
+
+
+def _flops(config_dict: dict, text_tokens: int) -> dict:
+    from . import IvtpConfig
+    from .analytic_flops import llava_flops
+
+    ivtp = llava_flops(IvtpConfig(**copy.deepcopy(config_dict)), text_tokens)
+    stock = llava_flops(IvtpConfig(**dict(copy.deepcopy(config_dict), schedule=None)), text_tokens)
+    return {"stock": stock, "ivtp": ivtp, "ratio": ivtp["total"] / stock["total"], "speedup": stock["total"] / ivtp["total"]}
+
+
+def _analytic_kv(config_dict: dict, text_tokens: int, batch_size: int, bytes_per_value: int) -> dict:
+    from . import IvtpConfig
+    from .analytic_flops import kv_cache_bytes_per_layer
+
+    ivtp = IvtpConfig(**copy.deepcopy(config_dict))
+    stock = IvtpConfig(**dict(copy.deepcopy(config_dict), schedule=None))
+    return {
+        "stock": kv_cache_bytes_per_layer(stock, text_tokens, batch_size, bytes_per_value),
+        "ivtp": kv_cache_bytes_per_layer(ivtp, text_tokens, batch_size, bytes_per_value),
+    }
+
+
+def _device_description(device: torch.device) -> dict:
+    info = {"type": device.type, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info["cpu"] = cpu
+    info["cpu_count"] = os.cpu_count()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return info
+
+
+def _progress(total: int, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=disable, file=sys.stderr, unit="run", dynamic_ncols=True)
+
+
+def measure_batch(models: dict, config, config_dict: dict, args, batch_size: int, device, dtype, bar) -> list[dict]:
+    """Every figure of every variant at one batch size."""
+    common, guidance = build_inputs(config, batch_size, args.text_tokens, device, dtype, args.seed + batch_size)
+    runners = {name: Runner(name, models[name], common, guidance, device, args.new_tokens) for name in VARIANTS}
+    results = {name: {"variant": name, "batch_size": batch_size} for name in VARIANTS}
+
+    for name, runner in runners.items():  # warm-up, also of the decode path
+        for _ in range(args.warmup):
+            bar.set_description(f"b={batch_size} warm-up {name}")
+            runner.timed_prefill()
+            bar.update(1)
+        if args.warmup:
+            runner.generate(2)
+
+    times = {name: [] for name in VARIANTS}
+    for repeat in range(args.repeats):  # the variants take turns
+        for name, runner in runners.items():
+            bar.set_description(f"b={batch_size} prefill {repeat + 1}/{args.repeats} {name}")
+            times[name].append(runner.timed_prefill())
+            bar.update(1)
+
+    bytes_per_value = torch.tensor([], dtype=dtype).element_size()
+    analytic = _analytic_kv(config_dict, args.text_tokens, batch_size, bytes_per_value)
+    for name, runner in runners.items():
+        result = results[name]
+        result["prefill_ms"] = {
+            "median": 1000.0 * statistics.median(times[name]),
+            "min": 1000.0 * min(times[name]),
+            "all": [1000.0 * value for value in times[name]],
+        }
+        bar.set_description(f"b={batch_size} memory+cache {name}")
+        with PeakMemory(device) as peak:
+            output = runner.prefill()
+        per_layer = cache_bytes_per_layer(output.past_key_values)
+        del output
+        bar.update(1)
+        result["kv_cache_bytes"] = sum(per_layer)
+        result["kv_cache_bytes_per_layer"] = per_layer
+        expected = analytic["stock" if name == "stock_sdpa" else "ivtp"]
+        result["kv_cache_bytes_analytic"] = sum(expected)
+        result["kv_cache_matches_analytic"] = per_layer == expected
+        result["weights_bytes"] = _model_bytes(runner.model)
+        result["peak_memory"] = {"prefill_bytes_above_before": peak.peak_bytes, "note": peak.note}
+
+        bar.set_description(f"b={batch_size} decode {args.new_tokens} tokens {name}")
+        with PeakMemory(device) as peak:
+            step_times = runner.generate(args.new_tokens)
+        bar.update(1)
+        result["decode"] = decode_figures(step_times, batch_size)
+        result["peak_memory"]["generate_bytes_above_before"] = peak.peak_bytes
+
+        prof_results = []
+        for _ in range(args.profile_runs):
+            bar.set_description(f"b={batch_size} profile {name}")
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as prof:
+                with torch.profiler.record_function("bench/prefill"):
+                    runner.prefill()
+                    _synchronize(device)
+            prof_results.append((pruning_times_from_profile(prof, device), prof))
+            bar.update(1)
+        # The profiled run with the median total is reported.
+        prof_results.sort(key=lambda item: item[0]["profiled_prefill_ms"])
+        times_profile, prof = prof_results[len(prof_results) // 2]
+        total = times_profile["profiled_prefill_ms"]
+        result["pruning"] = dict(
+            times_profile,
+            share=(times_profile["pruning_ms"] / total) if total > 0 else 0.0,
+            label_shares={label: value / total for label, value in times_profile["labels_ms"].items()} if total else {},
+            clock="device time of kernels" if device.type == "cuda" else "wall time of the ranges",
+        )
+        result["top_ops"] = top_ops(prof, device, max(20, args.top_ops))
+        del prof_results, prof
+    return [results[name] for name in VARIANTS]
+
+
+def comparisons(results: list[dict], flops: dict) -> list[dict]:
+    rows = []
+    for batch_size in sorted({result["batch_size"] for result in results}):
+        by_name = {result["variant"]: result for result in results if result["batch_size"] == batch_size}
+        stock = by_name["stock_sdpa"]
+        for name in ("ivtp_sdpa", "ivtp_eager"):
+            ours = by_name[name]
+            speedup = stock["prefill_ms"]["median"] / ours["prefill_ms"]["median"]
+            rows.append({
+                "batch_size": batch_size,
+                "variant": name,
+                "prefill_speedup": speedup,
+                "flops_speedup": flops["speedup"],
+                "speedup_vs_flops": speedup / flops["speedup"],
+                "within_15pct_of_flops": abs(speedup / flops["speedup"] - 1.0) <= 0.15,
+                "decode_ratio": ours["decode"]["tokens_per_s"] / stock["decode"]["tokens_per_s"],
+                "kv_cache_reduction": 1.0 - ours["kv_cache_bytes"] / stock["kv_cache_bytes"],
+                "pruning_share": ours["pruning"]["share"],
+            })
+    return rows
+
+
+def _mib(value) -> str:
+    return "n/a" if value is None else f"{value / 2**20:,.1f}"
+
+
+def markdown_table(report: dict) -> str:
+    results, flops = report["results"], report["flops"]
+    lines = [
+        "| batch | variant | prefill ms (median) | prefill speed-up | decode tok/s | peak prefill MiB (+ weights) | "
+        "KV cache MiB | KV vs stock | pruning share of prefill |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        stock = next(r for r in results if r["batch_size"] == result["batch_size"] and r["variant"] == "stock_sdpa")
+        is_stock = result["variant"] == "stock_sdpa"
+        speedup = stock["prefill_ms"]["median"] / result["prefill_ms"]["median"]
+        kv = result["kv_cache_bytes"] / stock["kv_cache_bytes"]
+        peak = result["peak_memory"]["prefill_bytes_above_before"]
+        share = "-" if is_stock else f"{100 * result['pruning']['share']:.1f}%"
+        lines.append(
+            f"| {result['batch_size']} | {VARIANT_TITLES[result['variant']]} | {result['prefill_ms']['median']:,.1f} | "
+            f"{speedup:.2f}x | {result['decode']['tokens_per_s']:,.1f} | {_mib(peak)} (+ {_mib(result['weights_bytes'])}) | "
+            f"{_mib(result['kv_cache_bytes'])} | {100 * kv:.1f}% | {share} |"
+        )
+    lines.append("")
+    lines.append(
+        f"FLOPs (analytic, one sample, CLIP text tower and scoring not counted): stock "
+        f"{flops['stock']['total'] / 1e12:.4g} T, IVTP {flops['ivtp']['total'] / 1e12:.4g} T: ratio "
+        f"{flops['ratio']:.3f}, i.e. {flops['speedup']:.2f}x fewer."
+    )
+    lines.append("")
+    lines.append("| batch | variant | prefill speed-up / FLOPs speed-up | within 15% | decode vs stock | KV cache smaller by | pruning share |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for row in report["comparisons"]:
+        lines.append(
+            f"| {row['batch_size']} | {VARIANT_TITLES[row['variant']]} | {row['prefill_speedup']:.2f}x / "
+            f"{row['flops_speedup']:.2f}x = {row['speedup_vs_flops']:.2f} | {'yes' if row['within_15pct_of_flops'] else 'no'} | "
+            f"{row['decode_ratio']:.2f}x | {100 * row['kv_cache_reduction']:.1f}% | {100 * row['pruning_share']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def top_ops_text(report: dict, count: int) -> str:
+    blocks = []
+    for result in report["results"]:
+        blocks.append(
+            f"\nTop {count} ops by self time, profiled prefill, {VARIANT_TITLES[result['variant']]}, batch "
+            f"{result['batch_size']}:\n| op | self ms | share | calls |\n|---|---|---|---|"
+        )
+        for op in result["top_ops"][:count]:
+            blocks.append(f"| `{op['op']}` | {op['self_ms']:,.1f} | {100 * op['share']:.1f}% | {op['calls']} |")
+        labels = result["pruning"]["labels_ms"]
+        if labels:
+            blocks.append("ivtp labels (ms): " + ", ".join(f"{name} {value:,.1f}" for name, value in labels.items()))
+    return "\n".join(blocks)
+
+
+def sweep_kept(models: dict, config_dict: dict, args, device, dtype, bar) -> list[dict]:
+    """Analytic TFLOPs and measured IVTP (sdpa) prefill latency for each `--plot-kept` count, first batch size."""
+    from . import IvtpConfig
+
+    batch_size = args.batch_sizes[0]
+    weights = models["ivtp_sdpa"].state_dict()
+    config = models["ivtp_sdpa"].config
+    common, guidance = build_inputs(config, batch_size, args.text_tokens, device, dtype, args.seed + batch_size)
+    num_patches = config.num_patches
+    rows = []
+    for kept in sorted(set(args.plot_kept)):
+        swept = dict(copy.deepcopy(config_dict), schedule=derive_schedule(config_dict["schedule"], num_patches, kept))
+        IvtpConfig(**copy.deepcopy(swept))  # validated
+        model = build_ivtp_model(swept, weights, device, dtype)
+        runner = Runner("ivtp_sdpa", model, common, guidance, device, args.new_tokens)
+        for _ in range(args.warmup):
+            bar.set_description(f"sweep kept={kept} warm-up")
+            runner.timed_prefill()
+            bar.update(1)
+        times = []
+        for _ in range(args.repeats):
+            bar.set_description(f"sweep kept={kept} prefill")
+            times.append(runner.timed_prefill())
+            bar.update(1)
+        flops = _flops(swept, args.text_tokens)
+        rows.append({
+            "kept": kept, "schedule": swept["schedule"], "batch_size": batch_size,
+            "ivtp_tflops": flops["ivtp"]["total"] / 1e12, "stock_tflops": flops["stock"]["total"] / 1e12,
+            "ivtp_prefill_ms": 1000.0 * statistics.median(times),
+        })
+        del model, runner
+    return rows
+
+
+def draw_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = report["sweep"]
+    batch_size = sweep[0]["batch_size"]
+    stock = next(r for r in report["results"] if r["variant"] == "stock_sdpa" and r["batch_size"] == batch_size)
+    kept = [row["kept"] for row in sweep]
+    figure, (flops_axis, latency_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    flops_axis.plot(kept, [row["ivtp_tflops"] for row in sweep], "o-", label="IVTP")
+    flops_axis.axhline(sweep[0]["stock_tflops"], color="gray", linestyle="--", label="stock LLaVA")
+    flops_axis.set(xscale="log", xlabel="visual tokens kept", ylabel="TFLOPs (analytic, one sample)", title="FLOPs")
+    latency_axis.plot(kept, [row["ivtp_prefill_ms"] for row in sweep], "o-", label="IVTP (sdpa)")
+    latency_axis.axhline(stock["prefill_ms"]["median"], color="gray", linestyle="--", label="stock Llava (sdpa)")
+    latency_axis.set(
+        xscale="log", xlabel="visual tokens kept", ylabel="prefill ms (median)",
+        title=f"prefill latency, batch {batch_size}, {report['meta']['device']['type']}",
+    )
+    for axis in (flops_axis, latency_axis):
+        axis.set_xticks(kept)
+        axis.set_xticklabels([str(k) for k in kept])
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{report['meta']['config']}, {report['meta']['text_tokens']} text tokens, {report['meta']['dtype']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run(args) -> int:
+    try:
+        config_dict, config_name = _prepare_config(args)
+    except BenchError as error:
+        print(f"llava-ivtp bench: error: {error}", file=sys.stderr)
+        return 2
+    threads_before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, config_dict, config_name)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, config_dict: dict, config_name: str) -> int:
+    import transformers
+
+    from . import IvtpConfig, __version__
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    config = IvtpConfig(**copy.deepcopy(config_dict))
+    flops = _flops(config_dict, args.text_tokens)
+    layout = prompt_layout(args.text_tokens)
+    meta = {
+        "command": "llava-ivtp bench " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
+        if len(sys.argv) > 1 and sys.argv[1] == "bench" else None,
+        "arguments": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
+        "config": config_name,
+        "schedule": config.schedule,
+        "num_patches": config.num_patches,
+        "kept": (config.schedule["llm"] or config.schedule["vision"])[-1],
+        "text_tokens": args.text_tokens,
+        "prompt": {"prefix": layout.prefix, "image": config.num_patches, "suffix": layout.suffix,
+                   "instruction": layout.instruction, "clip_tokens": layout.clip_tokens},
+        "clip_text_encoder": config.clip_text_encoder,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": _device_description(device),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "llava_ivtp": __version__,
+                     "python": platform.python_version()},
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "peak_memory_method": PeakMemory.method(device),
+        "prefill": "one forward, use_cache=True, logits for every token reaching the LM head",
+        "dims": {
+            "vision": {k: getattr(config.vision_config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
+            "text": {k: getattr(config.text_config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")},
+        },
+    }
+    per_batch = len(VARIANTS) * (args.warmup + args.repeats + 2 + args.profile_runs)
+    total = per_batch * len(args.batch_sizes)
+    if args.plot is not None:
+        total += len(set(args.plot_kept)) * (args.warmup + args.repeats)
+    with _progress(total, args.no_progress) as bar:
+        bar.set_description("building models")
+        models = build_models(config_dict, device, dtype, args.seed)
+        results = []
+        for batch_size in args.batch_sizes:
+            results += measure_batch(models, config, config_dict, args, batch_size, device, dtype, bar)
+        meta["load_average_after_measurements"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        report = {"meta": meta, "flops": flops, "results": results}
+        report["comparisons"] = comparisons(results, flops)
+        if args.plot is not None:
+            report["sweep"] = sweep_kept(models, config_dict, args, device, dtype, bar)
+    print(f"llava-ivtp bench: {config_name}, {meta['dtype']}, {device.type} ({meta['device'].get('gpu', meta['device']['cpu'])}, "
+          f"{meta['device']['torch_threads']} threads), {args.text_tokens} text tokens + {config.num_patches} image "
+          f"tokens, {meta['kept']} kept, prefill median of {args.repeats}, decode {args.new_tokens} tokens")
+    print()
+    print(markdown_table(report))
+    if args.top_ops:
+        print(top_ops_text(report, args.top_ops))
+    if "sweep" in report:
+        print("\n| kept | IVTP TFLOPs | stock TFLOPs | IVTP prefill ms |\n|---|---|---|---|")
+        for row in report["sweep"]:
+            print(f"| {row['kept']} | {row['ivtp_tflops']:.4f} | {row['stock_tflops']:.4f} | {row['ivtp_prefill_ms']:,.1f} |")
+        draw_plot(report, args.plot)
+        print(f"\nplot: {args.plot}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+        print(f"json: {args.json}")
+    return 0
+
+
+__all__ = ["add_arguments", "run", "derive_schedule", "build_models", "build_inputs", "NAMED_CONFIGS"]
