@@ -1,0 +1,674 @@
+"""`llava-ivtp flops`: FLOPs of stock LLaVA-1.5, vision-only TopK and IVTP, counted on the real forward.
+
+Every figure comes from `torch.utils.flop_counter.FlopCounterMode` around the model classes' own `forward`
+(`transformers.LlavaForConditionalGeneration` for stock LLaVA, `LlavaIvtpForConditionalGeneration` for TopK and
+IVTP). The models are built on the meta device, without weights, so LLaVA-1.5-7B and -13B shapes count in seconds on
+a CPU. Nothing is computed analytically.
+
+How a weight-free forward can run the pruning: `WeightFreeMode` (a `TorchDispatchMode`) lets every floating-point
+activation stay a meta tensor (shape only, nothing computed) while the integer bookkeeping of the forward (input ids,
+masks, kept indices, counts) stays real on the CPU. The one place where weights decide values the forward reads is
+the choice of tokens: `sort`/`topk` of the importance scores. There the scores are taken as zeros, so the kept
+tokens are the first ones in order -- which tokens are kept does not change any shape, hence not the FLOPs, because
+the schedule fixes how many are kept. (A weight-dependent value copied to the CPU, like IVTP's instruction relevance,
+also becomes zeros: it only picks which tokens eq. 8 averages.) Anything that would read a weight-dependent value
+into Python or into a shape (`.item()`, `nonzero` on a meta tensor) raises instead of guessing. `tests/test_flops.py` checks that this gives, module by module, the
+same counts as `FlopCounterMode` on a real CPU forward of a small model with random weights.
+
+Counting convention (the paper's, Tables 1-3 and 9): one prefill forward, batch 1, one 336 px image (576 patches)
+plus N text tokens (every non-image token of the prompt, BOS included); 2 FLOPs per multiply-add; every
+matmul, linear, convolution and attention product (`QK^T` and `AV` over the full `T x T`, causal or not); the LM head
+over every token that reaches it; vision layers up to the feature layer (23 of 24 for `vision_feature_layer=-2`).
+Norms, activations, softmax and element-wise ops are not counted (FlopCounterMode has no formula for them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from .configuration_llava_ivtp import IvtpConfig, resolve_feature_layer_count
+from .modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
+
+
+aten = torch.ops.aten
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configuration"
+MODEL_SIZES = {"7b": "llava-1.5-7b-ivtp.json", "13b": "llava-1.5-13b-ivtp.json"}
+DEFAULT_TEXT_TOKENS = (128, 256, 512, 1024)
+BREAKDOWN_TEXT_TOKENS = 512  # the paper's Table 1, 2 and 9 setting
+DEFAULT_PREFIX_TOKENS = 5  # BOS + "USER:" of LLaVA-1.5's prompt format, before the image
+DEFAULT_CLIP_MODEL = "ViT-L-14-336"  # LLaVA-1.5's vision tower is OpenAI CLIP ViT-L/14 at 336 px
+IVTP_FIELDS = ("schedule", "group_size", "tau", "clip_text_encoder", "guidance")
+
+# FlopCounterMode has no formula for the CPU flash kernel that `scaled_dot_product_attention` picks for real CPU
+# tensors (on meta tensors the same call decomposes into two counted `bmm`s); count it as torch's own sdpa formula.
+
+
+def _cpu_flash_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+CUSTOM_FLOP_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flops}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight-free execution
+# ----------------------------------------------------------------------------------------------------------------
+META = torch.device("meta")
+CPU = torch.device("cpu")
+# Ops whose outputs the forward uses as indices: run them on zeros in place of weight-dependent (meta) inputs.
+INDEX_OPS = {aten.sort, aten.topk, aten.argsort, aten.argmax, aten.argmin, aten.kthvalue}
+INDEX_OVERLOADS = {aten.max.dim, aten.min.dim}  # with indices; the plain reductions are values (stay meta)
+# Ops that would read a weight-dependent value into Python or into a shape: refused on meta inputs.
+DATA_DEPENDENT_OPS = {aten._local_scalar_dense, aten.nonzero, aten.nonzero_static, aten.masked_select, aten.unique_dim,
+                      aten._unique2, aten.unique_consecutive, aten.item}
+
+
+def _is_meta(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type == "meta"
+
+
+def _is_meta_device(device) -> bool:
+    return device is not None and torch.device(device).type == "meta"
+
+
+class WeightFreeMode(TorchDispatchMode):
+    """Run a forward whose weights live on the meta device: activations stay meta, bookkeeping stays real.
+
+    - Ops on meta tensors run on meta (shape only); real CPU tensors they meet are moved to meta for the op.
+    - Tensors the forward creates or moves "to the model's device" (factories, `.to(meta)`) are made on the CPU, so
+      index arithmetic (aranges, masks, gathers of indices) keeps its values.
+    - Index-producing ops (`sort`, `topk`, `argmax`, ...) on meta inputs run on zeros: deterministic indices of the
+      right count. In-place writes of meta values into a real tensor write zeros.
+    - `.item()`, `nonzero` and the like on a meta tensor raise: their result would depend on the weights.
+
+    `substituted` lists the ops that ran on zeros in place of meta inputs.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.substituted: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [value for value in tree_flatten((args, kwargs))[0] if isinstance(value, torch.Tensor)]
+        packet = func._overloadpacket
+        if _is_meta_device(kwargs.get("device")) and not any(_is_meta(t) for t in tensors):
+            # A factory or a copy "to the model's device" of real data: keep it real, on the CPU.
+            return func(*args, **{**kwargs, "device": CPU})
+        if not any(_is_meta(t) for t in tensors):
+            return func(*args, **kwargs)
+        if packet in DATA_DEPENDENT_OPS:
+            raise RuntimeError(
+                f"{func} reads a value that depends on the weights, which a weight-free (meta) forward does not have; "
+                "count this model with real weights (count_forward(..., weight_free=False))."
+            )
+        schema_args = func._schema.arguments
+        writes_real_self = (
+            bool(schema_args)
+            and schema_args[0].alias_info is not None
+            and schema_args[0].alias_info.is_write
+            and isinstance(args[0], torch.Tensor)
+            and not _is_meta(args[0])
+        )
+        copies_to_real = packet is aten._to_copy and kwargs.get("device") is not None and not _is_meta_device(kwargs["device"])
+        if packet in INDEX_OPS or func in INDEX_OVERLOADS or writes_real_self or copies_to_real:
+            self.substituted.append(str(func))
+            args, kwargs = tree_map(
+                lambda t: torch.zeros(t.shape, dtype=t.dtype, device=CPU) if _is_meta(t) else t, (args, kwargs)
+            )
+            return func(*args, **kwargs)
+        args, kwargs = tree_map(lambda t: t.to(META) if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and inputs
+# ----------------------------------------------------------------------------------------------------------------
+def stock_llava_config(config: IvtpConfig) -> LlavaConfig:
+    """The stock `LlavaConfig` of the same architecture (IVTP's fields removed)."""
+    values = config.to_dict()
+    for key in (*IVTP_FIELDS, "model_type", "auto_map", "architectures"):
+        values.pop(key, None)
+    stock = LlavaConfig(**values)
+    stock._attn_implementation = config._attn_implementation or "sdpa"
+    return stock
+
+
+def _patches(config) -> int:
+    return (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+
+
+def visual_tokens_into_llm(config) -> int:
+    """Visual tokens per image that enter the LLM under `config`'s schedule (all patches without one)."""
+    schedule = getattr(config, "schedule", None)
+    return schedule["vision"][-1] if schedule and schedule["vision"] else _patches(config)
+
+
+def final_visual_tokens(config) -> int:
+    """Visual tokens per image that reach the last LLM layer under `config`'s schedule (all patches without one)."""
+    schedule = getattr(config, "schedule", None)
+    return schedule["llm"][-1] if schedule and schedule["llm"] else visual_tokens_into_llm(config)
+
+
+def geometric_vision_schedule(config: IvtpConfig, final: int | None = None, multiple: int = 8) -> list[int]:
+    """Vision counts decaying geometrically from the patches to `final` over the stage-1 groups, rounded to
+    multiples of `multiple` (the rule the presets' counts come from), last entry exactly `final`.
+
+    `final` defaults to the visual tokens the preset keeps in the end (64 for the LLaVA-1.5 presets)."""
+    groups = len(config.vision_layer_groups)
+    patches = config.num_patches
+    final = final_visual_tokens(config) if final is None else final
+    if not 1 <= final <= patches:
+        raise ValueError(f"TopK's final token count must be in [1, {patches}] (the patches per image), got {final}.")
+    counts = []
+    for group in range(1, groups):
+        count = patches * (final / patches) ** (group / groups)
+        counts.append(min(patches, max(final, multiple * round(count / multiple))))
+    counts.append(final)
+    for index in range(len(counts) - 2, -1, -1):  # never increasing
+        counts[index] = max(counts[index], counts[index + 1])
+    return counts
+
+
+def topk_config(config: IvtpConfig, vision_schedule: list[int] | None = None, final: int | None = None) -> IvtpConfig:
+    """Vision-only pruning (stage 1 only, no CLIP text tower) with `vision_schedule`, by default geometric from the
+    patches to `final` (default: the tokens `config` keeps in the end, 64 for the LLaVA-1.5 presets)."""
+    values = config.to_dict()
+    values["schedule"] = {"vision": list(vision_schedule or geometric_vision_schedule(config, final)), "llm": []}
+    values["clip_text_encoder"] = None
+    topk = IvtpConfig.from_dict(values)
+    topk._attn_implementation = config._attn_implementation or "sdpa"
+    return topk
+
+
+def ivtp_config(config: IvtpConfig, clip_model: str = DEFAULT_CLIP_MODEL) -> tuple[IvtpConfig, str | None]:
+    """The preset as it runs with instruction guidance: a preset without a CLIP text tower gets `clip_model`'s
+    (architecture only). Returns the config and a note saying what was added, or None."""
+    if config.clip_text_encoder is not None or not config.pruning_enabled or not config.schedule["llm"]:
+        return config, None
+    if config.guidance != "clip_relevance":
+        return config, None
+    from .guidance_ivtp import clip_text_encoder_spec
+
+    values = config.to_dict()
+    values["clip_text_encoder"] = clip_text_encoder_spec(clip_model)
+    guided = IvtpConfig.from_dict(values)
+    guided._attn_implementation = config._attn_implementation or "sdpa"
+    return guided, f"the preset has no CLIP text tower (`clip_text_encoder` is null); counted with open_clip {clip_model}'s"
+
+
+def build_weight_free(config) -> torch.nn.Module:
+    """The model class of `config` (stock Llava for a `LlavaConfig`, IVTP for an `IvtpConfig`) on the meta device."""
+    model_class = LlavaIvtpForConditionalGeneration if isinstance(config, IvtpConfig) else LlavaForConditionalGeneration
+    if config._attn_implementation is None:
+        config._attn_implementation = "sdpa"
+    with torch.device(META):
+        model = model_class(config)
+    return model.eval()
+
+
+def clip_context_length(config) -> int | None:
+    spec = getattr(config, "clip_text_encoder", None)
+    return None if spec is None else spec["text_cfg"]["context_length"]
+
+
+def example_inputs(
+    config,
+    text_tokens: int,
+    prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
+    batch_size: int = 1,
+    device: torch.device | str = CPU,
+    seed: int = 0,
+) -> dict:
+    """A prompt of `prefix_tokens` text tokens (BOS first), one image's placeholders, then the rest of the
+    `text_tokens` text tokens (the instruction), as `LlavaIvtpProcessor` would lay it out.
+
+    `pixel_values` are on `device` (meta for a weight-free count). For a model with a CLIP text tower the guidance
+    tensors are added: the instruction is every text token after the image; `clip_input_ids` fill CLIP's whole
+    context (start, content, end, zero padding), as the processor pads them, and instruction token `j` overlaps CLIP
+    token `j + 1` while CLIP has room.
+    """
+    if not 1 <= prefix_tokens < text_tokens:
+        raise ValueError(f"`prefix_tokens` must be in [1, text_tokens - 1] = [1, {text_tokens - 1}], got {prefix_tokens}.")
+    generator = torch.Generator().manual_seed(seed)
+    text_config, vision_config = config.text_config, config.vision_config
+    image_token = config.image_token_id
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    vocab = [token for token in range(3, min(text_config.vocab_size, 30000)) if token != image_token]
+    vocab = torch.tensor(vocab)
+    suffix = text_tokens - prefix_tokens
+    prefix_ids = vocab[torch.randint(len(vocab), (batch_size, prefix_tokens - 1), generator=generator)]
+    suffix_ids = vocab[torch.randint(len(vocab), (batch_size, suffix), generator=generator)]
+    input_ids = torch.cat(
+        [
+            torch.ones(batch_size, 1, dtype=torch.long),
+            prefix_ids,
+            torch.full((batch_size, patches), image_token, dtype=torch.long),
+            suffix_ids,
+        ],
+        dim=1,
+    )
+    shape = (batch_size, vision_config.num_channels, vision_config.image_size, vision_config.image_size)
+    if torch.device(device).type == "meta":
+        pixel_values = torch.empty(shape, device=META)
+    else:
+        pixel_values = torch.randn(shape, generator=generator).to(device)
+    inputs = {"input_ids": input_ids, "pixel_values": pixel_values}
+    context = clip_context_length(config)
+    if context is not None:
+        length = input_ids.shape[1]
+        first = prefix_tokens + patches
+        instruction_mask = torch.zeros(batch_size, length, dtype=torch.bool)
+        instruction_mask[:, first:] = True
+        content = min(suffix, context - 2)
+        clip_vocab = config.clip_text_encoder["text_cfg"]["vocab_size"]
+        sot, eot = clip_vocab - 2, clip_vocab - 1  # open_clip: start and end are the two largest ids
+        clip_input_ids = torch.zeros(batch_size, context, dtype=torch.long)
+        clip_input_ids[:, 0] = sot
+        clip_input_ids[:, 1 : 1 + content] = torch.randint(256, sot, (batch_size, content), generator=generator)
+        clip_input_ids[:, 1 + content] = eot
+        clip_token_spans = torch.zeros(batch_size, length, 2, dtype=torch.long)
+        positions = torch.arange(1, 1 + content)
+        clip_token_spans[:, first : first + content, 0] = positions
+        clip_token_spans[:, first : first + content, 1] = positions + 1
+        inputs.update(instruction_mask=instruction_mask, clip_input_ids=clip_input_ids, clip_token_spans=clip_token_spans)
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counting
+# ----------------------------------------------------------------------------------------------------------------
+def count_forward(model: torch.nn.Module, inputs: dict, weight_free: bool = True) -> tuple[dict[str, int], list[str], object]:
+    """FLOPs of `model(**inputs, use_cache=False)` per module, as `FlopCounterMode.get_flop_counts()` keys them
+    (`"Global"` is everything), summed over ops. `weight_free`: run under `WeightFreeMode` (meta weights).
+
+    Returns `(counts, substituted, outputs)`: `substituted` lists the ops `WeightFreeMode` ran on zeros, `outputs`
+    is what the forward returned (meta tensors for a weight-free count).
+    The fused CPU multi-head-attention fast path (opaque to FlopCounterMode) is turned off while counting.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    weight_free_mode = WeightFreeMode() if weight_free else None
+    try:
+        with torch.no_grad():
+            if weight_free_mode is not None:
+                weight_free_mode.__enter__()
+            try:
+                with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOP_FORMULAS) as counter:
+                    outputs = model(**inputs, use_cache=False)
+            finally:
+                if weight_free_mode is not None:
+                    weight_free_mode.__exit__(None, None, None)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    counts = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
+    return counts, (weight_free_mode.substituted if weight_free_mode is not None else []), outputs
+
+
+@dataclass
+class Breakdown:
+    """FLOPs of one forward by part (integers). `total = vit + llm + extra`.
+
+    vit: patch embedding and the vision layers up to the feature layer (what runs for patch features).
+    llm: decoder layers (every token they see, IVTP's pseudo-CLS row included), rotary tables, LM head, and the
+        multimodal projector (for IVTP also its one-row call on the visual CLS).
+    extra: everything else the forward runs: IVTP's scoring (attention probabilities and value norms computed beside
+        the layers, rollout), the CLIP image embedding of eq. 6 (last vision layer's CLS row, CLIP's visual projection)
+        and the CLIP text tower.
+    clip_text_tower: the part of `extra` run inside the CLIP text tower's modules (its final projection, a bare
+        parameter matmul, is in `extra` only: 2 * context * width * embed_dim FLOPs).
+    not_counted: run by the forward but outside the convention: the vision layers after the feature layer, which the
+        stock forward runs and discards (for IVTP such layers only run for the CLIP image embedding: extra).
+    """
+
+    text_tokens: int
+    vit: int
+    llm: int
+    extra: int
+    total: int
+    clip_text_tower: int = 0
+    not_counted: int = 0
+    visual_tokens_into_llm: int = 0
+    visual_tokens_last_layer: int = 0
+    substituted_ops: list[str] = field(default_factory=list)
+
+
+def _module_names(model: torch.nn.Module) -> dict[int, str]:
+    root = type(model).__name__
+    return {id(module): (f"{root}.{name}" if name else root) for name, module in model.named_modules()}
+
+
+def part_breakdown(model: torch.nn.Module, counts: dict[str, int], text_tokens: int) -> Breakdown:
+    """Split `count_forward`'s per-module counts into ViT / LLM / extra (see `Breakdown`).
+
+    FlopCounterMode books an op under every module whose forward is running, so the parts sum modules that never
+    run inside each other: each vision and decoder layer's own forward, the LM head, the projector. Scoring calls a
+    layer's projections outside the layer's forward, so they land in no layer: they are in `extra`.
+    """
+    names = _module_names(model)
+    config = model.config
+    vision_tower = model.model.vision_tower
+    language_model = model.model.language_model
+    vision_layers = list(vision_tower.encoder.layers)
+    feature_layers = resolve_feature_layer_count(config.vision_feature_layer, len(vision_layers))
+
+    def total(modules) -> int:
+        return sum(counts.get(names[id(module)], 0) for module in modules if module is not None)
+
+    def executed(module) -> int:
+        """Ops run inside `module`'s forward, or else inside its children's (IVTP calls the CLIP tower's parts)."""
+        if module is None:
+            return 0
+        if names[id(module)] in counts:
+            return counts[names[id(module)]]
+        return sum(executed(child) for child in module.children())
+
+    vit = total([vision_tower.embeddings, getattr(vision_tower, "pre_layrnorm", None), *vision_layers[:feature_layers]])
+    after_feature_layer = total(vision_layers[feature_layers:])
+    llm = total([*language_model.layers, getattr(language_model, "rotary_emb", None), model.lm_head, model.model.multi_modal_projector])
+    clip_text = executed(getattr(model, "clip_text_model", None))
+    everything = counts.get("Global", 0)
+    is_ivtp = isinstance(model, LlavaIvtpForConditionalGeneration) and config.pruning_enabled
+    not_counted = 0 if is_ivtp else after_feature_layer
+    extra = everything - vit - llm - not_counted
+    return Breakdown(
+        text_tokens=text_tokens, vit=vit, llm=llm, extra=extra, total=vit + llm + extra, clip_text_tower=clip_text,
+        not_counted=not_counted, visual_tokens_into_llm=visual_tokens_into_llm(config),
+        visual_tokens_last_layer=final_visual_tokens(config),
+    )
+
+
+def measure(
+    config,
+    text_tokens: int,
+    prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
+    batch_size: int = 1,
+    model: torch.nn.Module | None = None,
+) -> Breakdown:
+    """Count one weight-free forward of `config`'s model class over `example_inputs` and split it by part."""
+    model = model if model is not None else build_weight_free(config)
+    inputs = example_inputs(model.config, text_tokens, prefix_tokens, batch_size, device=META)
+    counts, substituted, _ = count_forward(model, inputs, weight_free=True)
+    breakdown = part_breakdown(model, counts, text_tokens)
+    breakdown.substituted_ops = sorted(set(substituted))
+    return breakdown
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_preset(preset: str | None, model_size: str | None) -> Path:
+    if preset is not None:
+        path = Path(preset)
+    else:
+        path = PRESET_DIR / MODEL_SIZES[model_size or "7b"]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"IvtpConfig preset {str(path)!r} not found. Pass `--preset PATH` (a JSON such as the repository's "
+            "configuration/llava-1.5-7b-ivtp.json)."
+        )
+    return path
+
+
+def flops_report(
+    preset: IvtpConfig,
+    text_tokens=DEFAULT_TEXT_TOKENS,
+    topk_vision: list[int] | None = None,
+    topk_tokens: int | None = None,
+    prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
+    batch_size: int = 1,
+    clip_model: str = DEFAULT_CLIP_MODEL,
+    preset_name: str = "",
+) -> dict:
+    """Counted FLOPs of stock LLaVA, TopK and IVTP (`preset`) at each text length, as a JSON-ready dict."""
+    if preset._attn_implementation is None:
+        preset._attn_implementation = "sdpa"
+    guided, clip_note = ivtp_config(preset, clip_model)
+    topk = topk_config(preset, topk_vision, topk_tokens)
+    rows = [
+        ("stock", "LLaVA-1.5 (stock)", stock_llava_config(preset), None),
+        ("topk", f"TopK (vision only, to {topk.schedule['vision'][-1]})", topk, topk.schedule),
+        ("ivtp", "IVTP (preset)", guided, guided.schedule),
+    ]
+    text = preset.text_config
+    report = {
+        "preset": preset_name,
+        "unit": "TFLOPs (1e12 FLOPs, 2 FLOPs per multiply-add)",
+        "batch_size": batch_size,
+        "prefix_tokens": prefix_tokens,
+        "image_tokens": preset.num_patches,
+        "model": {
+            "vision_layers_run": resolve_feature_layer_count(preset.vision_feature_layer, preset.vision_config.num_hidden_layers),
+            "vision_layers": preset.vision_config.num_hidden_layers,
+            "vision_hidden_size": preset.vision_config.hidden_size,
+            "llm_layers": text.num_hidden_layers,
+            "llm_hidden_size": text.hidden_size,
+            "llm_intermediate_size": text.intermediate_size,
+            "vocab_size": text.vocab_size,
+        },
+        "clip_text_tokens": clip_context_length(guided),
+        "clip_text_model_name": None if guided.clip_text_encoder is None else guided.clip_text_encoder["model_name"],
+        "clip_text_note": clip_note,
+        "rows": [],
+    }
+    stock_totals = {}
+    for key, label, config, schedule in rows:
+        model = build_weight_free(config)
+        results = []
+        for length in text_tokens:
+            breakdown = measure(config, length, prefix_tokens, batch_size, model=model)
+            values = asdict(breakdown)
+            values["scoring"] = values["extra"] - values["clip_text_tower"]
+            parts = ("vit", "llm", "extra", "total", "clip_text_tower", "scoring", "not_counted")
+            tflops = {part: values[part] / 1e12 for part in parts}
+            if key == "stock":
+                stock_totals[length] = breakdown.total
+            result = {
+                "text_tokens": length,
+                "tflops": tflops,
+                "flops": {part: values[part] for part in parts},
+                "visual_tokens_into_llm": breakdown.visual_tokens_into_llm,
+                "visual_tokens_last_layer": breakdown.visual_tokens_last_layer,
+                "ratio_to_stock": breakdown.total / stock_totals[length],
+                "weight_free_substitutions": breakdown.substituted_ops,
+            }
+            results.append(result)
+        report["rows"].append({"key": key, "label": label, "model_class": type(model).__name__, "schedule": schedule, "results": results})
+    return report
+
+
+CONVENTION = (
+    "one prefill forward (use_cache=False), batch {batch}, one image ({patches} patch tokens) and N text tokens (every "
+    "non-image prompt token: {prefix} before the image incl. BOS, the rest after it); 2 FLOPs per multiply-add; "
+    "matmuls, linears, convolutions and attention products over the full T x T (no causal discount); LM head over every "
+    "token that reaches it; ViT = patch embedding + vision layers up to the feature layer ({vit_layers} of "
+    "{all_layers}); LLM = decoder layers + LM head + multimodal projector; extra = IVTP's scoring and rollout, the CLIP "
+    "image embedding of eq. 6 and the CLIP text tower."
+)
+
+
+def _format_tflops(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}f}"
+
+
+def render_markdown(report: dict, breakdown_at: int) -> str:
+    lengths = [result["text_tokens"] for result in report["rows"][0]["results"]]
+    lines = [f"# FLOPs of LLaVA-1.5 with and without token pruning ({Path(report['preset']).name or 'preset'})", ""]
+    model = report["model"]
+    lines.append(
+        f"Counted by `torch.utils.flop_counter.FlopCounterMode` on the model classes' real forward, weight-free (meta "
+        f"device). LLM: {model['llm_layers']} layers x {model['llm_hidden_size']}; ViT: {model['vision_layers_run']} of "
+        f"{model['vision_layers']} layers x {model['vision_hidden_size']}. TFLOPs."
+    )
+    lines.append("")
+    lines.append("## Total TFLOPs vs text tokens (paper Table 3)")
+    lines.append("")
+    lines.append("| method | " + " | ".join(str(length) for length in lengths) + " |")
+    lines.append("|---|" + "---|" * len(lengths))
+    for row in report["rows"]:
+        cells = []
+        for result in row["results"]:
+            cell = _format_tflops(result["tflops"]["total"], 2)
+            if row["key"] != "stock":
+                cell += f" ({100 * (result['ratio_to_stock'] - 1):+.1f}%)"
+            cells.append(cell)
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    at = breakdown_at if breakdown_at in lengths else lengths[0]
+    lines.append(f"## TFLOPs by part at {at} text tokens (paper Table 9)")
+    lines.append("")
+    lines.append("| method | visual tokens in LLM | ViT | LLM | extra | total | vs stock |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for row in report["rows"]:
+        result = next(result for result in row["results"] if result["text_tokens"] == at)
+        tflops = result["tflops"]
+        extra = _format_tflops(tflops["extra"]) if tflops["extra"] else "-"
+        change = "" if row["key"] == "stock" else f"{100 * (result['ratio_to_stock'] - 1):+.1f}%"
+        tokens = str(result["visual_tokens_into_llm"])
+        if result["visual_tokens_last_layer"] != result["visual_tokens_into_llm"]:
+            tokens += f" -> {result['visual_tokens_last_layer']}"
+        lines.append(
+            f"| {row['label']} | {tokens} | {_format_tflops(tflops['vit'])} | "
+            f"{_format_tflops(tflops['llm'])} | {extra} | {_format_tflops(tflops['total'])} | {change} |"
+        )
+    lines.append("")
+    stock = report["rows"][0]["results"][lengths.index(at)]["tflops"]
+    ivtp = next(row for row in report["rows"] if row["key"] == "ivtp")
+    ivtp_at = ivtp["results"][lengths.index(at)]["tflops"]
+    notes = [
+        "Convention: " + CONVENTION.format(
+            batch=report["batch_size"], patches=report["image_tokens"], prefix=report["prefix_tokens"],
+            vit_layers=model["vision_layers_run"], all_layers=model["vision_layers"],
+        ),
+        f"Not counted: the stock forward also runs the vision layers after the feature layer and discards them "
+        f"({_format_tflops(stock['not_counted'], 4)} TFLOPs at {at} text tokens).",
+    ]
+    for row in report["rows"][1:]:
+        schedule = row["schedule"]
+        if schedule is None:
+            notes.append(f"{row['label']}: the preset's schedule is null (pruning off: stock Llava's computation).")
+        else:
+            notes.append(f"{row['label']} schedule: vision {schedule['vision'] or 'none'}, LLM {schedule['llm'] or 'none'}.")
+    if report["clip_text_tokens"] is not None:
+        clip = (
+            f"CLIP text tower ({report['clip_text_model_name']}) runs over its whole context of {report['clip_text_tokens']} "
+            "tokens whatever the instruction's length (LlavaIvtpProcessor pads `clip_input_ids` to it; longer "
+            f"instructions are cut). IVTP's extra at {at} text tokens: CLIP text tower "
+            f"{_format_tflops(ivtp_at['clip_text_tower'], 4)} + scoring, rollout and CLIP image embedding "
+            f"{_format_tflops(ivtp_at['scoring'], 4)} TFLOPs."
+        )
+        if report["clip_text_note"]:
+            clip += f" Note: {report['clip_text_note']}."
+        notes.append(clip)
+    lines += [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    paragraphs = [
+        "FLOPs of stock LLaVA-1.5 (transformers LlavaForConditionalGeneration), vision-only TopK pruning and IVTP, "
+        "counted by torch's FlopCounterMode on the real forward of each model class, built weight-free on the meta "
+        "device (LLaVA-1.5-7B/13B shapes count in seconds on a CPU). Prints the analogues of the paper's Table 3 "
+        "(total vs text length) and Table 9 (ViT / LLM / extra).",
+        "Convention (the paper's): " + CONVENTION.format(
+            batch="B (--batch-size)", patches=576, prefix="--prefix-tokens", vit_layers=23, all_layers="24 for LLaVA-1.5"
+        ),
+        "Instruction length for 'extra': the CLIP text tower always runs over its whole context (77 tokens for "
+        "ViT-L-14-336), as LlavaIvtpProcessor pads clip_input_ids to it, so its cost does not depend on the "
+        "instruction's length. On the LLM side the instruction is every text token after the image.",
+    ]
+    parser.description = "\n\n".join(textwrap.fill(paragraph, width=100) for paragraph in paragraphs)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="IvtpConfig JSON for the IVTP row (default: configuration/llava-1.5-7b-ivtp.json)")
+    source.add_argument(
+        "--model-size", choices=sorted(MODEL_SIZES), help="use the repository's LLaVA-1.5 preset of this size (7b or 13b)"
+    )
+    parser.add_argument(
+        "--text-tokens", type=int, nargs="+", default=list(DEFAULT_TEXT_TOKENS), metavar="N",
+        help="text lengths (non-image tokens of the prompt), default: 128 256 512 1024 (paper Table 3)",
+    )
+    parser.add_argument(
+        "--breakdown-at", type=int, default=None, metavar="N",
+        help="text length of the per-part table, one of --text-tokens (default: 512, the paper's Table 9 setting, "
+        "if listed, else the first)",
+    )
+    parser.add_argument(
+        "--topk-vision", type=lambda text: [int(value) for value in text.split(",")], default=None, metavar="K1,...,KG",
+        help="the TopK row's vision schedule, one count per vision group (default: geometric decay from the patches "
+        "to --topk-tokens, multiples of 8); TopK prunes in the vision tower only",
+    )
+    parser.add_argument(
+        "--topk-tokens", type=int, default=None, metavar="N",
+        help="visual tokens TopK keeps (default: as many as the preset keeps in the end, 64 for LLaVA-1.5's presets)",
+    )
+    parser.add_argument(
+        "--prefix-tokens", type=int, default=DEFAULT_PREFIX_TOKENS, metavar="N",
+        help="text tokens before the image, BOS included (default 5: '<s> USER:'); the rest follow it",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per forward (paper: 1)")
+    parser.add_argument(
+        "--clip-model", default=DEFAULT_CLIP_MODEL,
+        help="open_clip architecture of the CLIP text tower when the preset has none (default ViT-L-14-336)",
+    )
+    parser.add_argument("--format", choices=("md", "json"), default="md", help="markdown tables (default) or JSON")
+
+
+def run(args) -> int:
+    try:
+        path = resolve_preset(args.preset, args.model_size)
+    except FileNotFoundError as error:
+        print(f"llava-ivtp flops: {error}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1 or min(args.text_tokens) < 2:
+        print("llava-ivtp flops: --batch-size must be >= 1 and every --text-tokens >= 2", file=sys.stderr)
+        return 2
+    if args.breakdown_at is None:
+        args.breakdown_at = BREAKDOWN_TEXT_TOKENS if BREAKDOWN_TEXT_TOKENS in args.text_tokens else args.text_tokens[0]
+    if args.breakdown_at not in args.text_tokens:
+        print(f"llava-ivtp flops: --breakdown-at {args.breakdown_at} is not one of --text-tokens {args.text_tokens}", file=sys.stderr)
+        return 2
+    preset = IvtpConfig.from_json_file(path)
+    preset._attn_implementation = "sdpa"
+    try:
+        report = flops_report(
+            preset, args.text_tokens, args.topk_vision, args.topk_tokens, args.prefix_tokens, args.batch_size, args.clip_model,
+            preset_name=str(path),
+        )
+    except ValueError as error:
+        print(f"llava-ivtp flops: {error}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_markdown(report, args.breakdown_at), end="")
+    return 0
+
+
+__all__ = [
+    "Breakdown",
+    "WeightFreeMode",
+    "add_arguments",
+    "build_weight_free",
+    "count_forward",
+    "example_inputs",
+    "flops_report",
+    "final_visual_tokens",
+    "geometric_vision_schedule",
+    "measure",
+    "part_breakdown",
+    "run",
+    "visual_tokens_into_llm",
+]

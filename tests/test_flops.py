@@ -1,0 +1,222 @@
+"""`llava-ivtp flops`: FLOPs counted on the real forward, pinned to the paper (Tables 1, 2, 3, 9).
+
+The paper's figures are checked against `measure()`, the weight-free count the CLI prints. That count runs the model
+classes' own forward on meta weights; the first tests check, on small models with random weights, that it books
+exactly the same FLOPs (module by module) as FlopCounterMode around a real CPU forward.
+"""
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
+from modeling_llava_ivtp.analytic_flops import llava_flops
+from modeling_llava_ivtp.cli import main
+from modeling_llava_ivtp.flops_ivtp import (
+    WeightFreeMode,
+    build_weight_free,
+    count_forward,
+    example_inputs,
+    geometric_vision_schedule,
+    ivtp_config,
+    measure,
+    part_breakdown,
+    stock_llava_config,
+    topk_config,
+    visual_tokens_into_llm,
+)
+from tiny_models import TINY_CLIP_TEXT, stock_twin, tiny_config_dict, tiny_model
+
+
+PRESETS = Path(__file__).resolve().parent.parent / "configuration"
+TERA = 1e12
+
+
+def relative_error(measured: float, expected: float) -> float:
+    return abs(measured - expected) / expected
+
+
+@functools.lru_cache(maxsize=None)
+def preset(size: str) -> IvtpConfig:
+    config = IvtpConfig.from_json_file(PRESETS / f"llava-1.5-{size}-ivtp.json")
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def counted(size: str, row: str, text_tokens: int):
+    """The weight-free count of one row of `llava-ivtp flops` (same functions the CLI calls)."""
+    config = {
+        "stock": lambda: stock_llava_config(preset(size)),
+        "topk": lambda: topk_config(preset(size)),
+        "ivtp": lambda: ivtp_config(preset(size))[0],
+    }[row]()
+    return measure(config, text_tokens)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The weight-free count is the real forward's count
+# ------------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _tiny_rows():
+    ivtp = tiny_model(clip_text_encoder=TINY_CLIP_TEXT)
+    topk = tiny_model(schedule={"vision": [24, 16, 8], "llm": []})
+    return {"stock": stock_twin(ivtp), "topk": topk, "ivtp": ivtp}
+
+
+@pytest.mark.parametrize("row", ["stock", "topk", "ivtp"])
+def test_weight_free_count_equals_the_real_forward_count(row):
+    """Same FLOPs, module by module and op by op, as FlopCounterMode around a real CPU forward with random weights."""
+    real = _tiny_rows()[row]
+    inputs = example_inputs(real.config, text_tokens=14, prefix_tokens=3, seed=1)
+    real_counts, substituted, real_output = count_forward(real, inputs, weight_free=False)
+    assert substituted == []
+
+    meta = build_weight_free(real.config)
+    assert all(parameter.device.type == "meta" for parameter in meta.parameters())
+    meta_inputs = dict(inputs, pixel_values=inputs["pixel_values"].to("meta"))
+    meta_counts, substituted, meta_output = count_forward(meta, meta_inputs, weight_free=True)
+    assert meta_counts == real_counts
+    assert meta_output.logits.device.type == "meta" and meta_output.logits.shape == real_output.logits.shape
+    # Only the choice of kept tokens, and IVTP's relevance copied to the CPU (a value, no shape), ran on zeros.
+    assert set(substituted) <= {"aten.sort.stable", "aten._to_copy.default"}
+
+    real_parts = part_breakdown(real, real_counts, 14)
+    meta_parts = part_breakdown(meta, meta_counts, 14)
+    assert real_parts == meta_parts
+    assert meta_parts.total == real_counts["Global"] - meta_parts.not_counted
+    if row == "stock":
+        assert meta_parts.extra == 0 and meta_parts.not_counted > 0  # the 7th vision layer runs, unused
+    else:
+        assert meta_parts.not_counted == 0 and meta_parts.extra > 0
+        assert tuple(real_output.vision_token_counts) == tuple(real.config.schedule["vision"])
+    if row == "ivtp":
+        assert 0 < meta_parts.clip_text_tower < meta_parts.extra
+        assert tuple(real_output.llm_token_counts) == tuple(real.config.schedule["llm"])
+
+
+def test_parts_follow_the_token_counts():
+    """More kept tokens cost more in the part that sees them; pruning off costs what stock Llava costs."""
+    config = IvtpConfig(**tiny_config_dict(schedule=None))
+    config._attn_implementation = "sdpa"
+    unpruned = measure(config, 20, prefix_tokens=3)
+    stock = measure(stock_llava_config(config), 20, prefix_tokens=3)
+    assert (unpruned.vit, unpruned.llm, unpruned.extra, unpruned.total) == (stock.vit, stock.llm, 0, stock.total)
+    small = measure(topk_config(IvtpConfig(**tiny_config_dict()), [24, 16, 4]), 20, prefix_tokens=3)
+    large = measure(topk_config(IvtpConfig(**tiny_config_dict()), [24, 16, 12]), 20, prefix_tokens=3)
+    assert small.vit == large.vit  # the last group's count acts after the last vision layer
+    assert small.llm < large.llm < stock.llm
+
+
+def test_weight_free_mode_refuses_weight_dependent_values():
+    weight = torch.empty(4, 4, device="meta")
+    with WeightFreeMode(), pytest.raises(RuntimeError, match="depends on the weights"):
+        (torch.ones(4) @ weight).sum().item()
+
+
+def test_topk_default_schedule_is_geometric_to_64():
+    schedule = geometric_vision_schedule(preset("7b"))
+    assert schedule == [440, 336, 256, 192, 144, 112, 88, 64]
+    assert topk_config(preset("7b")).schedule == {"vision": schedule, "llm": []}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pinned to the paper
+# ------------------------------------------------------------------------------------------------------------------
+def test_stock_7b_at_512_text_tokens_is_table_9():
+    """Table 9 (and Table 1): LLaVA-1.5-7B, batch 1, 512 text tokens: ViT 0.361 + LLM 15.003 = 15.364 TFLOPs."""
+    stock = counted("7b", "stock", 512)
+    assert relative_error(stock.total / TERA, 15.364) < 0.01, stock
+    assert relative_error(stock.vit / TERA, 0.361) < 0.02, stock
+    assert relative_error(stock.llm / TERA, 15.003) < 0.02, stock
+    assert stock.extra == 0 and stock.visual_tokens_into_llm == 576
+
+
+@pytest.mark.parametrize("text_tokens, paper", [(128, 9.9), (256, 11.7), (512, 15.4), (1024, 22.9)])
+def test_stock_7b_follows_table_3(text_tokens, paper):
+    assert relative_error(counted("7b", "stock", text_tokens).total / TERA, paper) < 0.01
+
+
+def test_stock_13b_at_512_text_tokens_is_table_2():
+    """Table 2: LLaVA-1.5-13B, batch 1, 512 text tokens: 29.4 TFLOPs."""
+    assert relative_error(counted("13b", "stock", 512).total / TERA, 29.4) < 0.01
+
+
+def test_7b_preset_ivtp_is_table_9():
+    """Table 9: IVTP 8.228 TFLOPs (-46.8%) at 512 text tokens; the count includes the CLIP text tower and scoring."""
+    stock, ivtp = counted("7b", "stock", 512), counted("7b", "ivtp", 512)
+    assert relative_error(ivtp.total / TERA, 8.228) < 0.05, ivtp
+    assert ivtp.total < 0.54 * stock.total
+    assert ivtp.vit < stock.vit and ivtp.llm < stock.llm
+    assert ivtp.clip_text_tower > 0 and ivtp.extra > ivtp.clip_text_tower
+    assert ivtp.visual_tokens_into_llm == preset("7b").schedule["vision"][-1]
+
+
+def test_stock_count_is_the_analytic_convention():
+    """The analytic formulas of `analytic_flops` (used to pick the presets) are what the stock forward runs: same
+    ViT; the LLM differs by the projector and the rotary tables, which the formulas leave out."""
+    unpruned = IvtpConfig.from_dict({**preset("7b").to_dict(), "schedule": None})
+    stock, analytic = counted("7b", "stock", 512), llava_flops(unpruned, 512)
+    assert stock.vit == analytic["vit"]
+    text, vision = preset("7b").text_config, preset("7b").vision_config
+    projector = 2 * 576 * (vision.hidden_size * text.hidden_size + text.hidden_size * text.hidden_size)
+    assert 0 <= stock.llm - analytic["llm"] - projector < 1e-6 * stock.llm  # rotary: 2 * 64 * 1088 per call
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The command line
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_preset(tmp_path):
+    path = tmp_path / "tiny-ivtp.json"
+    IvtpConfig(**tiny_config_dict(clip_text_encoder=TINY_CLIP_TEXT)).to_json_file(path)
+    return path
+
+
+def test_cli_markdown_prints_tables_3_and_9(tiny_preset, capsys):
+    assert main(["flops", "--preset", str(tiny_preset), "--text-tokens", "8", "16", "--breakdown-at", "16"]) == 0
+    output = capsys.readouterr().out
+    assert "(paper Table 3)" in output and "at 16 text tokens (paper Table 9)" in output
+    assert "| method | 8 | 16 |" in output
+    assert "| method | visual tokens in LLM | ViT | LLM | extra | total | vs stock |" in output
+    for label in ("| LLaVA-1.5 (stock) |", "| TopK (vision only, to 5) |", "| IVTP (preset) |"):
+        assert output.count(label) == 2, label
+    assert "runs over its whole context of 77 tokens" in output
+
+
+def test_cli_json_is_the_measured_counts(tiny_preset, capsys):
+    args = ["flops", "--preset", str(tiny_preset), "--text-tokens", "10", "20", "--format", "json",
+            "--topk-vision", "24,16,6", "--prefix-tokens", "2"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["key"] for row in report["rows"]] == ["stock", "topk", "ivtp"]
+    assert report["rows"][1]["schedule"] == {"vision": [24, 16, 6], "llm": []}
+    assert report["clip_text_tokens"] == 77 and report["prefix_tokens"] == 2
+    config = IvtpConfig.from_json_file(tiny_preset)
+    config._attn_implementation = "sdpa"
+    for row, rebuilt in zip(report["rows"], [stock_llava_config(config), topk_config(config, [24, 16, 6]), config]):
+        assert [result["text_tokens"] for result in row["results"]] == [10, 20]
+        for result in row["results"]:
+            flops = result["flops"]
+            assert flops["vit"] + flops["llm"] + flops["extra"] == flops["total"]
+            assert result["tflops"]["total"] == flops["total"] / 1e12
+            assert result["visual_tokens_into_llm"] == visual_tokens_into_llm(rebuilt)
+    expected = measure(config, 20, prefix_tokens=2)  # what the CLI printed is the count of the forward
+    assert report["rows"][2]["results"][1]["flops"]["total"] == expected.total
+    assert report["rows"][2]["results"][1]["flops"]["clip_text_tower"] == expected.clip_text_tower > 0
+    assert report["rows"][0]["results"][0]["ratio_to_stock"] == 1.0
+    assert report["rows"][2]["results"][0]["ratio_to_stock"] < report["rows"][0]["results"][0]["ratio_to_stock"]
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["flops", "--preset", str(tmp_path / "missing.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["flops", "--text-tokens", "128", "--breakdown-at", "512"]) == 2
+    assert "--breakdown-at" in capsys.readouterr().err
+    assert main(["flops", "--text-tokens", "300", "--topk-vision", "500,400"]) == 2
+    assert "one entry per vision group" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["flops", "--preset", "x.json", "--model-size", "7b"])
