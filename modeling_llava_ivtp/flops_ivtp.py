@@ -37,14 +37,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from llava_ivtp_presets import PRESETS, preset_path
+
 from .configuration_llava_ivtp import IvtpConfig, resolve_feature_layer_count
 from .modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
 
 
 aten = torch.ops.aten
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configuration"
-MODEL_SIZES = {"7b": "llava-1.5-7b-ivtp.json", "13b": "llava-1.5-13b-ivtp.json"}
 DEFAULT_TEXT_TOKENS = (128, 256, 512, 1024)
 BREAKDOWN_TEXT_TOKENS = 512  # the paper's Table 1, 2 and 9 setting
 DEFAULT_PREFIX_TOKENS = 5  # BOS + "USER:" of LLaVA-1.5's prompt format, before the image
@@ -413,7 +413,7 @@ def resolve_preset(preset: str | None, model_size: str | None) -> Path:
     if preset is not None:
         path = Path(preset)
     else:
-        path = PRESET_DIR / MODEL_SIZES[model_size or "7b"]
+        path = preset_path(model_size or "7b")
     if not path.is_file():
         raise FileNotFoundError(
             f"IvtpConfig preset {str(path)!r} not found. Pass `--preset PATH` (a JSON such as the repository's "
@@ -594,7 +594,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", help="IvtpConfig JSON for the IVTP row (default: configuration/llava-1.5-7b-ivtp.json)")
     source.add_argument(
-        "--model-size", choices=sorted(MODEL_SIZES), help="use the repository's LLaVA-1.5 preset of this size (7b or 13b)"
+        "--model-size", choices=sorted(PRESETS), help="use the installed LLaVA-1.5 preset of this size (7b or 13b)"
     )
     parser.add_argument(
         "--text-tokens", type=int, nargs="+", default=list(DEFAULT_TEXT_TOKENS), metavar="N",
