@@ -111,7 +111,7 @@ def test_markdown_table_has_a_row_per_variant_and_batch(bench_run):
         for name in VARIANTS:
             assert f"| {batch_size} | {VARIANT_TITLES[name]} |" in stdout
     assert "| batch | variant | prefill ms (median) |" in stdout
-    assert "prefill speed-up / FLOPs speed-up" in stdout
+    assert "prefill speed-up (medians) / FLOPs speed-up" in stdout
 
 
 def test_stock_and_ivtp_hold_the_same_llava_weights(tiny_json):
