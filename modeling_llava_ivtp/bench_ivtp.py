@@ -53,7 +53,6 @@ from pathlib import Path
 import torch
 
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configuration"
 VARIANTS = ("stock_sdpa", "ivtp_sdpa", "ivtp_eager")
 VARIANT_TITLES = {"stock_sdpa": "stock Llava (sdpa)", "ivtp_sdpa": "IVTP (sdpa)", "ivtp_eager": "IVTP (eager)"}
 IVTP_FIELDS = ("schedule", "group_size", "tau", "clip_text_encoder", "guidance")
@@ -62,6 +61,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Prompt layout: LLaVA-1.5's system prompt and "USER:" before the image (about 35 tokens), "ASSISTANT:" at the end.
 PREFIX_TOKENS = 35
 ANSWER_PROMPT_TOKENS = 5
+VISION_DIMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+TEXT_DIMS = VISION_DIMS + ("num_key_value_heads", "vocab_size")
 # Width divisor of the reduced shape: 7B's depths, token geometry and schedule, every width / 8, head dims kept.
 NARROW_DIVISOR = 8
 
@@ -73,8 +74,11 @@ class BenchError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------------------------
-def _read_preset(name: str) -> dict:
-    return json.loads((PRESET_DIR / name).read_text())
+def _read_preset(size: str) -> dict:
+    """The installed LLaVA-1.5 preset of `size` (the repository's configuration/, shipped as `llava_ivtp_presets`)."""
+    from llava_ivtp_presets import preset_path
+
+    return json.loads(preset_path(size).read_text())
 
 
 def _clip_spec_vit_l14_336() -> dict:
@@ -88,7 +92,7 @@ def _narrow_7b() -> dict:
     schedule (8 vision groups, 4 LLM groups of 3 layers, 64 tokens kept), every width divided by 8 with the head
     dimensions kept (vision 2 heads of 64, LLM 4 heads of 128), LLaMA's vocabulary; CLIP text tower (ViT-L-14-336's
     12 layers and 77 tokens) at width 96 and embedding 96."""
-    config = _read_preset("llava-1.5-7b-ivtp.json")
+    config = _read_preset("7b")
     vision, text = config["vision_config"], config["text_config"]
     d = NARROW_DIVISOR
     vision.update(
@@ -107,8 +111,10 @@ def _narrow_7b() -> dict:
 
 
 NAMED_CONFIGS = {
-    "7b": ("configuration/llava-1.5-7b-ivtp.json: LLaVA-1.5-7B, the paper's schedule", lambda: _read_preset("llava-1.5-7b-ivtp.json")),
-    "13b": ("configuration/llava-1.5-13b-ivtp.json: LLaVA-1.5-13B", lambda: _read_preset("llava-1.5-13b-ivtp.json")),
+    "7b": (
+        "configuration/llava-1.5-7b-ivtp.json: LLaVA-1.5-7B, the paper's schedule", lambda: _read_preset("7b")
+    ),
+    "13b": ("configuration/llava-1.5-13b-ivtp.json: LLaVA-1.5-13B", lambda: _read_preset("13b")),
     "7b-narrow": ("LLaVA-1.5-7B depths, 576 patches, the 7B schedule, widths / 8 (CPU)", _narrow_7b),
 }
 
@@ -145,7 +151,9 @@ def derive_schedule(schedule: dict, num_patches: int, kept: int) -> dict:
     if kept == base_final:
         return {stage: list(schedule[stage]) for stage in ("vision", "llm")}
     if base_final >= num_patches:
-        raise BenchError(f"--kept: the config's schedule keeps every patch ({base_final}); there is no reduction to scale.")
+        raise BenchError(
+            f"--kept: the config's schedule keeps every patch ({base_final}); there is no reduction to scale."
+        )
     share = math.log(kept / num_patches) / math.log(base_final / num_patches)
     quantum = max(1, (8 * num_patches) // 576)
     derived, previous = [], num_patches
@@ -244,7 +252,8 @@ def build_inputs(config, batch_size: int, text_tokens: int, device, dtype, seed:
     image = torch.full((batch_size, config.num_patches), image_token)
     input_ids = torch.cat([torch.full((batch_size, 1), bos), prefix, image, suffix], dim=1)
     image_size = config.vision_config.image_size
-    pixel_values = torch.randn(batch_size, config.vision_config.num_channels, image_size, image_size, generator=generator)
+    channels = config.vision_config.num_channels
+    pixel_values = torch.randn(batch_size, channels, image_size, image_size, generator=generator)
     common = {
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids).to(device),
@@ -259,7 +268,8 @@ def build_inputs(config, batch_size: int, text_tokens: int, device, dtype, seed:
         context, vocab = clip["text_cfg"]["context_length"], clip["text_cfg"]["vocab_size"]
         clip_ids = torch.zeros(batch_size, context, dtype=torch.long)
         clip_ids[:, 0] = vocab - 2  # start of text
-        clip_ids[:, 1 : 1 + layout.clip_tokens] = torch.randint(1, vocab - 2, (batch_size, layout.clip_tokens), generator=generator)
+        content = torch.randint(1, vocab - 2, (batch_size, layout.clip_tokens), generator=generator)
+        clip_ids[:, 1 : 1 + layout.clip_tokens] = content
         clip_ids[:, 1 + layout.clip_tokens] = vocab - 1  # end of text (the largest id)
         spans = torch.zeros(batch_size, sequence, 2, dtype=torch.long)
         offsets = torch.arange(layout.clip_tokens)
@@ -401,7 +411,12 @@ def top_ops(prof, device: torch.device, count: int) -> list[dict]:
     total = sum(getattr(event, key) for event in averages) or 1.0
     averages.sort(key=lambda event: getattr(event, key), reverse=True)
     return [
-        {"op": event.key, "self_ms": getattr(event, key) / 1000.0, "share": getattr(event, key) / total, "calls": event.count}
+        {
+            "op": event.key,
+            "self_ms": getattr(event, key) / 1000.0,
+            "share": getattr(event, key) / total,
+            "calls": event.count,
+        }
         for event in averages[:count]
     ]
 
@@ -473,9 +488,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="B")
-    parser.add_argument("--text-tokens", type=int, default=512, help="text tokens per prompt, BOS included (default 512)")
+    parser.add_argument(
+        "--text-tokens", type=int, default=512, help="text tokens per prompt, BOS included (default 512)"
+    )
     parser.add_argument("--kept", type=int, default=None,
-                        help="visual tokens kept at the end of the schedule (default: the config's, 64 for the presets)")
+                        help="visual tokens kept at the end of the schedule (default: the config's, 64 for the "
+                        "presets)")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per decode run")
     parser.add_argument("--repeats", type=int, default=5, help="timed prefills per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed prefills per variant first")
@@ -527,7 +545,8 @@ def _check_args(args, config_dict: dict) -> None:
     length = args.text_tokens + num_patches + args.new_tokens
     if length > config.text_config.max_position_embeddings:
         raise BenchError(
-            f"--text-tokens {args.text_tokens} + {num_patches} image tokens + --new-tokens {args.new_tokens} = {length} "
+            f"--text-tokens {args.text_tokens} + {num_patches} image tokens + --new-tokens {args.new_tokens} = "
+            f"{length} "
             f"exceeds the LLM's max_position_embeddings ({config.text_config.max_position_embeddings})."
         )
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
@@ -559,7 +578,8 @@ def _flops(config_dict: dict, text_tokens: int) -> dict:
 
     ivtp = llava_flops(IvtpConfig(**copy.deepcopy(config_dict)), text_tokens)
     stock = llava_flops(IvtpConfig(**dict(copy.deepcopy(config_dict), schedule=None)), text_tokens)
-    return {"stock": stock, "ivtp": ivtp, "ratio": ivtp["total"] / stock["total"], "speedup": stock["total"] / ivtp["total"]}
+    ratio = ivtp["total"] / stock["total"]
+    return {"stock": stock, "ivtp": ivtp, "ratio": ratio, "speedup": 1.0 / ratio}
 
 
 def _analytic_kv(config_dict: dict, text_tokens: int, batch_size: int, bytes_per_value: int) -> dict:
@@ -717,7 +737,8 @@ def markdown_table(report: dict) -> str:
         share = "-" if is_stock else f"{100 * result['pruning']['share']:.1f}%"
         lines.append(
             f"| {result['batch_size']} | {VARIANT_TITLES[result['variant']]} | {result['prefill_ms']['median']:,.1f} | "
-            f"{speedup:.2f}x | {result['decode']['tokens_per_s']:,.1f} | {_mib(peak)} (+ {_mib(result['weights_bytes'])}) | "
+            f"{speedup:.2f}x | {result['decode']['tokens_per_s']:,.1f} | "
+            f"{_mib(peak)} (+ {_mib(result['weights_bytes'])}) | "
             f"{_mib(result['kv_cache_bytes'])} | {100 * kv:.1f}% | {share} |"
         )
     lines.append("")
@@ -735,7 +756,8 @@ def markdown_table(report: dict) -> str:
     for row in report["comparisons"]:
         lines.append(
             f"| {row['batch_size']} | {VARIANT_TITLES[row['variant']]} | {row['prefill_speedup']:.2f}x / "
-            f"{row['flops_speedup']:.2f}x = {row['speedup_vs_flops']:.2f} | {'yes' if row['within_15pct_of_flops'] else 'no'} | "
+            f"{row['flops_speedup']:.2f}x = {row['speedup_vs_flops']:.2f} | "
+            f"{'yes' if row['within_15pct_of_flops'] else 'no'} | "
             f"{row['prefill_speedup_of_min']:.2f}x | "
             f"{row['decode_ratio']:.2f}x | {100 * row['kv_cache_reduction']:.1f}% | {100 * row['pruning_share']:.1f}% |"
         )
@@ -817,7 +839,8 @@ def draw_plot(report: dict, path: Path) -> None:
         axis.set_xticklabels([str(k) for k in kept])
         axis.legend()
         axis.grid(alpha=0.3)
-    figure.suptitle(f"{report['meta']['config']}, {report['meta']['text_tokens']} text tokens, {report['meta']['dtype']}")
+    meta = report["meta"]
+    figure.suptitle(f"{meta['config']}, {meta['text_tokens']} text tokens, {meta['dtype']}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -868,8 +891,8 @@ def _run(args, config_dict: dict, config_name: str) -> int:
         "peak_memory_method": PeakMemory.method(device),
         "prefill": "one forward, use_cache=True, logits for every token reaching the LM head",
         "dims": {
-            "vision": {k: getattr(config.vision_config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
-            "text": {k: getattr(config.text_config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")},
+            "vision": {key: getattr(config.vision_config, key) for key in VISION_DIMS},
+            "text": {key: getattr(config.text_config, key) for key in TEXT_DIMS},
         },
     }
     per_batch = len(VARIANTS) * (args.warmup + args.repeats + 2 + args.profile_runs)
@@ -887,7 +910,8 @@ def _run(args, config_dict: dict, config_name: str) -> int:
         report["comparisons"] = comparisons(results, flops)
         if args.plot is not None:
             report["sweep"] = sweep_kept(models, config_dict, args, device, dtype, bar)
-    print(f"llava-ivtp bench: {config_name}, {meta['dtype']}, {device.type} ({meta['device'].get('gpu', meta['device']['cpu'])}, "
+    hardware = meta["device"].get("gpu", meta["device"]["cpu"])
+    print(f"llava-ivtp bench: {config_name}, {meta['dtype']}, {device.type} ({hardware}, "
           f"{meta['device']['torch_threads']} threads), {args.text_tokens} text tokens + {config.num_patches} image "
           f"tokens, {meta['kept']} kept, prefill median of {args.repeats}, decode {args.new_tokens} tokens")
     print()
@@ -897,7 +921,10 @@ def _run(args, config_dict: dict, config_name: str) -> int:
     if "sweep" in report:
         print("\n| kept | IVTP TFLOPs | stock TFLOPs | IVTP prefill ms |\n|---|---|---|---|")
         for row in report["sweep"]:
-            print(f"| {row['kept']} | {row['ivtp_tflops']:.4f} | {row['stock_tflops']:.4f} | {row['ivtp_prefill_ms']:,.1f} |")
+            print(
+                f"| {row['kept']} | {row['ivtp_tflops']:.4f} | {row['stock_tflops']:.4f} | "
+                f"{row['ivtp_prefill_ms']:,.1f} |"
+            )
         draw_plot(report, args.plot)
         print(f"\nplot: {args.plot}")
     if args.json is not None:

@@ -1,4 +1,5 @@
-"""`llava-ivtp bench` on a tiny config: the CLI end to end, the figures it reports, its errors, the kept-token schedules.
+"""`llava-ivtp bench` on a tiny config: the CLI end to end, the figures it reports, its errors, the kept-token
+schedules.
 
 No timed assertions: speed is what the benchmark measures, not what the tests check.
 """
@@ -176,7 +177,8 @@ def test_plot_without_matplotlib_says_how_to_install_it(tiny_json, capsys, monke
 
 
 def test_plot_kept_out_of_range_names_the_flag(tiny_json, capsys, tmp_path):
-    rc, _, err = run_cli(["--config", str(tiny_json), "--plot", str(tmp_path / "p.png"), "--plot-kept", "4", "40"], capsys)
+    argv = ["--config", str(tiny_json), "--plot", str(tmp_path / "p.png"), "--plot-kept", "4", "40"]
+    rc, _, err = run_cli(argv, capsys)
     assert rc == 2 and "--plot-kept" in err
 
 
