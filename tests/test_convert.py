@@ -159,29 +159,30 @@ def test_converter_refuses_bad_arguments(sources, tmp_path, capsys, change, mess
     assert not (tmp_path / "out").exists()
 
 
+def copy_without(source: Path, folder: Path, name: str) -> Path:
+    shutil.copytree(source, folder)
+    (folder / name).unlink()
+    return folder
+
+
 def test_converter_refuses_missing_files_and_metadata(sources, tmp_path):
-    broken = tmp_path / "llava-no-weights"
-    shutil.copytree(sources["root"] / "llava-hf", broken)
-    (broken / "model.safetensors").unlink()
+    clip = f"local-dir:{sources['root'] / 'clip'}"
+    broken = copy_without(sources["root"] / "llava-hf", tmp_path / "llava-no-weights", "model.safetensors")
     with pytest.raises(ConversionError, match="not a llava-hf checkpoint folder, missing model.safetensors"):
-        convert(str(broken), f"local-dir:{sources['root'] / 'clip'}", sources["preset"], tmp_path / "a",
-                clip_tokenizer="ViT-L-14-336", base_model="a/b")
-    no_card = tmp_path / "llava-no-card"
-    shutil.copytree(sources["root"] / "llava-hf", no_card)
-    (no_card / "README.md").unlink()
+        convert(str(broken), clip, sources["preset"], tmp_path / "a", clip_tokenizer="ViT-L-14-336", base_model="a/b")
+    no_card = copy_without(sources["root"] / "llava-hf", tmp_path / "llava-no-card", "README.md")
     with pytest.raises(ConversionError, match="--license"):
-        convert(str(no_card), f"local-dir:{sources['root'] / 'clip'}", sources["preset"], tmp_path / "b",
-                clip_tokenizer="ViT-L-14-336", base_model="a/b")
+        convert(str(no_card), clip, sources["preset"], tmp_path / "b", clip_tokenizer="ViT-L-14-336", base_model="a/b")
     with pytest.raises(ConversionError, match="--base-model"):
-        convert(str(no_card), f"local-dir:{sources['root'] / 'clip'}", sources["preset"], tmp_path / "c",
+        convert(str(no_card), clip, sources["preset"], tmp_path / "c",
                 clip_tokenizer="ViT-L-14-336")
     with pytest.raises(ConversionError, match="--clip-tokenizer"):
-        convert(str(no_card), f"local-dir:{sources['root'] / 'clip'}", sources["preset"], tmp_path / "d")
+        convert(str(no_card), clip, sources["preset"], tmp_path / "d")
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("x")
     with pytest.raises(ConversionError, match="--out .*not empty"):
-        convert(str(no_card), f"local-dir:{sources['root'] / 'clip'}", sources["preset"], occupied)
+        convert(str(no_card), clip, sources["preset"], occupied)
 
 
 def test_push_to_hub_uploads_and_pins_the_card(converted, tmp_path):
