@@ -55,7 +55,6 @@ import torch
 
 VARIANTS = ("stock_sdpa", "ivtp_sdpa", "ivtp_eager")
 VARIANT_TITLES = {"stock_sdpa": "stock Llava (sdpa)", "ivtp_sdpa": "IVTP (sdpa)", "ivtp_eager": "IVTP (eager)"}
-IVTP_FIELDS = ("schedule", "group_size", "tau", "clip_text_encoder", "guidance")
 PLOT_KEPT_DEFAULT = (16, 32, 64, 128, 256, 512)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Prompt layout: LLaVA-1.5's system prompt and "USER:" before the image (about 35 tokens), "ASSISTANT:" at the end.
@@ -170,8 +169,9 @@ def derive_schedule(schedule: dict, num_patches: int, kept: int) -> dict:
 
 def stock_config_dict(config_dict: dict) -> dict:
     """The `LlavaConfig` fields of an IVTP config dict (IVTP's own fields and identity removed)."""
-    drop = set(IVTP_FIELDS) | {"model_type", "architectures", "auto_map"}
-    return {key: value for key, value in copy.deepcopy(config_dict).items() if key not in drop}
+    from .configuration_llava_ivtp import stock_llava_fields
+
+    return stock_llava_fields(copy.deepcopy(config_dict))
 
 
 # ----------------------------------------------------------------------------------------------------------------

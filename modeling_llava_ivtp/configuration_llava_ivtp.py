@@ -25,6 +25,16 @@ if not _MIN_TRANSFORMERS <= version.parse(transformers.__version__) < _MAX_TRANS
 
 SCHEDULE_STAGES = ("vision", "llm")
 # How the stage-2 pseudo-CLS is formed (paper Table 6, last row first: the paper's method is the default).
+# IvtpConfig's own fields on top of LlavaConfig's.
+IVTP_FIELDS = ("schedule", "group_size", "tau", "clip_text_encoder", "guidance")
+
+
+def stock_llava_fields(config_dict: dict) -> dict:
+    """The `LlavaConfig` fields of an `IvtpConfig` dict: IVTP's own fields and the class identity removed."""
+    drop = set(IVTP_FIELDS) | {"model_type", "architectures", "auto_map"}
+    return {key: value for key, value in config_dict.items() if key not in drop}
+
+
 GUIDANCE_MODES = ("clip_relevance", "embedding_relevance", "instruction_mean", "visual_cls")
 
 

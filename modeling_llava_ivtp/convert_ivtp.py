@@ -31,7 +31,7 @@ PRESET_FIELDS = {
     "text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"),
     None: ("image_token_index", "vision_feature_layer", "vision_feature_select_strategy"),
 }
-IVTP_FIELDS = ("group_size", "schedule", "tau", "guidance")
+PRESET_IVTP_FIELDS = ("group_size", "schedule", "tau", "guidance")  # IVTP_FIELDS but the CLIP, given by --clip
 # HF CLIP vision embeddings <-> open_clip `visual` parameters that show two vision towers are the same CLIP.
 VISION_EMBEDDINGS = (
     ("embeddings.class_embedding", "class_embedding"),
@@ -318,7 +318,7 @@ def convert(
     settings = llava_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         settings.pop(key, None)
-    settings.update({key: getattr(preset_config, key) for key in IVTP_FIELDS}, clip_text_encoder=spec)
+    settings.update({key: getattr(preset_config, key) for key in PRESET_IVTP_FIELDS}, clip_text_encoder=spec)
     config = IvtpConfig(**settings)
 
     model, info = LlavaIvtpForConditionalGeneration.from_pretrained(llava, config=config, dtype=DTYPES[dtype], output_loading_info=True)

@@ -39,7 +39,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava_ivtp_presets import PRESETS, preset_path
 
-from .configuration_llava_ivtp import IvtpConfig, resolve_feature_layer_count
+from .configuration_llava_ivtp import IvtpConfig, resolve_feature_layer_count, stock_llava_fields
 from .modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
 
 
@@ -49,7 +49,6 @@ DEFAULT_TEXT_TOKENS = (128, 256, 512, 1024)
 BREAKDOWN_TEXT_TOKENS = 512  # the paper's Table 1, 2 and 9 setting
 DEFAULT_PREFIX_TOKENS = 5  # BOS + "USER:" of LLaVA-1.5's prompt format, before the image
 DEFAULT_CLIP_MODEL = "ViT-L-14-336"  # LLaVA-1.5's vision tower is OpenAI CLIP ViT-L/14 at 336 px
-IVTP_FIELDS = ("schedule", "group_size", "tau", "clip_text_encoder", "guidance")
 
 # FlopCounterMode has no formula for the CPU flash kernel that `scaled_dot_product_attention` picks for real CPU
 # tensors (on meta tensors the same call decomposes into two counted `bmm`s); count it as torch's own sdpa formula.
@@ -138,10 +137,7 @@ class WeightFreeMode(TorchDispatchMode):
 # ----------------------------------------------------------------------------------------------------------------
 def stock_llava_config(config: IvtpConfig) -> LlavaConfig:
     """The stock `LlavaConfig` of the same architecture (IVTP's fields removed)."""
-    values = config.to_dict()
-    for key in (*IVTP_FIELDS, "model_type", "auto_map", "architectures"):
-        values.pop(key, None)
-    stock = LlavaConfig(**values)
+    stock = LlavaConfig(**stock_llava_fields(config.to_dict()))
     stock._attn_implementation = config._attn_implementation or "sdpa"
     return stock
 

@@ -9,6 +9,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
+from modeling_llava_ivtp.configuration_llava_ivtp import stock_llava_fields
 from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE
 
 
@@ -50,10 +51,7 @@ def tiny_model(schedule=TINY_SCHEDULE, group_size: int = 2, attn_implementation:
 
 def stock_twin(model: LlavaIvtpForConditionalGeneration, attn_implementation: str = "sdpa"):
     """A stock `LlavaForConditionalGeneration` with the same weights."""
-    config_dict = model.config.to_dict()
-    for key in ("schedule", "group_size", "tau", "clip_text_encoder", "guidance", "model_type", "auto_map", "architectures"):
-        config_dict.pop(key, None)
-    config = LlavaConfig(**config_dict)
+    config = LlavaConfig(**stock_llava_fields(model.config.to_dict()))
     config._attn_implementation = attn_implementation
     stock = LlavaForConditionalGeneration(config).eval()
     llava_weights = {k: v for k, v in model.state_dict().items() if not k.startswith("clip_")}  # IVTP's CLIP parts
