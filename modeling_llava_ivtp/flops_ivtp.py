@@ -286,9 +286,12 @@ def example_inputs(
 # ----------------------------------------------------------------------------------------------------------------
 # Counting
 # ----------------------------------------------------------------------------------------------------------------
-def count_forward(model: torch.nn.Module, inputs: dict, weight_free: bool = True) -> tuple[dict[str, int], list[str], object]:
-    """FLOPs of `model(**inputs, use_cache=False)` per module, as `FlopCounterMode.get_flop_counts()` keys them
-    (`"Global"` is everything), summed over ops. `weight_free`: run under `WeightFreeMode` (meta weights).
+def count_forward(
+    model: torch.nn.Module, inputs: dict, weight_free: bool = True, use_cache: bool = True
+) -> tuple[dict[str, int], list[str], object]:
+    """FLOPs of `model(**inputs, use_cache=use_cache)` per module, as `FlopCounterMode.get_flop_counts()` keys them
+    (`"Global"` is everything), summed over ops. `weight_free`: run under `WeightFreeMode` (meta weights). The
+    default counts the prefill `generate` runs (with a cache, from which stage-2 scoring reads keys and values).
 
     Returns `(counts, substituted, outputs)`: `substituted` lists the ops `WeightFreeMode` ran on zeros, `outputs`
     is what the forward returned (meta tensors for a weight-free count).
@@ -303,7 +306,7 @@ def count_forward(model: torch.nn.Module, inputs: dict, weight_free: bool = True
                 weight_free_mode.__enter__()
             try:
                 with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOP_FORMULAS) as counter:
-                    outputs = model(**inputs, use_cache=False)
+                    outputs = model(**inputs, use_cache=use_cache)
             finally:
                 if weight_free_mode is not None:
                     weight_free_mode.__exit__(None, None, None)
@@ -486,7 +489,7 @@ def flops_report(
 
 
 CONVENTION = (
-    "one prefill forward (use_cache=False), batch {batch}, one image ({patches} patch tokens) and N text tokens (every "
+    "one prefill forward (use_cache=True, as in generate), batch {batch}, one image ({patches} patch tokens) and N text tokens (every "
     "non-image prompt token: {prefix} before the image incl. BOS, the rest after it); 2 FLOPs per multiply-add; "
     "matmuls, linears, convolutions and attention products over the full T x T (no causal discount); LM head over every "
     "token that reaches it; ViT = patch embedding + vision layers up to the feature layer ({vit_layers} of "

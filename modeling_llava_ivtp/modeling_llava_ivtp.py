@@ -19,7 +19,12 @@ from transformers import LlavaForConditionalGeneration
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    and_masks,
+    causal_mask_function,
+    create_causal_mask,
+)
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.utils import logging
@@ -282,7 +287,9 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 f"`pixel_values` must be `(num_images, channels, height, width)`, got shape {tuple(pixel_values.shape)}."
             )
         attn_implementation = self.config.text_config._attn_implementation or ""
-        if self.config.schedule["llm"] and "flash" in attn_implementation:
+        if self.config.schedule["llm"] and (
+            "flash" in attn_implementation or attn_implementation not in ALL_MASK_ATTENTION_FUNCTIONS
+        ):
             raise ValueError(
                 f"IVTP stage 2 isolates its pseudo-CLS with a 4-D mask, which {attn_implementation!r} cannot take; "
                 "load the model with attn_implementation='sdpa' (or 'eager')."
@@ -770,15 +777,9 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             held = tokens.positions[:, :-1] if prunes else tokens.positions  # one record shared by the segment
             for layer_idx in range(first, last + 1):
                 layer = language_model.layers[layer_idx]
-                if scoring:
-                    with torch.no_grad(), record_function("ivtp/llm_scoring"):
-                        scored = self._llm_attention_block(layer, hidden_states, block, top=layer_idx == last)
-                    if layer_idx < last:
-                        lower_attentions.append(scored[0])
-                    else:
-                        top_row, value_norms = scored
                 if output_hidden_states:
                     all_hidden += (hidden_states[:, :-1] if prunes else hidden_states,)
+                layer_input = hidden_states
                 hidden_states = layer(
                     hidden_states,
                     attention_mask=mask,
@@ -788,6 +789,14 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                     position_embeddings=position_embeddings,
                     **kwargs,
                 )
+                if scoring:
+                    with torch.no_grad(), record_function("ivtp/llm_scoring"):
+                        cached = _layer_keys_values(cache, layer_idx, layer_input.shape[1])
+                        scored = self._llm_attention_block(layer, layer_input, block, layer_idx == last, cached)
+                    if layer_idx < last:
+                        lower_attentions.append(scored[0])
+                    else:
+                        top_row, value_norms = scored
                 if cache is not None:
                     if prunes:
                         cache.drop_last_token(layer_idx)  # IVTP: the pseudo-CLS never enters the KV cache
@@ -996,25 +1005,44 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         return model_inputs
 
     def _segment_mask(self, tokens: _TokenSet, cache, layer_idx: int, with_pseudo: bool):
-        """The 4-D mask of one segment: causal over the kept tokens (order is kept), padding, pseudo-CLS rules."""
-        and_mask_function = None
-        if with_pseudo:
-            pseudo_slot = tokens.hidden_states.shape[1] - 1
-            slots = torch.arange(pseudo_slot + 1, device=tokens.is_visual.device)
-            # Last visual slot of each sample; samples without an image let the pseudo-CLS see only itself.
-            visual_end = torch.where(tokens.is_visual, slots, -1).amax(dim=1)
+        """The 4-D mask of one segment: causal over the kept tokens (order is kept), padding, pseudo-CLS rules.
 
-            def and_mask_function(batch_idx, head_idx, q_idx, kv_idx):
-                return (q_idx != pseudo_slot) | (kv_idx <= visual_end[batch_idx]) | (kv_idx == pseudo_slot)
+        Segments with the pseudo-CLS build their mask through the attention implementation's registered mask
+        function with broadcasting (`use_vmap=False`): the pseudo-CLS rule is index-based, and `create_causal_mask`
+        would `vmap` it element by element (tens of milliseconds per segment at 633 tokens). The prefill's cache is
+        empty (`_check_prefill_cache`), so keys are the segment's tokens.
+        """
+        if not with_pseudo:
+            return create_causal_mask(
+                config=self.config.text_config,
+                inputs_embeds=tokens.hidden_states,
+                attention_mask=tokens.attention_mask,
+                past_key_values=cache,
+                position_ids=None,  # kept positions have gaps: they must not be read as packed sequences
+                layer_idx=layer_idx,
+            )
+        batch_size, num_slots = tokens.is_visual.shape
+        device = tokens.hidden_states.device
+        pseudo_slot = num_slots - 1
+        slots = torch.arange(num_slots, device=device)
+        # Last visual slot of each sample; samples without an image let the pseudo-CLS see only itself.
+        visual_end = torch.where(tokens.is_visual.to(device), slots, -1).amax(dim=1)
 
-        return create_causal_mask(
+        def pseudo_cls_rule(batch_idx, head_idx, q_idx, kv_idx):  # index-based: broadcasts over (b, h, q, kv)
+            return (q_idx != pseudo_slot) | (kv_idx <= visual_end[batch_idx]) | (kv_idx == pseudo_slot)
+
+        mask_function = ALL_MASK_ATTENTION_FUNCTIONS[self.config.text_config._attn_implementation]
+        return mask_function(
+            batch_size=batch_size,
+            q_length=num_slots,
+            kv_length=num_slots,
+            mask_function=and_masks(causal_mask_function, pseudo_cls_rule),
+            attention_mask=tokens.attention_mask.to(device=device, dtype=torch.bool),
+            allow_is_causal_skip=False,
+            dtype=tokens.hidden_states.dtype,
             config=self.config.text_config,
-            inputs_embeds=tokens.hidden_states,
-            attention_mask=tokens.attention_mask,
-            past_key_values=cache,
-            position_ids=None,  # kept positions have gaps: they must not be read as packed sequences
-            and_mask_function=and_mask_function,
-            layer_idx=layer_idx,
+            use_vmap=False,
+            device=device,
         )
 
     def _visual_block(self, tokens: _TokenSet, has_image: torch.Tensor) -> _VisualBlock:
@@ -1047,39 +1075,64 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         cos, sin = self.model.language_model.rotary_emb(tokens.hidden_states, position_ids=key_positions)
         return _VisualBlock(image_rows, visual_slots, key_slots, block_columns, allowed, cos, sin)
 
-    def _llm_attention_block(self, layer, hidden_states: torch.Tensor, block: _VisualBlock, top: bool):
+    def _llm_attention_block(
+        self, layer, hidden_states: torch.Tensor, block: _VisualBlock, top: bool, cached: tuple | None = None
+    ):
         """Attention probabilities of one decoder layer over the visual block and the pseudo-CLS row.
 
-        Queries and keys come from the layer's own `input_layernorm`, `q_proj`, `k_proj` and rotary embedding. Returns
-        the block restricted to `[visual tokens..., pseudo-CLS]` columns: a `(V + 1, V + 1)` matrix per image sample
-        for a lower layer; for the top layer the pseudo-CLS row only and the value norms of the visual tokens (eq. 4).
+        Keys (and the values of eq. 4) are the layer's own: `cached` holds what the layer just wrote to the cache,
+        `(batch, kv_heads, slots, head_dim)` after its rotary embedding. Without a cache (`use_cache=False`, gradient
+        checkpointing) they are computed again with the layer's `input_layernorm`, `k_proj`, `v_proj` and rotary
+        embedding. Queries are computed from the layer's input for the block rows only. Returns the block restricted
+        to `[visual tokens..., pseudo-CLS]` columns: a `(V + 1, V + 1)` matrix per image sample for a lower layer;
+        for the top layer the pseudo-CLS row only and the value norms of the visual tokens (eq. 4).
         """
         attention = layer.self_attn
         apply_rotary = self._rotary_function()
         query_columns = block.block_columns[:, -1:] if top else block.block_columns
         allowed = block.allowed[:, -1:] if top else block.allowed
-        key_hidden = layer.input_layernorm(hidden_states[block.image_rows][:, block.key_slots])
-        num_images = key_hidden.shape[0]
+        rows = block.image_rows.unsqueeze(-1)  # indexing (rows, slots) together copies only the rows needed
 
         def heads(states):
-            return states.view(num_images, states.shape[1], -1, attention.head_dim).transpose(1, 2)
+            return states.view(states.shape[0], states.shape[1], -1, attention.head_dim).transpose(1, 2)
 
-        def gather_rows(states, rows):
-            return states.gather(1, rows.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
+        def gather_rows(states, columns):
+            return states.gather(1, columns.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
 
-        keys = heads(attention.k_proj(key_hidden))
-        keys, _ = apply_rotary(keys, keys, block.cos, block.sin)
-        queries = heads(attention.q_proj(gather_rows(key_hidden, query_columns)))
+        if cached is None:
+            key_hidden = layer.input_layernorm(hidden_states[rows, block.key_slots])
+            keys = heads(attention.k_proj(key_hidden))
+            keys, _ = apply_rotary(keys, keys, block.cos, block.sin)
+            query_hidden = gather_rows(key_hidden, query_columns)
+        else:  # (images, keys, kv_heads, head_dim) -> (images, kv_heads, keys, head_dim)
+            keys = cached[0][rows, :, block.key_slots].transpose(1, 2)
+            query_hidden = layer.input_layernorm(hidden_states[rows, block.key_slots[query_columns]])
+        queries = heads(attention.q_proj(query_hidden))
         query_cos, query_sin = gather_rows(block.cos, query_columns), gather_rows(block.sin, query_columns)
         queries, _ = apply_rotary(queries, queries, query_cos, query_sin)
-        keys = keys.repeat_interleave(attention.num_key_value_groups, dim=1)
+        if attention.num_key_value_groups > 1:
+            keys = keys.repeat_interleave(attention.num_key_value_groups, dim=1)
         probabilities = attention_probabilities(queries, keys, attention.scaling, allowed)
         columns = block.block_columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1)
         restricted = probabilities.gather(2, columns)
         if not top:
             return (restricted,)
-        value_norms = attention.v_proj(gather_rows(key_hidden, block.visual_slots)).norm(dim=-1)
+        if cached is None:
+            value_norms = attention.v_proj(gather_rows(key_hidden, block.visual_slots)).float().norm(dim=-1)
+        else:  # the norm over every head of each visual token's value: (images, visual, kv_heads, head_dim)
+            value_norms = torch.linalg.vector_norm(cached[1][rows, :, block.visual_slots].float(), dim=(2, 3))
         return restricted[:, 0], value_norms
+
+
+def _layer_keys_values(cache, layer_idx: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The keys and values a decoder layer just wrote to the prefill's cache, if it wrote them (all `num_slots`)."""
+    if cache is None or layer_idx >= len(cache.layers):
+        return None
+    layer_cache = cache.layers[layer_idx]
+    keys = getattr(layer_cache, "keys", None)
+    if keys is None or keys.ndim != 4 or keys.shape[-2] != num_slots:
+        return None  # the layer ran without the cache (gradient checkpointing in training drops it)
+    return keys, layer_cache.values
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from tiny_models import (
     make_batch,
     make_pixels,
     make_prompt,
+    sharpen_attention,
     stock_twin,
     tiny_config_dict,
     tiny_model,
@@ -59,13 +60,18 @@ def test_keep_all_schedule_equals_stock_llava():
     assert torch.equal(ours.kept_positions, torch.arange(batch["input_ids"].shape[1]).expand(2, -1))
 
 
+@pytest.mark.parametrize("use_cache", [False, True], ids=["keys_recomputed", "keys_from_the_cache"])
 @pytest.mark.parametrize("name", list(SCHEDULES))
-def test_pruned_forward_equals_reference(name):
+def test_pruned_forward_equals_reference(name, use_cache):
+    """Stage-2 scoring reads the layer's own keys and values from the prefill's cache; without a cache it computes
+    them again from the layer's modules. Both must match the reference."""
     group_size, schedule = SCHEDULES[name]
-    model = tiny_model(schedule=schedule, group_size=group_size)
+    model = sharpen_attention(tiny_model(schedule=schedule, group_size=group_size))
     stock = stock_twin(model, "eager")
     batch = make_batch()
-    out = run(model, batch)
+    with torch.no_grad():
+        out = model(**batch, use_cache=use_cache)
+    assert isinstance(out.past_key_values, IvtpCache) == use_cache
     for row in range(2):
         valid = batch["attention_mask"][row].bool()
         offset = int((~valid).sum())
@@ -78,8 +84,41 @@ def test_pruned_forward_equals_reference(name):
         assert (out.logits[row][real] - reference["logits"]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_segment_mask_is_causal_padded_and_isolates_the_pseudo_cls(attn_implementation):
+    """The stage-2 segment mask, built by broadcasting, against the rule written out element by element: causal,
+    padding keys masked, the pseudo-CLS (last slot) sees the slots up to its sample's last visual token and itself,
+    and a sample without an image lets it see only itself."""
+    from modeling_llava_ivtp.modeling_llava_ivtp import _TokenSet
+
+    model = tiny_model(attn_implementation=attn_implementation)
+    batch_size, num_slots = 3, 9
+    is_visual = torch.zeros(batch_size, num_slots, dtype=torch.bool)
+    is_visual[0, 2:5] = True
+    is_visual[1, 1:3] = True  # sample 2 has no image
+    attention_mask = torch.ones(batch_size, num_slots, dtype=torch.bool)
+    attention_mask[1, 0] = False  # left padding
+    tokens = _TokenSet(
+        hidden_states=torch.zeros(batch_size, num_slots, 32), positions=None, position_ids=None,
+        attention_mask=attention_mask, is_visual=is_visual, patch_index=None,
+    )
+    mask = model._segment_mask(tokens, None, layer_idx=0, with_pseudo=True)
+    assert mask.shape == (batch_size, 1, num_slots, num_slots)
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    visual_end = [4, 2, -1]
+    for b in range(batch_size):
+        for q in range(num_slots):
+            for k in range(num_slots):
+                expected = k <= q and bool(attention_mask[b, k])
+                if q == num_slots - 1:
+                    expected = expected and (k <= visual_end[b] or k == q)
+                assert bool(allowed[b, 0, q, k]) == expected, (b, q, k)
+    if attn_implementation == "eager":
+        assert mask.dtype == torch.float32 and mask.min() == torch.finfo(torch.float32).min
+
+
 def test_sdpa_and_eager_keep_the_same_tokens():
-    sdpa = tiny_model(attn_implementation="sdpa")
+    sdpa = sharpen_attention(tiny_model(attn_implementation="sdpa"))
     eager = LlavaIvtpForConditionalGeneration(sdpa.config.__class__(**tiny_config_dict())).eval()
     eager.config._attn_implementation = "eager"
     eager.load_state_dict(sdpa.state_dict())
@@ -96,7 +135,7 @@ def test_sdpa_and_eager_keep_the_same_tokens():
 
 
 def test_sample_alone_equals_sample_in_padded_batch():
-    model = tiny_model()
+    model = sharpen_attention(tiny_model())
     batch = make_batch(lengths=((2, 5), (6, 12), (1, 3)))
     together = run(model, batch)
     for row in range(3):

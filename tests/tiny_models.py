@@ -49,6 +49,20 @@ def tiny_model(schedule=TINY_SCHEDULE, group_size: int = 2, attn_implementation:
     return LlavaIvtpForConditionalGeneration(config).eval()
 
 
+def sharpen_attention(model, factor: float = 10.0):
+    """Scale every query and key projection (vision tower, decoder, CLIP text tower) by `factor`, in place.
+
+    At the tiny models' random init (std 0.02) every attention is close to uniform, so rollout carries no
+    information and the scores reduce to value norms: a wrong key or query in the scoring would go unnoticed.
+    With sharper attention the kept tokens depend on the attention probabilities.
+    """
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.mul_(factor)
+    return model
+
+
 def stock_twin(model: LlavaIvtpForConditionalGeneration, attn_implementation: str = "sdpa"):
     """A stock `LlavaForConditionalGeneration` with the same weights."""
     config = LlavaConfig(**stock_llava_fields(model.config.to_dict()))
