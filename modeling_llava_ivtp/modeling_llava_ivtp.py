@@ -682,15 +682,14 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         for (first, last), num_keep in zip(groups, counts):
             lower_attentions = []
             for layer_idx in range(first, last + 1):
-                layer = layers[layer_idx]
-                with torch.no_grad(), record_function("ivtp/vision_scoring"):  # profiler label only
-                    if layer_idx < last:  # lower layers: the full attention matrix (rows: every token)
-                        lower_attentions.append(_clip_attention(layer, hidden_states))
-                    else:  # top layer: only the CLS row, and the value norms of eq. 4
-                        top_cls_row = _clip_attention(layer, hidden_states, num_rows=1)[:, 0]
-                        value_norms = _clip_value_norms(layer, hidden_states)
-                hidden_states = layer(hidden_states, None)
-            with torch.no_grad(), record_function("ivtp/vision_scoring"):
+                if layer_idx < last:  # lower layers: the full attention matrix (rows: every token)
+                    hidden_states, attention = _clip_layer_scored(layers[layer_idx], hidden_states, top=False)
+                    lower_attentions.append(attention)
+                else:  # top layer: only the CLS row, and the value norms of eq. 4
+                    hidden_states, (top_cls_row, value_norms) = _clip_layer_scored(
+                        layers[layer_idx], hidden_states, top=True
+                    )
+            with torch.no_grad(), record_function("ivtp/vision_scoring"):  # profiler label only
                 rollout = rollout_cls_row(top_cls_row, lower_attentions, cls_index=0)  # eq. 3
                 scores = token_scores(rollout[:, 1:], value_norms[:, 1:])  # eq. 4, CLS excluded
                 keep = select_keep_indices(scores, num_keep)
@@ -1142,21 +1141,44 @@ def _clip_heads(attention, states: torch.Tensor) -> torch.Tensor:
     return states.view(states.shape[0], states.shape[1], -1, attention.head_dim).transpose(1, 2)
 
 
-def _clip_attention(layer, hidden_states: torch.Tensor, num_rows: int | None = None) -> torch.Tensor:
-    """Head-averaged attention probabilities of a CLIP encoder layer: `(images, rows, tokens)`, float32.
+def _clip_layer_scored(layer, hidden_states: torch.Tensor, top: bool):
+    """One CLIP encoder layer that also returns what stage-1 scoring reads from its own queries, keys and values.
 
-    Rows are the first `num_rows` tokens (CLS first) or every token.
+    Same arithmetic as `CLIPEncoderLayer.forward` (pre-norm attention and MLP, each with a residual; attention dropout
+    in training), computed here so that the probabilities are not computed twice:
+
+    - a lower layer of a group returns its head-averaged attention probabilities `(images, tokens, tokens)`, float32.
+      Rollout needs every row, so the layer's output is computed from the same probabilities (`softmax(QK^T) V`);
+    - the top layer returns the CLS row of its probabilities `(images, tokens)` and the value norms of eq. 4
+      `(images, tokens)`; its output comes from `scaled_dot_product_attention` on the same queries, keys and values.
+
+    The layer's submodules are called (`layer_norm1`, `q_proj`, `k_proj`, `v_proj`, `out_proj`, `layer_norm2`,
+    `mlp`), so adapters on them apply; the layer's gradient checkpointing does not (the vision tower is frozen in
+    LLaVA-1.5's training).
     """
     attention = layer.self_attn
     normed = layer.layer_norm1(hidden_states)
-    queries = _clip_heads(attention, attention.q_proj(normed if num_rows is None else normed[:, :num_rows]))
+    queries = _clip_heads(attention, attention.q_proj(normed))
     keys = _clip_heads(attention, attention.k_proj(normed))
-    return attention_probabilities(queries, keys, attention.scale)
-
-
-def _clip_value_norms(layer, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`||V_i||` of eq. 4: the L2 norm of each token's value vector (all heads), `(images, tokens)`."""
-    return layer.self_attn.v_proj(layer.layer_norm1(hidden_states)).float().norm(dim=-1)
+    flat_values = attention.v_proj(normed)
+    values = _clip_heads(attention, flat_values)
+    dropout = attention.dropout if attention.training else 0.0
+    if top:
+        attended = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout, scale=attention.scale)
+        with torch.no_grad(), record_function("ivtp/vision_scoring"):  # profiler label only
+            scored = (
+                attention_probabilities(queries[:, :, :1], keys, attention.scale)[:, 0],
+                flat_values.float().norm(dim=-1),
+            )
+    else:
+        probabilities = (torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * attention.scale).softmax(-1)
+        with torch.no_grad(), record_function("ivtp/vision_scoring"):
+            scored = probabilities.mean(dim=1)
+        probabilities = F.dropout(probabilities, p=dropout, training=attention.training)
+        attended = torch.matmul(probabilities.to(values.dtype), values)
+    attended = attended.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
+    hidden_states = hidden_states + attention.out_proj(attended)
+    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states)), scored
 
 
 def _clip_layer_cls_row(layer, hidden_states: torch.Tensor) -> torch.Tensor:

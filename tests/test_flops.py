@@ -134,6 +134,19 @@ def test_stage_2_scoring_reuses_the_layers_keys_and_values_from_the_cache():
     assert cached["Global"] < recomputed["Global"]
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_vision_layers_run_for_scoring_count_as_the_stock_layers(batch_size):
+    """Stage 1 runs its vision layers through their submodules (the probabilities it scores with are the ones the
+    layer's output uses). With nothing pruned, ViT must be exactly stock Llava's vision tower, counted around the
+    stock layers' own forward; the scoring's own products are in `extra`."""
+    config = IvtpConfig(**tiny_config_dict(schedule={"vision": [36, 36, 36], "llm": []}))
+    config._attn_implementation = "sdpa"
+    ivtp = measure(config, 20, prefix_tokens=3, batch_size=batch_size)
+    stock = measure(stock_llava_config(config), 20, prefix_tokens=3, batch_size=batch_size)
+    assert ivtp.vit == stock.vit
+    assert ivtp.extra > 0
+
+
 def test_weight_free_mode_refuses_weight_dependent_values():
     weight = torch.empty(4, 4, device="meta")
     with WeightFreeMode(), pytest.raises(RuntimeError, match="depends on the weights"):
