@@ -177,6 +177,10 @@ def _pack_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.clamp_min(0), slot_valid
 
 
+# Attention implementations stage 2 runs with: they take the 4-D mask that isolates the pseudo-CLS.
+STAGE_2_ATTENTION = ("sdpa", "eager")
+
+
 class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
     """LLaVA-1.5 with Instruction-guided Visual Token Pruning (IVTP).
 
@@ -287,12 +291,12 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 f"`pixel_values` must be `(num_images, channels, height, width)`, got shape {tuple(pixel_values.shape)}."
             )
         attn_implementation = self.config.text_config._attn_implementation or ""
-        if self.config.schedule["llm"] and (
-            "flash" in attn_implementation or attn_implementation not in ALL_MASK_ATTENTION_FUNCTIONS
-        ):
+        if self.config.schedule["llm"] and attn_implementation not in STAGE_2_ATTENTION:
             raise ValueError(
-                f"IVTP stage 2 isolates its pseudo-CLS with a 4-D mask, which {attn_implementation!r} cannot take; "
-                "load the model with attn_implementation='sdpa' (or 'eager')."
+                f"IVTP stage 2 isolates its pseudo-CLS with a 4-D mask; text_config._attn_implementation="
+                f"{attn_implementation!r} is not one of {STAGE_2_ATTENTION} (flash-attention takes no 4-D mask, and "
+                "flex attention has not been tested). Load the model with attn_implementation='sdpa' (or 'eager'), "
+                "or use schedule['llm'] = [] for vision-only pruning."
             )
 
     # ------------------------------------------------------------------------------------------------------------
