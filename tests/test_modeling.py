@@ -197,24 +197,30 @@ def test_labels_use_the_kept_positions_and_train():
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
 
-def test_sample_without_image_passes_unpruned():
-    model = tiny_model()
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_sample_without_image_passes_unpruned(use_cache):
+    """A text-only sample first in the batch: stage 2 scores only the second row (keys and values read from the
+    cache at that row when there is one)."""
+    model = sharpen_attention(tiny_model())
     stock = stock_twin(model)
     with_image = make_prompt(2, 5, seed=1)
     text_only = [1, 5, 6, 7, 8, 9, 10, 11]
-    input_ids, attention_mask = left_pad([with_image, text_only])
+    input_ids, attention_mask = left_pad([text_only, with_image])
     pixels = make_pixels(1)
-    out = run(model, {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels})
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, use_cache=use_cache)
     alone_text = run(stock, {"input_ids": torch.tensor([text_only])})
-    real = out.kept_positions[1] >= 0
-    kept = out.kept_positions[1][real]
+    real = out.kept_positions[0] >= 0
+    kept = out.kept_positions[0][real]
     offset = input_ids.shape[1] - len(text_only)
     assert torch.equal(kept[kept >= offset] - offset, torch.arange(len(text_only)))
-    rows = out.logits[1][real][kept >= offset]
+    rows = out.logits[0][real][kept >= offset]
     assert (rows - alone_text.logits[0]).abs().max() <= 1e-5
     alone_image = run(model, {"input_ids": torch.tensor([with_image]), "pixel_values": pixels})
-    assert torch.equal(out.kept_positions[0][out.kept_positions[0] >= 0], alone_image.kept_positions[0])
-    assert (out.logits[0][out.kept_positions[0] >= 0] - alone_image.logits[0]).abs().max() <= 1e-5
+    assert torch.equal(out.kept_positions[1][out.kept_positions[1] >= 0], alone_image.kept_positions[0])
+    assert all(torch.equal(group[1], alone[0]) for group, alone in zip(out.llm_keep_indices, alone_image.llm_keep_indices))
+    assert all((group[0] == -1).all() for group in out.llm_keep_indices)
+    assert (out.logits[1][out.kept_positions[1] >= 0] - alone_image.logits[0]).abs().max() <= 1e-5
 
 
 def test_use_cache_holds_the_pruned_tokens_per_layer():
