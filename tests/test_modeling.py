@@ -389,3 +389,24 @@ def test_hidden_states_follow_the_pruned_lengths():
     lengths = [hidden.shape[1] - text_tokens for hidden in out.hidden_states]
     assert lengths == [12, 12, 8, 8, 5, 5, 5, 5, 5]  # input of each of the 8 layers, then the final norm
     torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits)
+
+
+def test_bfloat16_keeps_the_float32_tokens():
+    """In bfloat16 the scores are still computed in float32 (vision probabilities, stage-2 block): on the tiny model
+    the kept tokens equal float32's, with and without a cache, and the logits stay close."""
+    model = sharpen_attention(tiny_model())
+    batch = make_batch()
+    with torch.no_grad():
+        reference = model(**batch, use_cache=True)
+        model = model.to(torch.bfloat16)
+        half_batch = dict(batch, pixel_values=batch["pixel_values"].to(torch.bfloat16))
+        cached = model(**half_batch, use_cache=True)
+        uncached = model(**half_batch, use_cache=False)
+    for out in (cached, uncached):
+        assert out.logits.dtype == torch.bfloat16
+        assert torch.equal(out.vision_keep_indices, reference.vision_keep_indices)
+        assert all(torch.equal(a, b) for a, b in zip(out.llm_keep_indices, reference.llm_keep_indices))
+        assert torch.equal(out.kept_positions, reference.kept_positions)
+        real = batch["attention_mask"].gather(1, out.kept_positions.clamp_min(0)).bool() & (out.kept_positions >= 0)
+        assert (out.logits.float()[real] - reference.logits[real]).abs().max() <= 0.02
+    assert cached.past_key_values.layers[0].keys.dtype == torch.bfloat16
