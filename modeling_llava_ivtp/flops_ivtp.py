@@ -366,7 +366,7 @@ def scored_vision_attention_flops(config, num_images: int) -> int:
     return num_images * flops
 
 
-def part_breakdown(model: torch.nn.Module, counts: dict[str, int], text_tokens: int, num_images: int = 1) -> Breakdown:
+def part_breakdown(model: torch.nn.Module, counts: dict[str, int], text_tokens: int, num_images: int) -> Breakdown:
     """Split `count_forward`'s per-module counts into ViT / LLM / extra (see `Breakdown`).
 
     FlopCounterMode books an op under every module whose forward is running, so the parts sum modules that never

@@ -152,6 +152,11 @@ class _VisualBlock:
     cos: torch.Tensor
     sin: torch.Tensor
 
+    def to(self, device: torch.device) -> _VisualBlock:
+        if self.cos.device == device:
+            return self
+        return _VisualBlock(*(tensor.to(device) for tensor in vars(self).values()))
+
 
 def _unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor, length: int, fill):
     """Put `(batch, kept)` values of packed slots back at their `(batch, length)` input positions, `fill` elsewhere."""
@@ -794,8 +799,11 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 )
                 if scoring:
                     with torch.no_grad(), record_function("ivtp/llm_scoring"):
-                        cached = _layer_keys_values(cache, layer_idx, layer_input.shape[1])
-                        scored = self._llm_attention_block(layer, layer_input, block, layer_idx == last, cached)
+                        device = hidden_states.device  # the layer's (a device map may put layers apart)
+                        cached = _layer_keys_values(cache, layer_idx, layer_input.shape[1], device)
+                        scored = self._llm_attention_block(
+                            layer, layer_input.to(device), block.to(device), layer_idx == last, cached
+                        )
                     if layer_idx < last:
                         lower_attentions.append(scored[0])
                     else:
@@ -1127,14 +1135,19 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         return restricted[:, 0], value_norms
 
 
-def _layer_keys_values(cache, layer_idx: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The keys and values a decoder layer just wrote to the prefill's cache, if it wrote them (all `num_slots`)."""
+def _layer_keys_values(
+    cache, layer_idx: int, num_slots: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The keys and values a decoder layer just wrote to the prefill's cache, if it wrote them (all `num_slots`)
+    and they are still on the layer's `device`; otherwise `None`, and scoring computes them again."""
     if cache is None or layer_idx >= len(cache.layers):
         return None
     layer_cache = cache.layers[layer_idx]
     keys = getattr(layer_cache, "keys", None)
     if keys is None or keys.ndim != 4 or keys.shape[-2] != num_slots:
         return None  # the layer ran without the cache (gradient checkpointing in training drops it)
+    if keys.device != device:
+        return None  # an offloading cache has moved them already
     return keys, layer_cache.values
 
 
@@ -1148,8 +1161,9 @@ def _clip_heads(attention, states: torch.Tensor) -> torch.Tensor:
 def _clip_layer_scored(layer, hidden_states: torch.Tensor, top: bool):
     """One CLIP encoder layer that also returns what stage-1 scoring reads from its own queries, keys and values.
 
-    Same arithmetic as `CLIPEncoderLayer.forward` (pre-norm attention and MLP, each with a residual; attention dropout
-    in training), computed here so that the probabilities are not computed twice:
+    Same arithmetic as `CLIPEncoderLayer.forward` with eager attention (pre-norm attention and MLP, each with a
+    residual; softmax in float32; attention dropout in training), computed here so that the probabilities are not
+    computed twice (in float32 this equals eager CLIP exactly; against sdpa CLIP it differs as eager does):
 
     - a lower layer of a group returns its head-averaged attention probabilities `(images, tokens, tokens)`, float32.
       Rollout needs every row, so the layer's output is computed from the same probabilities (`softmax(QK^T) V`);
@@ -1174,12 +1188,13 @@ def _clip_layer_scored(layer, hidden_states: torch.Tensor, top: bool):
                 attention_probabilities(queries[:, :, :1], keys, attention.scale)[:, 0],
                 flat_values.float().norm(dim=-1),
             )
-    else:
-        probabilities = (torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * attention.scale).softmax(-1)
+    else:  # as CLIP's eager attention: logits in the model's dtype, softmax in float32 (the scores are float32)
+        logits = torch.matmul(queries, keys.transpose(-1, -2)) * attention.scale
+        probabilities = logits.softmax(dim=-1, dtype=torch.float32)
         with torch.no_grad(), record_function("ivtp/vision_scoring"):
             scored = probabilities.mean(dim=1)
-        probabilities = F.dropout(probabilities, p=dropout, training=attention.training)
-        attended = torch.matmul(probabilities.to(values.dtype), values)
+        probabilities = F.dropout(probabilities.to(values.dtype), p=dropout, training=attention.training)
+        attended = torch.matmul(probabilities, values)
     attended = attended.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
     hidden_states = hidden_states + attention.out_proj(attended)
     return hidden_states + layer.mlp(layer.layer_norm2(hidden_states)), scored

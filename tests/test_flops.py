@@ -84,8 +84,9 @@ def test_weight_free_count_equals_the_real_forward_count(row):
     # Only the choice of kept tokens, and IVTP's relevance copied to the CPU (a value, no shape), ran on zeros.
     assert set(substituted) <= {"aten.sort.stable", "aten._to_copy.default"}
 
-    real_parts = part_breakdown(real, real_counts, 14)
-    meta_parts = part_breakdown(meta, meta_counts, 14)
+    num_images = inputs["pixel_values"].shape[0]
+    real_parts = part_breakdown(real, real_counts, 14, num_images)
+    meta_parts = part_breakdown(meta, meta_counts, 14, num_images)
     assert real_parts == meta_parts
     assert meta_parts.total == real_counts["Global"] - meta_parts.not_counted
     if row == "stock":
