@@ -770,6 +770,9 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
 
         all_hidden = () if output_hidden_states else None
         llm_keep, kept_counts = [], []
+        # Host-side facts of the whole loop, read once (each read waits for the device).
+        any_image = bool(groups) and bool(has_image.any())
+        image_rows = has_image.nonzero().squeeze(-1) if any_image else None
         for segment_index, (first, last, prunes) in enumerate(segments):
             with record_function("ivtp/segment_setup"):  # a mask and rotary table per segment (stock: one)
                 mask = self._segment_mask(tokens, cache, first, with_pseudo=prunes)
@@ -777,10 +780,10 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                     tokens.hidden_states, position_ids=tokens.position_ids
                 )
             hidden_states = tokens.hidden_states
-            scoring = prunes and bool(has_image.any())
+            scoring = prunes and any_image
             if scoring:
                 with torch.no_grad(), record_function("ivtp/llm_scoring"):
-                    block = self._visual_block(tokens, has_image)
+                    block = self._visual_block(tokens, image_rows)
             lower_attentions = []
             held = tokens.positions[:, :-1] if prunes else tokens.positions  # one record shared by the segment
             for layer_idx in range(first, last + 1):
@@ -827,21 +830,22 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                     (tokens.is_visual.shape[0], num_keep), -1, dtype=torch.long, device=keep.device
                 )
                 if scoring:
-                    image_rows = block.image_rows
                     chosen_slots = block.visual_slots.gather(1, selected)
                     keep[image_rows] = keep[image_rows].scatter(1, chosen_slots, True)
                     keep_patches[image_rows] = tokens.patch_index[image_rows].gather(1, chosen_slots)
                 llm_keep.append(keep_patches)
                 index, slot_valid = _pack_rows(keep)
                 tokens = tokens.gather(index, slot_valid)
-                kept_counts.append(int(tokens.is_visual[has_image].sum(dim=1).max()) if scoring else 0)
+                if scoring:  # read after the loop, all at once
+                    kept_counts.append(torch.where(has_image, tokens.is_visual.sum(dim=1), 0).max())
                 if segment_index == len(groups) - 1:
                     tokens = tokens.drop_last()  # IVTP: the pseudo-CLS leaves after the last stage-2 group
 
         hidden_states = language_model.norm(tokens.hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        return hidden_states, tokens, tuple(llm_keep), tuple(kept_counts), all_hidden
+        kept_counts = tuple(torch.stack(kept_counts).tolist()) if kept_counts else (0,) * len(llm_keep)
+        return hidden_states, tokens, tuple(llm_keep), kept_counts, all_hidden
 
     def _llm_segments(self) -> list[tuple[int, int, bool]]:
         """`(first_layer, last_layer, prunes)` of each run of decoder layers that sees one token set."""
@@ -1056,13 +1060,13 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             device=device,
         )
 
-    def _visual_block(self, tokens: _TokenSet, has_image: torch.Tensor) -> _VisualBlock:
+    def _visual_block(self, tokens: _TokenSet, image_rows: torch.Tensor) -> _VisualBlock:
         """The index bookkeeping of stage-2 scoring for one segment (its token set is fixed across its layers).
 
         Rows of the block: the visual tokens, then the pseudo-CLS. Keys: every slot up to the last visual one plus
         the pseudo-CLS, so the softmax is over everything each row attends to. Only samples with an image count.
         """
-        image_rows = has_image.nonzero().squeeze(-1)
+        image_rows = image_rows.to(tokens.is_visual.device)
         is_visual = tokens.is_visual[image_rows]
         num_images, num_slots = is_visual.shape
         device = is_visual.device
