@@ -140,8 +140,9 @@ class _VisualBlock:
     """Stage-2 scoring layout of one segment, for the samples with an image (`image_rows`).
 
     `visual_slots` `(images, V)` and `key_slots` `(keys,)` index the segment's token slots; `block_columns`
-    `(images, V + 1)` are the visual tokens and the pseudo-CLS in key coordinates; `allowed` `(images, V + 1, keys)`
-    says which keys each block row attends to; `cos`/`sin` are the rotary embeddings at the keys.
+    `(images, V + 1)` are the visual tokens and the pseudo-CLS in key coordinates, `row_slots` the same rows as
+    slots; `allowed` `(images, V + 1, keys)` says which keys each block row attends to; `cos`/`sin` are the rotary
+    embeddings at the keys, `row_cos`/`row_sin` at the rows.
     """
 
     image_rows: torch.Tensor
@@ -151,6 +152,9 @@ class _VisualBlock:
     allowed: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    row_slots: torch.Tensor
+    row_cos: torch.Tensor
+    row_sin: torch.Tensor
 
     def to(self, device: torch.device) -> _VisualBlock:
         if self.cos.device == device:
@@ -1066,7 +1070,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         Rows of the block: the visual tokens, then the pseudo-CLS. Keys: every slot up to the last visual one plus
         the pseudo-CLS, so the softmax is over everything each row attends to. Only samples with an image count.
         """
-        image_rows = image_rows.to(tokens.is_visual.device)
         is_visual = tokens.is_visual[image_rows]
         num_images, num_slots = is_visual.shape
         device = is_visual.device
@@ -1088,7 +1091,11 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         allowed = allowed & tokens.attention_mask[image_rows][:, key_slots].unsqueeze(1)
         key_positions = tokens.position_ids[image_rows][:, key_slots]
         cos, sin = self.model.language_model.rotary_emb(tokens.hidden_states, position_ids=key_positions)
-        return _VisualBlock(image_rows, visual_slots, key_slots, block_columns, allowed, cos, sin)
+        row_index = block_columns.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+        return _VisualBlock(
+            image_rows, visual_slots, key_slots, block_columns, allowed, cos, sin,
+            row_slots=row_slots, row_cos=cos.gather(1, row_index), row_sin=sin.gather(1, row_index),
+        )
 
     def _llm_attention_block(
         self, layer, hidden_states: torch.Tensor, block: _VisualBlock, top: bool, cached: tuple | None = None
@@ -1104,8 +1111,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         """
         attention = layer.self_attn
         apply_rotary = self._rotary_function()
-        query_columns = block.block_columns[:, -1:] if top else block.block_columns
-        allowed = block.allowed[:, -1:] if top else block.allowed
+        block_rows = slice(-1, None) if top else slice(None)  # the top layer needs the pseudo-CLS row only
+        allowed = block.allowed[:, block_rows]
         rows = block.image_rows.unsqueeze(-1)  # indexing (rows, slots) together copies only the rows needed
 
         def heads(states):
@@ -1118,13 +1125,12 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             key_hidden = layer.input_layernorm(hidden_states[rows, block.key_slots])
             keys = heads(attention.k_proj(key_hidden))
             keys, _ = apply_rotary(keys, keys, block.cos, block.sin)
-            query_hidden = gather_rows(key_hidden, query_columns)
+            query_hidden = gather_rows(key_hidden, block.block_columns[:, block_rows])
         else:  # (images, keys, kv_heads, head_dim) -> (images, kv_heads, keys, head_dim)
             keys = cached[0][rows, :, block.key_slots].transpose(1, 2)
-            query_hidden = layer.input_layernorm(hidden_states[rows, block.key_slots[query_columns]])
+            query_hidden = layer.input_layernorm(hidden_states[rows, block.row_slots[:, block_rows]])
         queries = heads(attention.q_proj(query_hidden))
-        query_cos, query_sin = gather_rows(block.cos, query_columns), gather_rows(block.sin, query_columns)
-        queries, _ = apply_rotary(queries, queries, query_cos, query_sin)
+        queries, _ = apply_rotary(queries, queries, block.row_cos[:, block_rows], block.row_sin[:, block_rows])
         if attention.num_key_value_groups > 1:
             keys = keys.repeat_interleave(attention.num_key_value_groups, dim=1)
         probabilities = attention_probabilities(queries, keys, attention.scaling, allowed)
@@ -1199,9 +1205,7 @@ def _clip_layer_scored(layer, hidden_states: torch.Tensor, top: bool):
             scored = probabilities.mean(dim=1)
         probabilities = F.dropout(probabilities.to(values.dtype), p=dropout, training=attention.training)
         attended = torch.matmul(probabilities, values)
-    attended = attended.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
-    hidden_states = hidden_states + attention.out_proj(attended)
-    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states)), scored
+    return _clip_layer_after_attention(layer, hidden_states, attended), scored
 
 
 def _clip_layer_cls_row(layer, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -1216,9 +1220,15 @@ def _clip_layer_cls_row(layer, hidden_states: torch.Tensor) -> torch.Tensor:
     keys = _clip_heads(attention, attention.k_proj(normed))
     values = _clip_heads(attention, attention.v_proj(normed))
     attended = F.scaled_dot_product_attention(queries, keys, values, scale=attention.scale)
-    attended = attended.transpose(1, 2).reshape(hidden_states.shape[0], 1, -1)
-    cls_hidden = hidden_states[:, :1] + attention.out_proj(attended)
-    return cls_hidden + layer.mlp(layer.layer_norm2(cls_hidden))
+    return _clip_layer_after_attention(layer, hidden_states[:, :1], attended)
+
+
+def _clip_layer_after_attention(layer, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of `CLIPEncoderLayer.forward` after the attention product `attended` `(images, heads, rows, head_dim)`:
+    heads merged, `out_proj` added to `residual` `(images, rows, hidden)`, then the MLP with its residual."""
+    attended = attended.transpose(1, 2).reshape(residual.shape[0], residual.shape[1], -1)
+    hidden_states = residual + layer.self_attn.out_proj(attended)
+    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
 
 
 # Remote code: `save_pretrained` copies this file and every file it imports relatively, and writes
