@@ -183,7 +183,7 @@ def test_plot_kept_out_of_range_names_the_flag(tiny_json, capsys, tmp_path):
 
 
 def test_plot_sweeps_kept_tokens(tiny_json, capsys, tmp_path):
-    pytest.importorskip("matplotlib")
+    # matplotlib is in the `test` extra: the figure is drawn, not skipped
     plot, out = tmp_path / "kept.png", tmp_path / "out.json"
     rc, stdout, _ = run_cli(
         ["--config", str(tiny_json), "--batch-sizes", "1", "--text-tokens", str(TEXT_TOKENS), "--kept", "4",
