@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import gc
 import importlib.util
 import json
 import math
@@ -386,28 +387,52 @@ def pruning_times_from_profile(prof, device: torch.device) -> dict:
     """From a profiled prefill wrapped in `bench/prefill`: the total and each `ivtp/...` label's time, in ms.
 
     CPU: the labels' wall time (`cpu_time_total` of the ranges); CUDA: the device time of the kernels launched inside
-    them. Labels with one `/` are summed into the pruning total (they do not nest); deeper labels are a breakdown.
+    them, and beside it (`host_*`) the ranges' time on the host, which also holds launch gaps and waits for the
+    device. Labels with one `/` are summed into the pruning total (they do not nest); deeper labels are a breakdown.
     """
     from torch.autograd import DeviceType
 
-    def duration(event) -> float:
-        return (event.device_time_total if device.type == "cuda" else event.cpu_time_total) / 1000.0
+    def sums(time_of) -> tuple[float, dict]:
+        total, labels = 0.0, {}
+        for event in prof.events():
+            if event.device_type != DeviceType.CPU:  # CUDA-side copies of user annotations
+                continue
+            if event.name == "bench/prefill":
+                total += time_of(event) / 1000.0
+            elif event.name.startswith(LABEL_PREFIX):
+                labels[event.name] = labels.get(event.name, 0.0) + time_of(event) / 1000.0
+        return total, dict(sorted(labels.items()))
 
-    total, labels = 0.0, {}
-    for event in prof.events():
-        if event.device_type != DeviceType.CPU:  # CUDA-side copies of user annotations
-            continue
-        if event.name == "bench/prefill":
-            total += duration(event)
-        elif event.name.startswith(LABEL_PREFIX):
-            labels[event.name] = labels.get(event.name, 0.0) + duration(event)
-    own = sum(value for name, value in labels.items() if name.count("/") == 1)
-    return {"profiled_prefill_ms": total, "pruning_ms": own, "labels_ms": dict(sorted(labels.items()))}
+    def own(labels: dict) -> float:
+        return sum(value for name, value in labels.items() if name.count("/") == 1)
+
+    if device.type != "cuda":
+        total, labels = sums(lambda event: event.cpu_time_total)
+        return {"profiled_prefill_ms": total, "pruning_ms": own(labels), "labels_ms": labels}
+    total, labels = sums(lambda event: event.device_time_total)
+    if total <= 0:
+        raise BenchError(
+            "the profiler recorded no CUDA kernel time in the prefill (CUPTI tracing unavailable here?): the pruning "
+            "share cannot be measured."
+        )
+    host_total, host_labels = sums(lambda event: event.cpu_time_total)
+    return {
+        "profiled_prefill_ms": total, "pruning_ms": own(labels), "labels_ms": labels,
+        "host_profiled_prefill_ms": host_total, "host_pruning_ms": own(host_labels), "host_labels_ms": host_labels,
+    }
 
 
 def top_ops(prof, device: torch.device, count: int) -> list[dict]:
+    """The heaviest ops by self time (CUDA: the device time of the kernels each op launched). On CUDA the kernels
+    are also listed as events of their own; only the host-side ops are kept, so no kernel is counted twice."""
+    from torch.autograd import DeviceType
+
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    averages = [event for event in prof.key_averages() if not event.key.startswith(("ivtp/", "bench/"))]
+    averages = [
+        event
+        for event in prof.key_averages()
+        if not event.key.startswith(("ivtp/", "bench/")) and event.device_type == DeviceType.CPU
+    ]
     total = sum(getattr(event, key) for event in averages) or 1.0
     averages.sort(key=lambda event: getattr(event, key), reverse=True)
     return [
@@ -528,6 +553,8 @@ def _check_args(args, config_dict: dict) -> None:
         raise BenchError(f"--threads must be >= 1, got {args.threads}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is available to torch here.")
+    if args.device == "cuda" and args.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise BenchError("--dtype bfloat16: this CUDA device does not support it; use float16.")
     if args.device == "cpu" and args.dtype == "float16":
         raise BenchError("--dtype float16 is not supported on --device cpu; use float32 or bfloat16.")
     try:
@@ -551,6 +578,23 @@ def _check_args(args, config_dict: dict) -> None:
         )
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise BenchError("--plot needs matplotlib, which is not installed: pip install 'llava-ivtp[bench]'.")
+    if args.device == "cuda":
+        check_device_memory(config, args.dtype or "bfloat16", torch.cuda.mem_get_info()[0])
+
+
+def check_device_memory(config, dtype_name: str, free_bytes: int) -> None:
+    """Three models' weights (IVTP sdpa, stock, IVTP eager; the `--plot` sweep's model replaces the eager one) must
+    fit in the device's free memory with room for activations and caches, else stop before building them."""
+    from .flops_ivtp import build_weight_free
+
+    parameters = sum(parameter.numel() for parameter in build_weight_free(config).parameters())
+    weights = len(VARIANTS) * parameters * torch.tensor([], dtype=DTYPES[dtype_name]).element_size()
+    if weights > 0.85 * free_bytes:
+        raise BenchError(
+            f"--config with --dtype {dtype_name}: the three models' weights take {weights / 2**30:.1f} GiB, more than "
+            f"85% of the {free_bytes / 2**30:.1f} GiB free on this device (activations and caches need the rest). "
+            "Use a smaller --config, bfloat16, or a device with more memory."
+        )
 
 
 def _prepare_config(args) -> tuple[dict, str]:
@@ -857,6 +901,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     try:
         return _run(args, config_dict, config_name)
+    except BenchError as error:
+        print(f"llava-ivtp bench: error: {error}", file=sys.stderr)
+        return 2
     finally:
         torch.set_num_threads(threads_before)
 
@@ -909,6 +956,10 @@ def _run(args, config_dict: dict, config_name: str) -> int:
         report = {"meta": meta, "flops": flops, "results": results}
         report["comparisons"] = comparisons(results, flops)
         if args.plot is not None:
+            del models["ivtp_eager"]  # the sweep builds one model at a time in its place
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             report["sweep"] = sweep_kept(models, config_dict, args, device, dtype, bar)
     hardware = meta["device"].get("gpu", meta["device"]["cpu"])
     print(f"llava-ivtp bench: {config_name}, {meta['dtype']}, {device.type} ({hardware}, "

@@ -162,25 +162,97 @@ class _VisualBlock:
         return _VisualBlock(*(tensor.to(device) for tensor in vars(self).values()))
 
 
+@dataclass
+class _HostLayout:
+    """Where each sample's tokens sit in the packed token sets, known on the host.
+
+    Read from the device once per prefill (each sample's image placeholders and the index of its last one); every
+    row length, padding and slot bound of the pruning loop follows from these and the schedule's counts, so the
+    loop never waits for the device to size a tensor. Rows are left-padded to the longest (`_pack_rows`).
+
+    `pads[b]` is the number of slots before sample `b`'s first token (its own input padding tokens are tokens),
+    `length` the slots per row and `visual` the visual tokens each sample with an image holds now.
+    """
+
+    num_patches: int
+    has_image: list[bool]
+    last_placeholder: list[int]
+    length: int
+    pads: list[int]
+    visual: int
+
+    @classmethod
+    def entering_llm(cls, sequence_length: int, num_patches: int, placeholders: list[int], last_placeholder: list[int],
+                     kept_per_image: int) -> _HostLayout:
+        """The tokens that enter the LLM: every non-image token, `kept_per_image` placeholders of each image."""
+        counts = [sequence_length - count + (count // num_patches) * kept_per_image for count in placeholders]
+        length = max(counts)
+        return cls(num_patches, [count > 0 for count in placeholders], last_placeholder, length,
+                   [length - count for count in counts], kept_per_image)
+
+    @property
+    def image_rows(self) -> list[int]:
+        return [row for row, has_image in enumerate(self.has_image) if has_image]
+
+    def append_slot(self) -> _HostLayout:
+        """One more slot at the end of every row (the pseudo-CLS)."""
+        return _HostLayout(self.num_patches, self.has_image, self.last_placeholder, self.length + 1, self.pads,
+                           self.visual)
+
+    def drop_last_slot(self) -> _HostLayout:
+        return _HostLayout(self.num_patches, self.has_image, self.last_placeholder, self.length - 1, self.pads,
+                           self.visual)
+
+    def visual_end(self) -> int:
+        """One past the last slot, over the samples with an image, that can hold a visual token: the tokens kept up
+        to each sample's last placeholder. Exact when an image's placeholders are contiguous (the processor's
+        layout); otherwise a bound, and the scoring's mask excludes the text slots in between."""
+        return max(
+            pad + last + 1 - self.num_patches + self.visual
+            for pad, last, has_image in zip(self.pads, self.last_placeholder, self.has_image)
+            if has_image
+        )
+
+    def keep_visual(self, kept: int) -> _HostLayout:
+        """After a stage-2 group that keeps `kept` visual tokens of each image; every other slot stays (the
+        padding slots of shorter rows too), so rows without an image keep their length."""
+        counts = [self.length - (self.visual - kept if has_image else 0) for has_image in self.has_image]
+        length = max(counts)
+        return _HostLayout(self.num_patches, self.has_image, self.last_placeholder, length,
+                           [pad + length - count for pad, count in zip(self.pads, counts)], kept)
+
+
 def _unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor, length: int, fill):
     """Put `(batch, kept)` values of packed slots back at their `(batch, length)` input positions, `fill` elsewhere."""
     if values is None:
         return None
-    out = torch.full((values.shape[0], length), fill, dtype=values.dtype, device=values.device)
-    rows, slots = slot_valid.to(values.device).nonzero(as_tuple=True)
-    out[rows, index.to(values.device)[rows, slots]] = values[rows, slots]
-    return out
+    # Padding slots write to a spare last column, which is cut off (a scatter: no wait for the device).
+    target = torch.where(slot_valid, index, length).to(values.device)
+    out = torch.full((values.shape[0], length + 1), fill, dtype=values.dtype, device=values.device)
+    return out.scatter(1, target, values)[:, :length]
 
 
-def _pack_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `True` entries of each row of `mask`, in order, `(rows, count)`: every row has exactly `count`.
+
+    `nonzero` would wait for the device to learn the size; the size is known here, so the ranks are scattered.
+    """
+    rows, length = mask.shape
+    rank = torch.where(mask, mask.long().cumsum(dim=1) - 1, count)  # non-True entries go to a spare column
+    slots = torch.arange(length, device=mask.device).expand(rows, -1)
+    out = torch.zeros(rows, count + 1, dtype=torch.long, device=mask.device)
+    return out.scatter(1, rank, slots)[:, :count]
+
+
+def _pack_rows(keep: torch.Tensor, max_kept: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the `True` entries of each row of `keep`, in order, right-aligned (left-padded) to one length.
 
-    Returns `(index, slot_valid)`, both `(batch, max_kept)`; padding slots point at index 0 and are not valid.
+    `max_kept` is the largest row count (known on the host from the layout: counting here would wait for the
+    device). Returns `(index, slot_valid)`, both `(batch, max_kept)`; padding slots point at index 0, not valid.
     """
     sequence_length = keep.shape[1]
     order = torch.arange(sequence_length, device=keep.device).expand_as(keep)
     marked = torch.where(keep, order, torch.full_like(order, -1))
-    max_kept = int(keep.sum(dim=1).max())
     packed = marked.sort(dim=1).values[:, sequence_length - max_kept :]
     slot_valid = packed >= 0
     return packed.clamp_min(0), slot_valid
@@ -437,11 +509,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 )
             if clip_ids.dtype not in integer_types[1:]:
                 raise ValueError(f"`clip_input_ids` must be an integer tensor, got {clip_ids.dtype}.")
-            if spans is not None and spans.numel() and int(spans.max()) > clip_ids.shape[1]:
-                raise ValueError(
-                    f"`clip_token_spans` point past `clip_input_ids` ({clip_ids.shape[1]} positions): max "
-                    f"{int(spans.max())}."
-                )
+            # The values of `clip_token_spans` are checked against this context where pruning reads them
+            # (`_read_layout`), with the prefill's one read from the device.
 
     @staticmethod
     def _check_cache_class(past_key_values) -> None:
@@ -464,11 +533,34 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 "`prefill_chunk_size` cannot be used with pruning."
             )
 
+    @staticmethod
+    def _read_layout(image_mask: torch.Tensor, attention_mask: torch.Tensor, guidance: dict):
+        """What the host needs of a batch, in one read from the device: per sample, its image placeholders and the
+        index of its last one (-1: none), and whether every token is attended. Checks the range of
+        `clip_token_spans` in the same read."""
+        sequence_length = image_mask.shape[1]
+        order = torch.arange(sequence_length, device=image_mask.device)
+        rows = [
+            image_mask.sum(dim=1),
+            torch.where(image_mask, order, -1).amax(dim=1),
+            attention_mask.all(dim=1).long(),
+        ]
+        spans, clip_ids = guidance["clip_token_spans"], guidance["clip_input_ids"]
+        check_spans = spans is not None and clip_ids is not None and spans.numel() > 0
+        if check_spans:
+            rows.append(spans.to(image_mask.device).long().amax(dim=(1, 2)))
+        facts = torch.stack(rows).tolist()  # IVTP: the one host read of a pruned prefill
+        if check_spans and max(facts[3]) > clip_ids.shape[1]:
+            raise ValueError(
+                f"`clip_token_spans` point past `clip_input_ids` ({clip_ids.shape[1]} positions): max {max(facts[3])}."
+            )
+        return facts[0], facts[1], all(facts[2])
+
     def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if input_ids is not None:
             return input_ids == self.config.image_token_id
         image_embedding = self.get_input_embeddings()(
-            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            torch.full((), self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
         )
         return (inputs_embeds == image_embedding).all(dim=-1)
 
@@ -494,16 +586,26 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         num_patches = config.num_patches
         placeholders = image_mask.sum(dim=1)
         images_per_sample = placeholders // num_patches
-        if bool((placeholders % num_patches).any()) or int(images_per_sample.sum()) != pixel_values.shape[0]:
+        full_attention_mask = (
+            torch.ones_like(image_mask) if attention_mask is None else attention_mask.to(image_mask.device).bool()
+        )
+        # IVTP: the prefill's one wait for the device: each sample's placeholders and layout (see `_HostLayout`).
+        placeholder_counts, last_placeholder, fully_attended = self._read_layout(
+            image_mask, full_attention_mask, guidance
+        )
+        if any(count % num_patches for count in placeholder_counts) or (
+            sum(count // num_patches for count in placeholder_counts) != pixel_values.shape[0]
+        ):
             raise ValueError(
                 f"Each image needs exactly {num_patches} image placeholder tokens (id {config.image_token_id}): got "
-                f"{placeholders.tolist()} placeholders per sample for {pixel_values.shape[0]} images. Use the "
+                f"{placeholder_counts} placeholders per sample for {pixel_values.shape[0]} images. Use the "
                 "model's processor, which expands `<image>` to the right count."
             )
-        if config.schedule["llm"] and bool((images_per_sample > 1).any()):
+        if config.schedule["llm"] and any(count > num_patches for count in placeholder_counts):
             raise ValueError(
                 "IVTP stage 2 prunes one image per sample (one pseudo-CLS per image block); got "
-                f"{images_per_sample.tolist()} images per sample. Use schedule['llm'] = [] for several images."
+                f"{[count // num_patches for count in placeholder_counts]} images per sample. Use schedule['llm'] = "
+                "[] for several images."
             )
 
         # IVTP stage 1: group-wise token pruning in the vision tower.
@@ -523,7 +625,10 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             kept_patch = torch.zeros(pixel_values.shape[0], num_patches, dtype=torch.bool, device=image_mask.device)
             kept_patch.scatter_(1, vision["keep_indices"].to(image_mask.device), True)
             keep = ~image_mask | kept_patch[global_image, patch_of_token.clamp_min(0)]
-            index, slot_valid = _pack_rows(keep)
+            layout = _HostLayout.entering_llm(
+                sequence_length, num_patches, placeholder_counts, last_placeholder, vision["keep_indices"].shape[1]
+            )
+            index, slot_valid = _pack_rows(keep, layout.length)
 
         if inputs_embeds is None:
             token_embeds = self.get_input_embeddings()(input_ids.gather(1, index))
@@ -531,9 +636,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             token_embeds = inputs_embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
         if position_ids is None:
             position_ids = torch.arange(sequence_length, device=image_mask.device).unsqueeze(0)
-        full_attention_mask = (
-            torch.ones_like(image_mask) if attention_mask is None else attention_mask.to(image_mask.device).bool()
-        )
         logical = _TokenSet(
             hidden_states=token_embeds.new_zeros(batch_size, sequence_length, 0),
             positions=torch.arange(sequence_length, device=image_mask.device).expand(batch_size, -1),
@@ -580,7 +682,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             past_key_values = IvtpCache(config=config.text_config)
 
         hidden_states, tokens, llm_keep, llm_counts, all_hidden = self._run_language_model(
-            tokens, pseudo, pseudo_position, images_per_sample > 0, past_key_values, use_cache, **kwargs
+            tokens, layout, fully_attended, images_per_sample > 0, pseudo, pseudo_position, past_key_values, use_cache,
+            **kwargs,
         )
         if use_cache:
             past_key_values.set_logical_length(sequence_length)
@@ -609,7 +712,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             vision_keep_indices=vision["keep_indices"],
             llm_keep_indices=llm_keep,
             vision_token_counts=vision["counts"],
-            llm_token_counts=llm_counts,
+            # Read last, once the whole forward is queued on the device.
+            llm_token_counts=tuple(torch.stack(llm_counts).tolist()) if llm_counts else (),
             instruction_relevance=_unpack(relevance, index, slot_valid, sequence_length, float("nan")),
             pseudo_cls_tokens=_unpack(selected, index, slot_valid, sequence_length, False),
         )
@@ -747,16 +851,21 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
     def _run_language_model(
         self,
         tokens: _TokenSet,
+        layout: _HostLayout,
+        fully_attended: bool,
+        has_image: torch.Tensor,
         pseudo: torch.Tensor,
         pseudo_position: torch.Tensor,
-        has_image: torch.Tensor,
         cache,
         use_cache,
         **kwargs,
     ):
         """The decoder loop of `LlamaModel.forward` over pruned token sets (adapted from transformers 5.23).
 
-        Layers are run in segments that see one token set: each stage-2 group, then the remaining layers.
+        Layers are run in segments that see one token set: each stage-2 group, then the remaining layers. Sizes come
+        from `layout` (host-side), so the loop does not wait for the device; `fully_attended` says the input had no
+        padding, `has_image` is its device-side twin of `layout.has_image`
+        (a copy of host values to a GPU would wait for it). Returns the kept counts as device tensors (read by the caller once the forward is queued).
         """
         config = self.config
         language_model = self.model.language_model
@@ -764,22 +873,25 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         if output_hidden_states is None:
             output_hidden_states = config.text_config.output_hidden_states
         groups = config.llm_layer_groups
-        has_image = has_image.to(tokens.hidden_states.device)
+        device = tokens.hidden_states.device
+        has_image = has_image.to(device)
         if groups:
             # IVTP: the pseudo-CLS slot sits after every real token, so causality alone keeps real tokens from
             # attending to it; its mask row lets it see the tokens up to its image (and itself).
             with record_function("ivtp/llm_selection"):  # profiler label only (llava-ivtp bench)
                 tokens = tokens.append(pseudo, pseudo_position.to(tokens.position_ids.device))
+                layout = layout.append_slot()
         segments = self._llm_segments()
 
         all_hidden = () if output_hidden_states else None
         llm_keep, kept_counts = [], []
-        # Host-side facts of the whole loop, read once (each read waits for the device).
-        any_image = bool(groups) and bool(has_image.any())
-        image_rows = has_image.nonzero().squeeze(-1) if any_image else None
+        any_image = bool(groups) and any(layout.has_image)
+        image_rows = _true_indices(has_image.unsqueeze(0), len(layout.image_rows))[0] if any_image else None
         for segment_index, (first, last, prunes) in enumerate(segments):
             with record_function("ivtp/segment_setup"):  # a mask and rotary table per segment (stock: one)
-                mask = self._segment_mask(tokens, cache, first, with_pseudo=prunes)
+                # Without padding slots or input padding the 2-D mask is all ones: leave it out (nothing to read).
+                unpadded = fully_attended and not any(layout.pads)
+                mask = self._segment_mask(tokens, cache, first, with_pseudo=prunes, unpadded=unpadded)
                 position_embeddings = language_model.rotary_emb(
                     tokens.hidden_states, position_ids=tokens.position_ids
                 )
@@ -787,7 +899,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             scoring = prunes and any_image
             if scoring:
                 with torch.no_grad(), record_function("ivtp/llm_scoring"):
-                    block = self._visual_block(tokens, image_rows)
+                    block = self._visual_block(tokens, image_rows, layout.visual, layout.visual_end())
             lower_attentions = []
             held = tokens.positions[:, :-1] if prunes else tokens.positions  # one record shared by the segment
             for layer_idx in range(first, last + 1):
@@ -838,17 +950,18 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                     keep[image_rows] = keep[image_rows].scatter(1, chosen_slots, True)
                     keep_patches[image_rows] = tokens.patch_index[image_rows].gather(1, chosen_slots)
                 llm_keep.append(keep_patches)
-                index, slot_valid = _pack_rows(keep)
+                layout = layout.keep_visual(num_keep) if scoring else layout
+                index, slot_valid = _pack_rows(keep, layout.length)
                 tokens = tokens.gather(index, slot_valid)
-                if scoring:  # read after the loop, all at once
-                    kept_counts.append(torch.where(has_image, tokens.is_visual.sum(dim=1), 0).max())
+                # Visual tokens per image, off the pruned tensors; read by the caller with the logits.
+                kept_counts.append(torch.where(has_image, tokens.is_visual.sum(dim=1), 0).max())
                 if segment_index == len(groups) - 1:
                     tokens = tokens.drop_last()  # IVTP: the pseudo-CLS leaves after the last stage-2 group
+                    layout = layout.drop_last_slot()
 
         hidden_states = language_model.norm(tokens.hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        kept_counts = tuple(torch.stack(kept_counts).tolist()) if kept_counts else (0,) * len(llm_keep)
         return hidden_states, tokens, tuple(llm_keep), kept_counts, all_hidden
 
     def _llm_segments(self) -> list[tuple[int, int, bool]]:
@@ -927,6 +1040,9 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 past_key_values=cache,
                 position_ids=None,
                 layer_idx=first,
+                # IVTP: an explicit mask per segment; checking whether it could be skipped reads the device, once
+                # per segment and step (stock Llava reads once per step).
+                allow_is_causal_skip=False,
             )
             for layer_idx in range(first, last + 1):
                 if output_hidden_states:
@@ -1023,8 +1139,11 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 model_inputs[name] = value.to(step_inputs.device)
         return model_inputs
 
-    def _segment_mask(self, tokens: _TokenSet, cache, layer_idx: int, with_pseudo: bool):
+    def _segment_mask(self, tokens: _TokenSet, cache, layer_idx: int, with_pseudo: bool, unpadded: bool = False):
         """The 4-D mask of one segment: causal over the kept tokens (order is kept), padding, pseudo-CLS rules.
+
+        `unpadded` (known on the host) says every slot is an attended token: the padding mask is left out, which
+        spares building it and the backend's check of it (a wait for the device).
 
         Segments with the pseudo-CLS build their mask through the attention implementation's registered mask
         function with broadcasting (`use_vmap=False`): the pseudo-CLS rule is index-based, and `create_causal_mask`
@@ -1035,10 +1154,11 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             return create_causal_mask(
                 config=self.config.text_config,
                 inputs_embeds=tokens.hidden_states,
-                attention_mask=tokens.attention_mask,
+                attention_mask=None if unpadded else tokens.attention_mask,
                 past_key_values=cache,
                 position_ids=None,  # kept positions have gaps: they must not be read as packed sequences
                 layer_idx=layer_idx,
+                allow_is_causal_skip=unpadded,  # with padding, skip the backend's check (a read of the device)
             )
         batch_size, num_slots = tokens.is_visual.shape
         device = tokens.hidden_states.device
@@ -1056,7 +1176,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             q_length=num_slots,
             kv_length=num_slots,
             mask_function=and_masks(causal_mask_function, pseudo_cls_rule),
-            attention_mask=tokens.attention_mask.to(device=device, dtype=torch.bool),
+            attention_mask=None if unpadded else tokens.attention_mask.to(device=device, dtype=torch.bool),
             allow_is_causal_skip=False,
             dtype=tokens.hidden_states.dtype,
             config=self.config.text_config,
@@ -1064,19 +1184,21 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             device=device,
         )
 
-    def _visual_block(self, tokens: _TokenSet, image_rows: torch.Tensor) -> _VisualBlock:
+    def _visual_block(
+        self, tokens: _TokenSet, image_rows: torch.Tensor, num_visual: int, key_end: int
+    ) -> _VisualBlock:
         """The index bookkeeping of stage-2 scoring for one segment (its token set is fixed across its layers).
 
-        Rows of the block: the visual tokens, then the pseudo-CLS. Keys: every slot up to the last visual one plus
-        the pseudo-CLS, so the softmax is over everything each row attends to. Only samples with an image count.
+        Rows of the block: the visual tokens (`num_visual` per image), then the pseudo-CLS. Keys: every slot before
+        `key_end` (past the last visual one, from the host's layout) plus the pseudo-CLS, so the softmax is over
+        everything each row attends to. Only samples with an image count.
         """
         is_visual = tokens.is_visual[image_rows]
         num_images, num_slots = is_visual.shape
         device = is_visual.device
         pseudo_slot = num_slots - 1
-        visual_slots = is_visual.nonzero()[:, 1].view(num_images, -1)
-        key_end = int(visual_slots.max()) + 1
-        key_slots = torch.cat([torch.arange(key_end, device=device), torch.tensor([pseudo_slot], device=device)])
+        visual_slots = _true_indices(is_visual, num_visual)
+        key_slots = torch.cat([torch.arange(key_end, device=device), torch.full((1,), pseudo_slot, device=device)])
         pseudo_column = torch.full((num_images, 1), key_end, dtype=torch.long, device=device)
         block_columns = torch.cat([visual_slots, pseudo_column], dim=1)  # in key coordinates
 

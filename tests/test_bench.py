@@ -15,7 +15,16 @@ import torch
 
 from modeling_llava_ivtp import IvtpConfig, cli
 from modeling_llava_ivtp.analytic_flops import kv_cache_bytes_per_layer
-from modeling_llava_ivtp.bench_ivtp import VARIANT_TITLES, VARIANTS, build_models, derive_schedule, load_config_dict
+from modeling_llava_ivtp.bench_ivtp import (
+    VARIANT_TITLES,
+    VARIANTS,
+    BenchError,
+    build_models,
+    check_device_memory,
+    derive_schedule,
+    load_config_dict,
+    pruning_times_from_profile,
+)
 from tiny_models import TINY_CLIP_TEXT, tiny_config_dict
 
 
@@ -226,3 +235,28 @@ def test_named_narrow_shape_keeps_the_paper_schedule_structure():
     assert config.text_config.num_hidden_layers == 32 and config.vision_config.num_hidden_layers == 24
     assert config.text_config.hidden_size * 8 == preset.text_config.hidden_size
     assert config.clip_text_encoder is not None
+
+
+@pytest.mark.parametrize(("size", "dtype", "fits"), [("7b", "bfloat16", True), ("13b", "bfloat16", False),
+                                                     ("7b", "float32", False)])
+def test_device_memory_check_of_the_three_models(size, dtype, fits):
+    """On a device with 78 GiB free (an H100): the 7B in bf16 fits three times (about 40 GiB); the 13B in bf16
+    (about 75 GiB) and the 7B in float32 (about 80 GiB) are refused before anything is built."""
+    config = IvtpConfig(**load_config_dict(size)[0])
+    free = 78 * 2**30
+    if fits:
+        check_device_memory(config, dtype, free)
+    else:
+        with pytest.raises(BenchError, match=rf"--dtype {dtype}: the three models' weights take [\d.]+ GiB"):
+            check_device_memory(config, dtype, free)
+
+
+def test_cuda_pruning_share_refuses_a_profile_without_kernels():
+    """A profile with no device time (here a CPU profile) must not report a 0% pruning share on CUDA."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.record_function("bench/prefill"), torch.profiler.record_function("ivtp/llm_scoring"):
+            torch.ones(64, 64) @ torch.ones(64, 64)
+    on_cpu = pruning_times_from_profile(prof, torch.device("cpu"))
+    assert on_cpu["profiled_prefill_ms"] > 0 and on_cpu["pruning_ms"] > 0
+    with pytest.raises(BenchError, match="no CUDA kernel time"):
+        pruning_times_from_profile(prof, torch.device("cuda"))

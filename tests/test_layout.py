@@ -1,0 +1,187 @@
+"""The pruning loop's host-side layout against the packed tensors it sizes, and the prefill's reads of the device.
+
+The loop never asks the device how many tokens a row kept (`_HostLayout` knows it from one read per prefill): if
+that arithmetic were off, `_pack_rows` would silently drop or pad tokens, and stage-2 scoring would cut keys.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from modeling_llava_ivtp.modeling_llava_ivtp import _HostLayout, _pack_rows, _TokenSet, _true_indices, _unpack
+from tiny_models import IMAGE_TOKEN_ID, TINY_CLIP_TEXT, left_pad, make_pixels, make_prompt, stock_twin, tiny_model
+
+
+NUM_PATCHES = 6
+
+
+def _check(layout: _HostLayout, tokens: _TokenSet, contiguous: bool, pseudo: bool = False) -> None:
+    """The layout's sizes are the tensors' sizes; its visual bound covers every visual slot (exact if contiguous).
+    With `pseudo`, the last slot is the pseudo-CLS (position -1, not padding)."""
+    assert tokens.positions.shape[1] == layout.length
+    for row, pad in enumerate(layout.pads):
+        padding = tokens.positions[row, : layout.length - pseudo] < 0
+        assert int(padding.sum()) == pad and bool(padding[:pad].all())  # padding slots come first
+    rows = layout.image_rows
+    if rows:
+        counts = tokens.is_visual[rows].sum(dim=1)
+        assert counts.tolist() == [layout.visual] * len(rows)
+        slots = torch.arange(layout.length)
+        last_visual = int(torch.where(tokens.is_visual[rows], slots, -1).amax()) + 1
+        assert last_visual <= layout.visual_end()
+        if contiguous:
+            assert last_visual == layout.visual_end()
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_host_layout_sizes_the_packed_token_sets(data):
+    batch = data.draw(st.integers(1, 4), label="batch")
+    length = data.draw(st.integers(NUM_PATCHES + 2, 16), label="length")
+    contiguous = data.draw(st.booleans(), label="contiguous")
+    is_image = torch.zeros(batch, length, dtype=torch.bool)
+    for row in range(batch):
+        padding = data.draw(st.integers(0, length - NUM_PATCHES - 1), label="padding")
+        if not data.draw(st.booleans(), label="has_image"):
+            continue
+        if contiguous:
+            start = data.draw(st.integers(padding, length - NUM_PATCHES), label="start")
+            is_image[row, start : start + NUM_PATCHES] = True
+        else:  # text between an image's placeholders
+            places = data.draw(st.permutations(range(padding, length)), label="places")[:NUM_PATCHES]
+            is_image[row, list(places)] = True
+    kept = data.draw(st.integers(1, NUM_PATCHES), label="kept")
+    placeholders = is_image.sum(dim=1).tolist()
+    last = torch.where(is_image, torch.arange(length), -1).amax(dim=1).tolist()
+    layout = _HostLayout.entering_llm(length, NUM_PATCHES, placeholders, last, kept)
+
+    # Stage 1 kept `kept` patches of each image (any of them).
+    keep = ~is_image
+    for row in range(batch):
+        image_slots = is_image[row].nonzero()[:, 0]
+        if len(image_slots):
+            chosen = data.draw(st.permutations(image_slots.tolist()), label="stage-1 choice")[:kept]
+            keep[row, chosen] = True
+    logical = _TokenSet(
+        hidden_states=torch.zeros(batch, length, 0),
+        positions=torch.arange(length).expand(batch, -1),
+        position_ids=torch.arange(length).expand(batch, -1),
+        attention_mask=torch.ones(batch, length, dtype=torch.bool),
+        is_visual=is_image,
+        patch_index=torch.full((batch, length), -1),
+    )
+    index, slot_valid = _pack_rows(keep, layout.length)
+    assert torch.equal(slot_valid.sum(dim=1), keep.sum(dim=1))  # no token dropped
+    tokens = logical.gather(index, slot_valid)
+    _check(layout, tokens, contiguous)
+
+    # Stage 2: the pseudo-CLS slot at the end, then groups keeping fewer visual tokens of each image.
+    tokens = tokens.append(torch.zeros(batch, 0), torch.zeros(batch, dtype=torch.long))
+    layout = layout.append_slot()
+    _check(layout, tokens, contiguous, pseudo=True)
+    for num_keep in data.draw(st.lists(st.integers(1, kept), max_size=3).map(sorted), label="groups")[::-1]:
+        keep = ~tokens.is_visual
+        for row in layout.image_rows:
+            visual = tokens.is_visual[row].nonzero()[:, 0].tolist()
+            keep[row, data.draw(st.permutations(visual), label="stage-2 choice")[:num_keep]] = True
+        layout = layout.keep_visual(num_keep)
+        index, slot_valid = _pack_rows(keep, layout.length)
+        assert torch.equal(slot_valid.sum(dim=1), keep.sum(dim=1))
+        tokens = tokens.gather(index, slot_valid)
+        _check(layout, tokens, contiguous, pseudo=True)
+    tokens, layout = tokens.drop_last(), layout.drop_last_slot()
+    _check(layout, tokens, contiguous)
+
+
+def test_true_indices_and_unpack_equal_their_plain_versions():
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.zeros(5, 11, dtype=torch.bool)
+    for row in range(5):
+        mask[row, torch.randperm(11, generator=generator)[:4]] = True
+    expected = torch.stack([row.nonzero()[:, 0] for row in mask])
+    assert torch.equal(_true_indices(mask, 4), expected)
+
+    index = torch.tensor([[0, 0, 2, 5], [1, 3, 4, 6]])
+    slot_valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    values = torch.arange(8.0).view(2, 4)
+    got = _unpack(values, index, slot_valid, 7, float("nan"))
+    plain = torch.full((2, 7), float("nan"))
+    for row in range(2):
+        for slot in range(4):
+            if slot_valid[row, slot]:
+                plain[row, index[row, slot]] = values[row, slot]
+    assert torch.equal(got.isnan(), plain.isnan()) and torch.equal(got.nan_to_num(), plain.nan_to_num())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reads of the device
+# ------------------------------------------------------------------------------------------------------------------
+# Ops that hand a tensor's value to Python (or size a tensor by it): on a GPU each waits for the device.
+# `Tensor.tolist()` reads without dispatching on the CPU: the model's one layout read and its read of the kept
+# counts at the end are such reads, and they are not counted here.
+READ_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "item", "equal", "masked_select")
+
+
+class CountReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in READ_OPS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _padded_batch_with_a_text_only_sample():
+    input_ids, attention_mask = left_pad([[1, 5, 6, 7, 8, 9, 10, 11], make_prompt(2, 5, seed=1), make_prompt(4, 3)])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": make_pixels(2)}
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_pruned_prefill_and_decode_do_not_wait_for_the_device(use_cache):
+    model = tiny_model()
+    batch = _padded_batch_with_a_text_only_sample()
+    with torch.no_grad():
+        with CountReads() as stock_reads:
+            stock_twin(model)(**batch, use_cache=use_cache)
+        with CountReads() as prefill_reads:
+            out = model(**batch, use_cache=use_cache)
+        assert out.llm_token_counts == (8, 5)
+        if use_cache:
+            next_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(next_token)], dim=1)
+            with CountReads() as decode_reads:
+                model(input_ids=next_token, attention_mask=mask, past_key_values=out.past_key_values)
+            assert decode_reads.reads == []
+    assert stock_reads.reads, "the counter sees stock Llava's reads (its placeholder check)"
+    assert prefill_reads.reads == []
+
+
+def test_unpadded_batch_without_attention_mask_has_no_padding_slots():
+    model = tiny_model()
+    input_ids = torch.tensor([make_prompt(3, 5, seed=2), make_prompt(3, 5, seed=3)])
+    with torch.no_grad():
+        with CountReads() as reads:
+            out = model(input_ids=input_ids, pixel_values=make_pixels(2), use_cache=True)
+    assert reads.reads == []
+    assert bool((out.kept_positions >= 0).all())
+    assert all(bool((positions >= 0).all()) for positions in out.past_key_values.layer_positions)
+
+
+def test_clip_token_spans_past_the_clip_context_are_refused():
+    model = tiny_model(clip_text_encoder=TINY_CLIP_TEXT)
+    context = TINY_CLIP_TEXT["text_cfg"]["context_length"]
+    input_ids = torch.tensor([make_prompt(2, 5)])
+    spans = torch.zeros(1, input_ids.shape[1], 2, dtype=torch.long)
+    spans[0, -2] = torch.tensor([context - 1, context + 3])
+    with pytest.raises(ValueError, match=r"`clip_token_spans` point past `clip_input_ids` \(\d+ positions\): max"):
+        model(
+            input_ids=input_ids,
+            pixel_values=make_pixels(1),
+            instruction_mask=input_ids != IMAGE_TOKEN_ID,
+            clip_input_ids=torch.zeros(1, context, dtype=torch.long),
+            clip_token_spans=spans,
+        )
