@@ -553,8 +553,12 @@ def _check_args(args, config_dict: dict) -> None:
         raise BenchError(f"--threads must be >= 1, got {args.threads}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is available to torch here.")
-    if args.device == "cuda" and args.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise BenchError("--dtype bfloat16: this CUDA device does not support it; use float16.")
+    if (
+        args.device == "cuda"
+        and (args.dtype or "bfloat16") == "bfloat16"
+        and not torch.cuda.is_bf16_supported(including_emulation=False)
+    ):
+        raise BenchError("--dtype bfloat16 (the default on CUDA): this GPU has no bfloat16 arithmetic; use float16.")
     if args.device == "cpu" and args.dtype == "float16":
         raise BenchError("--dtype float16 is not supported on --device cpu; use float32 or bfloat16.")
     try:
@@ -584,7 +588,8 @@ def _check_args(args, config_dict: dict) -> None:
 
 def check_device_memory(config, dtype_name: str, free_bytes: int) -> None:
     """Three models' weights (IVTP sdpa, stock, IVTP eager; the `--plot` sweep's model replaces the eager one) must
-    fit in the device's free memory with room for activations and caches, else stop before building them."""
+    fit in the device's free memory with room for activations and caches, else stop before building them. (IVTP's
+    size is counted three times: stock Llava lacks the CLIP text tower, a small overestimate.)"""
     from .flops_ivtp import build_weight_free
 
     parameters = sum(parameter.numel() for parameter in build_weight_free(config).parameters())
@@ -593,7 +598,8 @@ def check_device_memory(config, dtype_name: str, free_bytes: int) -> None:
         raise BenchError(
             f"--config with --dtype {dtype_name}: the three models' weights take {weights / 2**30:.1f} GiB, more than "
             f"85% of the {free_bytes / 2**30:.1f} GiB free on this device (activations and caches need the rest). "
-            "Use a smaller --config, bfloat16, or a device with more memory."
+            + ("Use a smaller --config or a device with more memory." if DTYPES[dtype_name].itemsize == 2
+               else "Use --dtype bfloat16, a smaller --config or a device with more memory.")
         )
 
 

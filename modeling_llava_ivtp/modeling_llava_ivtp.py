@@ -232,6 +232,13 @@ def _unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.
     return out.scatter(1, target, values)[:, :length]
 
 
+def _check_span_range(largest_end: int, clip_context: int) -> None:
+    if largest_end > clip_context:
+        raise ValueError(
+            f"`clip_token_spans` point past `clip_input_ids` ({clip_context} positions): max {largest_end}."
+        )
+
+
 def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the `True` entries of each row of `mask`, in order, `(rows, count)`: every row has exactly `count`.
 
@@ -440,6 +447,9 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             return outputs if return_dict is not False else outputs.to_tuple()
         # IVTP: without a schedule or without images this is stock Llava (samples without an image pass unpruned).
         if not self.config.pruning_enabled or pixel_values is None:
+            spans, clip_ids = guidance["clip_token_spans"], guidance["clip_input_ids"]
+            if spans is not None and clip_ids is not None and spans.numel():  # unused here, but checked as given
+                _check_span_range(int(spans.max()), clip_ids.shape[1])
             outputs = super().forward(
                 input_ids=input_ids,
                 pixel_values=pixel_values,
@@ -509,8 +519,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 )
             if clip_ids.dtype not in integer_types[1:]:
                 raise ValueError(f"`clip_input_ids` must be an integer tensor, got {clip_ids.dtype}.")
-            # The values of `clip_token_spans` are checked against this context where pruning reads them
-            # (`_read_layout`), with the prefill's one read from the device.
+            # The values of `clip_token_spans` are checked against this context by `_check_span_range`: on the
+            # pruned prefill within its one read from the device (`_read_layout`).
 
     @staticmethod
     def _check_cache_class(past_key_values) -> None:
@@ -550,10 +560,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         if check_spans:
             rows.append(spans.to(image_mask.device).long().amax(dim=(1, 2)))
         facts = torch.stack(rows).tolist()  # IVTP: the one host read of a pruned prefill
-        if check_spans and max(facts[3]) > clip_ids.shape[1]:
-            raise ValueError(
-                f"`clip_token_spans` point past `clip_input_ids` ({clip_ids.shape[1]} positions): max {max(facts[3])}."
-            )
+        if check_spans:
+            _check_span_range(max(facts[3]), clip_ids.shape[1])
         return facts[0], facts[1], all(facts[2])
 
     def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:

@@ -119,12 +119,13 @@ def test_true_indices_and_unpack_equal_their_plain_versions():
 # Reads of the device
 # ------------------------------------------------------------------------------------------------------------------
 # Ops that hand a tensor's value to Python (or size a tensor by it): on a GPU each waits for the device.
-# `Tensor.tolist()` reads without dispatching on the CPU: the model's one layout read and its read of the kept
-# counts at the end are such reads, and they are not counted here.
 READ_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "item", "equal", "masked_select")
 
 
 class CountReads(TorchDispatchMode):
+    """Reads of tensor values by the host. `Tensor.tolist()` reads without dispatching on the CPU, so the fixture
+    `count_tolist` wraps it for the test (the model's intended reads are two `tolist` calls per pruned prefill)."""
+
     def __init__(self):
         super().__init__()
         self.reads = []
@@ -135,52 +136,74 @@ class CountReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture
+def count_tolist(monkeypatch):
+    calls = []
+    original = torch.Tensor.tolist
+
+    def tolist(tensor):
+        calls.append(tuple(tensor.shape))
+        return original(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    return calls
+
+
 def _padded_batch_with_a_text_only_sample():
     input_ids, attention_mask = left_pad([[1, 5, 6, 7, 8, 9, 10, 11], make_prompt(2, 5, seed=1), make_prompt(4, 3)])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": make_pixels(2)}
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_pruned_prefill_and_decode_do_not_wait_for_the_device(use_cache):
+def test_pruned_prefill_reads_the_device_twice_and_decode_never(use_cache, count_tolist):
+    """One read of the batch layout at the start, one of the kept counts at the end; nothing in between."""
     model = tiny_model()
     batch = _padded_batch_with_a_text_only_sample()
     with torch.no_grad():
         with CountReads() as stock_reads:
             stock_twin(model)(**batch, use_cache=use_cache)
+        count_tolist.clear()
         with CountReads() as prefill_reads:
             out = model(**batch, use_cache=use_cache)
+        assert prefill_reads.reads == []
+        assert count_tolist == [(3, batch["input_ids"].shape[0]), (2,)]  # layout (3 facts x batch); 2 kept counts
         assert out.llm_token_counts == (8, 5)
         if use_cache:
             next_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
             mask = torch.cat([batch["attention_mask"], torch.ones_like(next_token)], dim=1)
+            count_tolist.clear()
             with CountReads() as decode_reads:
                 model(input_ids=next_token, attention_mask=mask, past_key_values=out.past_key_values)
-            assert decode_reads.reads == []
+            assert decode_reads.reads == [] and count_tolist == []
     assert stock_reads.reads, "the counter sees stock Llava's reads (its placeholder check)"
-    assert prefill_reads.reads == []
 
 
-def test_unpadded_batch_without_attention_mask_has_no_padding_slots():
+def test_unpadded_batch_without_attention_mask_has_no_padding_slots(count_tolist):
     model = tiny_model()
     input_ids = torch.tensor([make_prompt(3, 5, seed=2), make_prompt(3, 5, seed=3)])
+    pixel_values = make_pixels(2)
+    count_tolist.clear()
     with torch.no_grad():
         with CountReads() as reads:
-            out = model(input_ids=input_ids, pixel_values=make_pixels(2), use_cache=True)
-    assert reads.reads == []
+            out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True)
+    assert reads.reads == [] and count_tolist == [(3, 2), (2,)]
     assert bool((out.kept_positions >= 0).all())
     assert all(bool((positions >= 0).all()) for positions in out.past_key_values.layer_positions)
 
 
-def test_clip_token_spans_past_the_clip_context_are_refused():
-    model = tiny_model(clip_text_encoder=TINY_CLIP_TEXT)
+@pytest.mark.parametrize("path", ["pruned", "pruning off", "no image"])
+def test_clip_token_spans_past_the_clip_context_are_refused(path):
+    """Checked in the pruned prefill's one read, and on the stock paths too (where the spans go unused)."""
+    model = tiny_model(clip_text_encoder=TINY_CLIP_TEXT, **({"schedule": None} if path == "pruning off" else {}))
     context = TINY_CLIP_TEXT["text_cfg"]["context_length"]
-    input_ids = torch.tensor([make_prompt(2, 5)])
+    input_ids = torch.tensor([make_prompt(2, 5)] if path != "no image" else [[1, 5, 6, 7, 8]])
     spans = torch.zeros(1, input_ids.shape[1], 2, dtype=torch.long)
     spans[0, -2] = torch.tensor([context - 1, context + 3])
-    with pytest.raises(ValueError, match=r"`clip_token_spans` point past `clip_input_ids` \(\d+ positions\): max"):
+    with pytest.raises(ValueError, match=rf"`clip_token_spans` point past `clip_input_ids` \({context} positions\): max "
+                       rf"{context + 3}\."):
         model(
             input_ids=input_ids,
-            pixel_values=make_pixels(1),
+            pixel_values=make_pixels(1) if path != "no image" else None,
             instruction_mask=input_ids != IMAGE_TOKEN_ID,
             clip_input_ids=torch.zeros(1, context, dtype=torch.long),
             clip_token_spans=spans,
