@@ -872,8 +872,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
 
         Layers are run in segments that see one token set: each stage-2 group, then the remaining layers. Sizes come
         from `layout` (host-side), so the loop does not wait for the device; `fully_attended` says the input had no
-        padding, `has_image` is its device-side twin of `layout.has_image`
-        (a copy of host values to a GPU would wait for it). Returns the kept counts as device tensors (read by the caller once the forward is queued).
+        padding; `has_image` is the device-side twin of `layout.has_image` (copying host values to a GPU would wait
+        for it). Returns the kept counts as device tensors, which the caller reads once the forward is queued.
         """
         config = self.config
         language_model = self.model.language_model

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
+from modeling_llava_ivtp import IvtpConfig
 from modeling_llava_ivtp.analytic_flops import llava_flops
 from modeling_llava_ivtp.cli import main
 from modeling_llava_ivtp.flops_ivtp import (

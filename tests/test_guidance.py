@@ -9,7 +9,7 @@ import torch
 from modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
 from modeling_llava_ivtp.guidance_ivtp import clip_token_features
 from reference_ivtp import reference_forward
-from tiny_models import IMAGE_TOKEN_ID, TINY_CLIP_TEXT, make_pixels, make_prompt, stock_twin, tiny_model
+from tiny_models import TINY_CLIP_TEXT, make_pixels, make_prompt, stock_twin, tiny_model
 
 
 SOT, EOT = 49406, 49407

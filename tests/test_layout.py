@@ -199,8 +199,8 @@ def test_clip_token_spans_past_the_clip_context_are_refused(path):
     input_ids = torch.tensor([make_prompt(2, 5)] if path != "no image" else [[1, 5, 6, 7, 8]])
     spans = torch.zeros(1, input_ids.shape[1], 2, dtype=torch.long)
     spans[0, -2] = torch.tensor([context - 1, context + 3])
-    with pytest.raises(ValueError, match=rf"`clip_token_spans` point past `clip_input_ids` \({context} positions\): max "
-                       rf"{context + 3}\."):
+    message = rf"`clip_token_spans` point past `clip_input_ids` \({context} positions\): max {context + 3}\."
+    with pytest.raises(ValueError, match=message):
         model(
             input_ids=input_ids,
             pixel_values=make_pixels(1) if path != "no image" else None,
