@@ -192,9 +192,6 @@ def build_models(config_dict: dict, device: torch.device, dtype: torch.dtype, se
         stock = LlavaForConditionalGeneration._from_config(
             LlavaConfig(**stock_config_dict(config_dict)), dtype=dtype, attn_implementation="sdpa"
         ).eval()
-        eager = LlavaIvtpForConditionalGeneration._from_config(
-            IvtpConfig(**copy.deepcopy(config_dict)), dtype=dtype, attn_implementation="eager"
-        ).eval()
     weights = ivtp.state_dict()
     shared = {key: value for key, value in weights.items() if not key.startswith("clip_")}
     result = stock.load_state_dict(shared, strict=False)
@@ -203,7 +200,7 @@ def build_models(config_dict: dict, device: torch.device, dtype: torch.dtype, se
             f"stock Llava and IVTP do not share their LLaVA weights: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
-    eager.load_state_dict(weights, strict=True)
+    eager = build_ivtp_model(config_dict, weights, device, dtype, attn_implementation="eager")
     return {"stock_sdpa": stock, "ivtp_sdpa": ivtp, "ivtp_eager": eager}
 
 
@@ -897,17 +894,13 @@ def draw_plot(report: dict, path: Path) -> None:
 
 
 def run(args) -> int:
+    threads_before = torch.get_num_threads()
     try:
         config_dict, config_name = _prepare_config(args)
-    except BenchError as error:
-        print(f"llava-ivtp bench: error: {error}", file=sys.stderr)
-        return 2
-    threads_before = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         return _run(args, config_dict, config_name)
-    except BenchError as error:
+    except BenchError as error:  # a bad flag, found before measuring or while measuring
         print(f"llava-ivtp bench: error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -9,7 +9,7 @@ attention probabilities that scoring needs are computed beside them from the lay
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -196,12 +196,10 @@ class _HostLayout:
 
     def append_slot(self) -> _HostLayout:
         """One more slot at the end of every row (the pseudo-CLS)."""
-        return _HostLayout(self.num_patches, self.has_image, self.last_placeholder, self.length + 1, self.pads,
-                           self.visual)
+        return replace(self, length=self.length + 1)
 
     def drop_last_slot(self) -> _HostLayout:
-        return _HostLayout(self.num_patches, self.has_image, self.last_placeholder, self.length - 1, self.pads,
-                           self.visual)
+        return replace(self, length=self.length - 1)
 
     def visual_end(self) -> int:
         """One past the last slot, over the samples with an image, that can hold a visual token: the tokens kept up
@@ -218,8 +216,9 @@ class _HostLayout:
         padding slots of shorter rows too), so rows without an image keep their length."""
         counts = [self.length - (self.visual - kept if has_image else 0) for has_image in self.has_image]
         length = max(counts)
-        return _HostLayout(self.num_patches, self.has_image, self.last_placeholder, length,
-                           [pad + length - count for pad, count in zip(self.pads, counts)], kept)
+        return replace(
+            self, length=length, pads=[pad + length - count for pad, count in zip(self.pads, counts)], visual=kept
+        )
 
 
 def _unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor, length: int, fill):
