@@ -24,6 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 from modeling_llava_ivtp import IvtpConfig
 from modeling_llava_ivtp.analytic_flops import kv_cache_bytes_per_layer
 from modeling_llava_ivtp.cache_ivtp import cache_bytes
+from modeling_llava_ivtp.transformers_compat import output_cache
 
 
 class BatchStreamer(BaseStreamer):
@@ -94,7 +95,8 @@ def main() -> None:
     theirs = stock.generate(**inputs, **settings)
     stock_seconds = time.perf_counter() - start
 
-    cache, stock_cache = ours.past_key_values, theirs.past_key_values
+    # The returned cache: `.cache` on transformers >= 5.24, `.past_key_values` on 5.23 (output_cache picks it).
+    cache, stock_cache = output_cache(ours), output_cache(theirs)
     ours_bytes, stock_bytes = cache_bytes(cache), cache_bytes(stock_cache)
     # Real (not padding) tokens each layer holds per row: the 2-D mask, extended over the generated tokens.
     full_mask = torch.cat([attention_mask, torch.ones(len(prompts), cache.get_seq_length() - longest, dtype=torch.long)], 1)

@@ -665,6 +665,8 @@ def _progress(total: int, disable: bool):
 
 def measure_batch(models: dict, config, config_dict: dict, args, batch_size: int, device, dtype, bar) -> list[dict]:
     """Every figure of every variant at one batch size."""
+    from .transformers_compat import output_cache
+
     common, guidance = build_inputs(config, batch_size, args.text_tokens, device, dtype, args.seed + batch_size)
     runners = {name: Runner(name, models[name], common, guidance, device, args.new_tokens) for name in VARIANTS}
     results = {name: {"variant": name, "batch_size": batch_size} for name in VARIANTS}
@@ -696,7 +698,7 @@ def measure_batch(models: dict, config, config_dict: dict, args, batch_size: int
         bar.set_description(f"b={batch_size} memory+cache {name}")
         with PeakMemory(device) as peak:
             output = runner.prefill()
-        per_layer = cache_bytes_per_layer(output.past_key_values)
+        per_layer = cache_bytes_per_layer(output_cache(output))
         del output
         bar.update(1)
         result["kv_cache_bytes"] = sum(per_layer)

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import math
 
-import transformers
 from huggingface_hub.dataclasses import strict
-from packaging import version
 from transformers import LlavaConfig
 
+# First: the check of the installed transformers (remote code runs it on whatever release the user has).
+from .transformers_compat import SUPPORTED_TRANSFORMERS  # noqa: F401  (re-exported)
 from .guidance_ivtp import validate_clip_text_encoder
 
-
-# The transformers releases this package is tested against. Outside this range the HF glue (encoder and decoder
-# loops, mask creation, checkpoint conversion mapping) may no longer match the library, so fail loudly.
-SUPPORTED_TRANSFORMERS = (">=5.23.0", "<6.0.0")
-_MIN_TRANSFORMERS, _MAX_TRANSFORMERS = version.parse("5.23.0"), version.parse("6.0.0")
-if not _MIN_TRANSFORMERS <= version.parse(transformers.__version__) < _MAX_TRANSFORMERS:
-    raise ImportError(
-        f"llava-ivtp supports transformers {','.join(SUPPORTED_TRANSFORMERS)}, but transformers "
-        f"{transformers.__version__} is installed. Install a supported release: "
-        f"pip install 'transformers{','.join(SUPPORTED_TRANSFORMERS)}'"
-    )
 
 SCHEDULE_STAGES = ("vision", "llm")
 # How the stage-2 pseudo-CLS is formed (paper Table 6, last row first: the paper's method is the default).
@@ -64,6 +53,10 @@ class IvtpConfig(LlavaConfig):
     Configuration of [`LlavaIvtpForConditionalGeneration`]: a [`LlavaConfig`] plus IVTP's pruning fields.
 
     Args:
+        image_seq_length (`int`, *optional*):
+            Image placeholder tokens per image. Defaults to the patches per image of the vision tower,
+            `(image_size // patch_size) ** 2` (576 for LLaVA-1.5's 336 px CLIP with patch 14); a given value that
+            differs from it is refused when pruning is on.
         group_size (`int`, *optional*, defaults to 3):
             Layers per pruning group, in the vision tower and in the LLM (paper sec. 4.1: 3). Attention rollout
             (eq. 3) aggregates the attention of a group's layers; tokens are pruned at the group's top layer.
@@ -90,6 +83,9 @@ class IvtpConfig(LlavaConfig):
 
     model_type = "llava_ivtp"
 
+    # `None`: derived from the vision geometry, `(image_size // patch_size) ** 2` (LlavaConfig's 576 holds for 336 px
+    # with patch 14 only).
+    image_seq_length: int | None = None
     group_size: int = 3
     schedule: dict | None = None
     tau: float = 0.2
@@ -98,6 +94,14 @@ class IvtpConfig(LlavaConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.image_seq_length is None:
+            vision = self.vision_config
+            if getattr(vision, "image_size", None) is None or getattr(vision, "patch_size", None) is None:
+                raise ValueError(
+                    "`image_seq_length` is not given and cannot be derived: `vision_config` has no `image_size` and "
+                    "`patch_size`. Pass `image_seq_length` (image placeholder tokens per image)."
+                )
+            self.image_seq_length = self.num_patches
         self._validate_ivtp()
 
     # --- derived geometry -------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from transformers.utils import logging
 from .cache_ivtp import IvtpCache
 from .configuration_llava_ivtp import IvtpConfig
 from .guidance_ivtp import build_clip_text_tower, clip_content_mask, clip_token_features
+from .transformers_compat import CACHE_ARG, cache_kwargs, image_output_fields, takes_cache_kwarg
 from .pruning_ivtp import (
     attention_probabilities,
     cosine_relevance,
@@ -389,13 +390,14 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
     # ------------------------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------------------------
+    @takes_cache_kwarg
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -426,7 +428,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         self._check_guidance_inputs(guidance, input_ids if input_ids is not None else inputs_embeds)
         return_dict = kwargs.pop("return_dict", None)
         # IVTP: steps after a pruned prefill attend to the pruned cache, each layer to the tokens it holds.
-        if pixel_values is None and isinstance(past_key_values, IvtpCache) and past_key_values.is_pruned:
+        if pixel_values is None and isinstance(cache, IvtpCache) and cache.is_pruned:
             given = [name for name, value in guidance.items() if value is not None]
             if given:
                 raise ValueError(
@@ -437,7 +439,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                cache=past_key_values,
+                cache=cache,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
                 logits_to_keep=logits_to_keep,
@@ -454,7 +456,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 pixel_values=pixel_values,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
@@ -462,6 +463,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 logits_to_keep=logits_to_keep,
                 use_cache=use_cache,
                 return_dict=True,
+                **cache_kwargs(cache),
                 **kwargs,
             )
             sequence = (input_ids if input_ids is not None else inputs_embeds).shape
@@ -481,7 +483,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             labels=labels,
             logits_to_keep=logits_to_keep,
@@ -522,22 +524,22 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             # pruned prefill within its one read from the device (`_read_layout`).
 
     @staticmethod
-    def _check_cache_class(past_key_values) -> None:
-        if not isinstance(past_key_values, IvtpCache):
+    def _check_cache_class(cache) -> None:
+        if not isinstance(cache, IvtpCache):
             raise ValueError(
-                f"IVTP stores a different set of tokens per layer, which a {type(past_key_values).__name__} cannot "
-                "hold (static, quantized, offloaded and compiled caches included). Pass `past_key_values=None` (an "
+                f"IVTP stores a different set of tokens per layer, which a {type(cache).__name__} cannot "
+                f"hold (static, quantized, offloaded and compiled caches included). Pass `{CACHE_ARG}=None` (an "
                 "`IvtpCache` is created) or an empty `IvtpCache`; in `generate`, leave `cache_implementation` unset."
             )
 
-    def _check_prefill_cache(self, past_key_values) -> None:
-        if past_key_values is None:
+    def _check_prefill_cache(self, cache) -> None:
+        if cache is None:
             return
-        self._check_cache_class(past_key_values)
-        if past_key_values.get_seq_length() > 0:
+        self._check_cache_class(cache)
+        if cache.get_seq_length() > 0:
             raise ValueError(
-                "IVTP prunes the image once, at prefill: `pixel_values` need an empty `past_key_values`, this one "
-                f"holds {past_key_values.get_seq_length()} tokens. To continue a conversation about the same image, "
+                f"IVTP prunes the image once, at prefill: `pixel_values` need an empty `{CACHE_ARG}`, this one "
+                f"holds {cache.get_seq_length()} tokens. To continue a conversation about the same image, "
                 "pass the whole conversation's `input_ids` with the returned cache and without `pixel_values`; "
                 "`prefill_chunk_size` cannot be used with pruning."
             )
@@ -577,7 +579,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         pixel_values,
         attention_mask,
         position_ids,
-        past_key_values,
+        cache,
         inputs_embeds,
         labels,
         logits_to_keep,
@@ -682,18 +684,18 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             pseudo_position = torch.where(image_mask, logical.position_ids, -1).amax(dim=1) + 1
             pseudo_position = torch.where(images_per_sample > 0, pseudo_position, logical.position_ids.amax(dim=1) + 1)
 
-        self._check_prefill_cache(past_key_values)
+        self._check_prefill_cache(cache)
         if not use_cache:
-            past_key_values = None
-        elif past_key_values is None:
-            past_key_values = IvtpCache(config=config.text_config)
+            cache = None
+        elif cache is None:
+            cache = IvtpCache(config=config.text_config)
 
         hidden_states, tokens, llm_keep, llm_counts, all_hidden = self._run_language_model(
-            tokens, layout, fully_attended, images_per_sample > 0, pseudo, pseudo_position, past_key_values, use_cache,
+            tokens, layout, fully_attended, images_per_sample > 0, pseudo, pseudo_position, cache, use_cache,
             **kwargs,
         )
         if use_cache:
-            past_key_values.set_logical_length(sequence_length)
+            cache.set_logical_length(sequence_length)
 
         kept_positions = tokens.positions
         hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
@@ -712,9 +714,9 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         return IvtpCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden,
-            image_hidden_states=image_features,
+            **cache_kwargs(cache),
+            **image_output_fields(image_features),
             kept_positions=kept_positions,
             vision_keep_indices=vision["keep_indices"],
             llm_keep_indices=llm_keep,
@@ -918,7 +920,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                     hidden_states,
                     attention_mask=mask,
                     position_ids=tokens.position_ids,
-                    past_key_values=cache,
+                    **cache_kwargs(cache),
                     use_cache=use_cache,
                     position_embeddings=position_embeddings,
                     **kwargs,
@@ -1044,7 +1046,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 config=self.config.text_config,
                 inputs_embeds=hidden_states,
                 attention_mask=kv_mask,
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 position_ids=None,
                 layer_idx=first,
                 # IVTP: an explicit mask per segment; checking whether it could be skipped reads the device, once
@@ -1058,7 +1060,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                     hidden_states,
                     attention_mask=mask,
                     position_ids=position_ids,
-                    past_key_values=cache,
+                    **cache_kwargs(cache),
                     use_cache=True,
                     position_embeddings=position_embeddings,
                     **kwargs,
@@ -1079,8 +1081,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         return IvtpCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=cache,
             hidden_states=all_hidden,
+            **cache_kwargs(cache),
             kept_positions=slice_logits_to_keep(new_positions.unsqueeze(-1), logits_to_keep)[..., 0],
         )
 
@@ -1089,11 +1091,11 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
     # ------------------------------------------------------------------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """IVTP: `generate` gets an `IvtpCache`; caches that cannot hold per-layer token sets are refused up front."""
-        if self.config.pruning_enabled and model_kwargs.get("past_key_values") is not None:
-            self._check_cache_class(model_kwargs["past_key_values"])
+        if self.config.pruning_enabled and model_kwargs.get(CACHE_ARG) is not None:
+            self._check_cache_class(model_kwargs[CACHE_ARG])
         if (
             not self.config.pruning_enabled
-            or model_kwargs.get("past_key_values") is not None
+            or model_kwargs.get(CACHE_ARG) is not None
             or generation_config.use_cache is False
         ):
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
@@ -1103,13 +1105,14 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 "(each layer holds a different set of tokens, so static, quantized, offloaded and compiled caches do "
                 "not apply). Leave `cache_implementation` unset: an `IvtpCache` (a `DynamicCache`) is used."
             )
-        model_kwargs["past_key_values"] = IvtpCache(config=self.config.text_config)
+        model_kwargs[CACHE_ARG] = IvtpCache(config=self.config.text_config)
 
+    @takes_cache_kwarg
     def prepare_inputs_for_generation(
         self,
         input_ids,
         next_sequence_length=None,
-        past_key_values=None,
+        cache=None,
         attention_mask=None,
         inputs_embeds=None,
         is_first_iteration=False,
@@ -1125,7 +1128,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,
-            past_key_values=past_key_values,
+            **cache_kwargs(cache),
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,
@@ -1162,7 +1165,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 config=self.config.text_config,
                 inputs_embeds=tokens.hidden_states,
                 attention_mask=None if unpadded else tokens.attention_mask,
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 position_ids=None,  # kept positions have gaps: they must not be read as packed sequences
                 layer_idx=layer_idx,
                 allow_is_causal_skip=unpadded,  # with padding, skip the backend's check (a read of the device)

@@ -15,6 +15,7 @@ import torch
 from modeling_llava_ivtp import IvtpConfig
 from modeling_llava_ivtp.analytic_flops import llava_flops
 from modeling_llava_ivtp.cli import main
+from modeling_llava_ivtp.transformers_compat import output_cache
 from modeling_llava_ivtp.flops_ivtp import (
     WeightFreeMode,
     build_weight_free,
@@ -123,7 +124,7 @@ def test_stage_2_scoring_reuses_the_layers_keys_and_values_from_the_cache():
     recomputed, _, _ = count_forward(model, inputs, weight_free=False, use_cache=False)
     kv_width = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
     stage_2_layers = range(model.config.group_size * len(model.config.schedule["llm"]))
-    tokens_per_layer = [layer.keys.shape[-2] for layer in output.past_key_values.layers]
+    tokens_per_layer = [layer.keys.shape[-2] for layer in output_cache(output).layers]
     for layer_idx in stage_2_layers:
         own_call = 2 * (tokens_per_layer[layer_idx] + 1) * text.hidden_size * kv_width  # + 1: the pseudo-CLS
         for projection in ("k_proj", "v_proj"):

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, StaticCache, TextIteratorStreamer
 
 from modeling_llava_ivtp import IvtpCache
+from modeling_llava_ivtp.transformers_compat import CACHE_ARG, cache_kwargs, output_cache
 from tiny_models import (
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
@@ -119,7 +120,7 @@ def test_cache_after_prefill_holds_the_schedule_layer_by_layer(model, batch3):
     """TINY_SCHEDULE, group_size 2: layers 0-1 hold stage 1's 12 visual tokens, 2-3 hold 8, 4-7 hold 5 (+ text)."""
     with torch.no_grad():
         out = model(**batch3, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     mask = batch3["attention_mask"].bool()
     text_per_sample = (mask.sum(dim=1) - 36).tolist()
     longest_text = max(text_per_sample)
@@ -142,7 +143,7 @@ def test_cache_after_prefill_holds_the_schedule_layer_by_layer(model, batch3):
 
     # Each decode step adds one token to every layer, at the next logical position.
     generated = model.generate(**batch3, max_new_tokens=5, return_dict_in_generate=True, **FIXED)
-    decoded = generated.past_key_values
+    decoded = output_cache(generated)
     assert [layer.keys.shape[-2] for layer in decoded.layers] == [longest_text + v + 4 for v in visual_per_layer]
     assert decoded.get_seq_length() == batch3["input_ids"].shape[1] + 4
     last = batch3["input_ids"].shape[1] + 3
@@ -172,7 +173,7 @@ def test_sdpa_and_eager_generate_the_same_tokens(batch3):
 
 def test_multi_turn_continuation_equals_the_whole_conversation_from_scratch(model, batch3):
     first = model.generate(**batch3, max_new_tokens=10, return_dict_in_generate=True, **FIXED)
-    cache = first.past_key_values
+    cache = output_cache(first)
     second_turn = torch.randint(3, 80, (3, 6), generator=torch.Generator().manual_seed(11))
     conversation = torch.cat([first.sequences, second_turn], dim=1)
     attention_mask = torch.cat(
@@ -180,7 +181,7 @@ def test_multi_turn_continuation_equals_the_whole_conversation_from_scratch(mode
         dim=1,
     )
     continued = model.generate(
-        input_ids=conversation, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=12, **FIXED
+        input_ids=conversation, attention_mask=attention_mask, **cache_kwargs(cache), max_new_tokens=12, **FIXED
     )
     from_scratch = model.generate(
         input_ids=conversation, attention_mask=attention_mask, pixel_values=batch3["pixel_values"],
@@ -208,7 +209,7 @@ def test_keep_all_schedule_generates_like_stock_llava(batch3):
     stock = stock_twin(model)
     ours = model.generate(**batch3, max_new_tokens=20, output_logits=True, return_dict_in_generate=True, **FIXED)
     theirs = stock.generate(**batch3, max_new_tokens=20, output_logits=True, return_dict_in_generate=True, **FIXED)
-    assert isinstance(ours.past_key_values, IvtpCache) and ours.past_key_values.is_pruned
+    assert isinstance(output_cache(ours), IvtpCache) and output_cache(ours).is_pruned
     assert torch.equal(ours.sequences, theirs.sequences)
     for a, b in zip(ours.logits, theirs.logits):
         assert (a - b).abs().max() <= 1e-5
@@ -282,7 +283,7 @@ def test_guidance_inputs_reach_the_prefill_step_only(model, batch3):
     `use_cache=False` every step prunes, so it comes every step, zero-padded over the generated tokens."""
     instruction_mask = batch3["attention_mask"].bool() & (batch3["input_ids"] != IMAGE_TOKEN_ID)
     inputs = dict(batch3, instruction_mask=instruction_mask, use_cache=True)
-    prefill = model.prepare_inputs_for_generation(past_key_values=IvtpCache(), is_first_iteration=True, **inputs)
+    prefill = model.prepare_inputs_for_generation(**cache_kwargs(IvtpCache()), is_first_iteration=True, **inputs)
     assert torch.equal(prefill["instruction_mask"], instruction_mask)
     longer = torch.cat([batch3["input_ids"], torch.full((3, 1), 5)], dim=1)
     decode = model.prepare_inputs_for_generation(
@@ -306,7 +307,7 @@ def test_guidance_inputs_reach_the_prefill_step_only(model, batch3):
 @pytest.fixture()
 def prefilled(model, batch3):
     with torch.no_grad():
-        return model(**batch3, use_cache=True).past_key_values
+        return output_cache(model(**batch3, use_cache=True))
 
 
 def _snapshot(cache):
@@ -337,7 +338,7 @@ def test_crop_removes_generated_tokens_and_refuses_cutting_into_images(model, ba
     with torch.no_grad():
         model(
             input_ids=torch.full((3, 2), 5), attention_mask=torch.ones(3, prompt_length + 2, dtype=torch.long),
-            past_key_values=prefilled,
+            **cache_kwargs(prefilled),
         )
     assert prefilled.get_seq_length() == prompt_length + 2
     prefilled.crop(0)
@@ -369,23 +370,23 @@ def test_user_caches_other_than_ivtp_cache_are_refused(model, batch3, cache_clas
     kwargs = {"max_cache_len": 256} if cache_class is StaticCache else {}
     cache = cache_class(config=model.config.text_config, **kwargs)
     with pytest.raises(ValueError, match="IvtpCache"):
-        model.generate(**batch3, max_new_tokens=2, past_key_values=cache, **GREEDY)
+        model.generate(**batch3, max_new_tokens=2, **cache_kwargs(cache), **GREEDY)
 
 
 def test_new_image_with_a_filled_cache_is_refused(model, batch3, prefilled):
-    with pytest.raises(ValueError, match="empty `past_key_values`"):
+    with pytest.raises(ValueError, match=f"empty `{CACHE_ARG}`"):
         with torch.no_grad():
-            model(**batch3, past_key_values=prefilled)
+            model(**batch3, **cache_kwargs(prefilled))
     with pytest.raises(ValueError, match="instruction_mask"):
         with torch.no_grad():
             model(
                 input_ids=torch.full((3, 1), 5), instruction_mask=torch.ones(3, 1, dtype=torch.bool),
                 attention_mask=torch.ones(3, batch3["input_ids"].shape[1] + 1, dtype=torch.long),
-                past_key_values=prefilled,
+                **cache_kwargs(prefilled),
             )
     with pytest.raises(ValueError, match="attention_mask"):
         with torch.no_grad():
-            model(input_ids=torch.full((3, 1), 5), attention_mask=torch.ones(3, 4), past_key_values=prefilled)
+            model(input_ids=torch.full((3, 1), 5), attention_mask=torch.ones(3, 4), **cache_kwargs(prefilled))
 
 
 def test_text_only_prompts_generate_through_the_stock_path(model):
@@ -406,12 +407,12 @@ def test_measured_cache_bytes_equal_the_analytic_count(model):
     with torch.no_grad():
         out = model(input_ids=torch.tensor([prompt]), pixel_values=make_pixels(1), use_cache=True)
     text_tokens = len(prompt) - 36
-    measured = cache_bytes(out.past_key_values)
+    measured = cache_bytes(output_cache(out))
     assert measured == kv_cache_bytes_per_layer(model.config, text_tokens, bytes_per_value=4)
     assert measured[0] == 2 * 2 * 8 * (text_tokens + 12) * 4  # K and V, 2 kv heads of 8 dims, fp32
     stock = stock_twin(model)
     with torch.no_grad():
-        stock_cache = stock(input_ids=torch.tensor([prompt]), pixel_values=make_pixels(1), use_cache=True).past_key_values
+        stock_cache = output_cache(stock(input_ids=torch.tensor([prompt]), pixel_values=make_pixels(1), use_cache=True))
     assert cache_bytes(stock_cache) == [2 * 2 * 8 * len(prompt) * 4] * 8
 
 

@@ -8,6 +8,7 @@ import torch
 
 from modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
 from modeling_llava_ivtp.guidance_ivtp import clip_token_features
+from modeling_llava_ivtp.transformers_compat import output_image_features
 from reference_ivtp import reference_forward
 from tiny_models import TINY_CLIP_TEXT, make_pixels, make_prompt, stock_twin, tiny_model
 
@@ -135,7 +136,7 @@ def test_the_question_steers_stage_2_toward_the_patches_it_names():
     prompt_a[question_slot], prompt_b[question_slot] = word_a, word_b
     pixels = make_pixels(1)
     with torch.no_grad():
-        features = model(input_ids=torch.tensor([prompt_a]), pixel_values=pixels, use_cache=False).image_hidden_states[0]
+        features = output_image_features(model(input_ids=torch.tensor([prompt_a]), pixel_values=pixels, use_cache=False))[0]
         embeddings = model.get_input_embeddings()
         top_left = [0, 1, 6, 7]
         bottom_right = [28, 29, 34, 35]

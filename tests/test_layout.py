@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_llava_ivtp.modeling_llava_ivtp import _HostLayout, _pack_rows, _TokenSet, _true_indices, _unpack
+from modeling_llava_ivtp.transformers_compat import cache_kwargs, output_cache
 from tiny_models import IMAGE_TOKEN_ID, TINY_CLIP_TEXT, left_pad, make_pixels, make_prompt, stock_twin, tiny_model
 
 
@@ -173,7 +174,7 @@ def test_pruned_prefill_reads_the_device_twice_and_decode_never(use_cache, count
             mask = torch.cat([batch["attention_mask"], torch.ones_like(next_token)], dim=1)
             count_tolist.clear()
             with CountReads() as decode_reads:
-                model(input_ids=next_token, attention_mask=mask, past_key_values=out.past_key_values)
+                model(input_ids=next_token, attention_mask=mask, **cache_kwargs(output_cache(out)))
             assert decode_reads.reads == [] and count_tolist == []
     assert stock_reads.reads, "the counter sees stock Llava's reads (its placeholder check)"
 
@@ -188,7 +189,7 @@ def test_unpadded_batch_without_attention_mask_has_no_padding_slots(count_tolist
             out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True)
     assert reads.reads == [] and count_tolist == [(3, 2), (2,)]
     assert bool((out.kept_positions >= 0).all())
-    assert all(bool((positions >= 0).all()) for positions in out.past_key_values.layer_positions)
+    assert all(bool((positions >= 0).all()) for positions in output_cache(out).layer_positions)
 
 
 @pytest.mark.parametrize("path", ["pruned", "pruning off", "no image"])

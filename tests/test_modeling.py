@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration
 
 from modeling_llava_ivtp import IvtpCache, IvtpConfig, LlavaIvtpForConditionalGeneration
+from modeling_llava_ivtp.transformers_compat import cache_kwargs, output_cache, output_image_features
 from reference_ivtp import reference_forward
 from tiny_models import (
     IMAGE_TOKEN_ID,
@@ -71,7 +72,7 @@ def test_pruned_forward_equals_reference(name, use_cache):
     batch = make_batch()
     with torch.no_grad():
         out = model(**batch, use_cache=use_cache)
-    assert isinstance(out.past_key_values, IvtpCache) == use_cache
+    assert isinstance(output_cache(out), IvtpCache) == use_cache
     for row in range(2):
         valid = batch["attention_mask"][row].bool()
         offset = int((~valid).sum())
@@ -159,7 +160,7 @@ def test_sequence_really_shrinks_and_counts_follow_the_schedule():
     assert out.vision_token_counts == (24, 16, 12)
     assert out.llm_token_counts == (8, 5)
     assert out.vision_keep_indices.shape == (2, 12)
-    assert out.image_hidden_states.shape == (2, 12, 32)
+    assert output_image_features(out).shape == (2, 12, 32)
     # the rows of logits at image positions are exactly the last group's kept patches
     for row in range(2):
         image_start = int((batch["input_ids"][row] == IMAGE_TOKEN_ID).nonzero()[0])
@@ -228,7 +229,7 @@ def test_use_cache_holds_the_pruned_tokens_per_layer():
     batch = make_batch()
     with torch.no_grad():
         out = model(**batch, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, IvtpCache)
     text_tokens = batch["input_ids"].shape[1] - 36
     expected = [12, 12, 8, 8, 5, 5, 5, 5]  # tokens per layer: stage 1's 12, then the llm schedule (groups of 2)
@@ -259,7 +260,7 @@ def test_llava_7b_geometry_with_the_7b_preset():
         out = model(input_ids=input_ids, pixel_values=torch.randn(1, 3, 336, 336), use_cache=True)
     assert out.vision_token_counts == tuple(config.schedule["vision"]) == (472, 392, 320, 264, 224, 184, 152, 120)
     assert out.llm_token_counts == tuple(config.schedule["llm"]) and out.llm_token_counts[-1] == 64
-    per_layer = [layer.keys.shape[-2] - 7 for layer in out.past_key_values.layers]
+    per_layer = [layer.keys.shape[-2] - 7 for layer in output_cache(out).layers]
     assert per_layer == [120] * 3 + [104] * 3 + [88] * 3 + [72] * 3 + [64] * 20
     assert out.logits.shape[1] == 7 + 64
 
@@ -372,7 +373,7 @@ def test_cache_must_be_an_ivtp_cache():
     model = tiny_model()
     with pytest.raises(ValueError, match="IvtpCache"):
         with torch.no_grad():
-            model(**make_batch(), past_key_values=DynamicCache(), use_cache=True)
+            model(**make_batch(), **cache_kwargs(DynamicCache()), use_cache=True)
 
 
 def test_stock_llava_class_is_untouched():
@@ -409,4 +410,4 @@ def test_bfloat16_keeps_the_float32_tokens():
         assert torch.equal(out.kept_positions, reference.kept_positions)
         real = batch["attention_mask"].gather(1, out.kept_positions.clamp_min(0)).bool() & (out.kept_positions >= 0)
         assert (out.logits.float()[real] - reference.logits[real]).abs().max() <= 0.02
-    assert cached.past_key_values.layers[0].keys.dtype == torch.bfloat16
+    assert output_cache(cached).layers[0].keys.dtype == torch.bfloat16

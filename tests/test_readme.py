@@ -5,7 +5,8 @@ Every ```python / ```bash block of the README is preceded by `<!-- test: NAME --
 bottom); bash blocks run in `bash -e` with this interpreter first on PATH. The only edits are the placeholders in
 `PLACEHOLDERS`: the real models' sources become tiny files written here (a llava-hf-format LLaVA, an open_clip-format
 CLIP, a preset for their shapes), and a real fine-tune's length becomes two steps. `--push-to-hub` cannot reach the
-hub offline: the publish block runs with `huggingface_hub.HfApi` replaced by a recorder.
+hub offline: the publish block runs with `huggingface_hub.HfApi` replaced by a recorder. On transformers 5.23 the
+README's note on the cache's name applies (`cache` -> `past_key_values`).
 """
 
 import contextlib
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from modeling_llava_ivtp.transformers_compat import CACHE_ARG
 from tiny_models import RecordingHubApi, make_images, tiny_config_dict, write_color_dataset, write_llava_hf, write_open_clip
 
 
@@ -52,6 +54,8 @@ def workspace(tmp_path_factory):
         "configuration/llava-1.5-7b-ivtp.json": str(sources / "tiny-preset.json"),
         "--max-steps 1000": "--max-steps 2",
     }
+    if CACHE_ARG == "past_key_values":  # transformers 5.23, as the README's note says
+        placeholders.update({"generated.cache": "generated.past_key_values", "cache=cache": "past_key_values=cache"})
     return folder, placeholders
 
 
