@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
@@ -40,6 +41,42 @@ def resolve_feature_layer_count(vision_feature_layer: int, num_vision_layers: in
             f"vision tower; allowed: 1..{num_vision_layers} or -{num_vision_layers}..-1."
         )
     return count
+
+
+def _check_group_size(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`group_size` must be an integer >= 1 (layers per pruning group), got {value!r}.")
+    return int(value)
+
+
+def _check_tau(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`tau` must be a number in [-1, 1] (a cosine similarity threshold), got {value!r}.")
+    if not -1.0 <= value <= 1.0:
+        raise ValueError(f"`tau` must be in [-1, 1] (a cosine similarity threshold), got {value}.")
+    return float(value)
+
+
+def _check_guidance(value) -> str:
+    if not isinstance(value, str) or value not in GUIDANCE_MODES:
+        raise ValueError(f"`guidance` must be one of {list(GUIDANCE_MODES)}, got {value!r}.")
+    return value
+
+
+def _check_clip_text_encoder(value) -> dict | None:
+    if value is not None:
+        validate_clip_text_encoder(value)
+    return value
+
+
+# IVTP fields whose rules need no other field: checked (and integral / real numbers stored as int / float) on
+# assignment (`IvtpConfig.__setattr__`).
+_FIELD_CHECKS = {
+    "group_size": _check_group_size,
+    "tau": _check_tau,
+    "clip_text_encoder": _check_clip_text_encoder,
+    "guidance": _check_guidance,
+}
 
 
 def layer_groups(num_layers: int, group_size: int) -> list[tuple[int, int]]:
@@ -102,7 +139,7 @@ class IvtpConfig(LlavaConfig):
                     "`patch_size`. Pass `image_seq_length` (image placeholder tokens per image)."
                 )
             self.image_seq_length = self.num_patches
-        self._validate_ivtp()
+        self.check_ivtp()
 
     # --- derived geometry -------------------------------------------------------------------------------------
     @property
@@ -127,20 +164,27 @@ class IvtpConfig(LlavaConfig):
         return self.schedule is not None
 
     # --- validation -------------------------------------------------------------------------------------------
-    def _validate_ivtp(self) -> None:
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"`group_size` must be an integer >= 1 (layers per pruning group), got {self.group_size!r}.")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau):
-            raise ValueError(f"`tau` must be a number in [-1, 1] (a cosine similarity threshold), got {self.tau!r}.")
-        if not -1.0 <= self.tau <= 1.0:
-            raise ValueError(f"`tau` must be in [-1, 1] (a cosine similarity threshold), got {self.tau}.")
-        if self.clip_text_encoder is not None:
-            validate_clip_text_encoder(self.clip_text_encoder)
-        if self.guidance not in GUIDANCE_MODES:
-            raise ValueError(f"`guidance` must be one of {list(GUIDANCE_MODES)}, got {self.guidance!r}.")
-        if self.schedule is None:
-            return
-        self._validate_schedule()
+    def __setattr__(self, name, value):
+        # IVTP's single-field rules hold on assignment too (`config.tau = nan`, `from_pretrained(path, tau=nan)`),
+        # checked before the value is stored. The schedule depends on other fields (geometry, group size): it is
+        # checked whole by `check_ivtp`, which the model runs whenever it uses the config and before saving.
+        check = _FIELD_CHECKS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
+
+    def check_ivtp(self) -> None:
+        """Check every IVTP field and the schedule against the geometry; the same errors as at construction.
+
+        The model calls this on every forward, in `generate` and before saving, so a field edited after
+        construction is never used, nor saved, unchecked."""
+        for name, check in _FIELD_CHECKS.items():
+            check(getattr(self, name))
+        if self.schedule is not None:
+            self._validate_schedule()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As [`PretrainedConfig.save_pretrained`], after `check_ivtp`: never writes a config that loading refuses."""
+        self.check_ivtp()
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _validate_schedule(self) -> None:
         schedule = self.schedule
@@ -176,13 +220,17 @@ class IvtpConfig(LlavaConfig):
             )
 
         available = self.num_patches
+        normalized = {}
         for stage in SCHEDULE_STAGES:
             counts = schedule[stage]
             if not isinstance(counts, (list, tuple)):
                 raise ValueError(f'`schedule["{stage}"]` must be a list of token counts, got {type(counts).__name__}.')
+            normalized[stage] = []
             for index, count in enumerate(counts):
-                if isinstance(count, bool) or not isinstance(count, int):
+                if isinstance(count, bool) or not isinstance(count, numbers.Integral):
                     raise ValueError(f'`schedule["{stage}"][{index}]` must be an int, got {count!r}.')
+                count = int(count)  # numpy and other integral numbers are stored as plain ints (JSON)
+                normalized[stage].append(count)
                 if count < 1:
                     raise ValueError(
                         f'`schedule["{stage}"][{index}]` = {count}: every group must keep at least 1 token.'
@@ -215,7 +263,9 @@ class IvtpConfig(LlavaConfig):
                 f"{self.group_size * len(schedule['llm'])} layers, more than the LLM's {num_llm_layers}; at most "
                 f"{num_llm_layers // self.group_size} entries are allowed."
             )
-        self.schedule = {stage: list(schedule[stage]) for stage in SCHEDULE_STAGES}
+        plain = all(type(schedule[stage]) is list and all(type(c) is int for c in schedule[stage]) for stage in SCHEDULE_STAGES)
+        if not plain or list(schedule) != list(SCHEDULE_STAGES):
+            self.schedule = normalized
 
 
 # Remote code: `save_pretrained` copies this file (and what it imports) and writes `auto_map["AutoConfig"]`.

@@ -321,7 +321,9 @@ def convert(
     settings.update({key: getattr(preset_config, key) for key in PRESET_IVTP_FIELDS}, clip_text_encoder=spec)
     config = IvtpConfig(**settings)
 
-    model, info = LlavaIvtpForConditionalGeneration.from_pretrained(llava, config=config, dtype=DTYPES[dtype], output_loading_info=True)
+    model, info = LlavaIvtpForConditionalGeneration.from_pretrained(
+        llava, config=config, dtype=DTYPES[dtype], output_loading_info=True, clip_text_tower_loaded_later=True
+    )
     not_clip = [key for key in info["missing_keys"] if not key.startswith(("clip_text_model.", "clip_visual_projection."))]
     problems = {"missing": not_clip, "unexpected": info["unexpected_keys"], "mismatched": info["mismatched_keys"]}
     if any(problems.values()):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
-from transformers import LlavaForConditionalGeneration
+from transformers import GenerationMixin, LlavaForConditionalGeneration
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -33,6 +33,16 @@ from .cache_ivtp import IvtpCache
 from .configuration_llava_ivtp import IvtpConfig
 from .guidance_ivtp import build_clip_text_tower, clip_content_mask, clip_token_features
 from .transformers_compat import CACHE_ARG, cache_kwargs, image_output_fields, takes_cache_kwarg
+from .validation_ivtp import (
+    check_guidance_shapes,
+    check_output_requests,
+    check_pixel_values,
+    check_sequence_inputs,
+    check_values,
+    hidden_state_selection,
+    read_rows,
+    value_rows,
+)
 from .pruning_ivtp import (
     attention_probabilities,
     cosine_relevance,
@@ -232,13 +242,6 @@ def _unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.
     return out.scatter(1, target, values)[:, :length]
 
 
-def _check_span_range(largest_end: int, clip_context: int) -> None:
-    if largest_end > clip_context:
-        raise ValueError(
-            f"`clip_token_spans` point past `clip_input_ids` ({clip_context} positions): max {largest_end}."
-        )
-
-
 def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the `True` entries of each row of `mask`, in order, `(rows, count)`: every row has exactly `count`.
 
@@ -265,11 +268,14 @@ def _pack_rows(keep: torch.Tensor, max_kept: int) -> tuple[torch.Tensor, torch.T
     return packed.clamp_min(0), slot_valid
 
 
+# The modules IVTP adds to Llava (instruction guidance); llava-hf checkpoints lack them.
+CLIP_PARTS = ("clip_text_model.", "clip_visual_projection.")
+
 # Attention implementations stage 2 runs with: they take the 4-D mask that isolates the pseudo-CLS.
 STAGE_2_ATTENTION = ("sdpa", "eager")
 
 
-class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
+class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, GenerationMixin):
     """LLaVA-1.5 with Instruction-guided Visual Token Pruning (IVTP).
 
     Same modules and parameter names as [`LlavaForConditionalGeneration`], so llava-hf checkpoints load unchanged.
@@ -300,6 +306,39 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             self.clip_text_model.eval()
         if config.pruning_enabled and config.schedule["llm"]:
             self._check_llm_supports_scoring()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As [`PreTrainedModel.from_pretrained`], but a checkpoint that lacks the weights of the CLIP text tower its
+        config names (`config.clip_text_encoder`) is refused: guidance would run on random weights.
+
+        `clip_text_tower_loaded_later=True` lets them be missing for a caller that fills them itself (the converter).
+        """
+        loaded_later = kwargs.pop("clip_text_tower_loaded_later", False)
+        with_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        missing = sorted(key for key in info["missing_keys"] if key.startswith(CLIP_PARTS))
+        if missing and not loaded_later:
+            raise ValueError(
+                f"`config.clip_text_encoder` names a CLIP text tower, but {pretrained_model_name_or_path} has no weights "
+                f"for it ({len(missing)} missing, e.g. {missing[:3]}): instruction guidance would run on random "
+                "weights. Convert the llava-hf checkpoint with `llava-ivtp convert --llava ... --clip ARCH:TAG`, which "
+                "adds the tower and `clip_visual_projection` from the CLIP the vision tower came from, or load with "
+                "`clip_text_encoder=None` (stage 2 then prunes with the visual CLS)."
+            )
+        return (model, info) if with_info else model
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """`False`: weights this class initialises (missing from a checkpoint, or a new model) get each submodel's own
+        init, as stock Llava's do (the CLIP vision tower CLIP's, the decoder Llama's).
+
+        transformers treats every class defined outside it as custom code whose init may write parameters without
+        its guarded `transformers.initialization` functions, and then skips any module without parameters of its own
+        (CLIP's attention and MLP blocks set their projections' scales there, so those would keep the generic
+        std 0.02). This class initialises only through those functions (`_init_weights` below), so the shortcut is
+        not needed."""
+        return False
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -353,7 +392,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         attention = self.model.language_model.layers[0].self_attn
         return getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
 
-    def _check_prunable_inputs(self, pixel_values, vision_feature_layer, vision_feature_select_strategy, kwargs):
+    def _check_prunable_inputs(self, vision_feature_layer, vision_feature_select_strategy, kwargs):
         if vision_feature_layer is not None and vision_feature_layer != self.config.vision_feature_layer:
             raise ValueError(
                 f"`vision_feature_layer`={vision_feature_layer} differs from the config's "
@@ -370,14 +409,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         for name in ("image_sizes", "mm_encoder_outputs"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"`{name}` is not supported with IVTP pruning: pass `pixel_values` (LLaVA-1.5 images).")
-        if kwargs.get("output_attentions"):
-            raise ValueError(
-                "`output_attentions=True` is not supported with IVTP pruning: layers see different token sets."
-            )
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"`pixel_values` must be `(num_images, channels, height, width)`, got shape {tuple(pixel_values.shape)}."
-            )
         attn_implementation = self.config.text_config._attn_implementation or ""
         if self.config.schedule["llm"] and attn_implementation not in STAGE_2_ATTENTION:
             raise ValueError(
@@ -425,16 +456,38 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         `kept_positions` says which `input_ids` index each row belongs to.
         """
         guidance = {"instruction_mask": instruction_mask, "clip_input_ids": clip_input_ids, "clip_token_spans": clip_token_spans}
-        self._check_guidance_inputs(guidance, input_ids if input_ids is not None else inputs_embeds)
         return_dict = kwargs.pop("return_dict", None)
+        config = self.config
+        config.check_ivtp()  # fields edited after construction are checked before they are used
+        pruned_cache = isinstance(cache, IvtpCache) and cache.is_pruned
+        pruning = config.pruning_enabled and (pixel_values is not None or pruned_cache)
+        if config.pruning_enabled and pixel_values is not None:
+            self._check_prefill_cache(cache)  # first: an image after a filled cache is the thing to say
+        check_sequence_inputs(
+            config, input_ids, inputs_embeds, attention_mask, position_ids, labels,
+            past_length=cache.get_seq_length() if isinstance(cache, Cache) else 0, pruning=pruning,
+        )
+        check_guidance_shapes(config, guidance, input_ids if input_ids is not None else inputs_embeds)
+        if pixel_values is not None:
+            check_pixel_values(config, pixel_values)
+        request = kwargs.pop("output_hidden_states", None)
+        if request is None:
+            request = config.output_hidden_states or config.text_config.output_hidden_states
+        selection = hidden_state_selection(request, config.text_config.num_hidden_layers)
+        if pruning:
+            check_output_requests(config, kwargs)
+            if config.schedule["llm"]:
+                self._check_llm_supports_scoring()
         # IVTP: steps after a pruned prefill attend to the pruned cache, each layer to the tokens it holds.
-        if pixel_values is None and isinstance(cache, IvtpCache) and cache.is_pruned:
+        if pixel_values is None and pruned_cache:
             given = [name for name, value in guidance.items() if value is not None]
             if given:
                 raise ValueError(
                     f"{given} guide pruning at prefill; they cannot be passed with a cache that was already pruned "
                     "(decode steps and conversation continuations take only the new tokens' inputs)."
                 )
+            if input_ids is not None and input_ids.device.type == "cpu":  # free to read on the CPU only
+                check_values(config, read_rows(value_rows(input_ids, {}, input_ids.device)), {})
             outputs = self._forward_with_pruned_cache(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -443,14 +496,12 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 inputs_embeds=inputs_embeds,
                 labels=labels,
                 logits_to_keep=logits_to_keep,
+                output_hidden_states=selection is not False,
                 **kwargs,
             )
-            return outputs if return_dict is not False else outputs.to_tuple()
         # IVTP: without a schedule or without images this is stock Llava (samples without an image pass unpruned).
-        if not self.config.pruning_enabled or pixel_values is None:
-            spans, clip_ids = guidance["clip_token_spans"], guidance["clip_input_ids"]
-            if spans is not None and clip_ids is not None and spans.numel():  # unused here, but checked as given
-                _check_span_range(int(spans.max()), clip_ids.shape[1])
+        elif not config.pruning_enabled or pixel_values is None:
+            self._check_unpruned_values(input_ids, inputs_embeds, pixel_values, cache, guidance)
             outputs = super().forward(
                 input_ids=input_ids,
                 pixel_values=pixel_values,
@@ -463,6 +514,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 logits_to_keep=logits_to_keep,
                 use_cache=use_cache,
                 return_dict=True,
+                # An index list is selected below (stock 5.24 fails on one when images are given).
+                output_hidden_states=selection is not False,
                 **cache_kwargs(cache),
                 **kwargs,
             )
@@ -471,57 +524,54 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             outputs = IvtpCausalLMOutputWithPast(
                 **outputs, kept_positions=slice_logits_to_keep(kept_positions.unsqueeze(-1), logits_to_keep)[..., 0]
             )
-            return outputs if return_dict is not False else outputs.to_tuple()
-        self._check_prunable_inputs(pixel_values, vision_feature_layer, vision_feature_select_strategy, kwargs)
-        use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
-        if use_cache and self.training and self.is_activation_checkpointing:
-            # As the stock decoder does: checkpointed layers recompute their forward and cannot fill a cache.
-            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing in training; using `use_cache=False`.")
-            use_cache = False
-        outputs = self._forward_pruned(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            guidance=guidance,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        else:
+            self._check_prunable_inputs(vision_feature_layer, vision_feature_select_strategy, kwargs)
+            use_cache = use_cache if use_cache is not None else config.text_config.use_cache
+            if use_cache and self.training and self.is_activation_checkpointing:
+                # As the stock decoder does: checkpointed layers recompute their forward and cannot fill a cache.
+                logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing in training; using `use_cache=False`.")
+                use_cache = False
+            outputs = self._forward_pruned(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                guidance=guidance,
+                use_cache=use_cache,
+                output_hidden_states=selection is not False,
+                **kwargs,
+            )
+        if selection and outputs.hidden_states is not None:  # an index selection: the others are None, as stock
+            outputs.hidden_states = tuple(
+                hidden if index in selection else None for index, hidden in enumerate(outputs.hidden_states)
+            )
         return outputs if return_dict is not False else outputs.to_tuple()
 
-    @staticmethod
-    def _check_guidance_inputs(guidance: dict, reference: torch.Tensor | None) -> None:
-        """Shapes and dtypes of the processor's guidance tensors, each error naming the field and what is allowed."""
-        expected = None if reference is None else tuple(reference.shape[:2])
-        integer_types = (torch.bool, torch.long, torch.int, torch.int16, torch.int8, torch.uint8)
-        mask, clip_ids, spans = guidance["instruction_mask"], guidance["clip_input_ids"], guidance["clip_token_spans"]
-        if mask is not None:
-            if expected is None or tuple(mask.shape) != expected:
-                raise ValueError(f"`instruction_mask` must have the shape of `input_ids` {expected}, got {tuple(mask.shape)}.")
-            if mask.dtype not in integer_types:
-                raise ValueError(f"`instruction_mask` must be a bool or integer 0/1 tensor, got {mask.dtype}.")
-        if spans is not None:
-            if expected is None or tuple(spans.shape) != (*expected, 2):
-                raise ValueError(
-                    f"`clip_token_spans` must have shape {(*expected, 2) if expected else None} (input_ids' shape, then "
-                    f"[start, end)), got {tuple(spans.shape)}."
-                )
-            if spans.dtype not in integer_types[1:]:
-                raise ValueError(f"`clip_token_spans` must be an integer tensor, got {spans.dtype}.")
-        if clip_ids is not None:
-            if clip_ids.ndim != 2 or (expected is not None and clip_ids.shape[0] != expected[0]):
-                raise ValueError(
-                    f"`clip_input_ids` must be `(batch_size, clip_context_length)` with batch_size "
-                    f"{expected[0] if expected else None}, got {tuple(clip_ids.shape)}."
-                )
-            if clip_ids.dtype not in integer_types[1:]:
-                raise ValueError(f"`clip_input_ids` must be an integer tensor, got {clip_ids.dtype}.")
-            # The values of `clip_token_spans` are checked against this context by `_check_span_range`: on the
-            # pruned prefill within its one read from the device (`_read_layout`).
+    def _check_unpruned_values(self, input_ids, inputs_embeds, pixel_values, cache, guidance: dict) -> None:
+        """Values of a forward that does not prune (no schedule, or no image): token and CLIP ids, spans, and, when
+        pruning is on, image placeholders without `pixel_values`. One read, on a prefill (or on the CPU, where it is
+        free); a decode step on an accelerator reads nothing."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        prefill = not isinstance(cache, Cache) or cache.get_seq_length() == 0
+        if not prefill and reference.device.type != "cpu":
+            return
+        rows = value_rows(input_ids, guidance, reference.device)
+        missing_images = self.config.pruning_enabled and pixel_values is None
+        if missing_images:
+            rows["placeholders"] = self._image_token_mask(input_ids, inputs_embeds).sum(dim=1).long()
+        facts = read_rows(rows)
+        check_values(self.config, facts, guidance)
+        if missing_images and sum(facts["placeholders"]):
+            raise ValueError(
+                f"The input holds {sum(facts['placeholders'])} image placeholder tokens (id "
+                f"{self.config.image_token_id}) but no `pixel_values`: pass the images as `pixel_values` (the processor "
+                "returns them), or remove the placeholders for a text-only prompt. (After a pruned prefill, continue "
+                "with the returned cache, which already holds the image.)"
+            )
 
     @staticmethod
     def _check_cache_class(cache) -> None:
@@ -544,26 +594,21 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
                 "`prefill_chunk_size` cannot be used with pruning."
             )
 
-    @staticmethod
-    def _read_layout(image_mask: torch.Tensor, attention_mask: torch.Tensor, guidance: dict):
+    def _read_layout(self, image_mask: torch.Tensor, attention_mask: torch.Tensor, input_ids, guidance: dict):
         """What the host needs of a batch, in one read from the device: per sample, its image placeholders and the
-        index of its last one (-1: none), and whether every token is attended. Checks the range of
-        `clip_token_spans` in the same read."""
+        index of its last one (-1: none), and whether every token is attended. The input values are checked in the
+        same read (`value_rows`: token and CLIP ids, spans)."""
         sequence_length = image_mask.shape[1]
         order = torch.arange(sequence_length, device=image_mask.device)
-        rows = [
-            image_mask.sum(dim=1),
-            torch.where(image_mask, order, -1).amax(dim=1),
-            attention_mask.all(dim=1).long(),
-        ]
-        spans, clip_ids = guidance["clip_token_spans"], guidance["clip_input_ids"]
-        check_spans = spans is not None and clip_ids is not None and spans.numel() > 0
-        if check_spans:
-            rows.append(spans.to(image_mask.device).long().amax(dim=(1, 2)))
-        facts = torch.stack(rows).tolist()  # IVTP: the one host read of a pruned prefill
-        if check_spans:
-            _check_span_range(max(facts[3]), clip_ids.shape[1])
-        return facts[0], facts[1], all(facts[2])
+        rows = {
+            "placeholders": image_mask.sum(dim=1),
+            "last_placeholder": torch.where(image_mask, order, -1).amax(dim=1),
+            "fully_attended": attention_mask.all(dim=1).long(),
+            **value_rows(input_ids, guidance, image_mask.device),
+        }
+        facts = read_rows(rows)  # IVTP: the one host read of a pruned prefill
+        check_values(self.config, facts, guidance)
+        return facts["placeholders"], facts["last_placeholder"], all(facts["fully_attended"])
 
     def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if input_ids is not None:
@@ -587,8 +632,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         use_cache,
         **kwargs,
     ) -> IvtpCausalLMOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         config = self.config
         image_mask = self._image_token_mask(input_ids, inputs_embeds)
         batch_size, sequence_length = image_mask.shape
@@ -600,7 +643,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         )
         # IVTP: the prefill's one wait for the device: each sample's placeholders and layout (see `_HostLayout`).
         placeholder_counts, last_placeholder, fully_attended = self._read_layout(
-            image_mask, full_attention_mask, guidance
+            image_mask, full_attention_mask, input_ids, guidance
         )
         if any(count % num_patches for count in placeholder_counts) or (
             sum(count // num_patches for count in placeholder_counts) != pixel_values.shape[0]
@@ -684,7 +727,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             pseudo_position = torch.where(image_mask, logical.position_ids, -1).amax(dim=1) + 1
             pseudo_position = torch.where(images_per_sample > 0, pseudo_position, logical.position_ids.amax(dim=1) + 1)
 
-        self._check_prefill_cache(cache)
         if not use_cache:
             cache = None
         elif cache is None:
@@ -878,9 +920,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         """
         config = self.config
         language_model = self.model.language_model
-        output_hidden_states = kwargs.pop("output_hidden_states", None)
-        if output_hidden_states is None:
-            output_hidden_states = config.text_config.output_hidden_states
+        output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
         groups = config.llm_layer_groups
         device = tokens.hidden_states.device
         has_image = has_image.to(device)
@@ -1003,10 +1043,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         as `generate` keeps it) is gathered at the positions the segment holds, then causal masking runs over the
         layer's physical keys. New tokens get logical positions (and, unless given, rotary positions) after the cache.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if kwargs.get("output_attentions"):
-            raise ValueError("`output_attentions=True` is not supported with IVTP pruning: layers hold different tokens.")
         language_model = self.model.language_model
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -1029,9 +1065,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             position_ids = new_positions
         position_ids = position_ids.to(device).expand(batch_size, -1)
         position_embeddings = language_model.rotary_emb(inputs_embeds, position_ids=position_ids)
-        output_hidden_states = kwargs.pop("output_hidden_states", None)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.text_config.output_hidden_states
+        output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
         kwargs.pop("use_cache", None)
 
         all_hidden = () if output_hidden_states else None
@@ -1121,9 +1155,19 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
         """Stock inputs, plus IVTP's guidance inputs on the steps that prune.
 
         Like `pixel_values`, guidance inputs reach the model on the prefill step only (with a cache) or on every step
-        (`use_cache=False`, which prunes from scratch each step); there they are cut or right-padded with zeros (new
-        tokens are not instruction) to the length of the `input_ids` the step takes.
+        (`use_cache=False`, which prunes from scratch each step). On the first step they go as given, so the forward
+        checks them against `input_ids` exactly as when it is called directly; on later steps without a cache the
+        tokens generated since are appended as not-instruction (zeros), which is the only padding done here.
         """
+        if is_first_iteration and isinstance(cache, IvtpCache) and cache.is_pruned:  # a conversation continued
+            held, given = cache.get_seq_length(), (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            if given <= held:
+                raise ValueError(
+                    f"The cache holds the first {held} tokens of the conversation (the prompt with its image "
+                    f"placeholders, and the tokens generated since); `input_ids` must hold the whole conversation: those "
+                    f"{held} tokens, then the new ones. Got {given} tokens: pass `generated.sequences` with the new "
+                    "turn appended, not the new turn alone."
+                )
         guidance = {name: kwargs.pop(name) for name in GUIDANCE_INPUTS if kwargs.get(name) is not None}
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
@@ -1138,14 +1182,12 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration):
             step_inputs = model_inputs.get("input_ids")
             if step_inputs is None:
                 step_inputs = model_inputs["inputs_embeds"]
-            length = step_inputs.shape[1]
             for name, value in guidance.items():
-                if name in SEQUENCE_GUIDANCE_INPUTS:
-                    if value.shape[1] >= length:
-                        value = value[:, value.shape[1] - length :]
-                    else:  # generated tokens are not instruction and overlap no CLIP token
-                        padding = value.new_zeros(value.shape[0], length - value.shape[1], *value.shape[2:])
-                        value = torch.cat([value, padding], dim=1)
+                generated = step_inputs.shape[1] - value.shape[1]
+                if name in SEQUENCE_GUIDANCE_INPUTS and not is_first_iteration and generated > 0:
+                    # a later step without a cache: the generated tokens are not instruction and overlap no CLIP token
+                    padding = value.new_zeros(value.shape[0], generated, *value.shape[2:])
+                    value = torch.cat([value, padding], dim=1)
                 model_inputs[name] = value.to(step_inputs.device)
         return model_inputs
 
