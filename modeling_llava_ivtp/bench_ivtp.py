@@ -127,9 +127,14 @@ def load_config_dict(spec: str) -> tuple[dict, str]:
     path = Path(spec)
     if path.is_file():
         try:
-            return json.loads(path.read_text()), str(path)
-        except json.JSONDecodeError as error:
+            config_dict = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BenchError(f"--config {spec}: not a JSON file ({error}).") from None
+        if not isinstance(config_dict, dict):
+            raise BenchError(
+                f"--config {spec}: expected a JSON object of IvtpConfig fields, got a JSON {type(config_dict).__name__}."
+            )
+        return config_dict, str(path)
     raise BenchError(
         f"--config {spec!r} is neither a named shape ({', '.join(NAMED_CONFIGS)}) nor an existing IvtpConfig JSON file."
     )
@@ -558,9 +563,11 @@ def _check_args(args, config_dict: dict) -> None:
         raise BenchError("--dtype bfloat16 (the default on CUDA): this GPU has no bfloat16 arithmetic; use float16.")
     if args.device == "cpu" and args.dtype == "float16":
         raise BenchError("--dtype float16 is not supported on --device cpu; use float32 or bfloat16.")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         config = IvtpConfig(**copy.deepcopy(config_dict))
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, StrictDataclassError) as error:
         raise BenchError(f"--config: not a valid IvtpConfig: {error}") from None
     if config.schedule is None:
         raise BenchError("--config has no pruning schedule (schedule is null): nothing to compare with stock.")
@@ -600,6 +607,27 @@ def check_device_memory(config, dtype_name: str, free_bytes: int) -> None:
         )
 
 
+def _prepare_outputs(args) -> None:
+    """`--json` and `--plot` are checked, and their folders made, before anything is measured: a run never ends
+    with results it cannot write."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise BenchError(f"{flag} {path}: is a folder; give a file path (e.g. {path / ('bench.json' if flag == '--json' else 'bench.png')}).")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise BenchError(f"{flag} {path}: {parent} is a file, so no folder can be made under it.")
+                break
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise BenchError(f"{flag} {path}: cannot make its folder ({error}).") from None
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise BenchError(f"{flag} {path}: not writable.")
+
+
 def _prepare_config(args) -> tuple[dict, str]:
     name = args.config or ("7b" if args.device == "cuda" else "7b-narrow")
     config_dict, description = load_config_dict(name)
@@ -611,6 +639,7 @@ def _prepare_config(args) -> tuple[dict, str]:
         config_dict["clip_text_encoder"] = _clip_spec_vit_l14_336()
         description += " + random-weight ViT-L-14-336 CLIP text tower"
     _check_args(args, config_dict)
+    _prepare_outputs(args)
     if args.kept is not None:
         from . import IvtpConfig
 
@@ -956,12 +985,14 @@ def _run(args, config_dict: dict, config_name: str) -> int:
         meta["load_average_after_measurements"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         report = {"meta": meta, "flops": flops, "results": results}
         report["comparisons"] = comparisons(results, flops)
+        _write_json(report, args.json)  # the measured results first, before the sweep and the plot
         if args.plot is not None:
             del models["ivtp_eager"]  # the sweep builds one model at a time in its place
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             report["sweep"] = sweep_kept(models, config_dict, args, device, dtype, bar)
+            _write_json(report, args.json)
     hardware = meta["device"].get("gpu", meta["device"]["cpu"])
     print(f"llava-ivtp bench: {config_name}, {meta['dtype']}, {device.type} ({hardware}, "
           f"{meta['device']['torch_threads']} threads), {args.text_tokens} text tokens + {config.num_patches} image "
@@ -977,13 +1008,17 @@ def _run(args, config_dict: dict, config_name: str) -> int:
                 f"| {row['kept']} | {row['ivtp_tflops']:.4f} | {row['stock_tflops']:.4f} | "
                 f"{row['ivtp_prefill_ms']:,.1f} |"
             )
-        draw_plot(report, args.plot)
-        print(f"\nplot: {args.plot}")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str))
         print(f"json: {args.json}")
+    if "sweep" in report:
+        draw_plot(report, args.plot)  # last: everything measured is on disk already
+        print(f"\nplot: {args.plot}")
     return 0
+
+
+def _write_json(report: dict, path: Path | None) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2, default=str))
 
 
 __all__ = ["add_arguments", "run", "derive_schedule", "build_models", "build_inputs", "NAMED_CONFIGS"]

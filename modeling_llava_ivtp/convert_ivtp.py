@@ -18,9 +18,12 @@ import json
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 
 
 OPEN_CLIP_SCHEMAS = ("local-dir:", "hf-hub:")
@@ -99,7 +102,10 @@ def load_open_clip(source: str):
     import open_clip
 
     model_name, pretrained = parse_clip_source(source)
-    model = open_clip.create_model(model_name, pretrained=pretrained, device="cpu", require_pretrained=True)
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, device="cpu", require_pretrained=True)
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as error:
+        raise ConversionError(f"--clip {source}: cannot load it: {type(error).__name__}: {error}") from error
     required = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "visual")
     missing = [name for name in required if getattr(model, name, None) is None]
     visual_missing = [name for name in ("class_embedding", "conv1", "positional_embedding", "proj") if getattr(model.visual, name, None) is None] if getattr(model, "visual", None) is not None else []
@@ -144,6 +150,49 @@ def clip_text_spec(clip_model, tokenizer_name: str) -> dict:
     return spec
 
 
+def _local_inputs(llava: str, clip: str) -> list[tuple[str, Path]]:
+    """The local files and folders the conversion reads: `--llava` (a folder) and a local `--clip` (a
+    `local-dir:DIR` or the FILE of `ARCH:FILE`)."""
+    inputs = []
+    if Path(llava).exists():
+        inputs.append(("--llava", Path(llava)))
+    if clip.startswith("local-dir:"):
+        inputs.append(("--clip", Path(clip[len("local-dir:"):])))
+    elif not clip.startswith(OPEN_CLIP_SCHEMAS):
+        _, _, weights = clip.partition(":")
+        if weights and Path(weights).exists():
+            inputs.append(("--clip", Path(weights)))
+    return inputs
+
+
+def check_out_folder(out: Path, llava: str, clip: str) -> None:
+    """`--out` must be a folder (new or existing) that neither is, contains, nor lies inside an input: the
+    converter never writes over what it reads. Checked before anything is read or written."""
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out}: is a file; give a folder to write the checkpoint into.")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConversionError(f"--out {out}: {parent} is a file, so no folder can be made under it.")
+            break
+    target = out.resolve()
+    for flag, path in _local_inputs(llava, clip):
+        source = path.resolve()
+        if target == source:
+            relation = "is"
+        elif source.is_relative_to(target):
+            relation = "contains"
+        elif target.is_relative_to(source):
+            relation = "lies inside"
+        else:
+            continue
+        relation = "inside" if relation == "lies inside" else relation
+        raise ConversionError(
+            f"--out {out}: {relation} {flag} {path}; the converter never writes where it reads (its files would be "
+            "overwritten). Choose a separate folder."
+        )
+
+
 def _llava_config(llava: str):
     from transformers import AutoConfig
 
@@ -173,13 +222,13 @@ def _read_preset(preset: str):
         raise ConversionError(f"--preset {preset}: no such file (see configuration/*.json).")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConversionError(f"--preset {preset}: not JSON ({error}).") from error
-    if raw.get("model_type") != "llava_ivtp" or "schedule" not in raw:
+    if not isinstance(raw, dict) or raw.get("model_type") != "llava_ivtp" or "schedule" not in raw:
         raise ConversionError(f"--preset {preset}: not an IVTP preset (needs model_type 'llava_ivtp' and a schedule).")
     try:
         return IvtpConfig.from_dict(raw)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, StrictDataclassError) as error:
         raise ConversionError(f"--preset {preset}: {error}") from error
 
 
@@ -292,6 +341,7 @@ def convert(
     from .processing_llava_ivtp import clip_tokenizer_for
 
     out = Path(out)
+    check_out_folder(out, llava, clip)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConversionError(f"--out {out}: exists and is not empty (pass --overwrite to write into it).")
     if dtype not in DTYPES:
@@ -321,9 +371,16 @@ def convert(
     settings.update({key: getattr(preset_config, key) for key in PRESET_IVTP_FIELDS}, clip_text_encoder=spec)
     config = IvtpConfig(**settings)
 
-    model, info = LlavaIvtpForConditionalGeneration.from_pretrained(
-        llava, config=config, dtype=DTYPES[dtype], output_loading_info=True, clip_text_tower_loaded_later=True
-    )
+    try:
+        model, info = LlavaIvtpForConditionalGeneration.from_pretrained(
+            llava, config=config, dtype=DTYPES[dtype], output_loading_info=True, clip_text_tower_loaded_later=True
+        )
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:
+        files = [name for name in LLAVA_WEIGHT_FILES if (Path(llava) / name).is_file()]
+        raise ConversionError(
+            f"--llava {llava}: cannot load its weights{' (' + ', '.join(files) + ')' if files else ''}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
     not_clip = [key for key in info["missing_keys"] if not key.startswith(("clip_text_model.", "clip_visual_projection."))]
     problems = {"missing": not_clip, "unexpected": info["unexpected_keys"], "mismatched": info["mismatched_keys"]}
     if any(problems.values()):
@@ -422,6 +479,6 @@ def run(args: argparse.Namespace) -> int:
             commit = push_to_hub(folder, args.push_to_hub, private=args.private)
             print(f"pushed to {args.push_to_hub}; card pinned at {commit.oid}")
     except ConversionError as error:
-        print(f"llava-ivtp convert: error: {error}")
+        print(f"llava-ivtp convert: error: {error}", file=sys.stderr)
         return 2
     return 0

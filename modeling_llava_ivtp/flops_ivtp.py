@@ -442,6 +442,22 @@ def resolve_preset(preset: str | None, model_size: str | None) -> Path:
     return path
 
 
+def read_preset(path: Path) -> IvtpConfig:
+    """An IvtpConfig JSON file; a `ValueError` saying what is wrong with it otherwise."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"not JSON ({error}).") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected a JSON object of IvtpConfig fields, got a JSON {type(raw).__name__}.")
+    try:
+        return IvtpConfig.from_dict(raw)
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        raise ValueError(f"not a valid IvtpConfig: {error}") from None
+
+
 def flops_report(
     preset: IvtpConfig,
     text_tokens=DEFAULT_TEXT_TOKENS,
@@ -660,7 +676,11 @@ def run(args) -> int:
     if args.breakdown_at not in args.text_tokens:
         print(f"llava-ivtp flops: --breakdown-at {args.breakdown_at} is not one of --text-tokens {args.text_tokens}", file=sys.stderr)
         return 2
-    preset = IvtpConfig.from_json_file(path)
+    try:
+        preset = read_preset(path)
+    except ValueError as error:
+        print(f"llava-ivtp flops: --preset {path}: {error}", file=sys.stderr)
+        return 2
     preset._attn_implementation = "sdpa"
     try:
         report = flops_report(

@@ -171,8 +171,8 @@ class LlavaIvtpProcessor(LlavaProcessor):
             if instruction is not None or instruction_spans is not None:
                 raise ValueError("`instruction` / `instruction_spans` need `text` (the prompts they are part of).")
             return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(sample, str) for sample in texts):
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else [None]
+        if not texts or not all(isinstance(sample, str) for sample in texts):
             raise ValueError("`text` must be a string or a list of strings (LlavaIvtpProcessor locates the instruction in it).")
         ranges = self._instruction_ranges(texts, instruction, instruction_spans)
 

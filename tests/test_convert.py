@@ -155,7 +155,7 @@ def test_converter_refuses_a_preset_for_another_architecture(sources, tmp_path):
 )
 def test_converter_refuses_bad_arguments(sources, tmp_path, capsys, change, message):
     assert cli_main(convert_args(sources, tmp_path / "out", **change)) == 2
-    assert re.search(message, capsys.readouterr().out)
+    assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 
