@@ -61,7 +61,7 @@ def render_model_card(
     `revision` pins the usage snippet (a commit hash); without one the snippet says `"main"`, to be pinned once the
     repository exists (`llava-ivtp convert --push-to-hub` does that with the commit it made).
     """
-    from modeling_llava_ivtp import __version__
+    from modeling_llava_ivtp import SUPPORTED_TRANSFORMERS, __version__
 
     for name, value in (("base_model", base_model), ("license", license), ("clip_source", clip_source)):
         if not isinstance(value, str) or not value.strip():
@@ -84,6 +84,7 @@ def render_model_card(
         repo_id=repo_id or f"<your-namespace>/{name}",
         revision=revision or UNPINNED,
         package_version=__version__,
+        supported_transformers=",".join(SUPPORTED_TRANSFORMERS),
         group_size=config.group_size,
         tau=config.tau,
         guidance=config.guidance,

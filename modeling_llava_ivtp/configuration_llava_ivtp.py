@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import numbers
 
+# First: the check of the installed transformers (remote code runs it on whatever release the user has), before
+# anything that an unsupported release might fail to import.
+from .transformers_compat import SUPPORTED_TRANSFORMERS  # noqa: F401, I001  (re-exported)
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
-# First: the check of the installed transformers (remote code runs it on whatever release the user has).
-from .transformers_compat import SUPPORTED_TRANSFORMERS  # noqa: F401  (re-exported)
 from .guidance_ivtp import validate_clip_text_encoder
 
 

@@ -150,9 +150,9 @@ def clip_text_spec(clip_model, tokenizer_name: str) -> dict:
     return spec
 
 
-def _local_inputs(llava: str, clip: str) -> list[tuple[str, Path]]:
-    """The local files and folders the conversion reads: `--llava` (a folder) and a local `--clip` (a
-    `local-dir:DIR` or the FILE of `ARCH:FILE`)."""
+def _local_inputs(llava: str, clip: str, preset: str) -> list[tuple[str, Path]]:
+    """The local files and folders the conversion reads: `--llava` (a folder), a local `--clip` (a `local-dir:DIR`
+    or the FILE of `ARCH:FILE`) and `--preset`."""
     inputs = []
     if Path(llava).exists():
         inputs.append(("--llava", Path(llava)))
@@ -162,10 +162,12 @@ def _local_inputs(llava: str, clip: str) -> list[tuple[str, Path]]:
         _, _, weights = clip.partition(":")
         if weights and Path(weights).exists():
             inputs.append(("--clip", Path(weights)))
+    if Path(preset).exists():
+        inputs.append(("--preset", Path(preset)))
     return inputs
 
 
-def check_out_folder(out: Path, llava: str, clip: str) -> None:
+def check_out_folder(out: Path, llava: str, clip: str, preset: str) -> None:
     """`--out` must be a folder (new or existing) that neither is, contains, nor lies inside an input: the
     converter never writes over what it reads. Checked before anything is read or written."""
     if out.exists() and not out.is_dir():
@@ -176,17 +178,16 @@ def check_out_folder(out: Path, llava: str, clip: str) -> None:
                 raise ConversionError(f"--out {out}: {parent} is a file, so no folder can be made under it.")
             break
     target = out.resolve()
-    for flag, path in _local_inputs(llava, clip):
+    for flag, path in _local_inputs(llava, clip, preset):
         source = path.resolve()
         if target == source:
             relation = "is"
         elif source.is_relative_to(target):
             relation = "contains"
         elif target.is_relative_to(source):
-            relation = "lies inside"
+            relation = "inside"
         else:
             continue
-        relation = "inside" if relation == "lies inside" else relation
         raise ConversionError(
             f"--out {out}: {relation} {flag} {path}; the converter never writes where it reads (its files would be "
             "overwritten). Choose a separate folder."
@@ -341,7 +342,7 @@ def convert(
     from .processing_llava_ivtp import clip_tokenizer_for
 
     out = Path(out)
-    check_out_folder(out, llava, clip)
+    check_out_folder(out, llava, clip, preset)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConversionError(f"--out {out}: exists and is not empty (pass --overwrite to write into it).")
     if dtype not in DTYPES:

@@ -450,6 +450,8 @@ def read_preset(path: Path) -> IvtpConfig:
         raw = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"not JSON ({error}).") from None
+    except OSError as error:
+        raise ValueError(f"cannot be read ({error}).") from None
     if not isinstance(raw, dict):
         raise ValueError(f"expected a JSON object of IvtpConfig fields, got a JSON {type(raw).__name__}.")
     try:

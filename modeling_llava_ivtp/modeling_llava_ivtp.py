@@ -32,7 +32,13 @@ from transformers.utils import logging
 from .cache_ivtp import IvtpCache
 from .configuration_llava_ivtp import IvtpConfig
 from .guidance_ivtp import build_clip_text_tower, clip_content_mask, clip_token_features
-from .transformers_compat import CACHE_ARG, cache_kwargs, image_output_fields, takes_cache_kwarg
+from .transformers_compat import (
+    CACHE_ARG,
+    cache_kwargs,
+    checkpointing_drops_cache,
+    image_output_fields,
+    takes_cache_kwarg,
+)
 from .validation_ivtp import (
     check_guidance_shapes,
     check_output_requests,
@@ -293,6 +299,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
     config: IvtpConfig
 
     def __init__(self, config: IvtpConfig):
+        config.check_ivtp()  # fields edited after the config was made (e.g. `from_pretrained(path, schedule=...)`)
         super().__init__(config)
         if config.clip_text_encoder is not None:
             # IVTP: the frozen CLIP text tower (eq. 5) and CLIP's visual projection, which maps the vision tower's
@@ -465,7 +472,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             self._check_prefill_cache(cache)  # first: an image after a filled cache is the thing to say
         check_sequence_inputs(
             config, input_ids, inputs_embeds, attention_mask, position_ids, labels,
-            past_length=cache.get_seq_length() if isinstance(cache, Cache) else 0, pruning=pruning,
+            past_length=_host_past_length(cache), pruning=pruning,
         )
         check_guidance_shapes(config, guidance, input_ids if input_ids is not None else inputs_embeds)
         if pixel_values is not None:
@@ -487,7 +494,11 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
                     "(decode steps and conversation continuations take only the new tokens' inputs)."
                 )
             if input_ids is not None and input_ids.device.type == "cpu":  # free to read on the CPU only
-                check_values(config, read_rows(value_rows(input_ids, {}, input_ids.device)), {})
+                rows = value_rows(input_ids, {}, input_ids.device)
+                rows["placeholders"] = (input_ids == config.image_token_id).sum(dim=1)
+                facts = read_rows(rows)
+                check_values(config, facts, {})
+                self._refuse_placeholders_without_pixels(sum(facts["placeholders"]))
             outputs = self._forward_with_pruned_cache(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -527,7 +538,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         else:
             self._check_prunable_inputs(vision_feature_layer, vision_feature_select_strategy, kwargs)
             use_cache = use_cache if use_cache is not None else config.text_config.use_cache
-            if use_cache and self.training and self.is_activation_checkpointing:
+            if use_cache and checkpointing_drops_cache(self):
                 # As the stock decoder does: checkpointed layers recompute their forward and cannot fill a cache.
                 logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing in training; using `use_cache=False`.")
                 use_cache = False
@@ -556,8 +567,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         pruning is on, image placeholders without `pixel_values`. One read, on a prefill (or on the CPU, where it is
         free); a decode step on an accelerator reads nothing."""
         reference = input_ids if input_ids is not None else inputs_embeds
-        prefill = not isinstance(cache, Cache) or cache.get_seq_length() == 0
-        if not prefill and reference.device.type != "cpu":
+        if _host_past_length(cache) != 0 and reference.device.type != "cpu":
             return
         rows = value_rows(input_ids, guidance, reference.device)
         missing_images = self.config.pruning_enabled and pixel_values is None
@@ -565,12 +575,16 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             rows["placeholders"] = self._image_token_mask(input_ids, inputs_embeds).sum(dim=1).long()
         facts = read_rows(rows)
         check_values(self.config, facts, guidance)
-        if missing_images and sum(facts["placeholders"]):
+        if missing_images:
+            self._refuse_placeholders_without_pixels(sum(facts["placeholders"]))
+
+    def _refuse_placeholders_without_pixels(self, count: int) -> None:
+        if count:
             raise ValueError(
-                f"The input holds {sum(facts['placeholders'])} image placeholder tokens (id "
-                f"{self.config.image_token_id}) but no `pixel_values`: pass the images as `pixel_values` (the processor "
-                "returns them), or remove the placeholders for a text-only prompt. (After a pruned prefill, continue "
-                "with the returned cache, which already holds the image.)"
+                f"The input holds {count} image placeholder tokens (id {self.config.image_token_id}) but no "
+                "`pixel_values`: pass the images as `pixel_values` (the processor returns them), or remove the "
+                "placeholders for a text-only prompt. (To continue a conversation after a pruned prefill, pass the "
+                "returned cache: it already holds the image.)"
             )
 
     @staticmethod
@@ -1159,9 +1173,12 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         checks them against `input_ids` exactly as when it is called directly; on later steps without a cache the
         tokens generated since are appended as not-instruction (zeros), which is the only padding done here.
         """
+        given = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
         if is_first_iteration and isinstance(cache, IvtpCache) and cache.is_pruned:  # a conversation continued
-            held, given = cache.get_seq_length(), (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            if given <= held:
+            held = cache.get_seq_length()
+            # transformers also takes only the new tokens when `attention_mask` covers the whole conversation
+            only_new_with_full_mask = attention_mask is not None and attention_mask.shape[-1] == held + given
+            if given <= held and not only_new_with_full_mask:
                 raise ValueError(
                     f"The cache holds the first {held} tokens of the conversation (the prompt with its image "
                     f"placeholders, and the tokens generated since); `input_ids` must hold the whole conversation: those "
@@ -1182,12 +1199,22 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             step_inputs = model_inputs.get("input_ids")
             if step_inputs is None:
                 step_inputs = model_inputs["inputs_embeds"]
+            step = step_inputs.shape[1]
             for name, value in guidance.items():
-                generated = step_inputs.shape[1] - value.shape[1]
-                if name in SEQUENCE_GUIDANCE_INPUTS and not is_first_iteration and generated > 0:
-                    # a later step without a cache: the generated tokens are not instruction and overlap no CLIP token
-                    padding = value.new_zeros(value.shape[0], generated, *value.shape[2:])
-                    value = torch.cat([value, padding], dim=1)
+                if name in SEQUENCE_GUIDANCE_INPUTS:
+                    if not is_first_iteration and step > value.shape[1]:
+                        # a later step without a cache: the generated tokens are not instruction, overlap no CLIP token
+                        padding = value.new_zeros(value.shape[0], step - value.shape[1], *value.shape[2:])
+                        value = torch.cat([value, padding], dim=1)
+                    elif is_first_iteration and step < given:
+                        # a first step over a filled cache takes the new tokens only: so does their guidance, once it
+                        # is known to cover the whole input as `input_ids` does
+                        if value.shape[1] != given:
+                            raise ValueError(
+                                f"`{name}` must have one entry per token of `input_ids` ({given}), got "
+                                f"{value.shape[1]}."
+                            )
+                        value = value[:, given - step :]
                 model_inputs[name] = value.to(step_inputs.device)
         return model_inputs
 
@@ -1317,6 +1344,17 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         else:  # the norm over every head of each visual token's value: (images, visual, kv_heads, head_dim)
             value_norms = torch.linalg.vector_norm(cached[1][rows, :, block.visual_slots].float(), dim=(2, 3))
         return restricted[:, 0], value_norms
+
+
+def _host_past_length(cache) -> int | None:
+    """The cache's length before this call as a host int (0 without a cache); `None` where it is not known on the
+    host without a read (a static cache counts its tokens on the device)."""
+    if cache is None:
+        return 0
+    if getattr(cache, "is_compileable", False):
+        return None
+    length = cache.get_seq_length()
+    return length if isinstance(length, int) else None
 
 
 def _layer_keys_values(

@@ -26,7 +26,8 @@ from packaging import version
 from transformers.utils import logging
 
 
-logger = logging.get_logger(__name__)
+# One name for the package and every remote-code copy of this file, so `warning_once` says it once per process.
+logger = logging.get_logger("llava_ivtp")
 
 # The minors CI runs the whole suite on (oldest and newest); pyproject.toml allows exactly these.
 TESTED_MINORS = ((5, 23), (5, 24))
@@ -119,6 +120,15 @@ def takes_cache_kwarg(function):
     return renamed
 
 
+# --- activation checkpointing -------------------------------------------------------------------------------------
+def checkpointing_drops_cache(model) -> bool:
+    """Whether the decoder layers of `model` run without their cache in this call: training with activation
+    checkpointing; on 5.24 and later only when gradients are on (without them nothing is checkpointed, e.g. when
+    generating from a model left in training mode)."""
+    drops = model.training and model.is_activation_checkpointing
+    return drops and torch.is_grad_enabled() if _NEW_NAMES else drops
+
+
 # --- the image features in outputs --------------------------------------------------------------------------------
 def image_output_fields(image_features) -> dict:
     """The output fields that carry the projected image features `(num_images, tokens, hidden)`: `image_outputs`
@@ -147,6 +157,7 @@ __all__ = [
     "TESTED_MINORS",
     "cache_kwargs",
     "check_transformers_version",
+    "checkpointing_drops_cache",
     "image_output_fields",
     "output_cache",
     "output_image_features",

@@ -21,11 +21,12 @@ def _shape(tensor) -> tuple:
 
 
 def check_sequence_inputs(
-    config, input_ids, inputs_embeds, attention_mask, position_ids, labels, past_length: int, pruning: bool
+    config, input_ids, inputs_embeds, attention_mask, position_ids, labels, past_length: int | None, pruning: bool
 ) -> tuple[int, int]:
     """`input_ids` / `inputs_embeds`, `attention_mask`, `position_ids` and `labels` against each other and the config.
 
-    `past_length` is the cache's (logical) length before these tokens: a 2-D `attention_mask` covers it too.
+    `past_length` is the cache's (logical) length before these tokens: a 2-D `attention_mask` covers it too (`None`:
+    not known on the host, e.g. a static cache's length is a device tensor; the mask's length is then not checked).
     `pruning` refuses masks other than 2-D (the pruned layers build their own 4-D masks). Returns `(batch, length)`.
     """
     if (input_ids is None) == (inputs_embeds is None):
@@ -51,9 +52,9 @@ def check_sequence_inputs(
     if batch_size == 0 or length == 0:
         raise ValueError(f"`{name}` is empty (shape {_shape(input_ids if input_ids is not None else inputs_embeds)}): "
                          "give at least one sample of at least one token.")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor):
-            raise ValueError(f"`attention_mask` must be a tensor, got {type(attention_mask).__name__}.")
+    if attention_mask is not None and pruning and not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"`attention_mask` must be a 2-D tensor with pruning, got {type(attention_mask).__name__}.")
+    if isinstance(attention_mask, torch.Tensor) and past_length is not None:  # stock also takes e.g. a BlockMask
         if attention_mask.ndim == 2 or pruning:
             expected = (batch_size, past_length + length)
             if _shape(attention_mask) != expected:

@@ -514,3 +514,79 @@ def test_flops_and_bench_and_convert_outputs_stay_quiet_on_stdout_on_error(tmp_p
     assert code == 2 and stdout == "" and "--preset" in err
 
 
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Valid inputs near the checks: they must still work
+# ------------------------------------------------------------------------------------------------------------------
+def test_continuation_with_only_the_new_tokens_and_a_full_mask_equals_the_whole_conversation(model, inputs):
+    """transformers also continues from the new tokens alone when `attention_mask` covers the whole conversation."""
+    first = model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True, **GREEDY)
+    new_turn = torch.full((2, 3), 7)
+    conversation = torch.cat([first.sequences, new_turn], dim=1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, conversation.shape[1] - inputs["attention_mask"].shape[1],
+                                                           dtype=torch.long)], dim=1)
+    whole = model.generate(input_ids=conversation, attention_mask=mask, max_new_tokens=3,
+                           **cache_kwargs(copy_cache(output_cache(first))), **GREEDY)
+    held = output_cache(first).get_seq_length()  # the last generated token is not in the cache yet
+    only_new = model.generate(input_ids=conversation[:, held:], attention_mask=mask, max_new_tokens=3,
+                              **cache_kwargs(copy_cache(output_cache(first))), **GREEDY)
+    assert torch.equal(only_new[:, -3:], whole[:, -3:])
+
+
+def copy_cache(cache):
+    import copy
+
+    return copy.deepcopy(cache)
+
+
+def test_guidance_on_a_continuation_over_a_text_only_cache_is_cut_like_input_ids(processor):
+    model = tiny_model(clip_text_encoder=TINY_CLIP_TEXT, tau=0.0)
+    first_turn = processor(text=["USER: Hello there. ASSISTANT:"], return_tensors="pt")
+    first = model.generate(**first_turn, max_new_tokens=2, return_dict_in_generate=True, **GREEDY)
+    text = processor.tokenizer.decode(first.sequences[0], skip_special_tokens=True) + " USER: And now? ASSISTANT:"
+    second_turn = processor(text=[text], return_tensors="pt")
+    if second_turn["input_ids"].shape[1] <= first.sequences.shape[1]:
+        pytest.skip("the re-tokenised conversation is not longer than the cache")
+    out = model.generate(**second_turn, max_new_tokens=2, **cache_kwargs(output_cache(first)), **GREEDY)
+    assert out.shape[1] == second_turn["input_ids"].shape[1] + 2
+    bad = dict(second_turn, instruction_mask=second_turn["instruction_mask"][:, 1:])
+    with raises(ValueError, "`instruction_mask`", "one entry per token"):
+        model.generate(**bad, max_new_tokens=2, **cache_kwargs(output_cache(first)), **GREEDY)
+
+
+def test_continuation_with_new_image_placeholders_over_a_pruned_cache_is_refused(model, inputs):
+    first = model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True, **GREEDY)
+    conversation = torch.cat([first.sequences, torch.full((2, 3), IMAGE_TOKEN_ID)], dim=1)
+    with raises(ValueError, "image placeholder", "`pixel_values`"):
+        model.generate(input_ids=conversation, attention_mask=torch.ones_like(conversation), max_new_tokens=2,
+                       **cache_kwargs(output_cache(first)), **GREEDY)
+
+
+def test_pruning_off_with_a_static_cache_generates_as_stock():
+    from tiny_models import make_batch, stock_twin
+
+    model = tiny_model(schedule=None)
+    batch = make_batch()
+    ours = model.generate(**batch, max_new_tokens=3, cache_implementation="static", **GREEDY)
+    theirs = stock_twin(model).generate(**batch, max_new_tokens=3, cache_implementation="static", **GREEDY)
+    assert torch.equal(ours, theirs)
+
+
+def test_schedule_override_of_from_pretrained_is_a_value_error(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    with raises(ValueError, "`schedule`", "missing"):
+        LlavaIvtpForConditionalGeneration.from_pretrained(tmp_path, schedule={"vision": [24, 16, 12]})
+
+
+def test_convert_never_writes_over_its_preset(convert_sources, tmp_path, capsys):
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    preset = folder / "preset.json"
+    shutil.copy(convert_sources / "tiny-preset.json", preset)
+    argv = convert_argv(convert_sources, folder)
+    argv[argv.index("--preset") + 1] = str(preset)
+    before = preset.read_bytes()
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "contains --preset" in err, err
+    assert preset.read_bytes() == before

@@ -18,6 +18,7 @@ from tiny_models import IMAGE_TOKEN_ID, TINY_CLIP_TEXT, make_images, tiny_model,
 REMOTE_FILES = {
     "configuration_llava_ivtp.py", "modeling_llava_ivtp.py", "processing_llava_ivtp.py", "cache_ivtp.py",
     "guidance_ivtp.py", "pruning_ivtp.py", "transformers_compat.py",
+    "validation_ivtp.py",
 }
 PROMPTS = ["USER: <image>\nWhat color is the dog? ASSISTANT:", "USER: <image>\nIs it big? ASSISTANT:"]
 

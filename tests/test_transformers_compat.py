@@ -315,3 +315,16 @@ def test_only_the_compat_module_branches_on_the_transformers_version():
             continue
         text = path.read_text()
         assert "packaging" not in text and "version.parse" not in text and ".release" not in text, path.name
+
+
+@pytest.mark.skipif(not NEW_NAMES, reason="transformers 5.23 drops the cache of checkpointed layers even without "
+                    "gradients (stock Llava then generates without a cache); 5.24 keeps it")
+def test_generate_from_a_model_left_in_training_mode_with_checkpointing():
+    model = tiny_model()
+    batch = make_batch()
+    expected = model.generate(**batch, max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID])
+    model.train()
+    model.gradient_checkpointing_enable()
+    with torch.no_grad():
+        got = model.generate(**batch, max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID])
+    assert torch.equal(got, expected)
