@@ -250,9 +250,9 @@ def exercise(model, processor, tmp_path: Path) -> None:
         stock.generate(**make_batch(), max_new_tokens=2, **GREEDY)
 
     model.train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     model.eval()
 
     folder = tmp_path / "checkpoint"
@@ -324,7 +324,7 @@ def test_generate_from_a_model_left_in_training_mode_with_checkpointing():
     batch = make_batch()
     expected = model.generate(**batch, max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID])
     model.train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     with torch.no_grad():
         got = model.generate(**batch, max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID])
     assert torch.equal(got, expected)

@@ -1,0 +1,270 @@
+"""The accuracy testbed's task: synthetic scenes of coloured shapes and questions whose answer depends on one object
+among distractors. Deterministic by split and index; nothing is downloaded.
+
+Each scene is a 192 px image (12 x 12 = 144 patches of 16 px, so 64 / 32 / 16 kept tokens are 44% / 22% / 11%) with
+4-8 objects (6 shapes x 6 colours, 22-38 px) on a cluttered grey background (a soft texture with grey specks and
+strokes). A question is one of five kinds, each with a one-word answer:
+
+- `color`: "What color is the star?" (the shape occurs once in the scene);
+- `shape`: "What shape is the purple object?" (the colour occurs once);
+- `exists`: "Is there a green triangle?" (yes / no, balanced; a "no" scene holds that colour and that shape apart);
+- `where`: "Where is the circle?" (left / middle / right by the object's centre, at least 8 px from a third's edge);
+- `count`: "How many red objects are there?" (zero .. four).
+
+A scene also has a caption (for CLIP's contrastive training) and per-patch labels (the colour and shape covering
+most of each patch, 0 for background) that training may use as auxiliary supervision. Not needed by remote code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+
+IMAGE_SIZE = 192
+PATCH_SIZE = 16
+GRID = IMAGE_SIZE // PATCH_SIZE  # 12 x 12 = 144 patches
+COLORS = {
+    "red": (215, 38, 38),
+    "green": (40, 165, 60),
+    "blue": (45, 85, 225),
+    "yellow": (232, 205, 35),
+    "purple": (145, 55, 190),
+    "orange": (240, 128, 28),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+QUESTION_KINDS = ("color", "shape", "exists", "where", "count")
+PLACES = ("left", "middle", "right")
+COUNTS = ("zero", "one", "two", "three", "four")
+ANSWERS = (*COLORS, *SHAPES, "yes", "no", *PLACES, *COUNTS)
+SPLITS = {"train": 0, "validation": 1, "test": 2}
+MIN_OBJECTS, MAX_OBJECTS = 4, 8
+MIN_SIZE, MAX_SIZE = 22, 38
+PLACE_MARGIN = 8  # px an object's centre keeps from the edge of its third, so "where" has one answer
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    color: str
+    shape: str
+    x: int  # centre, px
+    y: int
+    size: int  # bounding box side, px
+
+    @property
+    def place(self) -> str:
+        return PLACES[min(self.x * 3 // IMAGE_SIZE, 2)]
+
+    @property
+    def clearly_placed(self) -> bool:
+        third = IMAGE_SIZE / 3
+        offset = self.x - third * math.floor(self.x / third)
+        return PLACE_MARGIN <= offset <= third - PLACE_MARGIN
+
+
+@dataclass
+class Example:
+    """One question about one scene."""
+
+    split: str
+    index: int
+    image: Image.Image
+    question: str
+    answer: str
+    kind: str
+    objects: list[SceneObject]
+    caption: str
+    patch_colors: np.ndarray = field(repr=False)  # (GRID, GRID) int: 0 background, 1 + index in COLORS
+    patch_shapes: np.ndarray = field(repr=False)  # (GRID, GRID) int: 0 background, 1 + index in SHAPES
+    target: SceneObject | None = None  # the object the question is about (None for count / a "no")
+
+    def record(self) -> dict:
+        """The evaluation record: image, question, answers."""
+        return {"image": self.image, "question": self.question, "answers": [self.answer], "kind": self.kind}
+
+
+def example(split: str, index: int, kind: str | None = None) -> Example:
+    """Example `index` of `split`; its question kind cycles through `QUESTION_KINDS` unless `kind` is given."""
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {list(SPLITS)}, got {split!r}.")
+    if not isinstance(index, int) or index < 0:
+        raise ValueError(f"`index` must be an int >= 0, got {index!r}.")
+    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)] if kind is None else kind
+    if kind not in QUESTION_KINDS:
+        raise ValueError(f"`kind` must be one of {list(QUESTION_KINDS)}, got {kind!r}.")
+    rng = np.random.default_rng([SPLITS[split], index, QUESTION_KINDS.index(kind)])
+    while True:  # a scene that cannot carry this kind of question is drawn again (from the same stream)
+        objects = _scene_objects(rng)
+        asked = _question(rng, kind, objects)
+        if asked is not None:
+            break
+    question, answer, target = asked
+    image, labels = _render(rng, objects)
+    patch_colors, patch_shapes = _patch_labels(labels, objects)
+    return Example(
+        split=split, index=index, image=image, question=question, answer=answer, kind=kind, objects=objects,
+        caption=caption(objects, rng), patch_colors=patch_colors, patch_shapes=patch_shapes, target=target,
+    )
+
+
+def examples(split: str, count: int, start: int = 0) -> list[Example]:
+    return [example(split, index) for index in range(start, start + count)]
+
+
+def caption(objects: list[SceneObject], rng: np.random.Generator | None = None) -> str:
+    """"a red star on the left, a blue circle in the middle, ...", objects in a random order."""
+    order = list(range(len(objects))) if rng is None else list(rng.permutation(len(objects)))
+    where = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+    return ", ".join(
+        f"{'an' if objects[i].color[0] in 'aeiou' else 'a'} {objects[i].color} {objects[i].shape} "
+        f"{where[objects[i].place]}"
+        for i in order
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scenes and questions
+# ----------------------------------------------------------------------------------------------------------------
+def _scene_objects(rng: np.random.Generator) -> list[SceneObject]:
+    count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    objects: list[SceneObject] = []
+    attempts = 0
+    while len(objects) < count and attempts < 500:
+        attempts += 1
+        size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
+        half = size // 2 + 2
+        x, y = (int(v) for v in rng.integers(half, IMAGE_SIZE - half, size=2))
+        if any(abs(x - o.x) < (size + o.size) // 2 + 4 and abs(y - o.y) < (size + o.size) // 2 + 4 for o in objects):
+            continue
+        color = list(COLORS)[int(rng.integers(len(COLORS)))]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        objects.append(SceneObject(color, shape, x, y, size))
+    return objects
+
+
+def _question(rng, kind: str, objects: list[SceneObject]):
+    """`(question, answer, target)` of `kind` about `objects`, or None when the scene cannot carry one."""
+    def unique(attribute):
+        values = [getattr(o, attribute) for o in objects]
+        return [o for o in objects if values.count(getattr(o, attribute)) == 1]
+
+    if kind == "color":
+        candidates = unique("shape")
+        if not candidates:
+            return None
+        target = candidates[int(rng.integers(len(candidates)))]
+        return f"What color is the {target.shape}?", target.color, target
+    if kind == "shape":
+        candidates = unique("color")
+        if not candidates:
+            return None
+        target = candidates[int(rng.integers(len(candidates)))]
+        return f"What shape is the {target.color} object?", target.shape, target
+    if kind == "where":
+        candidates = [o for o in unique("shape") if o.clearly_placed]
+        if not candidates:
+            return None
+        target = candidates[int(rng.integers(len(candidates)))]
+        return f"Where is the {target.shape}?", target.place, target
+    if kind == "count":
+        color = list(COLORS)[int(rng.integers(len(COLORS)))]
+        number = sum(o.color == color for o in objects)
+        if number >= len(COUNTS):
+            return None
+        return f"How many {color} objects are there?", COUNTS[number], None
+    # exists: yes for a pair in the scene; no for a pair whose colour and shape are both in the scene, apart
+    present = {(o.color, o.shape) for o in objects}
+    if rng.random() < 0.5:
+        target = objects[int(rng.integers(len(objects)))]
+        return f"Is there a {target.color} {target.shape}?", "yes", target
+    colors, shapes = {o.color for o in objects}, {o.shape for o in objects}
+    absent = sorted((c, s) for c in colors for s in shapes if (c, s) not in present)
+    if not absent:
+        return None
+    color, shape = absent[int(rng.integers(len(absent)))]
+    return f"Is there a {color} {shape}?", "no", None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing
+# ----------------------------------------------------------------------------------------------------------------
+def _render(rng, objects: list[SceneObject]) -> tuple[Image.Image, np.ndarray]:
+    """The RGB image and a label map (`0` background, `1 + i` object `i`)."""
+    image = _background(rng)
+    labels = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw, label_draw = ImageDraw.Draw(image), ImageDraw.Draw(labels)
+    for index, obj in enumerate(objects):
+        jitter = rng.integers(-18, 19, size=3)
+        fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[obj.color], jitter))
+        for target, value in ((draw, fill), (label_draw, index + 1)):
+            _draw_shape(target, obj, value)
+    return image, np.asarray(labels)
+
+
+def _background(rng) -> Image.Image:
+    coarse = rng.normal(0.0, 1.0, size=(6, 6))
+    texture = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
+    base = float(rng.uniform(95, 165))
+    grey = np.clip(base + 14 * texture + rng.normal(0, 5, size=(IMAGE_SIZE, IMAGE_SIZE)), 0, 255)
+    image = Image.fromarray(np.repeat(grey[..., None], 3, axis=2).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(25, 45))):  # grey clutter: specks and short strokes
+        x, y = (int(v) for v in rng.integers(0, IMAGE_SIZE, size=2))
+        tone = int(np.clip(base + rng.normal(0, 45), 0, 255))
+        if rng.random() < 0.6:
+            radius = int(rng.integers(1, 4))
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(tone,) * 3)
+        else:
+            dx, dy = (int(v) for v in rng.integers(-10, 11, size=2))
+            draw.line([x, y, x + dx, y + dy], fill=(tone,) * 3, width=int(rng.integers(1, 3)))
+    return image.filter(ImageFilter.SMOOTH)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, fill) -> None:
+    x, y, r = obj.x, obj.y, obj.size / 2
+    if obj.shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif obj.shape == "square":
+        s = r * 0.85
+        draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(x, y - r), (x + r, y + r * 0.8), (x - r, y + r * 0.8)], fill=fill)
+    elif obj.shape == "diamond":
+        draw.polygon([(x, y - r), (x + r * 0.75, y), (x, y + r), (x - r * 0.75, y)], fill=fill)
+    elif obj.shape == "cross":
+        w = r * 0.33
+        draw.rectangle([x - r, y - w, x + r, y + w], fill=fill)
+        draw.rectangle([x - w, y - r, x + w, y + r], fill=fill)
+    else:  # star: five points
+        points = []
+        for k in range(10):
+            radius = r if k % 2 == 0 else r * 0.42
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((x + radius * math.cos(angle), y + radius * math.sin(angle)))
+        draw.polygon(points, fill=fill)
+
+
+def _patch_labels(labels: np.ndarray, objects: list[SceneObject]) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch, the colour and shape class of the object covering most of it (at least a quarter), else 0."""
+    patches = labels.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).transpose(0, 2, 1, 3).reshape(GRID, GRID, -1)
+    colors = np.zeros((GRID, GRID), dtype=np.int64)
+    shapes = np.zeros((GRID, GRID), dtype=np.int64)
+    color_ids = {name: i + 1 for i, name in enumerate(COLORS)}
+    for row in range(GRID):
+        for column in range(GRID):
+            values, counts = np.unique(patches[row, column], return_counts=True)
+            best = max(((c, v) for v, c in zip(values, counts) if v > 0), default=None)
+            if best is not None and best[0] >= PATCH_SIZE * PATCH_SIZE // 4:
+                obj = objects[best[1] - 1]
+                colors[row, column] = color_ids[obj.color]
+                shapes[row, column] = SHAPES.index(obj.shape) + 1
+    return colors, shapes
+
+
+__all__ = [
+    "ANSWERS", "COLORS", "COUNTS", "Example", "GRID", "IMAGE_SIZE", "PATCH_SIZE", "PLACES", "QUESTION_KINDS",
+    "SHAPES", "SPLITS", "SceneObject", "caption", "example", "examples",
+]
