@@ -1,0 +1,69 @@
+"""`llava-ivtp eval` on a toy-scale testbed checkpoint: every setting measured, results resumable, bad arguments
+refused. The accuracy of the shipped model is not what is checked here."""
+
+import json
+
+import pytest
+
+from modeling_llava_ivtp import testbed_train
+from modeling_llava_ivtp.cli import main as cli_main
+from modeling_llava_ivtp.eval_ivtp import EvalError, parse_setting, visual_tokens
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    work = root / "work"
+    testbed_train.train_clip(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
+    testbed_train.train_llava(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, caption_share=0.25,
+                              log=lambda line: None)
+    return testbed_train.save_checkpoint(work, root / "model")
+
+
+def test_grid_is_measured_and_resumes(checkpoint, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    argv = ["eval", "--model", str(checkpoint), "--dataset", "testbed:test", "--limit", "6", "--batch-size", "3",
+            "--settings", "full", "ivtp@16", "ivtp@16:visual_cls", "stage1@16", "--json", str(results),
+            "--markdown", str(tmp_path / "table.md"), "--threads", "1"]
+    assert cli_main(argv) == 0
+    report = json.loads(results.read_text())
+    assert list(report["settings"]) == ["full", "ivtp@16", "ivtp@16:visual_cls", "stage1@16"]
+    full, pruned, stage1 = report["settings"]["full"], report["settings"]["ivtp@16"], report["settings"]["stage1@16"]
+    assert full["visual_tokens"] == 144 and pruned["visual_tokens"] == 16 and stage1["visual_tokens"] == 16
+    assert pruned["tflops"] < full["tflops"] and stage1["tflops"] < full["tflops"]
+    assert stage1["mean_visual_tokens_per_llm_layer"] == 16 < pruned["mean_visual_tokens_per_llm_layer"]
+    for entry in report["settings"].values():
+        assert entry["questions"] == 6 and 0 <= entry["exact_match"] <= 1 and 0 <= entry["vqa_accuracy"] <= 1
+        assert entry["prefill_ms_per_batch"] > 0
+    assert "| ivtp@16 | 16 |" in (tmp_path / "table.md").read_text()
+    capsys.readouterr()
+    assert cli_main(argv[:-6] + ["--settings", "full", "ivtp@32", "--json", str(results), "--threads", "1"]) == 0
+    assert "full: already in the results, skipped" in capsys.readouterr().out
+    assert set(json.loads(results.read_text())["settings"]) == {"full", "ivtp@16", "ivtp@16:visual_cls", "stage1@16",
+                                                                 "ivtp@32"}
+
+
+def test_results_of_another_run_are_not_mixed_in(checkpoint, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"model": "someone-else", "settings": {}}))
+    code = cli_main(["eval", "--model", str(checkpoint), "--limit", "2", "--settings", "full", "--json", str(results)])
+    assert code == 2 and "--json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec, message", [("ivtp@0", "K must be in"), ("ivtp@999", "K must be in"),
+                                           ("ivtp@16:nope", "guidance"), ("topk@16", "expected full"),
+                                           ("stage1@16:visual_cls", "no guidance")])
+def test_bad_settings(checkpoint, spec, message):
+    from modeling_llava_ivtp import IvtpConfig
+
+    config = IvtpConfig.from_pretrained(checkpoint)
+    with pytest.raises(EvalError, match=message):
+        parse_setting(spec, config)
+
+
+def test_visual_tokens_per_llm_layer():
+    from modeling_llava_ivtp import IvtpConfig
+    from tiny_models import tiny_config_dict
+
+    config = IvtpConfig(**tiny_config_dict())  # vision [24, 16, 12], llm [8, 5], group 2, 8 LLM layers
+    assert visual_tokens(config) == {"visual_tokens": 5, "mean_visual_tokens_per_llm_layer": (12 * 2 + 8 * 2 + 5 * 4) / 8}
