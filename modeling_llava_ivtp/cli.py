@@ -1,4 +1,4 @@
-"""`llava-ivtp` command line: `convert`, `flops`, `bench`, `eval`.
+"""`llava-ivtp` command line: `convert`, `flops`, `bench`, `eval`, `show`.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; only the named
 subcommand's module is imported, so `llava-ivtp flops` does not pay for the converter's imports and the reverse.
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "flops": ("modeling_llava_ivtp.flops_ivtp", "FLOPs of stock LLaVA, TopK and IVTP, counted on the real forward"),
     "bench": ("modeling_llava_ivtp.bench_ivtp", "prefill/decode latency and memory: stock Llava vs IVTP"),
     "eval": ("modeling_llava_ivtp.eval_ivtp", "accuracy, TFLOPs and prefill time under a grid of pruning settings"),
+    "show": ("modeling_llava_ivtp.show_ivtp", "a PNG of the patches each pruning setting keeps (paper Fig. 5)"),
 }
 
 

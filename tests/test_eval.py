@@ -67,3 +67,42 @@ def test_visual_tokens_per_llm_layer():
 
     config = IvtpConfig(**tiny_config_dict())  # vision [24, 16, 12], llm [8, 5], group 2, 8 LLM layers
     assert visual_tokens(config) == {"visual_tokens": 5, "mean_visual_tokens_per_llm_layer": (12 * 2 + 8 * 2 + 5 * 4) / 8}
+
+
+def test_overlay_marks_exactly_the_kept_patches():
+    import numpy as np
+
+    from modeling_llava_ivtp.show_ivtp import overlay
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    kept = [0, 5, 7, 15]  # a 4 x 4 grid of 12 px patches
+    out = overlay(image, kept, grid=4)
+    for patch in range(16):
+        row, column = divmod(patch, 4)
+        block = (slice(12 * row, 12 * row + 12), slice(12 * column, 12 * column + 12))
+        if patch in kept:
+            assert np.array_equal(out[block], image[block])
+        else:
+            assert not np.array_equal(out[block], image[block])
+
+
+def test_show_writes_the_figure_of_each_setting(checkpoint, tmp_path):
+    from PIL import Image
+
+    from modeling_llava_ivtp.show_ivtp import pruning_of
+
+    out = tmp_path / "fig5.png"
+    assert cli_main(["show", "--model", str(checkpoint), "--testbed", "test:3", "--settings", "stage1@16", "ivtp@16",
+                     "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 400
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from modeling_llava_ivtp import testbed
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    scene = testbed.example("test", 3)
+    result = pruning_of(model, processor, scene.image, scene.question)
+    assert [len(kept) for _, kept in result["stages"]] == [72, 68, 64]  # the schedule the checkpoint ships with
+    assert "".join(token for token, _, _ in result["instruction"]).strip() == scene.question

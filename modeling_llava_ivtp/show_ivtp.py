@@ -1,0 +1,154 @@
+"""`llava-ivtp show` (paper Fig. 5): one image and question -> a PNG with the patches each pruning setting keeps.
+
+For every setting (e.g. `stage1@16`, TopK-like vision-only pruning, against `ivtp@16`), one row: the patches kept
+after stage 1 and after each LLM group, pruned patches greyed out on the image; under the rows, the instruction's
+tokens coloured by their relevance to the image (eq. 7), those `>= tau` (averaged into the pseudo-CLS, eq. 8)
+underlined. `render` returns the figure, `overlay` the image of one panel. Not needed by remote code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def overlay(image: np.ndarray, kept: list[int], grid: int, strength: float = 0.75) -> np.ndarray:
+    """`image` `(H, W, 3)` uint8 with every patch not in `kept` (row-major indices of a `grid` x `grid` patch grid)
+    blended towards grey by `strength`; kept patches are unchanged."""
+    height, width = image.shape[:2]
+    patch_h, patch_w = height // grid, width // grid
+    keep = np.zeros(grid * grid, dtype=bool)
+    keep[np.asarray(kept, dtype=np.int64)] = True
+    mask = np.kron(keep.reshape(grid, grid), np.ones((patch_h, patch_w), dtype=bool))
+    out = image.astype(np.float32).copy()
+    out[~mask] = out[~mask] * (1 - strength) + 200.0 * strength
+    return out.astype(np.uint8)
+
+
+@torch.no_grad()
+def pruning_of(model, processor, image, question: str) -> dict:
+    """One forward: the patches kept after stage 1 and after each LLM group, and the instruction's tokens with
+    their relevance and whether they formed the pseudo-CLS."""
+    from .eval_ivtp import prompt_of
+
+    inputs = processor(images=[image], text=[prompt_of(question)], return_tensors="pt").to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    out = model(**inputs, use_cache=False, logits_to_keep=1)
+    stages = []
+    if out.vision_keep_indices is not None and model.config.schedule and model.config.schedule["vision"]:
+        stages.append(("after stage 1", out.vision_keep_indices[0].tolist()))
+    for group, kept in enumerate(out.llm_keep_indices or ()):
+        stages.append((f"after LLM group {group + 1}", kept[0].tolist()))
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    mask = inputs["instruction_mask"][0].bool().tolist() if "instruction_mask" in inputs else [False] * len(tokens)
+    relevance = out.instruction_relevance[0].tolist() if out.instruction_relevance is not None else None
+    selected = out.pseudo_cls_tokens[0].tolist() if out.pseudo_cls_tokens is not None else [False] * len(tokens)
+    instruction = [
+        (token.replace("\u2581", " "), None if relevance is None else relevance[i], bool(selected[i]))
+        for i, token in enumerate(tokens) if mask[i]
+    ]
+    return {"stages": stages, "instruction": instruction}
+
+
+def render(model, processor, image, question: str, settings: list[str]):
+    """The figure: a row per setting (the image, then the kept patches after each pruning step), the instruction's
+    tokens by relevance below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .eval_ivtp import parse_setting
+
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    pixels = np.asarray(image.convert("RGB").resize((model.config.vision_config.image_size,) * 2))
+    rows = []
+    base = model.config
+    for spec in settings:
+        setting = parse_setting(spec, base)
+        model.config = setting.config_of(base)
+        try:
+            rows.append((spec, pruning_of(model, processor, image, question), model.config.tau))
+        finally:
+            model.config = base
+    columns = 1 + max(len(result["stages"]) for _, result, _ in rows)
+    figure, axes = plt.subplots(len(rows) + 1, columns, figsize=(2.4 * columns, 2.5 * (len(rows) + 1)), squeeze=False)
+    for row, (spec, result, _) in enumerate(rows):
+        axes[row][0].imshow(pixels)
+        axes[row][0].set_title(spec, fontsize=9)
+        for column, (title, kept) in enumerate(result["stages"], start=1):
+            axes[row][column].imshow(overlay(pixels, kept, grid))
+            axes[row][column].set_title(f"{title}: {len(kept)}", fontsize=8)
+        for axis in axes[row]:
+            axis.axis("off")
+    text_axis = axes[-1][0]
+    for axis in axes[-1]:
+        axis.axis("off")
+    guided = next((result for spec, result, _ in rows if any(r is not None for _, r, _ in result["instruction"])), None)
+    tau = rows[0][2]
+    x = 0.0
+    text_axis.text(0.0, 0.9, f"Q: {question}", fontsize=9, transform=text_axis.transAxes)
+    if guided is not None:
+        colormap = plt.get_cmap("viridis")
+        for token, relevance, selected in guided["instruction"]:
+            color = "grey" if relevance is None else colormap(max(0.0, min(1.0, (relevance + 1) / 2)))
+            label = token if relevance is None else f"{token} ({relevance:.2f})"
+            text_axis.text(x, 0.5, label, fontsize=9, color=color, transform=text_axis.transAxes,
+                           fontweight="bold" if selected else "normal")
+            x += 0.13 * max(1, len(label) / 8)
+        text_axis.text(0.0, 0.15, f"bold: relevance >= tau = {tau} (averaged into the pseudo-CLS)", fontsize=8,
+                       transform=text_axis.transAxes)
+    figure.tight_layout()
+    return figure
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub id (loaded with trust_remote_code)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="an image file (with --question)")
+    source.add_argument("--testbed", metavar="SPLIT:INDEX", help="a testbed scene and its question, e.g. test:3")
+    parser.add_argument("--question", default=None)
+    parser.add_argument("--settings", nargs="+", default=["stage1@16", "ivtp@16"])
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+
+
+def run(args) -> int:
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .eval_ivtp import EvalError
+
+    try:
+        if args.out.is_dir():
+            raise EvalError(f"--out {args.out}: is a folder; give a .png path.")
+        if args.testbed is not None:
+            from . import testbed
+
+            split, _, index = args.testbed.partition(":")
+            if split not in testbed.SPLITS or not index.isdigit():
+                raise EvalError(f"--testbed {args.testbed}: expected SPLIT:INDEX with SPLIT in {list(testbed.SPLITS)}.")
+            scene = testbed.example(split, int(index))
+            image, question = scene.image, args.question or scene.question
+        else:
+            if args.question is None:
+                raise EvalError("--image needs --question.")
+            if not args.image.is_file():
+                raise EvalError(f"--image {args.image}: no such file.")
+            image, question = Image.open(args.image).convert("RGB"), args.question
+        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+        figure = render(model, processor, image, question, args.settings)
+    except EvalError as error:
+        print(f"llava-ivtp show: error: {error}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=110)
+    print(args.out)
+    return 0
+
+
+__all__ = ["add_arguments", "overlay", "pruning_of", "render", "run"]
