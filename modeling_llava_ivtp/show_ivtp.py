@@ -76,7 +76,8 @@ def render(model, processor, image, question: str, settings: list[str]):
         finally:
             model.config = base
     columns = 1 + max(len(result["stages"]) for _, result, _ in rows)
-    figure, axes = plt.subplots(len(rows) + 1, columns, figsize=(2.4 * columns, 2.5 * (len(rows) + 1)), squeeze=False)
+    width = 2.3 * columns
+    figure, axes = plt.subplots(len(rows), columns, figsize=(width, 2.4 * len(rows) + 1.3), squeeze=False)
     for row, (spec, result, _) in enumerate(rows):
         axes[row][0].imshow(pixels)
         axes[row][0].set_title(spec, fontsize=9)
@@ -85,24 +86,21 @@ def render(model, processor, image, question: str, settings: list[str]):
             axes[row][column].set_title(f"{title}: {len(kept)}", fontsize=8)
         for axis in axes[row]:
             axis.axis("off")
-    text_axis = axes[-1][0]
-    for axis in axes[-1]:
-        axis.axis("off")
+    figure.tight_layout(rect=(0, 1.3 / (2.4 * len(rows) + 1.3), 1, 1))
+    # The instruction, one token after another across the figure, coloured by relevance (bold: in the pseudo-CLS).
     guided = next((result for spec, result, _ in rows if any(r is not None for _, r, _ in result["instruction"])), None)
-    tau = rows[0][2]
-    x = 0.0
-    text_axis.text(0.0, 0.9, f"Q: {question}", fontsize=9, transform=text_axis.transAxes)
+    height = 2.4 * len(rows) + 1.3
+    figure.text(0.02, 0.9 / height, f"Q: {question}", fontsize=9)
     if guided is not None:
         colormap = plt.get_cmap("viridis")
+        x = 0.02
         for token, relevance, selected in guided["instruction"]:
             color = "grey" if relevance is None else colormap(max(0.0, min(1.0, (relevance + 1) / 2)))
-            label = token if relevance is None else f"{token} ({relevance:.2f})"
-            text_axis.text(x, 0.5, label, fontsize=9, color=color, transform=text_axis.transAxes,
-                           fontweight="bold" if selected else "normal")
-            x += 0.13 * max(1, len(label) / 8)
-        text_axis.text(0.0, 0.15, f"bold: relevance >= tau = {tau} (averaged into the pseudo-CLS)", fontsize=8,
-                       transform=text_axis.transAxes)
-    figure.tight_layout()
+            label = token.strip() if relevance is None else f"{token.strip()} ({relevance:+.2f})"
+            figure.text(x, 0.55 / height, label, fontsize=8, color=color, fontweight="bold" if selected else "normal")
+            x += (len(label) + 2) * 8 * 0.62 / 72 / width
+        figure.text(0.02, 0.2 / height, f"relevance to the image (eq. 7); bold: >= tau = {rows[0][2]}, averaged into "
+                    "the pseudo-CLS (eq. 8)", fontsize=7)
     return figure
 
 
