@@ -307,16 +307,20 @@ def encode_examples(tokenizer, questions, answers, num_patches: int):
     return ids, target
 
 
-def llava_loss(model, ids, labels, features):
+def full_token_logits(model, ids, features):
     """Stock Llava's forward at full tokens on precomputed patch features: placeholders replaced by the projected
-    features, the decoder, the LM head; cross-entropy on the labelled tokens."""
+    features, the decoder, the LM head."""
     embeds = model.get_input_embeddings()(ids)
     image = ids == model.config.image_token_id
     projected = model.model.multi_modal_projector(features).to(embeds.dtype)
     embeds = embeds.masked_scatter(image.unsqueeze(-1), projected.reshape(-1, embeds.shape[-1]))
-    mask = ids != model.config.text_config.pad_token_id
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask.long()).last_hidden_state
-    logits = model.lm_head(hidden[:, :-1])
+    mask = (ids != model.config.text_config.pad_token_id).long()
+    return model.lm_head(model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state)
+
+
+def llava_loss(model, ids, labels, features):
+    """Cross-entropy of `full_token_logits` on the labelled tokens."""
+    logits = full_token_logits(model, ids, features)[:, :-1]
     return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
@@ -394,13 +398,8 @@ def quick_accuracy(model, tokenizer, data: dict, count: int) -> dict:
     hits: dict[str, list[int]] = {}
     for begin in range(0, count, 100):
         rows = slice(begin, min(begin + 100, count))
-        batch, feats = ids[rows], features[rows]
-        embeds = model.get_input_embeddings()(batch)
-        image = batch == model.config.image_token_id
-        projected = model.model.multi_modal_projector(feats).to(embeds.dtype)
-        embeds = embeds.masked_scatter(image.unsqueeze(-1), projected.reshape(-1, embeds.shape[-1]))
-        mask = (batch != tokenizer.pad_token_id).long()
-        logits = model.lm_head(model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state)
+        batch = ids[rows]
+        logits = full_token_logits(model, batch, features[rows])
         position = first_answer[rows] - 1
         predicted = logits[torch.arange(batch.shape[0]), position].argmax(-1)
         expected = batch[torch.arange(batch.shape[0]), first_answer[rows]]
