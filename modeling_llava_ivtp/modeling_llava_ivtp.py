@@ -493,12 +493,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
                     f"{given} guide pruning at prefill; they cannot be passed with a cache that was already pruned "
                     "(decode steps and conversation continuations take only the new tokens' inputs)."
                 )
-            if input_ids is not None and input_ids.device.type == "cpu":  # free to read on the CPU only
-                rows = value_rows(input_ids, {}, input_ids.device)
-                rows["placeholders"] = (input_ids == config.image_token_id).sum(dim=1)
-                facts = read_rows(rows)
-                check_values(config, facts, {})
-                self._refuse_placeholders_without_pixels(sum(facts["placeholders"]))
+            self._check_values_without_pixels(input_ids, inputs_embeds, cache, guidance)
             outputs = self._forward_with_pruned_cache(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -512,7 +507,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             )
         # IVTP: without a schedule or without images this is stock Llava (samples without an image pass unpruned).
         elif not config.pruning_enabled or pixel_values is None:
-            self._check_unpruned_values(input_ids, inputs_embeds, pixel_values, cache, guidance)
+            self._check_values_without_pixels(input_ids, inputs_embeds, cache, guidance)
             outputs = super().forward(
                 input_ids=input_ids,
                 pixel_values=pixel_values,
@@ -562,29 +557,25 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             )
         return outputs if return_dict is not False else outputs.to_tuple()
 
-    def _check_unpruned_values(self, input_ids, inputs_embeds, pixel_values, cache, guidance: dict) -> None:
-        """Values of a forward that does not prune (no schedule, or no image): token and CLIP ids, spans, and, when
-        pruning is on, image placeholders without `pixel_values`. One read, on a prefill (or on the CPU, where it is
-        free); a decode step on an accelerator reads nothing."""
+    def _check_values_without_pixels(self, input_ids, inputs_embeds, cache, guidance: dict) -> None:
+        """Values of a forward without `pixel_values` (no schedule, no image, or a step over a pruned cache): token
+        and CLIP ids, spans, and, when pruning is on, image placeholders (they would run as text). One read, on a
+        prefill (or on the CPU, where it is free); a step over a filled cache on an accelerator reads nothing."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if _host_past_length(cache) != 0 and reference.device.type != "cpu":
             return
         rows = value_rows(input_ids, guidance, reference.device)
-        missing_images = self.config.pruning_enabled and pixel_values is None
-        if missing_images:
+        pruning = self.config.pruning_enabled
+        if pruning:
             rows["placeholders"] = self._image_token_mask(input_ids, inputs_embeds).sum(dim=1).long()
         facts = read_rows(rows)
         check_values(self.config, facts, guidance)
-        if missing_images:
-            self._refuse_placeholders_without_pixels(sum(facts["placeholders"]))
-
-    def _refuse_placeholders_without_pixels(self, count: int) -> None:
-        if count:
+        if pruning and sum(facts["placeholders"]):
             raise ValueError(
-                f"The input holds {count} image placeholder tokens (id {self.config.image_token_id}) but no "
-                "`pixel_values`: pass the images as `pixel_values` (the processor returns them), or remove the "
-                "placeholders for a text-only prompt. (To continue a conversation after a pruned prefill, pass the "
-                "returned cache: it already holds the image.)"
+                f"The input holds {sum(facts['placeholders'])} image placeholder tokens (id "
+                f"{self.config.image_token_id}) but no `pixel_values`: pass the images as `pixel_values` (the "
+                "processor returns them), or remove the placeholders for a text-only prompt. (To continue a "
+                "conversation after a pruned prefill, pass the returned cache: it already holds the image.)"
             )
 
     @staticmethod
@@ -1066,13 +1057,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         cached_batch = cache.layers[0].keys.shape[0]
         if cached_batch != batch_size:
             raise ValueError(f"The cache holds {cached_batch} samples but {batch_size} were given.")
-        if attention_mask is None:
+        if attention_mask is None:  # its shape, when given, was checked by `check_sequence_inputs`
             attention_mask = torch.ones(batch_size, past_length + num_new, dtype=torch.bool, device=device)
-        if attention_mask.ndim != 2 or attention_mask.shape[1] != past_length + num_new:
-            raise ValueError(
-                f"`attention_mask` must be 2-D `(batch, {past_length + num_new})` after a pruned prefill: the cache's "
-                f"logical length {past_length} plus {num_new} new tokens; got shape {tuple(attention_mask.shape)}."
-            )
         attention_mask = attention_mask.to(device).bool()
         new_positions = torch.arange(past_length, past_length + num_new, device=device).expand(batch_size, -1)
         if position_ids is None:
