@@ -610,22 +610,11 @@ def check_device_memory(config, dtype_name: str, free_bytes: int) -> None:
 def _prepare_outputs(args) -> None:
     """`--json` and `--plot` are checked, and their folders made, before anything is measured: a run never ends
     with results it cannot write."""
+    from .cli import prepare_output
+
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is None:
-            continue
-        if path.is_dir():
-            raise BenchError(f"{flag} {path}: is a folder; give a file path (e.g. {path / ('bench.json' if flag == '--json' else 'bench.png')}).")
-        for parent in path.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise BenchError(f"{flag} {path}: {parent} is a file, so no folder can be made under it.")
-                break
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise BenchError(f"{flag} {path}: cannot make its folder ({error}).") from None
-        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            raise BenchError(f"{flag} {path}: not writable.")
+        if path is not None:
+            prepare_output(flag, path, BenchError)
 
 
 def _prepare_config(args) -> tuple[dict, str]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 
 SUBCOMMANDS = {
@@ -19,6 +21,29 @@ SUBCOMMANDS = {
     "eval": ("modeling_llava_ivtp.eval_ivtp", "accuracy, TFLOPs and prefill time under a grid of pruning settings"),
     "show": ("modeling_llava_ivtp.show_ivtp", "a PNG of the patches each pruning setting keeps (paper Fig. 5)"),
 }
+
+
+def prepare_output(flag: str, path: Path, error: type[ValueError], folder: bool = False) -> None:
+    """Check an output path before a command does any work, raising `error` naming `flag`: a file path must not be a
+    folder (its folder is made, and must be writable); a folder path must not be a file. Either way nothing on the
+    way to it may be a file."""
+    if folder and path.exists() and not path.is_dir():
+        raise error(f"{flag} {path}: is a file; give a folder.")
+    if not folder and path.is_dir():
+        raise error(f"{flag} {path}: is a folder; give a file path.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise error(f"{flag} {path}: {parent} is a file, so no folder can be made under it.")
+            break
+    if folder:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as cause:
+        raise error(f"{flag} {path}: cannot make its folder ({cause}).") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise error(f"{flag} {path}: not writable.")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

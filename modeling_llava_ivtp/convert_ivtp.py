@@ -170,13 +170,9 @@ def _local_inputs(llava: str, clip: str, preset: str) -> list[tuple[str, Path]]:
 def check_out_folder(out: Path, llava: str, clip: str, preset: str) -> None:
     """`--out` must be a folder (new or existing) that neither is, contains, nor lies inside an input: the
     converter never writes over what it reads. Checked before anything is read or written."""
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"--out {out}: is a file; give a folder to write the checkpoint into.")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConversionError(f"--out {out}: {parent} is a file, so no folder can be made under it.")
-            break
+    from .cli import prepare_output
+
+    prepare_output("--out", out, ConversionError, folder=True)
     target = out.resolve()
     for flag, path in _local_inputs(llava, clip, preset):
         source = path.resolve()

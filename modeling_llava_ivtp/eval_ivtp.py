@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -201,20 +202,26 @@ def setting_tflops(config, text_tokens: int) -> float:
     return measure(config, text_tokens, prefix_tokens=DEFAULT_PREFIX_TOKENS).total / 1e12
 
 
-def score(predictions: list[str], records: list[dict]) -> dict:
+@functools.lru_cache(maxsize=None)
+def metric(name: str):
+    """The repository's `evaluate` module `name`, loaded by path once per process."""
     import evaluate
 
+    return evaluate.load(str(METRICS[name]))
+
+
+def score(predictions: list[str], records: list[dict]) -> dict:
     references = [record["answers"] for record in records]
     result = {}
-    for name, path in METRICS.items():
-        result.update(evaluate.load(str(path)).compute(predictions=predictions, references=references))
+    for name in METRICS:
+        result.update(metric(name).compute(predictions=predictions, references=references))
     kinds = sorted({record.get("kind") for record in records if record.get("kind")})
-    for kind in kinds:
+    for kind in kinds:  # the same exact-match rule, per question kind
         chosen = [i for i, record in enumerate(records) if record.get("kind") == kind]
-        result[f"exact_match_{kind}"] = sum(
-            any(predictions[i].strip().lower().removesuffix(".") == a.lower() for a in records[i]["answers"])
-            for i in chosen
-        ) / len(chosen)
+        subset = metric("exact_match").compute(
+            predictions=[predictions[i] for i in chosen], references=[references[i] for i in chosen]
+        )
+        result[f"exact_match_{kind}"] = subset["exact_match"]
     n = len(predictions)
     accuracy = result["exact_match"]
     result["exact_match_stderr"] = (accuracy * (1 - accuracy) / n) ** 0.5 if n else float("nan")  # binomial
@@ -312,11 +319,11 @@ def run(args) -> int:
     try:
         if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
             raise EvalError("--batch-size, --max-new-tokens and --limit must be >= 1.")
+        from .cli import prepare_output
+
         for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
             if path is not None:
-                if path.is_dir():
-                    raise EvalError(f"{flag} {path}: is a folder; give a file path.")
-                path.parent.mkdir(parents=True, exist_ok=True)
+                prepare_output(flag, path, EvalError)
         results = json.loads(args.json.read_text()) if args.json.is_file() else {}
         if args.threads is not None:
             torch.set_num_threads(args.threads)

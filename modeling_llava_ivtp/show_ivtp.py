@@ -118,11 +118,11 @@ def run(args) -> int:
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from .cli import prepare_output
     from .eval_ivtp import EvalError
 
     try:
-        if args.out.is_dir():
-            raise EvalError(f"--out {args.out}: is a folder; give a .png path.")
+        prepare_output("--out", args.out, EvalError)
         if args.testbed is not None:
             from . import testbed
 
@@ -143,7 +143,6 @@ def run(args) -> int:
     except EvalError as error:
         print(f"llava-ivtp show: error: {error}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=110)
     print(args.out)
     return 0

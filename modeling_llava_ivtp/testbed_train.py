@@ -242,7 +242,7 @@ TESTBED_SCHEDULE = {"vision": [112, 88, 72], "llm": [68, 64]}  # 64 visual token
 GROUP_SIZE = 2
 
 
-def llava_config(tokenizer) -> "IvtpConfig":
+def llava_config(tokenizer):
     from transformers import CLIPVisionConfig, LlamaConfig
 
     from .configuration_llava_ivtp import IvtpConfig
@@ -263,10 +263,8 @@ def llava_config(tokenizer) -> "IvtpConfig":
 
 def build_llava(work: Path, tokenizer):
     """The testbed model with the trained CLIP's vision tower, text tower and visual projection in it."""
-    from .modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
-
     torch.manual_seed(0)
-    model = LlavaIvtpForConditionalGeneration(llava_config(tokenizer))
+    model = build_llava_shell(tokenizer)
     clip = TinyClip()
     clip.load_state_dict(torch.load(work / "clip.pt", weights_only=True))
     model.model.vision_tower.load_state_dict(clip.vision.state_dict())
@@ -439,6 +437,7 @@ def save_checkpoint(work: Path, out: Path, overwrite: bool = False) -> Path:
 
 
 def build_llava_shell(tokenizer):
+    """The testbed model with fresh weights (the architecture `llava_config` describes)."""
     from .modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
 
     return LlavaIvtpForConditionalGeneration(llava_config(tokenizer)).eval()
