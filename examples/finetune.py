@@ -146,7 +146,27 @@ def training_parser(description: str, learning_rate: float, summary_help: str) -
     parser.add_argument("--learning-rate", type=float, default=learning_rate)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summary", type=Path, help=summary_help)
+    parser.add_argument("--visual-tokens", type=int, default=None,
+                        help="train with the model's schedule scaled to this many visual tokens in the LLM's last "
+                             "layers (as `llava-ivtp eval` ivtp@K does); saved in the output's config")
     return parser
+
+
+def apply_visual_tokens(model, kept: int | None) -> None:
+    """Scale the model's pruning schedule to `kept` final visual tokens (`bench_ivtp.derive_schedule`)."""
+    if kept is None:
+        return
+    from modeling_llava_ivtp.bench_ivtp import BenchError, derive_schedule
+
+    if model.config.schedule is None:
+        raise SystemExit("--visual-tokens: the model has no pruning schedule to scale.")
+    if not 1 <= kept <= model.config.num_patches:
+        raise SystemExit(f"--visual-tokens must be in [1, {model.config.num_patches}], got {kept}.")
+    try:
+        model.config.schedule = derive_schedule(model.config.schedule, model.config.num_patches, kept)
+    except BenchError as error:
+        raise SystemExit(f"--visual-tokens: {error}") from None
+    model.config.check_ivtp()
 
 
 def main(argv=None) -> dict:
@@ -155,6 +175,7 @@ def main(argv=None) -> dict:
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     model.model.vision_tower.requires_grad_(False)  # frozen, as in LLaVA's fine-tuning; the CLIP text tower is frozen
     model.config.use_cache = False
+    apply_visual_tokens(model, args.visual_tokens)
     trainer = build_trainer(model, processor, read_conversations(args.data), args)
     trainer.train()
     trainer.save_model(str(args.output_dir))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 
 import torch
-from finetune import build_trainer, read_conversations, training_parser
+from finetune import apply_visual_tokens, build_trainer, read_conversations, training_parser
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -36,6 +36,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     base = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True)
+    apply_visual_tokens(base, args.visual_tokens)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     model = lora_model(base, rank=args.lora_r, alpha=args.lora_alpha)
     model.print_trainable_parameters()

@@ -8,7 +8,11 @@ with `image`, `question` and `answers`) x settings:
   the log-reduction, as `llava-ivtp bench --kept` does), with the model's guidance; `ivtp@K:MODE` with guidance
   `MODE` (`clip_relevance`, `instruction_mean`, `embedding_relevance`, `visual_cls`);
 - `stage1@K`: stage 1 only, the vision counts decaying geometrically to `K` (the presets' TopK rule);
-- `preset:PATH`: IvtpConfig fields (schedule, group_size, tau, guidance) from a JSON file.
+- `preset:PATH`: IvtpConfig fields (schedule, group_size, tau, guidance) from a JSON file;
+- `random@K`: the baseline of no selection at all: stock Llava (no pruning schedule) whose LLM sees `K` of each
+  image's visual tokens chosen uniformly at random (seeded per batch), at their original positions, decoded greedily
+  without a cache (`random_keep_generate`). Its TFLOPs are the full setting's minus the LLM work of the dropped
+  tokens (`analytic_flops.llm_layer_flops`).
 
 Answers are generated greedily in left-padded batches and scored with the repository's own `evaluate` metric modules
 (exact match; VQA accuracy with the VQA answer normalisation), loaded by path. TFLOPs come from the project's counter
@@ -46,6 +50,7 @@ class EvalError(ValueError):
 class Setting:
     name: str
     fields: dict  # IvtpConfig fields to set for this setting
+    random_keep: int | None = None  # `random@K`: K random visual tokens reach a stock forward
 
     def config_of(self, base) -> object:
         config = copy.deepcopy(base)
@@ -74,13 +79,18 @@ def parse_setting(spec: str, base) -> Setting:
         return Setting(spec, fields)
     kind, _, rest = spec.partition("@")
     budget, _, mode = rest.partition(":")
-    if kind not in ("ivtp", "stage1") or not budget.isdigit():
+    if kind not in ("ivtp", "stage1", "random") or not budget.isdigit():
         raise EvalError(
-            f"--settings {spec!r}: expected full, ivtp@K, ivtp@K:MODE, stage1@K or preset:PATH (K a token count)."
+            f"--settings {spec!r}: expected full, ivtp@K, ivtp@K:MODE, stage1@K, random@K or preset:PATH "
+            "(K a token count)."
         )
     kept, patches = int(budget), base.num_patches
     if not 1 <= kept <= patches:
         raise EvalError(f"--settings {spec}: K must be in [1, {patches}] (the patches per image), got {kept}.")
+    if kind == "random":
+        if mode:
+            raise EvalError(f"--settings {spec}: random@K takes no guidance mode.")
+        return Setting(spec, {"schedule": None}, random_keep=kept)
     if base.schedule is None:
         raise EvalError(f"--settings {spec}: the model has no pruning schedule to scale; use preset:PATH.")
     if kind == "stage1":
@@ -163,18 +173,71 @@ def run_setting(model, processor, records: list[dict], setting: Setting, batch_s
             inputs = processor(images=[r["image"] for r in batch], text=[prompt_of(r["question"]) for r in batch],
                                padding=True, return_tensors="pt").to(model.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            start = time.perf_counter()
-            model(**inputs, use_cache=True, logits_to_keep=1)
-            prefill_seconds.append(time.perf_counter() - start)
-            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            if setting.random_keep is not None:
+                generator = torch.Generator().manual_seed(begin)
+                new_tokens, seconds = random_keep_generate(model, inputs, setting.random_keep, max_new_tokens, generator)
+                prefill_seconds.append(seconds)
+            else:
+                start = time.perf_counter()
+                model(**inputs, use_cache=True, logits_to_keep=1)
+                prefill_seconds.append(time.perf_counter() - start)
+                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+            texts = processor.batch_decode(new_tokens, skip_special_tokens=True)
             predictions += [text.strip() for text in texts]
             if progress is not None:
                 progress(len(batch))
         counts = visual_tokens(model.config)
+        if setting.random_keep is not None:
+            counts = {"visual_tokens": setting.random_keep, "mean_visual_tokens_per_llm_layer": float(setting.random_keep)}
     finally:
         model.config = base
     return {"predictions": predictions, "prefill_ms_per_batch": 1000 * statistics.median(prefill_seconds), **counts}
+
+
+@torch.no_grad()
+def random_keep_generate(model, inputs, keep: int, max_new_tokens: int, generator: torch.Generator):
+    """`(new token ids (batch, steps), prefill seconds)` of stock Llava whose LLM sees `keep` random visual tokens of
+    each image at their original positions (left padding respected), greedy, recomputing the whole sequence at each
+    step (no cache). Built from the model's own submodules: vision tower, projector, decoder, LM head."""
+    config = model.config
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    image = ids == config.image_token_id
+    per_sample = image.sum(dim=1)
+    if per_sample.ne(config.num_patches).any():
+        raise EvalError(f"random@{keep}: needs exactly one image of {config.num_patches} placeholders per sample, got "
+                        f"{per_sample.tolist()}.")
+    start = time.perf_counter()
+    tower = model.model.vision_tower
+    hidden = tower(pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states[config.vision_feature_layer]
+    features = model.model.multi_modal_projector(hidden[:, 1:] if config.vision_feature_select_strategy == "default" else hidden)
+    embeds = model.get_input_embeddings()(ids).clone()
+    embeds[image] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+    positions = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
+    dropped = torch.zeros_like(image)
+    for row in range(ids.shape[0]):  # keep `keep` of the row's placeholders, uniformly at random
+        slots = image[row].nonzero().squeeze(1)
+        dropped[row, slots[torch.randperm(slots.numel(), generator=generator)[keep:].to(slots.device)]] = True
+    survive = ~dropped
+    length = int(survive[0].sum())
+    embeds = embeds[survive].view(ids.shape[0], length, -1)
+    positions, mask = positions[survive].view(ids.shape[0], length), mask[survive].view(ids.shape[0], length)
+    steps, seconds = [], 0.0
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for step in range(max_new_tokens):
+        hidden_states = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+        token = model.lm_head(hidden_states[:, -1]).argmax(dim=-1)
+        if step == 0:
+            seconds = time.perf_counter() - start
+        token = torch.where(finished, torch.full_like(token, config.text_config.pad_token_id or 0), token)
+        steps.append(token)
+        finished |= token == model.generation_config.eos_token_id
+        if bool(finished.all()):
+            break
+        embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return torch.stack(steps, dim=1), seconds
 
 
 def visual_tokens(config) -> dict:
@@ -193,13 +256,23 @@ def visual_tokens(config) -> dict:
     return {"visual_tokens": final, "mean_visual_tokens_per_llm_layer": sum(per_layer) / layers}
 
 
-def setting_tflops(config, text_tokens: int) -> float:
+def setting_tflops(config, text_tokens: int, random_keep: int | None = None) -> float:
+    """Prefill TFLOPs of one sample (`flops_ivtp.measure`); for `random@K` the full forward's minus, in every LLM
+    layer, the work of the visual tokens it does not see."""
+    from .analytic_flops import _head_dim, llm_layer_flops
     from .configuration_llava_ivtp import IvtpConfig
     from .flops_ivtp import DEFAULT_PREFIX_TOKENS, measure
 
     # A checkpoint loaded as remote code has its own copy of the config class: count with this package's.
     config = IvtpConfig.from_dict(config.to_dict())
-    return measure(config, text_tokens, prefix_tokens=DEFAULT_PREFIX_TOKENS).total / 1e12
+    total = measure(config, text_tokens, prefix_tokens=DEFAULT_PREFIX_TOKENS).total
+    if random_keep is not None:
+        text = config.text_config
+        full = config.num_patches + text_tokens + DEFAULT_PREFIX_TOKENS
+        sizes = (text.hidden_size, text.intermediate_size, text.num_key_value_heads * _head_dim(text))
+        saved = llm_layer_flops(full, *sizes) - llm_layer_flops(full - config.num_patches + random_keep, *sizes)
+        total -= text.num_hidden_layers * saved
+    return total / 1e12
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,17 +303,21 @@ def score(predictions: list[str], records: list[dict]) -> dict:
 
 
 def evaluate_grid(model, processor, records, settings: list[Setting], results: dict, batch_size: int,
-                  max_new_tokens: int, log=print, save=None) -> dict:
-    """Run every setting not in `results["settings"]` yet; `save(results)` after each one (resumable)."""
+                  max_new_tokens: int, log=print, save=None, progress: bool = False) -> dict:
+    """Run every setting not in `results["settings"]` yet; `save(results)` after each one (resumable); a progress
+    bar per setting on stderr when `progress`."""
+    from tqdm.auto import tqdm
+
     text_tokens = round(statistics.mean(len(processor.tokenizer(prompt_of(r["question"]))["input_ids"]) for r in records)) + 1
     results.setdefault("settings", {})
     for setting in settings:
         if setting.name in results["settings"]:
             log(f"{setting.name}: already in the results, skipped")
             continue
-        measured = run_setting(model, processor, records, setting, batch_size, max_new_tokens)
+        with tqdm(total=len(records), desc=setting.name, unit="question", disable=not progress) as bar:
+            measured = run_setting(model, processor, records, setting, batch_size, max_new_tokens, progress=bar.update)
         entry = {**score(measured.pop("predictions"), records), **measured}
-        entry["tflops"] = setting_tflops(setting.config_of(model.config), text_tokens)
+        entry["tflops"] = setting_tflops(setting.config_of(model.config), text_tokens, setting.random_keep)
         entry["fields"] = setting.fields
         results["settings"][setting.name] = entry
         log(f"{setting.name}: exact match {entry['exact_match']:.3f} ± {entry['exact_match_stderr']:.3f}, "
@@ -311,6 +388,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
@@ -344,7 +422,7 @@ def run(args) -> int:
         args.json.write_text(json.dumps(current, indent=2))
 
     evaluate_grid(model, processor, records, settings, results, args.batch_size, args.max_new_tokens,
-                  log=lambda line: print(line, flush=True), save=save)
+                  log=lambda line: print(line, flush=True), save=save, progress=not args.no_progress)
     save(results)
     table = markdown(results)
     print(table)

@@ -95,19 +95,42 @@ def example(split: str, index: int, kind: str | None = None) -> Example:
     kind = QUESTION_KINDS[index % len(QUESTION_KINDS)] if kind is None else kind
     if kind not in QUESTION_KINDS:
         raise ValueError(f"`kind` must be one of {list(QUESTION_KINDS)}, got {kind!r}.")
-    rng = np.random.default_rng([SPLITS[split], index, QUESTION_KINDS.index(kind)])
-    while True:  # a scene that cannot carry this kind of question is drawn again (from the same stream)
-        objects = _scene_objects(rng)
-        asked = _question(rng, kind, objects)
-        if asked is not None:
-            break
-    question, answer, target = asked
+    rng, objects, (question, answer, target) = _draw(split, index, kind)
     image, labels = _render(rng, objects)
     patch_colors, patch_shapes = _patch_labels(labels, objects)
     return Example(
         split=split, index=index, image=image, question=question, answer=answer, kind=kind, objects=objects,
         caption=caption(objects, rng), patch_colors=patch_colors, patch_shapes=patch_shapes, target=target,
     )
+
+
+def _draw(split: str, index: int, kind: str):
+    """The random stream of example `(split, index, kind)`, its objects and its question (nothing drawn yet)."""
+    rng = np.random.default_rng([SPLITS[split], index, QUESTION_KINDS.index(kind)])
+    while True:  # a scene that cannot carry this kind of question is drawn again (from the same stream)
+        objects = _scene_objects(rng)
+        asked = _question(rng, kind, objects)
+        if asked is not None:
+            return rng, objects, asked
+
+
+def training_turns(split: str, index: int, count: int) -> list[tuple[str, str, str]]:
+    """Up to `count` distinct `(question, answer, kind)` about the scene of `example(split, index)`: its own question
+    first, then questions of every kind drawn in turn from a stream of their own (for training several answers per
+    image; the image is not rendered)."""
+    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
+    _, objects, (question, answer, _) = _draw(split, index, kind)
+    turns, seen = [(question, answer, kind)], {question}
+    rng = np.random.default_rng([SPLITS[split], index, len(QUESTION_KINDS)])
+    for attempt in range(4 * count):
+        if len(turns) >= count:
+            break
+        other = QUESTION_KINDS[attempt % len(QUESTION_KINDS)]
+        asked = _question(rng, other, objects)
+        if asked is not None and asked[0] not in seen:
+            seen.add(asked[0])
+            turns.append((asked[0], asked[1], other))
+    return turns
 
 
 def examples(split: str, count: int, start: int = 0) -> list[Example]:
@@ -266,5 +289,5 @@ def _patch_labels(labels: np.ndarray, objects: list[SceneObject]) -> tuple[np.nd
 
 __all__ = [
     "ANSWERS", "COLORS", "COUNTS", "Example", "GRID", "IMAGE_SIZE", "PATCH_SIZE", "PLACES", "QUESTION_KINDS",
-    "SHAPES", "SPLITS", "SceneObject", "caption", "example", "examples",
+    "SHAPES", "SPLITS", "SceneObject", "caption", "example", "examples", "training_turns",
 ]

@@ -4,8 +4,9 @@
 CLIP = the HF CLIP vision tower as LLaVA uses it (192 px, patch 16, 144 patches), the open_clip text tower that
 `IvtpConfig.clip_text_encoder` describes (with open_clip's ViT-L-14-336 tokenizer, as the processor uses), and the
 visual projection, trained with CLIP's symmetric contrastive loss on the scene captions. Auxiliary supervision makes
-the patch features informative: two linear heads on the feature layer's patch tokens predict each patch's colour and
-shape class (`Example.patch_colors` / `patch_shapes`); the heads are thrown away after training. There is no
+the patch features informative: two linear heads on the feature layer's patch tokens predict each patch's colour class
+(every patch) and shape class (patches on an object: with the background in it, a tower trained here stayed at chance
+on shape) from `Example.patch_colors` / `patch_shapes`; the heads are thrown away after training. There is no
 per-token text-to-image objective (it would favour IVTP's eq. 6).
 
     python -m modeling_llava_ivtp.testbed_train clip --work testbed-work --train 12000 --steps 400
@@ -158,8 +159,9 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
         logits = model.logit_scale.exp().clamp(max=100) * image @ text.t()
         targets = torch.arange(batch_size)
         contrastive = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+        on_object = train_colors[index] > 0  # shape is learnt on object patches only (background would swamp it)
         auxiliary = F.cross_entropy(color_logits.flatten(0, 1), train_colors[index].flatten()) + F.cross_entropy(
-            shape_logits.flatten(0, 1), train_shapes[index].flatten()
+            shape_logits[on_object], train_shapes[index][on_object]
         )
         loss = contrastive + auxiliary
         optimizer.zero_grad(set_to_none=True)
@@ -170,6 +172,9 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
         if step % 25 == 0 or step == steps - 1:
             log(f"clip step {step:4d} loss {loss.item():.3f} (contrastive {contrastive.item():.3f}, "
                 f"patch labels {auxiliary.item():.3f}) {time.time() - start:.0f} s")
+        if (step + 1) % 300 == 0 and step != steps - 1:
+            log(json.dumps(evaluate_clip(model, val_pixels[:500], val_text[:500], {k: v[:500] for k, v in val.items()})))
+            model.train()
     metrics = evaluate_clip(model, val_pixels, val_text, val)
     metrics["train_seconds"] = time.time() - start
     log(json.dumps(metrics))
@@ -236,7 +241,7 @@ def tokenizer_corpus(data: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 TEXT = {
     "hidden_size": 160, "intermediate_size": 480, "num_hidden_layers": 6, "num_attention_heads": 4,
-    "num_key_value_heads": 4, "max_position_embeddings": 320, "rope_theta": 10000.0,
+    "num_key_value_heads": 4, "max_position_embeddings": 512, "rope_theta": 10000.0,
 }
 TESTBED_SCHEDULE = {"vision": [112, 88, 72], "llm": [68, 64]}  # 64 visual tokens in the LLM's last layers
 GROUP_SIZE = 2
@@ -287,17 +292,47 @@ def vision_features(model, pixels: torch.Tensor, chunk: int = 200) -> torch.Tens
 def encode_examples(tokenizer, questions, answers, num_patches: int):
     """Token ids of `USER: <image>\\n{question} ASSISTANT: {answer}</s>` with the image expanded to its
     placeholders, and labels on the answer (and EOS) only. Right-padded tensors."""
-    rows, labels = [], []
-    for question, answer in zip(questions, answers):
-        prompt = tokenizer(f"USER: {IMAGE * num_patches}\n{question} ASSISTANT:")["input_ids"]
-        full = tokenizer(f"USER: {IMAGE * num_patches}\n{question} ASSISTANT: {answer}")["input_ids"]
-        if full[: len(prompt)] != prompt:
-            raise RuntimeError(f"the prompt's tokens are not a prefix of the example's: {question!r} {answer!r}")
-        full = full + [tokenizer.eos_token_id]
-        rows.append(full)
-        labels.append([-100] * len(prompt) + full[len(prompt):])
+    return TurnEncoder(tokenizer, num_patches)([[(question, answer)] for question, answer in zip(questions, answers)])
+
+
+class TurnEncoder:
+    """Token ids and labels of a conversation about one image, LLaVA's multi-turn format:
+    `USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...`, the image expanded to its
+    placeholders and labels on the answers (and their EOS) only. The first turn is tokenized exactly as evaluation
+    prompts it (`encode_examples`); token lists are cached per text."""
+
+    def __init__(self, tokenizer, num_patches: int):
+        self.tokenizer, self.num_patches = tokenizer, num_patches
+        self.cache: dict[tuple[str, str, bool], tuple[list[int], list[int]]] = {}
+
+    def turn(self, question: str, answer: str, first: bool) -> tuple[list[int], list[int]]:
+        key = (question, answer, first)
+        if key not in self.cache:
+            head = f"USER: {IMAGE * self.num_patches}\n{question} ASSISTANT:" if first else f"USER: {question} ASSISTANT:"
+            prompt = self.tokenizer(head, add_special_tokens=first)["input_ids"]
+            full = self.tokenizer(f"{head} {answer}", add_special_tokens=first)["input_ids"]
+            if full[: len(prompt)] != prompt:
+                raise RuntimeError(f"the prompt's tokens are not a prefix of the turn's: {question!r} {answer!r}")
+            full = full + [self.tokenizer.eos_token_id]
+            self.cache[key] = (full, [-100] * len(prompt) + full[len(prompt):])
+        return self.cache[key]
+
+    def __call__(self, conversations: list[list[tuple[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, labels = [], []
+        for turns in conversations:
+            ids, target = [], []
+            for number, (question, answer) in enumerate(turns):
+                tokens, label = self.turn(question, answer, number == 0)
+                ids += tokens
+                target += label
+            rows.append(ids)
+            labels.append(target)
+        return _right_padded(rows, labels, self.tokenizer.pad_token_id)
+
+
+def _right_padded(rows, labels, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(row) for row in rows)
-    ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     target = torch.full((len(rows), length), -100, dtype=torch.long)
     for row, (tokens, label) in enumerate(zip(rows, labels)):
         ids[row, : len(tokens)] = torch.tensor(tokens)
@@ -323,9 +358,11 @@ def llava_loss(model, ids, labels, features):
 
 
 def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_size: int, lr: float, seed: int,
-                caption_share: float, log=print) -> dict:
-    """Projector + Llama on the VQA examples (and, for `caption_share` of each batch, describing the scene: LLaVA's
-    caption stage as dense grounding signal), vision tower and CLIP frozen."""
+                caption_share: float, turns: int = 8, log=print) -> dict:
+    """Projector + Llama at full tokens, vision tower and CLIP frozen. Each training sequence is a conversation
+    about one scene: its question and up to `turns - 1` more (`testbed.training_turns`, the extras in a random
+    order), and for `caption_share` of the scenes a last turn describing the scene (LLaVA's caption data, dense
+    grounding signal). Several answers per image give the LLM many supervised tokens per image forward."""
     start = time.time()
     train = build_split("train", train_count, work)
     val = build_split("validation", val_count, work)
@@ -334,11 +371,11 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     if split_answers:
         raise RuntimeError(f"answers that are not one token of the trained tokenizer: {split_answers}")
     model = build_llava(work, tokenizer)
-    num_patches = model.config.num_patches
     features = vision_features(model, pixel_values(train["image"]))
-    log(f"features of {train_count} scenes in {time.time() - start:.0f} s; vocabulary {len(tokenizer)}")
-    qa_ids, qa_labels = encode_examples(tokenizer, train["question"], train["answer"], num_patches)
-    cap_ids, cap_labels = encode_examples(tokenizer, ["Describe the image."] * train_count, train["caption"], num_patches)
+    conversations = [[(q, a) for q, a, _ in testbed.training_turns("train", index, turns)] for index in range(train_count)]
+    log(f"features and {sum(map(len, conversations))} questions of {train_count} scenes in {time.time() - start:.0f} s; "
+        f"vocabulary {len(tokenizer)}")
+    encoder = TurnEncoder(tokenizer, model.config.num_patches)
 
     model.model.vision_tower.requires_grad_(False)
     model.clip_text_model.requires_grad_(False)
@@ -352,25 +389,26 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.train()
-    captions = int(round(batch_size * caption_share))
     for step in range(steps):
-        losses = []
-        for ids, labels, count in ((qa_ids, qa_labels, batch_size - captions), (cap_ids, cap_labels, captions)):
-            if count == 0:
-                continue
-            index = torch.randint(0, train_count, (count,), generator=generator)
-            batch_ids, batch_labels = ids[index], labels[index]
-            length = int((batch_ids != tokenizer.pad_token_id).sum(dim=1).max())
-            losses.append(llava_loss(model, batch_ids[:, :length], batch_labels[:, :length], features[index]))
-        loss = sum(losses) / len(losses)
+        index = torch.randint(0, train_count, (batch_size,), generator=generator).tolist()
+        batch = []
+        for scene in index:
+            first, *extra = conversations[scene]
+            order = torch.randperm(len(extra), generator=generator).tolist()
+            talk = [first] + [extra[i] for i in order]
+            if torch.rand((), generator=generator).item() < caption_share:
+                talk.append(("Describe the image.", str(train["caption"][scene])))
+            batch.append(talk)
+        ids, labels = encoder(batch)
+        loss = llava_loss(model, ids, labels, features[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         if step % 25 == 0 or step == steps - 1:
-            log(f"llava step {step:4d} loss {' / '.join(f'{l.item():.3f}' for l in losses)} {time.time() - start:.0f} s")
-        if (step + 1) % 300 == 0 or step == steps - 1:
+            log(f"llava step {step:4d} loss {loss.item():.3f} {time.time() - start:.0f} s")
+        if (step + 1) % 250 == 0 and step != steps - 1:
             log(json.dumps(quick_accuracy(model, tokenizer, val, count=300)))
             model.train()
     model.eval()
@@ -405,6 +443,29 @@ def quick_accuracy(model, tokenizer, data: dict, count: int) -> dict:
             hits.setdefault(str(kind), []).append(int(hit))
     every = [hit for values in hits.values() for hit in values]
     return {"accuracy": sum(every) / len(every), **{f"accuracy_{k}": sum(v) / len(v) for k, v in sorted(hits.items())}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning data for examples/finetune.py (the paper's retraining mode)
+# ----------------------------------------------------------------------------------------------------------------
+def export_conversations(out: Path, start: int, count: int, turns: int, overwrite: bool = False) -> Path:
+    """Training scenes `start..start+count-1` as LLaVA-format JSON lines (`out/train.jsonl`, images in
+    `out/images/`), each a conversation of up to `turns` questions (`testbed.training_turns`)."""
+    listing = out / "train.jsonl"
+    if listing.exists() and not overwrite:
+        raise ValueError(f"--out {out}: already holds train.jsonl (pass --overwrite to replace it).")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(start, start + count):
+        name = f"images/train-{index:06d}.png"
+        testbed.example("train", index).image.save(out / name)
+        conversation = []
+        for number, (question, answer, _) in enumerate(testbed.training_turns("train", index, turns)):
+            conversation += [{"from": "human", "value": f"<image>\n{question}" if number == 0 else question},
+                             {"from": "gpt", "value": answer}]
+        lines.append(json.dumps({"image": name, "conversations": conversation}))
+    listing.write_text("\n".join(lines) + "\n")
+    return listing
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,16 +543,17 @@ def main(argv: list[str] | None = None) -> int:
     clip.add_argument("--work", type=Path, default=Path("testbed-work"))
     clip.add_argument("--train", type=int, default=12000)
     clip.add_argument("--validation", type=int, default=1000)
-    clip.add_argument("--steps", type=int, default=400)
-    clip.add_argument("--batch-size", type=int, default=128)
-    clip.add_argument("--lr", type=float, default=2e-3)
+    clip.add_argument("--steps", type=int, default=1200)
+    clip.add_argument("--batch-size", type=int, default=32)
+    clip.add_argument("--lr", type=float, default=1e-3)
     clip.add_argument("--seed", type=int, default=0)
     llava = sub.add_parser("llava", help="train the tiny LLaVA-IVTP on the trained CLIP")
     llava.add_argument("--work", type=Path, default=Path("testbed-work"))
     llava.add_argument("--train", type=int, default=12000)
     llava.add_argument("--validation", type=int, default=1000)
-    llava.add_argument("--steps", type=int, default=1200)
-    llava.add_argument("--batch-size", type=int, default=48)
+    llava.add_argument("--steps", type=int, default=1500)
+    llava.add_argument("--batch-size", type=int, default=16)
+    llava.add_argument("--turns", type=int, default=8)
     llava.add_argument("--lr", type=float, default=1e-3)
     llava.add_argument("--caption-share", type=float, default=0.25)
     llava.add_argument("--seed", type=int, default=0)
@@ -499,7 +561,16 @@ def main(argv: list[str] | None = None) -> int:
     save.add_argument("--work", type=Path, default=Path("testbed-work"))
     save.add_argument("--out", type=Path, required=True)
     save.add_argument("--overwrite", action="store_true")
+    export = sub.add_parser("export", help="training scenes as LLaVA-format JSON lines for examples/finetune.py")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--start", type=int, default=0)
+    export.add_argument("--count", type=int, default=2000)
+    export.add_argument("--turns", type=int, default=8)
+    export.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    if args.stage == "export":
+        print(export_conversations(args.out, args.start, args.count, args.turns, args.overwrite))
+        return 0
     if args.stage == "save":
         print(save_checkpoint(args.work, args.out, args.overwrite))
         return 0
@@ -508,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         train_clip(args.work, args.train, args.validation, args.steps, args.batch_size, args.lr, args.seed, log=log)
     else:
         train_llava(args.work, args.train, args.validation, args.steps, args.batch_size, args.lr, args.seed,
-                    args.caption_share, log=log)
+                    args.caption_share, args.turns, log=log)
     return 0
 
 

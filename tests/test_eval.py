@@ -23,15 +23,18 @@ def checkpoint(tmp_path_factory):
 def test_grid_is_measured_and_resumes(checkpoint, tmp_path, capsys):
     results = tmp_path / "results.json"
     argv = ["eval", "--model", str(checkpoint), "--dataset", "testbed:test", "--limit", "6", "--batch-size", "3",
-            "--settings", "full", "ivtp@16", "ivtp@16:visual_cls", "stage1@16", "--json", str(results),
+            "--settings", "full", "ivtp@16", "ivtp@16:visual_cls", "stage1@16", "random@16", "--json", str(results),
             "--markdown", str(tmp_path / "table.md"), "--threads", "1"]
     assert cli_main(argv) == 0
     report = json.loads(results.read_text())
-    assert list(report["settings"]) == ["full", "ivtp@16", "ivtp@16:visual_cls", "stage1@16"]
+    assert list(report["settings"]) == ["full", "ivtp@16", "ivtp@16:visual_cls", "stage1@16", "random@16"]
     full, pruned, stage1 = report["settings"]["full"], report["settings"]["ivtp@16"], report["settings"]["stage1@16"]
     assert full["visual_tokens"] == 144 and pruned["visual_tokens"] == 16 and stage1["visual_tokens"] == 16
     assert pruned["tflops"] < full["tflops"] and stage1["tflops"] < full["tflops"]
     assert stage1["mean_visual_tokens_per_llm_layer"] == 16 < pruned["mean_visual_tokens_per_llm_layer"]
+    randomly = report["settings"]["random@16"]
+    assert randomly["visual_tokens"] == 16 == randomly["mean_visual_tokens_per_llm_layer"]
+    assert randomly["tflops"] < full["tflops"]
     for entry in report["settings"].values():
         assert entry["questions"] == 6 and 0 <= entry["exact_match"] <= 1 and 0 <= entry["vqa_accuracy"] <= 1
         assert entry["prefill_ms_per_batch"] > 0
@@ -40,7 +43,34 @@ def test_grid_is_measured_and_resumes(checkpoint, tmp_path, capsys):
     assert cli_main(argv[:-6] + ["--settings", "full", "ivtp@32", "--json", str(results), "--threads", "1"]) == 0
     assert "full: already in the results, skipped" in capsys.readouterr().out
     assert set(json.loads(results.read_text())["settings"]) == {"full", "ivtp@16", "ivtp@16:visual_cls", "stage1@16",
-                                                                 "ivtp@32"}
+                                                                 "random@16", "ivtp@32"}
+
+
+def test_random_keep_of_every_token_is_stock_greedy_generation(checkpoint):
+    """`random@K` at K = all patches drops nothing: its decode (submodules, positions, no cache) must give stock
+    Llava's greedy `generate` tokens; at K = 16 every sample's LLM sees 16 of its placeholders' features."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from modeling_llava_ivtp import testbed
+    from modeling_llava_ivtp.eval_ivtp import prompt_of, random_keep_generate, setting_tflops
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    model.config.schedule = None
+    records = [testbed.example("test", index).record() for index in range(3)]
+    inputs = processor(images=[r["image"] for r in records], text=[prompt_of(r["question"]) for r in records],
+                       padding=True, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    model.generation_config.eos_token_id = None  # compare every step, not only up to the first EOS
+    stock = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    ours, seconds = random_keep_generate(model, inputs, 144, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(ours, stock) and seconds > 0
+    kept, _ = random_keep_generate(model, inputs, 16, 3, torch.Generator().manual_seed(0))
+    assert kept.shape == (3, 3)
+    full = setting_tflops(model.config, 20)
+    assert setting_tflops(model.config, 20, random_keep=144) == pytest.approx(full)
+    assert setting_tflops(model.config, 20, random_keep=16) < full
 
 
 def test_results_of_another_run_are_not_mixed_in(checkpoint, tmp_path, capsys):
@@ -52,7 +82,8 @@ def test_results_of_another_run_are_not_mixed_in(checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("spec, message", [("ivtp@0", "K must be in"), ("ivtp@999", "K must be in"),
                                            ("ivtp@16:nope", "guidance"), ("topk@16", "expected full"),
-                                           ("stage1@16:visual_cls", "no guidance")])
+                                           ("stage1@16:visual_cls", "no guidance"),
+                                           ("random@16:visual_cls", "no guidance"), ("random@0", "K must be in")])
 def test_bad_settings(checkpoint, spec, message):
     from modeling_llava_ivtp import IvtpConfig
 
