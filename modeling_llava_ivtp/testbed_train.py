@@ -9,10 +9,10 @@ CLIP = the HF CLIP vision tower as LLaVA uses it (192 px, patch 16, 144 patches)
 `IvtpConfig.clip_text_encoder` describes (with open_clip's ViT-L-14-336 tokenizer, as the processor uses), and the
 visual projection, trained with CLIP's symmetric contrastive loss on the scene captions. Auxiliary supervision makes
 the patch features informative: two linear heads on the feature layer's patch tokens predict each patch's colour class
-(every patch) and shape class (patches on an object: with the background in it, a tower trained here stayed at chance
-on shape) from `Example.patch_colors` / `patch_shapes`; the heads are thrown away after training. The first third
-of the steps trains on these labels alone and the rest adds the contrastive loss (trained jointly from the start,
-the contrastive gradient kept the shape head at chance for 450 steps; alone, shape reached 0.55 in 250). There is no
+and shape class (0 = background) from `Example.patch_colors` / `patch_shapes`, background patches weighted 0.1 in
+the shape loss; the heads are thrown away after training. The first third of the steps trains on these labels alone
+and the rest adds the contrastive loss (trained jointly from the start, the contrastive gradient kept the shape head
+at chance for 450 steps; alone, shape reached 0.55 in 250). There is no
 per-token text-to-image objective (it would favour IVTP's eq. 6).
 
 LLaVA = that vision tower frozen, a projector and a small Llama trained at full tokens (pruning only at inference,
@@ -136,6 +136,7 @@ class TinyClip(nn.Module):
 
 AUXILIARY_ONLY_SHARE = 1 / 3  # of the CLIP's steps train on the patch labels alone, before the contrastive loss joins
 AUXILIARY_WEIGHT = 3.0  # patch-label loss against the contrastive loss (shared vision tower)
+BACKGROUND_SHAPE_WEIGHT = 0.1
 
 
 def clip_tokens(texts) -> torch.Tensor:
@@ -156,6 +157,10 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
     train_colors, train_shapes = torch.from_numpy(train["patch_colors"]), torch.from_numpy(train["patch_shapes"])
 
     model = TinyClip()
+    # Background patches (most of them) count BACKGROUND_SHAPE_WEIGHT in the shape loss: enough that background
+    # features say "no shape", little enough that the objects' shapes are what the loss is about.
+    shape_weights = torch.ones(len(testbed.SHAPES) + 1)
+    shape_weights[0] = BACKGROUND_SHAPE_WEIGHT
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     warmup = max(steps // 20, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -173,9 +178,8 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
             logits = model.logit_scale.exp().clamp(max=100) * image @ text.t()
             targets = torch.arange(batch_size)
             contrastive = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-        on_object = train_colors[index] > 0  # shape is learnt on object patches only (background would swamp it)
         auxiliary = F.cross_entropy(color_logits.flatten(0, 1), train_colors[index].flatten()) + F.cross_entropy(
-            shape_logits[on_object], train_shapes[index][on_object]
+            shape_logits.flatten(0, 1), train_shapes[index].flatten(), weight=shape_weights
         )
         loss = contrastive + AUXILIARY_WEIGHT * auxiliary
         optimizer.zero_grad(set_to_none=True)
@@ -372,20 +376,35 @@ def llava_loss(model, ids, labels, features):
 
 
 def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_size: int, lr: float, seed: int,
-                caption_share: float, turns: int = 8, log=print) -> dict:
+                caption_share: float, turns: int = 8, resume: bool = False, log=print) -> dict:
     """Projector + Llama at full tokens, vision tower and CLIP frozen. Each training sequence is a conversation
     about one scene: its question and up to `turns - 1` more (`testbed.training_turns`, the extras in a random
     order), and for `caption_share` of the scenes a last turn describing the scene (LLaVA's caption data, dense
-    grounding signal). Several answers per image give the LLM many supervised tokens per image forward."""
+    grounding signal). Several answers per image give the LLM many supervised tokens per image forward. `resume`
+    continues from `work`'s saved model and tokenizer for `steps` more (a new warm-up and cosine decay)."""
     start = time.time()
     train = build_split("train", train_count, work)
     val = build_split("validation", val_count, work)
-    tokenizer = train_tokenizer(tokenizer_corpus(train))
+    before = {}
+    if resume:
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "tokenizer")
+        before = json.loads((work / "llava-metrics.json").read_text())
+    else:
+        tokenizer = train_tokenizer(tokenizer_corpus(train))
     split_answers = [answer for answer in testbed.ANSWERS if len(tokenizer(f" {answer}", add_special_tokens=False)["input_ids"]) != 1]
     if split_answers:
         raise RuntimeError(f"answers that are not one token of the trained tokenizer: {split_answers}")
     model = build_llava(work, tokenizer)
-    features = vision_features(model, pixel_values(train["image"]))
+    if resume:
+        model.load_state_dict(torch.load(work / "llava.pt", weights_only=True))
+    cached = work / f"features-train-{train_count}.pt"  # the frozen tower's features, reused by a resumed run
+    if cached.is_file():
+        features = torch.load(cached, weights_only=True)
+    else:
+        features = vision_features(model, pixel_values(train["image"]))
+        torch.save(features, cached)
     conversations = [[(q, a) for q, a, _ in testbed.training_turns("train", index, turns)] for index in range(train_count)]
     log(f"features and {sum(map(len, conversations))} questions of {train_count} scenes in {time.time() - start:.0f} s; "
         f"vocabulary {len(tokenizer)}")
@@ -427,7 +446,8 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
             model.train()
     model.eval()
     metrics = quick_accuracy(model, tokenizer, val, count=val_count)
-    metrics["train_seconds"] = time.time() - start
+    metrics["train_seconds"] = time.time() - start + before.get("train_seconds", 0.0)
+    metrics["steps"] = steps + before.get("steps", 0)
     log(json.dumps(metrics))
     tokenizer.save_pretrained(work / "tokenizer")
     torch.save(model.state_dict(), work / "llava.pt")
@@ -577,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for option, value in (CLIP_DEFAULTS if name == "clip" else LLAVA_DEFAULTS).items():
             stage.add_argument(f"--{option.replace('_', '-')}", type=type(value), default=value)
+        if name == "llava":
+            stage.add_argument("--resume", action="store_true", help="continue training the saved model")
     save = sub.add_parser("save", help="write the trained model as a remote-code checkpoint")
     save.add_argument("--work", type=Path, default=Path("testbed-work"))
     save.add_argument("--out", type=Path, required=True)
@@ -602,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         train_clip(**common, **options, log=log)
     if args.stage in ("llava", "all"):
         options = ({**LLAVA_DEFAULTS, "steps": args.llava_steps} if args.stage == "all" else
-                   {key: getattr(args, key) for key in LLAVA_DEFAULTS})
+                   {**{key: getattr(args, key) for key in LLAVA_DEFAULTS}, "resume": args.resume})
         train_llava(**common, **options, log=log)
     if args.stage in ("save", "all"):
         print(save_checkpoint(args.work, args.out, args.overwrite))

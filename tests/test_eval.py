@@ -137,3 +137,27 @@ def test_show_writes_the_figure_of_each_setting(checkpoint, tmp_path):
     result = pruning_of(model, processor, scene.image, scene.question)
     assert [len(kept) for _, kept in result["stages"]] == [72, 68, 64]  # the schedule the checkpoint ships with
     assert "".join(token for token, _, _ in result["instruction"]).strip() == scene.question
+
+
+def test_testbed_demo_answers_with_and_without_pruning_and_draws_the_kept_patches(checkpoint, tmp_path):
+    """examples/testbed_demo.py on the toy checkpoint (untrained answers; the mechanics are what is checked)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parent.parent
+    picture = tmp_path / "demo.png"
+    result = subprocess.run([sys.executable, str(root / "examples" / "testbed_demo.py"), "--model", str(checkpoint),
+                             "--repeats", "1", "--out", str(picture)], capture_output=True, text=True, timeout=600,
+                            cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout
+    assert re.search(r"^Q: .+\(expected: \w+\)$", output, flags=re.MULTILINE), output
+    assert re.search(r"^ +full: '.*' +all 144 visual tokens; prefill [0-9.]+ ms$", output, flags=re.MULTILINE), output
+    pruned = re.search(r"^ +ivtp@16: '.*' +visual tokens 144 -> vision tower \[([\d, ]+)\] -> LLM \[([\d, ]+)\]; "
+                       r"prefill [0-9.]+ ms$", output, flags=re.MULTILINE)
+    assert pruned and pruned.group(2).split(", ")[-1] == "16", output
+    assert "prefill speed-up" in output and Image.open(picture).size[0] > 0
