@@ -25,35 +25,31 @@ from modeling_llava_ivtp.eval_ivtp import parse_setting, prompt_of
 from modeling_llava_ivtp.show_ivtp import render
 
 
-def prefill_ms(model, inputs, repeats: int) -> float:
-    """Median time of one forward over the prompt (what pruning makes cheaper), after a warm-up."""
+def timed_prefill(model, inputs, repeats: int):
+    """`(output, median ms)` of the forward over the prompt (what pruning makes cheaper), after a warm-up."""
     times = []
     for attempt in range(repeats + 1):
         start = time.perf_counter()
-        model(**inputs, use_cache=True, logits_to_keep=1)
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
         if attempt:
             times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return out, 1000 * statistics.median(times)
 
 
 @torch.inference_mode()
 def answer(model, processor, image, question: str, setting: str, repeats: int) -> dict:
     """Generate the answer under `setting` (`full` or `ivtp@K`); the visual tokens after each pruning step."""
-    base = model.config
-    model.config = parse_setting(setting, base).config_of(base)
-    try:
+    with parse_setting(setting, model.config).applied(model):
         inputs = processor(images=[image], text=[prompt_of(question)], return_tensors="pt")
-        out = model(**inputs, use_cache=False, logits_to_keep=1)
+        out, milliseconds = timed_prefill(model, inputs, repeats)
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         text = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-        return {
-            "answer": text.strip(),
-            "vision": list(out.vision_token_counts or ()),
-            "llm": list(out.llm_token_counts or ()),
-            "ms": prefill_ms(model, inputs, repeats),
-        }
-    finally:
-        model.config = base
+    return {
+        "answer": text.strip(),
+        "vision": list(out.vision_token_counts or ()),
+        "llm": list(out.llm_token_counts or ()),
+        "ms": milliseconds,
+    }
 
 
 def main(argv=None) -> dict:
@@ -79,7 +75,7 @@ def main(argv=None) -> dict:
     results = {}
     for setting in ("full", f"ivtp@{args.visual_tokens}"):
         result = results[setting] = answer(model, processor, scene.image, question, setting, args.repeats)
-        kept = "all 144 visual tokens" if setting == "full" else (
+        kept = f"all {model.config.num_patches} visual tokens" if setting == "full" else (
             f"visual tokens {model.config.num_patches} -> vision tower {result['vision']} -> LLM {result['llm']}")
         print(f"  {setting:>9}: {result['answer']!r:12} {kept}; prefill {result['ms']:.1f} ms")
     full_ms, pruned_ms = results["full"]["ms"], results[f"ivtp@{args.visual_tokens}"]["ms"]

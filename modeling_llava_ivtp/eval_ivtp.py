@@ -24,6 +24,7 @@ accuracy against visual tokens. Not needed by remote code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -58,6 +59,16 @@ class Setting:
             setattr(config, key, value)
         config.check_ivtp()
         return config
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        """`model` runs with this setting's config inside the block; its own config is back afterwards."""
+        base = model.config
+        model.config = self.config_of(base)
+        try:
+            yield model.config
+        finally:
+            model.config = base
 
 
 def parse_setting(spec: str, base) -> Setting:
@@ -164,9 +175,7 @@ def prompt_of(question: str) -> str:
 @torch.no_grad()
 def run_setting(model, processor, records: list[dict], setting: Setting, batch_size: int, max_new_tokens: int,
                 progress=None) -> dict:
-    base = model.config
-    model.config = setting.config_of(base)
-    try:
+    with setting.applied(model) as config:
         predictions, prefill_seconds = [], []
         for begin in range(0, len(records), batch_size):
             batch = records[begin:begin + batch_size]
@@ -187,11 +196,10 @@ def run_setting(model, processor, records: list[dict], setting: Setting, batch_s
             predictions += [text.strip() for text in texts]
             if progress is not None:
                 progress(len(batch))
-        counts = visual_tokens(model.config)
-        if setting.random_keep is not None:
-            counts = {"visual_tokens": setting.random_keep, "mean_visual_tokens_per_llm_layer": float(setting.random_keep)}
-    finally:
-        model.config = base
+    if setting.random_keep is None:
+        counts = visual_tokens(config)
+    else:
+        counts = {"visual_tokens": setting.random_keep, "mean_visual_tokens_per_llm_layer": float(setting.random_keep)}
     return {"predictions": predictions, "prefill_ms_per_batch": 1000 * statistics.median(prefill_seconds), **counts}
 
 

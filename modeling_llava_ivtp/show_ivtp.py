@@ -67,14 +67,9 @@ def render(model, processor, image, question: str, settings: list[str]):
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     pixels = np.asarray(image.convert("RGB").resize((model.config.vision_config.image_size,) * 2))
     rows = []
-    base = model.config
     for spec in settings:
-        setting = parse_setting(spec, base)
-        model.config = setting.config_of(base)
-        try:
-            rows.append((spec, pruning_of(model, processor, image, question), model.config.tau))
-        finally:
-            model.config = base
+        with parse_setting(spec, model.config).applied(model) as config:
+            rows.append((spec, pruning_of(model, processor, image, question), config.tau))
     columns = 1 + max(len(result["stages"]) for _, result, _ in rows)
     width = 2.3 * columns
     figure, axes = plt.subplots(len(rows), columns, figsize=(width, 2.4 * len(rows) + 1.3), squeeze=False)

@@ -23,6 +23,7 @@ on the task's text. Not needed by remote code.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -399,7 +400,10 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     model = build_llava(work, tokenizer)
     if resume:
         model.load_state_dict(torch.load(work / "llava.pt", weights_only=True))
-    cached = work / f"features-train-{train_count}.pt"  # the frozen tower's features, reused by a resumed run
+    # The frozen tower's features, reused by a resumed run; named by the CLIP they came from, so a retrained CLIP
+    # in the same work folder never meets the features of an earlier one.
+    clip_digest = hashlib.sha256((work / "clip.pt").read_bytes()).hexdigest()[:12]
+    cached = work / f"features-train-{train_count}-clip-{clip_digest}.pt"
     if cached.is_file():
         features = torch.load(cached, weights_only=True)
     else:
@@ -512,8 +516,7 @@ def save_checkpoint(work: Path, out: Path, overwrite: bool = False) -> Path:
 
     from .processing_llava_ivtp import LLAVA_CHAT_TEMPLATE, LlavaIvtpProcessor
 
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out}: exists and is not empty (pass --overwrite to replace its files).")
+    check_checkpoint_out(out, overwrite)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "tokenizer")
     model = build_llava_shell(tokenizer)
     model.load_state_dict(torch.load(work / "llava.pt", weights_only=True))
@@ -531,6 +534,12 @@ def save_checkpoint(work: Path, out: Path, overwrite: bool = False) -> Path:
     metrics = {name: json.loads((work / f"{name}-metrics.json").read_text()) for name in ("clip", "llava")}
     (out / "README.md").write_text(testbed_card(metrics))
     return out
+
+
+def check_checkpoint_out(out: Path, overwrite: bool) -> None:
+    """A checkpoint is never written over existing files without `overwrite`."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out}: exists and is not empty (pass --overwrite to replace its files).")
 
 
 def build_llava_shell(tokenizer):
@@ -613,8 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "export":
         print(export_conversations(args.out, args.start, args.count, args.turns, args.overwrite))
         return 0
-    if args.stage in ("save", "all") and args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        parser.error(f"--out {args.out}: exists and is not empty (pass --overwrite to replace its files)")
+    if args.stage in ("save", "all"):  # a clear command-line error, and for `all` before an hour of training
+        try:
+            check_checkpoint_out(args.out, args.overwrite)
+        except ValueError as error:
+            parser.error(str(error))
     log = lambda line: print(line, flush=True)  # noqa: E731
     common = {"work": args.work, "train_count": getattr(args, "train", None), "val_count": getattr(args, "validation", None),
               "seed": getattr(args, "seed", 0)}

@@ -140,3 +140,19 @@ def test_export_writes_llava_conversations(tmp_path):
     assert [turn["from"] for turn in first] == ["human", "gpt"] * (len(first) // 2)
     with pytest.raises(ValueError, match="--out"):
         testbed_train.export_conversations(tmp_path, start=0, count=1, turns=2)  # never over existing data
+
+
+def test_llava_resumes_and_never_reuses_features_of_another_clip(tmp_path):
+    from modeling_llava_ivtp import testbed_train
+
+    quiet = dict(batch_size=4, lr=1e-3, log=lambda line: None)
+    testbed_train.train_clip(tmp_path, 16, 8, steps=1, seed=0, **quiet)
+    testbed_train.train_llava(tmp_path, 16, 8, steps=1, seed=0, caption_share=0.0, **quiet)
+    first = torch.load(tmp_path / "llava.pt", weights_only=True)
+    resumed = testbed_train.train_llava(tmp_path, 16, 8, steps=2, seed=1, caption_share=0.0, resume=True, **quiet)
+    assert resumed["steps"] == 3  # counted on from the saved run, whose weights it started from
+    assert any(not torch.equal(value, first[name]) for name, value in torch.load(tmp_path / "llava.pt", weights_only=True).items())
+    assert len(list(tmp_path.glob("features-train-16-clip-*.pt"))) == 1  # the resumed run reused the features
+    testbed_train.train_clip(tmp_path, 16, 8, steps=1, seed=1, **quiet)  # another CLIP in the same folder
+    testbed_train.train_llava(tmp_path, 16, 8, steps=1, seed=0, caption_share=0.0, **quiet)
+    assert len(list(tmp_path.glob("features-train-16-clip-*.pt"))) == 2
