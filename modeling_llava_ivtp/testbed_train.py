@@ -8,16 +8,18 @@
 CLIP = the HF CLIP vision tower as LLaVA uses it (192 px, patch 16, 144 patches), the open_clip text tower that
 `IvtpConfig.clip_text_encoder` describes (with open_clip's ViT-L-14-336 tokenizer, as the processor uses), and the
 visual projection, trained with CLIP's symmetric contrastive loss on the scene captions. Auxiliary supervision makes
-the patch features informative: two linear heads on the feature layer's patch tokens predict each patch's colour class
+the patch features informative: linear heads on the feature layer's patch tokens predict each patch's colour class
 and shape class (0 = background) from `Example.patch_colors` / `patch_shapes`, background patches weighted 0.1 in
-the shape loss; the heads are thrown away after training. The first third of the steps trains on these labels alone
-and the rest adds the contrastive loss (trained jointly from the start, the contrastive gradient kept the shape head
-at chance for 450 steps; alone, shape reached 0.55 in 250). There is no
+the shape loss, and the patch's own row and column (without it the object patches' features lost their place: a
+linear probe read the column third at 0.38, chance 0.33, and the LLM could not learn "where"); the heads are thrown
+away after training. The first third of the steps trains on these labels alone and the rest adds the contrastive
+loss (trained jointly from the start, the contrastive gradient kept the shape head at chance for 450 steps; alone,
+shape reached 0.55 in 250). There is no
 per-token text-to-image objective (it would favour IVTP's eq. 6).
 
 LLaVA = that vision tower frozen, a projector and a small Llama trained at full tokens (pruning only at inference,
-the paper's pure-inference setting) on conversations of several questions per scene, with a BPE tokenizer trained
-on the task's text. Not needed by remote code.
+the paper's pure-inference setting) on many questions per scene packed in one row (each sees the image and itself),
+with a BPE tokenizer trained on the task's text. Not needed by remote code.
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class TinyClip(nn.Module):
         self.visual_projection = nn.Linear(VISION["hidden_size"], CLIP_TEXT["embed_dim"], bias=False)
         self.color_head = nn.Linear(VISION["hidden_size"], len(testbed.COLORS) + 1)
         self.shape_head = nn.Linear(VISION["hidden_size"], len(testbed.SHAPES) + 1)
+        self.place_head = nn.Linear(VISION["hidden_size"], 2 * testbed.GRID)  # the patch's row and column
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, pixels: torch.Tensor, text_ids: torch.Tensor | None):
@@ -132,12 +135,27 @@ class TinyClip(nn.Module):
         if text_ids is not None:
             features = clip_token_features(self.text, text_ids)
             text = F.normalize(features[torch.arange(text_ids.shape[0]), text_ids.argmax(dim=-1)], dim=-1)
-        return image, text, self.color_head(patches), self.shape_head(patches)
+        return image, text, self.color_head(patches), self.shape_head(patches), self.place_head(patches)
 
 
 AUXILIARY_ONLY_SHARE = 1 / 3  # of the CLIP's steps train on the patch labels alone, before the contrastive loss joins
 AUXILIARY_WEIGHT = 3.0  # patch-label loss against the contrastive loss (shared vision tower)
 BACKGROUND_SHAPE_WEIGHT = 0.1
+
+
+def patch_places() -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of each patch, row-major."""
+    index = torch.arange(testbed.GRID**2)
+    return index // testbed.GRID, index % testbed.GRID
+
+
+def place_loss(place_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the place head: each patch's row and column from its own feature."""
+    rows, columns = patch_places()
+    batch = place_logits.shape[0]
+    row_logits, column_logits = place_logits.split(testbed.GRID, dim=-1)
+    return (F.cross_entropy(row_logits.flatten(0, 1), rows.repeat(batch))
+            + F.cross_entropy(column_logits.flatten(0, 1), columns.repeat(batch))) / 2
 
 
 def clip_tokens(texts) -> torch.Tensor:
@@ -172,15 +190,18 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
     for step in range(steps):
         index = torch.randint(0, train_count, (batch_size,), generator=generator)
         warming = step < steps * AUXILIARY_ONLY_SHARE  # first the patch labels alone (see the module docstring)
-        image, text, color_logits, shape_logits = model(train_pixels[index], None if warming else train_text[index])
+        image, text, color_logits, shape_logits, place_logits = model(
+            train_pixels[index], None if warming else train_text[index])
         if warming:
             contrastive = torch.zeros(())
         else:
             logits = model.logit_scale.exp().clamp(max=100) * image @ text.t()
             targets = torch.arange(batch_size)
             contrastive = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-        auxiliary = F.cross_entropy(color_logits.flatten(0, 1), train_colors[index].flatten()) + F.cross_entropy(
-            shape_logits.flatten(0, 1), train_shapes[index].flatten(), weight=shape_weights
+        auxiliary = (
+            F.cross_entropy(color_logits.flatten(0, 1), train_colors[index].flatten())
+            + F.cross_entropy(shape_logits.flatten(0, 1), train_shapes[index].flatten(), weight=shape_weights)
+            + place_loss(place_logits)
         )
         loss = contrastive + AUXILIARY_WEIGHT * auxiliary
         optimizer.zero_grad(set_to_none=True)
@@ -207,9 +228,11 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
 def evaluate_clip(model: TinyClip, pixels: torch.Tensor, text_ids: torch.Tensor, data: dict, chunk: int = 250) -> dict:
     """Image-to-text retrieval among `chunk` scenes, and per-patch colour / shape accuracy on object patches."""
     model.eval()
-    correct, total, color_hits, shape_hits, object_patches = 0, 0, 0, 0, 0
+    correct, total, color_hits, shape_hits, column_hits, object_patches = 0, 0, 0, 0, 0, 0
+    _, columns = patch_places()
     for begin in range(0, pixels.shape[0], chunk):
-        image, text, color_logits, shape_logits = model(pixels[begin:begin + chunk], text_ids[begin:begin + chunk])
+        image, text, color_logits, shape_logits, place_logits = model(
+            pixels[begin:begin + chunk], text_ids[begin:begin + chunk])
         correct += int((image @ text.t()).argmax(dim=1).eq(torch.arange(image.shape[0])).sum())
         total += image.shape[0]
         colors = torch.from_numpy(data["patch_colors"][begin:begin + chunk])
@@ -217,10 +240,12 @@ def evaluate_clip(model: TinyClip, pixels: torch.Tensor, text_ids: torch.Tensor,
         on_object = colors > 0
         color_hits += int((color_logits.argmax(-1) == colors)[on_object].sum())
         shape_hits += int((shape_logits.argmax(-1) == shapes)[on_object].sum())
+        column_hits += int((place_logits[..., testbed.GRID:].argmax(-1) == columns)[on_object].sum())
         object_patches += int(on_object.sum())
     return {
         "image_to_text_retrieval": correct / total, "retrieval_pool": chunk,
         "patch_color_accuracy": color_hits / object_patches, "patch_shape_accuracy": shape_hits / object_patches,
+        "patch_column_accuracy": column_hits / object_patches,
     }
 
 
@@ -311,42 +336,84 @@ def vision_features(model, pixels: torch.Tensor, chunk: int = 200) -> torch.Tens
 def encode_examples(tokenizer, questions, answers, num_patches: int):
     """Token ids of `USER: <image>\\n{question} ASSISTANT: {answer}</s>` with the image expanded to its
     placeholders, and labels on the answer (and EOS) only. Right-padded tensors."""
-    return TurnEncoder(tokenizer, num_patches)([[(question, answer)] for question, answer in zip(questions, answers)])
+    encoder = TurnEncoder(tokenizer, num_patches)
+    rows = [encoder.turn(question, answer) for question, answer in zip(questions, answers)]
+    return _right_padded([ids for ids, _ in rows], [labels for _, labels in rows], tokenizer.pad_token_id)
 
 
 class TurnEncoder:
-    """Token ids and labels of a conversation about one image, LLaVA's multi-turn format:
-    `USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...`, the image expanded to its
-    placeholders and labels on the answers (and their EOS) only. The first turn is tokenized exactly as evaluation
-    prompts it (`encode_examples`); token lists are cached per text."""
+    """Token ids and labels of one question about an image, exactly as evaluation prompts it:
+    `USER: <image>\\n{question} ASSISTANT: {answer}</s>`, the image expanded to its placeholders, labels on the
+    answer and its EOS only; token lists are cached per text."""
 
     def __init__(self, tokenizer, num_patches: int):
         self.tokenizer, self.num_patches = tokenizer, num_patches
-        self.cache: dict[tuple[str, str, bool], tuple[list[int], list[int]]] = {}
+        self.cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
-    def turn(self, question: str, answer: str, first: bool) -> tuple[list[int], list[int]]:
-        key = (question, answer, first)
+    def turn(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        key = (question, answer)
         if key not in self.cache:
-            head = f"USER: {IMAGE * self.num_patches}\n{question} ASSISTANT:" if first else f"USER: {question} ASSISTANT:"
-            prompt = self.tokenizer(head, add_special_tokens=first)["input_ids"]
-            full = self.tokenizer(f"{head} {answer}", add_special_tokens=first)["input_ids"]
+            head = f"USER: {IMAGE * self.num_patches}\n{question} ASSISTANT:"
+            prompt = self.tokenizer(head)["input_ids"]
+            full = self.tokenizer(f"{head} {answer}")["input_ids"]
             if full[: len(prompt)] != prompt:
                 raise RuntimeError(f"the prompt's tokens are not a prefix of the turn's: {question!r} {answer!r}")
             full = full + [self.tokenizer.eos_token_id]
             self.cache[key] = (full, [-100] * len(prompt) + full[len(prompt):])
         return self.cache[key]
 
-    def __call__(self, conversations: list[list[tuple[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, labels = [], []
-        for turns in conversations:
-            ids, target = [], []
-            for number, (question, answer) in enumerate(turns):
-                tokens, label = self.turn(question, answer, number == 0)
-                ids += tokens
-                target += label
-            rows.append(ids)
-            labels.append(target)
-        return _right_padded(rows, labels, self.tokenizer.pad_token_id)
+
+class QuestionPacker:
+    """Many questions about one image in one training row, each seeing the image and itself only.
+
+    A row is the shared head (`<s>USER: ` and the image placeholders) followed by one segment per question (the rest
+    of that question's evaluation prompt, its answer and EOS). The attention mask lets every segment see the head and
+    its own earlier tokens, never another question or answer; position ids restart after the head for each segment.
+    So each segment's logits are those of the question asked alone, the evaluation prompt (tested), while the image
+    features pass through the LLM once for all its questions."""
+
+    def __init__(self, tokenizer, num_patches: int, image_token_id: int):
+        self.turns, self.image_token_id = TurnEncoder(tokenizer, num_patches), image_token_id
+        self.pad_id = tokenizer.pad_token_id
+
+    def split(self, question: str, answer: str) -> tuple[list[int], list[int], list[int]]:
+        """`(head, segment ids, segment labels)` of one question; the head ends at the last image placeholder."""
+        ids, labels = self.turns.turn(question, answer)
+        cut = len(ids) - ids[::-1].index(self.image_token_id)
+        return ids[:cut], ids[cut:], labels[cut:]
+
+    def __call__(self, conversations: list[list[tuple[str, str]]]):
+        """`(ids, labels, position_ids, attention_mask)`: right-padded `(batch, length)` tensors and a boolean
+        `(batch, 1, length, length)` mask (True = attend), one row per conversation."""
+        rows = []
+        for questions in conversations:
+            head = None
+            ids, labels, positions, segments = [], [], [], []
+            for number, (question, answer) in enumerate(questions, start=1):
+                this_head, segment, segment_labels = self.split(question, answer)
+                if head is None:
+                    head = this_head
+                    ids, labels = list(head), [-100] * len(head)
+                    positions, segments = list(range(len(head))), [0] * len(head)
+                elif this_head != head:
+                    raise RuntimeError(f"question {question!r} does not start with the image's tokens")
+                ids += segment
+                labels += segment_labels
+                positions += range(len(head), len(head) + len(segment))
+                segments += [number] * len(segment)
+            rows.append((ids, labels, positions, segments))
+        length = max(len(row[0]) for row in rows)
+        shape = (len(rows), length)
+        ids, labels = torch.full(shape, self.pad_id), torch.full(shape, -100)
+        positions, segments = torch.zeros(shape, dtype=torch.long), torch.full(shape, -1)
+        for index, row in enumerate(rows):
+            for tensor, values in zip((ids, labels, positions, segments), row):
+                tensor[index, : len(values)] = torch.tensor(values)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        query, key = segments[:, :, None], segments[:, None, :]
+        mask = causal & ((query == key) | (key == 0)) & (key >= 0) & (query >= 0)
+        mask |= torch.eye(length, dtype=torch.bool)  # padding sees itself (no empty softmax row)
+        return ids, labels, positions, mask[:, None]
 
 
 def _right_padded(rows, labels, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,30 +426,42 @@ def _right_padded(rows, labels, pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, target
 
 
-def full_token_logits(model, ids, features):
+def full_token_logits(model, ids, features, attention_mask=None, position_ids=None):
     """Stock Llava's forward at full tokens on precomputed patch features: placeholders replaced by the projected
-    features, the decoder, the LM head."""
+    features, the decoder, the LM head. The mask is the padding mask of `ids` unless a 4-D one is given."""
     embeds = model.get_input_embeddings()(ids)
     image = ids == model.config.image_token_id
     projected = model.model.multi_modal_projector(features).to(embeds.dtype)
     embeds = embeds.masked_scatter(image.unsqueeze(-1), projected.reshape(-1, embeds.shape[-1]))
-    mask = (ids != model.config.text_config.pad_token_id).long()
-    return model.lm_head(model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state)
+    if attention_mask is None:
+        attention_mask = (ids != model.config.text_config.pad_token_id).long()
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        position_ids=position_ids).last_hidden_state
+    return model.lm_head(hidden)
 
 
-def llava_loss(model, ids, labels, features):
+def llava_loss(model, ids, labels, features, attention_mask=None, position_ids=None):
     """Cross-entropy of `full_token_logits` on the labelled tokens."""
-    logits = full_token_logits(model, ids, features)[:, :-1]
+    logits = full_token_logits(model, ids, features, attention_mask, position_ids)[:, :-1]
     return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def init_projector(model) -> None:
+    """LLaVA's projector (linear, GELU, linear) with weights N(0, 1 / fan_in) and zero biases, so the visual tokens
+    enter the LLM at the scale of the CLIP features (norm ~40 here) instead of ~0.02 x that (the text config's
+    initializer range). Measured with it: the LLM starts using the image after ~400 steps."""
+    projector = model.model.multi_modal_projector
+    for linear in (projector.linear_1, projector.linear_2):
+        nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+        nn.init.zeros_(linear.bias)
+
+
 def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_size: int, lr: float, seed: int,
-                caption_share: float, turns: int = 8, resume: bool = False, log=print) -> dict:
-    """Projector + Llama at full tokens, vision tower and CLIP frozen. Each training sequence is a conversation
-    about one scene: its question and up to `turns - 1` more (`testbed.training_turns`, the extras in a random
-    order), and for `caption_share` of the scenes a last turn describing the scene (LLaVA's caption data, dense
-    grounding signal). Several answers per image give the LLM many supervised tokens per image forward. `resume`
-    continues from `work`'s saved model and tokenizer for `steps` more (a new warm-up and cosine decay)."""
+                questions: int = 24, resume: bool = False, log=print) -> dict:
+    """Projector + Llama at full tokens, vision tower and CLIP frozen. Each training row is one scene with up to
+    `questions` distinct questions about it (`testbed.training_turns`), packed so that each question sees the image
+    and itself only (`QuestionPacker`): the evaluation prompt, many answers per image forward. `resume` continues
+    from `work`'s saved model and tokenizer for `steps` more (a new warm-up and cosine decay)."""
     start = time.time()
     train = build_split("train", train_count, work)
     val = build_split("validation", val_count, work)
@@ -400,6 +479,8 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     model = build_llava(work, tokenizer)
     if resume:
         model.load_state_dict(torch.load(work / "llava.pt", weights_only=True))
+    else:
+        init_projector(model)
     # The frozen tower's features, reused by a resumed run; named by the CLIP they came from, so a retrained CLIP
     # in the same work folder never meets the features of an earlier one.
     clip_digest = hashlib.sha256((work / "clip.pt").read_bytes()).hexdigest()[:12]
@@ -409,16 +490,17 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     else:
         features = vision_features(model, pixel_values(train["image"]))
         torch.save(features, cached)
-    conversations = [[(q, a) for q, a, _ in testbed.training_turns("train", index, turns)] for index in range(train_count)]
+    conversations = [[(q, a) for q, a, _ in testbed.training_turns("train", index, questions)]
+                     for index in range(train_count)]
     log(f"features and {sum(map(len, conversations))} questions of {train_count} scenes in {time.time() - start:.0f} s; "
         f"vocabulary {len(tokenizer)}")
-    encoder = TurnEncoder(tokenizer, model.config.num_patches)
+    packer = QuestionPacker(tokenizer, model.config.num_patches, model.config.image_token_id)
 
     model.model.vision_tower.requires_grad_(False)
     model.clip_text_model.requires_grad_(False)
     model.clip_visual_projection.requires_grad_(False)
     trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(steps // 20, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -428,16 +510,8 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     model.train()
     for step in range(steps):
         index = torch.randint(0, train_count, (batch_size,), generator=generator).tolist()
-        batch = []
-        for scene in index:
-            first, *extra = conversations[scene]
-            order = torch.randperm(len(extra), generator=generator).tolist()
-            talk = [first] + [extra[i] for i in order]
-            if torch.rand((), generator=generator).item() < caption_share:
-                talk.append(("Describe the image.", str(train["caption"][scene])))
-            batch.append(talk)
-        ids, labels = encoder(batch)
-        loss = llava_loss(model, ids, labels, features[index])
+        ids, labels, positions, mask = packer([conversations[scene] for scene in index])
+        loss = llava_loss(model, ids, labels, features[index], mask, positions)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -570,7 +644,7 @@ accuracy. Not a general model: it knows 6 colours, 6 shapes, and five kinds of q
   CLIP text tower: open_clip, {CLIP_TEXT['text_cfg']['layers']} layers of width {CLIP_TEXT['text_cfg']['width']} (ViT-L-14-336's tokenizer).
   Trained with CLIP's contrastive loss and per-patch colour / shape labels: image-to-text retrieval
   {clip['image_to_text_retrieval']:.3f} among {clip['retrieval_pool']}, patch colour {clip['patch_color_accuracy']:.3f},
-  patch shape {clip['patch_shape_accuracy']:.3f} (validation), {clip['train_seconds'] / 60:.0f} min on 2 CPU cores.
+  patch shape {clip['patch_shape_accuracy']:.3f}, patch column {clip.get('patch_column_accuracy', float('nan')):.3f} (validation), {clip['train_seconds'] / 60:.0f} min on 2 CPU cores.
 - LLM: Llama, {TEXT['num_hidden_layers']} layers of width {TEXT['hidden_size']}, BPE tokenizer trained on the task's text;
   projector and LLM trained at full tokens (vision frozen): validation accuracy {llava['accuracy']:.3f} ({kinds}),
   {llava['train_seconds'] / 60:.0f} min on 2 CPU cores.
@@ -582,7 +656,7 @@ Load with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=T
 
 
 CLIP_DEFAULTS = {"steps": 1200, "batch_size": 32, "lr": 1e-3}
-LLAVA_DEFAULTS = {"steps": 1500, "batch_size": 16, "lr": 1e-3, "caption_share": 0.25, "turns": 8}
+LLAVA_DEFAULTS = {"steps": 1500, "batch_size": 16, "lr": 1e-3, "questions": 24}
 
 
 def main(argv: list[str] | None = None) -> int:

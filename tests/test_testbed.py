@@ -109,22 +109,37 @@ def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path):
         testbed_train.save_checkpoint(work, out)  # never over an existing checkpoint without --overwrite
 
 
-def test_conversations_label_only_the_answers():
+def test_packed_questions_see_the_image_and_themselves_only():
+    """A training row packs several questions about one image; each answer's logits equal those of its question
+    asked alone in the evaluation prompt, and only the answers (and their EOS) are labelled."""
     from modeling_llava_ivtp import testbed_train
 
     scenes = testbed.examples("train", 40)
     data = {"question": [s.question for s in scenes], "answer": [s.answer for s in scenes],
             "caption": [s.caption for s in scenes]}
     tokenizer = testbed_train.train_tokenizer(testbed_train.tokenizer_corpus(data))
-    encoder = testbed_train.TurnEncoder(tokenizer, num_patches=144)
-    turns = [("What color is the star?", "red"), ("Where is the star?", "left")]
-    ids, labels = encoder([turns, turns[:1]])
-    single, single_labels = testbed_train.encode_examples(tokenizer, ["What color is the star?"], ["red"], 144)
+    torch.manual_seed(0)
+    model = testbed_train.build_llava_shell(tokenizer)
+    testbed_train.init_projector(model)
+    packer = testbed_train.QuestionPacker(tokenizer, 144, model.config.image_token_id)
+    conversations = [[(q, a) for q, a, _ in testbed.training_turns("train", index, 5)] for index in (0, 1)]
+    conversations[1] = conversations[1][:2]  # rows of different lengths: the second is padded
+    ids, labels, positions, mask = packer(conversations)
+    answered = tokenizer.convert_ids_to_tokens(ids[1][labels[1] != -100])
+    assert [token.lstrip("\u2581") for token in answered] == [conversations[1][0][1], "</s>", conversations[1][1][1], "</s>"]
+    assert (ids == model.config.image_token_id).sum(dim=1).tolist() == [144, 144]  # the image once per row
+    features = torch.randn(2, 144, testbed_train.VISION["hidden_size"])
+    with torch.no_grad():
+        packed = testbed_train.full_token_logits(model, ids, features, mask, positions)
+        for row, questions in enumerate(conversations):
+            alone_ids, alone_labels = testbed_train.encode_examples(
+                tokenizer, [q for q, _ in questions], [a for _, a in questions], 144)
+            alone = testbed_train.full_token_logits(model, alone_ids, features[row:row + 1].expand(len(questions), -1, -1))
+            expected = torch.cat([alone[i][alone_labels[i] != -100] for i in range(len(questions))])
+            torch.testing.assert_close(packed[row][labels[row] != -100], expected, atol=1e-5, rtol=1e-5)
+    single, single_labels = testbed_train.encode_examples(tokenizer, [conversations[0][0][0]], [conversations[0][0][1]], 144)
     width = single.shape[1]
-    assert torch.equal(ids[1, :width], single[0]) and torch.equal(labels[1, :width], single_labels[0])  # = eval prompt
-    answered = tokenizer.convert_ids_to_tokens(ids[0][labels[0] != -100])
-    assert [token.lstrip("\u2581") for token in answered] == ["red", "</s>", "left", "</s>"]
-    assert (ids[0] == tokenizer.convert_tokens_to_ids("<image>")).sum() == 144
+    assert torch.equal(ids[0, :width], single[0]) and torch.equal(labels[0, :width], single_labels[0])  # = eval prompt
 
 
 def test_export_writes_llava_conversations(tmp_path):
@@ -147,12 +162,12 @@ def test_llava_resumes_and_never_reuses_features_of_another_clip(tmp_path):
 
     quiet = dict(batch_size=4, lr=1e-3, log=lambda line: None)
     testbed_train.train_clip(tmp_path, 16, 8, steps=1, seed=0, **quiet)
-    testbed_train.train_llava(tmp_path, 16, 8, steps=1, seed=0, caption_share=0.0, **quiet)
+    testbed_train.train_llava(tmp_path, 16, 8, steps=1, seed=0, **quiet)
     first = torch.load(tmp_path / "llava.pt", weights_only=True)
-    resumed = testbed_train.train_llava(tmp_path, 16, 8, steps=2, seed=1, caption_share=0.0, resume=True, **quiet)
+    resumed = testbed_train.train_llava(tmp_path, 16, 8, steps=2, seed=1, resume=True, **quiet)
     assert resumed["steps"] == 3  # counted on from the saved run, whose weights it started from
     assert any(not torch.equal(value, first[name]) for name, value in torch.load(tmp_path / "llava.pt", weights_only=True).items())
     assert len(list(tmp_path.glob("features-train-16-clip-*.pt"))) == 1  # the resumed run reused the features
     testbed_train.train_clip(tmp_path, 16, 8, steps=1, seed=1, **quiet)  # another CLIP in the same folder
-    testbed_train.train_llava(tmp_path, 16, 8, steps=1, seed=0, caption_share=0.0, **quiet)
+    testbed_train.train_llava(tmp_path, 16, 8, steps=1, seed=0, **quiet)
     assert len(list(tmp_path.glob("features-train-16-clip-*.pt"))) == 2
