@@ -1,6 +1,6 @@
 """Batch generation with IVTP's pruned KV cache, streamed, against stock Llava with the same weights.
 
-The model has LLaVA-1.5-7B's geometry and depth with narrow layers and random weights (see quickstart.py), so the
+The model has LLaVA-1.5-7B's geometry and depth with narrow layers and random weights (see speed.py), so the
 tokens are meaningless ids; what this shows is the mechanics: a left-padded batch of three prompts of different
 lengths, each with its own image, generated with `generate` and a streamer that prints every step for every row;
 the cache each layer holds after the run, and its size against stock Llava's cache. It ends with the cache bytes of
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from quickstart import ROOT, generated_image, model_and_stock
+from speed import ROOT, generated_image, model_and_stock
 from transformers import CLIPImageProcessor
 from transformers.generation.streamers import BaseStreamer
 

@@ -1,18 +1,13 @@
-"""Instruction-guided pruning: the same image, two questions, what each question makes stage 2 keep.
+"""Instruction-guided pruning: one scene, two questions, what each question makes the model keep.
 
-For each question it prints the instruction's tokens with their CLIP relevance (eq. 6-7; `*` marks those >= tau,
-the ones averaged into the pseudo-CLS, eq. 8) and the image's patches as a grid: `#` reaches the LLM's last
-layers, `+` left the vision tower but was pruned in the LLM (stage 2, the instruction-guided part), `.` was pruned
-in the vision tower (stage 1, the same for every question).
+On the testbed model the repository ships (`models/llava-ivtp-testbed`): for each question it prints the
+instruction's tokens with their relevance to the image (eq. 6-7; `*` marks those >= tau, averaged into the
+pseudo-CLS, eq. 8), the answer, and for every object of the scene the share of its patches that reach the LLM's
+last layers; and it writes one picture per question (`llava-ivtp show`'s figure: vision-only pruning against IVTP,
+kept patches after each step). Stage 1 (the vision tower) is the same for both questions; stage 2 follows them.
 
-Offline by default: LLaVA-1.5-7B's geometry and schedule with narrow layers, a narrow CLIP text tower and random
-weights, a tokenizer trained here on the prompts, a generated image. With random weights the relevances are
-arbitrary numbers and so is which patches a question favours; what runs is the mechanism (processor -> CLIP text
-tower -> relevance -> pseudo-CLS -> stage 2), and that changing only the question changes stage 2's choice.
-Give `--model` a converted LLaVA-IVTP checkpoint (with `LlavaIvtpProcessor` files) and `--image` a picture to see a
-trained model's choices.
-
-    python examples/guided_pruning.py [--question "Where is the bright disc?" --question "What color is the top?"]
+    python examples/guided_pruning.py [--scene test:3] [--question "What color is the star?" --question ...]
+                                      [--visual-tokens 16] [--out guided_pruning.png]
 """
 
 from __future__ import annotations
@@ -20,98 +15,79 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
-from quickstart import ROOT, demo_tokenizer, generated_image, small_config
-from transformers import CLIPImageProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from modeling_llava_ivtp import LlavaIvtpForConditionalGeneration, LlavaIvtpProcessor
-from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE
-
-
-QUESTIONS = ["Where is the bright blue disc in this picture?", "What color is the sky at the top of the image?"]
-# The narrow stand-in for ViT-L-14-336's text tower: its tokenizer and context, smaller widths.
-DEMO_CLIP_TEXT = {
-    "model_name": "ViT-L-14-336", "embed_dim": 64, "quick_gelu": True,
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
-}
+from modeling_llava_ivtp import testbed
+from modeling_llava_ivtp.eval_ivtp import parse_setting, prompt_of
+from modeling_llava_ivtp.show_ivtp import pruning_of, render
 
 
-def offline_model_and_processor(preset: Path, questions: list[str]):
-    torch.manual_seed(0)
-    config = small_config(preset, clip_text_encoder=DEMO_CLIP_TEXT)
-    # Random LLM weights of std 0.1 (not 0.02): with 0.02 and narrow layers every query attends almost uniformly,
-    # so stage 2 would rank by value norms alone and both questions would keep the same patches.
-    config.text_config.initializer_range = 0.1
-    config._attn_implementation = "sdpa"
-    model = LlavaIvtpForConditionalGeneration(config).eval()
-    corpus = [f"USER: <image>\n{question} ASSISTANT:" for question in questions] * 8
-    processor = LlavaIvtpProcessor(
-        CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        demo_tokenizer(corpus, image_token_id=config.image_token_id),
-        patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE, clip_model_name=DEMO_CLIP_TEXT["model_name"],
-    )
-    return model, processor
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def patch_grid(num_patches: int, left_vision: torch.Tensor, reached_last: torch.Tensor) -> list[str]:
-    cells = torch.zeros(num_patches, dtype=torch.long)
-    cells[left_vision] = 1
-    cells[reached_last] = 2
-    side = int(num_patches**0.5)
-    return ["".join(".+#"[cell] for cell in row) for row in cells.view(side, side).tolist()]
+def object_patches(scene: testbed.Example) -> dict[str, set[int]]:
+    """Per object ("red star"), the patches labelled with its colour and shape."""
+    colors, shapes = scene.patch_colors.reshape(-1), scene.patch_shapes.reshape(-1)
+    found = {}
+    for obj in scene.objects:
+        color, shape = list(testbed.COLORS).index(obj.color) + 1, testbed.SHAPES.index(obj.shape) + 1
+        found[f"{obj.color} {obj.shape}"] = set(np.flatnonzero((colors == color) & (shapes == shape)).tolist())
+    return found
 
 
-def main() -> None:
+def default_questions(scene: testbed.Example) -> list[str]:
+    """"What color is the X?" for the first two shapes that occur once in the scene."""
+    shapes = [obj.shape for obj in scene.objects]
+    unique = [shape for shape in dict.fromkeys(shapes) if shapes.count(shape) == 1]
+    if len(unique) < 2:
+        raise SystemExit("this scene has fewer than two shapes that occur once; give --question twice")
+    return [f"What color is the {shape}?" for shape in unique[:2]]
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--question", action="append", help="a question (give two); defaults: two about the image")
-    parser.add_argument("--preset", type=Path, default=ROOT / "configuration" / "llava-1.5-7b-ivtp.json")
-    parser.add_argument("--model", help="a converted LLaVA-IVTP checkpoint directory (model + processor files)")
-    parser.add_argument("--image", type=Path, help="an image file (default: a generated picture)")
-    args = parser.parse_args()
-    questions = args.question or QUESTIONS
-
-    if args.model:
-        model = LlavaIvtpForConditionalGeneration.from_pretrained(args.model).eval()
-        processor = LlavaIvtpProcessor.from_pretrained(args.model)
-    else:
-        model, processor = offline_model_and_processor(args.preset, questions)
-    config = model.config
-    image = Image.open(args.image).convert("RGB") if args.image else generated_image()
-    print(f"guidance {config.guidance!r}, tau {config.tau}; {config.num_patches} patches, schedule {config.schedule}")
-
-    grids = {}
-    for question in questions:
-        conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-        inputs = processor.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        with torch.inference_mode():
-            out = model(**inputs, use_cache=False)
-        ids = inputs["input_ids"][0]
-        print(f"\nQ: {question}")
-        print("instruction tokens (CLIP relevance; * = >= tau, averaged into the pseudo-CLS):")
-        words = []
-        for index in inputs["instruction_mask"][0].nonzero()[:, 0].tolist():
-            token = processor.tokenizer.convert_ids_to_tokens(int(ids[index])).replace("\u2581", "")
-            value = float(out.instruction_relevance[0, index])
-            chosen = out.pseudo_cls_tokens is not None and bool(out.pseudo_cls_tokens[0, index])
-            words.append(f"{token}({'none' if value != value else f'{value:+.3f}'}){'*' if chosen else ''}")
-        print("  " + " ".join(words))
-        if out.pseudo_cls_tokens is None or not bool(out.pseudo_cls_tokens[0].any()):
-            print("  no token >= tau: the pseudo-CLS is the visual CLS")
-        reached = out.llm_keep_indices[-1][0]
-        grids[question] = set(reached.tolist())
-        print(f"patches: {len(out.vision_keep_indices[0])} left the vision tower, {len(reached)} reach the last layers")
-        for row in patch_grid(config.num_patches, out.vision_keep_indices[0], reached):
-            print("  " + row)
-    if len(questions) >= 2:
-        first, second = grids[questions[0]], grids[questions[1]]
-        print(
-            f"\nkept by both questions: {len(first & second)}; only by the first: {len(first - second)}; "
-            f"only by the second: {len(second - first)}"
-        )
+    parser.add_argument("--model", default=str(ROOT / "models" / "llava-ivtp-testbed"))
+    parser.add_argument("--scene", default="test:3", metavar="SPLIT:INDEX")
+    parser.add_argument("--question", action="append", default=None, help="twice; default: two colour questions")
+    parser.add_argument("--visual-tokens", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("guided_pruning.png"), help="PNG; one per question, numbered")
+    args = parser.parse_args(argv)
+    split, _, index = args.scene.partition(":")
+    if split not in testbed.SPLITS or not index.isdigit():
+        parser.error(f"--scene {args.scene}: expected SPLIT:INDEX with SPLIT in {list(testbed.SPLITS)}")
+    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    scene = testbed.example(split, int(index))
+    questions = args.question or default_questions(scene)
+    setting = f"ivtp@{args.visual_tokens}"
+    objects = object_patches(scene)
+    print(f"scene {args.scene}: {scene.caption}")
+    report = {}
+    for number, question in enumerate(questions, start=1):
+        with parse_setting(setting, model.config).applied(model):
+            result = pruning_of(model, processor, scene.image, question)
+            inputs = processor(images=[scene.image], text=[prompt_of(question)], return_tensors="pt")
+            with torch.inference_mode():
+                generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            reply = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        final = set(result["stages"][-1][1])
+        print(f"\nQ{number}: {question} -> {reply.strip()!r} ({setting})")
+        print("  " + " ".join(f"{token.strip()}({relevance:+.2f}){'*' if chosen else ''}"
+                              for token, relevance, chosen in result["instruction"] if relevance is not None))
+        shares = {name: len(patches & final) / len(patches) for name, patches in objects.items() if patches}
+        for name, share in shares.items():
+            print(f"  {name:>16}: {share:4.0%} of its patches reach the LLM's last layers")
+        figure = render(model, processor, scene.image, question, [f"stage1@{args.visual_tokens}", setting])
+        path = args.out.with_name(f"{args.out.stem}-{number}{args.out.suffix}")
+        figure.savefig(path, dpi=110)
+        print(f"  picture: {path}")
+        report[question] = {"answer": reply.strip(), "kept": sorted(final), "object_shares": shares}
+    first, second = (set(report[q]["kept"]) for q in questions[:2])
+    print(f"\nkept by both questions: {len(first & second)}; only by the first: {len(first - second)}; "
+          f"only by the second: {len(second - first)}")
+    return report
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""Testbed demo: a testbed LLaVA-IVTP answers a question about a generated scene, with and without pruning, and
-shows which patches it kept (paper Fig. 5).
+"""Quickstart: the testbed LLaVA-IVTP the repository ships answers a question about a generated scene, with and
+without pruning, and shows which patches it kept (paper Fig. 5).
 
-A testbed model is a tiny LLaVA trained by `python -m modeling_llava_ivtp.testbed_train all --out DIR` on the
-synthetic task of `modeling_llava_ivtp/testbed.py` (scenes of coloured shapes, one-word answers); it loads like any
-remote-code checkpoint. Nothing is downloaded. (The repository does not ship one yet: none trained here so far
-answers from the image rather than from priors.)
+The testbed model (`models/llava-ivtp-testbed`) is a tiny LLaVA trained here by
+`python -m modeling_llava_ivtp.testbed_train all --out DIR` on the synthetic task of
+`modeling_llava_ivtp/testbed.py` (scenes of coloured shapes, one-word answers); it loads like any remote-code
+checkpoint. Nothing is downloaded. `docs/accuracy.md` has its accuracy under every pruning setting.
 
-    python examples/testbed_demo.py --model DIR [--scene test:7] [--question "What color is the star?"]
-                                    [--visual-tokens 16] [--out testbed_demo.png]
+    python examples/quickstart.py [--model DIR] [--scene test:7] [--question "What color is the star?"]
+                                  [--visual-tokens 16] [--out quickstart.png]
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from modeling_llava_ivtp import testbed
 from modeling_llava_ivtp.eval_ivtp import parse_setting, prompt_of
 from modeling_llava_ivtp.show_ivtp import render
+
+
+TESTBED_MODEL = Path(__file__).resolve().parent.parent / "models" / "llava-ivtp-testbed"
 
 
 def timed_prefill(model, inputs, repeats: int):
@@ -54,12 +57,12 @@ def answer(model, processor, image, question: str, setting: str, repeats: int) -
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a testbed checkpoint (folder or hub id)")
+    parser.add_argument("--model", default=str(TESTBED_MODEL), help="a testbed checkpoint (folder or hub id)")
     parser.add_argument("--scene", default="test:7", metavar="SPLIT:INDEX", help="a generated testbed scene")
     parser.add_argument("--question", default=None, help="default: the scene's own question")
     parser.add_argument("--visual-tokens", type=int, default=16, help="visual tokens left in the LLM's last layers")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("testbed_demo.png"), help="the Fig. 5 picture (PNG)")
+    parser.add_argument("--out", type=Path, default=Path("quickstart.png"), help="the Fig. 5 picture (PNG)")
     args = parser.parse_args(argv)
     split, _, index = args.scene.partition(":")
     if split not in testbed.SPLITS or not index.isdigit():

@@ -1,10 +1,10 @@
-"""Quickstart: a small LLaVA-IVTP built offline, run on a generated image, against stock Llava with the same weights.
+"""Speed: a small LLaVA-IVTP built offline, run on a generated image, against stock Llava with the same weights.
 
 The model has LLaVA-1.5-7B's token geometry and depth (336 px images, 14 px patches, 24 vision layers, 32 LLM
 layers) and the 7B preset's schedule, with narrow layers and random weights so it runs on a CPU in seconds.
 Nothing is downloaded.
 
-    python examples/quickstart.py [--preset configuration/llava-1.5-7b-ivtp.json] [--text-tokens 128]
+    python examples/speed.py [--preset configuration/llava-1.5-7b-ivtp.json] [--text-tokens 128]
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     work = root / "work"
     testbed_train.train_clip(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
-    testbed_train.train_llava(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, caption_share=0.25,
-                              log=lambda line: None)
+    testbed_train.train_llava(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
     return testbed_train.save_checkpoint(work, root / "model")
 
 
@@ -139,8 +138,8 @@ def test_show_writes_the_figure_of_each_setting(checkpoint, tmp_path):
     assert "".join(token for token, _, _ in result["instruction"]).strip() == scene.question
 
 
-def test_testbed_demo_answers_with_and_without_pruning_and_draws_the_kept_patches(checkpoint, tmp_path):
-    """examples/testbed_demo.py on the toy checkpoint (untrained answers; the mechanics are what is checked)."""
+def test_quickstart_answers_with_and_without_pruning_and_draws_the_kept_patches(checkpoint, tmp_path):
+    """examples/quickstart.py on the toy checkpoint (untrained answers; the mechanics are what is checked)."""
     import re
     import subprocess
     import sys
@@ -150,7 +149,7 @@ def test_testbed_demo_answers_with_and_without_pruning_and_draws_the_kept_patche
 
     root = Path(__file__).resolve().parent.parent
     picture = tmp_path / "demo.png"
-    result = subprocess.run([sys.executable, str(root / "examples" / "testbed_demo.py"), "--model", str(checkpoint),
+    result = subprocess.run([sys.executable, str(root / "examples" / "quickstart.py"), "--model", str(checkpoint),
                              "--repeats", "1", "--out", str(picture)], capture_output=True, text=True, timeout=600,
                             cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
