@@ -146,14 +146,21 @@ def training_parser(description: str, learning_rate: float, summary_help: str) -
     parser.add_argument("--learning-rate", type=float, default=learning_rate)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summary", type=Path, help=summary_help)
-    parser.add_argument("--visual-tokens", type=int, default=None,
-                        help="train with the model's schedule scaled to this many visual tokens in the LLM's last "
-                             "layers (as `llava-ivtp eval` ivtp@K does); saved in the output's config")
+    pruning = parser.add_mutually_exclusive_group()
+    pruning.add_argument("--visual-tokens", type=int, default=None,
+                         help="train with the model's schedule scaled to this many visual tokens in the LLM's last "
+                              "layers (as `llava-ivtp eval` ivtp@K does); saved in the output's config")
+    pruning.add_argument("--no-pruning", action="store_true",
+                         help="train at full tokens (schedule None, saved so): the control for --visual-tokens")
     return parser
 
 
-def apply_visual_tokens(model, kept: int | None) -> None:
-    """Scale the model's pruning schedule to `kept` final visual tokens (`bench_ivtp.derive_schedule`)."""
+def apply_visual_tokens(model, kept: int | None, no_pruning: bool = False) -> None:
+    """Scale the model's pruning schedule to `kept` final visual tokens (`bench_ivtp.derive_schedule`), or switch
+    pruning off (`no_pruning`); neither leaves the model's own schedule."""
+    if no_pruning:
+        model.config.schedule = None
+        return
     if kept is None:
         return
     from modeling_llava_ivtp.bench_ivtp import BenchError, derive_schedule
@@ -175,7 +182,7 @@ def main(argv=None) -> dict:
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     model.model.vision_tower.requires_grad_(False)  # frozen, as in LLaVA's fine-tuning; the CLIP text tower is frozen
     model.config.use_cache = False
-    apply_visual_tokens(model, args.visual_tokens)
+    apply_visual_tokens(model, args.visual_tokens, args.no_pruning)
     trainer = build_trainer(model, processor, read_conversations(args.data), args)
     trainer.train()
     trainer.save_model(str(args.output_dir))

@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     base = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True)
-    apply_visual_tokens(base, args.visual_tokens)
+    apply_visual_tokens(base, args.visual_tokens, args.no_pruning)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     model = lora_model(base, rank=args.lora_r, alpha=args.lora_alpha)
     model.print_trainable_parameters()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -29,12 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def object_patches(scene: testbed.Example) -> dict[str, set[int]]:
     """Per object ("red star"), the patches labelled with its colour and shape."""
-    colors, shapes = scene.patch_colors.reshape(-1), scene.patch_shapes.reshape(-1)
-    found = {}
-    for obj in scene.objects:
-        color, shape = list(testbed.COLORS).index(obj.color) + 1, testbed.SHAPES.index(obj.shape) + 1
-        found[f"{obj.color} {obj.shape}"] = set(np.flatnonzero((colors == color) & (shapes == shape)).tolist())
-    return found
+    return {f"{obj.color} {obj.shape}": scene.object_patches(obj) for obj in scene.objects}
 
 
 def default_questions(scene: testbed.Example) -> list[str]:

@@ -17,7 +17,6 @@ import argparse
 import statistics
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -31,10 +30,7 @@ TESTBED_MODEL = Path(__file__).resolve().parent.parent / "models" / "llava-ivtp-
 
 def target_patches(scene: testbed.Example) -> set[int]:
     """The patches labelled with the colour and shape of the object the question is about."""
-    target = scene.target
-    color, shape = list(testbed.COLORS).index(target.color) + 1, testbed.SHAPES.index(target.shape) + 1
-    found = (scene.patch_colors.reshape(-1) == color) & (scene.patch_shapes.reshape(-1) == shape)
-    return set(np.flatnonzero(found).tolist())
+    return scene.object_patches(scene.target)
 
 
 def named_word(scene: testbed.Example) -> str:

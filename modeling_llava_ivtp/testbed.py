@@ -85,6 +85,13 @@ class Example:
         """The evaluation record: image, question, answers."""
         return {"image": self.image, "question": self.question, "answers": [self.answer], "kind": self.kind}
 
+    def object_patches(self, obj: SceneObject) -> set[int]:
+        """The flat indices (row-major over the GRID x GRID patches) of the patches labelled with `obj`'s colour and
+        shape -- the patches that show it (and any other object of the same colour and shape)."""
+        color, shape = list(COLORS).index(obj.color) + 1, SHAPES.index(obj.shape) + 1
+        found = (self.patch_colors.reshape(-1) == color) & (self.patch_shapes.reshape(-1) == shape)
+        return set(np.flatnonzero(found).tolist())
+
 
 def example(split: str, index: int, kind: str | None = None) -> Example:
     """Example `index` of `split`; its question kind cycles through `QUESTION_KINDS` unless `kind` is given."""

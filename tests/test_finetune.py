@@ -64,6 +64,36 @@ def test_collator_labels_only_the_answers(workspace):
     assert {"pixel_values", "instruction_mask", "clip_input_ids", "clip_token_spans", "labels"} <= set(batch)
 
 
+def test_training_schedule_options():
+    """`--visual-tokens K` scales the model's schedule as `eval`'s ivtp@K does; `--no-pruning` switches pruning off
+    (the control run of docs/accuracy.md); the two exclude each other and bad counts are refused by name."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from finetune import apply_visual_tokens, training_parser
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    from modeling_llava_ivtp.bench_ivtp import derive_schedule
+
+    model = tiny_model()
+    original = dict(model.config.schedule)
+    apply_visual_tokens(model, None)
+    assert model.config.schedule == original
+    apply_visual_tokens(model, 3)
+    assert model.config.schedule == derive_schedule(original, model.config.num_patches, 3)
+    assert model.config.schedule["llm"][-1] == 3
+    apply_visual_tokens(model, None, no_pruning=True)
+    assert model.config.schedule is None
+    with pytest.raises(SystemExit, match="--visual-tokens: the model has no pruning schedule"):
+        apply_visual_tokens(model, 3)
+    with pytest.raises(SystemExit, match=r"--visual-tokens must be in \[1, "):
+        apply_visual_tokens(tiny_model(), 0)
+    parser = training_parser("", 1e-5, "")
+    base = ["--model", "m", "--data", "d.jsonl", "--output-dir", "o"]
+    assert parser.parse_args(base + ["--no-pruning"]).no_pruning
+    with pytest.raises(SystemExit):  # argparse: not allowed with argument --visual-tokens
+        parser.parse_args(base + ["--no-pruning", "--visual-tokens", "4"])
+
+
 def test_trainer_fine_tunes_with_pruning_in_every_step_and_reloads(workspace):
     out = workspace / "trained"
     run_example(

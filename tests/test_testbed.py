@@ -72,6 +72,21 @@ def test_patch_labels_mark_the_objects_patches():
     assert (scene.patch_colors == 0).sum() > 72  # mostly background
 
 
+def test_object_patches_are_the_patches_labelled_with_the_object():
+    scene = testbed.example("train", 3)
+    union = set()
+    for obj in scene.objects:
+        patches = scene.object_patches(obj)
+        centre = (obj.y // testbed.PATCH_SIZE) * testbed.GRID + obj.x // testbed.PATCH_SIZE
+        assert centre in patches
+        for patch in patches:
+            row, column = divmod(patch, testbed.GRID)
+            assert testbed.SHAPES[scene.patch_shapes[row, column] - 1] == obj.shape
+            assert list(testbed.COLORS)[scene.patch_colors[row, column] - 1] == obj.color
+        union |= patches
+    assert union == set(np.flatnonzero(scene.patch_colors.reshape(-1) > 0).tolist())  # every object patch, once
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="`split`"):
         testbed.example("dev", 0)

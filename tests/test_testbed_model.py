@@ -46,6 +46,22 @@ def test_shipped_model_is_small_and_loads_in_float32(model_and_processor):
     assert type(model).__name__ == "LlavaIvtpForConditionalGeneration" and model.config.schedule is not None
 
 
+def test_shipped_remote_code_is_the_package_code():
+    """The checkpoint runs its own copies of the package's modules (remote code must be self-contained); a change to
+    the package must reach them, or the tests and users of the shipped model would run the old code."""
+    package = ROOT / "modeling_llava_ivtp"
+    copies = sorted(path.name for path in MODEL.glob("*.py"))
+    assert "modeling_llava_ivtp.py" in copies and "configuration_llava_ivtp.py" in copies
+    stale = [name for name in copies if (MODEL / name).read_bytes() != (package / name).read_bytes()]
+    assert not stale, f"refresh the shipped model's code: cp modeling_llava_ivtp/{{{','.join(stale)}}} {MODEL}/"
+    # every module the copied modules import relatively is shipped too (what save_pretrained copies)
+    imported = set()
+    for name in copies:
+        imported |= {f"{module}.py" for module in re.findall(r"^\s*from \.(\w+) import", (MODEL / name).read_text(),
+                                                               flags=re.MULTILINE)}
+    assert imported <= set(copies), sorted(imported - set(copies))
+
+
 def test_accuracy_on_the_test_slice_matches_the_docs(model_and_processor):
     from modeling_llava_ivtp import testbed
     from modeling_llava_ivtp.eval_ivtp import evaluate_grid, parse_setting
