@@ -1,0 +1,94 @@
+"""CDPruner's conditional-DPP token selection, on plain tensors.
+
+Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs", 2025,
+arXiv 2506.10967; method section (conditional similarity, DPP MAP); rule as in the authors' code
+(Theia-4869/CDPruner, `llava/model/llava_arch.py`, `encode_images`):
+
+- similarity `S = cos(x_i, x_j)` of the projected visual features (multimodal projector output), in float32;
+- relevance, for LLaVA: `r_i = mean_m(-cos(v_i, t_m))` between the CLIP image embedding of patch i
+  (`visual_projection(post_layernorm(patch feature at vision_feature_layer))`) and the CLIP text embedding of each
+  77-token segment m of the instruction (the question without LLaVA's answer-format suffix), then min-max
+  normalised, `(r - min r + 1e-6) / (max r - min r)` (the negative sign is theirs);
+- kernel `L = diag(r) S diag(r)`; the code's optional `exp(theta / (2 (1 - theta)) r)` reweighting is off by default;
+- keep k tokens by the fast greedy MAP inference of Chen, Zhang, Zhou (NeurIPS 2018): incremental Cholesky rows
+  `c`, gains `d_i^2 = L_ii - ||c_i||^2`, pick `argmax d^2` each step.
+
+Default for 64 tokens on LLaVA-1.5: k = 64, no split, no extra hyperparameter.
+
+Integration (site: projected features, before the LLM): the projector's output for the image tokens, and the
+relevance from this project's CLIP text tower and visual projection (those stage 2 loads) on the instruction.
+Our conventions: min-max per image (the official code normalises over the whole batch; it runs with batch 1);
+gains below 1e-6 of the largest diagonal count as zero, so once the kernel's rank is spent the picks go to the lower
+index instead of to rounding noise; ties to the lower index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def instruction_relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """CDPruner's LLaVA relevance: mean negative cosine to the text segments, min-max normalised per image.
+
+    Args:
+        image_embeds: `(batch, n, dim)`, CLIP image embeddings of the patches.
+        text_embeds: `(batch, segments, dim)`, CLIP text embeddings of the instruction's segments.
+
+    Returns:
+        `(batch, n)` float32, in `(0, 1]` up to the `1e-6` offset; all ones where a row is constant.
+    """
+    if image_embeds.dim() != 3 or text_embeds.dim() != 3 or text_embeds.shape[::2] != image_embeds.shape[::2]:
+        raise ValueError(
+            f"image_embeds (batch, n, dim) and text_embeds (batch, segments, dim) must agree, "
+            f"got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}."
+        )
+    cosine = F.normalize(image_embeds.float(), dim=-1) @ F.normalize(text_embeds.float(), dim=-1).transpose(1, 2)
+    relevance = (-cosine).mean(dim=-1)
+    low, high = relevance.amin(dim=-1, keepdim=True), relevance.amax(dim=-1, keepdim=True)
+    scaled = (relevance - low + 1e-6) / (high - low).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(high > low, scaled, torch.ones_like(relevance))
+
+
+def cdpruner_keep_indices(features: torch.Tensor, relevance: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Indices of the `num_keep` tokens picked by greedy MAP of the conditional DPP `diag(r) S diag(r)`.
+
+    Args:
+        features: `(batch, n, dim)`, the projected visual features.
+        relevance: `(batch, n)`, non-negative instruction relevance (see `instruction_relevance`).
+        num_keep: `1 <= num_keep <= n`.
+
+    Returns:
+        `(batch, num_keep)` int64, sorted ascending.
+    """
+    if features.dim() != 3 or relevance.shape != features.shape[:2]:
+        raise ValueError(
+            f"features must be (batch, n, dim) and relevance (batch, n), "
+            f"got {tuple(features.shape)} and {tuple(relevance.shape)}."
+        )
+    batch, num_tokens, _ = features.shape
+    if not 1 <= num_keep <= num_tokens:
+        raise ValueError(f"num_keep must be in [1, {num_tokens}], got {num_keep}.")
+
+    normalized = F.normalize(features.float(), dim=-1)
+    relevance = relevance.float()
+    kernel = relevance.unsqueeze(2) * (normalized @ normalized.transpose(1, 2)) * relevance.unsqueeze(1)
+    gains = kernel.diagonal(dim1=1, dim2=2).clone()  # d_i^2, the log-det gain of adding i
+    tolerance = 1e-6 * gains.amax(dim=-1, keepdim=True)
+    cholesky_rows = kernel.new_zeros(batch, num_keep, num_tokens)
+    picked = torch.zeros(batch, num_tokens, dtype=torch.bool, device=features.device)
+    keep_indices = torch.empty(batch, num_keep, dtype=torch.long, device=features.device)
+    rows = torch.arange(batch, device=features.device)
+    for step in range(num_keep):
+        pick = gains.masked_fill(picked, float("-inf")).argmax(dim=-1)
+        keep_indices[:, step] = pick
+        picked[rows, pick] = True
+        pivot = gains[rows, pick]
+        # e_i = (L_ji - <c_j, c_i>) / d_j; a spent direction (zero gain) adds no new row.
+        projected = torch.einsum("bs,bsn->bn", cholesky_rows[rows, :step, pick], cholesky_rows[:, :step])
+        scale = torch.where(pivot > 0, pivot.clamp_min(torch.finfo(torch.float32).tiny).rsqrt(), 0.0)
+        new_row = (kernel[rows, pick] - projected) * scale.unsqueeze(-1)
+        cholesky_rows[:, step] = new_row
+        gains = gains - new_row.square()
+        gains = torch.where(gains > tolerance, gains, torch.zeros_like(gains))
+    return keep_indices.sort(dim=1).values

@@ -1,0 +1,71 @@
+"""VisPruner's important + diverse token selection, on plain tensors.
+
+Zhang et al., "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token
+Pruning in VLMs", ICCV 2025, arXiv 2412.01818; method section, important tokens then diverse tokens; rule as in the
+authors' code (Theia-4869/VisPruner, `llava/model/llava_arch.py`, `encode_images`):
+
+1. Important: the `num_important` patches with the largest CLS attention (head-averaged) at the feature layer.
+2. Diverse: the other patches, ranked by decreasing CLS attention, lose near-duplicates round by round until
+   `num_diverse` are left. Each round splits the ranked list into even and odd positions, scores every even-position
+   token by its largest cosine similarity to an odd-position one (features L2-normalised), and removes the
+   `min(max_removed_per_round, left - num_diverse)` highest-scoring ones. The list for the next round is the
+   surviving even-position tokens (by decreasing score) followed by the odd-position ones (their order unchanged).
+
+Default for 64 tokens on LLaVA-1.5: `num_important=48, num_diverse=16` (important ratio 0.75, the README's 64-token
+example), `max_removed_per_round=8`. The code's `--important_ratio` flag defaults to 0.5 (32 + 32).
+
+Integration (site: vision tower, at `vision_feature_layer` = -2, before the projector): that layer's patch features
+(CLS dropped, as LLaVA's "default" strategy) and its CLS attention row over the patches, head-averaged.
+Our conventions: stable sorts throughout, so equal scores rank the lower index (earlier list position) first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def vispruner_keep_indices(
+    features: torch.Tensor,
+    cls_attention: torch.Tensor,
+    num_important: int,
+    num_diverse: int,
+    max_removed_per_round: int = 8,
+) -> torch.Tensor:
+    """Indices of the important and diverse tokens kept by VisPruner.
+
+    Args:
+        features: `(batch, n, dim)`, the feature layer's patch features.
+        cls_attention: `(batch, n)`, the CLS row of that layer's attention over the patches, head-averaged.
+        num_important: `>= 0`; num_diverse: `>= 0`; their sum must be in `[1, n]`.
+        max_removed_per_round: `>= 1`, near-duplicates removed per round (official: 8).
+
+    Returns:
+        `(batch, num_important + num_diverse)` int64, sorted ascending.
+    """
+    if features.dim() != 3:
+        raise ValueError(f"features must have shape (batch, n, dim), got {tuple(features.shape)}.")
+    batch, num_tokens, _ = features.shape
+    if cls_attention.shape != (batch, num_tokens):
+        raise ValueError(f"cls_attention must have shape {(batch, num_tokens)}, got {tuple(cls_attention.shape)}.")
+    if num_important < 0 or num_diverse < 0 or not 1 <= num_important + num_diverse <= num_tokens:
+        raise ValueError(
+            f"num_important and num_diverse must be >= 0 with a sum in [1, {num_tokens}], "
+            f"got {num_important} and {num_diverse}."
+        )
+    if max_removed_per_round < 1:
+        raise ValueError(f"max_removed_per_round must be >= 1, got {max_removed_per_round}.")
+
+    ranked = torch.sort(cls_attention.float(), dim=-1, descending=True, stable=True).indices
+    important, residual = ranked[:, :num_important], ranked[:, num_important:]  # residual: decreasing attention
+    normalized = F.normalize(features.float(), dim=-1)
+    similarity = normalized @ normalized.transpose(1, 2)  # (batch, n, n), once: the rounds only index it
+    rows = torch.arange(features.shape[0], device=features.device)[:, None, None]
+    while num_diverse > 0 and residual.shape[1] > num_diverse:
+        num_removed = min(max_removed_per_round, residual.shape[1] - num_diverse)
+        even, odd = residual[:, 0::2], residual[:, 1::2]
+        duplication = similarity[rows, even[:, :, None], odd[:, None, :]].max(dim=-1).values  # (batch, ceil(R / 2))
+        order = torch.sort(duplication, dim=-1, descending=True, stable=True).indices[:, num_removed:]
+        residual = torch.cat([even.gather(1, order), odd], dim=1)
+    keep_indices = torch.cat([important, residual[:, :num_diverse]], dim=1)
+    return keep_indices.sort(dim=1).values
