@@ -112,3 +112,26 @@ def test_guided_pruning_example_reports_each_question_on_the_testbed_model(tmp_p
     assert (tmp_path / "guided-1.png").is_file() and (tmp_path / "guided-2.png").is_file()
     summary = re.search(r"kept by both questions: (\d+); only by the first: (\d+); only by the second: (\d+)", output)
     assert summary and int(summary.group(1)) + int(summary.group(2)) == 16
+
+
+def test_where_probe_reads_a_linearly_encoded_place_and_runs_on_the_shipped_model():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from where_probe import probe_accuracy
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    places = torch.arange(90) % 3
+    centres = torch.randn(3, 8, generator=generator) * 3
+    points = centres[places] + 0.3 * torch.randn(90, 8, generator=generator)
+    assert probe_accuracy(points[:60], places[:60], points[60:], places[60:]) == 1.0
+    noise = torch.randn(90, 8, generator=generator)  # no place in the features: near chance
+    assert probe_accuracy(noise[:60], places[:60], noise[60:], places[60:]) < 0.7
+
+    output = run_example("where_probe.py", "--train", "24", "--test", "9")
+    scores = re.findall(r"^ +(vision|projector|answer state): probe accuracy ([0-9.]+)$", output, flags=re.MULTILINE)
+    assert [depth for depth, _ in scores] == ["vision", "projector", "answer state"]
+    assert all(0.0 <= float(value) <= 1.0 for _, value in scores)
+    assert re.search(r"where-questions with the object on a patch: \d+ train, \d+ test", output)
