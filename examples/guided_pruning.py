@@ -48,12 +48,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--visual-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("guided_pruning.png"), help="PNG; one per question, numbered")
     args = parser.parse_args(argv)
-    split, _, index = args.scene.partition(":")
-    if split not in testbed.SPLITS or not index.isdigit():
-        parser.error(f"--scene {args.scene}: expected SPLIT:INDEX with SPLIT in {list(testbed.SPLITS)}")
+    try:
+        scene = testbed.scene_of(args.scene)
+    except ValueError as error:
+        parser.error(f"--scene {error}")
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    scene = testbed.example(split, int(index))
     questions = args.question or default_questions(scene)
     setting = f"ivtp@{args.visual_tokens}"
     objects = object_patches(scene)

@@ -64,14 +64,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("quickstart.png"), help="the Fig. 5 picture (PNG)")
     args = parser.parse_args(argv)
-    split, _, index = args.scene.partition(":")
-    if split not in testbed.SPLITS or not index.isdigit():
-        parser.error(f"--scene {args.scene}: expected SPLIT:INDEX with SPLIT in {list(testbed.SPLITS)}")
+    try:
+        scene = testbed.scene_of(args.scene)
+    except ValueError as error:
+        parser.error(f"--scene {error}")
     torch.manual_seed(0)
 
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    scene = testbed.example(split, int(index))
     question = args.question or scene.question
     print(f"scene {args.scene}: {scene.caption}")
     print(f"Q: {question}" + (f"   (expected: {scene.answer})" if args.question is None else ""))

@@ -121,10 +121,10 @@ def run(args) -> int:
         if args.testbed is not None:
             from . import testbed
 
-            split, _, index = args.testbed.partition(":")
-            if split not in testbed.SPLITS or not index.isdigit():
-                raise EvalError(f"--testbed {args.testbed}: expected SPLIT:INDEX with SPLIT in {list(testbed.SPLITS)}.")
-            scene = testbed.example(split, int(index))
+            try:
+                scene = testbed.scene_of(args.testbed)
+            except ValueError as error:
+                raise EvalError(f"--testbed {error}") from None
             image, question = scene.image, args.question or scene.question
         else:
             if args.question is None:

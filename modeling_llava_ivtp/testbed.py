@@ -140,6 +140,14 @@ def training_turns(split: str, index: int, count: int) -> list[tuple[str, str, s
     return turns
 
 
+def scene_of(spec: str) -> Example:
+    """The example named `SPLIT:INDEX` (e.g. `test:3`, as the command lines take it); `ValueError` otherwise."""
+    split, _, index = spec.partition(":")
+    if split not in SPLITS or not index.isdigit():
+        raise ValueError(f"{spec}: expected SPLIT:INDEX with SPLIT in {list(SPLITS)}.")
+    return example(split, int(index))
+
+
 def examples(split: str, count: int, start: int = 0) -> list[Example]:
     return [example(split, index) for index in range(start, start + count)]
 

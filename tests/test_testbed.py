@@ -94,6 +94,10 @@ def test_bad_arguments():
         testbed.example("train", 0, kind="size")
     with pytest.raises(ValueError, match="`index`"):
         testbed.example("train", -1)
+    assert testbed.scene_of("test:3").question == testbed.example("test", 3).question
+    for spec in ("dev:3", "test", "test:-1", "test:x"):
+        with pytest.raises(ValueError, match=r"expected SPLIT:INDEX with SPLIT in \['train', 'validation', 'test'\]"):
+            testbed.scene_of(spec)
 
 
 def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path):
