@@ -1,7 +1,7 @@
-"""The pruning loop's host-side layout against the packed tensors it sizes, and the prefill's reads of the device.
+"""The pruning loop's host-side sizes against the packed tensors they size, and the prefill's reads of the device.
 
-The loop never asks the device how many tokens a row kept (`_HostLayout` knows it from one read per prefill): if
-that arithmetic were off, `_pack_rows` would silently drop or pad tokens, and stage-2 scoring would cut keys.
+The loop never asks the device how many tokens a row kept (`TokenState` knows it from one read per prefill): if
+that arithmetic were off, `pack_rows` would silently drop or pad tokens.
 """
 
 import pytest
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modeling_llava_ivtp.modeling_llava_ivtp import _HostLayout, _pack_rows, _TokenSet, _true_indices, _unpack
+from modeling_llava_ivtp.tokens_ivtp import TokenState, true_indices, unpack
 from modeling_llava_ivtp.transformers_compat import cache_kwargs, output_cache
 from tiny_models import IMAGE_TOKEN_ID, TINY_CLIP_TEXT, left_pad, make_pixels, make_prompt, stock_twin, tiny_model
 
@@ -18,27 +18,27 @@ from tiny_models import IMAGE_TOKEN_ID, TINY_CLIP_TEXT, left_pad, make_pixels, m
 NUM_PATCHES = 6
 
 
-def _check(layout: _HostLayout, tokens: _TokenSet, contiguous: bool, pseudo: bool = False) -> None:
-    """The layout's sizes are the tensors' sizes; its visual bound covers every visual slot (exact if contiguous).
-    With `pseudo`, the last slot is the pseudo-CLS (position -1, not padding)."""
-    assert tokens.positions.shape[1] == layout.length
-    for row, pad in enumerate(layout.pads):
-        padding = tokens.positions[row, : layout.length - pseudo] < 0
+def _check(tokens: TokenState, kept_per_row: torch.Tensor) -> None:
+    """The host sizes are the tensors' sizes: no token dropped, padding slots first, `visual` tokens per image.
+    With a probe, the last slot is the probe (position -1, not padding)."""
+    assert tokens.positions.shape[1] == tokens.length
+    real = tokens.length - tokens.probe
+    for row, pad in enumerate(tokens.pads):
+        padding = tokens.positions[row, :real] < 0
         assert int(padding.sum()) == pad and bool(padding[:pad].all())  # padding slots come first
-    rows = layout.image_rows
+        assert real - pad == int(kept_per_row[row])  # no token dropped
+    if tokens.probe:
+        assert bool(tokens.attention_mask[:, -1].all()) and not bool(tokens.is_visual[:, -1].any())
+    rows = tokens.image_rows
     if rows:
-        counts = tokens.is_visual[rows].sum(dim=1)
-        assert counts.tolist() == [layout.visual] * len(rows)
-        slots = torch.arange(layout.length)
-        last_visual = int(torch.where(tokens.is_visual[rows], slots, -1).amax()) + 1
-        assert last_visual <= layout.visual_end()
-        if contiguous:
-            assert last_visual == layout.visual_end()
+        assert tokens.is_visual[rows].sum(dim=1).tolist() == [tokens.visual] * len(rows)
+        slots = tokens.visual_slots(torch.tensor(rows))
+        assert bool(tokens.is_visual[torch.tensor(rows).unsqueeze(-1), slots].all())
 
 
 @settings(max_examples=80, deadline=None)
 @given(data=st.data())
-def test_host_layout_sizes_the_packed_token_sets(data):
+def test_token_state_sizes_the_packed_token_sets(data):
     batch = data.draw(st.integers(1, 4), label="batch")
     length = data.draw(st.integers(NUM_PATCHES + 2, 16), label="length")
     contiguous = data.draw(st.booleans(), label="contiguous")
@@ -55,8 +55,6 @@ def test_host_layout_sizes_the_packed_token_sets(data):
             is_image[row, list(places)] = True
     kept = data.draw(st.integers(1, NUM_PATCHES), label="kept")
     placeholders = is_image.sum(dim=1).tolist()
-    last = torch.where(is_image, torch.arange(length), -1).amax(dim=1).tolist()
-    layout = _HostLayout.entering_llm(length, NUM_PATCHES, placeholders, last, kept)
 
     # Stage 1 kept `kept` patches of each image (any of them).
     keep = ~is_image
@@ -65,35 +63,32 @@ def test_host_layout_sizes_the_packed_token_sets(data):
         if len(image_slots):
             chosen = data.draw(st.permutations(image_slots.tolist()), label="stage-1 choice")[:kept]
             keep[row, chosen] = True
-    logical = _TokenSet(
-        hidden_states=torch.zeros(batch, length, 0),
-        positions=torch.arange(length).expand(batch, -1),
-        position_ids=torch.arange(length).expand(batch, -1),
-        attention_mask=torch.ones(batch, length, dtype=torch.bool),
-        is_visual=is_image,
-        patch_index=torch.full((batch, length), -1),
-    )
-    index, slot_valid = _pack_rows(keep, layout.length)
-    assert torch.equal(slot_valid.sum(dim=1), keep.sum(dim=1))  # no token dropped
-    tokens = logical.gather(index, slot_valid)
-    _check(layout, tokens, contiguous)
+    logical = {
+        "hidden_states": torch.zeros(batch, length, 0),
+        "positions": torch.arange(length).expand(batch, -1),
+        "position_ids": torch.arange(length).expand(batch, -1),
+        "attention_mask": torch.ones(batch, length, dtype=torch.bool),
+        "is_visual": is_image,
+        "patch_index": torch.full((batch, length), -1),
+    }
+    tokens, index, slot_valid = TokenState.entering_llm(logical, keep, placeholders, NUM_PATCHES, kept)
+    assert torch.equal(slot_valid.sum(dim=1), keep.sum(dim=1))
+    _check(tokens, keep.sum(dim=1))
 
-    # Stage 2: the pseudo-CLS slot at the end, then groups keeping fewer visual tokens of each image.
-    tokens = tokens.append(torch.zeros(batch, 0), torch.zeros(batch, dtype=torch.long))
-    layout = layout.append_slot()
-    _check(layout, tokens, contiguous, pseudo=True)
+    # The probe slot at the end, then groups keeping fewer visual tokens of each image.
+    tokens = tokens.append_probe(torch.zeros(batch, 0), torch.zeros(batch, dtype=torch.long))
+    _check(tokens, keep.sum(dim=1))
     for num_keep in data.draw(st.lists(st.integers(1, kept), max_size=3).map(sorted), label="groups")[::-1]:
         keep = ~tokens.is_visual
-        for row in layout.image_rows:
+        for row in tokens.image_rows:
             visual = tokens.is_visual[row].nonzero()[:, 0].tolist()
             keep[row, data.draw(st.permutations(visual), label="stage-2 choice")[:num_keep]] = True
-        layout = layout.keep_visual(num_keep)
-        index, slot_valid = _pack_rows(keep, layout.length)
-        assert torch.equal(slot_valid.sum(dim=1), keep.sum(dim=1))
-        tokens = tokens.gather(index, slot_valid)
-        _check(layout, tokens, contiguous, pseudo=True)
-    tokens, layout = tokens.drop_last(), layout.drop_last_slot()
-    _check(layout, tokens, contiguous)
+        kept_per_row = (keep & (tokens.positions >= 0)).sum(dim=1)
+        tokens = tokens.keep_visual(keep, num_keep)
+        _check(tokens, kept_per_row)
+    kept_per_row = (tokens.positions >= 0).sum(dim=1)
+    tokens = tokens.drop_probe()
+    _check(tokens, kept_per_row)
 
 
 def test_true_indices_and_unpack_equal_their_plain_versions():
@@ -102,12 +97,12 @@ def test_true_indices_and_unpack_equal_their_plain_versions():
     for row in range(5):
         mask[row, torch.randperm(11, generator=generator)[:4]] = True
     expected = torch.stack([row.nonzero()[:, 0] for row in mask])
-    assert torch.equal(_true_indices(mask, 4), expected)
+    assert torch.equal(true_indices(mask, 4), expected)
 
     index = torch.tensor([[0, 0, 2, 5], [1, 3, 4, 6]])
     slot_valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
     values = torch.arange(8.0).view(2, 4)
-    got = _unpack(values, index, slot_valid, 7, float("nan"))
+    got = unpack(values, index, slot_valid, 7, float("nan"))
     plain = torch.full((2, 7), float("nan"))
     for row in range(2):
         for slot in range(4):
@@ -167,8 +162,8 @@ def test_pruned_prefill_reads_the_device_twice_and_decode_never(use_cache, count
         with CountReads() as prefill_reads:
             out = model(**batch, use_cache=use_cache)
         assert prefill_reads.reads == []
-        # layout and input values (3 facts + the ids' extremes, x batch); 2 kept counts
-        assert count_tolist == [(5, batch["input_ids"].shape[0]), (2,)]
+        # layout and input values (2 facts + the ids' extremes, x batch); 2 kept counts
+        assert count_tolist == [(4, batch["input_ids"].shape[0]), (2,)]
         assert out.llm_token_counts == (8, 5)
         if use_cache:
             next_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
@@ -190,7 +185,7 @@ def test_unpadded_batch_without_attention_mask_has_no_padding_slots(count_tolist
     with torch.no_grad():
         with CountReads() as reads:
             out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True)
-    assert reads.reads == [] and count_tolist == [(5, 2), (2,)]
+    assert reads.reads == [] and count_tolist == [(4, 2), (2,)]
     assert bool((out.kept_positions >= 0).all())
     assert all(bool((positions >= 0).all()) for positions in output_cache(out).layer_positions)
 

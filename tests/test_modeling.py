@@ -90,7 +90,7 @@ def test_segment_mask_is_causal_padded_and_isolates_the_pseudo_cls(attn_implemen
     """The stage-2 segment mask, built by broadcasting, against the rule written out element by element: causal,
     padding keys masked, the pseudo-CLS (last slot) sees the slots up to its sample's last visual token and itself,
     and a sample without an image lets it see only itself."""
-    from modeling_llava_ivtp.modeling_llava_ivtp import _TokenSet
+    from modeling_llava_ivtp.tokens_ivtp import TokenState
 
     model = tiny_model(attn_implementation=attn_implementation)
     batch_size, num_slots = 3, 9
@@ -99,11 +99,13 @@ def test_segment_mask_is_causal_padded_and_isolates_the_pseudo_cls(attn_implemen
     is_visual[1, 1:3] = True  # sample 2 has no image
     attention_mask = torch.ones(batch_size, num_slots, dtype=torch.bool)
     attention_mask[1, 0] = False  # left padding
-    tokens = _TokenSet(
+    tokens = TokenState(
         hidden_states=torch.zeros(batch_size, num_slots, 32), positions=None, position_ids=None,
-        attention_mask=attention_mask, is_visual=is_visual, patch_index=None,
+        attention_mask=attention_mask, is_visual=is_visual, patch_index=None, num_patches=3,
+        has_image=[True, True, False], length=num_slots, pads=[0, 1, 0], visual=3,
+        probe=True,
     )
-    mask = model._segment_mask(tokens, None, layer_idx=0, with_pseudo=True)
+    mask = model._segment_mask(tokens, None, layer_idx=0)
     assert mask.shape == (batch_size, 1, num_slots, num_slots)
     allowed = mask if mask.dtype == torch.bool else mask == 0
     visual_end = [4, 2, -1]
@@ -123,10 +125,11 @@ def test_sdpa_and_eager_keep_the_same_tokens():
     eager = LlavaIvtpForConditionalGeneration(sdpa.config.__class__(**tiny_config_dict())).eval()
     eager.config._attn_implementation = "eager"
     eager.load_state_dict(sdpa.state_dict())
-    assert eager.config.text_config._attn_implementation == "eager"
-    assert sdpa.config.text_config._attn_implementation == "sdpa"
     batch = make_batch()
     a, b = run(sdpa, batch), run(eager, batch)
+    # each runs the recording twin of its backend (`attention_rows.py`)
+    assert eager.config.text_config._attn_implementation == eager.config.vision_config._attn_implementation == "ivtp_eager"
+    assert sdpa.config.text_config._attn_implementation == sdpa.config.vision_config._attn_implementation == "ivtp_sdpa"
     assert torch.equal(a.vision_keep_indices, b.vision_keep_indices)
     assert all(torch.equal(x, y) for x, y in zip(a.llm_keep_indices, b.llm_keep_indices))
     assert torch.equal(a.kept_positions, b.kept_positions)
@@ -305,10 +308,12 @@ def test_loads_llava_hf_on_disk_key_format(tmp_path):
 
 
 def test_final_clip_cls_costs_one_row_and_equals_the_full_tower():
+    from modeling_llava_ivtp.pruner_base import Pruner
+
     model = tiny_model(schedule={"vision": [], "llm": []})
     pixels = make_pixels(2)
     with torch.no_grad():
-        vision = model._prune_vision_tower(pixels)
+        vision = model._run_vision_tower(pixels, Pruner(model.config, None))  # the base pruner keeps every token
         ours = model.final_clip_cls(vision["feature_layer_hidden_states"])
         stock = model.model.vision_tower(pixels).pooler_output
     torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
@@ -394,8 +399,13 @@ def test_hidden_states_follow_the_pruned_lengths():
 
 def test_bfloat16_keeps_the_float32_tokens():
     """In bfloat16 the scores are still computed in float32 (vision probabilities, stage-2 block): on the tiny model
-    the kept tokens equal float32's, with and without a cache, and the logits stay close."""
-    model = sharpen_attention(tiny_model())
+    the kept tokens equal float32's, with and without a cache, and the logits stay close.
+
+    With eager attention, whose softmax is float32 too. The layers run the configured backend (the scores are
+    recorded from them): with bfloat16 sdpa on the CPU, the vision tower's hidden states (sharpened attention, logits
+    x100) move one patch of the 12 kept of image 2 -- a difference of the backend's layer arithmetic, not of the
+    scoring (before the seam, stage 1 ran its own eager arithmetic whatever the backend)."""
+    model = sharpen_attention(tiny_model(attn_implementation="eager"))
     batch = make_batch()
     with torch.no_grad():
         reference = model(**batch, use_cache=True)
