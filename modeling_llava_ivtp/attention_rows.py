@@ -2,26 +2,26 @@
 
 A pruner that scores tokens by attention asks a layer for some rows of its attention matrix. The model runs its
 layers with `"ivtp_sdpa"` (or `"ivtp_eager"`): registered through transformers' `AttentionInterface`, they call the
-stock `"sdpa"` (`"eager"`) function unchanged, and when the layer call carries `ivtp_rows=RowRequest(...)` they also
-compute, from the very queries, keys (after rotary embedding), values and 4-D mask the layer just used, the
-head-averaged float32 probabilities of the requested query rows only (and the value norms of eq. 4 where asked).
-Nothing is stored on a module: the request is a per-call object that the layer call passes down, and the answer is
-written on it.
+stock `"sdpa"` (`"eager"`) function unchanged, and when the layer call carries `ivtp_rows=RowRequest(...)` they hand
+the request the very queries, keys (after rotary embedding), values and 4-D mask the layer just used. The request
+computes what was asked -- the head-averaged float32 probabilities of the requested query rows only, value norms,
+head-averaged keys -- when the pruner first reads it, after the layer has returned (so a FLOP counter books scoring
+apart from the layer). Nothing is stored on a module: the request is a per-call object that the layer call passes
+down.
 
 Masks: the names are registered with stock `sdpa_mask` / `eager_mask` too, so masks are built as for sdpa / eager.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention
 from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager_attention
-
-from .pruning_ivtp import attention_probabilities
 
 
 # The backend a config names -> the recording backend the model runs with instead (same numbers).
@@ -31,25 +31,61 @@ BASE_BACKENDS = {recording: base for base, recording in RECORDING_BACKENDS.items
 
 @dataclass
 class RowRequest:
-    """What a pruner asks of one layer call; the recording backend fills `probabilities` and `value_norms`.
-
-    All index tensors are in the layer's token coordinates (slot `i` = the `i`-th token the layer sees).
+    """What a pruner asks of one layer call. All index tensors are in the layer's token coordinates (slot `i` = the
+    `i`-th token the layer sees).
 
     batch: `(n,)` samples to score (`None`: all).
     rows: `(n, R)` query rows, or `(R,)` the same for every sample (`None`: every row).
-    columns: `(n, C)` (or `(C,)`) keys to return of each row (`None`: every key). The softmax is over every key the row
-        attends to under the layer's own mask; columns only select what is returned.
-    value_columns: `(n, C')` (or `(C',)`) tokens whose value-vector norm (over every head, eq. 4) to return (`None`: none).
+    columns: `(n, C)` (or `(C,)`) keys to return of each row (`None`: every key). The softmax is over every key
+        the row attends to under the layer's own mask; columns only select what is returned.
+    value_columns: `(n, C')` (or `(C',)`) tokens whose value-vector norm over every head (eq. 4) is wanted.
+    key_columns: `(n, C'')` (or `(C'',)`) tokens whose keys, averaged over heads, are wanted.
 
-    After the call: `probabilities` `(n, R, C)` float32, head-averaged; `value_norms` `(n, C')` float32.
+    Answers, read after the layer call: `probabilities` `(n, R, C)` float32, head-averaged; `value_norms` `(n, C')`
+    float32; `key_means` `(n, C'', head_dim)` float32.
     """
 
     batch: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     columns: torch.Tensor | None = None
     value_columns: torch.Tensor | None = None
-    probabilities: torch.Tensor | None = None
-    value_norms: torch.Tensor | None = None
+    key_columns: torch.Tensor | None = None
+    call: tuple | None = field(default=None, repr=False)  # what the layer's attention used (`attach`)
+    full: torch.Tensor | None = field(default=None, repr=False)  # every row, when the layer computed them itself
+
+    def attach(self, module, query, key, value, attention_mask, scaling) -> None:
+        self.call = (getattr(module, "is_causal", False), query, key, value, attention_mask, scaling)
+
+    def _call(self) -> tuple:
+        if self.call is None:
+            raise RuntimeError(
+                "The layer did not answer the RowRequest: its attention backend is not a recording one "
+                f"({sorted(BASE_BACKENDS)})."
+            )
+        return self.call
+
+    @property
+    def every_row(self) -> bool:
+        return self.batch is None and self.rows is None and self.columns is None
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        if self.full is not None:
+            return self.full
+        return row_probabilities(self, *self._call())
+
+    @property
+    def value_norms(self) -> torch.Tensor:
+        value = self._call()[3]
+        with torch.no_grad():
+            values = _pick(value, self.batch, self.value_columns, dim=2)
+            return torch.linalg.vector_norm(values.float(), dim=(1, 3))
+
+    @property
+    def key_means(self) -> torch.Tensor:
+        key = self._call()[2]
+        with torch.no_grad():
+            return _pick(key, self.batch, self.key_columns, dim=2).float().mean(dim=1)
 
 
 def _pick(tensor: torch.Tensor, batch: torch.Tensor | None, index: torch.Tensor | None, dim: int) -> torch.Tensor:
@@ -69,8 +105,10 @@ def _pick(tensor: torch.Tensor, batch: torch.Tensor | None, index: torch.Tensor 
 
 
 @torch.no_grad()
-def record_rows(request: RowRequest, module, query, key, value, attention_mask, scaling) -> None:
-    """Fill `request` from one attention call: `query` `(b, heads, q, d)`, `key`/`value` `(b, kv_heads, k, d)`."""
+def row_probabilities(request: RowRequest, is_causal, query, key, value, attention_mask, scaling) -> torch.Tensor:
+    """The requested rows of one attention call: `query` `(b, heads, q, d)`, `key` `(b, kv_heads, k, d)`, and the mask
+    the backend got (bool: allowed; float: added to the logits, as eager adds it; `None`: full attention, or causal
+    where the module is, as sdpa decides). Head-averaged float32 probabilities `(n, R, C)`."""
     batch_size, num_heads, num_queries, _ = query.shape
     num_keys = key.shape[2]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -78,23 +116,26 @@ def record_rows(request: RowRequest, module, query, key, value, attention_mask, 
     keys = _pick(key, request.batch, None, dim=2)
     if keys.shape[1] != num_heads:  # grouped-query attention: each key head serves several query heads
         keys = keys.repeat_interleave(num_heads // keys.shape[1], dim=1)
-    if attention_mask is None:  # no mask: full attention, or causal where the module is (sdpa's own rule)
-        allowed = torch.ones(batch_size, num_queries, num_keys, dtype=torch.bool, device=query.device)
-        if num_queries > 1 and getattr(module, "is_causal", False):
-            allowed = allowed.tril(num_keys - num_queries)
+    logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
+    lowest = torch.finfo(torch.float32).min
+    if attention_mask is None:
+        if num_queries > 1 and is_causal:
+            allowed = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device).tril(num_keys - num_queries)
+            allowed = _pick(allowed.expand(batch_size, -1, -1), request.batch, request.rows, dim=1)
+            logits = logits.masked_fill(~allowed.unsqueeze(1), lowest)
     else:
-        mask = attention_mask[:, :, :, :num_keys]
-        allowed = (mask if mask.dtype == torch.bool else mask == 0).expand(batch_size, -1, num_queries, -1)[:, 0]
-    allowed = _pick(allowed.to(query.device), request.batch, request.rows, dim=1)
-    probabilities = attention_probabilities(queries, keys, scaling, allowed)
-    if request.columns is not None:
-        columns = request.columns.to(probabilities.device)
-        columns = columns.expand(probabilities.shape[0], -1) if columns.ndim == 1 else columns
-        probabilities = probabilities.gather(2, columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1))
-    request.probabilities = probabilities
-    if request.value_columns is not None:
-        values = _pick(value, request.batch, request.value_columns, dim=2)
-        request.value_norms = torch.linalg.vector_norm(values.float(), dim=(1, 3))
+        mask = attention_mask[:, :, :, :num_keys].expand(batch_size, -1, num_queries, -1)[:, 0]
+        mask = _pick(mask.to(query.device), request.batch, request.rows, dim=1).unsqueeze(1)
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, lowest)
+        else:
+            logits = (logits + mask.float()).clamp_min(lowest)
+    probabilities = logits.softmax(dim=-1).mean(dim=1)
+    if request.columns is None:
+        return probabilities
+    columns = request.columns.to(probabilities.device)
+    columns = columns.expand(probabilities.shape[0], -1) if columns.ndim == 1 else columns
+    return probabilities.gather(2, columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1))
 
 
 def _eager_function(module):
@@ -102,12 +143,38 @@ def _eager_function(module):
     return llama_eager_attention if hasattr(module, "num_key_value_groups") else clip_eager_attention
 
 
+def _attention_with_every_row(request: RowRequest, module, query, key, value, attention_mask, scaling, dropout):
+    """Eager attention (logits in the model's dtype, softmax in float32, as CLIP's and Llama's eager functions),
+    keeping the head-averaged probabilities for the request: when every row is asked for (attention rollout), the
+    layer's own probability matrix is the one scored, not a second one computed beside it."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if key.shape[1] != query.shape[1]:
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", False):
+        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+        attention_mask = causal.tril(key.shape[2] - query.shape[2])[None, None]
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[2]]
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min) if mask.dtype == torch.bool else logits + mask
+    probabilities = logits.softmax(dim=-1, dtype=torch.float32)
+    with torch.no_grad():
+        request.full = probabilities.mean(dim=1)
+    probabilities = F.dropout(probabilities.to(value.dtype), p=dropout, training=module.training)
+    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
+
+
 def _recording(base: str):
     def attention(module, query, key, value, attention_mask, *args, ivtp_rows: RowRequest | None = None, **kwargs):
+        if ivtp_rows is not None and ivtp_rows.every_row:
+            return _attention_with_every_row(
+                ivtp_rows, module, query, key, value, attention_mask, kwargs.get("scaling"), kwargs.get("dropout", 0.0)
+            )
         function = _eager_function(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         output = function(module, query, key, value, attention_mask, *args, **kwargs)
         if ivtp_rows is not None:
-            record_rows(ivtp_rows, module, query, key, value, attention_mask, kwargs.get("scaling"))
+            ivtp_rows.attach(module, query, key, value, attention_mask, kwargs.get("scaling"))
         return output
 
     attention.__name__ = f"ivtp_{base}_attention"

@@ -349,30 +349,13 @@ def _module_names(model: torch.nn.Module) -> dict[int, str]:
     return {id(module): (f"{root}.{name}" if name else root) for name, module in model.named_modules()}
 
 
-def scored_vision_attention_flops(config, num_images: int) -> int:
-    """FLOPs of the attention products (`QK^T` and `PV`, every head) of the vision layers that IVTP's stage 1 runs
-    itself (`_clip_layer_scored`), booked as FlopCounterMode books a layer's own `scaled_dot_product_attention`.
-
-    Those layers call their submodules but not their own forward, so their attention products run in no module and
-    FlopCounterMode cannot put them in the ViT part; the total counts them either way.
-    """
-    hidden = config.vision_config.hidden_size
-    counts = config.schedule["vision"] if config.schedule else []
-    flops = 0
-    tokens = 1 + config.num_patches  # CLS + patches
-    for (first, last), kept in zip(config.vision_layer_groups, counts):
-        flops += (last - first + 1) * 2 * (2 * tokens * tokens * hidden)
-        tokens = 1 + kept
-    return num_images * flops
-
-
 def part_breakdown(model: torch.nn.Module, counts: dict[str, int], text_tokens: int, num_images: int) -> Breakdown:
     """Split `count_forward`'s per-module counts into ViT / LLM / extra (see `Breakdown`).
 
     FlopCounterMode books an op under every module whose forward is running, so the parts sum modules that never
-    run inside each other: each vision and decoder layer's own forward (or, for the vision layers IVTP runs itself,
-    their submodules plus `scored_vision_attention_flops`), the LM head, the projector. Scoring calls a layer's
-    projections outside the layer's forward, so they land in no layer: they are in `extra`.
+    run inside each other: each vision and decoder layer's own forward, the LM head, the projector. Scoring reads
+    the rows it asked for after the layer has returned (`attention_rows.RowRequest`), so it lands in no layer: it is
+    in `extra`.
     """
     names = _module_names(model)
     config = model.config
@@ -395,8 +378,6 @@ def part_breakdown(model: torch.nn.Module, counts: dict[str, int], text_tokens: 
     is_ivtp = isinstance(model, LlavaIvtpForConditionalGeneration) and config.pruning_enabled
     vit = total([vision_tower.embeddings, getattr(vision_tower, "pre_layrnorm", None)])
     vit += sum(executed(layer) for layer in vision_layers[:feature_layers])
-    if is_ivtp:
-        vit += scored_vision_attention_flops(config, num_images)
     after_feature_layer = total(vision_layers[feature_layers:])
     llm = total([*language_model.layers, getattr(language_model, "rotary_emb", None), model.lm_head, model.model.multi_modal_projector])
     clip_text = executed(getattr(model, "clip_text_model", None))
@@ -711,7 +692,6 @@ __all__ = [
     "geometric_vision_schedule",
     "measure",
     "part_breakdown",
-    "scored_vision_attention_flops",
     "run",
     "visual_tokens_into_llm",
 ]

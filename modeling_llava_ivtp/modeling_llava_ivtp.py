@@ -1,10 +1,11 @@
-"""LLaVA-IVTP: `LlavaForConditionalGeneration` with IVTP's two-stage group-wise visual token pruning.
+"""LLaVA-IVTP: `LlavaForConditionalGeneration` with visual-token pruning -- the generic pruned-token runner.
 
 Adapted from transformers 5.23 `models/llava/modeling_llava.py` (the forward), `models/clip/modeling_clip.py`
 (`CLIPVisionModel.forward` and the `CLIPEncoder` loop) and `models/llama/modeling_llama.py` (the `LlamaModel`
-loop); IVTP changes marked "IVTP:". Stock layers run as they are, with the configured attention backend; the
-attention probabilities that scoring needs are computed beside them from the layers' own projections.
-"""
+loop). The stock layers run as they are; the method's rule is a pruner (`pruner_base.py`, one file per method) that
+the runner asks where to prune, and the attention rows it scores with come from the layers' own computation
+(`attention_rows.py`). The runner owns the token state, masks, rotary positions, the pruned KV cache, decoding,
+labels and outputs."""
 
 from __future__ import annotations
 
@@ -140,10 +141,13 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         self._use_recording_backends()
 
     def _use_recording_backends(self) -> None:
-        """The layers run with the recording twin of the configured backend (`"sdpa"` -> `"ivtp_sdpa"`: the same
-        function, which also answers a pruner's `RowRequest`; `attention_rows.py`). Configs save the stock name."""
+        """With pruning on, the layers run with the recording twin of the configured backend (`"sdpa"` ->
+        `"ivtp_sdpa"`: the same function, which also answers a pruner's `RowRequest`; `attention_rows.py`); with
+        pruning off, with the stock name, as stock Llava (eager's `output_attentions` included). Configs save the
+        stock name."""
+        mapping = recording_backend if self.config.pruning_enabled else base_backend
         for sub_config in (self.config, self.config.text_config, self.config.vision_config):
-            sub_config._attn_implementation_internal = recording_backend(sub_config._attn_implementation)
+            sub_config._attn_implementation_internal = mapping(sub_config._attn_implementation)
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """As [`PreTrainedModel.set_attn_implementation`], with the recording twins of `"sdpa"` and `"eager"`."""

@@ -229,8 +229,8 @@ def test_output_attentions_is_refused_the_same_way_by_argument_and_by_config(inp
     model = tiny_model(clip_text_encoder=TINY_CLIP_TEXT, attn_implementation="eager")  # sdpa configs refuse the flag
     with raises(ValueError, "`output_attentions`", "not supported"):
         model(**inputs, output_attentions=True)
-    model.config.output_attentions = True
-    with raises(ValueError, "`output_attentions`", "not supported"):
+    with raises(ValueError, "`output_attentions`", "not supported"):  # the layers run the recording twin of eager
+        model.config.output_attentions = True
         model(**inputs)
 
 

@@ -133,7 +133,7 @@ def test_stock_and_ivtp_hold_the_same_llava_weights(tiny_json):
     assert set(stock) == {key for key in ivtp if not key.startswith("clip_")}
     assert all(torch.equal(stock[key], ivtp[key]) for key in stock)
     assert set(eager) == set(ivtp) and all(torch.equal(eager[key], ivtp[key]) for key in ivtp)
-    assert models["ivtp_eager"].config._attn_implementation == "eager"
+    assert models["ivtp_eager"].config._attn_implementation == "ivtp_eager"  # eager, recording (attention_rows.py)
     assert models["stock_sdpa"].config._attn_implementation == "sdpa"
 
 

@@ -165,6 +165,11 @@ class IvtpConfig(LlavaConfig):
     def pruning_enabled(self) -> bool:
         return self.schedule is not None
 
+    @property
+    def pruning_method(self) -> str | None:
+        """The registered pruner the model runs (`pruner_base.PRUNERS`): `"ivtp"` with a schedule, else `None`."""
+        return "ivtp" if self.schedule is not None else None
+
     # --- validation -------------------------------------------------------------------------------------------
     def __setattr__(self, name, value):
         # IVTP's single-field rules hold on assignment too (`config.tau = nan`, `from_pretrained(path, tau=nan)`),

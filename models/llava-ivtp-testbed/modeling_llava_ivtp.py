@@ -1,18 +1,17 @@
-"""LLaVA-IVTP: `LlavaForConditionalGeneration` with IVTP's two-stage group-wise visual token pruning.
+"""LLaVA-IVTP: `LlavaForConditionalGeneration` with visual-token pruning -- the generic pruned-token runner.
 
 Adapted from transformers 5.23 `models/llava/modeling_llava.py` (the forward), `models/clip/modeling_clip.py`
 (`CLIPVisionModel.forward` and the `CLIPEncoder` loop) and `models/llama/modeling_llama.py` (the `LlamaModel`
-loop); IVTP changes marked "IVTP:". Stock layers run as they are, with the configured attention backend; the
-attention probabilities that scoring needs are computed beside them from the layers' own projections.
-"""
+loop). The stock layers run as they are; the method's rule is a pruner (`pruner_base.py`, one file per method) that
+the runner asks where to prune, and the attention rows it scores with come from the layers' own computation
+(`attention_rows.py`). The runner owns the token state, masks, rotary positions, the pruned KV cache, decoding,
+labels and outputs."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 from transformers import GenerationMixin, LlavaForConditionalGeneration
@@ -29,9 +28,13 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.utils import logging
 
+from .attention_rows import base_backend, recording_backend, records_rows
 from .cache_ivtp import IvtpCache
 from .configuration_llava_ivtp import IvtpConfig
-from .guidance_ivtp import build_clip_text_tower, clip_content_mask, clip_token_features
+from .guidance_ivtp import build_clip_text_tower
+from .pruner_base import PRUNERS, LlmView, PruneContext, Selection
+from .pruner_ivtp import final_clip_cls
+from .tokens_ivtp import TokenState, true_indices, unpack
 from .transformers_compat import (
     CACHE_ARG,
     cache_kwargs,
@@ -43,22 +46,13 @@ from .validation_ivtp import (
     check_guidance_shapes,
     check_output_requests,
     check_pixel_values,
+    check_placeholders,
     check_sequence_inputs,
     check_values,
     hidden_state_selection,
     read_rows,
     value_rows,
 )
-from .pruning_ivtp import (
-    attention_probabilities,
-    cosine_relevance,
-    pseudo_cls,
-    span_mean,
-    rollout_cls_row,
-    select_keep_indices,
-    token_scores,
-)
-
 
 logger = logging.get_logger(__name__)
 
@@ -107,173 +101,6 @@ class IvtpCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     pseudo_cls_tokens: torch.BoolTensor | None = None
 
 
-@dataclass
-class _TokenSet:
-    """The tokens one LLM layer sees, as gathers from the logical sequence (one row per sample).
-
-    `positions` index `input_ids` (-1: padding slot), `position_ids` are the rotary positions the tokens keep,
-    `attention_mask` is the 2-D padding mask gathered at the kept tokens, `is_visual` marks image tokens and
-    `patch_index` their patch (0..num_patches-1, -1 for non-visual tokens).
-    """
-
-    hidden_states: torch.Tensor
-    positions: torch.Tensor
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    is_visual: torch.Tensor
-    patch_index: torch.Tensor
-
-    def gather(self, index: torch.Tensor, slot_valid: torch.Tensor) -> _TokenSet:
-        hidden_index = index.unsqueeze(-1).expand(-1, -1, self.hidden_states.shape[-1])
-        return _TokenSet(
-            hidden_states=self.hidden_states.gather(1, hidden_index),
-            positions=self.positions.gather(1, index).masked_fill(~slot_valid, -1),
-            position_ids=self.position_ids.gather(1, index),
-            attention_mask=self.attention_mask.gather(1, index) & slot_valid,
-            is_visual=self.is_visual.gather(1, index) & slot_valid,
-            patch_index=self.patch_index.gather(1, index).masked_fill(~slot_valid, -1),
-        )
-
-    def append(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> _TokenSet:
-        """Append one token per sample at the end (the pseudo-CLS slot)."""
-        batch_size = hidden.shape[0]
-        column = torch.ones(batch_size, 1, dtype=torch.bool, device=hidden.device)
-        minus_one = torch.full((batch_size, 1), -1, dtype=torch.long, device=hidden.device)
-        return _TokenSet(
-            hidden_states=torch.cat([self.hidden_states, hidden.unsqueeze(1).to(self.hidden_states.dtype)], dim=1),
-            positions=torch.cat([self.positions, minus_one], dim=1),
-            position_ids=torch.cat([self.position_ids, position_ids.unsqueeze(1)], dim=1),
-            attention_mask=torch.cat([self.attention_mask, column], dim=1),
-            is_visual=torch.cat([self.is_visual, ~column], dim=1),
-            patch_index=torch.cat([self.patch_index, minus_one], dim=1),
-        )
-
-    def drop_last(self) -> _TokenSet:
-        return _TokenSet(*(tensor[:, :-1] for tensor in vars(self).values()))
-
-
-@dataclass
-class _VisualBlock:
-    """Stage-2 scoring layout of one segment, for the samples with an image (`image_rows`).
-
-    `visual_slots` `(images, V)` and `key_slots` `(keys,)` index the segment's token slots; `block_columns`
-    `(images, V + 1)` are the visual tokens and the pseudo-CLS in key coordinates, `row_slots` the same rows as
-    slots; `allowed` `(images, V + 1, keys)` says which keys each block row attends to; `cos`/`sin` are the rotary
-    embeddings at the keys, `row_cos`/`row_sin` at the rows.
-    """
-
-    image_rows: torch.Tensor
-    visual_slots: torch.Tensor
-    key_slots: torch.Tensor
-    block_columns: torch.Tensor
-    allowed: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    row_slots: torch.Tensor
-    row_cos: torch.Tensor
-    row_sin: torch.Tensor
-
-    def to(self, device: torch.device) -> _VisualBlock:
-        if self.cos.device == device:
-            return self
-        return _VisualBlock(*(tensor.to(device) for tensor in vars(self).values()))
-
-
-@dataclass
-class _HostLayout:
-    """Where each sample's tokens sit in the packed token sets, known on the host.
-
-    Read from the device once per prefill (each sample's image placeholders and the index of its last one); every
-    row length, padding and slot bound of the pruning loop follows from these and the schedule's counts, so the
-    loop never waits for the device to size a tensor. Rows are left-padded to the longest (`_pack_rows`).
-
-    `pads[b]` is the number of slots before sample `b`'s first token (its own input padding tokens are tokens),
-    `length` the slots per row and `visual` the visual tokens each sample with an image holds now.
-    """
-
-    num_patches: int
-    has_image: list[bool]
-    last_placeholder: list[int]
-    length: int
-    pads: list[int]
-    visual: int
-
-    @classmethod
-    def entering_llm(cls, sequence_length: int, num_patches: int, placeholders: list[int], last_placeholder: list[int],
-                     kept_per_image: int) -> _HostLayout:
-        """The tokens that enter the LLM: every non-image token, `kept_per_image` placeholders of each image."""
-        counts = [sequence_length - count + (count // num_patches) * kept_per_image for count in placeholders]
-        length = max(counts)
-        return cls(num_patches, [count > 0 for count in placeholders], last_placeholder, length,
-                   [length - count for count in counts], kept_per_image)
-
-    @property
-    def image_rows(self) -> list[int]:
-        return [row for row, has_image in enumerate(self.has_image) if has_image]
-
-    def append_slot(self) -> _HostLayout:
-        """One more slot at the end of every row (the pseudo-CLS)."""
-        return replace(self, length=self.length + 1)
-
-    def drop_last_slot(self) -> _HostLayout:
-        return replace(self, length=self.length - 1)
-
-    def visual_end(self) -> int:
-        """One past the last slot, over the samples with an image, that can hold a visual token: the tokens kept up
-        to each sample's last placeholder. Exact when an image's placeholders are contiguous (the processor's
-        layout); otherwise a bound, and the scoring's mask excludes the text slots in between."""
-        return max(
-            pad + last + 1 - self.num_patches + self.visual
-            for pad, last, has_image in zip(self.pads, self.last_placeholder, self.has_image)
-            if has_image
-        )
-
-    def keep_visual(self, kept: int) -> _HostLayout:
-        """After a stage-2 group that keeps `kept` visual tokens of each image; every other slot stays (the
-        padding slots of shorter rows too), so rows without an image keep their length."""
-        counts = [self.length - (self.visual - kept if has_image else 0) for has_image in self.has_image]
-        length = max(counts)
-        return replace(
-            self, length=length, pads=[pad + length - count for pad, count in zip(self.pads, counts)], visual=kept
-        )
-
-
-def _unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor, length: int, fill):
-    """Put `(batch, kept)` values of packed slots back at their `(batch, length)` input positions, `fill` elsewhere."""
-    if values is None:
-        return None
-    # Padding slots write to a spare last column, which is cut off (a scatter: no wait for the device).
-    target = torch.where(slot_valid, index, length).to(values.device)
-    out = torch.full((values.shape[0], length + 1), fill, dtype=values.dtype, device=values.device)
-    return out.scatter(1, target, values)[:, :length]
-
-
-def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `True` entries of each row of `mask`, in order, `(rows, count)`: every row has exactly `count`.
-
-    `nonzero` would wait for the device to learn the size; the size is known here, so the ranks are scattered.
-    """
-    rows, length = mask.shape
-    rank = torch.where(mask, mask.long().cumsum(dim=1) - 1, count)  # non-True entries go to a spare column
-    slots = torch.arange(length, device=mask.device).expand(rows, -1)
-    out = torch.zeros(rows, count + 1, dtype=torch.long, device=mask.device)
-    return out.scatter(1, rank, slots)[:, :count]
-
-
-def _pack_rows(keep: torch.Tensor, max_kept: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the `True` entries of each row of `keep`, in order, right-aligned (left-padded) to one length.
-
-    `max_kept` is the largest row count (known on the host from the layout: counting here would wait for the
-    device). Returns `(index, slot_valid)`, both `(batch, max_kept)`; padding slots point at index 0, not valid.
-    """
-    sequence_length = keep.shape[1]
-    order = torch.arange(sequence_length, device=keep.device).expand_as(keep)
-    marked = torch.where(keep, order, torch.full_like(order, -1))
-    packed = marked.sort(dim=1).values[:, sequence_length - max_kept :]
-    slot_valid = packed >= 0
-    return packed.clamp_min(0), slot_valid
-
-
 # The modules IVTP adds to Llava (instruction guidance); llava-hf checkpoints lack them.
 CLIP_PARTS = ("clip_text_model.", "clip_visual_projection.")
 
@@ -311,8 +138,23 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             self.clip_text_model.requires_grad_(False)
             self.clip_visual_projection.requires_grad_(False)
             self.clip_text_model.eval()
-        if config.pruning_enabled and config.schedule["llm"]:
-            self._check_llm_supports_scoring()
+        self._use_recording_backends()
+
+    def _use_recording_backends(self) -> None:
+        """With pruning on, the layers run with the recording twin of the configured backend (`"sdpa"` ->
+        `"ivtp_sdpa"`: the same function, which also answers a pruner's `RowRequest`; `attention_rows.py`); with
+        pruning off, with the stock name, as stock Llava (eager's `output_attentions` included). Configs save the
+        stock name."""
+        mapping = recording_backend if self.config.pruning_enabled else base_backend
+        for sub_config in (self.config, self.config.text_config, self.config.vision_config):
+            sub_config._attn_implementation_internal = mapping(sub_config._attn_implementation)
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """As [`PreTrainedModel.set_attn_implementation`], with the recording twins of `"sdpa"` and `"eager"`."""
+        if isinstance(attn_implementation, str):
+            attn_implementation = base_backend(attn_implementation)
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self._use_recording_backends()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -372,33 +214,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
     # ------------------------------------------------------------------------------------------------------------
     # Checks
     # ------------------------------------------------------------------------------------------------------------
-    def _check_llm_supports_scoring(self) -> None:
-        """Stage 2 computes queries and keys with the decoder layers' own modules; say clearly when it cannot."""
-        language_model = self.model.language_model
-        layer = language_model.layers[0]
-        attention = getattr(layer, "self_attn", None)
-        needed = ["q_proj", "k_proj", "v_proj", "head_dim", "scaling", "num_key_value_groups"]
-        missing = [name for name in needed if attention is None or not hasattr(attention, name)]
-        if not hasattr(layer, "input_layernorm"):
-            missing.append("input_layernorm")
-        if not hasattr(language_model, "rotary_emb"):
-            missing.append("rotary_emb")
-        if attention is not None and (hasattr(attention, "q_norm") or hasattr(attention, "k_norm")):
-            missing.append("(no q_norm/k_norm)")
-        if self._rotary_function() is None:
-            missing.append("apply_rotary_pos_emb")
-        if missing:
-            raise ValueError(
-                f"IVTP stage 2 supports Llama-style decoders (LLaVA-1.5's Vicuna); text_config.model_type="
-                f"{self.config.text_config.model_type!r} lacks {missing}. Use schedule['llm'] = [] for vision-only "
-                "pruning."
-            )
-
-    def _rotary_function(self):
-        """The decoder's own `apply_rotary_pos_emb`, from the module that defines its attention class."""
-        attention = self.model.language_model.layers[0].self_attn
-        return getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-
     def _check_prunable_inputs(self, vision_feature_layer, vision_feature_select_strategy, kwargs):
         if vision_feature_layer is not None and vision_feature_layer != self.config.vision_feature_layer:
             raise ValueError(
@@ -416,14 +231,15 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         for name in ("image_sizes", "mm_encoder_outputs"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"`{name}` is not supported with IVTP pruning: pass `pixel_values` (LLaVA-1.5 images).")
-        attn_implementation = self.config.text_config._attn_implementation or ""
-        if self.config.schedule["llm"] and attn_implementation not in STAGE_2_ATTENTION:
-            raise ValueError(
-                f"IVTP stage 2 isolates its pseudo-CLS with a 4-D mask; text_config._attn_implementation="
-                f"{attn_implementation!r} is not one of {STAGE_2_ATTENTION} (flash-attention takes no 4-D mask, and "
-                "flex attention has not been tested). Load the model with attn_implementation='sdpa' (or 'eager'), "
-                "or use schedule['llm'] = [] for vision-only pruning."
-            )
+        for name in ("vision_config", "text_config"):
+            attn_implementation = getattr(self.config, name)._attn_implementation
+            if not records_rows(attn_implementation):
+                raise ValueError(
+                    f"Pruning reads attention rows from the layers' own computation and passes 4-D masks; {name}."
+                    f"_attn_implementation={base_backend(attn_implementation)!r} is not one of {STAGE_2_ATTENTION} "
+                    "(flash-attention takes no 4-D mask, and flex attention has not been tested). Load the model "
+                    "with attn_implementation='sdpa' (or 'eager')."
+                )
 
     # ------------------------------------------------------------------------------------------------------------
     # Forward
@@ -466,6 +282,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         return_dict = kwargs.pop("return_dict", None)
         config = self.config
         config.check_ivtp()  # fields edited after construction are checked before they are used
+        self._use_recording_backends()  # `config._attn_implementation = "sdpa"` set after construction
         pruned_cache = isinstance(cache, IvtpCache) and cache.is_pruned
         pruning = config.pruning_enabled and (pixel_values is not None or pruned_cache)
         if config.pruning_enabled and pixel_values is not None:
@@ -483,8 +300,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         selection = hidden_state_selection(request, config.text_config.num_hidden_layers)
         if pruning:
             check_output_requests(config, kwargs)
-            if config.schedule["llm"]:
-                self._check_llm_supports_scoring()
         # IVTP: steps after a pruned prefill attend to the pruned cache, each layer to the tokens it holds.
         if pixel_values is None and pruned_cache:
             given = [name for name, value in guidance.items() if value is not None]
@@ -600,20 +415,17 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             )
 
     def _read_layout(self, image_mask: torch.Tensor, attention_mask: torch.Tensor, input_ids, guidance: dict):
-        """What the host needs of a batch, in one read from the device: per sample, its image placeholders and the
-        index of its last one (-1: none), and whether every token is attended. The input values are checked in the
-        same read (`value_rows`: token and CLIP ids, spans)."""
-        sequence_length = image_mask.shape[1]
-        order = torch.arange(sequence_length, device=image_mask.device)
+        """What the host needs of a batch, in one read from the device: per sample, its image placeholders, and
+        whether every token is attended. The input values are checked in the same read (`value_rows`: token and
+        CLIP ids, spans)."""
         rows = {
             "placeholders": image_mask.sum(dim=1),
-            "last_placeholder": torch.where(image_mask, order, -1).amax(dim=1),
             "fully_attended": attention_mask.all(dim=1).long(),
             **value_rows(input_ids, guidance, image_mask.device),
         }
-        facts = read_rows(rows)  # IVTP: the one host read of a pruned prefill
+        facts = read_rows(rows)  # the one host read of a pruned prefill
         check_values(self.config, facts, guidance)
-        return facts["placeholders"], facts["last_placeholder"], all(facts["fully_attended"])
+        return facts["placeholders"], all(facts["fully_attended"])
 
     def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if input_ids is not None:
@@ -624,140 +436,71 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         return (inputs_embeds == image_embedding).all(dim=-1)
 
     def _forward_pruned(
-        self,
-        input_ids,
-        pixel_values,
-        attention_mask,
-        position_ids,
-        cache,
-        inputs_embeds,
-        labels,
-        logits_to_keep,
-        guidance,
-        use_cache,
-        **kwargs,
+        self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, logits_to_keep,
+        guidance, use_cache, **kwargs,
     ) -> IvtpCausalLMOutputWithPast:
         config = self.config
         image_mask = self._image_token_mask(input_ids, inputs_embeds)
-        batch_size, sequence_length = image_mask.shape
+        sequence_length = image_mask.shape[1]
         num_patches = config.num_patches
-        placeholders = image_mask.sum(dim=1)
-        images_per_sample = placeholders // num_patches
+        images_per_sample = image_mask.sum(dim=1) // num_patches
         full_attention_mask = (
             torch.ones_like(image_mask) if attention_mask is None else attention_mask.to(image_mask.device).bool()
         )
-        # IVTP: the prefill's one wait for the device: each sample's placeholders and layout (see `_HostLayout`).
-        placeholder_counts, last_placeholder, fully_attended = self._read_layout(
+        # The prefill's one wait for the device: each sample's placeholders and layout (see `TokenState`).
+        placeholder_counts, fully_attended = self._read_layout(
             image_mask, full_attention_mask, input_ids, guidance
         )
-        if any(count % num_patches for count in placeholder_counts) or (
-            sum(count // num_patches for count in placeholder_counts) != pixel_values.shape[0]
-        ):
-            raise ValueError(
-                f"Each image needs exactly {num_patches} image placeholder tokens (id {config.image_token_id}): got "
-                f"{placeholder_counts} placeholders per sample for {pixel_values.shape[0]} images. Use the "
-                "model's processor, which expands `<image>` to the right count."
-            )
-        if config.schedule["llm"] and any(count > num_patches for count in placeholder_counts):
-            raise ValueError(
-                "IVTP stage 2 prunes one image per sample (one pseudo-CLS per image block); got "
-                f"{[count // num_patches for count in placeholder_counts]} images per sample. Use schedule['llm'] = "
-                "[] for several images."
-            )
+        context = PruneContext(model=self, guidance=guidance, images_per_sample=images_per_sample)
+        pruner = PRUNERS[config.pruning_method](config, context)
+        check_placeholders(config, placeholder_counts, pixel_values.shape[0], llm_site=bool(pruner.llm_prune_layers()))
 
-        # IVTP stage 1: group-wise token pruning in the vision tower.
-        vision = self._prune_vision_tower(pixel_values)
+        vision = self._run_vision_tower(pixel_values, pruner)
         image_features = self.model.multi_modal_projector(vision["patch_hidden_states"])
-        visual_cls = self.model.multi_modal_projector(vision["cls_hidden_state"])
+        context.vision, context.visual_cls = vision, self.model.multi_modal_projector(vision["cls_hidden_state"])
+        selection = pruner.on_projected(image_features)
+        if selection is not None:
+            image_features = _apply_selection(image_features, selection)
+            vision["keep_indices"] = vision["keep_indices"].gather(1, selection.keep.to(vision["keep_indices"].device))
 
-        # The tokens that enter the LLM: every non-image token, and the placeholders of the kept patches.
-        with record_function("ivtp/llm_entry_selection"):  # profiler label only (llava-ivtp bench)
-            placeholder_rank = image_mask.long().cumsum(dim=1) - 1
-            patch_of_token = torch.where(
-                image_mask, placeholder_rank % num_patches, torch.full_like(placeholder_rank, -1)
-            )
-            image_of_token = torch.where(image_mask, placeholder_rank // num_patches, torch.zeros_like(placeholder_rank))
-            image_offset = torch.cumsum(images_per_sample, dim=0) - images_per_sample
-            global_image = (image_of_token + image_offset.unsqueeze(1)).clamp_max(pixel_values.shape[0] - 1)
-            kept_patch = torch.zeros(pixel_values.shape[0], num_patches, dtype=torch.bool, device=image_mask.device)
-            kept_patch.scatter_(1, vision["keep_indices"].to(image_mask.device), True)
-            keep = ~image_mask | kept_patch[global_image, patch_of_token.clamp_min(0)]
-            layout = _HostLayout.entering_llm(
-                sequence_length, num_patches, placeholder_counts, last_placeholder, vision["keep_indices"].shape[1]
-            )
-            index, slot_valid = _pack_rows(keep, layout.length)
-
-        if inputs_embeds is None:
-            token_embeds = self.get_input_embeddings()(input_ids.gather(1, index))
-        else:
-            token_embeds = inputs_embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
-        if position_ids is None:
-            position_ids = torch.arange(sequence_length, device=image_mask.device).unsqueeze(0)
-        logical = _TokenSet(
-            hidden_states=token_embeds.new_zeros(batch_size, sequence_length, 0),
-            positions=torch.arange(sequence_length, device=image_mask.device).expand(batch_size, -1),
-            position_ids=position_ids.to(image_mask.device).expand(batch_size, -1),
-            attention_mask=full_attention_mask,
-            is_visual=image_mask,
-            patch_index=patch_of_token,
+        tokens, index, slot_valid = self._enter_llm(
+            image_mask, vision["keep_indices"], image_features, input_ids, inputs_embeds, position_ids,
+            full_attention_mask, placeholder_counts,
         )
-        tokens = logical.gather(index, slot_valid)
-        is_visual = tokens.is_visual.unsqueeze(-1)
-        tokens.hidden_states = token_embeds.masked_scatter(
-            is_visual, image_features.to(token_embeds.dtype).reshape(-1, token_embeds.shape[-1])
-        )
-
-        # IVTP stage 2: the pseudo-CLS (eq. 5-8), over the kept tokens (instruction tokens are text: always kept).
-        relevance, selected = None, None
-        if config.schedule["llm"]:
-            with record_function("ivtp/guidance"):
-                packed_guidance = {
-                    name: None if value is None else value.to(index.device).gather(
-                        1, index.view(*index.shape, *[1] * (value.ndim - 2)).expand(-1, -1, *value.shape[2:])
-                    )
-                    for name, value in guidance.items()
-                    if name in SEQUENCE_GUIDANCE_INPUTS
-                }
-                packed_guidance["clip_input_ids"] = guidance["clip_input_ids"]
-                if packed_guidance["instruction_mask"] is not None:
-                    packed_guidance["instruction_mask"] = packed_guidance["instruction_mask"].bool() & slot_valid
-                relevance, selected = self._instruction_relevance(
-                    tokens.hidden_states, vision, visual_cls, images_per_sample, packed_guidance
-                )
-        with record_function("ivtp/pseudo_cls"):
-            pseudo = pseudo_cls(
-                tokens.hidden_states, selected, fallback=self._sample_visual_cls(visual_cls, images_per_sample)
+        with record_function("ivtp/guidance"):
+            context.packed_guidance = _pack_guidance(guidance, index, slot_valid)
+            logical_position_ids = (
+                torch.arange(sequence_length, device=image_mask.device).unsqueeze(0) if position_ids is None
+                else position_ids.to(image_mask.device)
+            ).expand(image_mask.shape[0], -1)
+            image_end = torch.where(image_mask, logical_position_ids, -1).amax(dim=1) + 1
+            context.image_end_position = torch.where(
+                images_per_sample > 0, image_end, logical_position_ids.amax(dim=1) + 1
             )
-            # Position of the pseudo-CLS: right after its image block (the first text position after the image).
-            pseudo_position = torch.where(image_mask, logical.position_ids, -1).amax(dim=1) + 1
-            pseudo_position = torch.where(images_per_sample > 0, pseudo_position, logical.position_ids.amax(dim=1) + 1)
 
         if not use_cache:
             cache = None
         elif cache is None:
             cache = IvtpCache(config=config.text_config)
-
         hidden_states, tokens, llm_keep, llm_counts, all_hidden = self._run_language_model(
-            tokens, layout, fully_attended, images_per_sample > 0, pseudo, pseudo_position, cache, use_cache,
-            **kwargs,
+            tokens, fully_attended, images_per_sample > 0, pruner, cache, use_cache, **kwargs
         )
         if use_cache:
             cache.set_logical_length(sequence_length)
 
-        kept_positions = tokens.positions
         hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
         logits = self.lm_head(hidden_states)
-        kept_positions = slice_logits_to_keep(kept_positions.unsqueeze(-1), logits_to_keep)[..., 0]
-
+        kept_positions = slice_logits_to_keep(tokens.positions.unsqueeze(-1), logits_to_keep)[..., 0]
         loss = None
         if labels is not None:
-            # IVTP: labels at the kept positions (pruned positions are image tokens); padding slots are ignored.
+            # Labels at the kept positions (pruned positions are image tokens); padding slots are ignored.
             kept_labels = labels.to(kept_positions.device).gather(1, kept_positions.clamp_min(0))
             kept_labels = kept_labels.masked_fill(kept_positions < 0, -100)
             loss = self.loss_function(
                 logits=logits, labels=kept_labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-
+        extra = {name: unpack(values, index, slot_valid, sequence_length, fill)
+                 for name, (values, fill) in pruner.outputs().items()}
         return IvtpCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -770,106 +513,73 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             vision_token_counts=vision["counts"],
             # Read last, once the whole forward is queued on the device.
             llm_token_counts=tuple(torch.stack(llm_counts).tolist()) if llm_counts else (),
-            instruction_relevance=_unpack(relevance, index, slot_valid, sequence_length, float("nan")),
-            pseudo_cls_tokens=_unpack(selected, index, slot_valid, sequence_length, False),
+            **extra,
         )
 
-    def _instruction_relevance(self, embeddings, vision: dict, visual_cls, images_per_sample, guidance: dict):
-        """Relevance of each kept token and the tokens eq. 8 averages, by `config.guidance` (paper Table 6).
-
-        Returns `(relevance, selected)`, `(batch, kept)` each, or `(None, None)` when the pseudo-CLS is the visual
-        CLS (mode `"visual_cls"`, or the mode's inputs are missing: warned once, naming them).
-        """
-        config = self.config
-        mode = config.guidance
-        if mode == "visual_cls":
-            return None, None
-        needed = {
-            "instruction_mean": ["instruction_mask"],
-            "embedding_relevance": ["instruction_mask"],
-            "clip_relevance": ["instruction_mask", "clip_input_ids", "clip_token_spans"],
-        }[mode]
-        missing = [name for name in needed if guidance[name] is None]
-        if mode == "clip_relevance" and getattr(self, "clip_text_model", None) is None:
-            missing.append("config.clip_text_encoder (the CLIP text tower)")
-        if missing:
-            logger.warning_once(
-                f"IVTP guidance {mode!r} needs {missing}, which were not given; stage 2 prunes with the visual CLS as "
-                "the pseudo-CLS. Use LlavaIvtpProcessor to get the guidance inputs."
+    def _enter_llm(self, image_mask, keep_indices, image_features, input_ids, inputs_embeds, position_ids,
+                   attention_mask, placeholder_counts):
+        """The tokens that enter the LLM: every non-image token, and the placeholders of the kept patches, which
+        take the image features. Returns the token state and its packing `(index, slot_valid)` of the sequence."""
+        batch_size, sequence_length = image_mask.shape
+        num_patches, num_images = self.config.num_patches, keep_indices.shape[0]
+        device = image_mask.device
+        with record_function("ivtp/llm_entry_selection"):  # profiler label only (llava-ivtp bench)
+            placeholder_rank = image_mask.long().cumsum(dim=1) - 1
+            patch_of_token = torch.where(image_mask, placeholder_rank % num_patches, -1)
+            image_of_token = torch.where(image_mask, placeholder_rank // num_patches, 0)
+            images_per_sample = image_mask.sum(dim=1) // num_patches
+            image_offset = torch.cumsum(images_per_sample, dim=0) - images_per_sample
+            global_image = (image_of_token + image_offset.unsqueeze(1)).clamp_max(num_images - 1)
+            kept_patch = torch.zeros(num_images, num_patches, dtype=torch.bool, device=device)
+            kept_patch.scatter_(1, keep_indices.to(device), True)
+            keep = ~image_mask | kept_patch[global_image, patch_of_token.clamp_min(0)]
+            if position_ids is None:
+                position_ids = torch.arange(sequence_length, device=device).unsqueeze(0)
+            logical = {
+                "hidden_states": image_mask.new_zeros(batch_size, sequence_length, 0, dtype=torch.float32),
+                "positions": torch.arange(sequence_length, device=device).expand(batch_size, -1),
+                "position_ids": position_ids.to(device).expand(batch_size, -1),
+                "attention_mask": attention_mask,
+                "is_visual": image_mask,
+                "patch_index": patch_of_token,
+            }
+            tokens, index, slot_valid = TokenState.entering_llm(
+                logical, keep, placeholder_counts, num_patches, keep_indices.shape[1]
             )
-            return None, None
-        instruction = guidance["instruction_mask"]
-        if mode == "instruction_mean":
-            return None, instruction
-        if mode == "embedding_relevance":
-            reference = self._sample_visual_cls(visual_cls, images_per_sample)
-            relevance = cosine_relevance(embeddings, reference)
-            relevance = torch.where(instruction, relevance, torch.full_like(relevance, float("nan")))
-            return relevance, instruction & (relevance >= config.tau)
-        with torch.no_grad():
-            with record_function("ivtp/guidance/clip_image_embedding"):
-                image_embedding = self.clip_visual_projection(
-                    self.final_clip_cls(vision["feature_layer_hidden_states"])
-                )
-            clip_input_ids = guidance["clip_input_ids"].to(image_embedding.device)
-            with record_function("ivtp/guidance/clip_text_tower"):
-                text_features = clip_token_features(self.clip_text_model, clip_input_ids)
-            reference = self._sample_visual_cls(image_embedding, images_per_sample.to(image_embedding.device))
-            clip_relevance = cosine_relevance(text_features, reference.to(text_features.dtype))  # eq. 6
-            relevance, has_relevance = span_mean(  # eq. 7
-                clip_relevance, clip_content_mask(clip_input_ids), guidance["clip_token_spans"].to(clip_relevance.device)
-            )
-        relevance, has_relevance = relevance.to(instruction.device), has_relevance.to(instruction.device)
-        has_relevance = has_relevance & instruction
-        relevance = torch.where(has_relevance, relevance, torch.full_like(relevance, float("nan")))
-        return relevance, has_relevance & (relevance >= config.tau)
-
-    @staticmethod
-    def _sample_visual_cls(visual_cls: torch.Tensor, images_per_sample: torch.Tensor) -> torch.Tensor:
-        """The projected visual CLS of each sample's (only) image; zeros for samples without an image."""
-        has_image = images_per_sample > 0
-        first_image = (torch.cumsum(images_per_sample, dim=0) - images_per_sample).clamp_max(visual_cls.shape[0] - 1)
-        picked = visual_cls[first_image.to(visual_cls.device)]
-        return picked * has_image.to(picked.device, picked.dtype).unsqueeze(-1)
+        if inputs_embeds is None:
+            token_embeds = self.get_input_embeddings()(input_ids.gather(1, index))
+        else:
+            token_embeds = inputs_embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
+        hidden_states = token_embeds.masked_scatter(
+            tokens.is_visual.unsqueeze(-1), image_features.to(token_embeds.dtype).reshape(-1, token_embeds.shape[-1])
+        )
+        return replace(tokens, hidden_states=hidden_states), index, slot_valid
 
     # ------------------------------------------------------------------------------------------------------------
-    # Stage 1: the vision tower
+    # Site 1: the vision tower
     # ------------------------------------------------------------------------------------------------------------
-    def _prune_vision_tower(self, pixel_values: torch.Tensor) -> dict:
-        """Run the CLIP encoder up to the feature layer, pruning patches at the top layer of each group.
+    def _run_vision_tower(self, pixel_values: torch.Tensor, pruner) -> dict:
+        """Run the CLIP encoder up to the feature layer; the pruner may select patches after any layer.
 
-        Adapted from transformers 5.23 `CLIPVisionModel.forward` / `CLIPEncoder.forward`.
+        Adapted from transformers 5.23 `CLIPVisionModel.forward` / `CLIPEncoder.forward`: the stock layers run with
+        the configured backend; a layer the pruner asks rows of also records them (`attention_rows.py`).
         """
         vision_tower = self.model.vision_tower
-        hidden_states = vision_tower.embeddings(pixel_values)
-        hidden_states = vision_tower.pre_layrnorm(hidden_states)
+        hidden_states = vision_tower.pre_layrnorm(vision_tower.embeddings(pixel_values))
         num_images = hidden_states.shape[0]
         keep_indices = torch.arange(self.config.num_patches, device=hidden_states.device).expand(num_images, -1)
-        layers = vision_tower.encoder.layers
-        counts = self.config.schedule["vision"]
-        groups = self.config.vision_layer_groups
-        if not counts:  # IVTP: stage 1 off -- run the feature layers unpruned.
-            for layer in layers[: groups[-1][1] + 1]:
-                hidden_states = layer(hidden_states, None)
         kept_counts = []
-        for (first, last), num_keep in zip(groups, counts):
-            lower_attentions = []
-            for layer_idx in range(first, last + 1):
-                if layer_idx < last:  # lower layers: the full attention matrix (rows: every token)
-                    hidden_states, attention = _clip_layer_scored(layers[layer_idx], hidden_states, top=False)
-                    lower_attentions.append(attention)
-                else:  # top layer: only the CLS row, and the value norms of eq. 4
-                    hidden_states, (top_cls_row, value_norms) = _clip_layer_scored(
-                        layers[layer_idx], hidden_states, top=True
-                    )
-            with torch.no_grad(), record_function("ivtp/vision_scoring"):  # profiler label only
-                rollout = rollout_cls_row(top_cls_row, lower_attentions, cls_index=0)  # eq. 3
-                scores = token_scores(rollout[:, 1:], value_norms[:, 1:])  # eq. 4, CLS excluded
-                keep = select_keep_indices(scores, num_keep)
+        feature_layers = self.config.vision_layer_groups[-1][1] + 1
+        for layer_idx, layer in enumerate(vision_tower.encoder.layers[:feature_layers]):
+            request = pruner.vision_request(layer_idx, num_images, hidden_states.shape[1])
+            hidden_states = layer(hidden_states, None, **_rows_kwarg(request))
+            selection = pruner.after_vision_layer(layer_idx, hidden_states, request)
+            if selection is None:
+                continue
             with record_function("ivtp/vision_selection"):
-                patches = hidden_states[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+                patches = _apply_selection(hidden_states[:, 1:], selection)
                 hidden_states = torch.cat([hidden_states[:, :1], patches], dim=1)  # CLS always kept, order kept
-                keep_indices = keep_indices.gather(1, keep)
+                keep_indices = keep_indices.gather(1, selection.keep.to(keep_indices.device))
             kept_counts.append(hidden_states.shape[1] - 1)
         return {
             "patch_hidden_states": hidden_states[:, 1:],
@@ -880,153 +590,85 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         }
 
     def final_clip_cls(self, feature_layer_hidden_states: torch.Tensor) -> torch.Tensor:
-        """The vision tower's final CLS (after its last layer and `post_layernorm`) from the feature layer's output.
-
-        The layers between the feature layer and the last one run on the kept tokens; the last layer computes only
-        its CLS query row -- never a second vision pass.
-
-        Args:
-            feature_layer_hidden_states: `(num_images, 1 + kept, hidden)`, CLS first.
-
-        Returns:
-            `(num_images, hidden)`.
-        """
-        vision_tower = self.model.vision_tower
-        layers = vision_tower.encoder.layers
-        first_unrun = self.config.vision_layer_groups[-1][1] + 1
-        hidden_states = feature_layer_hidden_states
-        for layer in layers[first_unrun:-1]:
-            hidden_states = layer(hidden_states, None)
-        if first_unrun < len(layers):
-            hidden_states = _clip_layer_cls_row(layers[-1], hidden_states)
-        return vision_tower.post_layernorm(hidden_states[:, 0])
+        """The vision tower's final CLS from the feature layer's output (`pruner_ivtp.final_clip_cls`)."""
+        return final_clip_cls(self, feature_layer_hidden_states)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Stage 2: the language model
+    # Site 3: the language model
     # ------------------------------------------------------------------------------------------------------------
-    def _run_language_model(
-        self,
-        tokens: _TokenSet,
-        layout: _HostLayout,
-        fully_attended: bool,
-        has_image: torch.Tensor,
-        pseudo: torch.Tensor,
-        pseudo_position: torch.Tensor,
-        cache,
-        use_cache,
-        **kwargs,
-    ):
+    def _run_language_model(self, tokens: TokenState, fully_attended, has_image, pruner, cache, use_cache, **kwargs):
         """The decoder loop of `LlamaModel.forward` over pruned token sets (adapted from transformers 5.23).
 
-        Layers are run in segments that see one token set: each stage-2 group, then the remaining layers. Sizes come
-        from `layout` (host-side), so the loop does not wait for the device; `fully_attended` says the input had no
-        padding; `has_image` is the device-side twin of `layout.has_image` (copying host values to a GPU would wait
-        for it). Returns the kept counts as device tensors, which the caller reads once the forward is queued.
+        Layers run in segments that see one token set: up to each pruning layer, then the rest. Sizes come from the
+        token state's host fields, so the loop does not wait for the device; `fully_attended` says the input had no
+        padding; `has_image` is the device twin of `tokens.has_image`. Returns the kept counts as device tensors,
+        which the caller reads once the forward is queued.
         """
-        config = self.config
         language_model = self.model.language_model
         output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
-        groups = config.llm_layer_groups
         device = tokens.hidden_states.device
         has_image = has_image.to(device)
-        if groups:
-            # IVTP: the pseudo-CLS slot sits after every real token, so causality alone keeps real tokens from
-            # attending to it; its mask row lets it see the tokens up to its image (and itself).
-            with record_function("ivtp/llm_selection"):  # profiler label only (llava-ivtp bench)
-                tokens = tokens.append(pseudo, pseudo_position.to(tokens.position_ids.device))
-                layout = layout.append_slot()
-        segments = self._llm_segments()
-
+        prune_layers = pruner.llm_prune_layers()
+        any_image = bool(prune_layers) and any(tokens.has_image)
+        image_rows = true_indices(has_image.unsqueeze(0), len(tokens.image_rows))[0] if any_image else None
+        probe = pruner.llm_probe(tokens) if prune_layers else None
+        if probe is not None:  # it sits after every real token: causality keeps them from attending to it
+            with record_function("ivtp/llm_selection"):
+                tokens = tokens.append_probe(*probe)
         all_hidden = () if output_hidden_states else None
         llm_keep, kept_counts = [], []
-        any_image = bool(groups) and any(layout.has_image)
-        image_rows = _true_indices(has_image.unsqueeze(0), len(layout.image_rows))[0] if any_image else None
-        for segment_index, (first, last, prunes) in enumerate(segments):
+        for first, last in _segments(prune_layers, self.config.text_config.num_hidden_layers):
             with record_function("ivtp/segment_setup"):  # a mask and rotary table per segment (stock: one)
                 # Without padding slots or input padding the 2-D mask is all ones: leave it out (nothing to read).
-                unpadded = fully_attended and not any(layout.pads)
-                mask = self._segment_mask(tokens, cache, first, with_pseudo=prunes, unpadded=unpadded)
-                position_embeddings = language_model.rotary_emb(
-                    tokens.hidden_states, position_ids=tokens.position_ids
-                )
-            hidden_states = tokens.hidden_states
-            scoring = prunes and any_image
-            if scoring:
-                with torch.no_grad(), record_function("ivtp/llm_scoring"):
-                    block = self._visual_block(tokens, image_rows, layout.visual, layout.visual_end())
-            lower_attentions = []
-            held = tokens.positions[:, :-1] if prunes else tokens.positions  # one record shared by the segment
+                mask = self._segment_mask(tokens, cache, first, unpadded=fully_attended and not any(tokens.pads))
+                position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
+            view = LlmView(tokens, image_rows, tokens.visual_slots(image_rows)) if any_image else None
+            held = tokens.positions[:, :-1] if tokens.probe else tokens.positions  # one record shared by the segment
+            hidden_states, selection = tokens.hidden_states, None
             for layer_idx in range(first, last + 1):
-                layer = language_model.layers[layer_idx]
                 if output_hidden_states:
-                    all_hidden += (hidden_states[:, :-1] if prunes else hidden_states,)
-                layer_input = hidden_states
-                hidden_states = layer(
-                    hidden_states,
-                    attention_mask=mask,
-                    position_ids=tokens.position_ids,
-                    **cache_kwargs(cache),
-                    use_cache=use_cache,
-                    position_embeddings=position_embeddings,
-                    **kwargs,
+                    all_hidden += (hidden_states[:, :-1] if tokens.probe else hidden_states,)
+                request = pruner.llm_request(layer_idx, view) if view is not None else None
+                hidden_states = language_model.layers[layer_idx](
+                    hidden_states, attention_mask=mask, position_ids=tokens.position_ids, **cache_kwargs(cache),
+                    use_cache=use_cache, position_embeddings=position_embeddings, **_rows_kwarg(request), **kwargs,
                 )
-                if scoring:
-                    with torch.no_grad(), record_function("ivtp/llm_scoring"):
-                        device = hidden_states.device  # the layer's (a device map may put layers apart)
-                        cached = _layer_keys_values(cache, layer_idx, layer_input.shape[1], device)
-                        scored = self._llm_attention_block(
-                            layer, layer_input.to(device), block.to(device), layer_idx == last, cached
-                        )
-                    if layer_idx < last:
-                        lower_attentions.append(scored[0])
-                    else:
-                        top_row, value_norms = scored
+                if view is not None:
+                    selection = pruner.after_llm_layer(layer_idx, view, request)
                 if cache is not None:
-                    if prunes:
-                        cache.drop_last_token(layer_idx)  # IVTP: the pseudo-CLS never enters the KV cache
+                    if tokens.probe:
+                        cache.drop_last_token(layer_idx)  # the probe never enters the KV cache
                     cache.record_positions(layer_idx, held)
-            tokens.hidden_states = hidden_states
-            if not prunes:
-                continue
-            num_keep = config.schedule["llm"][segment_index]
-            if scoring:
-                with torch.no_grad(), record_function("ivtp/llm_scoring"):
-                    rollout = rollout_cls_row(top_row, lower_attentions, cls_index=top_row.shape[-1] - 1)
-                    scores = token_scores(rollout[:, :-1], value_norms)  # eq. 4 over the visual tokens
-                    selected = select_keep_indices(scores, num_keep)
-            with record_function("ivtp/llm_selection"):
-                keep = ~tokens.is_visual
-                keep_patches = torch.full(
-                    (tokens.is_visual.shape[0], num_keep), -1, dtype=torch.long, device=keep.device
-                )
-                if scoring:
-                    chosen_slots = block.visual_slots.gather(1, selected)
-                    keep[image_rows] = keep[image_rows].scatter(1, chosen_slots, True)
-                    keep_patches[image_rows] = tokens.patch_index[image_rows].gather(1, chosen_slots)
-                llm_keep.append(keep_patches)
-                layout = layout.keep_visual(num_keep) if scoring else layout
-                index, slot_valid = _pack_rows(keep, layout.length)
-                tokens = tokens.gather(index, slot_valid)
+            tokens = replace(tokens, hidden_states=hidden_states)
+            if last in prune_layers:
+                tokens, kept_patches = self._select_llm(tokens, view, selection, pruner.llm_budget(last))
+                llm_keep.append(kept_patches)
                 # Visual tokens per image, off the pruned tensors; read by the caller with the logits.
                 kept_counts.append(torch.where(has_image, tokens.is_visual.sum(dim=1), 0).max())
-                if segment_index == len(groups) - 1:
-                    tokens = tokens.drop_last()  # IVTP: the pseudo-CLS leaves after the last stage-2 group
-                    layout = layout.drop_last_slot()
-
+                if last == prune_layers[-1] and tokens.probe:
+                    tokens = tokens.drop_probe()  # the probe leaves after the last pruning layer
         hidden_states = language_model.norm(tokens.hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
         return hidden_states, tokens, tuple(llm_keep), kept_counts, all_hidden
 
-    def _llm_segments(self) -> list[tuple[int, int, bool]]:
-        """`(first_layer, last_layer, prunes)` of each run of decoder layers that sees one token set."""
-        groups = self.config.llm_layer_groups
-        num_layers = self.config.text_config.num_hidden_layers
-        segments = [(first, last, True) for first, last in groups]
-        start = groups[-1][1] + 1 if groups else 0
-        if start < num_layers:
-            segments.append((start, num_layers - 1, False))
-        return segments
+    @staticmethod
+    def _select_llm(tokens: TokenState, view: LlmView | None, selection, num_keep: int):
+        """Keep each image's selected visual tokens (every other token stays). Returns the new state and the kept
+        patches `(batch, num_keep)` (-1 rows for samples without an image)."""
+        with record_function("ivtp/llm_selection"):
+            keep = ~tokens.is_visual
+            kept_patches = torch.full((keep.shape[0], num_keep), -1, dtype=torch.long, device=keep.device)
+            if view is not None:
+                chosen = view.visual_slots.gather(1, selection.keep.to(view.visual_slots.device))
+                rows = view.image_rows
+                keep[rows] = keep[rows].scatter(1, chosen, True)
+                kept_patches[rows] = tokens.patch_index[rows].gather(1, chosen)
+                if selection.merged is not None:
+                    hidden = tokens.hidden_states.clone()
+                    hidden[rows.unsqueeze(-1), chosen] = selection.merged.to(hidden.dtype)
+                    tokens = replace(tokens, hidden_states=hidden)
+            return tokens.keep_visual(keep, num_keep), kept_patches
 
     # ------------------------------------------------------------------------------------------------------------
     # Steps after prefill: decoding (and conversation continuation) with the pruned cache
@@ -1070,36 +712,38 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
 
         all_hidden = () if output_hidden_states else None
         hidden_states = inputs_embeds
-        for first, last, _ in self._llm_segments():
-            held = cache.layer_positions[first]
-            if held is None:
-                raise ValueError(f"The IvtpCache has no record of the tokens layer {first} holds; prefill again.")
-            kv_positions = torch.cat([held.to(device), new_positions], dim=1)
-            kv_mask = attention_mask.gather(1, kv_positions.clamp_min(0)) & (kv_positions >= 0)
-            mask = create_causal_mask(
-                config=self.config.text_config,
-                inputs_embeds=hidden_states,
-                attention_mask=kv_mask,
-                **cache_kwargs(cache),
-                position_ids=None,
-                layer_idx=first,
-                # IVTP: an explicit mask per segment; checking whether it could be skipped reads the device, once
-                # per segment and step (stock Llava reads once per step).
-                allow_is_causal_skip=False,
-            )
-            for layer_idx in range(first, last + 1):
-                if output_hidden_states:
-                    all_hidden += (hidden_states,)
-                hidden_states = language_model.layers[layer_idx](
-                    hidden_states,
-                    attention_mask=mask,
-                    position_ids=position_ids,
+        held, mask = None, None
+        for layer_idx, layer in enumerate(language_model.layers):
+            if cache.layer_positions[layer_idx] is None:
+                raise ValueError(f"The IvtpCache has no record of the tokens layer {layer_idx} holds; prefill again.")
+            if cache.layer_positions[layer_idx] is not held:  # the first layer of a run that shares one record
+                held = cache.layer_positions[layer_idx]
+                kv_positions = torch.cat([held.to(device), new_positions], dim=1)
+                kv_mask = attention_mask.gather(1, kv_positions.clamp_min(0)) & (kv_positions >= 0)
+                mask = create_causal_mask(
+                    config=self.config.text_config,
+                    inputs_embeds=hidden_states,
+                    attention_mask=kv_mask,
                     **cache_kwargs(cache),
-                    use_cache=True,
-                    position_embeddings=position_embeddings,
-                    **kwargs,
+                    position_ids=None,
+                    layer_idx=layer_idx,
+                    # An explicit mask per run; checking whether it could be skipped reads the device, once per run
+                    # and step (stock Llava reads once per step).
+                    allow_is_causal_skip=False,
                 )
-                cache.record_positions(layer_idx, kv_positions)
+                record = kv_positions
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask,
+                position_ids=position_ids,
+                **cache_kwargs(cache),
+                use_cache=True,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            cache.record_positions(layer_idx, record)
         cache.set_logical_length(past_length + num_new)
         hidden_states = language_model.norm(hidden_states)
         if output_hidden_states:
@@ -1204,8 +848,8 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
                 model_inputs[name] = value.to(step_inputs.device)
         return model_inputs
 
-    def _segment_mask(self, tokens: _TokenSet, cache, layer_idx: int, with_pseudo: bool, unpadded: bool = False):
-        """The 4-D mask of one segment: causal over the kept tokens (order is kept), padding, pseudo-CLS rules.
+    def _segment_mask(self, tokens: TokenState, cache, layer_idx: int, unpadded: bool = False):
+        """The 4-D mask of one segment: causal over the kept tokens (order is kept), padding, the probe's rule.
 
         `unpadded` (known on the host) says every slot is an attended token: the padding mask is left out, which
         spares building it and the backend's check of it (a wait for the device).
@@ -1215,7 +859,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         would `vmap` it element by element (6 ms against 1 ms per segment of 633 tokens on 2 CPU cores). The
         prefill's cache is empty (`_check_prefill_cache`), so keys are the segment's tokens.
         """
-        if not with_pseudo:
+        if not tokens.probe:
             return create_causal_mask(
                 config=self.config.text_config,
                 inputs_embeds=tokens.hidden_states,
@@ -1249,87 +893,43 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             device=device,
         )
 
-    def _visual_block(
-        self, tokens: _TokenSet, image_rows: torch.Tensor, num_visual: int, key_end: int
-    ) -> _VisualBlock:
-        """The index bookkeeping of stage-2 scoring for one segment (its token set is fixed across its layers).
 
-        Rows of the block: the visual tokens (`num_visual` per image), then the pseudo-CLS. Keys: every slot before
-        `key_end` (past the last visual one, from the host's layout) plus the pseudo-CLS, so the softmax is over
-        everything each row attends to. Only samples with an image count.
-        """
-        is_visual = tokens.is_visual[image_rows]
-        num_images, num_slots = is_visual.shape
-        device = is_visual.device
-        pseudo_slot = num_slots - 1
-        visual_slots = _true_indices(is_visual, num_visual)
-        key_slots = torch.cat([torch.arange(key_end, device=device), torch.full((1,), pseudo_slot, device=device)])
-        pseudo_column = torch.full((num_images, 1), key_end, dtype=torch.long, device=device)
-        block_columns = torch.cat([visual_slots, pseudo_column], dim=1)  # in key coordinates
+def _segments(prune_layers: list[int], num_layers: int) -> list[tuple[int, int]]:
+    """`(first, last)` of each run of decoder layers that sees one token set: up to each pruning layer, the rest."""
+    segments, start = [], 0
+    for layer_idx in prune_layers:
+        segments.append((start, layer_idx))
+        start = layer_idx + 1
+    if start < num_layers:
+        segments.append((start, num_layers - 1))
+    return segments
 
-        # Which keys each row attends to: causal by slot, padding, and the pseudo-CLS's own rule.
-        row_slots = torch.cat([visual_slots, torch.full_like(pseudo_column, pseudo_slot)], dim=1)
-        key_grid = key_slots.view(1, 1, -1)
-        visual_end = visual_slots[:, -1].view(-1, 1, 1)
-        is_pseudo_row = (row_slots == pseudo_slot).unsqueeze(-1)
-        allowed = torch.where(
-            is_pseudo_row, (key_grid <= visual_end) | (key_grid == pseudo_slot), key_grid <= row_slots.unsqueeze(-1)
-        )
-        allowed = allowed & tokens.attention_mask[image_rows][:, key_slots].unsqueeze(1)
-        key_positions = tokens.position_ids[image_rows][:, key_slots]
-        cos, sin = self.model.language_model.rotary_emb(tokens.hidden_states, position_ids=key_positions)
-        row_index = block_columns.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
-        return _VisualBlock(
-            image_rows, visual_slots, key_slots, block_columns, allowed, cos, sin,
-            row_slots=row_slots, row_cos=cos.gather(1, row_index), row_sin=sin.gather(1, row_index),
-        )
 
-    def _llm_attention_block(
-        self, layer, hidden_states: torch.Tensor, block: _VisualBlock, top: bool, cached: tuple | None = None
-    ):
-        """Attention probabilities of one decoder layer over the visual block and the pseudo-CLS row.
+def _rows_kwarg(request) -> dict:
+    """The per-call kwarg that asks a layer's recording attention for rows (none when nothing is asked)."""
+    return {} if request is None else {"ivtp_rows": request}
 
-        Keys (and the values of eq. 4) are the layer's own: `cached` holds what the layer just wrote to the cache,
-        `(batch, kv_heads, slots, head_dim)` after its rotary embedding. Without a cache (`use_cache=False`, gradient
-        checkpointing) they are computed again with the layer's `input_layernorm`, `k_proj`, `v_proj` and rotary
-        embedding. Queries are computed from the layer's input for the block rows only. Returns the block restricted
-        to `[visual tokens..., pseudo-CLS]` columns: a `(V + 1, V + 1)` matrix per image sample for a lower layer;
-        for the top layer the pseudo-CLS row only and the value norms of the visual tokens (eq. 4).
-        """
-        attention = layer.self_attn
-        apply_rotary = self._rotary_function()
-        block_rows = slice(-1, None) if top else slice(None)  # the top layer needs the pseudo-CLS row only
-        allowed = block.allowed[:, block_rows]
-        rows = block.image_rows.unsqueeze(-1)  # indexing (rows, slots) together copies only the rows needed
 
-        def heads(states):
-            return states.view(states.shape[0], states.shape[1], -1, attention.head_dim).transpose(1, 2)
+def _apply_selection(features: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """`(n, tokens, hidden)` -> `(n, k, hidden)`: the kept tokens, or their merged features."""
+    if selection.merged is not None:
+        return selection.merged.to(features.dtype)
+    keep = selection.keep.to(features.device)
+    return features.gather(1, keep.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
 
-        def gather_rows(states, columns):
-            return states.gather(1, columns.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
 
-        if cached is None:
-            key_hidden = layer.input_layernorm(hidden_states[rows, block.key_slots])
-            keys = heads(attention.k_proj(key_hidden))
-            keys, _ = apply_rotary(keys, keys, block.cos, block.sin)
-            query_hidden = gather_rows(key_hidden, block.block_columns[:, block_rows])
-        else:  # (images, keys, kv_heads, head_dim) -> (images, kv_heads, keys, head_dim)
-            keys = cached[0][rows, :, block.key_slots].transpose(1, 2)
-            query_hidden = layer.input_layernorm(hidden_states[rows, block.row_slots[:, block_rows]])
-        queries = heads(attention.q_proj(query_hidden))
-        queries, _ = apply_rotary(queries, queries, block.row_cos[:, block_rows], block.row_sin[:, block_rows])
-        if attention.num_key_value_groups > 1:
-            keys = keys.repeat_interleave(attention.num_key_value_groups, dim=1)
-        probabilities = attention_probabilities(queries, keys, attention.scaling, allowed)
-        columns = block.block_columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1)
-        restricted = probabilities.gather(2, columns)
-        if not top:
-            return (restricted,)
-        if cached is None:
-            value_norms = attention.v_proj(gather_rows(key_hidden, block.visual_slots)).float().norm(dim=-1)
-        else:  # the norm over every head of each visual token's value: (images, visual, kv_heads, head_dim)
-            value_norms = torch.linalg.vector_norm(cached[1][rows, :, block.visual_slots].float(), dim=(2, 3))
-        return restricted[:, 0], value_norms
+def _pack_guidance(guidance: dict, index: torch.Tensor, slot_valid: torch.Tensor) -> dict:
+    """The guidance inputs at the tokens that enter the LLM: sequence-aligned ones gathered at `index`
+    `(batch, kept)`, the instruction mask limited to real slots; per-sample ones as they are."""
+    packed = {}
+    for name, value in guidance.items():
+        if value is not None and name in SEQUENCE_GUIDANCE_INPUTS:
+            value = value.to(index.device)
+            value = value.gather(1, index.view(*index.shape, *[1] * (value.ndim - 2)).expand(-1, -1, *value.shape[2:]))
+        packed[name] = value
+    if packed.get("instruction_mask") is not None:
+        packed["instruction_mask"] = packed["instruction_mask"].bool() & slot_valid
+    return packed
 
 
 def _host_past_length(cache) -> int | None:
@@ -1341,92 +941,6 @@ def _host_past_length(cache) -> int | None:
         return None
     length = cache.get_seq_length()
     return length if isinstance(length, int) else None
-
-
-def _layer_keys_values(
-    cache, layer_idx: int, num_slots: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The keys and values a decoder layer just wrote to the prefill's cache, if it wrote them (all `num_slots`)
-    and they are still on the layer's `device`; otherwise `None`, and scoring computes them again."""
-    if cache is None or layer_idx >= len(cache.layers):
-        return None
-    layer_cache = cache.layers[layer_idx]
-    keys = getattr(layer_cache, "keys", None)
-    if keys is None or keys.ndim != 4 or keys.shape[-2] != num_slots:
-        return None  # the layer ran without the cache (gradient checkpointing in training drops it)
-    if keys.device != device:
-        return None  # an offloading cache has moved them already
-    return keys, layer_cache.values
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# CLIP encoder layer helpers: queries, keys and values from the layer's own modules.
-# ------------------------------------------------------------------------------------------------------------------
-def _clip_heads(attention, states: torch.Tensor) -> torch.Tensor:
-    return states.view(states.shape[0], states.shape[1], -1, attention.head_dim).transpose(1, 2)
-
-
-def _clip_layer_scored(layer, hidden_states: torch.Tensor, top: bool):
-    """One CLIP encoder layer that also returns what stage-1 scoring reads from its own queries, keys and values.
-
-    Same arithmetic as `CLIPEncoderLayer.forward` with eager attention (pre-norm attention and MLP, each with a
-    residual; softmax in float32; attention dropout in training), computed here so that the probabilities are not
-    computed twice (in float32 this equals eager CLIP exactly; against sdpa CLIP it differs as eager does):
-
-    - a lower layer of a group returns its head-averaged attention probabilities `(images, tokens, tokens)`, float32.
-      Rollout needs every row, so the layer's output is computed from the same probabilities (`softmax(QK^T) V`);
-    - the top layer returns the CLS row of its probabilities `(images, tokens)` and the value norms of eq. 4
-      `(images, tokens)`; its output comes from `scaled_dot_product_attention` on the same queries, keys and values.
-
-    The layer's submodules are called (`layer_norm1`, `q_proj`, `k_proj`, `v_proj`, `out_proj`, `layer_norm2`,
-    `mlp`), so adapters on them apply; the layer's gradient checkpointing does not (the vision tower is frozen in
-    LLaVA-1.5's training).
-    """
-    attention = layer.self_attn
-    normed = layer.layer_norm1(hidden_states)
-    queries = _clip_heads(attention, attention.q_proj(normed))
-    keys = _clip_heads(attention, attention.k_proj(normed))
-    flat_values = attention.v_proj(normed)
-    values = _clip_heads(attention, flat_values)
-    dropout = attention.dropout if attention.training else 0.0
-    if top:
-        attended = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout, scale=attention.scale)
-        with torch.no_grad(), record_function("ivtp/vision_scoring"):  # profiler label only
-            scored = (
-                attention_probabilities(queries[:, :, :1], keys, attention.scale)[:, 0],
-                flat_values.float().norm(dim=-1),
-            )
-    else:  # as CLIP's eager attention: logits in the model's dtype, softmax in float32 (the scores are float32)
-        logits = torch.matmul(queries, keys.transpose(-1, -2)) * attention.scale
-        probabilities = logits.softmax(dim=-1, dtype=torch.float32)
-        with torch.no_grad(), record_function("ivtp/vision_scoring"):
-            scored = probabilities.mean(dim=1)
-        probabilities = F.dropout(probabilities.to(values.dtype), p=dropout, training=attention.training)
-        attended = torch.matmul(probabilities, values)
-    return _clip_layer_after_attention(layer, hidden_states, attended), scored
-
-
-def _clip_layer_cls_row(layer, hidden_states: torch.Tensor) -> torch.Tensor:
-    """A CLIP encoder layer computed for its CLS query only: `(images, 1, hidden)`.
-
-    Same arithmetic as `CLIPEncoderLayer.forward` (pre-norm attention and MLP, each with a residual), with one
-    query row: every key and value, one output row.
-    """
-    attention = layer.self_attn
-    normed = layer.layer_norm1(hidden_states)
-    queries = _clip_heads(attention, attention.q_proj(normed[:, :1]))
-    keys = _clip_heads(attention, attention.k_proj(normed))
-    values = _clip_heads(attention, attention.v_proj(normed))
-    attended = F.scaled_dot_product_attention(queries, keys, values, scale=attention.scale)
-    return _clip_layer_after_attention(layer, hidden_states[:, :1], attended)
-
-
-def _clip_layer_after_attention(layer, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """The rest of `CLIPEncoderLayer.forward` after the attention product `attended` `(images, heads, rows, head_dim)`:
-    heads merged, `out_proj` added to `residual` `(images, rows, hidden)`, then the MLP with its residual."""
-    attended = attended.transpose(1, 2).reshape(residual.shape[0], residual.shape[1], -1)
-    hidden_states = residual + layer.self_attn.out_proj(attended)
-    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
 
 
 # Remote code: `save_pretrained` copies this file and every file it imports relatively, and writes

@@ -237,3 +237,23 @@ def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"shape {_shape(value)} ({value.dtype})"
     return type(value).__name__
+
+
+def check_placeholders(config, placeholder_counts: list[int], num_images: int, llm_site: bool) -> None:
+    """Each sample's image placeholders: whole images, as many as `pixel_values` has; one image per sample where a
+    method prunes in the LLM (`llm_site`: one probe / one visual block per sample)."""
+    num_patches = config.num_patches
+    if any(count % num_patches for count in placeholder_counts) or (
+        sum(count // num_patches for count in placeholder_counts) != num_images
+    ):
+        raise ValueError(
+            f"Each image needs exactly {num_patches} image placeholder tokens (id {config.image_token_id}): got "
+            f"{placeholder_counts} placeholders per sample for {num_images} images. Use the model's processor, which "
+            "expands `<image>` to the right count."
+        )
+    if llm_site and any(count > num_patches for count in placeholder_counts):
+        raise ValueError(
+            "IVTP stage 2 prunes one image per sample (one pseudo-CLS per image block); got "
+            f"{[count // num_patches for count in placeholder_counts]} images per sample. Use schedule['llm'] = "
+            "[] for several images."
+        )

@@ -1,0 +1,153 @@
+"""The token state of a pruned prefill: what one LLM layer sees, on the device and on the host, updated together.
+
+Rows are samples, left-padded to one length (`pack_rows`). The device tensors are gathers from the logical sequence
+(the `input_ids` the processor produced); the host fields are the sizes, known from one read of the device per
+prefill, so the pruning loop never waits for the device to size a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+_DEVICE_FIELDS = ("hidden_states", "positions", "position_ids", "attention_mask", "is_visual", "patch_index")
+
+
+@dataclass
+class TokenState:
+    """The tokens one LLM layer sees.
+
+    Device (one row per sample): `hidden_states`; `positions`, each slot's index in `input_ids` (-1: a padding slot
+    or the probe); `position_ids`, the rotary positions the tokens keep; `attention_mask`, the 2-D padding mask
+    gathered at the kept tokens; `is_visual`, image tokens; `patch_index`, their patch (0..num_patches-1, else -1).
+
+    Host: `num_patches`; per sample `has_image`; `length`, the slots per row; `pads[b]`, the slots before sample `b`'s first token (its
+    own input padding tokens are tokens); `visual`, the visual tokens each sample with an image holds; `probe`,
+    whether the last slot of every row is a probe token (a pruner's pseudo-CLS, which no real token attends to).
+    """
+
+    hidden_states: torch.Tensor
+    positions: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    is_visual: torch.Tensor
+    patch_index: torch.Tensor
+    num_patches: int
+    has_image: list[bool]
+    length: int
+    pads: list[int]
+    visual: int
+    probe: bool = False
+
+    @classmethod
+    def entering_llm(cls, logical: dict, keep: torch.Tensor, placeholders: list[int], num_patches: int,
+                     kept_per_image: int) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
+        """The tokens that enter the LLM: those of `keep` `(batch, sequence)` (every non-image token and
+        `kept_per_image` placeholders of each image). `logical` holds the device fields over the whole sequence.
+        Returns the state (hidden states still those of `logical`, gathered) and the packing `(index, slot_valid)`."""
+        sequence_length = keep.shape[1]
+        counts = [sequence_length - count + (count // num_patches) * kept_per_image for count in placeholders]
+        length = max(counts)
+        index, slot_valid = pack_rows(keep, length)
+        state = cls(**_gather(logical, index, slot_valid), num_patches=num_patches,
+                    has_image=[count > 0 for count in placeholders],
+                    length=length, pads=[length - count for count in counts], visual=kept_per_image)
+        return state, index, slot_valid
+
+    @property
+    def image_rows(self) -> list[int]:
+        return [row for row, has_image in enumerate(self.has_image) if has_image]
+
+    @property
+    def last_real_slot(self) -> int:
+        """The slot of every row's last real token (the probe, when present, comes after it)."""
+        return self.length - 1 - int(self.probe)
+
+    def visual_slots(self, image_rows: torch.Tensor) -> torch.Tensor:
+        """`(images, visual)`: the slots of each image's visual tokens, in order (rows: `image_rows`)."""
+        return true_indices(self.is_visual[image_rows], self.visual)
+
+    def keep_visual(self, keep: torch.Tensor, kept: int) -> TokenState:
+        """Keep the slots of `keep` `(batch, length)`: every non-visual slot and `kept` visual tokens of each image.
+        Every other slot stays (the padding slots of shorter rows too), so rows without an image keep their length."""
+        counts = [self.length - (self.visual - kept if has_image else 0) for has_image in self.has_image]
+        length = max(counts)
+        index, slot_valid = pack_rows(keep, length)
+        gathered = _gather({name: getattr(self, name) for name in _DEVICE_FIELDS}, index, slot_valid)
+        return replace(self, **gathered, length=length, visual=kept,
+                       pads=[pad + length - count for pad, count in zip(self.pads, counts)])
+
+    def append_probe(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> TokenState:
+        """One more slot at the end of every row: the probe token, at rotary position `position_ids` `(batch,)`."""
+        batch_size = hidden.shape[0]
+        column = torch.ones(batch_size, 1, dtype=torch.bool, device=self.is_visual.device)
+        minus_one = torch.full((batch_size, 1), -1, dtype=torch.long, device=self.positions.device)
+        return replace(
+            self,
+            hidden_states=torch.cat([self.hidden_states, hidden.unsqueeze(1).to(self.hidden_states)], dim=1),
+            positions=torch.cat([self.positions, minus_one], dim=1),
+            position_ids=torch.cat([self.position_ids, position_ids.to(self.position_ids).unsqueeze(1)], dim=1),
+            attention_mask=torch.cat([self.attention_mask, column.to(self.attention_mask.device)], dim=1),
+            is_visual=torch.cat([self.is_visual, ~column], dim=1),
+            patch_index=torch.cat([self.patch_index, minus_one.to(self.patch_index.device)], dim=1),
+            length=self.length + 1,
+            probe=True,
+        )
+
+    def drop_probe(self) -> TokenState:
+        return replace(self, **{name: getattr(self, name)[:, :-1] for name in _DEVICE_FIELDS},
+                       length=self.length - 1, probe=False)
+
+
+def _gather(tensors: dict, index: torch.Tensor, slot_valid: torch.Tensor) -> dict:
+    """The device fields at the packed slots `index` `(batch, kept)`; padding slots are marked (-1, not attended)."""
+    hidden = tensors["hidden_states"]
+    return {
+        "hidden_states": hidden.gather(1, index.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])),
+        "positions": tensors["positions"].gather(1, index).masked_fill(~slot_valid, -1),
+        "position_ids": tensors["position_ids"].gather(1, index),
+        "attention_mask": tensors["attention_mask"].gather(1, index) & slot_valid,
+        "is_visual": tensors["is_visual"].gather(1, index) & slot_valid,
+        "patch_index": tensors["patch_index"].gather(1, index).masked_fill(~slot_valid, -1),
+    }
+
+
+def unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor, length: int, fill):
+    """Put `(batch, kept)` values of packed slots back at their `(batch, length)` input positions, `fill` elsewhere."""
+    if values is None:
+        return None
+    # Padding slots write to a spare last column, which is cut off (a scatter: no wait for the device).
+    target = torch.where(slot_valid, index, length).to(values.device)
+    out = torch.full((values.shape[0], length + 1), fill, dtype=values.dtype, device=values.device)
+    return out.scatter(1, target, values)[:, :length]
+
+
+def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `True` entries of each row of `mask`, in order, `(rows, count)`: every row has exactly `count`.
+
+    `nonzero` would wait for the device to learn the size; the size is known here, so the ranks are scattered.
+    """
+    rows, length = mask.shape
+    rank = torch.where(mask, mask.long().cumsum(dim=1) - 1, count)  # non-True entries go to a spare column
+    slots = torch.arange(length, device=mask.device).expand(rows, -1)
+    out = torch.zeros(rows, count + 1, dtype=torch.long, device=mask.device)
+    return out.scatter(1, rank, slots)[:, :count]
+
+
+def pack_rows(keep: torch.Tensor, max_kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the `True` entries of each row of `keep`, in order, right-aligned (left-padded) to one length.
+
+    `max_kept` is the largest row count (known on the host: counting here would wait for the device). Returns
+    `(index, slot_valid)`, both `(batch, max_kept)`; padding slots point at index 0, not valid.
+    """
+    sequence_length = keep.shape[1]
+    order = torch.arange(sequence_length, device=keep.device).expand_as(keep)
+    marked = torch.where(keep, order, torch.full_like(order, -1))
+    packed = marked.sort(dim=1).values[:, sequence_length - max_kept :]
+    slot_valid = packed >= 0
+    return packed.clamp_min(0), slot_valid
+
+
+__all__ = ["TokenState", "pack_rows", "true_indices", "unpack"]
