@@ -3,16 +3,18 @@
 A model (folder or hub id) x a dataset (the testbed by name, or local JSON lines / parquet / a `datasets` folder
 with `image`, `question` and `answers`) x settings:
 
-- `full`: no pruning (`schedule = None`, stock Llava);
+- `full`: no pruning (`pruning_method = None`, stock Llava);
 - `ivtp@K`: the model's schedule scaled to `K` visual tokens in the LLM's last layers (each count keeps its share of
   the log-reduction, as `llava-ivtp bench --kept` does), with the model's guidance; `ivtp@K:MODE` with guidance
   `MODE` (`clip_relevance`, `instruction_mean`, `embedding_relevance`, `visual_cls`);
 - `stage1@K`: stage 1 only, the vision counts decaying geometrically to `K` (the presets' TopK rule);
 - `preset:PATH`: IvtpConfig fields (schedule, group_size, tau, guidance) from a JSON file;
-- `random@K`: the baseline of no selection at all: stock Llava (no pruning schedule) whose LLM sees `K` of each
-  image's visual tokens chosen uniformly at random (seeded per batch), at their original positions, decoded greedily
-  without a cache (`random_keep_generate`). Its TFLOPs are the full setting's minus the LLM work of the dropped
-  tokens (`analytic_flops.llm_layer_flops`).
+- `METHOD@K` for every other registered method (`random`, `topk`, `pooling`, `evit`, `tome`, `topk_plus`,
+  `tome_plus`, `fastv`, `pdrop`, `visionzip`, `vispruner`, `divprune`, `cdpruner`): `pruning_method=METHOD` with the
+  budget `pruning_options={"visual_tokens": K}`, which the method maps to its own schedule.
+
+Every setting reports the visual tokens in the LLM's last layers and their mean over the LLM's layers (as the forward
+held them: methods spend tokens differently, FastV keeps all of them for its first layers), and TFLOPs.
 
 Answers are generated greedily in left-padded batches and scored with the repository's own `evaluate` metric modules
 (exact match; VQA accuracy with the VQA answer normalisation), loaded by path. TFLOPs come from the project's counter
@@ -51,7 +53,6 @@ class EvalError(ValueError):
 class Setting:
     name: str
     fields: dict  # IvtpConfig fields to set for this setting
-    random_keep: int | None = None  # `random@K`: K random visual tokens reach a stock forward
 
     def config_of(self, base) -> object:
         config = copy.deepcopy(base)
@@ -76,8 +77,10 @@ def parse_setting(spec: str, base) -> Setting:
     from .bench_ivtp import BenchError, derive_schedule
     from .flops_ivtp import geometric_vision_schedule
 
+    from .configuration_llava_ivtp import PRUNING_METHODS
+
     if spec == "full":
-        return Setting(spec, {"schedule": None})
+        return Setting(spec, {"pruning_method": None})
     if spec.startswith("preset:"):
         path = Path(spec[len("preset:"):])
         try:
@@ -87,34 +90,41 @@ def parse_setting(spec: str, base) -> Setting:
         fields = {key: raw[key] for key in ("schedule", "group_size", "tau", "guidance") if key in raw}
         if not isinstance(raw, dict) or "schedule" not in fields:
             raise EvalError(f"--settings {spec}: needs a JSON object with a `schedule`.")
-        return Setting(spec, fields)
+        return Setting(spec, {"pruning_method": "ivtp", "pruning_options": None, **fields})
     kind, _, rest = spec.partition("@")
     budget, _, mode = rest.partition(":")
-    if kind not in ("ivtp", "stage1", "random") or not budget.isdigit():
+    if kind not in ("stage1", *PRUNING_METHODS) or not budget.isdigit():
         raise EvalError(
-            f"--settings {spec!r}: expected full, ivtp@K, ivtp@K:MODE, stage1@K, random@K or preset:PATH "
-            "(K a token count)."
+            f"--settings {spec!r}: expected full, ivtp@K, ivtp@K:MODE, stage1@K, METHOD@K (METHOD one of "
+            f"{list(PRUNING_METHODS)}) or preset:PATH (K a token count)."
         )
     kept, patches = int(budget), base.num_patches
     if not 1 <= kept <= patches:
         raise EvalError(f"--settings {spec}: K must be in [1, {patches}] (the patches per image), got {kept}.")
-    if kind == "random":
+    if kind not in ("ivtp", "stage1"):
         if mode:
-            raise EvalError(f"--settings {spec}: random@K takes no guidance mode.")
-        return Setting(spec, {"schedule": None}, random_keep=kept)
+            raise EvalError(f"--settings {spec}: {kind}@K takes no guidance mode.")
+        setting = Setting(spec, {"schedule": None, "pruning_method": kind, "pruning_options": {"visual_tokens": kept}})
+        try:
+            setting.config_of(base)
+        except ValueError as error:
+            raise EvalError(f"--settings {spec}: {error}") from None
+        return setting
     if base.schedule is None:
         raise EvalError(f"--settings {spec}: the model has no pruning schedule to scale; use preset:PATH.")
     if kind == "stage1":
         if mode:
             raise EvalError(f"--settings {spec}: stage1@K takes no guidance mode (stage 2 is off).")
-        return Setting(spec, {"schedule": {"vision": geometric_vision_schedule(base, kept), "llm": []}})
+        return Setting(spec, {"pruning_method": "ivtp", "pruning_options": None,
+                              "schedule": {"vision": geometric_vision_schedule(base, kept), "llm": []}})
     if mode and mode not in GUIDANCE_MODES:
         raise EvalError(f"--settings {spec}: guidance {mode!r} is not one of {list(GUIDANCE_MODES)}.")
     try:
         schedule = derive_schedule(base.schedule, patches, kept)
     except BenchError as error:
         raise EvalError(f"--settings {spec}: {error}") from None
-    return Setting(spec, {"schedule": schedule, **({"guidance": mode} if mode else {})})
+    return Setting(spec, {"pruning_method": "ivtp", "pruning_options": None, "schedule": schedule,
+                          **({"guidance": mode} if mode else {})})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,6 +185,7 @@ def prompt_of(question: str) -> str:
 @torch.no_grad()
 def run_setting(model, processor, records: list[dict], setting: Setting, batch_size: int, max_new_tokens: int,
                 progress=None) -> dict:
+    per_layer = None
     with setting.applied(model) as config:
         predictions, prefill_seconds = [], []
         for begin in range(0, len(records), batch_size):
@@ -182,105 +193,36 @@ def run_setting(model, processor, records: list[dict], setting: Setting, batch_s
             inputs = processor(images=[r["image"] for r in batch], text=[prompt_of(r["question"]) for r in batch],
                                padding=True, return_tensors="pt").to(model.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            if setting.random_keep is not None:
-                generator = torch.Generator().manual_seed(begin)
-                new_tokens, seconds = random_keep_generate(model, inputs, setting.random_keep, max_new_tokens, generator)
-                prefill_seconds.append(seconds)
-            else:
-                start = time.perf_counter()
-                model(**inputs, use_cache=True, logits_to_keep=1)
-                prefill_seconds.append(time.perf_counter() - start)
-                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-                new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+            start = time.perf_counter()
+            prefill = model(**inputs, use_cache=True, logits_to_keep=1)
+            prefill_seconds.append(time.perf_counter() - start)
+            per_layer = per_layer or prefill.visual_tokens_per_layer
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new_tokens = generated[:, inputs["input_ids"].shape[1]:]
             texts = processor.batch_decode(new_tokens, skip_special_tokens=True)
             predictions += [text.strip() for text in texts]
             if progress is not None:
                 progress(len(batch))
-    if setting.random_keep is None:
-        counts = visual_tokens(config)
-    else:
-        counts = {"visual_tokens": setting.random_keep, "mean_visual_tokens_per_llm_layer": float(setting.random_keep)}
+        counts = visual_tokens(config, per_layer)
     return {"predictions": predictions, "prefill_ms_per_batch": 1000 * statistics.median(prefill_seconds), **counts}
 
 
-@torch.no_grad()
-def random_keep_generate(model, inputs, keep: int, max_new_tokens: int, generator: torch.Generator):
-    """`(new token ids (batch, steps), prefill seconds)` of stock Llava whose LLM sees `keep` random visual tokens of
-    each image at their original positions (left padding respected), greedy, recomputing the whole sequence at each
-    step (no cache). Built from the model's own submodules: vision tower, projector, decoder, LM head."""
-    config = model.config
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    image = ids == config.image_token_id
-    per_sample = image.sum(dim=1)
-    if per_sample.ne(config.num_patches).any():
-        raise EvalError(f"random@{keep}: needs exactly one image of {config.num_patches} placeholders per sample, got "
-                        f"{per_sample.tolist()}.")
-    start = time.perf_counter()
-    tower = model.model.vision_tower
-    hidden = tower(pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states[config.vision_feature_layer]
-    features = model.model.multi_modal_projector(hidden[:, 1:] if config.vision_feature_select_strategy == "default" else hidden)
-    embeds = model.get_input_embeddings()(ids).clone()
-    embeds[image] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
-    positions = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
-    dropped = torch.zeros_like(image)
-    for row in range(ids.shape[0]):  # keep `keep` of the row's placeholders, uniformly at random
-        slots = image[row].nonzero().squeeze(1)
-        dropped[row, slots[torch.randperm(slots.numel(), generator=generator)[keep:].to(slots.device)]] = True
-    survive = ~dropped
-    length = int(survive[0].sum())
-    embeds = embeds[survive].view(ids.shape[0], length, -1)
-    positions, mask = positions[survive].view(ids.shape[0], length), mask[survive].view(ids.shape[0], length)
-    steps, seconds = [], 0.0
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for step in range(max_new_tokens):
-        hidden_states = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
-        token = model.lm_head(hidden_states[:, -1]).argmax(dim=-1)
-        if step == 0:
-            seconds = time.perf_counter() - start
-        token = torch.where(finished, torch.full_like(token, config.text_config.pad_token_id or 0), token)
-        steps.append(token)
-        finished |= token == model.generation_config.eos_token_id
-        if bool(finished.all()):
-            break
-        embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], dim=1)
-        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return torch.stack(steps, dim=1), seconds
+def visual_tokens(config, per_layer: tuple[int, ...] | None) -> dict:
+    """Visual tokens per image in the LLM's last layers and their mean over the LLM's layers, from what a forward's
+    layers held (`visual_tokens_per_layer` of its output; `None`: nothing pruned, every patch in every layer)."""
+    if not per_layer:
+        per_layer = (config.num_patches,) * config.text_config.num_hidden_layers
+    return {"visual_tokens": per_layer[-1], "mean_visual_tokens_per_llm_layer": sum(per_layer) / len(per_layer)}
 
 
-def visual_tokens(config) -> dict:
-    """Visual tokens in the LLM's last layers and their mean over the LLM's layers."""
-    layers = config.text_config.num_hidden_layers
-    if config.schedule is None:
-        return {"visual_tokens": config.num_patches, "mean_visual_tokens_per_llm_layer": float(config.num_patches)}
-    entering = config.schedule["vision"][-1] if config.schedule["vision"] else config.num_patches
-    per_layer = []
-    for index, count in enumerate(config.schedule["llm"]):
-        before = entering if index == 0 else config.schedule["llm"][index - 1]
-        per_layer += [before] * config.group_size
-        del count
-    final = config.schedule["llm"][-1] if config.schedule["llm"] else entering
-    per_layer += [final] * (layers - len(per_layer))
-    return {"visual_tokens": final, "mean_visual_tokens_per_llm_layer": sum(per_layer) / layers}
-
-
-def setting_tflops(config, text_tokens: int, random_keep: int | None = None) -> float:
-    """Prefill TFLOPs of one sample (`flops_ivtp.measure`); for `random@K` the full forward's minus, in every LLM
-    layer, the work of the visual tokens it does not see."""
-    from .analytic_flops import _head_dim, llm_layer_flops
+def setting_tflops(config, text_tokens: int) -> float:
+    """Prefill TFLOPs of one sample (`flops_ivtp.measure`)."""
     from .configuration_llava_ivtp import IvtpConfig
     from .flops_ivtp import DEFAULT_PREFIX_TOKENS, measure
 
     # A checkpoint loaded as remote code has its own copy of the config class: count with this package's.
     config = IvtpConfig.from_dict(config.to_dict())
-    total = measure(config, text_tokens, prefix_tokens=DEFAULT_PREFIX_TOKENS).total
-    if random_keep is not None:
-        text = config.text_config
-        full = config.num_patches + text_tokens + DEFAULT_PREFIX_TOKENS
-        sizes = (text.hidden_size, text.intermediate_size, text.num_key_value_heads * _head_dim(text))
-        saved = llm_layer_flops(full, *sizes) - llm_layer_flops(full - config.num_patches + random_keep, *sizes)
-        total -= text.num_hidden_layers * saved
-    return total / 1e12
+    return measure(config, text_tokens, prefix_tokens=DEFAULT_PREFIX_TOKENS).total / 1e12
 
 
 @functools.lru_cache(maxsize=None)
@@ -325,7 +267,7 @@ def evaluate_grid(model, processor, records, settings: list[Setting], results: d
         with tqdm(total=len(records), desc=setting.name, unit="question", disable=not progress) as bar:
             measured = run_setting(model, processor, records, setting, batch_size, max_new_tokens, progress=bar.update)
         entry = {**score(measured.pop("predictions"), records), **measured}
-        entry["tflops"] = setting_tflops(setting.config_of(model.config), text_tokens, setting.random_keep)
+        entry["tflops"] = setting_tflops(setting.config_of(model.config), text_tokens)
         entry["fields"] = setting.fields
         results["settings"][setting.name] = entry
         log(f"{setting.name}: exact match {entry['exact_match']:.3f} ± {entry['exact_match_stderr']:.3f}, "

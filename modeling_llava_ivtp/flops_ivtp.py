@@ -39,7 +39,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava_ivtp_presets import PRESETS, preset_path
 
-from .configuration_llava_ivtp import IvtpConfig, resolve_feature_layer_count, stock_llava_fields
+from .configuration_llava_ivtp import PRUNING_METHODS, IvtpConfig, resolve_feature_layer_count, stock_llava_fields
 from .modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
 
 
@@ -341,6 +341,7 @@ class Breakdown:
     not_counted: int = 0
     visual_tokens_into_llm: int = 0
     visual_tokens_last_layer: int = 0
+    mean_visual_tokens_per_llm_layer: float = 0.0
     substituted_ops: list[str] = field(default_factory=list)
 
 
@@ -388,6 +389,7 @@ def part_breakdown(model: torch.nn.Module, counts: dict[str, int], text_tokens: 
         text_tokens=text_tokens, vit=vit, llm=llm, extra=extra, total=vit + llm + extra, clip_text_tower=clip_text,
         not_counted=not_counted, visual_tokens_into_llm=visual_tokens_into_llm(config),
         visual_tokens_last_layer=final_visual_tokens(config),
+        mean_visual_tokens_per_llm_layer=float(final_visual_tokens(config)),
     )
 
 
@@ -401,10 +403,22 @@ def measure(
     """Count one weight-free forward of `config`'s model class over `example_inputs` and split it by part."""
     model = model if model is not None else build_weight_free(config)
     inputs = example_inputs(model.config, text_tokens, prefix_tokens, batch_size, device=META)
-    counts, substituted, _ = count_forward(model, inputs, weight_free=True)
+    counts, substituted, outputs = count_forward(model, inputs, weight_free=True)
     breakdown = part_breakdown(model, counts, text_tokens, num_images=inputs["pixel_values"].shape[0])
     breakdown.substituted_ops = sorted(set(substituted))
+    per_layer = visual_tokens_per_llm_layer(model.config, inputs["input_ids"], outputs)
+    breakdown.visual_tokens_into_llm, breakdown.visual_tokens_last_layer = per_layer[0], per_layer[-1]
+    breakdown.mean_visual_tokens_per_llm_layer = sum(per_layer) / len(per_layer)
     return breakdown
+
+
+def visual_tokens_per_llm_layer(config, input_ids: torch.Tensor, outputs) -> list[int]:
+    """Visual tokens per image that each LLM layer held in the forward (the output's host-side sizes); every patch
+    for a forward that pruned nothing."""
+    per_layer = getattr(outputs, "visual_tokens_per_layer", None)
+    if not per_layer:
+        return [_patches(config)] * config.text_config.num_hidden_layers
+    return list(per_layer)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -450,8 +464,11 @@ def flops_report(
     batch_size: int = 1,
     clip_model: str = DEFAULT_CLIP_MODEL,
     preset_name: str = "",
+    methods: list[str] = (),
+    visual_tokens: int | None = None,
 ) -> dict:
-    """Counted FLOPs of stock LLaVA, TopK and IVTP (`preset`) at each text length, as a JSON-ready dict."""
+    """Counted FLOPs of stock LLaVA, TopK and IVTP (`preset`) at each text length, as a JSON-ready dict; then one row
+    per pruning method of `methods` at the budget `visual_tokens` (default: the tokens the preset keeps in the end)."""
     if preset._attn_implementation is None:
         preset._attn_implementation = "sdpa"
     guided, clip_note = ivtp_config(preset, clip_model)
@@ -461,6 +478,14 @@ def flops_report(
         ("topk", f"TopK (vision only, to {topk.schedule['vision'][-1]})", topk, topk.schedule),
         ("ivtp", "IVTP (preset)", guided, guided.schedule),
     ]
+    budget = visual_tokens if visual_tokens is not None else final_visual_tokens(preset)
+    for method in methods:
+        # IVTP and CDPruner read the instruction through the CLIP text tower: counted with it, as the IVTP row
+        values = guided.to_dict() if method in ("ivtp", "cdpruner") else preset.to_dict()
+        values.update(schedule=None, pruning_method=method, pruning_options={"visual_tokens": budget})
+        config = IvtpConfig.from_dict(values)
+        config._attn_implementation = "sdpa"
+        rows.append((f"method:{method}", f"{method} @{budget}", config, config.schedule))
     text = preset.text_config
     report = {
         "preset": preset_name,
@@ -500,6 +525,7 @@ def flops_report(
                 "flops": {part: values[part] for part in parts},
                 "visual_tokens_into_llm": breakdown.visual_tokens_into_llm,
                 "visual_tokens_last_layer": breakdown.visual_tokens_last_layer,
+                "mean_visual_tokens_per_llm_layer": breakdown.mean_visual_tokens_per_llm_layer,
                 "ratio_to_stock": breakdown.total / stock_totals[length],
                 "weight_free_substitutions": breakdown.substituted_ops,
             }
@@ -548,8 +574,8 @@ def render_markdown(report: dict, breakdown_at: int) -> str:
     at = breakdown_at if breakdown_at in lengths else lengths[0]
     lines.append(f"## TFLOPs by part at {at} text tokens (paper Table 9)")
     lines.append("")
-    lines.append("| method | visual tokens in LLM | ViT | LLM | extra | total | vs stock |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| method | visual tokens in LLM | mean per LLM layer | ViT | LLM | extra | total | vs stock |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for row in report["rows"]:
         result = next(result for result in row["results"] if result["text_tokens"] == at)
         tflops = result["tflops"]
@@ -559,7 +585,7 @@ def render_markdown(report: dict, breakdown_at: int) -> str:
         if result["visual_tokens_last_layer"] != result["visual_tokens_into_llm"]:
             tokens += f" -> {result['visual_tokens_last_layer']}"
         lines.append(
-            f"| {row['label']} | {tokens} | {_format_tflops(tflops['vit'])} | "
+            f"| {row['label']} | {tokens} | {result['mean_visual_tokens_per_llm_layer']:.1f} | {_format_tflops(tflops['vit'])} | "
             f"{_format_tflops(tflops['llm'])} | {extra} | {_format_tflops(tflops['total'])} | {change} |"
         )
     lines.append("")
@@ -576,6 +602,8 @@ def render_markdown(report: dict, breakdown_at: int) -> str:
     ]
     for row in report["rows"][1:]:
         schedule = row["schedule"]
+        if row["key"].startswith("method:") and row["key"] != "method:ivtp":
+            continue
         if schedule is None:
             notes.append(f"{row['label']}: the preset's schedule is null (pruning off: stock Llava's computation).")
         else:
@@ -642,6 +670,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--clip-model", default=DEFAULT_CLIP_MODEL,
         help="open_clip architecture of the CLIP text tower when the preset has none (default ViT-L-14-336)",
     )
+    parser.add_argument(
+        "--methods", nargs="+", default=[], metavar="METHOD",
+        help=f"also count these pruning methods at the budget --visual-tokens, one row each: {', '.join(PRUNING_METHODS)} "
+        "or 'all'",
+    )
+    parser.add_argument(
+        "--visual-tokens", type=int, default=None, metavar="K",
+        help="the --methods rows' budget: visual tokens per image in the LLM's last layers (default: as many as the "
+        "preset keeps in the end, 64 for LLaVA-1.5's presets)",
+    )
     parser.add_argument("--format", choices=("md", "json"), default="md", help="markdown tables (default) or JSON")
 
 
@@ -665,10 +703,15 @@ def run(args) -> int:
         print(f"llava-ivtp flops: --preset {path}: {error}", file=sys.stderr)
         return 2
     preset._attn_implementation = "sdpa"
+    methods = list(PRUNING_METHODS) if args.methods == ["all"] else args.methods
+    unknown = [method for method in methods if method not in PRUNING_METHODS]
+    if unknown:
+        print(f"llava-ivtp flops: --methods {unknown} are not methods; allowed: {list(PRUNING_METHODS)} or all", file=sys.stderr)
+        return 2
     try:
         report = flops_report(
             preset, args.text_tokens, args.topk_vision, args.topk_tokens, args.prefix_tokens, args.batch_size, args.clip_model,
-            preset_name=str(path),
+            preset_name=str(path), methods=methods, visual_tokens=args.visual_tokens,
         )
     except ValueError as error:
         print(f"llava-ivtp flops: {error}", file=sys.stderr)

@@ -9,7 +9,7 @@ labels and outputs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -18,35 +18,27 @@ from transformers import GenerationMixin, LlavaForConditionalGeneration
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.masking_utils import (
-    ALL_MASK_ATTENTION_FUNCTIONS,
-    and_masks,
-    causal_mask_function,
-    create_causal_mask,
-)
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.utils import logging
 
-from .attention_rows import base_backend, recording_backend, records_rows
+from .attention_rows import base_backend, recording_backend
 from .cache_ivtp import IvtpCache
 from .configuration_llava_ivtp import IvtpConfig
+from .generation_ivtp import SEQUENCE_GUIDANCE_INPUTS, PrunedGeneration, host_past_length
 from .guidance_ivtp import build_clip_text_tower
-from .pruner_base import PRUNERS, LlmView, PruneContext, Selection
+from .outputs_ivtp import IvtpCausalLMOutputWithPast
+from .pruner_base import LlmView, PruneContext, Selection
 from .pruner_ivtp import final_clip_cls
-from .tokens_ivtp import TokenState, true_indices, unpack
-from .transformers_compat import (
-    CACHE_ARG,
-    cache_kwargs,
-    checkpointing_drops_cache,
-    image_output_fields,
-    takes_cache_kwarg,
-)
+from .pruners import PRUNERS
+from .tokens_ivtp import TokenState, layer_segments, segment_mask, true_indices, unpack
+from .transformers_compat import cache_kwargs, checkpointing_drops_cache, image_output_fields, takes_cache_kwarg
 from .validation_ivtp import (
     check_guidance_shapes,
     check_output_requests,
     check_pixel_values,
     check_placeholders,
+    check_prefill_cache,
+    check_prunable_inputs,
     check_sequence_inputs,
     check_values,
     hidden_state_selection,
@@ -54,13 +46,8 @@ from .validation_ivtp import (
     value_rows,
 )
 
-logger = logging.get_logger(__name__)
 
-# Inputs that guide pruning (the processor's extra outputs): like `pixel_values`, they are used on the step that
-# prunes (the prefill) only. The first are aligned with `input_ids` (dim 1 is the sequence), the last is per sample.
-SEQUENCE_GUIDANCE_INPUTS = ("instruction_mask", "clip_token_spans")
-SAMPLE_GUIDANCE_INPUTS = ("clip_input_ids",)
-GUIDANCE_INPUTS = SEQUENCE_GUIDANCE_INPUTS + SAMPLE_GUIDANCE_INPUTS
+logger = logging.get_logger(__name__)
 
 # llava-hf checkpoints store `language_model.lm_head`, `language_model.model.*`, `vision_tower.*`: the conversion
 # mapping of the stock "llava" model type renames them. Custom-code classes only get mappings registered for them,
@@ -70,56 +57,24 @@ register_checkpoint_conversion_mapping(
 )
 
 
-@dataclass
-class IvtpCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
-    r"""
-    kept_positions (`torch.LongTensor` of shape `(batch_size, kept_len)`, *optional*):
-        For each row of `logits`, its index in `input_ids`; -1 marks a padding slot (a sample of a batch that kept
-        fewer tokens than the others). With pruning off this is `arange(sequence_length)`.
-    vision_keep_indices (`torch.LongTensor` of shape `(num_images, k_final)`, *optional*):
-        Indices (0..num_patches-1, row-major in the patch grid) of the patches stage 1 kept, in increasing order.
-    llm_keep_indices (`tuple(torch.LongTensor)`, *optional*):
-        One entry per stage-2 group: `(batch_size, m_g)` patch indices (0..num_patches-1) of the visual tokens
-        kept after that group, for samples with an image (-1 rows for samples without one).
-    vision_token_counts (`tuple(int)`, *optional*):
-        Patch tokens (CLS not counted) that stage 1 kept after each vision group, read off the pruned tensors.
-    llm_token_counts (`tuple(int)`, *optional*):
-        Visual tokens per image that stage 2 kept after each LLM group, read off the pruned tensors.
-    instruction_relevance (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
-        Relevance of each `input_ids` token to its image under the guidance mode (eq. 7 for `"clip_relevance"`, the
-        embedding cosine for `"embedding_relevance"`); NaN where a token has none (not instruction, no CLIP token).
-    pseudo_cls_tokens (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
-        The `input_ids` tokens averaged into each sample's pseudo-CLS (eq. 8); all False where the visual CLS was used.
-    """
-
-    kept_positions: torch.LongTensor | None = None
-    vision_keep_indices: torch.LongTensor | None = None
-    llm_keep_indices: tuple[torch.LongTensor, ...] | None = None
-    vision_token_counts: tuple[int, ...] | None = None
-    llm_token_counts: tuple[int, ...] | None = None
-    instruction_relevance: torch.FloatTensor | None = None
-    pseudo_cls_tokens: torch.BoolTensor | None = None
-
-
 # The modules IVTP adds to Llava (instruction guidance); llava-hf checkpoints lack them.
 CLIP_PARTS = ("clip_text_model.", "clip_visual_projection.")
 
-# Attention implementations stage 2 runs with: they take the 4-D mask that isolates the pseudo-CLS.
-STAGE_2_ATTENTION = ("sdpa", "eager")
 
-
-class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, GenerationMixin):
-    """LLaVA-1.5 with Instruction-guided Visual Token Pruning (IVTP).
+class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGeneration, GenerationMixin):
+    """LLaVA-1.5 with visual-token pruning: IVTP (Instruction-guided Visual Token Pruning) or another method of the
+    registry (`config.pruning_method`, `pruners.py`).
 
     Same modules and parameter names as [`LlavaForConditionalGeneration`], so llava-hf checkpoints load unchanged.
-    With `config.schedule` set, the forward prunes visual tokens in two stages:
+    With IVTP (`config.schedule` set) the forward prunes visual tokens in two stages:
 
     1. in the CLIP vision tower, group-wise token pruning (GTP): per group of `group_size` layers, attention rollout
        with residual (eq. 3) of the CLS row times the value norms (eq. 4) keeps the top-k patches;
     2. in the first `group_size * len(schedule["llm"])` LLM layers, GTP again, with a textual pseudo-CLS (eq. 8)
        that attends to the tokens up to the image and that no real token attends to.
 
-    Kept tokens keep their original position ids. With `config.schedule=None` the model is stock Llava.
+    Other methods prune at their own sites (a vision layer, the projected features, an LLM layer) through the same
+    runner. Kept tokens keep their original position ids. With `config.pruning_method=None` the model is stock Llava.
     """
 
     config_class = IvtpConfig
@@ -214,33 +169,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
     # ------------------------------------------------------------------------------------------------------------
     # Checks
     # ------------------------------------------------------------------------------------------------------------
-    def _check_prunable_inputs(self, vision_feature_layer, vision_feature_select_strategy, kwargs):
-        if vision_feature_layer is not None and vision_feature_layer != self.config.vision_feature_layer:
-            raise ValueError(
-                f"`vision_feature_layer`={vision_feature_layer} differs from the config's "
-                f"{self.config.vision_feature_layer}, which the pruning schedule is built for; leave it unset."
-            )
-        if (
-            vision_feature_select_strategy is not None
-            and vision_feature_select_strategy != self.config.vision_feature_select_strategy
-        ):
-            raise ValueError(
-                "`vision_feature_select_strategy` must be left unset (the schedule is built for the config's "
-                f"{self.config.vision_feature_select_strategy!r}), got {vision_feature_select_strategy!r}."
-            )
-        for name in ("image_sizes", "mm_encoder_outputs"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"`{name}` is not supported with IVTP pruning: pass `pixel_values` (LLaVA-1.5 images).")
-        for name in ("vision_config", "text_config"):
-            attn_implementation = getattr(self.config, name)._attn_implementation
-            if not records_rows(attn_implementation):
-                raise ValueError(
-                    f"Pruning reads attention rows from the layers' own computation and passes 4-D masks; {name}."
-                    f"_attn_implementation={base_backend(attn_implementation)!r} is not one of {STAGE_2_ATTENTION} "
-                    "(flash-attention takes no 4-D mask, and flex attention has not been tested). Load the model "
-                    "with attn_implementation='sdpa' (or 'eager')."
-                )
-
     # ------------------------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------------------------
@@ -286,10 +214,10 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         pruned_cache = isinstance(cache, IvtpCache) and cache.is_pruned
         pruning = config.pruning_enabled and (pixel_values is not None or pruned_cache)
         if config.pruning_enabled and pixel_values is not None:
-            self._check_prefill_cache(cache)  # first: an image after a filled cache is the thing to say
+            check_prefill_cache(cache)  # first: an image after a filled cache is the thing to say
         check_sequence_inputs(
             config, input_ids, inputs_embeds, attention_mask, position_ids, labels,
-            past_length=_host_past_length(cache), pruning=pruning,
+            past_length=host_past_length(cache), pruning=pruning,
         )
         check_guidance_shapes(config, guidance, input_ids if input_ids is not None else inputs_embeds)
         if pixel_values is not None:
@@ -300,71 +228,31 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         selection = hidden_state_selection(request, config.text_config.num_hidden_layers)
         if pruning:
             check_output_requests(config, kwargs)
-        # IVTP: steps after a pruned prefill attend to the pruned cache, each layer to the tokens it holds.
+        # Steps after a pruned prefill attend to the pruned cache, each layer to the tokens it holds.
         if pixel_values is None and pruned_cache:
-            given = [name for name, value in guidance.items() if value is not None]
-            if given:
-                raise ValueError(
-                    f"{given} guide pruning at prefill; they cannot be passed with a cache that was already pruned "
-                    "(decode steps and conversation continuations take only the new tokens' inputs)."
-                )
-            self._check_values_without_pixels(input_ids, inputs_embeds, cache, guidance)
             outputs = self._forward_with_pruned_cache(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                logits_to_keep=logits_to_keep,
-                output_hidden_states=selection is not False,
-                **kwargs,
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                inputs_embeds=inputs_embeds, labels=labels, logits_to_keep=logits_to_keep, guidance=guidance,
+                output_hidden_states=selection is not False, **kwargs,
             )
-        # IVTP: without a schedule or without images this is stock Llava (samples without an image pass unpruned).
+        # Without pruning or without images this is stock Llava (samples without an image pass unpruned).
         elif not config.pruning_enabled or pixel_values is None:
             self._check_values_without_pixels(input_ids, inputs_embeds, cache, guidance)
-            outputs = super().forward(
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                labels=labels,
-                logits_to_keep=logits_to_keep,
-                use_cache=use_cache,
-                return_dict=True,
+            outputs = self._forward_stock(
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                position_ids=position_ids, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy, labels=labels,
+                logits_to_keep=logits_to_keep, use_cache=use_cache, cache=cache,
                 # An index list is selected below (stock 5.24 fails on one when images are given).
-                output_hidden_states=selection is not False,
-                **cache_kwargs(cache),
-                **kwargs,
-            )
-            sequence = (input_ids if input_ids is not None else inputs_embeds).shape
-            kept_positions = torch.arange(sequence[1], device=outputs.logits.device).expand(sequence[0], -1)
-            outputs = IvtpCausalLMOutputWithPast(
-                **outputs, kept_positions=slice_logits_to_keep(kept_positions.unsqueeze(-1), logits_to_keep)[..., 0]
+                output_hidden_states=selection is not False, **kwargs,
             )
         else:
-            self._check_prunable_inputs(vision_feature_layer, vision_feature_select_strategy, kwargs)
-            use_cache = use_cache if use_cache is not None else config.text_config.use_cache
-            if use_cache and checkpointing_drops_cache(self):
-                # As the stock decoder does: checkpointed layers recompute their forward and cannot fill a cache.
-                logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing in training; using `use_cache=False`.")
-                use_cache = False
+            check_prunable_inputs(config, vision_feature_layer, vision_feature_select_strategy, kwargs)
             outputs = self._forward_pruned(
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                logits_to_keep=logits_to_keep,
-                guidance=guidance,
-                use_cache=use_cache,
-                output_hidden_states=selection is not False,
-                **kwargs,
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, labels=labels,
+                logits_to_keep=logits_to_keep, guidance=guidance, use_cache=use_cache,
+                output_hidden_states=selection is not False, **kwargs,
             )
         if selection and outputs.hidden_states is not None:  # an index selection: the others are None, as stock
             outputs.hidden_states = tuple(
@@ -372,12 +260,24 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             )
         return outputs if return_dict is not False else outputs.to_tuple()
 
+    def _forward_stock(self, input_ids, inputs_embeds, logits_to_keep, cache, **kwargs) -> IvtpCausalLMOutputWithPast:
+        """Stock Llava's forward; `kept_positions` is every position."""
+        outputs = super().forward(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, return_dict=True,
+            **cache_kwargs(cache), **kwargs,
+        )
+        sequence = (input_ids if input_ids is not None else inputs_embeds).shape
+        kept_positions = torch.arange(sequence[1], device=outputs.logits.device).expand(sequence[0], -1)
+        return IvtpCausalLMOutputWithPast(
+            **outputs, kept_positions=slice_logits_to_keep(kept_positions.unsqueeze(-1), logits_to_keep)[..., 0]
+        )
+
     def _check_values_without_pixels(self, input_ids, inputs_embeds, cache, guidance: dict) -> None:
         """Values of a forward without `pixel_values` (no schedule, no image, or a step over a pruned cache): token
         and CLIP ids, spans, and, when pruning is on, image placeholders (they would run as text). One read, on a
         prefill (or on the CPU, where it is free); a step over a filled cache on an accelerator reads nothing."""
         reference = input_ids if input_ids is not None else inputs_embeds
-        if _host_past_length(cache) != 0 and reference.device.type != "cpu":
+        if host_past_length(cache) != 0 and reference.device.type != "cpu":
             return
         rows = value_rows(input_ids, guidance, reference.device)
         pruning = self.config.pruning_enabled
@@ -391,27 +291,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
                 f"{self.config.image_token_id}) but no `pixel_values`: pass the images as `pixel_values` (the "
                 "processor returns them), or remove the placeholders for a text-only prompt. (To continue a "
                 "conversation after a pruned prefill, pass the returned cache: it already holds the image.)"
-            )
-
-    @staticmethod
-    def _check_cache_class(cache) -> None:
-        if not isinstance(cache, IvtpCache):
-            raise ValueError(
-                f"IVTP stores a different set of tokens per layer, which a {type(cache).__name__} cannot "
-                f"hold (static, quantized, offloaded and compiled caches included). Pass `{CACHE_ARG}=None` (an "
-                "`IvtpCache` is created) or an empty `IvtpCache`; in `generate`, leave `cache_implementation` unset."
-            )
-
-    def _check_prefill_cache(self, cache) -> None:
-        if cache is None:
-            return
-        self._check_cache_class(cache)
-        if cache.get_seq_length() > 0:
-            raise ValueError(
-                f"IVTP prunes the image once, at prefill: `pixel_values` need an empty `{CACHE_ARG}`, this one "
-                f"holds {cache.get_seq_length()} tokens. To continue a conversation about the same image, "
-                "pass the whole conversation's `input_ids` with the returned cache and without `pixel_values`; "
-                "`prefill_chunk_size` cannot be used with pruning."
             )
 
     def _read_layout(self, image_mask: torch.Tensor, attention_mask: torch.Tensor, input_ids, guidance: dict):
@@ -440,6 +319,11 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         guidance, use_cache, **kwargs,
     ) -> IvtpCausalLMOutputWithPast:
         config = self.config
+        use_cache = use_cache if use_cache is not None else config.text_config.use_cache
+        if use_cache and checkpointing_drops_cache(self):
+            # As the stock decoder does: checkpointed layers recompute their forward and cannot fill a cache.
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing in training; using `use_cache=False`.")
+            use_cache = False
         image_mask = self._image_token_mask(input_ids, inputs_embeds)
         sequence_length = image_mask.shape[1]
         num_patches = config.num_patches
@@ -469,20 +353,13 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         )
         with record_function("ivtp/guidance"):
             context.packed_guidance = _pack_guidance(guidance, index, slot_valid)
-            logical_position_ids = (
-                torch.arange(sequence_length, device=image_mask.device).unsqueeze(0) if position_ids is None
-                else position_ids.to(image_mask.device)
-            ).expand(image_mask.shape[0], -1)
-            image_end = torch.where(image_mask, logical_position_ids, -1).amax(dim=1) + 1
-            context.image_end_position = torch.where(
-                images_per_sample > 0, image_end, logical_position_ids.amax(dim=1) + 1
-            )
+            context.image_end_position = _image_end_position(image_mask, position_ids, images_per_sample)
 
         if not use_cache:
             cache = None
         elif cache is None:
             cache = IvtpCache(config=config.text_config)
-        hidden_states, tokens, llm_keep, llm_counts, all_hidden = self._run_language_model(
+        hidden_states, tokens, llm_keep, llm_counts, all_hidden, per_layer = self._run_language_model(
             tokens, fully_attended, images_per_sample > 0, pruner, cache, use_cache, **kwargs
         )
         if use_cache:
@@ -513,6 +390,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             vision_token_counts=vision["counts"],
             # Read last, once the whole forward is queued on the device.
             llm_token_counts=tuple(torch.stack(llm_counts).tolist()) if llm_counts else (),
+            visual_tokens_per_layer=per_layer,
             **extra,
         )
 
@@ -572,7 +450,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         feature_layers = self.config.vision_layer_groups[-1][1] + 1
         for layer_idx, layer in enumerate(vision_tower.encoder.layers[:feature_layers]):
             request = pruner.vision_request(layer_idx, num_images, hidden_states.shape[1])
-            hidden_states = layer(hidden_states, None, **_rows_kwarg(request))
+            hidden_states = layer(hidden_states, pruner.vision_mask(layer_idx), **_rows_kwarg(request))
             selection = pruner.after_vision_layer(layer_idx, hidden_states, request)
             if selection is None:
                 continue
@@ -616,15 +494,17 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
             with record_function("ivtp/llm_selection"):
                 tokens = tokens.append_probe(*probe)
         all_hidden = () if output_hidden_states else None
-        llm_keep, kept_counts = [], []
-        for first, last in _segments(prune_layers, self.config.text_config.num_hidden_layers):
+        llm_keep, kept_counts, per_layer = [], [], ()
+        for first, last in layer_segments(prune_layers, self.config.text_config.num_hidden_layers):
             with record_function("ivtp/segment_setup"):  # a mask and rotary table per segment (stock: one)
                 # Without padding slots or input padding the 2-D mask is all ones: leave it out (nothing to read).
-                mask = self._segment_mask(tokens, cache, first, unpadded=fully_attended and not any(tokens.pads))
+                unpadded = fully_attended and not any(tokens.pads)
+                mask = segment_mask(self.config.text_config, tokens, cache, first, unpadded=unpadded)
                 position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
             view = LlmView(tokens, image_rows, tokens.visual_slots(image_rows)) if any_image else None
             held = tokens.positions[:, :-1] if tokens.probe else tokens.positions  # one record shared by the segment
             hidden_states, selection = tokens.hidden_states, None
+            per_layer += (tokens.visual if any(tokens.has_image) else 0,) * (last - first + 1)
             for layer_idx in range(first, last + 1):
                 if output_hidden_states:
                     all_hidden += (hidden_states[:, :-1] if tokens.probe else hidden_states,)
@@ -634,7 +514,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
                     use_cache=use_cache, position_embeddings=position_embeddings, **_rows_kwarg(request), **kwargs,
                 )
                 if view is not None:
-                    selection = pruner.after_llm_layer(layer_idx, view, request)
+                    selection = pruner.after_llm_layer(layer_idx, view, request, hidden_states)
                 if cache is not None:
                     if tokens.probe:
                         cache.drop_last_token(layer_idx)  # the probe never enters the KV cache
@@ -650,7 +530,7 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
         hidden_states = language_model.norm(tokens.hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        return hidden_states, tokens, tuple(llm_keep), kept_counts, all_hidden
+        return hidden_states, tokens, tuple(llm_keep), kept_counts, all_hidden, per_layer
 
     @staticmethod
     def _select_llm(tokens: TokenState, view: LlmView | None, selection, num_keep: int):
@@ -670,241 +550,6 @@ class LlavaIvtpForConditionalGeneration(LlavaForConditionalGeneration, Generatio
                     tokens = replace(tokens, hidden_states=hidden)
             return tokens.keep_visual(keep, num_keep), kept_patches
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Steps after prefill: decoding (and conversation continuation) with the pruned cache
-    # ------------------------------------------------------------------------------------------------------------
-    def _forward_with_pruned_cache(
-        self,
-        input_ids,
-        attention_mask,
-        position_ids,
-        cache: IvtpCache,
-        inputs_embeds,
-        labels,
-        logits_to_keep,
-        **kwargs,
-    ) -> IvtpCausalLMOutputWithPast:
-        """New tokens through the decoder when each layer's cache holds its own (pruned) token set.
-
-        Per segment of layers that hold one token set, the 2-D attention mask (logical: cache length + new tokens,
-        as `generate` keeps it) is gathered at the positions the segment holds, then causal masking runs over the
-        layer's physical keys. New tokens get logical positions (and, unless given, rotary positions) after the cache.
-        """
-        language_model = self.model.language_model
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        batch_size, num_new = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
-        past_length = cache.get_seq_length()
-        cached_batch = cache.layers[0].keys.shape[0]
-        if cached_batch != batch_size:
-            raise ValueError(f"The cache holds {cached_batch} samples but {batch_size} were given.")
-        if attention_mask is None:  # its shape, when given, was checked by `check_sequence_inputs`
-            attention_mask = torch.ones(batch_size, past_length + num_new, dtype=torch.bool, device=device)
-        attention_mask = attention_mask.to(device).bool()
-        new_positions = torch.arange(past_length, past_length + num_new, device=device).expand(batch_size, -1)
-        if position_ids is None:
-            position_ids = new_positions
-        position_ids = position_ids.to(device).expand(batch_size, -1)
-        position_embeddings = language_model.rotary_emb(inputs_embeds, position_ids=position_ids)
-        output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
-        kwargs.pop("use_cache", None)
-
-        all_hidden = () if output_hidden_states else None
-        hidden_states = inputs_embeds
-        held, mask = None, None
-        for layer_idx, layer in enumerate(language_model.layers):
-            if cache.layer_positions[layer_idx] is None:
-                raise ValueError(f"The IvtpCache has no record of the tokens layer {layer_idx} holds; prefill again.")
-            if cache.layer_positions[layer_idx] is not held:  # the first layer of a run that shares one record
-                held = cache.layer_positions[layer_idx]
-                kv_positions = torch.cat([held.to(device), new_positions], dim=1)
-                kv_mask = attention_mask.gather(1, kv_positions.clamp_min(0)) & (kv_positions >= 0)
-                mask = create_causal_mask(
-                    config=self.config.text_config,
-                    inputs_embeds=hidden_states,
-                    attention_mask=kv_mask,
-                    **cache_kwargs(cache),
-                    position_ids=None,
-                    layer_idx=layer_idx,
-                    # An explicit mask per run; checking whether it could be skipped reads the device, once per run
-                    # and step (stock Llava reads once per step).
-                    allow_is_causal_skip=False,
-                )
-                record = kv_positions
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=mask,
-                position_ids=position_ids,
-                **cache_kwargs(cache),
-                use_cache=True,
-                position_embeddings=position_embeddings,
-                **kwargs,
-            )
-            cache.record_positions(layer_idx, record)
-        cache.set_logical_length(past_length + num_new)
-        hidden_states = language_model.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden += (hidden_states,)
-
-        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
-        return IvtpCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=all_hidden,
-            **cache_kwargs(cache),
-            kept_positions=slice_logits_to_keep(new_positions.unsqueeze(-1), logits_to_keep)[..., 0],
-        )
-
-    # ------------------------------------------------------------------------------------------------------------
-    # generate
-    # ------------------------------------------------------------------------------------------------------------
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """IVTP: `generate` gets an `IvtpCache`; caches that cannot hold per-layer token sets are refused up front."""
-        if self.config.pruning_enabled and model_kwargs.get(CACHE_ARG) is not None:
-            self._check_cache_class(model_kwargs[CACHE_ARG])
-        if (
-            not self.config.pruning_enabled
-            or model_kwargs.get(CACHE_ARG) is not None
-            or generation_config.use_cache is False
-        ):
-            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if generation_config.cache_implementation not in (None, "dynamic"):
-            raise ValueError(
-                f"`cache_implementation={generation_config.cache_implementation!r}` cannot hold IVTP's pruned cache "
-                "(each layer holds a different set of tokens, so static, quantized, offloaded and compiled caches do "
-                "not apply). Leave `cache_implementation` unset: an `IvtpCache` (a `DynamicCache`) is used."
-            )
-        model_kwargs[CACHE_ARG] = IvtpCache(config=self.config.text_config)
-
-    @takes_cache_kwarg
-    def prepare_inputs_for_generation(
-        self,
-        input_ids,
-        next_sequence_length=None,
-        cache=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        is_first_iteration=False,
-        **kwargs,
-    ):
-        """Stock inputs, plus IVTP's guidance inputs on the steps that prune.
-
-        Like `pixel_values`, guidance inputs reach the model on the prefill step only (with a cache) or on every step
-        (`use_cache=False`, which prunes from scratch each step). On the first step they go as given, so the forward
-        checks them against `input_ids` exactly as when it is called directly; on later steps without a cache the
-        tokens generated since are appended as not-instruction (zeros), which is the only padding done here.
-        """
-        given = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
-        if is_first_iteration and isinstance(cache, IvtpCache) and cache.is_pruned:  # a conversation continued
-            held = cache.get_seq_length()
-            # transformers also takes only the new tokens when `attention_mask` covers the whole conversation
-            only_new_with_full_mask = attention_mask is not None and attention_mask.shape[-1] == held + given
-            if given <= held and not only_new_with_full_mask:
-                raise ValueError(
-                    f"The cache holds the first {held} tokens of the conversation (the prompt with its image "
-                    f"placeholders, and the tokens generated since); `input_ids` must hold the whole conversation: those "
-                    f"{held} tokens, then the new ones. Got {given} tokens: pass `generated.sequences` with the new "
-                    "turn appended, not the new turn alone."
-                )
-        guidance = {name: kwargs.pop(name) for name in GUIDANCE_INPUTS if kwargs.get(name) is not None}
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids,
-            next_sequence_length=next_sequence_length,
-            **cache_kwargs(cache),
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            is_first_iteration=is_first_iteration,
-            **kwargs,
-        )
-        if guidance and (is_first_iteration or not kwargs.get("use_cache", True)):
-            step_inputs = model_inputs.get("input_ids")
-            if step_inputs is None:
-                step_inputs = model_inputs["inputs_embeds"]
-            step = step_inputs.shape[1]
-            for name, value in guidance.items():
-                if name in SEQUENCE_GUIDANCE_INPUTS:
-                    if not is_first_iteration and step > value.shape[1]:
-                        # a later step without a cache: the generated tokens are not instruction, overlap no CLIP token
-                        padding = value.new_zeros(value.shape[0], step - value.shape[1], *value.shape[2:])
-                        value = torch.cat([value, padding], dim=1)
-                    elif is_first_iteration and step < given:
-                        # a first step over a filled cache takes the new tokens only: so does their guidance, once it
-                        # is known to cover the whole input as `input_ids` does
-                        if value.shape[1] != given:
-                            raise ValueError(
-                                f"`{name}` must have one entry per token of `input_ids` ({given}), got "
-                                f"{value.shape[1]}."
-                            )
-                        value = value[:, given - step :]
-                model_inputs[name] = value.to(step_inputs.device)
-        return model_inputs
-
-    def _segment_mask(self, tokens: TokenState, cache, layer_idx: int, unpadded: bool = False):
-        """The 4-D mask of one segment: causal over the kept tokens (order is kept), padding, the probe's rule.
-
-        `unpadded` (known on the host) says every slot is an attended token: the padding mask is left out, which
-        spares building it and the backend's check of it (a wait for the device).
-
-        Segments with the pseudo-CLS build their mask through the attention implementation's registered mask
-        function with broadcasting (`use_vmap=False`): the pseudo-CLS rule is index-based, and `create_causal_mask`
-        would `vmap` it element by element (6 ms against 1 ms per segment of 633 tokens on 2 CPU cores). The
-        prefill's cache is empty (`_check_prefill_cache`), so keys are the segment's tokens.
-        """
-        if not tokens.probe:
-            return create_causal_mask(
-                config=self.config.text_config,
-                inputs_embeds=tokens.hidden_states,
-                attention_mask=None if unpadded else tokens.attention_mask,
-                **cache_kwargs(cache),
-                position_ids=None,  # kept positions have gaps: they must not be read as packed sequences
-                layer_idx=layer_idx,
-                allow_is_causal_skip=unpadded,  # with padding, skip the backend's check (a read of the device)
-            )
-        batch_size, num_slots = tokens.is_visual.shape
-        device = tokens.hidden_states.device
-        pseudo_slot = num_slots - 1
-        slots = torch.arange(num_slots, device=device)
-        # Last visual slot of each sample; samples without an image let the pseudo-CLS see only itself.
-        visual_end = torch.where(tokens.is_visual.to(device), slots, -1).amax(dim=1)
-
-        def pseudo_cls_rule(batch_idx, head_idx, q_idx, kv_idx):  # index-based: broadcasts over (b, h, q, kv)
-            return (q_idx != pseudo_slot) | (kv_idx <= visual_end[batch_idx]) | (kv_idx == pseudo_slot)
-
-        mask_function = ALL_MASK_ATTENTION_FUNCTIONS[self.config.text_config._attn_implementation]
-        return mask_function(
-            batch_size=batch_size,
-            q_length=num_slots,
-            kv_length=num_slots,
-            mask_function=and_masks(causal_mask_function, pseudo_cls_rule),
-            attention_mask=None if unpadded else tokens.attention_mask.to(device=device, dtype=torch.bool),
-            allow_is_causal_skip=False,
-            dtype=tokens.hidden_states.dtype,
-            config=self.config.text_config,
-            use_vmap=False,
-            device=device,
-        )
-
-
-def _segments(prune_layers: list[int], num_layers: int) -> list[tuple[int, int]]:
-    """`(first, last)` of each run of decoder layers that sees one token set: up to each pruning layer, the rest."""
-    segments, start = [], 0
-    for layer_idx in prune_layers:
-        segments.append((start, layer_idx))
-        start = layer_idx + 1
-    if start < num_layers:
-        segments.append((start, num_layers - 1))
-    return segments
-
-
 def _rows_kwarg(request) -> dict:
     """The per-call kwarg that asks a layer's recording attention for rows (none when nothing is asked)."""
     return {} if request is None else {"ivtp_rows": request}
@@ -916,6 +561,15 @@ def _apply_selection(features: torch.Tensor, selection: Selection) -> torch.Tens
         return selection.merged.to(features.dtype)
     keep = selection.keep.to(features.device)
     return features.gather(1, keep.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+
+
+def _image_end_position(image_mask: torch.Tensor, position_ids, images_per_sample: torch.Tensor) -> torch.Tensor:
+    """`(batch,)`: the rotary position right after each sample's image block (after its last token without one)."""
+    if position_ids is None:
+        position_ids = torch.arange(image_mask.shape[1], device=image_mask.device).unsqueeze(0)
+    position_ids = position_ids.to(image_mask.device).expand(image_mask.shape[0], -1)
+    image_end = torch.where(image_mask, position_ids, -1).amax(dim=1) + 1
+    return torch.where(images_per_sample > 0, image_end, position_ids.amax(dim=1) + 1)
 
 
 def _pack_guidance(guidance: dict, index: torch.Tensor, slot_valid: torch.Tensor) -> dict:
@@ -930,17 +584,6 @@ def _pack_guidance(guidance: dict, index: torch.Tensor, slot_valid: torch.Tensor
     if packed.get("instruction_mask") is not None:
         packed["instruction_mask"] = packed["instruction_mask"].bool() & slot_valid
     return packed
-
-
-def _host_past_length(cache) -> int | None:
-    """The cache's length before this call as a host int (0 without a cache); `None` where it is not known on the
-    host without a read (a static cache counts its tokens on the device)."""
-    if cache is None:
-        return 0
-    if getattr(cache, "is_compileable", False):
-        return None
-    length = cache.get_seq_length()
-    return length if isinstance(length, int) else None
 
 
 # Remote code: `save_pretrained` copies this file and every file it imports relatively, and writes

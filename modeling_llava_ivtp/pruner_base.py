@@ -19,6 +19,7 @@ so what it gathers over layers lives on that object, never on a module.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -73,21 +74,73 @@ class LlmView:
         """The last real token of every row (rows are left-padded; the probe, when present, comes after it)."""
         return self.tokens.last_real_slot
 
+    def last_instruction_slots(self, instruction_mask: torch.Tensor | None) -> torch.Tensor:
+        """`(images, 1)`: the slot of each image's sample's last instruction token (`instruction_mask`, aligned with
+        `input_ids`, as the processor gives it), or of its last token where there is none. Tokens generated since
+        the prompt are not instruction, so decoding without a cache asks the same row at every step."""
+        tokens = self.tokens
+        rows = self.image_rows.to(tokens.positions.device)
+        last = torch.full((len(rows), 1), self.last_slot, dtype=torch.long, device=rows.device)
+        if instruction_mask is None:
+            return last
+        positions = tokens.positions[rows]
+        mask = instruction_mask.to(positions.device).bool()[rows]
+        is_instruction = mask.gather(1, positions.clamp_min(0)) & (positions >= 0)
+        slots = torch.arange(positions.shape[1], device=positions.device)
+        found = torch.where(is_instruction, slots, -1).amax(dim=1, keepdim=True)
+        return torch.where(found >= 0, found, last)
+
 
 class Pruner:
-    """Base class: a method that never prunes. Subclasses override the hooks of the sites they act at."""
+    """Base class: a method that never prunes. Subclasses override the hooks of the sites they act at.
+
+    `options` are the method's `config.pruning_options` and their defaults; every method takes `visual_tokens`, the
+    budget: visual tokens per image that reach the LLM's last layers (the paper's "number of visual tokens"), which
+    the method maps to its own schedule by its paper's rule. `check_options` validates them (called by the config).
+    """
 
     name: ClassVar[str] = ""
+    options: ClassVar[dict] = {}  # every registered method: {"visual_tokens": 64 (the papers' setting), ...}
 
-    def __init__(self, config, context: PruneContext):
+    def __init__(self, config, context: PruneContext | None):
         self.config = config
         self.context = context
+        self.values = self.resolve_options(config)
+        self.budget = self.values.get("visual_tokens")
+
+    @classmethod
+    def resolve_options(cls, config) -> dict:
+        """`config.pruning_options` over the defaults, checked: unknown names and bad values are refused."""
+        given = config.pruning_options or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"`pruning_options` must be a dict (or None), got {type(given).__name__}.")
+        unknown = sorted(set(given) - set(cls.options))
+        if unknown:
+            raise ValueError(
+                f"`pruning_options` of pruning_method={cls.name!r} has unknown options {unknown}; allowed: "
+                f"{sorted(cls.options)}."
+            )
+        values = {**cls.options, **given}
+        cls.check_options(config, values)
+        return values
+
+    @classmethod
+    def check_options(cls, config, values: dict) -> None:
+        """Checks `visual_tokens`; subclasses check their own options too (call this first)."""
+        if "visual_tokens" in cls.options:
+            check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.num_patches,
+                      "visual tokens per image that reach the LLM's last layers")
 
     # --- site 1: the vision tower -----------------------------------------------------------------------------
     def vision_request(self, layer_idx: int, images: int, tokens: int) -> RowRequest | None:
         return None
 
     def after_vision_layer(self, layer_idx: int, hidden_states: torch.Tensor, request: RowRequest | None):
+        """`hidden_states` `(images, 1 + tokens, hidden)`, the CLS first; a `Selection` of the patch tokens."""
+        return None
+
+    def vision_mask(self, layer_idx: int) -> torch.Tensor | None:
+        """An additive attention mask for vision layer `layer_idx` (e.g. ToMe's proportional attention), or `None`."""
         return None
 
     # --- site 2: the projected features -----------------------------------------------------------------------
@@ -106,7 +159,12 @@ class Pruner:
     def llm_request(self, layer_idx: int, view: LlmView) -> RowRequest | None:
         return None
 
-    def after_llm_layer(self, layer_idx: int, view: LlmView, request: RowRequest | None) -> Selection | None:
+    def after_llm_layer(
+        self, layer_idx: int, view: LlmView, request: RowRequest | None, hidden_states: torch.Tensor
+    ) -> Selection | None:
+        """Called after every layer the pruner's token set passes (with what `llm_request` asked, if anything) and
+        the layer's output `hidden_states` (over the view's slots); a `Selection` of each image's visual tokens
+        (in `view.visual_slots` order) after a pruning layer."""
         return None
 
     def llm_budget(self, layer_idx: int) -> int:
@@ -119,6 +177,91 @@ class Pruner:
         return {}
 
 
+def check_int(method: str, name: str, value, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(
+            f"`pruning_options[{name!r}]` of pruning_method={method!r} ({what}) must be an int in [{low}, {high}], "
+            f"got {value!r}."
+        )
+    return value
+
+
+def geometric_counts(start: int, final: int, steps: int, multiple: int = 8) -> list[int]:
+    """`steps` token counts decaying geometrically from `start` to exactly `final`, rounded to multiples of
+    `multiple` in between and never increasing (the rule of the presets' stage-1 counts)."""
+    counts = []
+    for step in range(1, steps):
+        count = start * (final / start) ** (step / steps)
+        counts.append(min(start, max(final, multiple * round(count / multiple))))
+    counts.append(final)
+    for index in range(len(counts) - 2, -1, -1):
+        counts[index] = max(counts[index], counts[index + 1])
+    return counts
+
+
+def vision_group_schedule(config, final: int) -> dict[int, int]:
+    """`{last layer of each vision group: patches kept after it}`, geometric from every patch to `final` over the
+    groups of `config.group_size` layers that run for patch features (how IVTP's stage 1 spends layers)."""
+    groups = config.vision_layer_groups
+    counts = geometric_counts(config.num_patches, final, len(groups), max(1, (8 * config.num_patches) // 576))
+    return {last: count for (_, last), count in zip(groups, counts)}
+
+
+# The 7B preset's shape (`configuration/llava-1.5-7b-ivtp.json`): each count's share of the log-reduction from 576
+# patches to the final 64, `log(c / 576) / log(64 / 576)`, in the vision tower's 8 groups and the LLM's 4. Methods that
+# prune at both sites (IVTP with a budget, TopK+, ToMe+) spend a budget `K` with the same shares: `P * (K / P) ** share`
+# (on another geometry the shares are interpolated over the groups it has).
+PRESET_PATCHES, PRESET_FINAL = 576, 64
+PRESET_VISION = (472, 392, 320, 264, 224, 184, 152, 120)
+PRESET_LLM = (104, 88, 72, 64)
+
+
+def _shares(counts) -> list[float]:
+    return [math.log(count / PRESET_PATCHES) / math.log(PRESET_FINAL / PRESET_PATCHES) for count in counts]
+
+
+def _interpolate(shares: list[float], start: float, steps: int) -> list[float]:
+    """The curve through `(0, start), (j / len, shares[j - 1])` read at `g / steps`, `g = 1..steps`."""
+    points = [(0.0, start)] + [((j + 1) / len(shares), share) for j, share in enumerate(shares)]
+    out = []
+    for step in range(1, steps + 1):
+        x = step / steps
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if x0 <= x <= x1:
+                out.append(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+                break
+    return out
+
+
+def two_site_schedule(config, budget: int) -> dict:
+    """`{"vision": [...], "llm": [...]}` for `budget`, shaped as the 7B preset (see `PRESET_VISION`): four LLM groups of
+    `config.group_size` layers, fewer where the LLM cannot hold them before its last layer (none: every token is
+    pruned in the vision tower). For the 7B preset's geometry and a budget of 64 this is the preset."""
+    patches = config.num_patches
+    multiple = max(1, (8 * patches) // 576)
+    llm_groups = min(len(PRESET_LLM), (config.text_config.num_hidden_layers - 1) // config.group_size)
+    vision_shares = _interpolate(_shares(PRESET_VISION), 0.0, len(config.vision_layer_groups))
+    llm_shares = _interpolate(_shares(PRESET_LLM), vision_shares[-1], llm_groups)
+    if not llm_groups:
+        vision_shares[-1] = 1.0
+    counts, previous = [], patches
+    for share in vision_shares + llm_shares:
+        value = multiple * round(patches * (budget / patches) ** share / multiple)
+        previous = max(budget, min(previous, value))
+        counts.append(previous)
+    counts[-1] = budget
+    split = len(vision_shares)
+    return {"vision": counts[:split], "llm": counts[split:]}
+
+
+def sample_visual_cls(visual_cls: torch.Tensor, images_per_sample: torch.Tensor) -> torch.Tensor:
+    """The projected visual CLS of each sample's (only) image; zeros for samples without an image."""
+    has_image = images_per_sample > 0
+    first_image = (torch.cumsum(images_per_sample, dim=0) - images_per_sample).clamp_max(visual_cls.shape[0] - 1)
+    picked = visual_cls[first_image.to(visual_cls.device)]
+    return picked * has_image.to(picked.device, picked.dtype).unsqueeze(-1)
+
+
 PRUNERS: dict[str, type[Pruner]] = {}
 
 
@@ -129,4 +272,7 @@ def register_pruner(cls: type[Pruner]) -> type[Pruner]:
     return cls
 
 
-__all__ = ["LlmView", "PRUNERS", "PruneContext", "Pruner", "Selection", "register_pruner"]
+__all__ = [
+    "LlmView", "PRUNERS", "PruneContext", "Pruner", "Selection", "check_int", "geometric_counts", "register_pruner",
+    "sample_visual_cls", "two_site_schedule", "vision_group_schedule",
+]

@@ -26,6 +26,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import logging
+
+from .guidance_ivtp import clip_token_features
+from .pruner_base import Pruner, Selection, register_pruner
+
+
+logger = logging.get_logger(__name__)
 
 
 def instruction_relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -72,7 +79,10 @@ def cdpruner_keep_indices(features: torch.Tensor, relevance: torch.Tensor, num_k
 
     normalized = F.normalize(features.float(), dim=-1)
     relevance = relevance.float()
-    kernel = relevance.unsqueeze(2) * (normalized @ normalized.transpose(1, 2)) * relevance.unsqueeze(1)
+    similarity = normalized @ normalized.transpose(1, 2)
+    # cos(x_i, x_i) is 1: set it exactly, or with equal relevance the first pick would go to rounding noise
+    similarity.diagonal(dim1=1, dim2=2).fill_(1.0)
+    kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
     gains = kernel.diagonal(dim1=1, dim2=2).clone()  # d_i^2, the log-det gain of adding i
     tolerance = 1e-6 * gains.amax(dim=-1, keepdim=True)
     cholesky_rows = kernel.new_zeros(batch, num_keep, num_tokens)
@@ -92,3 +102,48 @@ def cdpruner_keep_indices(features: torch.Tensor, relevance: torch.Tensor, num_k
         gains = gains - new_row.square()
         gains = torch.where(gains > tolerance, gains, torch.zeros_like(gains))
     return keep_indices.sort(dim=1).values
+
+
+@register_pruner
+class CdPrunerPruner(Pruner):
+    """CDPruner on the projected image features: greedy MAP of the DPP `diag(r) S diag(r)`, with `S` the features'
+    cosine similarity and `r` each patch's relevance to the instruction (CLIP image embedding of the patch,
+    `clip_visual_projection(post_layernorm(feature))`, against the CLIP text embedding of the instruction: one
+    segment, `clip_input_ids` as the processor gives it). Needs the CLIP text tower (`config.clip_text_encoder`);
+    where the instruction inputs are missing the relevance is uniform (plain DPP diversity), with a one-time warning.
+    """
+
+    name = "cdpruner"
+    options = {"visual_tokens": 64}
+
+    def on_projected(self, features):
+        context = self.context
+        model, clip_input_ids = context.model, context.guidance.get("clip_input_ids")
+        if getattr(model, "clip_text_model", None) is None or clip_input_ids is None:
+            missing = [] if clip_input_ids is not None else ["clip_input_ids"]
+            if getattr(model, "clip_text_model", None) is None:
+                missing.append("config.clip_text_encoder (the CLIP text tower)")
+            logger.warning_once(
+                f"CDPruner's instruction relevance needs {missing}, which were not given; it selects by diversity "
+                "alone. Use LlavaIvtpProcessor to get `clip_input_ids`."
+            )
+            relevance = torch.ones(features.shape[:2], device=features.device)
+        else:
+            relevance = self.relevance(features.shape[0])
+        return Selection(cdpruner_keep_indices(features, relevance.to(features.device), self.budget))
+
+    @torch.no_grad()
+    def relevance(self, num_images: int) -> torch.Tensor:
+        context = self.context
+        model = context.model
+        patches = context.vision["patch_hidden_states"]
+        image_embeds = model.clip_visual_projection(model.model.vision_tower.post_layernorm(patches))
+        clip_input_ids = context.guidance["clip_input_ids"].to(image_embeds.device)
+        tokens = clip_token_features(model.clip_text_model, clip_input_ids)
+        pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), clip_input_ids.argmax(dim=1)]
+        # one instruction per sample, one image per sample that has one: each image takes its sample's text
+        sample_of_image = torch.repeat_interleave(
+            torch.arange(len(context.images_per_sample), device=pooled.device),
+            context.images_per_sample.to(pooled.device),
+        )
+        return instruction_relevance(image_embeds, pooled[sample_of_image].unsqueeze(1).to(image_embeds.dtype))

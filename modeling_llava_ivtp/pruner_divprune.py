@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from .pruner_base import Pruner, Selection, register_pruner
 
 
 def divprune_keep_indices(features: torch.Tensor, num_keep: int) -> torch.Tensor:
@@ -56,3 +57,14 @@ def divprune_keep_indices(features: torch.Tensor, num_keep: int) -> torch.Tensor
         picked_row = distance[rows, pick]  # (batch, n)
         set_distance = picked_row if step == 0 else torch.minimum(set_distance, picked_row)
     return keep_indices.sort(dim=1).values
+
+
+@register_pruner
+class DivPrunePruner(Pruner):
+    """DivPrune on the projected image features: greedy max-min cosine diversity to the budget."""
+
+    name = "divprune"
+    options = {"visual_tokens": 64}
+
+    def on_projected(self, features):
+        return Selection(divprune_keep_indices(features, self.budget))

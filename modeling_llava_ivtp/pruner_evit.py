@@ -22,6 +22,8 @@ apart by the caller) and the layer's head-averaged CLS attention row over the pa
 from __future__ import annotations
 
 import torch
+from .attention_rows import RowRequest
+from .pruner_base import Pruner, Selection, register_pruner, vision_group_schedule
 
 
 def evit_keep_and_fuse(
@@ -64,3 +66,29 @@ def evit_keep_and_fuse(
     kept = features.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
     is_fused = (keep_indices == fused_index[:, None]).unsqueeze(-1)
     return keep_indices, torch.where(is_fused, fused[:, None], kept), fused_index
+
+
+@register_pruner
+class EvitPruner(Pruner):
+    """EViT in the vision tower: after the last layer of each group of `config.group_size` layers, the patches the
+    CLS attends to most in that layer, plus one token fusing the rest (counts geometric to the budget, IVTP's
+    stage-1 spending). After the layer, not between its attention and MLP as in EViT: layers run unchanged."""
+
+    name = "evit"
+    options = {"visual_tokens": 64}
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.schedule = vision_group_schedule(config, self.budget)
+
+    def vision_request(self, layer_idx, images, tokens):
+        if layer_idx not in self.schedule:
+            return None
+        return RowRequest(rows=torch.zeros(1, dtype=torch.long))
+
+    def after_vision_layer(self, layer_idx, hidden_states, request):
+        if layer_idx not in self.schedule:
+            return None
+        cls_attention = request.probabilities[:, 0, 1:]
+        keep, merged, _ = evit_keep_and_fuse(hidden_states[:, 1:], cls_attention, self.schedule[layer_idx])
+        return Selection(keep, merged)

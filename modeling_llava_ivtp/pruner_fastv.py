@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 
 from .pruning_ivtp import select_keep_indices
+from .attention_rows import RowRequest
+from .pruner_base import Pruner, Selection, check_int, register_pruner
 
 # K of the paper's title and defaults ("after layer 2"; README: K=2 with R=25/50/75%).
 FASTV_DEFAULT_LAYER = 2
@@ -66,3 +68,45 @@ def schedule_for_budget(
     if not 1 <= budget <= num_patches:
         raise ValueError(f"budget must be in [1, {num_patches}] (num_patches), got {budget}.")
     return FastVSchedule(layer=layer, num_keep=budget)
+
+
+@register_pruner
+class FastVPruner(Pruner):
+    """FastV in the LLM: the first `layer` (K) layers see every visual token; after layer K, the visual tokens the
+    last token attends to most in layer K (head-averaged, softmax over every key) go on, the budget of them.
+
+    The row: the last instruction token where the processor's `instruction_mask` is given (so a step of decoding
+    without a cache, which sees the generated tokens too, asks the prompt's row as the prefill did; FastV's code
+    takes the input's last token, at prefill the chat template's last one), else the last token."""
+
+    name = "fastv"
+    options = {"visual_tokens": 64, "layer": FASTV_DEFAULT_LAYER}
+
+    @classmethod
+    def check_options(cls, config, values):
+        super().check_options(config, values)
+        check_int(cls.name, "layer", values["layer"], 1, config.text_config.num_hidden_layers - 1,
+                  "K: the LLM layers that see every visual token")
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        schedule = schedule_for_budget(config.num_patches, config.text_config.num_hidden_layers, self.budget,
+                                       self.values["layer"])
+        self.last_full_layer, self.num_keep = schedule.layer - 1, schedule.num_keep
+
+    def llm_prune_layers(self):
+        return [self.last_full_layer]
+
+    def llm_budget(self, layer_idx):
+        return self.num_keep
+
+    def llm_request(self, layer_idx, view):
+        if layer_idx != self.last_full_layer:
+            return None
+        rows = view.last_instruction_slots(self.context.guidance.get("instruction_mask"))
+        return RowRequest(batch=view.image_rows, rows=rows, columns=view.visual_slots)
+
+    def after_llm_layer(self, layer_idx, view, request, hidden_states):
+        if layer_idx != self.last_full_layer:
+            return None
+        return Selection(fastv_keep_indices(request.probabilities, self.num_keep))

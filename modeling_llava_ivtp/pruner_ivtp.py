@@ -19,65 +19,119 @@ from transformers.utils import logging
 
 from .attention_rows import RowRequest
 from .guidance_ivtp import clip_content_mask, clip_token_features
-from .pruner_base import LlmView, Pruner, PruneContext, Selection, register_pruner
+from .pruner_base import LlmView, Pruner, PruneContext, Selection, check_int, register_pruner, sample_visual_cls
 from .pruning_ivtp import cosine_relevance, pseudo_cls, rollout_cls_row, select_keep_indices, span_mean, token_scores
 
 
 logger = logging.get_logger(__name__)
 
+ATTENTION_MODES = ("rollout", "group", "layer")  # paper Table 4: rollout, group-wise, layer-wise
+AGGREGATIONS = ("residual", "mean", "max", "multiply")  # paper Table 5
+
 
 @register_pruner
 class IvtpPruner(Pruner):
+    """IVTP's two stages, and the paper's ablations of its scoring as options (`pruning_options`):
+
+    - `attention` (Table 4): `"rollout"` (the method: group-wise attention rollout, eq. 3), `"group"` (the CLS row
+      of each group's top layer alone, pruning per group), `"layer"` (the CLS row of the current layer, pruning after
+      every layer of a group, the group's reduction spread geometrically over its layers);
+    - `aggregation` (Table 5, with `"rollout"`): how a group's layers combine -- `"residual"` (eq. 3), or the
+      element-wise `"mean"`, `"max"` or `"multiply"` of the layers' CLS rows;
+    - `visual_tokens`: a budget from which the config derives `schedule` (the 7B preset's shape); `None`: the
+      schedule as given.
+
+    Every variant weights the scores by the value norms of the scoring layer (eq. 4).
+    """
+
     name = "ivtp"
+    options = {"visual_tokens": None, "attention": "rollout", "aggregation": "residual"}
+
+    @classmethod
+    def check_options(cls, config, values):
+        if values["visual_tokens"] is not None:
+            check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.num_patches,
+                      "visual tokens per image that reach the LLM's last layers")
+        for name, allowed in (("attention", ATTENTION_MODES), ("aggregation", AGGREGATIONS)):
+            if values[name] not in allowed:
+                raise ValueError(
+                    f"`pruning_options[{name!r}]` of pruning_method='ivtp' must be one of {list(allowed)}, got "
+                    f"{values[name]!r}."
+                )
 
     def __init__(self, config, context: PruneContext):
         super().__init__(config, context)
-        self.vision_groups = {
-            last: (first, count) for (first, last), count in zip(config.vision_layer_groups, config.schedule["vision"])
-        }
-        self.llm_groups = {
-            last: (first, count) for (first, last), count in zip(config.llm_layer_groups, config.schedule["llm"])
-        }
-        self.lower: list[torch.Tensor] = []  # the current group's lower-layer attention (this call's)
+        self.attention, self.aggregation = self.values["attention"], self.values["aggregation"]
+        self.vision = self._targets(config.vision_layer_groups, config.schedule["vision"], config.num_patches)
+        self.llm = self._targets(config.llm_layer_groups, config.schedule["llm"], None)
+        self.gathered: list[torch.Tensor] = []  # the current group's attention so far (this call's)
         self.relevance = self.selected = None
 
-    @staticmethod
-    def _group_of(groups: dict, layer_idx: int):
-        for last, (first, count) in groups.items():
-            if first <= layer_idx <= last:
-                return last, count
-        return None, None
+    def _targets(self, groups, counts, start) -> dict[int, tuple[int, int, int | None]]:
+        """`{layer: (first layer of its group, last layer of its group, tokens kept after it or None)}` over the
+        groups' layers. `"layer"` mode prunes after every layer (`start`: the tokens before the first group, `None`
+        for the LLM, whose start is the vision tower's last count)."""
+        previous = start if start is not None else (self.config.schedule["vision"] or [self.config.num_patches])[-1]
+        targets = {}
+        for (first, last), count in zip(groups, counts):
+            for layer_idx in range(first, last + 1):
+                keep = count if layer_idx == last else None
+                if self.attention == "layer" and layer_idx < last:
+                    step = (layer_idx - first + 1) / (last - first + 1)
+                    keep = max(count, round(previous * (count / previous) ** step))
+                targets[layer_idx] = (first, last, keep)
+            previous = count
+        return targets
+
+    def _request(self, targets, layer_idx, block, cls_row, value_columns, batch=None):
+        """What a layer of a group is asked: every row of the block (a lower layer of a residual rollout), or the
+        CLS row over the block, with the value norms where the layer scores."""
+        if layer_idx not in targets:
+            return None
+        first, last, keep = targets[layer_idx]
+        scores_here = keep is not None
+        if self.attention == "rollout" and self.aggregation == "residual" and not scores_here:
+            return RowRequest(batch=batch, rows=block, columns=block)
+        if self.attention == "group" and not scores_here:
+            return None
+        values = value_columns if scores_here else None
+        return RowRequest(batch=batch, rows=cls_row, columns=block, value_columns=values)
+
+    def _select(self, targets, layer_idx, request, cls_index, candidates):
+        """After a layer of a group: gather its attention; where it prunes, the kept `candidates` (a slice of the
+        block's columns)."""
+        if layer_idx not in targets or request is None:
+            return None
+        _, _, keep = targets[layer_idx]
+        probabilities = request.probabilities
+        if keep is None:
+            self.gathered.append(probabilities if probabilities.shape[1] > 1 else probabilities[:, 0])
+            return None
+        row = probabilities[:, 0]
+        if self.attention == "rollout" and self.aggregation == "residual":
+            row = rollout_cls_row(row, self.gathered, cls_index=cls_index)  # eq. 3
+        elif self.attention == "rollout":
+            rows = torch.stack([*self.gathered, row.float()])
+            row = {"mean": rows.mean(0), "max": rows.amax(0), "multiply": rows.prod(0)}[self.aggregation]
+        self.gathered = []
+        return Selection(select_keep_indices(token_scores(row[:, candidates], request.value_norms), keep))  # eq. 4
 
     # --- stage 1 ------------------------------------------------------------------------------------------------
     def vision_request(self, layer_idx, images, tokens):
-        last, _ = self._group_of(self.vision_groups, layer_idx)
-        if last is None:
-            return None
-        if layer_idx < last:  # rollout needs every row of the lower layers
-            return RowRequest()
-        device = self.context.images_per_sample.device
-        every = torch.arange(tokens, device=device)
-        return RowRequest(rows=torch.zeros(1, dtype=torch.long, device=device), value_columns=every)
+        patches = torch.arange(1, tokens)  # value norms of the patches (the CLS is never pruned)
+        return self._request(self.vision, layer_idx, None, torch.zeros(1, dtype=torch.long), patches)
 
     def after_vision_layer(self, layer_idx, hidden_states, request):
-        last, count = self._group_of(self.vision_groups, layer_idx)
-        if last is None:
-            return None
-        if layer_idx < last:
-            self.lower.append(request.probabilities)
-            return None
         with torch.no_grad(), record_function("ivtp/vision_scoring"):  # profiler label only
-            rollout = rollout_cls_row(request.probabilities[:, 0], self.lower, cls_index=0)  # eq. 3
-            scores = token_scores(rollout[:, 1:], request.value_norms[:, 1:])  # eq. 4, CLS excluded
-            self.lower = []
-            return Selection(select_keep_indices(scores, count))
+            selection = self._select(self.vision, layer_idx, request, 0, slice(1, None))  # CLS excluded
+        return selection
 
     # --- stage 2 ------------------------------------------------------------------------------------------------
     def llm_prune_layers(self):
-        return sorted(self.llm_groups)
+        return sorted(layer for layer, (_, _, keep) in self.llm.items() if keep is not None)
 
     def llm_budget(self, layer_idx):
-        return self.llm_groups[layer_idx][1]
+        return self.llm[layer_idx][2]
 
     def llm_probe(self, tokens):
         with record_function("ivtp/guidance"):
@@ -87,29 +141,14 @@ class IvtpPruner(Pruner):
             return pseudo_cls(tokens.hidden_states, self.selected, fallback=fallback), self.context.image_end_position
 
     def llm_request(self, layer_idx, view: LlmView):
-        last, _ = self._group_of(self.llm_groups, layer_idx)
-        if last is None:
-            return None
         # Rows and columns: the visual tokens, then the pseudo-CLS (its rule and causality are the layer's mask).
         probe = torch.full_like(view.visual_slots[:, :1], view.probe_slot)
         block = torch.cat([view.visual_slots, probe], dim=1)
-        if layer_idx < last:
-            return RowRequest(batch=view.image_rows, rows=block, columns=block)
-        return RowRequest(batch=view.image_rows, rows=probe, columns=block, value_columns=view.visual_slots)
+        return self._request(self.llm, layer_idx, block, probe, view.visual_slots, batch=view.image_rows)
 
-    def after_llm_layer(self, layer_idx, view, request):
-        last, count = self._group_of(self.llm_groups, layer_idx)
-        if last is None:
-            return None
-        if layer_idx < last:
-            self.lower.append(request.probabilities)
-            return None
+    def after_llm_layer(self, layer_idx, view, request, hidden_states):
         with torch.no_grad(), record_function("ivtp/llm_scoring"):
-            top_row = request.probabilities[:, 0]
-            rollout = rollout_cls_row(top_row, self.lower, cls_index=top_row.shape[-1] - 1)
-            scores = token_scores(rollout[:, :-1], request.value_norms)  # eq. 4 over the visual tokens
-            self.lower = []
-            return Selection(select_keep_indices(scores, count))
+            return self._select(self.llm, layer_idx, request, view.visual_slots.shape[1], slice(None, -1))
 
     def outputs(self):
         return {"instruction_relevance": (self.relevance, float("nan")), "pseudo_cls_tokens": (self.selected, False)}
@@ -166,14 +205,6 @@ def instruction_relevance(config, context: PruneContext, embeddings: torch.Tenso
     return relevance, has_relevance & (relevance >= config.tau)
 
 
-def sample_visual_cls(visual_cls: torch.Tensor, images_per_sample: torch.Tensor) -> torch.Tensor:
-    """The projected visual CLS of each sample's (only) image; zeros for samples without an image."""
-    has_image = images_per_sample > 0
-    first_image = (torch.cumsum(images_per_sample, dim=0) - images_per_sample).clamp_max(visual_cls.shape[0] - 1)
-    picked = visual_cls[first_image.to(visual_cls.device)]
-    return picked * has_image.to(picked.device, picked.dtype).unsqueeze(-1)
-
-
 def final_clip_cls(model, feature_layer_hidden_states: torch.Tensor) -> torch.Tensor:
     """The vision tower's final CLS (after its last layer and `post_layernorm`) from the feature layer's output
     `(images, 1 + kept, hidden)`: the layers after the feature layer run on the kept tokens, the last one for its CLS
@@ -208,4 +239,4 @@ def _clip_layer_cls_row(layer, hidden_states: torch.Tensor) -> torch.Tensor:
     return cls_state + layer.mlp(layer.layer_norm2(cls_state))
 
 
-__all__ = ["IvtpPruner", "final_clip_cls", "instruction_relevance", "sample_visual_cls"]
+__all__ = ["IvtpPruner", "final_clip_cls", "instruction_relevance"]

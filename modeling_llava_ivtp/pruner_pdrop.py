@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 
 from .pruning_ivtp import select_keep_indices
+from .attention_rows import RowRequest
+from .pruner_base import Pruner, Selection, check_int, register_pruner
 
 PDROP_DEFAULT_STAGES = 4  # S; lambda follows from the budget (0.5 for the default 72 of 576)
 
@@ -101,3 +103,43 @@ def schedule_for_budget(
     ratio = (budget / num_patches) ** (1.0 / (num_stages - 1))  # lambda
     counts = [int(num_patches * ratio**stage + 0.5) for stage in range(1, num_stages - 1)]
     return PDropSchedule(layers=layers, num_keep=(*counts, budget))
+
+
+@register_pruner
+class PDropPruner(Pruner):
+    """PyramidDrop in the LLM: the layers split evenly into `stages`; at the end of each stage but the last, the
+    visual tokens the last instruction token (`instruction_mask`'s last; without it the last token) attends to most
+    go on, geometrically fewer per stage, the last stage holding the budget. Kept tokens keep their original position ids."""
+
+    name = "pdrop"
+    options = {"visual_tokens": 64, "stages": PDROP_DEFAULT_STAGES}
+
+    @classmethod
+    def check_options(cls, config, values):
+        super().check_options(config, values)
+        check_int(cls.name, "stages", values["stages"], 2, config.text_config.num_hidden_layers, "LLM stages")
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        schedule = schedule_for_budget(config.num_patches, config.text_config.num_hidden_layers, self.budget,
+                                       self.values["stages"])
+        # a stage ending after `n` layers prunes after layer index `n - 1`
+        self.stages = {layers - 1: keep for layers, keep in zip(schedule.layers, schedule.num_keep)}
+
+    def llm_prune_layers(self):
+        return sorted(self.stages)
+
+    def llm_budget(self, layer_idx):
+        return self.stages[layer_idx]
+
+    def llm_request(self, layer_idx, view):
+        if layer_idx not in self.stages:
+            return None
+        rows = view.last_instruction_slots(self.context.guidance.get("instruction_mask"))
+        return RowRequest(batch=view.image_rows, rows=rows, columns=view.visual_slots)
+
+    def after_llm_layer(self, layer_idx, view, request, hidden_states):
+        if layer_idx not in self.stages:
+            return None
+        scores = pdrop_scores(request.probabilities.unsqueeze(1))  # (images, 1 head, 1 row, visual)
+        return Selection(select_keep_indices(scores, self.stages[layer_idx]))

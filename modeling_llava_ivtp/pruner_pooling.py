@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+from .pruner_base import Pruner, Selection, register_pruner
 
 
 def pooling_grid_split(num_keep: int, side: int) -> tuple[int, int]:
@@ -70,3 +71,25 @@ def spatial_pooling(features: torch.Tensor, num_keep: int) -> tuple[torch.Tensor
 
     keep = (centres(rows)[:, None] * side + centres(columns)[None, :]).reshape(-1)
     return keep.expand(features.shape[0], -1), merged
+
+
+@register_pruner
+class PoolingPruner(Pruner):
+    """Spatial pooling on the projected image features: the patch grid averaged over `rows x columns` cells to the
+    budget (each cell's token at its centre patch)."""
+
+    name = "pooling"
+    options = {"visual_tokens": 64}
+
+    @classmethod
+    def check_options(cls, config, values):
+        super().check_options(config, values)
+        side = math.isqrt(config.num_patches)
+        try:
+            pooling_grid_split(values["visual_tokens"], side)
+        except ValueError as error:
+            raise ValueError(f"`pruning_options['visual_tokens']` of pruning_method='pooling': {error}") from None
+
+    def on_projected(self, features):
+        keep, merged = spatial_pooling(features, self.budget)
+        return Selection(keep, merged)

@@ -20,8 +20,12 @@ Integration: a vision-layer site, between attention and MLP as in ToMe, so every
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from .attention_rows import RowRequest
+from .pruner_base import Pruner, Selection, register_pruner, two_site_schedule
 
 
 def tome_bipartite_merge(
@@ -99,3 +103,117 @@ def proportional_attention_bias(sizes: torch.Tensor) -> torch.Tensor:
     if sizes.dim() != 2:
         raise ValueError(f"sizes must be (batch, n), got shape {tuple(sizes.shape)}.")
     return sizes.float().log()[:, None, None, :]
+
+
+def merge_counts(start: int, final: int, steps: int) -> list[int]:
+    """Tokens each of `steps` ToMe steps removes to go from `start` to exactly `final`: ToMe's constant `r`
+    (`ceil(left / steps left)` each step), raised where the later steps could not otherwise reach `final` (one
+    bipartite step merges at most half the tokens, `n // 2`), never above that cap. Refused when no schedule can."""
+    bounds = [final]  # the most tokens allowed after each step, from the last one back
+    for _ in range(steps - 1):
+        most = bounds[-1]
+        while (most + 1) - (most + 1) // 2 <= bounds[-1]:
+            most += 1
+        bounds.append(most)
+    bounds.reverse()
+    removals, tokens = [], start
+    for step in range(steps):
+        removal = max(math.ceil((tokens - final) / (steps - step)), tokens - bounds[step])
+        removal = min(removal, tokens // 2, tokens - final)
+        removals.append(removal)
+        tokens -= removal
+    if tokens != final:
+        raise ValueError(f"ToMe cannot merge {start} tokens down to {final} in {steps} steps (at most half a step).")
+    return removals
+
+
+@register_pruner
+class TomePruner(Pruner):
+    """ToMe in the vision tower: after every layer that runs for patch features, bipartite soft matching merges
+    `r` tokens (keys averaged over heads as the metric, CLS protected, size-weighted means), with ToMe's proportional
+    attention (`log s` added to every later layer's attention logits); `r` constant, so the last layer leaves the
+    budget. After the layer, not between its attention and MLP as in ToMe: layers run unchanged."""
+
+    name = "tome"
+    options = {"visual_tokens": 64}
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        layers = config.vision_layer_groups[-1][1] + 1
+        self.removals = merge_counts(config.num_patches, self.budget, layers)
+        self.sizes = None  # (images, 1 + tokens), CLS first: this call's token sizes
+
+    @classmethod
+    def check_options(cls, config, values):
+        super().check_options(config, values)
+        try:
+            merge_counts(config.num_patches, values["visual_tokens"], config.vision_layer_groups[-1][1] + 1)
+        except ValueError as error:
+            raise ValueError(f"`pruning_options['visual_tokens']` of pruning_method='tome': {error}") from None
+
+    def vision_request(self, layer_idx, images, tokens):
+        if not self.removals[layer_idx]:
+            return None
+        return RowRequest(scores=False, key_columns=torch.arange(tokens))
+
+    def vision_mask(self, layer_idx):
+        return None if self.sizes is None else proportional_attention_bias(self.sizes)
+
+    def after_vision_layer(self, layer_idx, hidden_states, request):
+        if not self.removals[layer_idx]:
+            return None
+        keep, merged, self.sizes = tome_bipartite_merge(
+            request.key_means, hidden_states, self.removals[layer_idx], sizes=self.sizes, protected=1
+        )
+        return Selection(keep[:, 1:] - 1, merged[:, 1:])  # the CLS (protected) stays first and unchanged
+
+
+@register_pruner
+class TomePlusPruner(Pruner):
+    """ToMe+ (paper Table 7): ToMe in the vision tower to the 7B preset's vision share of the budget
+    (`two_site_schedule`), then in the first LLM groups the visual tokens of each image are merged by bipartite
+    soft matching after each group's last layer (keys over heads as the metric, repeated steps where more than half
+    must go). Sizes restart at one in the LLM: proportional attention is not carried into the decoder."""
+
+    name = "tome_plus"
+    options = {"visual_tokens": 64}
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        schedule = two_site_schedule(config, self.budget)
+        layers = config.vision_layer_groups[-1][1] + 1
+        self.removals = merge_counts(config.num_patches, schedule["vision"][-1], layers)
+        size = config.group_size
+        self.llm = {start + size - 1: count for start, count in zip(range(0, size * len(schedule["llm"]), size),
+                                                                    schedule["llm"])}
+        self.sizes = None
+
+    vision_request = TomePruner.vision_request
+    vision_mask = TomePruner.vision_mask
+    after_vision_layer = TomePruner.after_vision_layer
+
+    def llm_prune_layers(self):
+        return sorted(self.llm)
+
+    def llm_budget(self, layer_idx):
+        return self.llm[layer_idx]
+
+    def llm_request(self, layer_idx, view):
+        if layer_idx not in self.llm:
+            return None
+        return RowRequest(batch=view.image_rows, scores=False, key_columns=view.visual_slots)
+
+    def after_llm_layer(self, layer_idx, view, request, hidden_states):
+        if layer_idx not in self.llm:
+            return None
+        rows = view.image_rows.to(hidden_states.device)
+        features = hidden_states[rows.unsqueeze(-1), view.visual_slots.to(hidden_states.device)]
+        metric = request.key_means
+        keep = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
+        sizes = torch.ones(features.shape[:2], device=features.device)
+        while features.shape[1] > self.llm[layer_idx]:
+            step = min(features.shape[1] - self.llm[layer_idx], features.shape[1] // 2)
+            survivors, features, sizes = tome_bipartite_merge(metric, features, step, sizes=sizes, protected=0)
+            metric = metric.gather(1, survivors.to(metric.device).unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
+            keep = keep.gather(1, survivors.to(keep.device))
+        return Selection(keep, features)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .pruning_ivtp import select_keep_indices
+from .attention_rows import RowRequest
+from .pruner_base import Pruner, Selection, check_int, register_pruner
 
 
 def visionzip_keep_indices(
@@ -93,7 +95,7 @@ def visionzip_keep_indices(
             gather_rows(kept_features, targets)
             + assignment.transpose(1, 2) @ gather_rows(kept_features, others) / counts
         )
-        kept_features.scatter_(1, targets.unsqueeze(-1).expand(-1, -1, dim), merged)
+        kept_features = kept_features.scatter(1, targets.unsqueeze(-1).expand(-1, -1, dim), merged)  # autograd-safe
         keep.scatter_(1, targets, True)
 
     keep_indices = mask_to_indices(keep, num_dominant + num_contextual)
@@ -108,3 +110,41 @@ def mask_to_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
 def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`tensor[b, index[b, i]]` for `(batch, n, dim)` and `(batch, k)`."""
     return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
+
+
+@register_pruner
+class VisionZipPruner(Pruner):
+    """VisionZip at LLaVA's feature layer: the dominant patches by that layer's CLS attention, plus contextual
+    tokens merging the rest by key similarity. The paper's 64-token split for LLaVA-1.5 is 54 dominant + 10
+    contextual; other budgets keep that ratio (`dominant` overrides it). The CLS is not among the dominant tokens:
+    LLaVA's `default` feature strategy drops it, so the budget counts patches only."""
+
+    name = "visionzip"
+    options = {"visual_tokens": 64, "dominant": None}
+
+    @classmethod
+    def check_options(cls, config, values):
+        super().check_options(config, values)
+        if values["dominant"] is not None:
+            check_int(cls.name, "dominant", values["dominant"], 0, values["visual_tokens"],
+                      "dominant tokens, the rest of the budget being contextual")
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        dominant = self.values["dominant"]
+        self.dominant = round(self.budget * 54 / 64) if dominant is None else dominant
+        self.layer = config.vision_layer_groups[-1][1]
+
+    def vision_request(self, layer_idx, images, tokens):
+        if layer_idx != self.layer:
+            return None
+        return RowRequest(rows=torch.zeros(1, dtype=torch.long), key_columns=torch.arange(tokens))
+
+    def after_vision_layer(self, layer_idx, hidden_states, request):
+        if layer_idx != self.layer:
+            return None
+        keep, kept = visionzip_keep_indices(
+            hidden_states[:, 1:], request.probabilities[:, 0, 1:], request.key_means[:, 1:], self.dominant,
+            self.budget - self.dominant,
+        )
+        return Selection(keep, kept)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from .attention_rows import RowRequest
+from .pruner_base import Pruner, Selection, check_int, register_pruner
 
 
 def vispruner_keep_indices(
@@ -69,3 +71,37 @@ def vispruner_keep_indices(
         residual = torch.cat([even.gather(1, order), odd], dim=1)
     keep_indices = torch.cat([important, residual[:, :num_diverse]], dim=1)
     return keep_indices.sort(dim=1).values
+
+
+@register_pruner
+class VisPrunerPruner(Pruner):
+    """VisPruner at LLaVA's feature layer: the important patches by that layer's CLS attention, then diverse ones
+    among the rest. The paper's 64-token split is 48 important + 16 diverse (`important` overrides the 3:1
+    ratio for other budgets)."""
+
+    name = "vispruner"
+    options = {"visual_tokens": 64, "important": None}
+
+    @classmethod
+    def check_options(cls, config, values):
+        super().check_options(config, values)
+        if values["important"] is not None:
+            check_int(cls.name, "important", values["important"], 0, values["visual_tokens"],
+                      "important tokens, the rest of the budget being diverse")
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        important = self.values["important"]
+        self.important = round(self.budget * 48 / 64) if important is None else important
+        self.layer = config.vision_layer_groups[-1][1]
+
+    def vision_request(self, layer_idx, images, tokens):
+        return RowRequest(rows=torch.zeros(1, dtype=torch.long)) if layer_idx == self.layer else None
+
+    def after_vision_layer(self, layer_idx, hidden_states, request):
+        if layer_idx != self.layer:
+            return None
+        keep = vispruner_keep_indices(
+            hidden_states[:, 1:], request.probabilities[:, 0, 1:], self.important, self.budget - self.important
+        )
+        return Selection(keep)

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from .attention_rows import base_backend, records_rows
+from .cache_ivtp import IvtpCache
+from .transformers_compat import CACHE_ARG
+
 
 INTEGER_DTYPES = (torch.long, torch.int, torch.int16, torch.int8, torch.uint8)
 
@@ -256,4 +260,59 @@ def check_placeholders(config, placeholder_counts: list[int], num_images: int, l
             "IVTP stage 2 prunes one image per sample (one pseudo-CLS per image block); got "
             f"{[count // num_patches for count in placeholder_counts]} images per sample. Use schedule['llm'] = "
             "[] for several images."
+        )
+
+
+# Attention implementations pruning runs with: they record the rows scoring needs and take 4-D masks.
+STAGE_2_ATTENTION = ("sdpa", "eager")
+
+
+def check_prunable_inputs(config, vision_feature_layer, vision_feature_select_strategy, kwargs) -> None:
+    """What a pruned prefill cannot take: another feature layer or strategy, other image inputs, a backend that
+    does not record attention rows or take 4-D masks."""
+    if vision_feature_layer is not None and vision_feature_layer != config.vision_feature_layer:
+        raise ValueError(
+            f"`vision_feature_layer`={vision_feature_layer} differs from the config's "
+            f"{config.vision_feature_layer}, which the pruning schedule is built for; leave it unset."
+        )
+    if (
+        vision_feature_select_strategy is not None
+        and vision_feature_select_strategy != config.vision_feature_select_strategy
+    ):
+        raise ValueError(
+            "`vision_feature_select_strategy` must be left unset (the schedule is built for the config's "
+            f"{config.vision_feature_select_strategy!r}), got {vision_feature_select_strategy!r}."
+        )
+    for name in ("image_sizes", "mm_encoder_outputs"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"`{name}` is not supported with IVTP pruning: pass `pixel_values` (LLaVA-1.5 images).")
+    for name in ("vision_config", "text_config"):
+        attn_implementation = getattr(config, name)._attn_implementation
+        if not records_rows(attn_implementation):
+            raise ValueError(
+                f"Pruning reads attention rows from the layers' own computation and passes 4-D masks; {name}."
+                f"_attn_implementation={base_backend(attn_implementation)!r} is not one of {STAGE_2_ATTENTION} "
+                "(flash-attention takes no 4-D mask, and flex attention has not been tested). Load the model "
+                "with attn_implementation='sdpa' (or 'eager')."
+            )
+
+
+def check_cache_class(cache) -> None:
+    if not isinstance(cache, IvtpCache):
+        raise ValueError(
+            f"IVTP stores a different set of tokens per layer, which a {type(cache).__name__} cannot "
+            f"hold (static, quantized, offloaded and compiled caches included). Pass `{CACHE_ARG}=None` (an "
+            "`IvtpCache` is created) or an empty `IvtpCache`; in `generate`, leave `cache_implementation` unset."
+        )
+
+def check_prefill_cache(cache) -> None:
+    if cache is None:
+        return
+    check_cache_class(cache)
+    if cache.get_seq_length() > 0:
+        raise ValueError(
+            f"IVTP prunes the image once, at prefill: `pixel_values` need an empty `{CACHE_ARG}`, this one "
+            f"holds {cache.get_seq_length()} tokens. To continue a conversation about the same image, "
+            "pass the whole conversation's `input_ids` with the returned cache and without `pixel_values`; "
+            "`prefill_chunk_size` cannot be used with pruning."
         )

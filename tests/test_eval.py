@@ -45,31 +45,27 @@ def test_grid_is_measured_and_resumes(checkpoint, tmp_path, capsys):
                                                                  "random@16", "ivtp@32"}
 
 
-def test_random_keep_of_every_token_is_stock_greedy_generation(checkpoint):
-    """`random@K` at K = all patches drops nothing: its decode (submodules, positions, no cache) must give stock
-    Llava's greedy `generate` tokens; at K = 16 every sample's LLM sees 16 of its placeholders' features."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def test_every_registered_method_is_a_setting(checkpoint, tmp_path):
+    """`METHOD@K` for every method of the registry: measured with its budget, its mean tokens per LLM layer as its
+    forward held them (FastV: every token in its first layers) and its TFLOPs."""
+    from modeling_llava_ivtp.configuration_llava_ivtp import PRUNING_METHODS
 
-    from modeling_llava_ivtp import testbed
-    from modeling_llava_ivtp.eval_ivtp import prompt_of, random_keep_generate, setting_tflops
-
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
-    model.config.schedule = None
-    records = [testbed.example("test", index).record() for index in range(3)]
-    inputs = processor(images=[r["image"] for r in records], text=[prompt_of(r["question"]) for r in records],
-                       padding=True, return_tensors="pt")
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    model.generation_config.eos_token_id = None  # compare every step, not only up to the first EOS
-    stock = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-    ours, seconds = random_keep_generate(model, inputs, 144, 3, torch.Generator().manual_seed(0))
-    assert torch.equal(ours, stock) and seconds > 0
-    kept, _ = random_keep_generate(model, inputs, 16, 3, torch.Generator().manual_seed(0))
-    assert kept.shape == (3, 3)
-    full = setting_tflops(model.config, 20)
-    assert setting_tflops(model.config, 20, random_keep=144) == pytest.approx(full)
-    assert setting_tflops(model.config, 20, random_keep=16) < full
+    results = tmp_path / "results.json"
+    methods = [method for method in PRUNING_METHODS if method != "ivtp"]
+    argv = ["eval", "--model", str(checkpoint), "--dataset", "testbed:test", "--limit", "2", "--batch-size", "2",
+            "--settings", "full", *[f"{method}@16" for method in methods], "--json", str(results), "--threads", "1",
+            "--no-progress"]
+    assert cli_main(argv) == 0
+    settings = json.loads(results.read_text())["settings"]
+    full = settings["full"]
+    for method in methods:
+        entry = settings[f"{method}@16"]
+        assert entry["visual_tokens"] == 16, method
+        assert entry["fields"] == {"schedule": None, "pruning_method": method, "pruning_options": {"visual_tokens": 16}}
+        assert 16 <= entry["mean_visual_tokens_per_llm_layer"] < full["mean_visual_tokens_per_llm_layer"], method
+        assert entry["tflops"] < full["tflops"], method
+    assert settings["fastv@16"]["mean_visual_tokens_per_llm_layer"] > 16  # its first layers see every token
+    assert settings["topk@16"]["mean_visual_tokens_per_llm_layer"] == 16
 
 
 def test_results_of_another_run_are_not_mixed_in(checkpoint, tmp_path, capsys):
@@ -80,7 +76,8 @@ def test_results_of_another_run_are_not_mixed_in(checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("spec, message", [("ivtp@0", "K must be in"), ("ivtp@999", "K must be in"),
-                                           ("ivtp@16:nope", "guidance"), ("topk@16", "expected full"),
+                                           ("ivtp@16:nope", "guidance"), ("nope@16", "expected full"),
+                                           ("pooling@13", "pooling"), ("fastv@16:visual_cls", "no guidance"),
                                            ("stage1@16:visual_cls", "no guidance"),
                                            ("random@16:visual_cls", "no guidance"), ("random@0", "K must be in")])
 def test_bad_settings(checkpoint, spec, message):
@@ -92,11 +89,17 @@ def test_bad_settings(checkpoint, spec, message):
 
 
 def test_visual_tokens_per_llm_layer():
-    from modeling_llava_ivtp import IvtpConfig
-    from tiny_models import tiny_config_dict
+    """From what the forward's layers held: TINY_SCHEDULE (vision [24, 16, 12], llm [8, 5], group 2, 8 LLM layers)."""
+    import torch
 
-    config = IvtpConfig(**tiny_config_dict())  # vision [24, 16, 12], llm [8, 5], group 2, 8 LLM layers
-    assert visual_tokens(config) == {"visual_tokens": 5, "mean_visual_tokens_per_llm_layer": (12 * 2 + 8 * 2 + 5 * 4) / 8}
+    from tiny_models import make_batch, tiny_model
+
+    model = tiny_model()
+    with torch.no_grad():
+        held = model(**make_batch(), use_cache=False).visual_tokens_per_layer
+    assert held == (12, 12, 8, 8, 5, 5, 5, 5)
+    assert visual_tokens(model.config, held) == {"visual_tokens": 5, "mean_visual_tokens_per_llm_layer": (12 * 2 + 8 * 2 + 5 * 4) / 8}
+    assert visual_tokens(model.config, None) == {"visual_tokens": 36, "mean_visual_tokens_per_llm_layer": 36.0}
 
 
 def test_overlay_marks_exactly_the_kept_patches():

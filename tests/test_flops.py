@@ -218,10 +218,32 @@ def test_cli_markdown_prints_tables_3_and_9(tiny_preset, capsys):
     output = capsys.readouterr().out
     assert "(paper Table 3)" in output and "at 16 text tokens (paper Table 9)" in output
     assert "| method | 8 | 16 |" in output
-    assert "| method | visual tokens in LLM | ViT | LLM | extra | total | vs stock |" in output
+    assert "| method | visual tokens in LLM | mean per LLM layer | ViT | LLM | extra | total | vs stock |" in output
     for label in ("| LLaVA-1.5 (stock) |", "| TopK (vision only, to 5) |", "| IVTP (preset) |"):
         assert output.count(label) == 2, label
+    assert "| IVTP (preset) | 12 -> 5 | 7.5 |" in output  # (12 * 2 + 8 * 2 + 5 * 4) / 8 tokens per layer
     assert "runs over its whole context of 77 tokens" in output
+
+
+def test_cli_rows_per_method(tiny_preset, capsys):
+    """`--methods all`: one row per registered method at the budget, with what its layers held."""
+    from modeling_llava_ivtp.configuration_llava_ivtp import PRUNING_METHODS
+
+    assert main(["flops", "--preset", str(tiny_preset), "--text-tokens", "16", "--methods", "all",
+                 "--visual-tokens", "8", "--format", "json"]) == 0
+    rows = {row["key"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    stock = rows["stock"]["results"][0]
+    for method in PRUNING_METHODS:
+        result = rows[f"method:{method}"]["results"][0]
+        assert rows[f"method:{method}"]["label"] == f"{method} @8"
+        assert result["visual_tokens_last_layer"] == 8, method
+        assert 8 <= result["mean_visual_tokens_per_llm_layer"] < 36 and result["ratio_to_stock"] < 1, method
+    fastv = rows["method:fastv"]["results"][0]
+    assert fastv["visual_tokens_into_llm"] == 36 and fastv["mean_visual_tokens_per_llm_layer"] == (2 * 36 + 6 * 8) / 8
+    assert rows["method:topk"]["results"][0]["tflops"]["vit"] < stock["tflops"]["vit"]  # pruned inside the tower
+    assert rows["method:divprune"]["results"][0]["tflops"]["vit"] == stock["tflops"]["vit"]  # after it
+    assert main(["flops", "--preset", str(tiny_preset), "--methods", "fast_v"]) == 2
+    assert "--methods ['fast_v'] are not methods" in capsys.readouterr().err
 
 
 def test_cli_json_is_the_measured_counts(tiny_preset, capsys):

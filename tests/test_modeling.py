@@ -90,7 +90,7 @@ def test_segment_mask_is_causal_padded_and_isolates_the_pseudo_cls(attn_implemen
     """The stage-2 segment mask, built by broadcasting, against the rule written out element by element: causal,
     padding keys masked, the pseudo-CLS (last slot) sees the slots up to its sample's last visual token and itself,
     and a sample without an image lets it see only itself."""
-    from modeling_llava_ivtp.tokens_ivtp import TokenState
+    from modeling_llava_ivtp.tokens_ivtp import TokenState, segment_mask
 
     model = tiny_model(attn_implementation=attn_implementation)
     batch_size, num_slots = 3, 9
@@ -105,7 +105,7 @@ def test_segment_mask_is_causal_padded_and_isolates_the_pseudo_cls(attn_implemen
         has_image=[True, True, False], length=num_slots, pads=[0, 1, 0], visual=3,
         probe=True,
     )
-    mask = model._segment_mask(tokens, None, layer_idx=0)
+    mask = segment_mask(model.config.text_config, tokens, None, layer_idx=0)
     assert mask.shape == (batch_size, 1, num_slots, num_slots)
     allowed = mask if mask.dtype == torch.bool else mask == 0
     visual_end = [4, 2, -1]
@@ -399,13 +399,8 @@ def test_hidden_states_follow_the_pruned_lengths():
 
 def test_bfloat16_keeps_the_float32_tokens():
     """In bfloat16 the scores are still computed in float32 (vision probabilities, stage-2 block): on the tiny model
-    the kept tokens equal float32's, with and without a cache, and the logits stay close.
-
-    With eager attention, whose softmax is float32 too. The layers run the configured backend (the scores are
-    recorded from them): with bfloat16 sdpa on the CPU, the vision tower's hidden states (sharpened attention, logits
-    x100) move one patch of the 12 kept of image 2 -- a difference of the backend's layer arithmetic, not of the
-    scoring (before the seam, stage 1 ran its own eager arithmetic whatever the backend)."""
-    model = sharpen_attention(tiny_model(attn_implementation="eager"))
+    the kept tokens equal float32's, with and without a cache, and the logits stay close."""
+    model = sharpen_attention(tiny_model())
     batch = make_batch()
     with torch.no_grad():
         reference = model(**batch, use_cache=True)

@@ -17,8 +17,10 @@ from tiny_models import IMAGE_TOKEN_ID, TINY_CLIP_TEXT, make_images, tiny_model,
 
 REMOTE_FILES = {
     "configuration_llava_ivtp.py", "modeling_llava_ivtp.py", "processing_llava_ivtp.py", "cache_ivtp.py",
-    "guidance_ivtp.py", "pruning_ivtp.py", "transformers_compat.py",
-    "validation_ivtp.py",
+    "guidance_ivtp.py", "pruning_ivtp.py", "transformers_compat.py", "validation_ivtp.py", "attention_rows.py",
+    "generation_ivtp.py", "outputs_ivtp.py", "tokens_ivtp.py", "pruners.py", "pruner_base.py",
+    *(f"pruner_{name}.py" for name in ("ivtp", "random", "topk", "pooling", "evit", "tome", "fastv", "pdrop",
+                                       "visionzip", "vispruner", "divprune", "cdpruner")),
 }
 PROMPTS = ["USER: <image>\nWhat color is the dog? ASSISTANT:", "USER: <image>\nIs it big? ASSISTANT:"]
 

@@ -40,6 +40,7 @@ class RowRequest:
         the row attends to under the layer's own mask; columns only select what is returned.
     value_columns: `(n, C')` (or `(C',)`) tokens whose value-vector norm over every head (eq. 4) is wanted.
     key_columns: `(n, C'')` (or `(C'',)`) tokens whose keys, averaged over heads, are wanted.
+    scores: whether `probabilities` are wanted (`False`: keys or values only).
 
     Answers, read after the layer call: `probabilities` `(n, R, C)` float32, head-averaged; `value_norms` `(n, C')`
     float32; `key_means` `(n, C'', head_dim)` float32.
@@ -50,6 +51,7 @@ class RowRequest:
     columns: torch.Tensor | None = None
     value_columns: torch.Tensor | None = None
     key_columns: torch.Tensor | None = None
+    scores: bool = True
     call: tuple | None = field(default=None, repr=False)  # what the layer's attention used (`attach`)
     full: torch.Tensor | None = field(default=None, repr=False)  # every row, when the layer computed them itself
 
@@ -66,7 +68,7 @@ class RowRequest:
 
     @property
     def every_row(self) -> bool:
-        return self.batch is None and self.rows is None and self.columns is None
+        return self.scores and self.batch is None and self.rows is None and self.columns is None
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -120,7 +122,8 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
     lowest = torch.finfo(torch.float32).min
     if attention_mask is None:
         if num_queries > 1 and is_causal:
-            allowed = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device).tril(num_keys - num_queries)
+            allowed = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device)
+            allowed = allowed.tril(num_keys - num_queries)
             allowed = _pick(allowed.expand(batch_size, -1, -1), request.batch, request.rows, dim=1)
             logits = logits.masked_fill(~allowed.unsqueeze(1), lowest)
     else:

@@ -1,4 +1,5 @@
-"""Configuration of LLaVA-IVTP: `LlavaConfig` plus the two-stage pruning schedule of the IVTP paper."""
+"""Configuration of LLaVA-IVTP: `LlavaConfig` plus the pruning method (IVTP's two-stage schedule, or another method
+of the registry, `pruner_base.PRUNERS`) and its options."""
 
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ from .guidance_ivtp import validate_clip_text_encoder
 SCHEDULE_STAGES = ("vision", "llm")
 # How the stage-2 pseudo-CLS is formed (paper Table 6, last row first: the paper's method is the default).
 # IvtpConfig's own fields on top of LlavaConfig's.
-IVTP_FIELDS = ("schedule", "group_size", "tau", "clip_text_encoder", "guidance")
+IVTP_FIELDS = ("schedule", "group_size", "tau", "clip_text_encoder", "guidance", "pruning_method", "pruning_options")
+
+# The methods `pruning_method` takes (each a `Pruner` registered under its name; `None`: no pruning, stock Llava).
+PRUNING_METHODS = (
+    "ivtp", "random", "topk", "pooling", "evit", "tome", "topk_plus", "tome_plus", "fastv", "pdrop", "visionzip",
+    "vispruner", "divprune", "cdpruner",
+)
 
 
 def stock_llava_fields(config_dict: dict) -> dict:
@@ -65,6 +72,12 @@ def _check_guidance(value) -> str:
     return value
 
 
+def _check_pruning_method(value) -> str | None:
+    if value is not None and (not isinstance(value, str) or value not in PRUNING_METHODS):
+        raise ValueError(f"`pruning_method` must be one of {list(PRUNING_METHODS)} or None (no pruning), got {value!r}.")
+    return value
+
+
 def _check_clip_text_encoder(value) -> dict | None:
     if value is not None:
         validate_clip_text_encoder(value)
@@ -78,6 +91,7 @@ _FIELD_CHECKS = {
     "tau": _check_tau,
     "clip_text_encoder": _check_clip_text_encoder,
     "guidance": _check_guidance,
+    "pruning_method": _check_pruning_method,
 }
 
 
@@ -89,9 +103,20 @@ def layer_groups(num_layers: int, group_size: int) -> list[tuple[int, int]]:
 @strict
 class IvtpConfig(LlavaConfig):
     r"""
-    Configuration of [`LlavaIvtpForConditionalGeneration`]: a [`LlavaConfig`] plus IVTP's pruning fields.
+    Configuration of [`LlavaIvtpForConditionalGeneration`]: a [`LlavaConfig`] plus the pruning method and its fields.
 
     Args:
+        pruning_method (`str`, *optional*, defaults to `"ivtp"`):
+            The visual-token pruning method, one of `PRUNING_METHODS` (`"ivtp"`, `"random"`, `"topk"`, `"pooling"`,
+            `"evit"`, `"tome"`, `"topk_plus"`, `"tome_plus"`, `"fastv"`, `"pdrop"`, `"visionzip"`, `"vispruner"`,
+            `"divprune"`, `"cdpruner"`; each a file `pruner_<name>.py` citing its paper), or `None`: no pruning, the
+            model is stock Llava. `"ivtp"` prunes when `schedule` is set (or derived from a budget).
+        pruning_options (`dict`, *optional*):
+            The method's options, checked by the method. Every method takes `visual_tokens`, the budget: visual tokens
+            per image that reach the LLM's last layers, mapped to the method's own schedule by its paper's rule
+            (default 64; for `"ivtp"` no default: `schedule` says it, or `visual_tokens` derives `schedule` with the
+            7B preset's shape). Others: `fastv` `layer` (K, 2), `pdrop` `stages` (4), `visionzip` `dominant`
+            (54 of 64), `vispruner` `important` (48 of 64), `random` `seed` (0).
         image_seq_length (`int`, *optional*):
             Image placeholder tokens per image. Defaults to the patches per image of the vision tower,
             `(image_size // patch_size) ** 2` (576 for LLaVA-1.5's 336 px CLIP with patch 14); a given value that
@@ -130,6 +155,8 @@ class IvtpConfig(LlavaConfig):
     tau: float = 0.2
     clip_text_encoder: dict | None = None
     guidance: str = "clip_relevance"
+    pruning_method: str | None = "ivtp"
+    pruning_options: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -163,12 +190,10 @@ class IvtpConfig(LlavaConfig):
 
     @property
     def pruning_enabled(self) -> bool:
-        return self.schedule is not None
-
-    @property
-    def pruning_method(self) -> str | None:
-        """The registered pruner the model runs (`pruner_base.PRUNERS`): `"ivtp"` with a schedule, else `None`."""
-        return "ivtp" if self.schedule is not None else None
+        """Whether the model prunes: a method is set (IVTP: with a schedule)."""
+        if self.pruning_method is None:
+            return False
+        return self.pruning_method != "ivtp" or self.schedule is not None
 
     # --- validation -------------------------------------------------------------------------------------------
     def __setattr__(self, name, value):
@@ -185,6 +210,7 @@ class IvtpConfig(LlavaConfig):
         construction is never used, nor saved, unchecked."""
         for name, check in _FIELD_CHECKS.items():
             check(getattr(self, name))
+        self._check_method()
         if self.schedule is not None:
             self._validate_schedule()
 
@@ -192,6 +218,34 @@ class IvtpConfig(LlavaConfig):
         """As [`PretrainedConfig.save_pretrained`], after `check_ivtp`: never writes a config that loading refuses."""
         self.check_ivtp()
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _check_method(self) -> None:
+        """The method's options, checked by its pruner; IVTP's budget derives its schedule; other methods take no
+        `schedule` (IVTP's field: silently unused, it would look like it applied)."""
+        from .pruners import PRUNERS, two_site_schedule  # the registry imports the pruners (torch and transformers)
+
+        method = self.pruning_method
+        if method is None:
+            return
+        if method != "ivtp" and self.schedule is not None:
+            raise ValueError(
+                f"`schedule` is IVTP's pruning schedule; with pruning_method={method!r} it must be None (the budget is "
+                "`pruning_options['visual_tokens']`)."
+            )
+        if method == "ivtp" and self.pruning_options is None:
+            return
+        values = PRUNERS[method].resolve_options(self)
+        budget = values.get("visual_tokens")
+        if method != "ivtp" or budget is None:
+            return
+        derived = two_site_schedule(self, budget)
+        if self.schedule is None:
+            self.schedule = derived
+        elif self.schedule != derived:
+            raise ValueError(
+                f"`schedule` {self.schedule} and `pruning_options['visual_tokens']`={budget} disagree: the budget "
+                f"derives {derived} (the 7B preset's shape). Give one of them (pass schedule=None to derive it)."
+            )
 
     def _validate_schedule(self) -> None:
         schedule = self.schedule

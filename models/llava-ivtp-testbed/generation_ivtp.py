@@ -1,0 +1,210 @@
+"""`generate` with pruned caches: cache preparation, the inputs of each step, and the steps after a pruned prefill
+(decoding and conversation continuation), where each layer attends to the tokens its cache holds."""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import slice_logits_to_keep
+
+from .cache_ivtp import IvtpCache
+from .outputs_ivtp import IvtpCausalLMOutputWithPast
+from .transformers_compat import CACHE_ARG, cache_kwargs, takes_cache_kwarg
+from .validation_ivtp import check_cache_class
+
+
+# Inputs that guide pruning (the processor's extra outputs): like `pixel_values`, they are used on the step that
+# prunes (the prefill) only. The first are aligned with `input_ids` (dim 1 is the sequence), the last is per sample.
+SEQUENCE_GUIDANCE_INPUTS = ("instruction_mask", "clip_token_spans")
+SAMPLE_GUIDANCE_INPUTS = ("clip_input_ids",)
+GUIDANCE_INPUTS = SEQUENCE_GUIDANCE_INPUTS + SAMPLE_GUIDANCE_INPUTS
+
+
+class PrunedGeneration:
+    """Mixed into `LlavaIvtpForConditionalGeneration` before `LlavaForConditionalGeneration` (whose methods `super()`
+    reaches): `generate` gets an `IvtpCache`, guidance inputs reach the steps that prune, and a step over a pruned cache
+    runs `forward_with_pruned_cache`."""
+
+    def _forward_with_pruned_cache(
+        self, input_ids, attention_mask, position_ids, cache: IvtpCache, inputs_embeds, labels, logits_to_keep,
+        guidance: dict, **kwargs,
+    ) -> IvtpCausalLMOutputWithPast:
+        """New tokens through the decoder when each layer's cache holds its own (pruned) token set.
+
+        New tokens get logical positions (and, unless given, rotary positions) after the cache; the 2-D attention mask
+        is logical (cache length + new tokens, as `generate` keeps it).
+        """
+        given = [name for name, value in guidance.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"{given} guide pruning at prefill; they cannot be passed with a cache that was already pruned "
+                "(decode steps and conversation continuations take only the new tokens' inputs)."
+            )
+        self._check_values_without_pixels(input_ids, inputs_embeds, cache, guidance)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch_size, num_new = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        past_length = cache.get_seq_length()
+        cached_batch = cache.layers[0].keys.shape[0]
+        if cached_batch != batch_size:
+            raise ValueError(f"The cache holds {cached_batch} samples but {batch_size} were given.")
+        if attention_mask is None:  # its shape, when given, was checked by `check_sequence_inputs`
+            attention_mask = torch.ones(batch_size, past_length + num_new, dtype=torch.bool, device=device)
+        new_positions = torch.arange(past_length, past_length + num_new, device=device).expand(batch_size, -1)
+        if position_ids is None:
+            position_ids = new_positions
+        output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
+        kwargs.pop("use_cache", None)
+        hidden_states, all_hidden = self._decode_layers(
+            inputs_embeds, attention_mask.to(device).bool(), position_ids.to(device).expand(batch_size, -1),
+            new_positions, cache, output_hidden_states, **kwargs,
+        )
+        cache.set_logical_length(past_length + num_new)
+        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return IvtpCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=all_hidden,
+            **cache_kwargs(cache),
+            kept_positions=slice_logits_to_keep(new_positions.unsqueeze(-1), logits_to_keep)[..., 0],
+        )
+
+    def _decode_layers(self, hidden_states, attention_mask, position_ids, new_positions, cache, output_hidden_states,
+                       **kwargs):
+        """The decoder layers over the new tokens. Per run of layers that share one record of held positions (a
+        pruning segment), the logical 2-D mask is gathered at the positions the run holds, then causal masking runs
+        over the layer's physical keys."""
+        language_model = self.model.language_model
+        position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids)
+        all_hidden = () if output_hidden_states else None
+        held, mask = None, None
+        for layer_idx, layer in enumerate(language_model.layers):
+            if cache.layer_positions[layer_idx] is None:
+                raise ValueError(f"The IvtpCache has no record of the tokens layer {layer_idx} holds; prefill again.")
+            if cache.layer_positions[layer_idx] is not held:  # the first layer of a run that shares one record
+                held = cache.layer_positions[layer_idx]
+                record = torch.cat([held.to(hidden_states.device), new_positions], dim=1)
+                kv_mask = attention_mask.gather(1, record.clamp_min(0)) & (record >= 0)
+                mask = create_causal_mask(
+                    config=self.config.text_config, inputs_embeds=hidden_states, attention_mask=kv_mask,
+                    **cache_kwargs(cache), position_ids=None, layer_idx=layer_idx,
+                    # An explicit mask per run; checking whether it could be skipped reads the device, once per run
+                    # and step (stock Llava reads once per step).
+                    allow_is_causal_skip=False,
+                )
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            hidden_states = layer(
+                hidden_states, attention_mask=mask, position_ids=position_ids, **cache_kwargs(cache), use_cache=True,
+                position_embeddings=position_embeddings, **kwargs,
+            )
+            cache.record_positions(layer_idx, record)
+        hidden_states = language_model.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        return hidden_states, all_hidden
+
+    # ------------------------------------------------------------------------------------------------------------
+    # generate
+    # ------------------------------------------------------------------------------------------------------------
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """IVTP: `generate` gets an `IvtpCache`; caches that cannot hold per-layer token sets are refused up front."""
+        if self.config.pruning_enabled and model_kwargs.get(CACHE_ARG) is not None:
+            check_cache_class(model_kwargs[CACHE_ARG])
+        if (
+            not self.config.pruning_enabled
+            or model_kwargs.get(CACHE_ARG) is not None
+            or generation_config.use_cache is False
+        ):
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"`cache_implementation={generation_config.cache_implementation!r}` cannot hold IVTP's pruned cache "
+                "(each layer holds a different set of tokens, so static, quantized, offloaded and compiled caches do "
+                "not apply). Leave `cache_implementation` unset: an `IvtpCache` (a `DynamicCache`) is used."
+            )
+        model_kwargs[CACHE_ARG] = IvtpCache(config=self.config.text_config)
+
+    @takes_cache_kwarg
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        next_sequence_length=None,
+        cache=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        is_first_iteration=False,
+        **kwargs,
+    ):
+        """Stock inputs, plus IVTP's guidance inputs on the steps that prune.
+
+        Like `pixel_values`, guidance inputs reach the model on the prefill step only (with a cache) or on every step
+        (`use_cache=False`, which prunes from scratch each step). On the first step they go as given, so the forward
+        checks them against `input_ids` exactly as when it is called directly; on later steps without a cache the
+        tokens generated since are appended as not-instruction (zeros), which is the only padding done here.
+        """
+        given = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+        if is_first_iteration and isinstance(cache, IvtpCache) and cache.is_pruned:  # a conversation continued
+            held = cache.get_seq_length()
+            # transformers also takes only the new tokens when `attention_mask` covers the whole conversation
+            only_new_with_full_mask = attention_mask is not None and attention_mask.shape[-1] == held + given
+            if given <= held and not only_new_with_full_mask:
+                raise ValueError(
+                    f"The cache holds the first {held} tokens of the conversation (the prompt with its image "
+                    f"placeholders, and the tokens generated since); `input_ids` must hold the whole conversation: those "
+                    f"{held} tokens, then the new ones. Got {given} tokens: pass `generated.sequences` with the new "
+                    "turn appended, not the new turn alone."
+                )
+        guidance = {name: kwargs.pop(name) for name in GUIDANCE_INPUTS if kwargs.get(name) is not None}
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            **cache_kwargs(cache),
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if guidance and (is_first_iteration or not kwargs.get("use_cache", True)):
+            step_inputs = model_inputs.get("input_ids")
+            if step_inputs is None:
+                step_inputs = model_inputs["inputs_embeds"]
+            step = step_inputs.shape[1]
+            for name, value in guidance.items():
+                if name in SEQUENCE_GUIDANCE_INPUTS:
+                    if not is_first_iteration and step > value.shape[1]:
+                        # a later step without a cache: the generated tokens are not instruction, overlap no CLIP token
+                        padding = value.new_zeros(value.shape[0], step - value.shape[1], *value.shape[2:])
+                        value = torch.cat([value, padding], dim=1)
+                    elif is_first_iteration and step < given:
+                        # a first step over a filled cache takes the new tokens only: so does their guidance, once it
+                        # is known to cover the whole input as `input_ids` does
+                        if value.shape[1] != given:
+                            raise ValueError(
+                                f"`{name}` must have one entry per token of `input_ids` ({given}), got "
+                                f"{value.shape[1]}."
+                            )
+                        value = value[:, given - step :]
+                model_inputs[name] = value.to(step_inputs.device)
+        return model_inputs
+
+
+def host_past_length(cache) -> int | None:
+    """The cache's length before this call as a host int (0 without a cache); `None` where it is not known on the
+    host without a read (a static cache counts its tokens on the device)."""
+    if cache is None:
+        return 0
+    if getattr(cache, "is_compileable", False):
+        return None
+    length = cache.get_seq_length()
+    return length if isinstance(length, int) else None
+
+
+__all__ = ["GUIDANCE_INPUTS", "PrunedGeneration", "SEQUENCE_GUIDANCE_INPUTS", "host_past_length"]

@@ -1,0 +1,94 @@
+"""EViT baseline: keep the attentive patches, fuse the inattentive ones into one token.
+
+Source: Liang, Ge, Tong, Song, Wang, Xie, "Not All Patches are What You Need: Expediting Vision Transformers via
+Token Reorganizations", ICLR 2022, arXiv:2202.07800, sec. 3 (attentive token identification, inattentive token
+fusion); used as a baseline in the IVTP paper, sec. 4.1, Tables 1-2.
+Rule: `a_i` = the CLS row of the layer's attention, averaged over heads, at patch `i`. The patches with the highest
+`a_i` are kept; the rest `N` are fused into `x_fused = sum_{i in N} a_i x_i / sum_{i in N} a_i`.
+
+Conventions (the paper leaves them open or differs):
+- Budget: asked for `k` tokens, it returns exactly `k`: the `k - 1` most attended patches plus the fused token, so
+  a baseline at 64 tokens feeds the LLM 64 tokens like every other method (EViT proper keeps `ceil(rate * n)`
+  patches and appends the fused one). The kept positions are therefore the plain top-`k` by `a_i`.
+- The fused token takes the position of the most attended inattentive patch (the `k`-th ranked), so it has a real
+  grid position; ties go to the lower index, as in `select_keep_indices`.
+- Normalised weights (a weighted average). EViT's released code sums `a_i x_i` without dividing by `sum a_i`;
+  `normalize=False` gives that. An all-zero weight sum falls back to the plain mean.
+
+Integration: a vision-layer site, between attention and MLP as in EViT. Inputs are the patch features (CLS kept
+apart by the caller) and the layer's head-averaged CLS attention row over the patches (`attn[:, :, 0, 1:].mean(1)`).
+"""
+
+from __future__ import annotations
+
+import torch
+from .attention_rows import RowRequest
+from .pruner_base import Pruner, Selection, register_pruner, vision_group_schedule
+
+
+def evit_keep_and_fuse(
+    features: torch.Tensor, cls_attention: torch.Tensor, num_keep: int, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`(num_keep - 1)` patches by CLS attention plus one fused token of the rest.
+
+    Args:
+        features: `(batch, n, dim)`, the patch tokens.
+        cls_attention: `(batch, n)`, non-negative head-averaged CLS attention over the same patches.
+        num_keep: `1 <= num_keep <= n`, tokens returned in total (fused one included).
+        normalize: divide the fused sum by the inattentive tokens' attention mass (see the module docstring).
+
+    Returns:
+        `(keep_indices, merged_features, fused_index)`: `(batch, num_keep)` int64 sorted ascending;
+        `(batch, num_keep, dim)` in `features`' dtype, row `i` at `keep_indices[:, i]`, the kept patches as they are
+        and the fused token at `fused_index`; `(batch,)` int64, the position the fused token takes.
+    """
+    if features.dim() != 3:
+        raise ValueError(f"features must be (batch, n, dim), got shape {tuple(features.shape)}.")
+    if tuple(cls_attention.shape) != tuple(features.shape[:2]):
+        raise ValueError(
+            f"cls_attention must be (batch, n) = {tuple(features.shape[:2])}, got {tuple(cls_attention.shape)}."
+        )
+    num_tokens = features.shape[1]
+    if not 1 <= num_keep <= num_tokens:
+        raise ValueError(f"num_keep must be in [1, {num_tokens}], got {num_keep}.")
+    scores = cls_attention.float()
+    # Stable descending sort, as in `select_keep_indices`: ties go to the lower index.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    fused_index = order[:, num_keep - 1]
+    keep_indices = order[:, :num_keep].sort(dim=-1).values
+    inattentive = torch.ones_like(scores, dtype=torch.bool).scatter(1, order[:, : num_keep - 1], False)
+    weights = scores * inattentive
+    if normalize:
+        total = weights.sum(dim=-1, keepdim=True)
+        uniform = inattentive.float() / inattentive.sum(dim=-1, keepdim=True)
+        weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
+    fused = torch.einsum("bn,bnd->bd", weights, features.float()).to(features.dtype)
+    kept = features.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+    is_fused = (keep_indices == fused_index[:, None]).unsqueeze(-1)
+    return keep_indices, torch.where(is_fused, fused[:, None], kept), fused_index
+
+
+@register_pruner
+class EvitPruner(Pruner):
+    """EViT in the vision tower: after the last layer of each group of `config.group_size` layers, the patches the
+    CLS attends to most in that layer, plus one token fusing the rest (counts geometric to the budget, IVTP's
+    stage-1 spending). After the layer, not between its attention and MLP as in EViT: layers run unchanged."""
+
+    name = "evit"
+    options = {"visual_tokens": 64}
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.schedule = vision_group_schedule(config, self.budget)
+
+    def vision_request(self, layer_idx, images, tokens):
+        if layer_idx not in self.schedule:
+            return None
+        return RowRequest(rows=torch.zeros(1, dtype=torch.long))
+
+    def after_vision_layer(self, layer_idx, hidden_states, request):
+        if layer_idx not in self.schedule:
+            return None
+        cls_attention = request.probabilities[:, 0, 1:]
+        keep, merged, _ = evit_keep_and_fuse(hidden_states[:, 1:], cls_attention, self.schedule[layer_idx])
+        return Selection(keep, merged)

@@ -1,0 +1,145 @@
+"""PyramidDrop: drop image tokens stage by stage, ranked by the last instruction token's attention, on plain tensors.
+
+Xing, Huang, Dong, Lu, Zhang, Zang, Cao, He, Wang, Wu, Lin, "PyramidDrop: Accelerating Your Large Vision-Language
+Models via Pyramid Visual Redundancy Reduction", CVPR 2025, arXiv 2410.17247. Sec. 3.2: the LLM is split into S
+stages; at the end of each stage the image tokens still present are ranked by the attention the last instruction
+token pays them (a "lightweight attention": that one query row against all keys) and a ratio lambda of them is kept,
+so stage s sees `N * lambda**s` of the `N` image tokens. Default for LLaVA-1.5-7B: S=4 stages, drops after layers
+8, 16, 24, lambda=0.5 (official `scripts/v1_5/pdrop_eval`: `--layer_list [8,16,24]`,
+`--image_token_ratio_list [1.0,0.5,0.25,0.125]`).
+
+The official code (`modeling_llama_pdrop.py`, `pdrop_rank_drop`) takes the queries and keys of the next stage's first
+layer on the not-yet-pruned hidden states, softmaxes over all keys (causal and padding masked), averages over heads,
+slices to the image keys and, with several query rows (training: the token before each answer span), averages over
+the rows; keep counts are fractions of the original `N`, not of the previous stage.
+
+Budget: the budget counts image tokens in the LLM's last stage. We keep the S=4 even split of the layers and choose
+lambda so that the last stage holds exactly `budget`: `lambda = (budget / N) ** (1 / (S - 1))`, counts rounded to the
+nearest token. 72 of 576 gives the paper default (288, 144, 72); 64 of 576 gives lambda ~ 0.481, (277, 133, 64).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .pruning_ivtp import select_keep_indices
+from .attention_rows import RowRequest
+from .pruner_base import Pruner, Selection, check_int, register_pruner
+
+PDROP_DEFAULT_STAGES = 4  # S; lambda follows from the budget (0.5 for the default 72 of 576)
+
+
+class PDropSchedule(NamedTuple):
+    """`layers[s]`: drop after this many LLM layers; `num_keep[s]`: image tokens kept from there on (of `N`)."""
+
+    layers: tuple[int, ...]
+    num_keep: tuple[int, ...]
+
+
+def pdrop_scores(instruction_attention: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance of each candidate image token: attention from the instruction query rows, mean over heads and rows.
+
+    Args:
+        instruction_attention: `(batch, heads, queries, num_candidates)`, attention probabilities of the query rows
+            (softmax over all keys, causal and padding masked), gathered at each sample's candidate image positions.
+        query_mask: optional bool `(batch, queries)`, which query rows count (each sample needs at least one).
+
+    Returns:
+        `(batch, num_candidates)` float32.
+    """
+    if instruction_attention.dim() != 4:
+        raise ValueError(
+            "instruction_attention must be (batch, heads, queries, num_candidates), "
+            f"got shape {tuple(instruction_attention.shape)}."
+        )
+    per_row = instruction_attention.float().mean(dim=1)  # (batch, queries, num_candidates)
+    if query_mask is None:
+        return per_row.mean(dim=1)
+    if query_mask.shape != per_row.shape[:2]:
+        raise ValueError(f"query_mask must have shape {tuple(per_row.shape[:2])}, got {tuple(query_mask.shape)}.")
+    weights = query_mask.to(torch.float32)
+    counts = weights.sum(dim=1, keepdim=True)
+    if bool((counts == 0).any()):
+        raise ValueError("query_mask must select at least one query row in every sample.")
+    return (per_row * weights.unsqueeze(-1)).sum(dim=1) / counts
+
+
+def select_stage(scores: torch.Tensor, candidate_indices: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """One stage's drop: keep the `num_keep` best candidates, returned as original image-token indices.
+
+    Args:
+        scores: `(batch, num_candidates)`, from `pdrop_scores`.
+        candidate_indices: `(batch, num_candidates)` int64, the original indices (in `[0, N)`) of the image tokens still
+            present, ascending (all of `arange(N)` at the first stage).
+        num_keep: `1 <= num_keep <= num_candidates`.
+
+    Returns:
+        `(batch, num_keep)` int64 original indices, ascending.
+    """
+    if candidate_indices.shape != scores.shape:
+        raise ValueError(
+            f"candidate_indices must have the shape of scores {tuple(scores.shape)}, "
+            f"got {tuple(candidate_indices.shape)}."
+        )
+    return candidate_indices.gather(1, select_keep_indices(scores, num_keep))
+
+
+def schedule_for_budget(
+    num_patches: int, num_layers: int, budget: int, num_stages: int = PDROP_DEFAULT_STAGES
+) -> PDropSchedule:
+    """PyramidDrop's stage schedule for `budget` image tokens in the last stage (even split, geometric counts)."""
+    if num_patches < 1:
+        raise ValueError(f"num_patches must be >= 1, got {num_patches}.")
+    if num_stages < 2:
+        raise ValueError(f"num_stages must be >= 2, got {num_stages}.")
+    if num_layers < num_stages:
+        raise ValueError(f"num_layers must be >= num_stages ({num_stages}), got {num_layers}.")
+    if not 1 <= budget <= num_patches:
+        raise ValueError(f"budget must be in [1, {num_patches}] (num_patches), got {budget}.")
+    # Even split of the layers into stages (paper: "evenly distributing layers"; 32 layers -> 8, 16, 24).
+    layers = tuple(int(num_layers * stage / num_stages + 0.5) for stage in range(1, num_stages))
+    ratio = (budget / num_patches) ** (1.0 / (num_stages - 1))  # lambda
+    counts = [int(num_patches * ratio**stage + 0.5) for stage in range(1, num_stages - 1)]
+    return PDropSchedule(layers=layers, num_keep=(*counts, budget))
+
+
+@register_pruner
+class PDropPruner(Pruner):
+    """PyramidDrop in the LLM: the layers split evenly into `stages`; at the end of each stage but the last, the
+    visual tokens the last instruction token (`instruction_mask`'s last; without it the last token) attends to most
+    go on, geometrically fewer per stage, the last stage holding the budget. Kept tokens keep their original position ids."""
+
+    name = "pdrop"
+    options = {"visual_tokens": 64, "stages": PDROP_DEFAULT_STAGES}
+
+    @classmethod
+    def check_options(cls, config, values):
+        super().check_options(config, values)
+        check_int(cls.name, "stages", values["stages"], 2, config.text_config.num_hidden_layers, "LLM stages")
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        schedule = schedule_for_budget(config.num_patches, config.text_config.num_hidden_layers, self.budget,
+                                       self.values["stages"])
+        # a stage ending after `n` layers prunes after layer index `n - 1`
+        self.stages = {layers - 1: keep for layers, keep in zip(schedule.layers, schedule.num_keep)}
+
+    def llm_prune_layers(self):
+        return sorted(self.stages)
+
+    def llm_budget(self, layer_idx):
+        return self.stages[layer_idx]
+
+    def llm_request(self, layer_idx, view):
+        if layer_idx not in self.stages:
+            return None
+        rows = view.last_instruction_slots(self.context.guidance.get("instruction_mask"))
+        return RowRequest(batch=view.image_rows, rows=rows, columns=view.visual_slots)
+
+    def after_llm_layer(self, layer_idx, view, request, hidden_states):
+        if layer_idx not in self.stages:
+            return None
+        scores = pdrop_scores(request.probabilities.unsqueeze(1))  # (images, 1 head, 1 row, visual)
+        return Selection(select_keep_indices(scores, self.stages[layer_idx]))

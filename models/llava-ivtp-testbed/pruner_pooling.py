@@ -1,0 +1,95 @@
+"""Spatial pooling baseline: average the patch grid over `rows x columns` rectangular cells.
+
+Source: the IVTP paper (Huang et al.), sec. 4.1 "Comparison Details", Tables 1-2 ("Spatial pooling", "subsampling
+predicated on spatial correlations"). The paper gives no formula; the rule here:
+- grid: `n = side * side` patches, row-major (patch `p` sits at row `p // side`, column `p % side`);
+- split: `rows * columns == k` closest to square, `rows` = the largest divisor of `k` with `rows <= sqrt(k)`,
+  `columns = k // rows` (so `rows <= columns`); a `k` whose split has `columns > side` (e.g. a prime above `side`)
+  is refused;
+- cells: patch row `r` belongs to cell row `r * rows // side` (columns likewise), a partition into cells whose
+  heights (widths) differ by at most one; for `side % rows == 0` it is `avg_pool2d` with kernel `side // rows`;
+- each cell's token is the plain mean of its patches and takes the position of the cell's centre patch
+  (`(start + end) // 2` in each axis: the lower-right of the four central patches for even sizes).
+
+Integration: after the vision tower, on the patch features of LLaVA's feature layer (CLS dropped), or on the
+projected image features; no attention rows. LLaVA-1.5's projector is a GELU MLP, so the two sites differ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from .pruner_base import Pruner, Selection, register_pruner
+
+
+def pooling_grid_split(num_keep: int, side: int) -> tuple[int, int]:
+    """`(rows, columns)` with `rows * columns == num_keep`, closest to square, `rows <= columns <= side`."""
+    if not 1 <= num_keep <= side * side:
+        raise ValueError(f"num_keep must be in [1, {side * side}] for a {side}x{side} grid, got {num_keep}.")
+    rows = max(d for d in range(1, math.isqrt(num_keep) + 1) if num_keep % d == 0)
+    columns = num_keep // rows
+    if columns > side:
+        raise ValueError(
+            f"num_keep={num_keep} splits at best into {rows}x{columns} cells, wider than the {side}x{side} grid; "
+            f"num_keep must be rows*columns with both <= {side}."
+        )
+    return rows, columns
+
+
+def spatial_pooling(features: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool a square, row-major patch grid down to `num_keep` tokens.
+
+    Args:
+        features: `(batch, side * side, dim)`.
+        num_keep: the number of cells, `rows * columns` (see `pooling_grid_split`).
+
+    Returns:
+        `(keep_indices, merged_features)`: `(batch, num_keep)` int64, the centre patch of each cell (sorted
+        ascending, as cells are row-major), and `(batch, num_keep, dim)` cell means in `features`' dtype; row `i`
+        sits at position `keep_indices[:, i]`.
+    """
+    if features.dim() != 3:
+        raise ValueError(f"features must be (batch, side*side, dim), got shape {tuple(features.shape)}.")
+    num_tokens = features.shape[1]
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"features must hold a square grid of patches, got {num_tokens} tokens.")
+    rows, columns = pooling_grid_split(num_keep, side)
+    device = features.device
+    line = torch.arange(side, device=device)
+    # Cell of every patch, row-major over cells: cell row r*rows//side, cell column c*columns//side.
+    cell = ((line * rows // side)[:, None] * columns + (line * columns // side)[None, :]).reshape(-1)
+    membership = torch.nn.functional.one_hot(cell, num_keep).T.float()  # (num_keep, n)
+    weights = membership / membership.sum(dim=-1, keepdim=True)
+    merged = torch.einsum("kn,bnd->bkd", weights, features.float()).to(features.dtype)
+
+    def centres(parts: int) -> torch.Tensor:
+        # Cell j spans [ceil(j*side/parts), ceil((j+1)*side/parts)); its centre is (start + end) // 2.
+        bounds = (torch.arange(parts + 1, device=device) * side + parts - 1) // parts
+        return (bounds[:-1] + bounds[1:]) // 2
+
+    keep = (centres(rows)[:, None] * side + centres(columns)[None, :]).reshape(-1)
+    return keep.expand(features.shape[0], -1), merged
+
+
+@register_pruner
+class PoolingPruner(Pruner):
+    """Spatial pooling on the projected image features: the patch grid averaged over `rows x columns` cells to the
+    budget (each cell's token at its centre patch)."""
+
+    name = "pooling"
+    options = {"visual_tokens": 64}
+
+    @classmethod
+    def check_options(cls, config, values):
+        super().check_options(config, values)
+        side = math.isqrt(config.num_patches)
+        try:
+            pooling_grid_split(values["visual_tokens"], side)
+        except ValueError as error:
+            raise ValueError(f"`pruning_options['visual_tokens']` of pruning_method='pooling': {error}") from None
+
+    def on_projected(self, features):
+        keep, merged = spatial_pooling(features, self.budget)
+        return Selection(keep, merged)

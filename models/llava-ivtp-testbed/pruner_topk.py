@@ -1,0 +1,108 @@
+"""TopK baseline: keep the patches whose features are most similar to the CLS feature.
+
+Source: the IVTP paper (Huang et al., "IVTP: Instruction-guided Visual Token Pruning for Large Vision-Language
+Models"), sec. 4.1 "Comparison Details", Tables 1-3, 7, 9: "topK based on patch token similarity with the CLS token".
+Rule: `score_i = cos(x_i, x_cls)` over the patch features `x_i` of one layer; keep the `k` highest scores.
+
+Integration: a vision-layer site. Inputs are the layer's hidden states split into the CLS feature (index 0, kept apart
+by the caller) and the patch features; no attention rows are needed. The paper's Table 9 gives TopK a ViT cost of
+0.190 vs 0.361 TFLOPs, so it pruned inside the ViT, not only at LLaVA's feature layer (`vision_feature_layer=-2`);
+the function is layer-agnostic. TopK+ (Table 7) reapplies the same rule in the LLM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pruning_ivtp import cosine_relevance, select_keep_indices
+from .pruner_base import Pruner, Selection, register_pruner, sample_visual_cls, two_site_schedule, vision_group_schedule
+
+
+def topk_cls_similarity(patch_features: torch.Tensor, cls_feature: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every patch feature with its image's CLS feature, in float32.
+
+    Args:
+        patch_features: `(batch, n, dim)`, the patch tokens (CLS excluded).
+        cls_feature: `(batch, dim)`, the CLS token of the same layer.
+
+    Returns:
+        `(batch, n)` float32 scores in `[-1, 1]`.
+    """
+    if patch_features.dim() != 3:
+        raise ValueError(f"patch_features must be (batch, n, dim), got shape {tuple(patch_features.shape)}.")
+    expected = (patch_features.shape[0], patch_features.shape[2])
+    if tuple(cls_feature.shape) != expected:
+        raise ValueError(f"cls_feature must be (batch, dim) = {expected}, got shape {tuple(cls_feature.shape)}.")
+    return cosine_relevance(patch_features, cls_feature)
+
+
+def topk_keep_indices(patch_features: torch.Tensor, cls_feature: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Indices of the `num_keep` patches most similar to the CLS feature, sorted ascending.
+
+    Args:
+        patch_features: `(batch, n, dim)`.
+        cls_feature: `(batch, dim)`.
+        num_keep: `1 <= num_keep <= n`.
+
+    Returns:
+        `(batch, num_keep)` int64, sorted, unique, in `[0, n)`; equal scores go to the lower index.
+    """
+    return select_keep_indices(topk_cls_similarity(patch_features, cls_feature), num_keep)
+
+
+@register_pruner
+class TopKPruner(Pruner):
+    """TopK in the vision tower: after the last layer of each group of `config.group_size` layers, the patches most
+    similar to that layer's CLS (geometric counts from every patch to the budget, IVTP's stage-1 spending)."""
+
+    name = "topk"
+    options = {"visual_tokens": 64}
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.schedule = vision_group_schedule(config, self.budget)
+
+    def after_vision_layer(self, layer_idx, hidden_states, request):
+        if layer_idx not in self.schedule:
+            return None
+        return Selection(topk_keep_indices(hidden_states[:, 1:], hidden_states[:, 0], self.schedule[layer_idx]))
+
+
+@register_pruner
+class TopKPlusPruner(Pruner):
+    """TopK+ (paper Table 7): TopK in the vision tower, then in the first LLM groups the visual tokens most similar
+    to a probe -- the projected visual CLS, carried through the layers as IVTP's pseudo-CLS is (so the rule is
+    TopK's, extended into the LLM). Budget split as the 7B preset's (`two_site_schedule`)."""
+
+    name = "topk_plus"
+    options = {"visual_tokens": 64}
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        schedule = two_site_schedule(config, self.budget)
+        self.vision = {last: count for (_, last), count in zip(config.vision_layer_groups, schedule["vision"])}
+        groups = [(start, start + config.group_size - 1) for start in range(0, config.group_size * len(schedule["llm"]),
+                                                                            config.group_size)]
+        self.llm = {last: count for (_, last), count in zip(groups, schedule["llm"])}
+
+    def after_vision_layer(self, layer_idx, hidden_states, request):
+        if layer_idx not in self.vision:
+            return None
+        return Selection(topk_keep_indices(hidden_states[:, 1:], hidden_states[:, 0], self.vision[layer_idx]))
+
+    def llm_prune_layers(self):
+        return sorted(self.llm)
+
+    def llm_budget(self, layer_idx):
+        return self.llm[layer_idx]
+
+    def llm_probe(self, tokens):
+        context = self.context
+        return sample_visual_cls(context.visual_cls, context.images_per_sample), context.image_end_position
+
+    def after_llm_layer(self, layer_idx, view, request, hidden_states):
+        if layer_idx not in self.llm:
+            return None
+        rows = view.image_rows.to(hidden_states.device)
+        visual = hidden_states[rows.unsqueeze(-1), view.visual_slots.to(hidden_states.device)]
+        return Selection(topk_keep_indices(visual, hidden_states[rows, view.probe_slot], self.llm[layer_idx]))

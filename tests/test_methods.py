@@ -1,0 +1,291 @@
+"""Every pruning method of the registry through everything the project does: the invariants, parametrized over
+`PRUNERS` (a method added to the registry is tested here without a line more).
+
+Each method runs on the tiny model at a budget of 8 visual tokens (of 36 patches), with sharpened attention so that
+attention-based choices depend on the attention, and with the processor's `instruction_mask`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
+from modeling_llava_ivtp.configuration_llava_ivtp import PRUNING_METHODS
+from modeling_llava_ivtp.pruners import PRUNERS
+from modeling_llava_ivtp.transformers_compat import cache_kwargs, output_cache
+from tiny_models import (
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    TINY_CLIP_TEXT,
+    left_pad,
+    make_batch,
+    make_pixels,
+    make_prompt,
+    sharpen_attention,
+    tiny_model,
+)
+
+
+BUDGET = 8
+METHODS = sorted(PRUNERS)
+FIXED = dict(do_sample=False, pad_token_id=PAD_TOKEN_ID, suppress_tokens=[IMAGE_TOKEN_ID, 2])
+
+
+def method_model(method: str, attn_implementation: str = "sdpa", **overrides):
+    extra = {"clip_text_encoder": TINY_CLIP_TEXT} if method == "cdpruner" else {}
+    model = tiny_model(
+        schedule=None, pruning_method=method, pruning_options={"visual_tokens": BUDGET},
+        attn_implementation=attn_implementation, **extra, **overrides,
+    )
+    return sharpen_attention(model)
+
+
+def with_instruction(batch: dict) -> dict:
+    """The batch with an instruction mask: the text after the image but its last two tokens (the template's)."""
+    ids = batch["input_ids"]
+    after_image = torch.cumsum(ids == IMAGE_TOKEN_ID, dim=1) > 0
+    instruction = after_image & (ids != IMAGE_TOKEN_ID) & batch["attention_mask"].bool()
+    instruction[:, -2:] = False
+    return dict(batch, instruction_mask=instruction)
+
+
+@pytest.fixture(scope="module")
+def batch3():
+    return with_instruction(make_batch(((2, 5), (4, 9), (1, 3))))
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def method(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(method):
+    return method_model(method)
+
+
+def test_the_registry_is_the_configs_list_of_methods():
+    assert sorted(PRUNERS) == sorted(PRUNING_METHODS)
+    assert len(PRUNING_METHODS) == 14
+    for name, cls in PRUNERS.items():
+        module = sys.modules[cls.__module__]
+        assert cls.name == name and module.__name__.endswith("pruner_" + name.removesuffix("_plus"))
+        assert module.__doc__ and len(module.__doc__) > 200, f"{name}: cite the method's paper and rule"
+
+
+def test_the_budget_reaches_the_last_layers(model, method, batch3):
+    """Every method spends the budget it is given: the LLM's last layer holds `BUDGET` visual tokens per image."""
+    with torch.no_grad():
+        out = model(**batch3, use_cache=True)
+    cache = output_cache(out)
+    held = cache.layer_positions[-1]
+    for row in range(3):
+        tokens = batch3["input_ids"][row, held[row][held[row] >= 0]]
+        assert int((tokens == IMAGE_TOKEN_ID).sum()) == BUDGET, method
+    counts = (out.llm_token_counts or out.vision_token_counts or (out.vision_keep_indices.shape[1],))
+    assert counts[-1] == BUDGET
+
+
+def test_cached_generate_equals_decoding_without_a_cache(model, method, batch3):
+    """Greedy, sampling with a seed, and beams: the pruned cache gives what re-pruning every step gives."""
+    for kwargs in (dict(FIXED), dict(FIXED, do_sample=True, temperature=0.8), dict(FIXED, num_beams=2)):
+        torch.manual_seed(3)
+        cached = model.generate(**batch3, max_new_tokens=8, **kwargs)
+        torch.manual_seed(3)
+        uncached = model.generate(**batch3, max_new_tokens=8, use_cache=False, **kwargs)
+        assert torch.equal(cached, uncached), (method, kwargs)
+
+
+def test_multi_turn_continuation_equals_the_conversation_from_scratch(model, method, batch3):
+    first = model.generate(**batch3, max_new_tokens=5, return_dict_in_generate=True, **FIXED)
+    second_turn = torch.randint(3, 80, (3, 4), generator=torch.Generator().manual_seed(11))
+    conversation = torch.cat([first.sequences, second_turn], dim=1)
+    grown = conversation.shape[1] - batch3["input_ids"].shape[1]
+    attention_mask = torch.cat([batch3["attention_mask"], torch.ones(3, grown, dtype=torch.long)], dim=1)
+    instruction = torch.cat([batch3["instruction_mask"], torch.zeros(3, grown, dtype=torch.bool)], dim=1)
+    continued = model.generate(input_ids=conversation, attention_mask=attention_mask,
+                               **cache_kwargs(output_cache(first)), max_new_tokens=6, **FIXED)
+    from_scratch = model.generate(input_ids=conversation, attention_mask=attention_mask, instruction_mask=instruction,
+                                  pixel_values=batch3["pixel_values"], max_new_tokens=6, **FIXED)
+    assert torch.equal(continued, from_scratch), method
+
+
+def test_a_sample_alone_equals_the_same_sample_in_a_padded_batch(model, method, batch3):
+    with torch.no_grad():
+        batched = model(**batch3, use_cache=False)
+    tokens = model.generate(**batch3, max_new_tokens=6, **FIXED)[:, batch3["input_ids"].shape[1]:]
+    for row in range(3):
+        real = batch3["attention_mask"][row].bool()
+        alone = {"input_ids": batch3["input_ids"][row:row + 1, real], "pixel_values": batch3["pixel_values"][row:row + 1],
+                 "instruction_mask": batch3["instruction_mask"][row:row + 1, real]}
+        with torch.no_grad():
+            single = model(**alone, use_cache=False)
+        assert torch.equal(single.vision_keep_indices[0], batched.vision_keep_indices[row]), (method, row)
+        for alone_keep, batch_keep in zip(single.llm_keep_indices, batched.llm_keep_indices):
+            assert torch.equal(alone_keep[0], batch_keep[row]), (method, row)
+        offset = int((~real).sum())
+        slots = batched.kept_positions[row] >= offset
+        assert torch.equal(batched.kept_positions[row][slots] - offset, single.kept_positions[0])
+        assert (batched.logits[row][slots] - single.logits[0]).abs().max() <= 1e-4, method
+        alone_tokens = model.generate(**alone, max_new_tokens=6, **FIXED)[0, alone["input_ids"].shape[1]:]
+        assert torch.equal(alone_tokens, tokens[row]), (method, row)
+
+
+def test_sdpa_and_eager_keep_the_same_tokens(method, batch3):
+    sdpa, eager = method_model(method, "sdpa"), method_model(method, "eager")
+    with torch.no_grad():
+        a, b = sdpa(**batch3, use_cache=False), eager(**batch3, use_cache=False)
+    assert torch.equal(a.vision_keep_indices, b.vision_keep_indices), method
+    assert all(torch.equal(x, y) for x, y in zip(a.llm_keep_indices, b.llm_keep_indices)), method
+    assert torch.equal(a.kept_positions, b.kept_positions)
+    real = batch3["attention_mask"].gather(1, a.kept_positions.clamp_min(0)).bool() & (a.kept_positions >= 0)
+    assert (a.logits[real] - b.logits[real]).abs().max() <= 1e-4, method
+    assert torch.equal(sdpa.generate(**batch3, max_new_tokens=6, **FIXED), eager.generate(**batch3, max_new_tokens=6, **FIXED))
+
+
+def test_a_text_only_sample_passes_unpruned_beside_pruned_ones(model, method):
+    input_ids, attention_mask = left_pad([[1, 5, 6, 7, 8, 9], make_prompt(2, 5, seed=1)])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": make_pixels(1)}
+    with torch.no_grad():
+        together = model(**batch, use_cache=False)
+        alone = model(input_ids=torch.tensor([[1, 5, 6, 7, 8, 9]]), use_cache=False)
+    assert (together.logits[0][-6:] - alone.logits[0]).abs().max() <= 1e-4, method
+    assert together.vision_keep_indices.shape == (1, together.vision_keep_indices.shape[1])
+
+
+def test_training_step_with_labels_reaches_the_projector(method, batch3):
+    """The loss over the kept tokens (labels gathered at them) back-propagates through the pruned forward."""
+    model = method_model(method).train()
+    labels = batch3["input_ids"].masked_fill(~batch3["attention_mask"].bool() | (batch3["input_ids"] == IMAGE_TOKEN_ID), -100)
+    out = model(**batch3, labels=labels, use_cache=False)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    gradient = model.model.multi_modal_projector.linear_1.weight.grad
+    assert gradient is not None and float(gradient.abs().sum()) > 0, method
+
+
+def test_options_are_checked_by_the_method():
+    for name in METHODS:
+        with pytest.raises(ValueError, match=rf"`pruning_options\['visual_tokens'\]` of pruning_method='{name}'"):
+            IvtpConfig(**_tiny_dict(name, {"visual_tokens": 37}))
+        with pytest.raises(ValueError, match=rf"pruning_method='{name}' has unknown options \['kept'\]"):
+            IvtpConfig(**_tiny_dict(name, {"kept": 8}))
+    with pytest.raises(ValueError, match=r"`pruning_method` must be one of .* got 'fast_v'"):
+        IvtpConfig(**_tiny_dict("fast_v", None))
+    with pytest.raises(ValueError, match=r"`schedule` is IVTP's pruning schedule; with pruning_method='fastv'"):
+        IvtpConfig(**dict(_tiny_dict("fastv", None), schedule={"vision": [24, 16, 12], "llm": [8, 5]}))
+    with pytest.raises(ValueError, match=r"`pruning_options\['layer'\]` of pruning_method='fastv'"):
+        IvtpConfig(**_tiny_dict("fastv", {"visual_tokens": 8, "layer": 8}))
+
+
+def _tiny_dict(method, options):
+    from tiny_models import tiny_config_dict
+
+    return tiny_config_dict(schedule=None, pruning_method=method, pruning_options=options)
+
+
+def test_ivtp_budget_derives_the_7b_presets_shape():
+    """`pruning_options={"visual_tokens": K}` for IVTP derives its schedule; for the 7B geometry at 64 it is the preset."""
+    from pathlib import Path
+
+    preset = json.loads((Path(__file__).resolve().parents[1] / "configuration" / "llava-1.5-7b-ivtp.json").read_text())
+    budget = dict(preset, schedule=None, pruning_method="ivtp", pruning_options={"visual_tokens": 64})
+    assert IvtpConfig(**budget).schedule == preset["schedule"]
+    config = IvtpConfig(**dict(budget, pruning_options={"visual_tokens": 16}))
+    assert config.schedule["llm"][-1] == 16 and len(config.schedule["vision"]) == 8
+    reloaded = IvtpConfig(**config.to_dict())  # both fields saved: they agree, nothing re-derived
+    assert reloaded.schedule == config.schedule
+    with pytest.raises(ValueError, match=r"`schedule` .* and `pruning_options\['visual_tokens'\]`=16 disagree"):
+        IvtpConfig(**dict(preset, pruning_method="ivtp", pruning_options={"visual_tokens": 16}))
+
+
+LOAD_ALL = """
+import json, sys, torch
+from transformers import AutoModelForImageTextToText
+expected = torch.load(sys.argv[1])
+report = {}
+for method, item in expected.items():
+    model = AutoModelForImageTextToText.from_pretrained(item["folder"], trust_remote_code=True).eval()
+    with torch.no_grad():
+        out = model(**item["inputs"], use_cache=False)
+    report[method] = {
+        "module": type(model).__module__, "method": model.config.pruning_method,
+        "options": model.config.pruning_options, "logits": float((out.logits - item["logits"]).abs().max()),
+        "keep": bool(torch.equal(out.vision_keep_indices, item["keep"])),
+    }
+print(json.dumps(report))
+"""
+
+
+def test_save_and_load_as_remote_code_gives_the_same_outputs(batch3, tmp_path):
+    """Every method's checkpoint loads through `AutoModelForImageTextToText` with `trust_remote_code` in a fresh
+    interpreter (the checkpoint's own copy of the package) and gives the same logits and kept tokens."""
+    expected = {}
+    for method in METHODS:
+        model = method_model(method)
+        folder = tmp_path / method
+        model.save_pretrained(folder)
+        with torch.no_grad():
+            out = model(**batch3, use_cache=False)
+        expected[method] = {"folder": str(folder), "inputs": dict(batch3), "logits": out.logits,
+                            "keep": out.vision_keep_indices}
+        reloaded = LlavaIvtpForConditionalGeneration.from_pretrained(folder).eval()
+        assert reloaded.config.pruning_method == method and reloaded.config.pruning_options == {"visual_tokens": BUDGET}
+        with torch.no_grad():
+            assert torch.equal(reloaded(**batch3, use_cache=False).logits, out.logits), method
+    torch.save(expected, tmp_path / "expected.pt")
+    environment = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    environment.pop("PYTHONPATH", None)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(LOAD_ALL), str(tmp_path / "expected.pt")],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(report) == METHODS
+    for method, item in report.items():
+        assert item["module"].startswith("transformers_modules."), item
+        assert item["method"] == method and item["options"] == {"visual_tokens": BUDGET}
+        assert item["keep"] and item["logits"] <= 1e-5, (method, item)
+
+
+@pytest.mark.parametrize("attention, aggregation", [
+    ("rollout", "mean"), ("rollout", "max"), ("rollout", "multiply"), ("group", "residual"), ("layer", "residual"),
+])
+def test_ivtp_ablations_against_a_plain_reference(attention, aggregation):
+    """Paper Tables 4 and 5 on the first vision group (later groups keep everything): stock eager CLIP layers'
+    CLS attention rows, combined as the option says, times the scoring layer's value norms, top-k per image."""
+    schedule = {"vision": [24, 24, 24], "llm": []}
+    model = sharpen_attention(tiny_model(schedule=schedule, pruning_options={"attention": attention,
+                                                                               "aggregation": aggregation}))
+    pixels = make_pixels(2)
+    batch = {"input_ids": torch.tensor([make_prompt(2, 3)] * 2), "pixel_values": pixels}
+    with torch.no_grad():
+        kept = model(**batch, use_cache=False).vision_keep_indices
+        tower = model.model.vision_tower
+        hidden = tower.pre_layrnorm(tower.embeddings(pixels))
+        keep = torch.arange(36).expand(2, -1)
+        rows = []
+        for layer_idx, layer in enumerate(tower.encoder.layers[:2]):  # group 1: layers 0 and 1
+            normed = layer.layer_norm1(hidden)
+            queries = layer.self_attn.q_proj(normed).view(2, -1, 4, 8).transpose(1, 2)
+            keys = layer.self_attn.k_proj(normed).view(2, -1, 4, 8).transpose(1, 2)
+            probabilities = ((queries @ keys.transpose(-1, -2)) * 8 ** -0.5).softmax(-1).mean(1)
+            rows.append(probabilities[:, 0, 1:])
+            norms = layer.self_attn.v_proj(normed)[:, 1:].norm(dim=-1)
+            hidden = layer(hidden, None)
+            if attention == "layer" and layer_idx == 0:  # layer-wise: 36 -> 29 (geometric to 24) after layer 0
+                scores = rows[0] * norms
+                first = scores.topk(29, dim=-1).indices.sort(dim=-1).values
+                keep = keep.gather(1, first)
+                hidden = torch.cat([hidden[:, :1], hidden[:, 1:].gather(1, first[..., None].expand(-1, -1, 32))], 1)
+                rows = []
+        stacked = torch.stack(rows)
+        row = {"mean": stacked.mean(0), "max": stacked.amax(0), "multiply": stacked.prod(0)}.get(aggregation, rows[-1])
+        if attention != "rollout":
+            row = rows[-1]
+        expected = keep.gather(1, (row * norms).topk(24, dim=-1).indices.sort(dim=-1).values)
+    assert torch.equal(kept, expected.sort(dim=-1).values)
