@@ -183,8 +183,9 @@ def stock_config_dict(config_dict: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Models and inputs
 # ----------------------------------------------------------------------------------------------------------------
-def build_models(config_dict: dict, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
-    """IVTP (sdpa), stock Llava (sdpa) and IVTP (eager) holding the same weights, in eval mode on `device`."""
+def build_models(config_dict: dict, device: torch.device, dtype: torch.dtype, seed: int, methods=()) -> dict:
+    """IVTP (sdpa), stock Llava (sdpa) and IVTP (eager) holding the same weights, in eval mode on `device`; and one
+    model per pruning method of `methods` (sdpa, the same weights), at the config's final visual tokens."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from . import IvtpConfig, LlavaIvtpForConditionalGeneration
@@ -206,7 +207,22 @@ def build_models(config_dict: dict, device: torch.device, dtype: torch.dtype, se
             f"unexpected {result.unexpected_keys[:5]}"
         )
     eager = build_ivtp_model(config_dict, weights, device, dtype, attn_implementation="eager")
-    return {"stock_sdpa": stock, "ivtp_sdpa": ivtp, "ivtp_eager": eager}
+    models = {"stock_sdpa": stock, "ivtp_sdpa": ivtp, "ivtp_eager": eager}
+    for method in methods:
+        models[f"method:{method}"] = build_ivtp_model(method_config_dict(config_dict, method), weights, device, dtype)
+    return models
+
+
+def method_config_dict(config_dict: dict, method: str) -> dict:
+    """`config_dict` pruned by `method` at the budget its schedule ends with (the `--kept` count)."""
+    schedule = config_dict["schedule"]
+    kept = (schedule["llm"] or schedule["vision"])[-1]
+    return dict(copy.deepcopy(config_dict), schedule=None, pruning_method=method,
+                pruning_options={"visual_tokens": kept})
+
+
+def variant_title(name: str) -> str:
+    return VARIANT_TITLES.get(name, f"{name.removeprefix('method:')} (sdpa)")
 
 
 def build_ivtp_model(config_dict: dict, weights: dict, device, dtype, attn_implementation: str = "sdpa"):
@@ -538,6 +554,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "matplotlib: pip install 'llava-ivtp[bench]')")
     parser.add_argument("--plot-kept", type=int, nargs="+", default=list(PLOT_KEPT_DEFAULT), metavar="K")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--methods", nargs="+", default=[], metavar="METHOD",
+                        help="also measure these pruning methods (sdpa, same weights) at the budget --kept, one "
+                        "variant each (`method:NAME`), or 'all'")
 
 
 def _check_args(args, config_dict: dict) -> None:
@@ -571,6 +590,13 @@ def _check_args(args, config_dict: dict) -> None:
         raise BenchError(f"--config: not a valid IvtpConfig: {error}") from None
     if config.schedule is None:
         raise BenchError("--config has no pruning schedule (schedule is null): nothing to compare with stock.")
+    from .configuration_llava_ivtp import PRUNING_METHODS
+
+    if args.methods == ["all"]:
+        args.methods = [method for method in PRUNING_METHODS if method != "ivtp"]
+    unknown = [method for method in args.methods if method not in PRUNING_METHODS]
+    if unknown or len(set(args.methods)) != len(args.methods):
+        raise BenchError(f"--methods {args.methods}: each once, from {list(PRUNING_METHODS)} or 'all'.")
     num_patches = config.num_patches
     plot_kept = args.plot_kept if args.plot is not None else []
     for flag, values in (("--kept", [args.kept] if args.kept is not None else []), ("--plot-kept", plot_kept)):
@@ -647,6 +673,20 @@ def _flops(config_dict: dict, text_tokens: int) -> dict:
     return {"stock": stock, "ivtp": ivtp, "ratio": ratio, "speedup": 1.0 / ratio}
 
 
+def _counted_flops(config_dict: dict, method: str, text_tokens: int) -> dict:
+    """A method's prefill FLOPs and stock's, one sample, counted by `flops_ivtp.measure` (the analytic formulas know
+    IVTP's schedule only)."""
+    from . import IvtpConfig
+    from .flops_ivtp import measure
+
+    stock = IvtpConfig(**dict(copy.deepcopy(config_dict), pruning_method=None))
+    pruned = IvtpConfig(**method_config_dict(config_dict, method))
+    for config in (stock, pruned):
+        config._attn_implementation = "sdpa"
+    stock_total, total = measure(stock, text_tokens).total, measure(pruned, text_tokens).total
+    return {"total": total, "stock_total": stock_total, "speedup": stock_total / total}
+
+
 def _analytic_kv(config_dict: dict, text_tokens: int, batch_size: int, bytes_per_value: int) -> dict:
     from . import IvtpConfig
     from .analytic_flops import kv_cache_bytes_per_layer
@@ -686,8 +726,9 @@ def measure_batch(models: dict, config, config_dict: dict, args, batch_size: int
     from .transformers_compat import output_cache
 
     common, guidance = build_inputs(config, batch_size, args.text_tokens, device, dtype, args.seed + batch_size)
-    runners = {name: Runner(name, models[name], common, guidance, device, args.new_tokens) for name in VARIANTS}
-    results = {name: {"variant": name, "batch_size": batch_size} for name in VARIANTS}
+    names = [name for name in models if name in VARIANTS or name.startswith("method:")]
+    runners = {name: Runner(name, models[name], common, guidance, device, args.new_tokens) for name in names}
+    results = {name: {"variant": name, "batch_size": batch_size} for name in names}
 
     for name, runner in runners.items():  # warm-up, also of the decode path
         for _ in range(args.warmup):
@@ -697,7 +738,7 @@ def measure_batch(models: dict, config, config_dict: dict, args, batch_size: int
         if args.warmup:
             runner.generate(2)
 
-    times = {name: [] for name in VARIANTS}
+    times = {name: [] for name in names}
     for repeat in range(args.repeats):  # the variants take turns
         for name, runner in runners.items():
             bar.set_description(f"b={batch_size} prefill {repeat + 1}/{args.repeats} {name}")
@@ -721,9 +762,9 @@ def measure_batch(models: dict, config, config_dict: dict, args, batch_size: int
         bar.update(1)
         result["kv_cache_bytes"] = sum(per_layer)
         result["kv_cache_bytes_per_layer"] = per_layer
-        expected = analytic["stock" if name == "stock_sdpa" else "ivtp"]
-        result["kv_cache_bytes_analytic"] = sum(expected)
-        result["kv_cache_matches_analytic"] = per_layer == expected
+        expected = analytic["stock" if name == "stock_sdpa" else "ivtp"] if name in VARIANTS else None
+        result["kv_cache_bytes_analytic"] = sum(expected) if expected is not None else None  # IVTP's schedule only
+        result["kv_cache_matches_analytic"] = per_layer == expected if expected is not None else None
         result["weights_bytes"] = _model_bytes(runner.model)
         result["peak_memory"] = {"prefill_bytes_above_before": peak.peak_bytes, "note": peak.note}
 
@@ -758,7 +799,7 @@ def measure_batch(models: dict, config, config_dict: dict, args, batch_size: int
         )
         result["top_ops"] = top_ops(prof, device, max(20, args.top_ops))
         del prof_results, prof
-    return [results[name] for name in VARIANTS]
+    return [results[name] for name in names]
 
 
 def comparisons(results: list[dict], flops: dict) -> list[dict]:
@@ -766,17 +807,18 @@ def comparisons(results: list[dict], flops: dict) -> list[dict]:
     for batch_size in sorted({result["batch_size"] for result in results}):
         by_name = {result["variant"]: result for result in results if result["batch_size"] == batch_size}
         stock = by_name["stock_sdpa"]
-        for name in ("ivtp_sdpa", "ivtp_eager"):
+        for name in [name for name in by_name if name != "stock_sdpa"]:
             ours = by_name[name]
             speedup = stock["prefill_ms"]["median"] / ours["prefill_ms"]["median"]
+            flops_speedup = flops["methods"][name]["speedup"] if name.startswith("method:") else flops["speedup"]
             rows.append({
                 "batch_size": batch_size,
                 "variant": name,
                 "prefill_speedup": speedup,
                 "prefill_speedup_of_min": stock["prefill_ms"]["min"] / ours["prefill_ms"]["min"],
-                "flops_speedup": flops["speedup"],
-                "speedup_vs_flops": speedup / flops["speedup"],
-                "within_15pct_of_flops": abs(speedup / flops["speedup"] - 1.0) <= 0.15,
+                "flops_speedup": flops_speedup,
+                "speedup_vs_flops": speedup / flops_speedup,
+                "within_15pct_of_flops": abs(speedup / flops_speedup - 1.0) <= 0.15,
                 "decode_ratio": ours["decode"]["tokens_per_s"] / stock["decode"]["tokens_per_s"],
                 "kv_cache_reduction": 1.0 - ours["kv_cache_bytes"] / stock["kv_cache_bytes"],
                 "pruning_share": ours["pruning"]["share"],
@@ -803,7 +845,7 @@ def markdown_table(report: dict) -> str:
         peak = result["peak_memory"]["prefill_bytes_above_before"]
         share = "-" if is_stock else f"{100 * result['pruning']['share']:.1f}%"
         lines.append(
-            f"| {result['batch_size']} | {VARIANT_TITLES[result['variant']]} | {result['prefill_ms']['median']:,.1f} | "
+            f"| {result['batch_size']} | {variant_title(result['variant'])} | {result['prefill_ms']['median']:,.1f} | "
             f"{speedup:.2f}x | {result['decode']['tokens_per_s']:,.1f} | "
             f"{_mib(peak)} (+ {_mib(result['weights_bytes'])}) | "
             f"{_mib(result['kv_cache_bytes'])} | {100 * kv:.1f}% | {share} |"
@@ -813,6 +855,8 @@ def markdown_table(report: dict) -> str:
         f"FLOPs (analytic, one sample, CLIP text tower and scoring not counted): stock "
         f"{flops['stock']['total'] / 1e12:.4g} T, IVTP {flops['ivtp']['total'] / 1e12:.4g} T: ratio "
         f"{flops['ratio']:.3f}, i.e. {flops['speedup']:.2f}x fewer."
+        + "".join(f" {variant_title(name)}: {value['total'] / 1e12:.4g} T counted (stock counted "
+                  f"{value['stock_total'] / 1e12:.4g} T), {value['speedup']:.2f}x fewer." for name, value in flops["methods"].items())
     )
     lines.append("")
     lines.append(
@@ -822,7 +866,7 @@ def markdown_table(report: dict) -> str:
     lines.append("|---|---|---|---|---|---|---|---|")
     for row in report["comparisons"]:
         lines.append(
-            f"| {row['batch_size']} | {VARIANT_TITLES[row['variant']]} | {row['prefill_speedup']:.2f}x / "
+            f"| {row['batch_size']} | {variant_title(row['variant'])} | {row['prefill_speedup']:.2f}x / "
             f"{row['flops_speedup']:.2f}x = {row['speedup_vs_flops']:.2f} | "
             f"{'yes' if row['within_15pct_of_flops'] else 'no'} | "
             f"{row['prefill_speedup_of_min']:.2f}x | "
@@ -835,7 +879,7 @@ def top_ops_text(report: dict, count: int) -> str:
     blocks = []
     for result in report["results"]:
         blocks.append(
-            f"\nTop {count} ops by self time, profiled prefill, {VARIANT_TITLES[result['variant']]}, batch "
+            f"\nTop {count} ops by self time, profiled prefill, {variant_title(result['variant'])}, batch "
             f"{result['batch_size']}:\n| op | self ms | share | calls |\n|---|---|---|---|"
         )
         for op in result["top_ops"][:count]:
@@ -936,6 +980,7 @@ def _run(args, config_dict: dict, config_name: str) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     config = IvtpConfig(**copy.deepcopy(config_dict))
     flops = _flops(config_dict, args.text_tokens)
+    flops["methods"] = {f"method:{method}": _counted_flops(config_dict, method, args.text_tokens) for method in args.methods}
     layout = prompt_layout(args.text_tokens)
     meta = {
         "command": "llava-ivtp bench " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
@@ -961,13 +1006,13 @@ def _run(args, config_dict: dict, config_name: str) -> int:
             "text": {key: getattr(config.text_config, key) for key in TEXT_DIMS},
         },
     }
-    per_batch = len(VARIANTS) * (args.warmup + args.repeats + 2 + args.profile_runs)
+    per_batch = (len(VARIANTS) + len(args.methods)) * (args.warmup + args.repeats + 2 + args.profile_runs)
     total = per_batch * len(args.batch_sizes)
     if args.plot is not None:
         total += len(set(args.plot_kept)) * (args.warmup + args.repeats)
     with _progress(total, args.no_progress) as bar:
         bar.set_description("building models")
-        models = build_models(config_dict, device, dtype, args.seed)
+        models = build_models(config_dict, device, dtype, args.seed, args.methods)
         results = []
         for batch_size in args.batch_sizes:
             results += measure_batch(models, config, config_dict, args, batch_size, device, dtype, bar)

@@ -122,7 +122,7 @@ class IvtpPruner(Pruner):
         return self._request(self.vision, layer_idx, None, torch.zeros(1, dtype=torch.long), patches)
 
     def after_vision_layer(self, layer_idx, hidden_states, request):
-        with torch.no_grad(), record_function("ivtp/vision_scoring"):  # profiler label only
+        with torch.no_grad(), record_function("ivtp/vision_scoring/rollout"):  # profiler label only
             selection = self._select(self.vision, layer_idx, request, 0, slice(1, None))  # CLS excluded
         return selection
 
@@ -134,9 +134,9 @@ class IvtpPruner(Pruner):
         return self.llm[layer_idx][2]
 
     def llm_probe(self, tokens):
-        with record_function("ivtp/guidance"):
+        with record_function("ivtp/probe/guidance"):
             self.relevance, self.selected = instruction_relevance(self.config, self.context, tokens.hidden_states)
-        with record_function("ivtp/pseudo_cls"):
+        with record_function("ivtp/probe/pseudo_cls"):
             fallback = sample_visual_cls(self.context.visual_cls, self.context.images_per_sample)
             return pseudo_cls(tokens.hidden_states, self.selected, fallback=fallback), self.context.image_end_position
 
@@ -147,7 +147,7 @@ class IvtpPruner(Pruner):
         return self._request(self.llm, layer_idx, block, probe, view.visual_slots, batch=view.image_rows)
 
     def after_llm_layer(self, layer_idx, view, request, hidden_states):
-        with torch.no_grad(), record_function("ivtp/llm_scoring"):
+        with torch.no_grad(), record_function("ivtp/llm_scoring/rollout"):
             return self._select(self.llm, layer_idx, request, view.visual_slots.shape[1], slice(None, -1))
 
     def outputs(self):
@@ -187,12 +187,12 @@ def instruction_relevance(config, context: PruneContext, embeddings: torch.Tenso
         relevance = torch.where(instruction, relevance, torch.full_like(relevance, float("nan")))
         return relevance, instruction & (relevance >= config.tau)
     with torch.no_grad():
-        with record_function("ivtp/guidance/clip_image_embedding"):
+        with record_function("ivtp/probe/clip_image_embedding"):
             image_embedding = model.clip_visual_projection(
                 final_clip_cls(model, context.vision["feature_layer_hidden_states"])
             )
         clip_input_ids = guidance["clip_input_ids"].to(image_embedding.device)
-        with record_function("ivtp/guidance/clip_text_tower"):
+        with record_function("ivtp/probe/clip_text_tower"):
             text_features = clip_token_features(model.clip_text_model, clip_input_ids)
         reference = sample_visual_cls(image_embedding, images_per_sample.to(image_embedding.device))
         clip_relevance = cosine_relevance(text_features, reference.to(text_features.dtype))  # eq. 6

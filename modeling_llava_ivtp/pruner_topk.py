@@ -52,15 +52,29 @@ def topk_keep_indices(patch_features: torch.Tensor, cls_feature: torch.Tensor, n
 
 @register_pruner
 class TopKPruner(Pruner):
-    """TopK in the vision tower: after the last layer of each group of `config.group_size` layers, the patches most
-    similar to that layer's CLS (geometric counts from every patch to the budget, IVTP's stage-1 spending)."""
+    """TopK in the vision tower: the patches most similar to the layer's CLS. `site="groups"` (default): after the last
+    layer of each group of `config.group_size` layers, counts geometric from every patch to the budget (IVTP's
+    stage-1 spending; the paper's Table 9 gives TopK a ViT cost below stock's, so it pruned inside the tower);
+    `site="feature_layer"`: once, after the layer LLaVA reads its features from."""
 
     name = "topk"
-    options = {"visual_tokens": 64}
+    options = {"visual_tokens": 64, "site": "groups"}
+
+    @classmethod
+    def check_options(cls, config, values):
+        super().check_options(config, values)
+        if values["site"] not in ("groups", "feature_layer"):
+            raise ValueError(
+                "`pruning_options['site']` of pruning_method='topk' must be 'groups' or 'feature_layer', got "
+                f"{values['site']!r}."
+            )
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        self.schedule = vision_group_schedule(config, self.budget)
+        if self.values["site"] == "groups":
+            self.schedule = vision_group_schedule(config, self.budget)
+        else:
+            self.schedule = {config.vision_layer_groups[-1][1]: self.budget}
 
     def after_vision_layer(self, layer_idx, hidden_states, request):
         if layer_idx not in self.schedule:

@@ -257,9 +257,10 @@ def check_placeholders(config, placeholder_counts: list[int], num_images: int, l
         )
     if llm_site and any(count > num_patches for count in placeholder_counts):
         raise ValueError(
-            "IVTP stage 2 prunes one image per sample (one pseudo-CLS per image block); got "
-            f"{[count // num_patches for count in placeholder_counts]} images per sample. Use schedule['llm'] = "
-            "[] for several images."
+            f"pruning_method={config.pruning_method!r} prunes in the LLM, one image per sample (one visual block, one "
+            f"probe per sample); got {[count // num_patches for count in placeholder_counts]} images per sample. "
+            "For several images per sample use a method that prunes in the vision tower or on the projected features "
+            "(for IVTP: schedule['llm'] = [])."
         )
 
 

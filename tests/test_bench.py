@@ -90,7 +90,7 @@ def test_pruning_share_is_measured_from_the_model_labels(bench_run):
         if result["variant"] == "stock_sdpa":
             assert labels == {} and result["pruning"]["share"] == 0.0
             continue
-        for label in ("ivtp/vision_scoring", "ivtp/llm_scoring", "ivtp/guidance", "ivtp/guidance/clip_text_tower"):
+        for label in ("ivtp/vision_scoring", "ivtp/llm_scoring", "ivtp/probe", "ivtp/probe/clip_text_tower"):
             assert label in labels
         top_level = sum(value for name, value in labels.items() if name.count("/") == 1)
         assert math.isclose(result["pruning"]["pruning_ms"], top_level)
@@ -260,3 +260,27 @@ def test_cuda_pruning_share_refuses_a_profile_without_kernels():
     assert on_cpu["profiled_prefill_ms"] > 0 and on_cpu["pruning_ms"] > 0
     with pytest.raises(BenchError, match="no CUDA kernel time"):
         pruning_times_from_profile(prof, torch.device("cuda"))
+
+
+def test_a_variant_per_method(tiny_json, tmp_path, capsys):
+    """`--methods all`: every method of the registry measured beside stock, on the same weights and prompts, with
+    its counted FLOPs and its pruning share from the runner's labels around the method's own work."""
+    from modeling_llava_ivtp.configuration_llava_ivtp import PRUNING_METHODS
+
+    out = tmp_path / "methods.json"
+    rc, stdout, _ = run_cli(["--config", str(tiny_json), "--batch-sizes", "1", "--text-tokens", str(TEXT_TOKENS),
+                             "--methods", "all", "--json", str(out), *FAST], capsys)
+    assert rc == 0
+    report = json.loads(out.read_text())
+    methods = [f"method:{name}" for name in PRUNING_METHODS if name != "ivtp"]
+    assert [result["variant"] for result in report["results"]] == ["stock_sdpa", "ivtp_sdpa", "ivtp_eager", *methods]
+    for name in methods:
+        result = next(result for result in report["results"] if result["variant"] == name)
+        assert result["kv_cache_bytes"] < report["results"][0]["kv_cache_bytes"], name
+        assert result["kv_cache_matches_analytic"] is None  # the analytic formula knows IVTP's schedule only
+        assert 0.0 < result["pruning"]["share"] < 1.0, name
+        assert report["flops"]["methods"][name]["speedup"] > 1.0, name
+        assert f"| 1 | {name.removeprefix('method:')} (sdpa) |" in stdout
+    assert {row["variant"] for row in report["comparisons"]} == {"ivtp_sdpa", "ivtp_eager", *methods}
+    rc, _, err = run_cli(["--config", str(tiny_json), "--methods", "fast_v", *FAST], capsys)
+    assert rc == 2 and "--methods ['fast_v']" in err

@@ -289,3 +289,118 @@ def test_ivtp_ablations_against_a_plain_reference(attention, aggregation):
             row = rows[-1]
         expected = keep.gather(1, (row * norms).topk(24, dim=-1).indices.sort(dim=-1).values)
     assert torch.equal(kept, expected.sort(dim=-1).values)
+
+
+def test_topk_at_the_feature_layer_against_a_plain_reference():
+    """`site="feature_layer"`: cosine of each patch with the CLS of the feature layer's output, top-k per image."""
+    model = tiny_model(schedule=None, pruning_method="topk", pruning_options={"visual_tokens": 8, "site": "feature_layer"})
+    pixels = make_pixels(2)
+    with torch.no_grad():
+        kept = model(input_ids=torch.tensor([make_prompt(2, 3)] * 2), pixel_values=pixels, use_cache=False)
+        features = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
+    similarity = torch.nn.functional.cosine_similarity(features[:, 1:], features[:, :1], dim=-1)
+    assert torch.equal(kept.vision_keep_indices, similarity.topk(8, dim=-1).indices.sort(dim=-1).values)
+    assert kept.vision_token_counts == (8,)
+
+
+def _stock_inputs(model, pixels):
+    """What stock Llava computes for an unpruned forward: the feature layer's hidden states and the CLS attention of
+    the layer that produced them (eager, `output_attentions`), and the projected patch features."""
+    import copy
+
+    eager = copy.deepcopy(model.model.vision_tower)
+    eager.set_attn_implementation("eager")
+    out = eager(pixels, output_hidden_states=True, output_attentions=True)
+    layer = len(out.hidden_states) - 3  # hidden_states[-2] is the output of layer index -2
+    features = out.hidden_states[-2]
+    cls_row = out.attentions[layer].mean(dim=1)[:, 0]  # (images, tokens)
+    return features, cls_row, model.model.multi_modal_projector(features[:, 1:])
+
+
+@pytest.mark.parametrize("method", ["random", "pooling", "divprune", "visionzip", "vispruner", "cdpruner"])
+def test_feature_layer_and_projected_methods_against_stock_features(method):
+    """The kept patches equal the method's rule applied to what stock modules compute (eager CLIP attention rows,
+    the projector's output), so the seam feeds each method the right tensors."""
+    from modeling_llava_ivtp.pruner_cdpruner import cdpruner_keep_indices
+    from modeling_llava_ivtp.pruner_divprune import divprune_keep_indices
+    from modeling_llava_ivtp.pruner_pooling import spatial_pooling
+    from modeling_llava_ivtp.pruner_visionzip import visionzip_keep_indices
+    from modeling_llava_ivtp.pruner_vispruner import vispruner_keep_indices
+    from modeling_llava_ivtp.pruning_ivtp import select_keep_indices
+
+    model = method_model(method)
+    pixels = make_pixels(2)
+    with torch.no_grad():
+        kept = model(input_ids=torch.tensor([make_prompt(2, 3)] * 2), pixel_values=pixels, use_cache=False)
+        features, cls_row, projected = _stock_inputs(model, pixels)
+    if method == "random":
+        order = torch.rand(36, generator=torch.Generator().manual_seed(0))
+        expected = select_keep_indices(order[None], BUDGET).expand(2, -1)
+    elif method == "pooling":
+        expected = spatial_pooling(projected, BUDGET)[0]
+    elif method == "divprune":
+        expected = divprune_keep_indices(projected, BUDGET)
+    elif method == "cdpruner":  # no instruction given: uniform relevance, diversity alone
+        expected = cdpruner_keep_indices(projected, torch.ones(2, 36), BUDGET)
+    elif method == "vispruner":
+        expected = vispruner_keep_indices(features[:, 1:], cls_row[:, 1:], 6, 2)
+    else:
+        tower = model.model.vision_tower
+        last = tower.encoder.layers[len(tower.encoder.layers) - 2]
+        with torch.no_grad():
+            keys = last.self_attn.k_proj(last.layer_norm1(_stock_input_of_layer(model, pixels)))
+        keys = keys.view(2, 37, 4, 8).mean(dim=2)
+        expected = visionzip_keep_indices(features[:, 1:], cls_row[:, 1:], keys[:, 1:], 7, 1)[0]
+    assert torch.equal(kept.vision_keep_indices, expected), method
+
+
+def _stock_input_of_layer(model, pixels):
+    """The input of the vision layer that produces the feature layer's output (stock, every token)."""
+    tower = model.model.vision_tower
+    return tower(pixels, output_hidden_states=True).hidden_states[-3]
+
+
+def test_fastv_against_stock_eager_attention():
+    """FastV keeps the visual tokens the last instruction token attends to most in layer K (head-averaged), read from
+    stock Llava's eager `output_attentions` -- the seam's recorded row is that row."""
+    from tiny_models import stock_twin
+
+    model = method_model("fastv")
+    batch = with_instruction(make_batch(((2, 5), (4, 9))))
+    with torch.no_grad():
+        kept = model(**batch, use_cache=False)
+        stock = stock_twin(model, attn_implementation="eager")(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+            output_attentions=True,
+        )
+    attention = stock.attentions[1].mean(dim=1)  # layer K = 2: index 1
+    for row in range(2):
+        last = int(torch.where(batch["instruction_mask"][row])[0].max())
+        image = torch.where(batch["input_ids"][row] == IMAGE_TOKEN_ID)[0]
+        scores = attention[row, last, image]
+        expected = scores.topk(BUDGET).indices.sort().values
+        assert torch.equal(kept.llm_keep_indices[0][row], expected), row
+
+
+def test_hf_trainer_fine_tunes_with_pruning_on(method, tmp_path):
+    """Two steps of `transformers.Trainer` with gradient checkpointing, pruning in every step: the loss is finite and
+    the projector moves."""
+    from transformers import Trainer, TrainingArguments
+
+    model = method_model(method)
+    batch = with_instruction(make_batch(((2, 5), (4, 9))))
+    labels = batch["input_ids"].masked_fill(
+        ~batch["attention_mask"].bool() | (batch["input_ids"] == IMAGE_TOKEN_ID), -100
+    )
+    rows = [{name: value[row] for name, value in dict(batch, labels=labels).items()} for row in range(2)]
+    before = model.model.multi_modal_projector.linear_1.weight.detach().clone()
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+        gradient_checkpointing=True, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True,
+        logging_steps=1, dataloader_num_workers=0,
+    )
+    collate = lambda items: {name: torch.stack([item[name] for item in items]) for name in items[0]}  # noqa: E731
+    trainer = Trainer(model=model, args=arguments, train_dataset=rows, data_collator=collate)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss)), method
+    assert not torch.equal(model.model.multi_modal_projector.linear_1.weight, before), method

@@ -342,7 +342,8 @@ class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGen
         vision = self._run_vision_tower(pixel_values, pruner)
         image_features = self.model.multi_modal_projector(vision["patch_hidden_states"])
         context.vision, context.visual_cls = vision, self.model.multi_modal_projector(vision["cls_hidden_state"])
-        selection = pruner.on_projected(image_features)
+        with record_function("ivtp/projected_scoring"):  # profiler labels: the pruner's own work (llava-ivtp bench)
+            selection = pruner.on_projected(image_features)
         if selection is not None:
             image_features = _apply_selection(image_features, selection)
             vision["keep_indices"] = vision["keep_indices"].gather(1, selection.keep.to(vision["keep_indices"].device))
@@ -451,7 +452,8 @@ class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGen
         for layer_idx, layer in enumerate(vision_tower.encoder.layers[:feature_layers]):
             request = pruner.vision_request(layer_idx, num_images, hidden_states.shape[1])
             hidden_states = layer(hidden_states, pruner.vision_mask(layer_idx), **_rows_kwarg(request))
-            selection = pruner.after_vision_layer(layer_idx, hidden_states, request)
+            with record_function("ivtp/vision_scoring"):
+                selection = pruner.after_vision_layer(layer_idx, hidden_states, request)
             if selection is None:
                 continue
             with record_function("ivtp/vision_selection"):
@@ -489,7 +491,8 @@ class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGen
         prune_layers = pruner.llm_prune_layers()
         any_image = bool(prune_layers) and any(tokens.has_image)
         image_rows = true_indices(has_image.unsqueeze(0), len(tokens.image_rows))[0] if any_image else None
-        probe = pruner.llm_probe(tokens) if prune_layers else None
+        with record_function("ivtp/probe"):
+            probe = pruner.llm_probe(tokens) if prune_layers else None
         if probe is not None:  # it sits after every real token: causality keeps them from attending to it
             with record_function("ivtp/llm_selection"):
                 tokens = tokens.append_probe(*probe)
@@ -514,7 +517,8 @@ class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGen
                     use_cache=use_cache, position_embeddings=position_embeddings, **_rows_kwarg(request), **kwargs,
                 )
                 if view is not None:
-                    selection = pruner.after_llm_layer(layer_idx, view, request, hidden_states)
+                    with record_function("ivtp/llm_scoring"):
+                        selection = pruner.after_llm_layer(layer_idx, view, request, hidden_states)
                 if cache is not None:
                     if tokens.probe:
                         cache.drop_last_token(layer_idx)  # the probe never enters the KV cache
