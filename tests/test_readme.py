@@ -100,6 +100,8 @@ def test_readme_snippets_run_as_written(workspace, monkeypatch):
     assert type(namespace["model"]).__module__.startswith("transformers_modules.")  # the checkpoint's own code
     assert type(namespace["processor"]).__name__ == "LlavaIvtpProcessor"
     assert namespace["out"].llm_token_counts == (8, 5)  # the tiny preset's schedule ran
+    assert namespace["fastv_out"].visual_tokens_per_layer == (36, 36) + (16,) * 6  # FastV: K = 2, then the budget
+    assert namespace["fastv"].config.pruning_method == "fastv" and namespace["fastv"].config.schedule is None
     assert namespace["more"].shape[1] > namespace["conversation_ids"].shape[1]
     assert len(printed["pipeline"].splitlines()) == 2
     assert "both pruning stages ran in 2 of 2" in printed["finetune"]
