@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from .attention_rows import RowRequest
+from .configuration_llava_ivtp import layer_groups
 from .pruner_base import Pruner, Selection, register_pruner, two_site_schedule
 
 
@@ -183,9 +184,8 @@ class TomePlusPruner(Pruner):
         schedule = two_site_schedule(config, self.budget)
         layers = config.vision_layer_groups[-1][1] + 1
         self.removals = merge_counts(config.num_patches, schedule["vision"][-1], layers)
-        size = config.group_size
-        self.llm = {start + size - 1: count for start, count in zip(range(0, size * len(schedule["llm"]), size),
-                                                                    schedule["llm"])}
+        groups = layer_groups(config.group_size * len(schedule["llm"]), config.group_size)
+        self.llm = {last: count for (_, last), count in zip(groups, schedule["llm"])}
         self.sizes = None
 
     vision_request = TomePruner.vision_request
