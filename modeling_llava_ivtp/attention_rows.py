@@ -41,6 +41,9 @@ class RowRequest:
     value_columns: `(n, C')` (or `(C',)`) tokens whose value-vector norm over every head (eq. 4) is wanted.
     key_columns: `(n, C'')` (or `(C'',)`) tokens whose keys, averaged over heads, are wanted.
     scores: whether `probabilities` are wanted (`False`: keys or values only).
+    keys: `(K,)` increasing slots, the same for every sample: every key the requested rows attend to lies among them
+        (the asker's promise, e.g. the tokens up to an image's end), so the softmax is computed over these only
+        (`None`: every key). `columns` stay slots.
 
     Answers, read after the layer call: `probabilities` `(n, R, C)` float32, head-averaged; `value_norms` `(n, C')`
     float32; `key_means` `(n, C'', head_dim)` float32.
@@ -52,6 +55,7 @@ class RowRequest:
     value_columns: torch.Tensor | None = None
     key_columns: torch.Tensor | None = None
     scores: bool = True
+    keys: torch.Tensor | None = None
     call: tuple | None = field(default=None, repr=False)  # what the layer's attention used (`attach`)
     full: torch.Tensor | None = field(default=None, repr=False)  # every row, when the layer computed them itself
 
@@ -115,7 +119,7 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
     num_keys = key.shape[2]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     queries = _pick(query, request.batch, request.rows, dim=2)
-    keys = _pick(key, request.batch, None, dim=2)
+    keys = _pick(key, request.batch, request.keys, dim=2)
     if keys.shape[1] != num_heads:  # grouped-query attention: each key head serves several query heads
         keys = keys.repeat_interleave(num_heads // keys.shape[1], dim=1)
     logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
@@ -125,10 +129,11 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
             allowed = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device)
             allowed = allowed.tril(num_keys - num_queries)
             allowed = _pick(allowed.expand(batch_size, -1, -1), request.batch, request.rows, dim=1)
-            logits = logits.masked_fill(~allowed.unsqueeze(1), lowest)
+            logits = logits.masked_fill(~_key_columns(allowed, request.keys).unsqueeze(1), lowest)
     else:
         mask = attention_mask[:, :, :, :num_keys].expand(batch_size, -1, num_queries, -1)[:, 0]
-        mask = _pick(mask.to(query.device), request.batch, request.rows, dim=1).unsqueeze(1)
+        mask = _pick(mask.to(query.device), request.batch, request.rows, dim=1)
+        mask = _key_columns(mask, request.keys).unsqueeze(1)
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, lowest)
         else:
@@ -137,8 +142,15 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
     if request.columns is None:
         return probabilities
     columns = request.columns.to(probabilities.device)
+    if request.keys is not None:  # slots -> places among the keys
+        columns = torch.searchsorted(request.keys.to(columns.device), columns)
     columns = columns.expand(probabilities.shape[0], -1) if columns.ndim == 1 else columns
     return probabilities.gather(2, columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1))
+
+
+def _key_columns(mask: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+    """`(n, R, num_keys)` -> the columns of `keys` (all without)."""
+    return mask if keys is None else mask[:, :, keys.to(mask.device)]
 
 
 def _eager_function(module):

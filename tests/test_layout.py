@@ -34,6 +34,13 @@ def _check(tokens: TokenState, kept_per_row: torch.Tensor) -> None:
         assert tokens.is_visual[rows].sum(dim=1).tolist() == [tokens.visual] * len(rows)
         slots = tokens.visual_slots(torch.tensor(rows))
         assert bool(tokens.is_visual[torch.tensor(rows).unsqueeze(-1), slots].all())
+        # The host's key range for image rows (`RowRequest.keys`) holds every visual token, exactly (one image).
+        assert int(slots[:, -1].max()) + 1 <= tokens.visual_end <= tokens.last_real_slot + 1
+        last_kept = [
+            int(((tokens.positions[row] >= 0) & (tokens.positions[row] <= tokens.last_placeholder[row])).nonzero().max())
+            for row in rows
+        ]
+        assert tokens.visual_end == max(last_kept) + 1
 
 
 @settings(max_examples=80, deadline=None)
@@ -71,7 +78,8 @@ def test_token_state_sizes_the_packed_token_sets(data):
         "is_visual": is_image,
         "patch_index": torch.full((batch, length), -1),
     }
-    tokens, index, slot_valid = TokenState.entering_llm(logical, keep, placeholders, NUM_PATCHES, kept)
+    last_placeholder = torch.where(is_image, torch.arange(length), -1).amax(dim=1).tolist()
+    tokens, index, slot_valid = TokenState.entering_llm(logical, keep, placeholders, last_placeholder, NUM_PATCHES, kept)
     assert torch.equal(slot_valid.sum(dim=1), keep.sum(dim=1))
     _check(tokens, keep.sum(dim=1))
 
@@ -162,8 +170,8 @@ def test_pruned_prefill_reads_the_device_twice_and_decode_never(use_cache, count
         with CountReads() as prefill_reads:
             out = model(**batch, use_cache=use_cache)
         assert prefill_reads.reads == []
-        # layout and input values (2 facts + the ids' extremes, x batch); 2 kept counts
-        assert count_tolist == [(4, batch["input_ids"].shape[0]), (2,)]
+        # layout and input values (3 facts + the ids' extremes, x batch); 2 kept counts
+        assert count_tolist == [(5, batch["input_ids"].shape[0]), (2,)]
         assert out.llm_token_counts == (8, 5)
         if use_cache:
             next_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
@@ -185,7 +193,7 @@ def test_unpadded_batch_without_attention_mask_has_no_padding_slots(count_tolist
     with torch.no_grad():
         with CountReads() as reads:
             out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True)
-    assert reads.reads == [] and count_tolist == [(4, 2), (2,)]
+    assert reads.reads == [] and count_tolist == [(5, 2), (2,)]
     assert bool((out.kept_positions >= 0).all())
     assert all(bool((positions >= 0).all()) for positions in output_cache(out).layer_positions)
 

@@ -102,7 +102,7 @@ def test_segment_mask_is_causal_padded_and_isolates_the_pseudo_cls(attn_implemen
     tokens = TokenState(
         hidden_states=torch.zeros(batch_size, num_slots, 32), positions=None, position_ids=None,
         attention_mask=attention_mask, is_visual=is_visual, patch_index=None, num_patches=3,
-        has_image=[True, True, False], length=num_slots, pads=[0, 1, 0], visual=3,
+        has_image=[True, True, False], length=num_slots, pads=[0, 1, 0], visual=3, last_placeholder=[4, 1, -1],
         probe=True,
     )
     mask = segment_mask(model.config.text_config, tokens, None, layer_idx=0)

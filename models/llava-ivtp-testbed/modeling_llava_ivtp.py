@@ -294,17 +294,19 @@ class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGen
             )
 
     def _read_layout(self, image_mask: torch.Tensor, attention_mask: torch.Tensor, input_ids, guidance: dict):
-        """What the host needs of a batch, in one read from the device: per sample, its image placeholders, and
-        whether every token is attended. The input values are checked in the same read (`value_rows`: token and
-        CLIP ids, spans)."""
+        """What the host needs of a batch, in one read from the device: per sample, its image placeholders, the
+        position of its last one, and whether every token is attended. The input values are checked in the same read
+        (`value_rows`: token and CLIP ids, spans)."""
+        order = torch.arange(image_mask.shape[1], device=image_mask.device)
         rows = {
             "placeholders": image_mask.sum(dim=1),
+            "last_placeholder": torch.where(image_mask, order, -1).amax(dim=1),
             "fully_attended": attention_mask.all(dim=1).long(),
             **value_rows(input_ids, guidance, image_mask.device),
         }
         facts = read_rows(rows)  # the one host read of a pruned prefill
         check_values(self.config, facts, guidance)
-        return facts["placeholders"], all(facts["fully_attended"])
+        return facts["placeholders"], facts["last_placeholder"], all(facts["fully_attended"])
 
     def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if input_ids is not None:
@@ -332,7 +334,7 @@ class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGen
             torch.ones_like(image_mask) if attention_mask is None else attention_mask.to(image_mask.device).bool()
         )
         # The prefill's one wait for the device: each sample's placeholders and layout (see `TokenState`).
-        placeholder_counts, fully_attended = self._read_layout(
+        placeholder_counts, last_placeholder, fully_attended = self._read_layout(
             image_mask, full_attention_mask, input_ids, guidance
         )
         context = PruneContext(model=self, guidance=guidance, images_per_sample=images_per_sample)
@@ -350,7 +352,7 @@ class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGen
 
         tokens, index, slot_valid = self._enter_llm(
             image_mask, vision["keep_indices"], image_features, input_ids, inputs_embeds, position_ids,
-            full_attention_mask, placeholder_counts,
+            full_attention_mask, placeholder_counts, last_placeholder,
         )
         with record_function("ivtp/guidance"):
             context.packed_guidance = _pack_guidance(guidance, index, slot_valid)
@@ -396,7 +398,7 @@ class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGen
         )
 
     def _enter_llm(self, image_mask, keep_indices, image_features, input_ids, inputs_embeds, position_ids,
-                   attention_mask, placeholder_counts):
+                   attention_mask, placeholder_counts, last_placeholder):
         """The tokens that enter the LLM: every non-image token, and the placeholders of the kept patches, which
         take the image features. Returns the token state and its packing `(index, slot_valid)` of the sequence."""
         batch_size, sequence_length = image_mask.shape
@@ -423,7 +425,7 @@ class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGen
                 "patch_index": patch_of_token,
             }
             tokens, index, slot_valid = TokenState.entering_llm(
-                logical, keep, placeholder_counts, num_patches, keep_indices.shape[1]
+                logical, keep, placeholder_counts, last_placeholder, num_patches, keep_indices.shape[1]
             )
         if inputs_embeds is None:
             token_embeds = self.get_input_embeddings()(input_ids.gather(1, index))

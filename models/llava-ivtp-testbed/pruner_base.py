@@ -74,6 +74,15 @@ class LlmView:
         """The last real token of every row (rows are left-padded; the probe, when present, comes after it)."""
         return self.tokens.last_real_slot
 
+    def image_keys(self) -> torch.Tensor:
+        """`(K,)`: the slots a visual token or the probe can attend to -- every slot up to the last one that can
+        hold a visual token (`TokenState.visual_end`, a host bound), then the probe's -- for `RowRequest.keys`."""
+        tokens = self.tokens
+        keys = torch.arange(min(tokens.visual_end, tokens.last_real_slot + 1), device=self.visual_slots.device)
+        if tokens.probe:
+            keys = torch.cat([keys, keys.new_full((1,), self.probe_slot)])
+        return keys
+
     def last_instruction_slots(self, instruction_mask: torch.Tensor | None) -> torch.Tensor:
         """`(images, 1)`: the slot of each image's sample's last instruction token (`instruction_mask`, aligned with
         `input_ids`, as the processor gives it), or of its last token where there is none. Tokens generated since

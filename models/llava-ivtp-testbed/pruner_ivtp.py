@@ -144,7 +144,10 @@ class IvtpPruner(Pruner):
         # Rows and columns: the visual tokens, then the pseudo-CLS (its rule and causality are the layer's mask).
         probe = torch.full_like(view.visual_slots[:, :1], view.probe_slot)
         block = torch.cat([view.visual_slots, probe], dim=1)
-        return self._request(self.llm, layer_idx, block, probe, view.visual_slots, batch=view.image_rows)
+        request = self._request(self.llm, layer_idx, block, probe, view.visual_slots, batch=view.image_rows)
+        if request is not None:  # the rows see nothing past their image (and the probe): score over those keys
+            request.keys = view.image_keys()
+        return request
 
     def after_llm_layer(self, layer_idx, view, request, hidden_states):
         with torch.no_grad(), record_function("ivtp/llm_scoring/rollout"):

@@ -32,8 +32,10 @@ class TokenState:
     gathered at the kept tokens; `is_visual`, image tokens; `patch_index`, their patch (0..num_patches-1, else -1).
 
     Host: `num_patches`; per sample `has_image`; `length`, the slots per row; `pads[b]`, the slots before sample
-    `b`'s first token (its own input padding tokens are tokens); `visual`, the visual tokens each sample with an image holds; `probe`,
-    whether the last slot of every row is a probe token (a pruner's pseudo-CLS, which no real token attends to).
+    `b`'s first token (its own input padding tokens are tokens); `visual`, the visual tokens each sample with an image
+    holds; `last_placeholder`, per sample, the input position of its last image placeholder (-1 without an image);
+    `probe`, whether the last slot of every row is a probe token (a pruner's pseudo-CLS, which no real token attends
+    to).
     """
 
     hidden_states: torch.Tensor
@@ -47,13 +49,15 @@ class TokenState:
     length: int
     pads: list[int]
     visual: int
+    last_placeholder: list[int]
     probe: bool = False
 
     @classmethod
-    def entering_llm(cls, logical: dict, keep: torch.Tensor, placeholders: list[int], num_patches: int,
-                     kept_per_image: int) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
+    def entering_llm(cls, logical: dict, keep: torch.Tensor, placeholders: list[int], last_placeholder: list[int],
+                     num_patches: int, kept_per_image: int) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
         """The tokens that enter the LLM: those of `keep` `(batch, sequence)` (every non-image token and
-        `kept_per_image` placeholders of each image). `logical` holds the device fields over the whole sequence.
+        `kept_per_image` placeholders of each image). `logical` holds the device fields over the whole sequence;
+        `placeholders` and `last_placeholder` are per sample, read on the host.
         Returns the state (hidden states still those of `logical`, gathered) and the packing `(index, slot_valid)`."""
         sequence_length = keep.shape[1]
         counts = [sequence_length - count + (count // num_patches) * kept_per_image for count in placeholders]
@@ -61,7 +65,8 @@ class TokenState:
         index, slot_valid = pack_rows(keep, length)
         state = cls(**_gather(logical, index, slot_valid), num_patches=num_patches,
                     has_image=[count > 0 for count in placeholders],
-                    length=length, pads=[length - count for count in counts], visual=kept_per_image)
+                    length=length, pads=[length - count for count in counts], visual=kept_per_image,
+                    last_placeholder=list(last_placeholder))
         return state, index, slot_valid
 
     @property
@@ -72,6 +77,17 @@ class TokenState:
     def last_real_slot(self) -> int:
         """The slot of every row's last real token (the probe, when present, comes after it)."""
         return self.length - 1 - int(self.probe)
+
+    @property
+    def visual_end(self) -> int:
+        """One past the last slot, over the samples with an image, that can hold a visual token (host arithmetic):
+        the slots kept up to each sample's last placeholder. Exact for one image per sample; with several, a bound
+        (the pruned tokens of its earlier images are not subtracted), which is all a key range needs."""
+        return max(
+            (pad + last + 1 - self.num_patches + self.visual
+             for pad, last, has_image in zip(self.pads, self.last_placeholder, self.has_image) if has_image),
+            default=0,
+        )
 
     def visual_slots(self, image_rows: torch.Tensor) -> torch.Tensor:
         """`(images, visual)`: the slots of each image's visual tokens, in order (rows: `image_rows`)."""
