@@ -299,25 +299,31 @@ def draw_plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (by_tokens, by_flops) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (by_tokens, by_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
     groups: dict[str, list] = {}
     for name, entry in results["settings"].items():
         family = name.split("@")[0] + (":" + name.split(":")[1] if name.count(":") and "@" in name else "")
         groups.setdefault(family, []).append(entry)
-    for family, entries in groups.items():
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xh<>p"
+    for index, (family, entries) in enumerate(groups.items()):
         entries.sort(key=lambda e: e["visual_tokens"])
-        style = "o-" if len(entries) > 1 else "s"
+        # A colour and a marker of its own for each family (up to 20 x 12 tell apart).
+        style = dict(color=colors[index % len(colors)], marker=markers[index % len(markers)],
+                     linestyle="-" if len(entries) > 1 else "none", label=family, capsize=3,
+                     linewidth=2.5 if family.startswith("ivtp") else 1.5)
         by_tokens.errorbar([e["visual_tokens"] for e in entries], [e["exact_match"] for e in entries],
-                           yerr=[e["exact_match_stderr"] for e in entries], fmt=style, label=family, capsize=3)
+                           yerr=[e["exact_match_stderr"] for e in entries], **style)
         by_flops.errorbar([e["tflops"] for e in entries], [e["exact_match"] for e in entries],
-                          yerr=[e["exact_match_stderr"] for e in entries], fmt=style, label=family, capsize=3)
+                          yerr=[e["exact_match_stderr"] for e in entries], **style)
     by_tokens.set_xscale("log", base=2)
     by_tokens.set_xlabel("visual tokens in the LLM's last layers")
     by_flops.set_xlabel("TFLOPs (prefill, one sample)")
+    by_flops.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
     for axis in (by_tokens, by_flops):
         axis.set_ylabel("exact match")
         axis.grid(alpha=0.3)
-    by_tokens.legend(fontsize=8)
+    by_flops.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
