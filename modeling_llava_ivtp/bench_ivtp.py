@@ -469,7 +469,9 @@ class Runner:
 
     def __init__(self, name: str, model, inputs: dict, guidance: dict, device: torch.device, new_tokens: int):
         self.name, self.model, self.device, self.new_tokens = name, model, device, new_tokens
-        self.inputs = dict(inputs, **(guidance if name.startswith("ivtp") else {}))
+        # Every pruned variant gets the processor's guidance inputs (IVTP's pseudo-CLS, CDPruner's relevance, the
+        # last instruction token of FastV / PDrop); stock Llava takes none.
+        self.inputs = dict(inputs, **(guidance if name != "stock_sdpa" else {}))
 
     def prefill(self):
         with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""`llava-ivtp` command line: `convert`, `flops`, `bench`, `eval`, `show`.
+"""`llava-ivtp` command line: `convert`, `flops`, `bench`, `eval`, `show`, `export-testbed`.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; only the named
 subcommand's module is imported, so `llava-ivtp flops` does not pay for the converter's imports and the reverse.
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "bench": ("modeling_llava_ivtp.bench_ivtp", "prefill/decode latency and memory: stock Llava vs IVTP"),
     "eval": ("modeling_llava_ivtp.eval_ivtp", "accuracy, TFLOPs and prefill time under a grid of pruning settings"),
     "show": ("modeling_llava_ivtp.show_ivtp", "a PNG of the patches each pruning setting keeps (paper Fig. 5)"),
+    "export-testbed": ("modeling_llava_ivtp.export_testbed", "testbed questions as JSON lines + images and an lmms-eval task"),
 }
 
 

@@ -333,14 +333,28 @@ def convert(
     """Write the IVTP checkpoint of `llava` + `clip` with `preset`'s schedule to `out`; returns the folder."""
     from hub_cards import render_model_card
 
-    from .configuration_llava_ivtp import IvtpConfig
-    from .modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
-    from .processing_llava_ivtp import clip_tokenizer_for
-
     out = Path(out)
     check_out_folder(out, llava, clip, preset)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConversionError(f"--out {out}: exists and is not empty (pass --overwrite to write into it).")
+    checked = _check_inputs(llava, clip, preset, clip_tokenizer, dtype)
+    base_model, license = _base_model_metadata(llava, base_model, license)
+    model, processor = build(llava, clip, preset, dtype=dtype, checked=checked)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    card = render_model_card(
+        model.config, base_model=base_model, license=license, clip_source=clip,
+        command=command or f"llava-ivtp convert --llava {llava} --clip {clip} --preset {preset} --out {out}",
+    )
+    card.save(out / "README.md")
+    return out
+
+
+def _check_inputs(llava: str, clip: str, preset: str, clip_tokenizer: str | None, dtype: str):
+    """The arguments' checks that need no weights: `(preset config, llava config, CLIP tokenizer name)`."""
+    from .processing_llava_ivtp import clip_tokenizer_for
+
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}.")
     preset_config = _read_preset(preset)
@@ -355,7 +369,18 @@ def convert(
         clip_tokenizer_for(clip_tokenizer)
     except ValueError as error:
         raise ConversionError(f"--clip-tokenizer {clip_tokenizer}: {error}") from error
-    base_model, license = _base_model_metadata(llava, base_model, license)
+    return preset_config, llava_config, clip_tokenizer
+
+
+def build(llava: str, clip: str, preset: str, *, clip_tokenizer: str | None = None, dtype: str = "auto",
+          checked: tuple | None = None):
+    """The IVTP model (eval mode) and processor of `llava` + `clip` with `preset`'s schedule, in memory: what
+    `convert` writes. Every LLaVA tensor is checked to load; mismatched inputs raise `ConversionError`. `checked`:
+    what `_check_inputs` returned for these arguments (else it is called here)."""
+    from .configuration_llava_ivtp import IvtpConfig
+    from .modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
+
+    preset_config, llava_config, clip_tokenizer = checked or _check_inputs(llava, clip, preset, clip_tokenizer, dtype)
     processor = _processor(llava, clip_tokenizer)
 
     clip_model = load_open_clip(clip)
@@ -388,17 +413,7 @@ def convert(
     with torch.no_grad():
         model.clip_text_model.load_state_dict({key: state[key] for key in text_keys}, strict=True)
         model.clip_visual_projection.load_state_dict({"weight": clip_model.visual.proj.detach().t()}, strict=True)
-    model.eval()
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    card = render_model_card(
-        model.config, base_model=base_model, license=license, clip_source=clip,
-        command=command or f"llava-ivtp convert --llava {llava} --clip {clip} --preset {preset} --out {out}",
-    )
-    card.save(out / "README.md")
-    return out
+    return model.eval(), processor
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None, api=None):

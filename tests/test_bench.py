@@ -284,3 +284,16 @@ def test_a_variant_per_method(tiny_json, tmp_path, capsys):
     assert {row["variant"] for row in report["comparisons"]} == {"ivtp_sdpa", "ivtp_eager", *methods}
     rc, _, err = run_cli(["--config", str(tiny_json), "--methods", "fast_v", *FAST], capsys)
     assert rc == 2 and "--methods ['fast_v']" in err
+
+
+def test_every_pruned_variant_gets_the_guidance_inputs():
+    """The processor's guidance inputs reach every pruned variant (CDPruner's relevance and FastV's / PDrop's last
+    instruction token need them, as IVTP's pseudo-CLS does), never stock Llava, which takes none."""
+    from modeling_llava_ivtp.bench_ivtp import Runner, build_inputs
+
+    config = IvtpConfig(**tiny_config_dict(clip_text_encoder=TINY_CLIP_TEXT))
+    common, guidance = build_inputs(config, 2, TEXT_TOKENS, torch.device("cpu"), torch.float32, seed=0)
+    assert {"instruction_mask", "clip_input_ids", "clip_token_spans"} <= set(guidance)
+    for name in ("ivtp_sdpa", "ivtp_eager", "method:cdpruner", "method:fastv"):
+        assert set(guidance) <= set(Runner(name, None, common, guidance, torch.device("cpu"), 1).inputs), name
+    assert not set(guidance) & set(Runner("stock_sdpa", None, common, guidance, torch.device("cpu"), 1).inputs)
