@@ -315,17 +315,13 @@ class LlavaIvtp(lmms):
                 raise ValueError(f"task {task!r}, document {doc_id}: the continuation {continuation!r} adds no token.")
             with torch.no_grad():
                 output = self.model(**inputs, labels=labels, use_cache=False)
-            kept = output.kept_positions if getattr(output, "kept_positions", None) is not None else None
-            logits = output.logits
-            if kept is not None:  # pruned: logits at the kept positions; continuation tokens are text, all kept
-                positions = kept[0]
-                targets = inputs["input_ids"][0, positions[1:]]
-                predicted = logits[0, :-1].argmax(dim=-1)
-                in_continuation = positions[1:] >= prompt_length
-            else:
-                targets = inputs["input_ids"][0, 1:]
-                predicted = logits[0, :-1].argmax(dim=-1)
-                in_continuation = torch.arange(1, inputs["input_ids"].shape[1], device=targets.device) >= prompt_length
+            # Logits sit at the kept positions (pruned: image tokens dropped; continuation tokens are text, all kept).
+            ids = inputs["input_ids"][0]
+            kept = getattr(output, "kept_positions", None)
+            positions = kept[0] if kept is not None else torch.arange(ids.shape[0], device=ids.device)
+            targets = ids[positions[1:]]
+            predicted = output.logits[0, :-1].argmax(dim=-1)
+            in_continuation = positions[1:] >= prompt_length
             greedy = bool((predicted[in_continuation] == targets[in_continuation]).all())
             results.append((float(output.loss), greedy))
             self.cache_hook.add_partial("loglikelihood", (context, continuation), results[-1])
