@@ -110,7 +110,7 @@ class PruningTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def build_trainer(model, processor, records, args, gradient_checkpointing: bool = True) -> PruningTrainer:
+def build_trainer(model, processor, records, args, activation_checkpointing: bool = True) -> PruningTrainer:
     """The `PruningTrainer` of both fine-tuning examples, from their command-line arguments."""
     training_args = TrainingArguments(
         output_dir=str(args.output_dir),
@@ -119,7 +119,7 @@ def build_trainer(model, processor, records, args, gradient_checkpointing: bool 
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        gradient_checkpointing=gradient_checkpointing,
+        activation_checkpointing=activation_checkpointing,
         logging_steps=1,
         save_strategy="no",
         report_to=[],

@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     model = lora_model(base, rank=args.lora_r, alpha=args.lora_alpha)
     model.print_trainable_parameters()
-    trainer = build_trainer(model, processor, read_conversations(args.data), args, gradient_checkpointing=False)
+    trainer = build_trainer(model, processor, read_conversations(args.data), args, activation_checkpointing=False)
     trainer.train()
     model.save_pretrained(str(args.output_dir))
     processor.save_pretrained(str(args.output_dir))

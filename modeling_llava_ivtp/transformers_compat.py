@@ -13,6 +13,11 @@ What changed from 5.23 to 5.24 that this package depends on:
 - Llava's outputs derive from `MultimodalCausalLMOutputWithPast`: the projected image features moved from
   `image_hidden_states` (a tensor) to `image_outputs.pooler_output` (a list, one tensor per image), and
   `image_hidden_states` became a deprecated property: `image_output_fields` and `output_image_features`.
+
+From 5.24 to 5.25: `gradient_checkpointing` became a deprecated alias of `activation_checkpointing` (in
+`TrainingArguments`, and `is_gradient_checkpointing` of `is_activation_checkpointing`), with a `FutureWarning`. The new
+names exist in 5.23 already, so the package and its examples use them on every release; PEFT still reads the model's
+`is_gradient_checkpointing`, which the model class answers without the warning (`ActivationCheckpointingNames`).
 """
 
 from __future__ import annotations
@@ -29,34 +34,37 @@ from transformers.utils import logging
 # One name for the package and every remote-code copy of this file, so `warning_once` says it once per process.
 logger = logging.get_logger("llava_ivtp")
 
-# The minors CI runs the whole suite on (oldest and newest); pyproject.toml allows exactly these.
-TESTED_MINORS = ((5, 23), (5, 24))
-SUPPORTED_TRANSFORMERS = (
-    f">={TESTED_MINORS[0][0]}.{TESTED_MINORS[0][1]}.0",
-    f"<{TESTED_MINORS[-1][0]}.{TESTED_MINORS[-1][1] + 1}.0",
-)
+# The supported range: from the oldest release CI tests (pyproject's lower bound) up to, not including, the next
+# major. CI runs the whole suite on that oldest release and on the newest one pip resolves, so a release that breaks
+# the package fails CI the day it appears. `NEWEST_TESTED` is the newest release CI has passed on: raise it when CI
+# passes on a newer one. pyproject.toml states exactly `SUPPORTED_TRANSFORMERS` (tests/test_transformers_compat.py).
+OLDEST_SUPPORTED = (5, 23)
+NEWEST_TESTED = (5, 25)
+SUPPORTED_TRANSFORMERS = (f">={OLDEST_SUPPORTED[0]}.{OLDEST_SUPPORTED[1]}.0", f"<{NEWEST_TESTED[0] + 1}")
 
 
 def check_transformers_version(installed: str) -> str | None:
-    """Check an installed transformers version against the tested range.
+    """Check an installed transformers version against the supported range and the newest tested release.
 
-    Raises `ImportError` (naming both) for a release older than the oldest tested minor; returns the warning to give
-    once for a release newer than the newest tested minor; `None` inside the range. Pre-releases and dev builds count
-    as their minor (5.25.0.dev0 is 5.25).
+    Raises `ImportError` (naming both) for a release older than the oldest supported minor; returns the warning to
+    give once for a release newer than the newest tested minor, a next major included (a checkpoint's remote code
+    runs where no pip pin applies: it runs, and may work); `None` for a tested release. Pre-releases and dev builds
+    count as their minor (5.26.0.dev0 is 5.26).
     """
     minor = version.parse(installed).release[:2]
     supported = ",".join(SUPPORTED_TRANSFORMERS)
-    tested = ", ".join(f"{major}.{minor_}" for major, minor_ in TESTED_MINORS)
-    if minor < TESTED_MINORS[0]:
+    oldest = f"{OLDEST_SUPPORTED[0]}.{OLDEST_SUPPORTED[1]}"
+    newest = f"{NEWEST_TESTED[0]}.{NEWEST_TESTED[1]}"
+    if minor < OLDEST_SUPPORTED:
         raise ImportError(
-            f"llava-ivtp supports transformers {supported} (tested: {tested}), but transformers {installed} is "
-            f"installed. Install a supported release: pip install 'transformers{supported}'"
+            f"llava-ivtp supports transformers {supported} (tested: {oldest} to {newest}), but transformers "
+            f"{installed} is installed. Install a supported release: pip install 'transformers{supported}'"
         )
-    if minor > TESTED_MINORS[-1]:
+    if minor > NEWEST_TESTED:
         return (
-            f"llava-ivtp was tested with transformers {supported} (tested: {tested}); transformers {installed} is "
-            "installed and has not been tested: it may work. If it fails, install a tested release: "
-            f"pip install 'transformers{supported}'"
+            f"transformers {installed} is newer than the newest release llava-ivtp was tested with ({newest}; "
+            f"supported: {supported}, tested: {oldest} to {newest}). It runs and may work; if it fails, install the "
+            f"newest tested release: pip install 'transformers~={newest}.0'"
         )
     return None
 
@@ -121,6 +129,17 @@ def takes_cache_kwarg(function):
 
 
 # --- activation checkpointing -------------------------------------------------------------------------------------
+class ActivationCheckpointingNames:
+    """Mixed into the model class: `is_gradient_checkpointing` answers as `is_activation_checkpointing` on every
+    release, without the `FutureWarning` 5.25 gives for the old name (removed in v6). PEFT (0.21) still reads the old
+    name when it wraps a model (`get_peft_model`, `PeftModel`), so every LoRA user would see the warning; the answer is
+    the one transformers gives."""
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
+
+
 def checkpointing_drops_cache(model) -> bool:
     """Whether the decoder layers of `model` run without their cache in this call: training with activation
     checkpointing; on 5.24 and later only when gradients are on (without them nothing is checkpointed, e.g. when
@@ -152,9 +171,11 @@ def output_image_features(outputs):
 
 
 __all__ = [
+    "ActivationCheckpointingNames",
     "CACHE_ARG",
+    "NEWEST_TESTED",
+    "OLDEST_SUPPORTED",
     "SUPPORTED_TRANSFORMERS",
-    "TESTED_MINORS",
     "cache_kwargs",
     "check_transformers_version",
     "checkpointing_drops_cache",

@@ -425,3 +425,73 @@ def test_batch_with_a_text_only_sample_generates_like_alone(model):
     assert torch.equal(with_cache, model.generate(**inputs, max_new_tokens=20, use_cache=False, **FIXED))
     text_alone = model.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=20, **FIXED)
     assert torch.equal(text_alone[0, -20:], with_cache[1, -20:])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A model that generates the image placeholder id
+# ------------------------------------------------------------------------------------------------------------------
+# The bias makes every step emit the placeholder id: over a cache that holds the image it is an ordinary token.
+EMITS_PLACEHOLDER = dict(do_sample=False, pad_token_id=PAD_TOKEN_ID, sequence_bias={(IMAGE_TOKEN_ID,): 1e4})
+
+
+@pytest.mark.parametrize("lookup", [None, 3], ids=["greedy-batch-of-3", "prompt-lookup-alone"])
+def test_generated_placeholders_are_ordinary_tokens_as_in_stock_llava(batch3, lookup):
+    """Nothing pruned (keep-all schedule): IVTP's runner and stock Llava's generate agree token for token and logit
+    for logit while the model emits the placeholder id, and when the conversation goes on over the cache from an
+    answer made of placeholders. Prompt lookup (batch 1 only) copies the prompt's placeholder run as candidates:
+    several placeholders in one step over the cache."""
+    model = tiny_model(schedule={"vision": [36, 36, 36], "llm": [36, 36]})
+    stock = stock_twin(model)
+    settings = dict(EMITS_PLACEHOLDER, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
+    batch = batch3
+    if lookup:
+        settings["prompt_lookup_num_tokens"] = lookup
+        batch = {name: value[1:2] for name, value in batch3.items()}
+    ours, theirs = model.generate(**batch, **settings), stock.generate(**batch, **settings)
+    assert (new_tokens(ours.sequences, batch) == IMAGE_TOKEN_ID).all()
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.logits, theirs.logits):
+        assert (a - b).abs().max() <= 1e-5
+    size = batch["input_ids"].shape[0]
+    turn = torch.randint(3, 80, (size, 4), generator=torch.Generator().manual_seed(5))
+    conversation = torch.cat([ours.sequences, turn], dim=1)
+    mask = torch.ones_like(conversation)
+    mask[:, : batch["input_ids"].shape[1]] = batch["attention_mask"]
+    continued = {
+        name: runner.generate(input_ids=conversation, attention_mask=mask, **cache_kwargs(output_cache(generated)),
+                              max_new_tokens=3, **FIXED)
+        for name, runner, generated in (("ours", model, ours), ("stock", stock, theirs))
+    }
+    assert torch.equal(continued["ours"], continued["stock"])
+    assert continued["ours"].shape == (size, conversation.shape[1] + 3)
+
+
+def test_a_pruned_model_emitting_placeholders_decodes_over_its_cache(model, batch3):
+    """The real schedule: decode steps whose token is a generated placeholder run as text over the pruned cache (the
+    same logits as feeding the steps one by one), and the conversation continues from an answer that ends in one."""
+    generated = model.generate(**batch3, max_new_tokens=4, output_logits=True, return_dict_in_generate=True,
+                               **EMITS_PLACEHOLDER)
+    assert (new_tokens(generated.sequences, batch3) == IMAGE_TOKEN_ID).all()
+    with torch.no_grad():  # the same steps by hand: prefill, then one placeholder at a time over the cache
+        out = model(**batch3, use_cache=True)
+        mask = batch3["attention_mask"]
+        for step, logits in enumerate(generated.logits[1:]):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+            out = model(input_ids=torch.full((3, 1), IMAGE_TOKEN_ID), attention_mask=mask,
+                        **cache_kwargs(output_cache(out)))
+            assert (out.logits[:, -1] - logits).abs().max() <= 1e-5, step
+    cache = output_cache(generated)
+    turn = torch.randint(3, 80, (3, 4), generator=torch.Generator().manual_seed(5))
+    # A new turn that holds placeholders but no image is still refused, even right after a placeholder answer (one
+    # placeholder per sample: 3).
+    bad = torch.cat([generated.sequences, torch.full((3, 1), IMAGE_TOKEN_ID), turn], dim=1)
+    with pytest.raises(ValueError, match="new turn after the cache holds 3 image placeholder"):
+        model.generate(input_ids=bad, attention_mask=torch.ones_like(bad), **cache_kwargs(cache), max_new_tokens=2,
+                       **FIXED)
+    conversation = torch.cat([generated.sequences, turn], dim=1)
+    mask = torch.ones_like(conversation)
+    mask[:, : batch3["input_ids"].shape[1]] = batch3["attention_mask"]
+    continued = model.generate(input_ids=conversation, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=3,
+                               **FIXED)
+    assert continued.shape == (3, conversation.shape[1] + 3)
+    assert cache.get_seq_length() == continued.shape[1] - 1

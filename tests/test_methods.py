@@ -115,6 +115,20 @@ def test_multi_turn_continuation_equals_the_conversation_from_scratch(model, met
     assert torch.equal(continued, from_scratch), method
 
 
+def test_a_generated_placeholder_is_an_ordinary_token_over_the_pruned_cache(model, method, batch3):
+    """Forced to emit the image placeholder id, the model decodes over its pruned cache as stock Llava does (the id
+    is text there), and the conversation continues from that answer without `pixel_values`."""
+    emits = dict(do_sample=False, pad_token_id=PAD_TOKEN_ID, sequence_bias={(IMAGE_TOKEN_ID,): 1e4})
+    first = model.generate(**batch3, max_new_tokens=3, return_dict_in_generate=True, **emits)
+    assert (first.sequences[:, batch3["input_ids"].shape[1]:] == IMAGE_TOKEN_ID).all(), method
+    conversation = torch.cat([first.sequences, torch.full((3, 2), 7)], dim=1)
+    attention_mask = torch.ones_like(conversation)
+    attention_mask[:, : batch3["input_ids"].shape[1]] = batch3["attention_mask"]
+    continued = model.generate(input_ids=conversation, attention_mask=attention_mask,
+                               **cache_kwargs(output_cache(first)), max_new_tokens=2, **FIXED)
+    assert continued.shape == (3, conversation.shape[1] + 2), method
+
+
 def test_a_sample_alone_equals_the_same_sample_in_a_padded_batch(model, method, batch3):
     with torch.no_grad():
         batched = model(**batch3, use_cache=False)
@@ -383,7 +397,7 @@ def test_fastv_against_stock_eager_attention():
 
 
 def test_hf_trainer_fine_tunes_with_pruning_on(method, tmp_path):
-    """Two steps of `transformers.Trainer` with gradient checkpointing, pruning in every step: the loss is finite and
+    """Two steps of `transformers.Trainer` with activation checkpointing, pruning in every step: the loss is finite and
     the projector moves."""
     from transformers import Trainer, TrainingArguments
 
@@ -396,7 +410,7 @@ def test_hf_trainer_fine_tunes_with_pruning_on(method, tmp_path):
     before = model.model.multi_modal_projector.linear_1.weight.detach().clone()
     arguments = TrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-        gradient_checkpointing=True, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True,
+        activation_checkpointing=True, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True,
         logging_steps=1, dataloader_num_workers=0,
     )
     collate = lambda items: {name: torch.stack([item[name] for item in items]) for name in items[0]}  # noqa: E731

@@ -1,13 +1,14 @@
 """The supported transformers range and the one module that owns the differences between releases.
 
-CI runs the whole suite on the oldest and the newest supported release (`.ci/run`); these tests check the range
-itself, the names each release gets, and that nothing this package does raises a deprecation warning on the
-installed release (warnings count only where this package's code is on the stack: third-party deprecations are not
-ours to fix).
+CI runs the whole suite on the oldest supported release and on the newest release pip resolves (`.ci/run`); these
+tests check the range itself, the names each release gets, and that nothing this package or its examples do raises a
+deprecation warning on the installed release (warnings count only where our code is on the stack: third-party
+deprecations that our calls do not cause are not ours to fix).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import inspect
 import logging
@@ -26,8 +27,9 @@ import modeling_llava_ivtp
 from modeling_llava_ivtp import transformers_compat
 from modeling_llava_ivtp.transformers_compat import (
     CACHE_ARG,
+    NEWEST_TESTED,
+    OLDEST_SUPPORTED,
     SUPPORTED_TRANSFORMERS,
-    TESTED_MINORS,
     cache_kwargs,
     check_transformers_version,
     output_cache,
@@ -42,28 +44,57 @@ from tiny_models import (
     tiny_config_dict,
     tiny_model,
     tiny_processor,
+    write_color_dataset,
 )
 
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(modeling_llava_ivtp.__file__).resolve().parent
+EXAMPLES_DIR = ROOT / "examples"
 OUR_FILES = {path.name for path in PACKAGE_DIR.glob("*.py")}
+EXAMPLE_FILES = {path.name for path in EXAMPLES_DIR.glob("*.py")}
 NEW_NAMES = Version(transformers.__version__).release[:2] >= (5, 24)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # The range
 # ------------------------------------------------------------------------------------------------------------------
-def test_pyproject_allows_exactly_the_tested_minors():
+def _release(minor: tuple[int, int], patch: int | str = 0) -> str:
+    return f"{minor[0]}.{minor[1]}.{patch}"
+
+
+OLDEST, NEWEST = OLDEST_SUPPORTED, NEWEST_TESTED
+NEXT_MINOR = (NEWEST[0], NEWEST[1] + 1)
+
+
+def _requirement() -> str:
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     (requirement,) = [dependency for dependency in dependencies if dependency.startswith("transformers")]
-    assert SpecifierSet(requirement.removeprefix("transformers")) == SpecifierSet(",".join(SUPPORTED_TRANSFORMERS))
-    specifier = SpecifierSet(",".join(SUPPORTED_TRANSFORMERS))
-    first, last = TESTED_MINORS[0], TESTED_MINORS[-1]
-    assert f"{first[0]}.{first[1]}.0" in specifier and f"{last[0]}.{last[1]}.9" in specifier
-    assert f"{first[0]}.{first[1] - 1}.9" not in specifier  # older: refused by pip
-    assert f"{last[0]}.{last[1] + 1}.0" not in specifier  # the next minor is untested: pip never resolves it
-    assert Version(transformers.__version__).release[:2] in TESTED_MINORS, "the suite runs on a tested release"
+    return requirement
+
+
+def test_pyproject_states_the_supported_range():
+    """pyproject.toml allows exactly the compat module's range: from the oldest supported minor (CI's oldest run) to
+    the next major, so a new minor installs beside llava-ivtp the day it is out (and CI's newest run tests it)."""
+    requirement = _requirement()
+    specifier = SpecifierSet(requirement.removeprefix("transformers"))
+    assert specifier == SpecifierSet(",".join(SUPPORTED_TRANSFORMERS)), (requirement, SUPPORTED_TRANSFORMERS)
+    assert _release(OLDEST) in specifier and _release(OLDEST, 9) in specifier
+    assert _release((OLDEST[0], OLDEST[1] - 1), 9) not in specifier  # older: refused by pip and at import
+    assert OLDEST <= NEWEST and _release(NEWEST) in specifier
+    assert _release(NEXT_MINOR) in specifier and f"{NEWEST[0]}.99.0" in specifier  # untested minors resolve
+    assert f"{NEWEST[0] + 1}.0.0" not in specifier  # a next major is refused by pip
+    installed = Version(transformers.__version__)
+    assert installed.release[:2] >= OLDEST and installed.major < NEWEST[0] + 1, "the suite runs inside the range"
+
+
+def test_the_readme_and_ci_state_the_same_range():
+    """The README's install section names the requirement; CI's oldest run is pyproject's lower bound and its other
+    run is the newest release pip resolves under the requirement."""
+    requirement = _requirement()
+    assert requirement.removeprefix("transformers") in (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "newest $oldest" in ci and "--upgrade \"$requirement\"" in ci
 
 
 @pytest.mark.parametrize("installed", ["5.22.2", "5.0.0", "4.57.6", "5.23.0.dev0"])
@@ -76,7 +107,8 @@ def test_older_release_is_an_import_error_naming_both_versions(installed):
     assert installed in str(error.value) and ",".join(SUPPORTED_TRANSFORMERS) in str(error.value)
 
 
-@pytest.mark.parametrize("installed", ["5.23.0", "5.23.4", "5.24.0", "5.24.3", "5.24.0rc1"])
+@pytest.mark.parametrize("installed", [_release(OLDEST), _release(OLDEST, 4), "5.24.0", "5.24.3", _release(NEWEST),
+                                       _release(NEWEST, "0rc1"), _release(NEWEST, 7)])
 def test_tested_release_is_silent(installed):
     assert check_transformers_version(installed) is None
 
@@ -100,10 +132,11 @@ def log_records(name: str):
         recorded.removeHandler(handler)
 
 
-@pytest.mark.parametrize("installed", ["5.25.0", "5.25.0.dev0", "6.0.0"])
+@pytest.mark.parametrize("installed", [_release(NEXT_MINOR), _release(NEXT_MINOR, "0.dev0"), f"{NEWEST[0] + 1}.0.0"])
 def test_newer_release_warns_once_naming_both_versions_then_runs(installed):
+    """Newer than the newest tested release: a warning naming the installed and the newest tested release, once."""
     message = check_transformers_version(installed)
-    assert installed in message and ",".join(SUPPORTED_TRANSFORMERS) in message
+    assert installed in message and f"({NEWEST[0]}.{NEWEST[1]};" in message
     with log_records(transformers_compat.logger.name) as records:
         warn_if_untested(installed)
         warn_if_untested(installed)  # a second import (e.g. a checkpoint's remote-code copy) says nothing more
@@ -175,6 +208,8 @@ def test_config_without_image_seq_length_derives_it_from_the_vision_geometry():
 # ------------------------------------------------------------------------------------------------------------------
 def _is_ours(filename: str) -> bool:
     path = Path(filename)
+    if path.name in EXAMPLE_FILES and path.resolve().parent == EXAMPLES_DIR:
+        return True
     if path.name not in OUR_FILES:
         return False
     # the installed package, or a checkpoint's remote-code copy of it (transformers_modules/<checkpoint>/...)
@@ -230,7 +265,8 @@ GREEDY = {"do_sample": False, "suppress_tokens": [IMAGE_TOKEN_ID]}
 def exercise(model, processor, tmp_path: Path) -> None:
     """The package's public paths once each: forward (pruned and not; cache on and off; labels; hidden states),
     generate (greedy, beams, sampling, no cache, a second turn on the returned cache), a training step with
-    activation checkpointing, save and reload through the Auto classes as remote code, the pipeline, the CLIs."""
+    activation checkpointing, save and reload through the Auto classes as remote code, the pipeline, the CLIs, and
+    the fine-tuning examples' `Trainer` (activation checkpointing on) and PEFT LoRA wrapping."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
     inputs = processor(images=make_images(2), text=PROMPTS, padding=True, return_tensors="pt")
@@ -272,6 +308,14 @@ def exercise(model, processor, tmp_path: Path) -> None:
 
     preset = tmp_path / "tiny.json"
     IvtpConfig(**tiny_config_dict(clip_text_encoder=TINY_CLIP_TEXT)).to_json_file(preset)
+    from finetune import build_trainer, read_conversations  # examples/
+    from finetune_lora import lora_model
+
+    records = read_conversations(write_color_dataset(tmp_path / "data", count=2))
+    settings = argparse.Namespace(output_dir=tmp_path / "trained", max_steps=1, batch_size=2, learning_rate=1e-3, seed=0)
+    build_trainer(tiny_model(clip_text_encoder=TINY_CLIP_TEXT), processor, records, settings).train()
+    lora_model(tiny_model())  # PEFT asks the model whether it checkpoints activations
+
     with contextlib.redirect_stdout(None):
         assert cli.main(["flops", "--preset", str(preset), "--text-tokens", "8", "--breakdown-at", "8"]) == 0
         assert cli.main(["bench", "--config", str(preset), "--batch-sizes", "1", "--text-tokens", "8", "--threads",
@@ -281,6 +325,7 @@ def exercise(model, processor, tmp_path: Path) -> None:
 
 def test_package_raises_no_deprecation_warning_on_the_installed_release(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.syspath_prepend(str(EXAMPLES_DIR))
     model = tiny_model(clip_text_encoder=TINY_CLIP_TEXT, tau=0.0)
     processor = tiny_processor()
     with deprecations_raised_by() as found:

@@ -10,7 +10,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from .cache_ivtp import IvtpCache
 from .outputs_ivtp import IvtpCausalLMOutputWithPast
 from .transformers_compat import CACHE_ARG, cache_kwargs, takes_cache_kwarg
-from .validation_ivtp import check_cache_class
+from .validation_ivtp import check_cache_class, check_no_placeholders_without_pixels
 
 
 # Inputs that guide pruning (the processor's extra outputs): like `pixel_values`, they are used on the step that
@@ -162,6 +162,8 @@ class PrunedGeneration:
                     f"{held} tokens, then the new ones. Got {given} tokens: pass `generated.sequences` with the new "
                     "turn appended, not the new turn alone."
                 )
+        if is_first_iteration and self.config.pruning_enabled and kwargs.get("pixel_values") is None:
+            self._check_new_turn(input_ids, inputs_embeds, attention_mask, cache)
         guidance = {name: kwargs.pop(name) for name in GUIDANCE_INPUTS if kwargs.get(name) is not None}
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
@@ -194,6 +196,28 @@ class PrunedGeneration:
                         value = value[:, given - step :]
                 model_inputs[name] = value.to(step_inputs.device)
         return model_inputs
+
+    def _check_new_turn(self, input_ids, inputs_embeds, attention_mask, cache) -> None:
+        """A conversation continued over a filled cache without `pixel_values`: its new turn must hold no image
+        placeholders (they would run as text; the forward over a filled cache takes placeholders as ordinary tokens,
+        since the model may generate the id). The tokens after the cache start with the previous answer's last token
+        (`generate` never runs its last token through the model), which may be a generated placeholder: the new turn
+        is what follows it. One read, once per `generate` call that continues a conversation."""
+        held = host_past_length(cache)
+        if not held:
+            return
+        tokens = input_ids if input_ids is not None and input_ids.shape[1] > 0 else inputs_embeds
+        given = tokens.shape[1]
+        # Only the new tokens when the mask covers the whole conversation; else the conversation, cache first.
+        unseen = given if attention_mask is not None and attention_mask.shape[-1] == held + given else given - held
+        if unseen <= 1:
+            return
+        new_turn = slice(given - unseen + 1, given)
+        if tokens is input_ids:
+            placeholders = (input_ids[:, new_turn] == self.config.image_token_id).sum()
+        else:
+            placeholders = self._image_token_mask(None, inputs_embeds[:, new_turn]).sum()
+        check_no_placeholders_without_pixels(self.config, int(placeholders), "The new turn after the cache")
 
 
 def host_past_length(cache) -> int | None:

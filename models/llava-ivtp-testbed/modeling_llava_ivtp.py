@@ -31,9 +31,16 @@ from .pruner_base import LlmView, PruneContext, Selection
 from .pruner_ivtp import final_clip_cls
 from .pruners import PRUNERS
 from .tokens_ivtp import TokenState, layer_segments, segment_mask, true_indices, unpack
-from .transformers_compat import cache_kwargs, checkpointing_drops_cache, image_output_fields, takes_cache_kwarg
+from .transformers_compat import (
+    ActivationCheckpointingNames,
+    cache_kwargs,
+    checkpointing_drops_cache,
+    image_output_fields,
+    takes_cache_kwarg,
+)
 from .validation_ivtp import (
     check_guidance_shapes,
+    check_no_placeholders_without_pixels,
     check_output_requests,
     check_pixel_values,
     check_placeholders,
@@ -61,7 +68,9 @@ register_checkpoint_conversion_mapping(
 CLIP_PARTS = ("clip_text_model.", "clip_visual_projection.")
 
 
-class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGeneration, GenerationMixin):
+class LlavaIvtpForConditionalGeneration(
+    ActivationCheckpointingNames, PrunedGeneration, LlavaForConditionalGeneration, GenerationMixin
+):
     """LLaVA-1.5 with visual-token pruning: IVTP (Instruction-guided Visual Token Pruning) or another method of the
     registry (`config.pruning_method`, `pruners.py`).
 
@@ -274,24 +283,23 @@ class LlavaIvtpForConditionalGeneration(PrunedGeneration, LlavaForConditionalGen
 
     def _check_values_without_pixels(self, input_ids, inputs_embeds, cache, guidance: dict) -> None:
         """Values of a forward without `pixel_values` (no schedule, no image, or a step over a pruned cache): token
-        and CLIP ids, spans, and, when pruning is on, image placeholders (they would run as text). One read, on a
-        prefill (or on the CPU, where it is free); a step over a filled cache on an accelerator reads nothing."""
+        and CLIP ids, spans, and, when pruning is on and the cache is empty, image placeholders (with no image
+        anywhere they would run as text). Over a filled cache placeholders are ordinary tokens, as in stock Llava: the
+        model may generate the id, and a decode step or an earlier answer then holds it (a new turn's placeholders
+        are checked by `generate`, `prepare_inputs_for_generation`). One read, on a prefill (or on the CPU, where it
+        is free); a step over a filled cache on an accelerator reads nothing."""
         reference = input_ids if input_ids is not None else inputs_embeds
-        if host_past_length(cache) != 0 and reference.device.type != "cpu":
+        past_length = host_past_length(cache)
+        if past_length != 0 and reference.device.type != "cpu":
             return
         rows = value_rows(input_ids, guidance, reference.device)
-        pruning = self.config.pruning_enabled
-        if pruning:
+        check_placeholders_here = self.config.pruning_enabled and past_length == 0
+        if check_placeholders_here:
             rows["placeholders"] = self._image_token_mask(input_ids, inputs_embeds).sum(dim=1).long()
         facts = read_rows(rows)
         check_values(self.config, facts, guidance)
-        if pruning and sum(facts["placeholders"]):
-            raise ValueError(
-                f"The input holds {sum(facts['placeholders'])} image placeholder tokens (id "
-                f"{self.config.image_token_id}) but no `pixel_values`: pass the images as `pixel_values` (the "
-                "processor returns them), or remove the placeholders for a text-only prompt. (To continue a "
-                "conversation after a pruned prefill, pass the returned cache: it already holds the image.)"
-            )
+        if check_placeholders_here:
+            check_no_placeholders_without_pixels(self.config, sum(facts["placeholders"]), "The input")
 
     def _read_layout(self, image_mask: torch.Tensor, attention_mask: torch.Tensor, input_ids, guidance: dict):
         """What the host needs of a batch, in one read from the device: per sample, its image placeholders, the

@@ -268,6 +268,18 @@ def check_placeholders(config, placeholder_counts: list[int], num_images: int, l
 STAGE_2_ATTENTION = ("sdpa", "eager")
 
 
+def check_no_placeholders_without_pixels(config, placeholders: int, where: str) -> None:
+    """Image placeholders in tokens that carry no image (no `pixel_values`, and no cache that holds their image) would
+    run as text: refused when pruning is on. `where` names the tokens checked."""
+    if placeholders:
+        raise ValueError(
+            f"{where} holds {placeholders} image placeholder tokens (id {config.image_token_id}) but no "
+            "`pixel_values`: pass the images as `pixel_values` (the processor returns them), or remove the "
+            "placeholders for a text-only prompt. (To continue a conversation after a pruned prefill, pass the "
+            "returned cache: it already holds the image.)"
+        )
+
+
 def check_prunable_inputs(config, vision_feature_layer, vision_feature_select_strategy, kwargs) -> None:
     """What a pruned prefill cannot take: another feature layer or strategy, other image inputs, a backend that
     does not record attention rows or take 4-D masks."""
