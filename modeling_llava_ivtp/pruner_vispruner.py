@@ -12,7 +12,16 @@ authors' code (Theia-4869/VisPruner, `llava/model/llava_arch.py`, `encode_images
    surviving even-position tokens (by decreasing score) followed by the odd-position ones (their order unchanged).
 
 Default for 64 tokens on LLaVA-1.5: `num_important=48, num_diverse=16` (important ratio 0.75, the README's 64-token
-example), `max_removed_per_round=8`. The code's `--important_ratio` flag defaults to 0.5 (32 + 32).
+example), `max_removed_per_round=8`. The code's `--important_ratio` flag defaults to 0.5 (32 + 32). Other budgets:
+`num_important = int(0.75 * budget)` (the code's `int(visual_token_num * important_ratio)`).
+
+Where the released code leaves its rule: a round removes `r = min(8, R - num_diverse)` of `R` residual tokens, but
+only among the `ceil(R / 2)` even-position ones, and the code indexes them as `R // 2 - r` rows: with few diverse
+tokens the last rounds ask for more than there are (`expand(-1, R // 2 - r)` below -1 raises: 16 tokens at the 0.75
+ratio, 12 + 4), and an odd `R` (an odd important count, e.g. 20 tokens: 15 + 5) mismatches the rows (it raises, or
+at 0 rows drops one token more than asked). There the authors' code gives no answer of its rule; ours removes at most
+the even-position tokens of a round (every one of them, the odd ones going on), which continues the same rule, and
+says so once in a warning (`released_code_fails`).
 
 Integration (site: vision tower, at `vision_feature_layer` = -2, before the projector): that layer's patch features
 (CLS dropped, as LLaVA's "default" strategy) and its CLS attention row over the patches, head-averaged.
@@ -23,8 +32,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import logging
+
 from .attention_rows import RowRequest
 from .pruner_base import Pruner, Selection, check_int, register_pruner
+
+
+logger = logging.get_logger(__name__)
+
+# The README's 64-token example of the authors' code: 48 important + 16 diverse.
+IMPORTANT_RATIO = 0.75
 
 
 def vispruner_keep_indices(
@@ -64,8 +81,9 @@ def vispruner_keep_indices(
     similarity = normalized @ normalized.transpose(1, 2)  # (batch, n, n), once: the rounds only index it
     rows = torch.arange(features.shape[0], device=features.device)[:, None, None]
     while num_diverse > 0 and residual.shape[1] > num_diverse:
-        num_removed = min(max_removed_per_round, residual.shape[1] - num_diverse)
         even, odd = residual[:, 0::2], residual[:, 1::2]
+        # at most the even-position tokens: where the released code fails (`released_code_fails`)
+        num_removed = min(max_removed_per_round, residual.shape[1] - num_diverse, even.shape[1])
         duplication = similarity[rows, even[:, :, None], odd[:, None, :]].max(dim=-1).values  # (batch, ceil(R / 2))
         order = torch.sort(duplication, dim=-1, descending=True, stable=True).indices[:, num_removed:]
         residual = torch.cat([even.gather(1, order), odd], dim=1)
@@ -73,11 +91,29 @@ def vispruner_keep_indices(
     return keep_indices.sort(dim=1).values
 
 
+def released_code_fails(num_tokens: int, num_important: int, num_diverse: int, max_removed_per_round: int = 8) -> bool:
+    """Whether VisPruner's released loop leaves the rule for these counts (it depends on the counts only). A round
+    asks for `r` of the `ceil(R / 2)` even-position tokens and indexes them with `R // 2 - r` rows: below -1 the
+    `expand` raises; with an odd `R` the rows mismatch the `ceil(R / 2) - r` survivors and raise, except at 1 (which
+    broadcasts, correctly) and at 0 (which broadcasts to nothing: every even-position token goes, one more than asked,
+    and the image can end with fewer tokens than the budget). At -1 every even-position token goes, as here."""
+    residual = num_tokens - num_important
+    while num_diverse > 0:
+        removed = min(max_removed_per_round, residual - num_diverse)
+        if removed <= 0:
+            return False
+        rows = residual // 2 - removed
+        if rows < -1 or (residual % 2 and rows not in (1, -1)):
+            return True
+        residual -= min(removed, (residual + 1) // 2)
+    return False
+
+
 @register_pruner
 class VisPrunerPruner(Pruner):
     """VisPruner at LLaVA's feature layer: the important patches by that layer's CLS attention, then diverse ones
-    among the rest. The paper's 64-token split is 48 important + 16 diverse (`important` overrides the 3:1
-    ratio for other budgets)."""
+    among the rest. The paper's 64-token split is 48 important + 16 diverse; other budgets keep
+    `int(0.75 * budget)` important ones (`important` overrides the count)."""
 
     name = "vispruner"
     options = {"visual_tokens": 64, "important": None}
@@ -92,8 +128,16 @@ class VisPrunerPruner(Pruner):
     def __init__(self, config, context):
         super().__init__(config, context)
         important = self.values["important"]
-        self.important = round(self.budget * 48 / 64) if important is None else important
+        self.important = int(self.budget * IMPORTANT_RATIO) if important is None else important
         self.layer = config.vision_layer_groups[-1][1]
+        if released_code_fails(config.num_patches, self.important, self.budget - self.important):
+            logger.warning_once(
+                f"VisPruner's released code leaves its rule for {self.important} important + "
+                f"{self.budget - self.important} diverse of {config.num_patches} tokens (it stops with an error, or "
+                "drops a token more than asked, where a round asks for more even-position tokens than there are or "
+                "an odd count is left); llava-ivtp continues the rule, removing at most a round's even-position "
+                "tokens (pruner_vispruner.py)."
+            )
 
     def vision_request(self, layer_idx, images, tokens):
         return RowRequest(rows=torch.zeros(1, dtype=torch.long)) if layer_idx == self.layer else None
