@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from modeling_llava_ivtp.pruner_evit import evit_keep_and_fuse
 from modeling_llava_ivtp.pruner_pooling import pooling_grid_split, spatial_pooling
-from modeling_llava_ivtp.pruner_tome import proportional_attention_bias, tome_bipartite_merge
+from modeling_llava_ivtp.pruner_tome import proportional_attention_bias, tome_bipartite_merge, tome_merge_step
 from modeling_llava_ivtp.pruner_topk import topk_cls_similarity, topk_keep_indices
 from modeling_llava_ivtp.pruning_ivtp import select_keep_indices
 
@@ -143,6 +143,8 @@ def test_pooling_bad_arguments():
 
 def plain_evit(features, attention, num_keep, normalize=True):
     """features: list of n lists, attention: list of n floats. Returns (positions, rows, fused position)."""
+    if num_keep == len(features):  # EViT keeps every token as it is when none is to go
+        return list(range(num_keep)), features, -1
     ranked = sorted(range(len(attention)), key=lambda position: (-attention[position], position))
     attentive, rest = ranked[: num_keep - 1], ranked[num_keep - 1 :]
     mass = sum(attention[i] for i in rest) if normalize else 1.0
@@ -159,8 +161,10 @@ def test_evit_hand_computed():
     keep, merged, fused_index = evit_keep_and_fuse(features, attention, 2)
     # attentive: patch 1; fused: patches 3, 2, 0 at the position of patch 3 (the most attended of them)
     assert keep.tolist() == [[1, 3]] and fused_index.tolist() == [3]
-    fused = (0.3 * features[0, 3] + 0.2 * features[0, 2] + 0.1 * features[0, 0]) / 0.6
+    fused = 0.3 * features[0, 3] + 0.2 * features[0, 2] + 0.1 * features[0, 0]  # EViT's code: the weighted sum
     torch.testing.assert_close(merged[0], torch.stack([features[0, 1], fused]))
+    _, averaged, _ = evit_keep_and_fuse(features, attention, 2, normalize=True)  # our `fused="mean"`
+    torch.testing.assert_close(averaged[0], torch.stack([features[0, 1], fused / 0.6]))
 
 
 @pytest.mark.parametrize("num_keep", [1, 2, 5, 8, 9])
@@ -186,7 +190,7 @@ def test_evit_keeping_all_is_identity_and_keeps_dtype():
 
 def test_evit_zero_attention_falls_back_to_mean():
     features = torch.tensor([[[1.0], [3.0], [5.0], [8.0]]])
-    keep, merged, fused_index = evit_keep_and_fuse(features, torch.tensor([[0.0, 1.0, 0.0, 0.0]]), 2)
+    keep, merged, fused_index = evit_keep_and_fuse(features, torch.tensor([[0.0, 1.0, 0.0, 0.0]]), 2, normalize=True)
     assert keep.tolist() == [[0, 1]] and fused_index.tolist() == [0]  # tie among the rest -> lower index
     assert merged[0, :, 0].tolist() == pytest.approx([(1.0 + 5.0 + 8.0) / 3, 3.0])
 
@@ -300,3 +304,14 @@ def test_tome_bad_arguments():
         tome_bipartite_merge(torch.rand(1, 9, 2), torch.rand(1, 9, 2), 1, protected=10)
     with pytest.raises(ValueError, match="metric"):
         tome_bipartite_merge(torch.rand(1, 8, 2), torch.rand(1, 9, 2), 1)
+    identity = torch.arange(9).unsqueeze(0)
+    with pytest.raises(ValueError, match="order"):  # not a permutation
+        tome_merge_step(torch.rand(1, 9, 2), torch.rand(1, 9, 2), 1, order=torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="order"):  # the protected token (CLS) not first
+        tome_merge_step(torch.rand(1, 9, 2), torch.rand(1, 9, 2), 1, order=identity.roll(1, dims=1))
+    with pytest.raises(ValueError, match="order"):  # wrong shape
+        tome_merge_step(torch.rand(1, 9, 2), torch.rand(1, 9, 2), 1, order=identity[:, :8])
+    with pytest.raises(ValueError, match="order"):  # ToMe defines its order for one CLS at most
+        tome_merge_step(torch.rand(1, 9, 2), torch.rand(1, 9, 2), 1, protected=2, order=identity)
+    step = tome_merge_step(torch.rand(1, 9, 2), torch.rand(1, 9, 2), 1, protected=0, order=identity.roll(1, dims=1))
+    assert step.order is not None and sorted(step.order[0].tolist()) == list(range(8))

@@ -12,8 +12,10 @@ Conventions (the paper leaves them open or differs):
   patches and appends the fused one). The kept positions are therefore the plain top-`k` by `a_i`.
 - The fused token takes the position of the most attended inattentive patch (the `k`-th ranked), so it has a real
   grid position; ties go to the lower index, as in `select_keep_indices`.
-- Normalised weights (a weighted average). EViT's released code sums `a_i x_i` without dividing by `sum a_i`;
-  `normalize=False` gives that. An all-zero weight sum falls back to the plain mean.
+- The fused token is EViT's released one (`youweiliang/evit`, `evit.py`, `EViTBlock.forward`): the attention-
+  weighted *sum* `sum_{i in N} a_i x_i`, not divided by `sum a_i` (the paper's formula above is the normalised
+  form). Option `fused="mean"` (ours, not EViT's) divides by `sum a_i`: a weighted average with the norm of a
+  patch; an all-zero weight sum then falls back to the plain mean.
 
 Integration: a vision-layer site, between attention and MLP as in EViT. Inputs are the patch features (CLS kept
 apart by the caller) and the layer's head-averaged CLS attention row over the patches (`attn[:, :, 0, 1:].mean(1)`).
@@ -26,8 +28,12 @@ from .attention_rows import RowRequest
 from .pruner_base import Pruner, Selection, register_pruner, vision_group_schedule
 
 
+# The fused token: EViT's released code ("sum", the default) or our normalised variant ("mean").
+FUSED_TOKENS = ("sum", "mean")
+
+
 def evit_keep_and_fuse(
-    features: torch.Tensor, cls_attention: torch.Tensor, num_keep: int, normalize: bool = True
+    features: torch.Tensor, cls_attention: torch.Tensor, num_keep: int, normalize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-`(num_keep - 1)` patches by CLS attention plus one fused token of the rest.
 
@@ -35,12 +41,14 @@ def evit_keep_and_fuse(
         features: `(batch, n, dim)`, the patch tokens.
         cls_attention: `(batch, n)`, non-negative head-averaged CLS attention over the same patches.
         num_keep: `1 <= num_keep <= n`, tokens returned in total (fused one included).
-        normalize: divide the fused sum by the inattentive tokens' attention mass (see the module docstring).
+        normalize: divide the fused sum by the inattentive tokens' attention mass (our `fused="mean"`); EViT's code
+            does not (the default).
 
     Returns:
         `(keep_indices, merged_features, fused_index)`: `(batch, num_keep)` int64 sorted ascending;
         `(batch, num_keep, dim)` in `features`' dtype, row `i` at `keep_indices[:, i]`, the kept patches as they are
-        and the fused token at `fused_index`; `(batch,)` int64, the position the fused token takes.
+        and the fused token at `fused_index`; `(batch,)` int64, the position the fused token takes (-1 when every
+        patch is kept: there is nothing to fuse, as in EViT's code).
     """
     if features.dim() != 3:
         raise ValueError(f"features must be (batch, n, dim), got shape {tuple(features.shape)}.")
@@ -51,6 +59,9 @@ def evit_keep_and_fuse(
     num_tokens = features.shape[1]
     if not 1 <= num_keep <= num_tokens:
         raise ValueError(f"num_keep must be in [1, {num_tokens}], got {num_keep}.")
+    if num_keep == num_tokens:  # every patch kept: nothing to fuse (EViT keeps the tokens as they are)
+        return torch.arange(num_tokens, device=features.device).expand(features.shape[0], -1), features, \
+            torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
     scores = cls_attention.float()
     # Stable descending sort, as in `select_keep_indices`: ties go to the lower index.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
@@ -72,14 +83,26 @@ def evit_keep_and_fuse(
 class EvitPruner(Pruner):
     """EViT in the vision tower: after the last layer of each group of `config.group_size` layers, the patches the
     CLS attends to most in that layer, plus one token fusing the rest (counts geometric to the budget, IVTP's
-    stage-1 spending). After the layer, not between its attention and MLP as in EViT: layers run unchanged."""
+    stage-1 spending). After the layer, not between its attention and MLP as in EViT: layers run unchanged.
+
+    Options: `fused` -- `"sum"` (default, EViT's code: `sum a_i x_i`) or `"mean"` (ours: divided by `sum a_i`)."""
 
     name = "evit"
-    options = {"visual_tokens": 64}
+    options = {"visual_tokens": 64, "fused": "sum"}
 
     def __init__(self, config, context):
         super().__init__(config, context)
         self.schedule = vision_group_schedule(config, self.budget)
+        self.normalize = self.values["fused"] == "mean"
+
+    @classmethod
+    def check_options(cls, config, values):
+        super().check_options(config, values)
+        if values["fused"] not in FUSED_TOKENS:
+            raise ValueError(
+                f"`pruning_options['fused']` of pruning_method='evit' must be one of {list(FUSED_TOKENS)} (the "
+                f"fused token: EViT's attention-weighted sum, or our weighted average), got {values['fused']!r}."
+            )
 
     def vision_request(self, layer_idx, images, tokens):
         if layer_idx not in self.schedule:
@@ -90,5 +113,7 @@ class EvitPruner(Pruner):
         if layer_idx not in self.schedule:
             return None
         cls_attention = request.probabilities[:, 0, 1:]
-        keep, merged, _ = evit_keep_and_fuse(hidden_states[:, 1:], cls_attention, self.schedule[layer_idx])
+        keep, merged, _ = evit_keep_and_fuse(
+            hidden_states[:, 1:], cls_attention, self.schedule[layer_idx], normalize=self.normalize
+        )
         return Selection(keep, merged)
