@@ -54,6 +54,9 @@ from pathlib import Path
 import torch
 
 
+COMMAND = "bench"
+# The keys of every report (`--json`); an existing report with them and no `"tool"` mark is one written before it.
+REPORT_KEYS = ("meta", "flops", "results")
 VARIANTS = ("stock_sdpa", "ivtp_sdpa", "ivtp_eager")
 VARIANT_TITLES = {"stock_sdpa": "stock Llava (sdpa)", "ivtp_sdpa": "IVTP (sdpa)", "ivtp_eager": "IVTP (eager)"}
 PLOT_KEPT_DEFAULT = (16, 32, 64, 128, 256, 512)
@@ -130,6 +133,8 @@ def load_config_dict(spec: str) -> tuple[dict, str]:
             config_dict = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BenchError(f"--config {spec}: not a JSON file ({error}).") from None
+        except OSError as error:
+            raise BenchError(f"--config {spec}: cannot be read ({error}).") from None
         if not isinstance(config_dict, dict):
             raise BenchError(
                 f"--config {spec}: expected a JSON object of IvtpConfig fields, got a JSON {type(config_dict).__name__}."
@@ -550,10 +555,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "text tower is added where the config has none, ViT-L-14-336's shape)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every figure as JSON")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="write every figure as JSON: a new path, or a report this command wrote (replaced)")
     parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
                         help="sweep --plot-kept and draw TFLOPs and prefill latency against kept tokens (needs "
-                        "matplotlib: pip install 'llava-ivtp[bench]')")
+                        "matplotlib: pip install 'llava-ivtp[bench]'); .png, .pdf or .svg: a new path, or a plot this "
+                        "command wrote (replaced)")
     parser.add_argument("--plot-kept", type=int, nargs="+", default=list(PLOT_KEPT_DEFAULT), metavar="K")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--methods", nargs="+", default=[], metavar="METHOD",
@@ -635,14 +642,21 @@ def check_device_memory(config, dtype_name: str, free_bytes: int) -> None:
         )
 
 
+def is_report(value: dict) -> bool:
+    """Whether a JSON object is a report of this command (what `--json` may replace)."""
+    return all(key in value for key in REPORT_KEYS)
+
+
 def _prepare_outputs(args) -> None:
     """`--json` and `--plot` are checked, and their folders made, before anything is measured: a run never ends
-    with results it cannot write."""
-    from .cli import prepare_output
+    with results it cannot write, and never writes over a file it did not write (`cli.prepare_output`)."""
+    from .cli import distinct_outputs, prepare_output
 
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None:
-            prepare_output(flag, path, BenchError)
+    distinct_outputs(BenchError, [("--json", args.json), ("--plot", args.plot)])
+    if args.json is not None:
+        prepare_output("--json", args.json, BenchError, command=COMMAND, kind="json", recognise=is_report)
+    if args.plot is not None:
+        prepare_output("--plot", args.plot, BenchError, command=COMMAND, kind="figure")
 
 
 def _prepare_config(args) -> tuple[dict, str]:
@@ -929,6 +943,8 @@ def sweep_kept(models: dict, config_dict: dict, args, device, dtype, bar) -> lis
 def draw_plot(report: dict, path: Path) -> None:
     import matplotlib
 
+    from .cli import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -955,7 +971,7 @@ def draw_plot(report: dict, path: Path) -> None:
     meta = report["meta"]
     figure.suptitle(f"{meta['config']}, {meta['text_tokens']} text tokens, {meta['dtype']}")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, COMMAND, dpi=120)
     plt.close(figure)
 
 
@@ -967,8 +983,9 @@ def run(args) -> int:
             torch.set_num_threads(args.threads)
         return _run(args, config_dict, config_name)
     except BenchError as error:  # a bad flag, found before measuring or while measuring
-        print(f"llava-ivtp bench: error: {error}", file=sys.stderr)
-        return 2
+        from .cli import report_error
+
+        return report_error(COMMAND, error)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -977,6 +994,7 @@ def _run(args, config_dict: dict, config_name: str) -> int:
     import transformers
 
     from . import IvtpConfig, __version__
+    from .cli import TOOL_KEY, tool_name
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
@@ -1019,7 +1037,7 @@ def _run(args, config_dict: dict, config_name: str) -> int:
         for batch_size in args.batch_sizes:
             results += measure_batch(models, config, config_dict, args, batch_size, device, dtype, bar)
         meta["load_average_after_measurements"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-        report = {"meta": meta, "flops": flops, "results": results}
+        report = {TOOL_KEY: tool_name(COMMAND), "meta": meta, "flops": flops, "results": results}
         report["comparisons"] = comparisons(results, flops)
         _write_json(report, args.json)  # the measured results first, before the sweep and the plot
         if args.plot is not None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -46,7 +44,6 @@ VISION_EMBEDDINGS = (
     ("post_layernorm.bias", "ln_post.bias"),
 )
 DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 class ConversionError(ValueError):
@@ -68,6 +65,12 @@ def parse_clip_source(source: str) -> tuple[str, str | None]:
     if not isinstance(source, str) or not source:
         raise ConversionError("--clip: expected ARCH:TAG, ARCH:FILE, local-dir:DIR or hf-hub:REPO.")
     if source.startswith(OPEN_CLIP_SCHEMAS):
+        from .cli import is_hub_repo_id
+
+        if source.startswith("hf-hub:") and not is_hub_repo_id(source[len("hf-hub:"):]):
+            raise ConversionError(
+                f"--clip {source}: hf-hub:REPO needs a hub repo id owner/name (a folder: local-dir:DIR)."
+            )
         if source.startswith("local-dir:"):
             folder = Path(source[len("local-dir:"):])
             missing = [name for name in ("open_clip_config.json",) if not (folder / name).is_file()]
@@ -200,8 +203,10 @@ def _llava_config(llava: str):
             missing.append(" or ".join(LLAVA_WEIGHT_FILES))
         if missing:
             raise ConversionError(f"--llava {llava}: not a llava-hf checkpoint folder, missing {', '.join(missing)}.")
-    elif not REPO_ID.match(llava):
-        raise ConversionError(f"--llava {llava}: no such folder (and not a hub repo id 'owner/name').")
+    else:
+        from .cli import resolve_checkpoint
+
+        resolve_checkpoint("--llava", llava, ConversionError)  # a file, or a path that does not exist: refused
     try:
         config = AutoConfig.from_pretrained(llava)
     except OSError as error:
@@ -221,6 +226,8 @@ def _read_preset(preset: str):
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConversionError(f"--preset {preset}: not JSON ({error}).") from error
+    except OSError as error:
+        raise ConversionError(f"--preset {preset}: cannot be read ({error}).") from error
     if not isinstance(raw, dict) or raw.get("model_type") != "llava_ivtp" or "schedule" not in raw:
         raise ConversionError(f"--preset {preset}: not an IVTP preset (needs model_type 'llava_ivtp' and a schedule).")
     try:
@@ -491,6 +498,7 @@ def run(args: argparse.Namespace) -> int:
             commit = push_to_hub(folder, args.push_to_hub, private=args.private)
             print(f"pushed to {args.push_to_hub}; card pinned at {commit.oid}")
     except ConversionError as error:
-        print(f"llava-ivtp convert: error: {error}", file=sys.stderr)
-        return 2
+        from .cli import report_error
+
+        return report_error("convert", error)
     return 0

@@ -20,7 +20,9 @@ Answers are generated greedily in left-padded batches and scored with the reposi
 (exact match; VQA accuracy with the VQA answer normalisation), loaded by path. TFLOPs come from the project's counter
 (`flops_ivtp.measure`, the prefill of one sample with the dataset's mean prompt length). Results go to a JSON file
 that later runs resume from (settings already in it are skipped), a markdown table, and optionally a plot of
-accuracy against visual tokens. Not needed by remote code.
+accuracy against visual tokens. None of them is ever written over a file this command did not write: an existing
+`--json` must be its results (marked `"tool": "llava-ivtp eval"`, or with their keys), an existing `--markdown` or
+`--plot` its table or plot (`cli.prepare_output`). Not needed by remote code.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import contextlib
 import copy
 import functools
 import json
+import re
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +45,26 @@ from .configuration_llava_ivtp import GUIDANCE_MODES
 
 PACKAGE = Path(__file__).resolve().parent
 METRICS = {"exact_match": PACKAGE / "metric_exact_match.py", "vqa_accuracy": PACKAGE / "metric_vqa_accuracy.py"}
+COMMAND = "eval"
+# What a results file names the run by: a file with other values holds another run's results.
+IDENTITY_KEYS = ("model", "dataset", "questions")
+# How `markdown` begins: an existing `--markdown` file that begins so is this command's own table.
+MARKDOWN_START = re.compile(r"Model `.*`, .*, \d+ questions\.\n\n\| setting \| visual tokens \|")
 
 
 class EvalError(ValueError):
     """A bad argument; the message names it."""
+
+
+def is_results_file(value: dict) -> bool:
+    """Whether a JSON object is a results file of this command (what `--json` resumes from): its `settings` (an
+    object) and the keys naming the run. Files written before the `"tool": "llava-ivtp eval"` mark have them too."""
+    return isinstance(value.get("settings"), dict) and all(key in value for key in IDENTITY_KEYS)
+
+
+def is_markdown_table(text: str) -> bool:
+    """Whether a text is a table `markdown` wrote (`--markdown` replaces only those)."""
+    return MARKDOWN_START.match(text) is not None
 
 
 @dataclass
@@ -146,31 +164,38 @@ def load_records(dataset: str, limit: int | None) -> tuple[list[dict], str]:
     path = Path(dataset)
     if not path.exists():
         raise EvalError(f"--dataset {dataset}: neither `testbed[:split]` nor an existing file or folder.")
-    if path.is_dir():
+    if path.is_dir() or path.suffix == ".parquet":
         import datasets
 
-        rows = list(datasets.load_from_disk(str(path)))
-        root = path
-    elif path.suffix == ".parquet":
-        import datasets
-
-        rows = list(datasets.Dataset.from_parquet(str(path)))
-        root = path.parent
+        try:
+            rows = list(datasets.load_from_disk(str(path)) if path.is_dir()
+                        else datasets.Dataset.from_parquet(str(path)))
+        except (OSError, ValueError) as error:  # not a `datasets` folder / not parquet (pyarrow's errors are both)
+            kind = "a `datasets` folder" if path.is_dir() else "a parquet file"
+            raise EvalError(f"--dataset {dataset}: not {kind} ({type(error).__name__}: {error}).") from None
+        root = path if path.is_dir() else path.parent
     else:
         try:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise EvalError(f"--dataset {dataset}: not JSON lines ({error}).") from None
         root = path.parent
     records = []
     for number, row in enumerate(rows[:limit] if limit is not None else rows):
+        if not isinstance(row, dict):
+            raise EvalError(f"--dataset {dataset}: row {number} is a JSON {type(row).__name__}, not an object with "
+                            "image, question and answers.")
         missing = [key for key in ("image", "question") if key not in row]
         answers = row.get("answers", [row["answer"]] if "answer" in row else None)
         if missing or not answers:
             raise EvalError(f"--dataset {dataset}: row {number} lacks {missing or ['answers']}.")
         image = row["image"]
         if isinstance(image, str):
-            image = Image.open(root / image).convert("RGB")
+            try:
+                image = Image.open(root / image).convert("RGB")
+            except OSError as error:  # no such file, or not an image PIL reads
+                message = f"--dataset {dataset}: row {number}'s image {image}: cannot read it ({error})."
+                raise EvalError(message) from None
         records.append({**row, "image": image, "answers": [str(answer) for answer in answers]})
     return records, str(path)
 
@@ -296,6 +321,8 @@ def markdown(results: dict) -> str:
 def draw_plot(results: dict, path: Path) -> None:
     import matplotlib
 
+    from .cli import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -325,7 +352,7 @@ def draw_plot(results: dict, path: Path) -> None:
         axis.grid(alpha=0.3)
     by_flops.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, COMMAND, dpi=120)
     plt.close(figure)
 
 
@@ -340,39 +367,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settings", nargs="+", default=["full", "ivtp@64", "ivtp@32", "ivtp@16"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=4)
-    parser.add_argument("--json", type=Path, required=True, help="results; settings already in it are skipped")
-    parser.add_argument("--markdown", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--json", type=Path, required=True,
+                        help="results: a new path, or a results file of an earlier run (its settings are skipped)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="the table: a new path, or a table this command wrote (replaced)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="accuracy plot (.png, .pdf or .svg): a new path, or a plot this command wrote (replaced)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from .cli import (
+        TOOL_KEY, distinct_outputs, load_ivtp_checkpoint, prepare_output, report_error, resolve_checkpoint, tool_name,
+    )
 
     try:
         if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
             raise EvalError("--batch-size, --max-new-tokens and --limit must be >= 1.")
-        from .cli import prepare_output
-
-        for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
-            if path is not None:
-                prepare_output(flag, path, EvalError)
-        results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).eval()
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-        settings = [parse_setting(spec, model.config) for spec in args.settings]
+        # Every path first, then the dataset, then the model: a bad argument costs no loading.
+        distinct_outputs(EvalError, [("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)])
+        prepare_output("--json", args.json, EvalError, command=COMMAND, kind="json", recognise=is_results_file)
+        if args.markdown is not None:
+            prepare_output("--markdown", args.markdown, EvalError, command=COMMAND, kind="text",
+                           recognise=is_markdown_table)
+        if args.plot is not None:
+            prepare_output("--plot", args.plot, EvalError, command=COMMAND, kind="figure")
+        resolve_checkpoint("--model", args.model, EvalError)
+        results = json.loads(args.json.read_text()) if args.json.is_file() else {}  # checked: a results file
         records, description = load_records(args.dataset, args.limit)
         identity = {"model": str(args.model), "dataset": description, "questions": len(records)}
         stale = {key: results[key] for key in identity if key in results and results[key] != identity[key]}
         if stale:
             raise EvalError(f"--json {args.json}: holds results of another run {stale}; give another file.")
-        results.update(identity)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        model, processor = load_ivtp_checkpoint("--model", args.model, EvalError)
+        settings = [parse_setting(spec, model.config) for spec in args.settings]
+        results = {TOOL_KEY: tool_name(COMMAND), **results, **identity}
     except EvalError as error:
-        print(f"llava-ivtp eval: error: {error}", file=sys.stderr)
-        return 2
+        return report_error(COMMAND, error)
 
     def save(current):
         args.json.write_text(json.dumps(current, indent=2))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -63,7 +62,7 @@ def export(out: Path, split: str = "test", limit: int = 1000, max_new_tokens: in
         raise ExportError(f"--limit and --max-new-tokens must be >= 1, got {limit} and {max_new_tokens}.")
     lines_path = out / f"{split}.jsonl"
     targets = [lines_path, out / "images", out / f"{TASK}.yaml", out / "utils.py"]
-    existing = [str(path) for path in targets if path.exists()]
+    existing = [str(path) for path in targets if path.exists() or path.is_symlink()]
     if existing:
         raise ExportError(f"--out {out}: already holds {existing}; give an empty or new folder (nothing is overwritten).")
     (out / "images").mkdir(parents=True)
@@ -88,14 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .cli import prepare_output
+    from .cli import prepare_output, report_error
 
     try:
         prepare_output("--out", args.out, ExportError, folder=True)
         path = export(args.out, args.split, args.limit, args.max_new_tokens)
     except ExportError as error:
-        print(f"llava-ivtp export-testbed: error: {error}", file=sys.stderr)
-        return 2
+        return report_error("export-testbed", error)
     print(f"wrote {args.limit} questions to {path}, their images, and the lmms-eval task {TASK} in {args.out}")
     return 0
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -430,8 +429,10 @@ def resolve_preset(preset: str | None, model_size: str | None) -> Path:
     else:
         path = preset_path(model_size or "7b")
     if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        flag = f"--preset {path}" if preset is not None else f"--model-size {model_size or '7b'}: {path}"
         raise FileNotFoundError(
-            f"IvtpConfig preset {str(path)!r} not found. Pass `--preset PATH` (a JSON such as the repository's "
+            f"{flag}: IvtpConfig preset {what}. Pass `--preset PATH` (a JSON such as the repository's "
             "configuration/llava-1.5-7b-ivtp.json)."
         )
     return path
@@ -684,38 +685,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """Prints the report to stdout; writes no file. Every refusal is one line on stderr (`cli.report_error`)."""
+    from .cli import report_error
+
     try:
         path = resolve_preset(args.preset, args.model_size)
     except FileNotFoundError as error:
-        print(f"llava-ivtp flops: {error}", file=sys.stderr)
-        return 2
+        return report_error("flops", error)
     if args.batch_size < 1 or min(args.text_tokens) < 2:
-        print("llava-ivtp flops: --batch-size must be >= 1 and every --text-tokens >= 2", file=sys.stderr)
-        return 2
+        return report_error("flops", "--batch-size must be >= 1 and every --text-tokens >= 2")
     if args.breakdown_at is None:
         args.breakdown_at = BREAKDOWN_TEXT_TOKENS if BREAKDOWN_TEXT_TOKENS in args.text_tokens else args.text_tokens[0]
     if args.breakdown_at not in args.text_tokens:
-        print(f"llava-ivtp flops: --breakdown-at {args.breakdown_at} is not one of --text-tokens {args.text_tokens}", file=sys.stderr)
-        return 2
+        return report_error(
+            "flops", f"--breakdown-at {args.breakdown_at} is not one of --text-tokens {args.text_tokens}"
+        )
     try:
         preset = read_preset(path)
     except ValueError as error:
-        print(f"llava-ivtp flops: --preset {path}: {error}", file=sys.stderr)
-        return 2
+        return report_error("flops", f"--preset {path}: {error}")
     preset._attn_implementation = "sdpa"
     methods = list(PRUNING_METHODS) if args.methods == ["all"] else args.methods
     unknown = [method for method in methods if method not in PRUNING_METHODS]
     if unknown:
-        print(f"llava-ivtp flops: --methods {unknown} are not methods; allowed: {list(PRUNING_METHODS)} or all", file=sys.stderr)
-        return 2
+        return report_error("flops", f"--methods {unknown} are not methods; allowed: {list(PRUNING_METHODS)} or all")
     try:
         report = flops_report(
             preset, args.text_tokens, args.topk_vision, args.topk_tokens, args.prefix_tokens, args.batch_size, args.clip_model,
             preset_name=str(path), methods=methods, visual_tokens=args.visual_tokens,
         )
     except ValueError as error:
-        print(f"llava-ivtp flops: {error}", file=sys.stderr)
-        return 2
+        return report_error("flops", error)
     if args.format == "json":
         print(json.dumps(report, indent=2))
     else:

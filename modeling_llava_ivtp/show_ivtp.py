@@ -9,11 +9,13 @@ underlined. `render` returns the figure, `overlay` the image of one panel. Not n
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+COMMAND = "show"
 
 
 def overlay(image: np.ndarray, kept: list[int], grid: int, strength: float = 0.75) -> np.ndarray:
@@ -106,18 +108,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--testbed", metavar="SPLIT:INDEX", help="a testbed scene and its question, e.g. test:3")
     parser.add_argument("--question", default=None)
     parser.add_argument("--settings", nargs="+", default=["stage1@16", "ivtp@16"])
-    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the figure to write (.png, .pdf or .svg): a new path, or a figure this command wrote "
+                        "(replaced)")
 
 
 def run(args) -> int:
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from PIL import Image, UnidentifiedImageError
 
-    from .cli import prepare_output
+    from .cli import load_ivtp_checkpoint, prepare_output, report_error, resolve_checkpoint, save_figure
     from .eval_ivtp import EvalError
 
     try:
-        prepare_output("--out", args.out, EvalError)
+        prepare_output("--out", args.out, EvalError, command=COMMAND, kind="figure")
+        if args.image is not None and args.out.expanduser().resolve() == args.image.expanduser().resolve():
+            raise EvalError(f"--out {args.out}: is also --image; give the figure its own path.")
+        resolve_checkpoint("--model", args.model, EvalError)  # before anything is read or loaded
         if args.testbed is not None:
             from . import testbed
 
@@ -131,14 +137,15 @@ def run(args) -> int:
                 raise EvalError("--image needs --question.")
             if not args.image.is_file():
                 raise EvalError(f"--image {args.image}: no such file.")
-            image, question = Image.open(args.image).convert("RGB"), args.question
-        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).eval()
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+            try:
+                image, question = Image.open(args.image).convert("RGB"), args.question
+            except (UnidentifiedImageError, OSError) as error:
+                raise EvalError(f"--image {args.image}: not an image file PIL can read ({error}).") from None
+        model, processor = load_ivtp_checkpoint("--model", args.model, EvalError)
         figure = render(model, processor, image, question, args.settings)
     except EvalError as error:
-        print(f"llava-ivtp show: error: {error}", file=sys.stderr)
-        return 2
-    figure.savefig(args.out, dpi=110)
+        return report_error(COMMAND, error)
+    save_figure(figure, args.out, COMMAND, dpi=110)
     print(args.out)
     return 0
 
