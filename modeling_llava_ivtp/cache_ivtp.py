@@ -30,6 +30,9 @@ class IvtpCache(DynamicCache):
         super().__init__(*args, **kwargs)
         self.layer_positions: list[torch.Tensor | None] = [None] * len(self.layers)
         self.logical_length = 0
+        # The prefill's position rule (`pruner_base.POSITION_RULES`): with "renumbered", a layer's new tokens sit
+        # right after the tokens it holds, not at their logical position.
+        self.renumbered_positions = False
 
     # ------------------------------------------------------------------------------------------------------------
     # What the model records
@@ -138,6 +141,7 @@ class IvtpCache(DynamicCache):
         super().reset()
         self.layer_positions = [None] * len(self.layers)
         self.logical_length = 0
+        self.renumbered_positions = False
 
 
 def cache_bytes(cache) -> list[int]:

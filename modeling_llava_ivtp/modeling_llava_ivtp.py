@@ -358,18 +358,22 @@ class LlavaIvtpForConditionalGeneration(
             image_features = _apply_selection(image_features, selection)
             vision["keep_indices"] = vision["keep_indices"].gather(1, selection.keep.to(vision["keep_indices"].device))
 
-        tokens, index, slot_valid = self._enter_llm(
+        tokens, index, slot_valid, pruned_before_end = self._enter_llm(
             image_mask, vision["keep_indices"], image_features, input_ids, inputs_embeds, position_ids,
-            full_attention_mask, placeholder_counts, last_placeholder,
+            full_attention_mask, placeholder_counts, last_placeholder, pruner.renumbers,
         )
         with record_function("ivtp/guidance"):
             context.packed_guidance = _pack_guidance(guidance, index, slot_valid)
             context.image_end_position = _image_end_position(image_mask, position_ids, images_per_sample)
+            if pruned_before_end is not None:  # renumbered: the image ends that many positions earlier
+                context.image_end_position = context.image_end_position - pruned_before_end
 
         if not use_cache:
             cache = None
         elif cache is None:
             cache = IvtpCache(config=config.text_config)
+        if cache is not None:
+            cache.renumbered_positions = pruner.renumbers  # decode steps continue the prefill's rule
         hidden_states, tokens, llm_keep, llm_counts, all_hidden, per_layer = self._run_language_model(
             tokens, fully_attended, images_per_sample > 0, pruner, cache, use_cache, **kwargs
         )
@@ -406,9 +410,11 @@ class LlavaIvtpForConditionalGeneration(
         )
 
     def _enter_llm(self, image_mask, keep_indices, image_features, input_ids, inputs_embeds, position_ids,
-                   attention_mask, placeholder_counts, last_placeholder):
+                   attention_mask, placeholder_counts, last_placeholder, renumber: bool):
         """The tokens that enter the LLM: every non-image token, and the placeholders of the kept patches, which
-        take the image features. Returns the token state and its packing `(index, slot_valid)` of the sequence."""
+        take the image features. `renumber`: the position ids close the pruned placeholders' gaps (`pruner_base`'s
+        position rules). Returns the token state, its packing `(index, slot_valid)` of the sequence, and with
+        `renumber` the placeholders each sample lost `(batch,)` (else `None`)."""
         batch_size, sequence_length = image_mask.shape
         num_patches, num_images = self.config.num_patches, keep_indices.shape[0]
         device = image_mask.device
@@ -424,10 +430,15 @@ class LlavaIvtpForConditionalGeneration(
             keep = ~image_mask | kept_patch[global_image, patch_of_token.clamp_min(0)]
             if position_ids is None:
                 position_ids = torch.arange(sequence_length, device=device).unsqueeze(0)
+            position_ids = position_ids.to(device).expand(batch_size, -1)
+            pruned_before_end = None
+            if renumber:  # each kept token's id lowered by the placeholders of its sample pruned before it
+                pruned = (~keep).long().cumsum(dim=1)
+                position_ids, pruned_before_end = position_ids - pruned, pruned[:, -1]
             logical = {
                 "hidden_states": image_mask.new_zeros(batch_size, sequence_length, 0, dtype=torch.float32),
                 "positions": torch.arange(sequence_length, device=device).expand(batch_size, -1),
-                "position_ids": position_ids.to(device).expand(batch_size, -1),
+                "position_ids": position_ids,
                 "attention_mask": attention_mask,
                 "is_visual": image_mask,
                 "patch_index": patch_of_token,
@@ -442,7 +453,7 @@ class LlavaIvtpForConditionalGeneration(
         hidden_states = token_embeds.masked_scatter(
             tokens.is_visual.unsqueeze(-1), image_features.to(token_embeds.dtype).reshape(-1, token_embeds.shape[-1])
         )
-        return replace(tokens, hidden_states=hidden_states), index, slot_valid
+        return replace(tokens, hidden_states=hidden_states), index, slot_valid, pruned_before_end
 
     # ------------------------------------------------------------------------------------------------------------
     # Site 1: the vision tower
@@ -522,10 +533,18 @@ class LlavaIvtpForConditionalGeneration(
                 if output_hidden_states:
                     all_hidden += (hidden_states[:, :-1] if tokens.probe else hidden_states,)
                 request = pruner.llm_request(layer_idx, view) if view is not None else None
+                scoring_layer = pruner.llm_scoring_layer(layer_idx) if request is not None else layer_idx
                 hidden_states = language_model.layers[layer_idx](
                     hidden_states, attention_mask=mask, position_ids=tokens.position_ids, **cache_kwargs(cache),
-                    use_cache=use_cache, position_embeddings=position_embeddings, **_rows_kwarg(request), **kwargs,
+                    use_cache=use_cache, position_embeddings=position_embeddings,
+                    **_rows_kwarg(request if scoring_layer == layer_idx else None), **kwargs,
                 )
+                if scoring_layer != layer_idx:  # the scoring layer's attention over this layer's output, rows only
+                    with record_function("ivtp/llm_scoring"), torch.no_grad():
+                        scorer = language_model.layers[scoring_layer]
+                        request.rows_only = True
+                        scorer.self_attn(scorer.input_layernorm(hidden_states), position_embeddings=position_embeddings,
+                                         attention_mask=mask, ivtp_rows=request)
                 if view is not None:
                     with record_function("ivtp/llm_scoring"):
                         selection = pruner.after_llm_layer(layer_idx, view, request, hidden_states)
@@ -535,7 +554,9 @@ class LlavaIvtpForConditionalGeneration(
                     cache.record_positions(layer_idx, held)
             tokens = replace(tokens, hidden_states=hidden_states)
             if last in prune_layers:
-                tokens, kept_patches = self._select_llm(tokens, view, selection, pruner.llm_budget(last))
+                tokens, kept_patches = self._select_llm(
+                    tokens, view, selection, pruner.llm_budget(last), pruner.renumbers
+                )
                 llm_keep.append(kept_patches)
                 # Visual tokens per image, off the pruned tensors; read by the caller with the logits.
                 kept_counts.append(torch.where(has_image, tokens.is_visual.sum(dim=1), 0).max())
@@ -547,9 +568,10 @@ class LlavaIvtpForConditionalGeneration(
         return hidden_states, tokens, tuple(llm_keep), kept_counts, all_hidden, per_layer
 
     @staticmethod
-    def _select_llm(tokens: TokenState, view: LlmView | None, selection, num_keep: int):
-        """Keep each image's selected visual tokens (every other token stays). Returns the new state and the kept
-        patches `(batch, num_keep)` (-1 rows for samples without an image)."""
+    def _select_llm(tokens: TokenState, view: LlmView | None, selection, num_keep: int, renumber: bool):
+        """Keep each image's selected visual tokens (every other token stays; `renumber`: the position ids close the
+        gaps). Returns the new state and the kept patches `(batch, num_keep)` (-1 rows for samples without an
+        image)."""
         with record_function("ivtp/llm_selection"):
             keep = ~tokens.is_visual
             kept_patches = torch.full((keep.shape[0], num_keep), -1, dtype=torch.long, device=keep.device)
@@ -562,7 +584,7 @@ class LlavaIvtpForConditionalGeneration(
                     hidden = tokens.hidden_states.clone()
                     hidden[rows.unsqueeze(-1), chosen] = selection.merged.to(hidden.dtype)
                     tokens = replace(tokens, hidden_states=hidden)
-            return tokens.keep_visual(keep, num_keep), kept_patches
+            return tokens.keep_visual(keep, num_keep, renumber=renumber), kept_patches
 
 def _rows_kwarg(request) -> dict:
     """The per-call kwarg that asks a layer's recording attention for rows (none when nothing is asked)."""

@@ -115,6 +115,7 @@ class CdPrunerPruner(Pruner):
 
     name = "cdpruner"
     options = {"visual_tokens": 64}
+    positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
 
     def on_projected(self, features):
         context = self.context

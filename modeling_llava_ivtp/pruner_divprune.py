@@ -65,6 +65,7 @@ class DivPrunePruner(Pruner):
 
     name = "divprune"
     options = {"visual_tokens": 64}
+    positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
 
     def on_projected(self, features):
         return Selection(divprune_keep_indices(features, self.budget))

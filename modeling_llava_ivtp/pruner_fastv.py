@@ -7,7 +7,12 @@ go on to the later layers (paper default K=2, R=50% dropped).
 
 The ranking row: the paper ranks a token by the attention it receives averaged over all query rows; the official code
 (`pkunlp-icler/FastV`, `modeling_llama.py`, `fast_v_inplace`) takes only the *last token's* row of layer K's
-head-averaged attention probabilities (softmax over all keys), sliced to the image keys. We follow the code.
+head-averaged attention probabilities (softmax over all keys), sliced to the image keys: at prefill the prompt's last
+token (after LLaVA's template, the ":" of "ASSISTANT:"). We follow the code (`query_row="last"`). Decoding without a
+cache re-prunes every step, so there (as in FastV's code) the row is each step's newest token and the kept tokens may
+change from step to step; option `query_row="last_instruction"` (ours) ranks by the last instruction token
+(`instruction_mask`), which stays the same row at every step. Kept tokens keep their original position ids, as in
+the code.
 
 Budget: the budget counts image tokens in the LLM's last layers, so FastV keeps exactly `budget` tokens after layer
 `K = 2` (64 of 576 -> K=2, keep 64). Torch only: the HF glue gathers the attention row and applies the indices.
@@ -21,7 +26,7 @@ import torch
 
 from .pruning_ivtp import select_keep_indices
 from .attention_rows import RowRequest
-from .pruner_base import Pruner, Selection, check_int, register_pruner
+from .pruner_base import QUERY_ROWS, Pruner, Selection, check_choice, check_int, register_pruner
 
 # K of the paper's title and defaults ("after layer 2"; README: K=2 with R=25/50/75%).
 FASTV_DEFAULT_LAYER = 2
@@ -75,18 +80,18 @@ class FastVPruner(Pruner):
     """FastV in the LLM: the first `layer` (K) layers see every visual token; after layer K, the visual tokens the
     last token attends to most in layer K (head-averaged, softmax over every key) go on, the budget of them.
 
-    The row: the last instruction token where the processor's `instruction_mask` is given (so a step of decoding
-    without a cache, which sees the generated tokens too, asks the prompt's row as the prefill did; FastV's code
-    takes the input's last token, at prefill the chat template's last one), else the last token."""
+    Options: `layer` (K, 2); `query_row`: `"last"` (FastV's code: the input's last token) or `"last_instruction"`
+    (ours: the last token of the processor's `instruction_mask`, the last token without one)."""
 
     name = "fastv"
-    options = {"visual_tokens": 64, "layer": FASTV_DEFAULT_LAYER}
+    options = {"visual_tokens": 64, "layer": FASTV_DEFAULT_LAYER, "query_row": "last"}
 
     @classmethod
     def check_options(cls, config, values):
         super().check_options(config, values)
         check_int(cls.name, "layer", values["layer"], 1, config.text_config.num_hidden_layers - 1,
                   "K: the LLM layers that see every visual token")
+        check_choice(cls.name, "query_row", values["query_row"], QUERY_ROWS, "the token whose attention ranks")
 
     def __init__(self, config, context):
         super().__init__(config, context)
@@ -103,7 +108,7 @@ class FastVPruner(Pruner):
     def llm_request(self, layer_idx, view):
         if layer_idx != self.last_full_layer:
             return None
-        rows = view.last_instruction_slots(self.context.guidance.get("instruction_mask"))
+        rows = view.query_slots(self.values["query_row"], self.context.guidance.get("instruction_mask"))
         return RowRequest(batch=view.image_rows, rows=rows, columns=view.visual_slots)
 
     def after_llm_layer(self, layer_idx, view, request, hidden_states):

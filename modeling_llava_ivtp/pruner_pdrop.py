@@ -1,4 +1,4 @@
-"""PyramidDrop: drop image tokens stage by stage, ranked by the last instruction token's attention, on plain tensors.
+"""PyramidDrop: drop image tokens stage by stage, ranked by the prompt's last token's attention, on plain tensors.
 
 Xing, Huang, Dong, Lu, Zhang, Zang, Cao, He, Wang, Wu, Lin, "PyramidDrop: Accelerating Your Large Vision-Language
 Models via Pyramid Visual Redundancy Reduction", CVPR 2025, arXiv 2410.17247. Sec. 3.2: the LLM is split into S
@@ -8,10 +8,18 @@ so stage s sees `N * lambda**s` of the `N` image tokens. Default for LLaVA-1.5-7
 8, 16, 24, lambda=0.5 (official `scripts/v1_5/pdrop_eval`: `--layer_list [8,16,24]`,
 `--image_token_ratio_list [1.0,0.5,0.25,0.125]`).
 
-The official code (`modeling_llama_pdrop.py`, `pdrop_rank_drop`) takes the queries and keys of the next stage's first
-layer on the not-yet-pruned hidden states, softmaxes over all keys (causal and padding masked), averages over heads,
-slices to the image keys and, with several query rows (training: the token before each answer span), averages over
-the rows; keep counts are fractions of the original `N`, not of the previous stage.
+The official code (`modeling_llama_pdrop.py`, `pdrop_forward` / `pdrop_rank_drop`): after layer `l` of
+`layer_list` minus one it ranks with `rank_layer = l + 1`, the next stage's first layer: that layer's `input_layernorm`
+and q/k projections (rotary at the current positions) applied to layer `l`'s output, softmax over all keys (causal
+and padding masked), mean over heads, sliced to the image keys; then it drops, and renumbers the positions of what
+is left (`position_ids[i, :cur_len] = arange(cur_len)`; decode steps lower their ids by the tokens each stage
+dropped). The query row at inference is `prompt_total_len - 1`, the prompt's last token (after LLaVA's template, the
+":" of "ASSISTANT:"); in training it is the token before each answer span, the rows averaged. Keep counts are
+fractions of the original `N`, not of the previous stage. We do the same: the runner calls the next layer's attention
+module on the pruning layer's output for the scores alone (`llm_scoring_layer`), the default position rule is
+`"renumbered"`, and `query_row="last"`. Option `query_row="last_instruction"` (ours) ranks by the last instruction
+token, the same row at every step of decoding without a cache (which re-prunes every step, as PyramidDrop's code
+does without a cache). Training ranks by the same row as inference here.
 
 Budget: the budget counts image tokens in the LLM's last stage. We keep the S=4 even split of the layers and choose
 lambda so that the last stage holds exactly `budget`: `lambda = (budget / N) ** (1 / (S - 1))`, counts rounded to the
@@ -26,7 +34,7 @@ import torch
 
 from .pruning_ivtp import select_keep_indices
 from .attention_rows import RowRequest
-from .pruner_base import Pruner, Selection, check_int, register_pruner
+from .pruner_base import QUERY_ROWS, Pruner, Selection, check_choice, check_int, register_pruner
 
 PDROP_DEFAULT_STAGES = 4  # S; lambda follows from the budget (0.5 for the default 72 of 576)
 
@@ -108,16 +116,21 @@ def schedule_for_budget(
 @register_pruner
 class PDropPruner(Pruner):
     """PyramidDrop in the LLM: the layers split evenly into `stages`; at the end of each stage but the last, the
-    visual tokens the last instruction token (`instruction_mask`'s last; without it the last token) attends to most
-    go on, geometrically fewer per stage, the last stage holding the budget. Kept tokens keep their original position ids."""
+    visual tokens the query row attends to most in the next stage's first layer go on, geometrically fewer per stage,
+    the last stage holding the budget; positions renumbered after each drop.
+
+    Options: `stages` (4); `query_row`: `"last"` (PyramidDrop's code: the prompt's last token) or
+    `"last_instruction"` (ours: the last token of the processor's `instruction_mask`)."""
 
     name = "pdrop"
-    options = {"visual_tokens": 64, "stages": PDROP_DEFAULT_STAGES}
+    options = {"visual_tokens": 64, "stages": PDROP_DEFAULT_STAGES, "query_row": "last"}
+    positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
 
     @classmethod
     def check_options(cls, config, values):
         super().check_options(config, values)
         check_int(cls.name, "stages", values["stages"], 2, config.text_config.num_hidden_layers, "LLM stages")
+        check_choice(cls.name, "query_row", values["query_row"], QUERY_ROWS, "the token whose attention ranks")
 
     def __init__(self, config, context):
         super().__init__(config, context)
@@ -135,8 +148,11 @@ class PDropPruner(Pruner):
     def llm_request(self, layer_idx, view):
         if layer_idx not in self.stages:
             return None
-        rows = view.last_instruction_slots(self.context.guidance.get("instruction_mask"))
+        rows = view.query_slots(self.values["query_row"], self.context.guidance.get("instruction_mask"))
         return RowRequest(batch=view.image_rows, rows=rows, columns=view.visual_slots)
+
+    def llm_scoring_layer(self, layer_idx):
+        return layer_idx + 1  # `rank_layer = layer_idx + 1`: the next stage's first layer ranks
 
     def after_llm_layer(self, layer_idx, view, request, hidden_states):
         if layer_idx not in self.stages:

@@ -62,6 +62,7 @@ def tome_merge_step(
     sizes: torch.Tensor | None = None,
     protected: int = 1,
     order: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> TomeStep:
     """One ToMe step over the sequence `order`: remove `num_merge` tokens by merging them into their most similar
     partner (`bipartite_soft_matching` + `merge_wavg` of ToMe's code, ties broken as the module says).
@@ -76,6 +77,9 @@ def tome_merge_step(
         order: `(batch, n)` int64, a permutation of `range(n)` per row: ToMe's sequence, `order[:, j]` the input index
             of its `j`-th token, the protected tokens first (`order[:, :protected] == arange(protected)`, `protected
             <= 1`); None = the inputs' own order.
+        check_values: read `sizes` and `order` back to check their values (one wait for the device). The pruners
+            pass `False`: they give the sizes and orders the previous step returned (and a prefill must not wait for
+            the device at every layer, nor can a meta-device FLOP count read values).
 
     Returns:
         A `TomeStep`; its `keep`, `merged` and `sizes` are in the inputs' (sorted) order whatever `order` is.
@@ -101,10 +105,11 @@ def tome_merge_step(
             f"{order.dtype} {tuple(order.shape)} with protected={protected}."
         )
     checks = []  # read back together: one wait for the device
-    if sizes is not None:
+    if sizes is not None and check_values:
         checks.append(("sizes must be positive", (sizes > 0).all()))
     if order is not None:
         order = order.to(device)
+    if order is not None and check_values:
         permutation = (order.sort(dim=-1).values == positions).all() & (order[:, :protected] == 0).all()
         checks.append(("order must be a permutation of range(n) per row, the protected token first", permutation))
     if checks:
@@ -127,7 +132,10 @@ def tome_merge_step(
     blocked = (positions[::2] < protected)[:, None] | (positions[1::2] < protected)[None, :]
     similarity = similarity.masked_fill(blocked, float("-inf"))
     best_score, best_b = similarity.max(dim=-1)  # first maximum: ties go to the lower B index
-    ranked = torch.sort(best_score, dim=-1, descending=True, stable=True).indices  # ToMe's `edge_idx`
+    # ToMe's `edge_idx` over the A tokens that may merge (a protected one's -inf row ranks last, so it never merges;
+    # leaving it out of the sort says so without reading the scores, which a weight-free FLOP count does not have)
+    protected_a = (protected + 1) // 2
+    ranked = torch.sort(best_score[:, protected_a:], dim=-1, descending=True, stable=True).indices + protected_a
     merged_a = ranked[:, :num_merge]
     sources = set_a.gather(1, merged_a)  # (batch, r) input indices merged away
     targets = set_b.gather(1, best_b.gather(1, merged_a))
@@ -138,7 +146,8 @@ def tome_merge_step(
         1, destination.unsqueeze(-1).expand(-1, -1, dim), features.float() * sizes.unsqueeze(-1)
     )
     size_sums = torch.zeros_like(sizes).scatter_add(1, destination, sizes)
-    survives = torch.ones_like(sizes, dtype=torch.bool).scatter(1, sources, False)
+    # index bookkeeping from the positions, not from `sizes` (float: a meta tensor in a weight-free FLOP count)
+    survives = torch.ones(batch, num_tokens, dtype=torch.bool, device=positions.device).scatter(1, sources, False)
     keep_indices = torch.where(survives, positions, num_tokens).sort(dim=-1).values[:, : num_tokens - num_merge]
     merged_sizes = size_sums.gather(1, keep_indices)
     merged = feature_sums.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, dim)) / merged_sizes.unsqueeze(-1)
@@ -147,7 +156,8 @@ def tome_merge_step(
     if protected <= 1:
         unmerged_a = ranked[:, num_merge:]  # score order; sorted by A index with a CLS (ToMe's `unm_idx`)
         if protected:
-            unmerged_a = unmerged_a.sort(dim=-1).values
+            protected_first = torch.arange(protected_a, device=device).expand(batch, -1)
+            unmerged_a = torch.cat([protected_first, unmerged_a], dim=1).sort(dim=-1).values
         next_sequence = torch.cat([set_a.gather(1, unmerged_a), set_b], dim=1)  # input indices, `[unm, dst]`
         rank = survives.long().cumsum(dim=-1) - 1  # a survivor's index into `keep_indices`
         next_order = rank.gather(1, next_sequence)
@@ -258,7 +268,7 @@ class TomePruner(Pruner):
             return None
         step = tome_merge_step(
             request.key_means, hidden_states, self.removals[layer_idx], sizes=self.sizes, protected=1,
-            order=self.order if self.official else None,
+            order=self.order if self.official else None, check_values=False,
         )
         self.sizes = step.sizes
         if self.official:
@@ -329,7 +339,7 @@ class TomePlusPruner(Pruner):
             order = None if order is None else order.to(features.device)
         while features.shape[1] > self.llm[layer_idx]:
             step = min(features.shape[1] - self.llm[layer_idx], features.shape[1] // 2)
-            merge = tome_merge_step(metric, features, step, sizes=sizes, protected=0, order=order)
+            merge = tome_merge_step(metric, features, step, sizes=sizes, protected=0, order=order, check_values=False)
             survivors, features, sizes = merge.keep, merge.merged, merge.sizes
             order = merge.order if self.official else None
             metric = metric.gather(1, survivors.to(metric.device).unsqueeze(-1).expand(-1, -1, metric.shape[-1]))

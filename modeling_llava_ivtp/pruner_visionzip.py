@@ -121,6 +121,7 @@ class VisionZipPruner(Pruner):
 
     name = "visionzip"
     options = {"visual_tokens": 64, "dominant": None}
+    positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
 
     @classmethod
     def check_options(cls, config, values):

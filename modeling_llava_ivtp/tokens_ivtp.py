@@ -93,13 +93,17 @@ class TokenState:
         """`(images, visual)`: the slots of each image's visual tokens, in order (rows: `image_rows`)."""
         return true_indices(self.is_visual[image_rows], self.visual)
 
-    def keep_visual(self, keep: torch.Tensor, kept: int) -> TokenState:
+    def keep_visual(self, keep: torch.Tensor, kept: int, renumber: bool = False) -> TokenState:
         """Keep the slots of `keep` `(batch, length)`: every non-visual slot and `kept` visual tokens of each image.
-        Every other slot stays (the padding slots of shorter rows too), so rows without an image keep their length."""
+        Every other slot stays (the padding slots of shorter rows too), so rows without an image keep their length.
+        `renumber`: each kept token's position id is lowered by the tokens of its row dropped before it."""
         counts = [self.length - (self.visual - kept if has_image else 0) for has_image in self.has_image]
         length = max(counts)
         index, slot_valid = pack_rows(keep, length)
-        gathered = _gather({name: getattr(self, name) for name in _DEVICE_FIELDS}, index, slot_valid)
+        fields = {name: getattr(self, name) for name in _DEVICE_FIELDS}
+        if renumber:
+            fields["position_ids"] = self.position_ids - (~keep).long().cumsum(dim=1).to(self.position_ids.device)
+        gathered = _gather(fields, index, slot_valid)
         return replace(self, **gathered, length=length, visual=kept,
                        pads=[pad + length - count for pad, count in zip(self.pads, counts)])
 

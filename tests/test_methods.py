@@ -36,13 +36,23 @@ METHODS = sorted(PRUNERS)
 FIXED = dict(do_sample=False, pad_token_id=PAD_TOKEN_ID, suppress_tokens=[IMAGE_TOKEN_ID, 2])
 
 
-def method_model(method: str, attn_implementation: str = "sdpa", **overrides):
+def method_model(method: str, attn_implementation: str = "sdpa", options: dict | None = None, **overrides):
     extra = {"clip_text_encoder": TINY_CLIP_TEXT} if method == "cdpruner" else {}
     model = tiny_model(
-        schedule=None, pruning_method=method, pruning_options={"visual_tokens": BUDGET},
+        schedule=None, pruning_method=method, pruning_options={"visual_tokens": BUDGET, **(options or {})},
         attn_implementation=attn_implementation, **extra, **overrides,
     )
     return sharpen_attention(model)
+
+
+# Methods that rank by the input's last token (FastV's and PyramidDrop's code): decoding without a cache re-prunes
+# every step with that step's newest token, as their code does, so it need not keep what the cached prefill kept.
+# The cache-against-no-cache invariants run them with the row that stays the same, the last instruction token.
+LAST_TOKEN_ROW = {"fastv", "pdrop"}
+
+
+def same_row_at_every_step(method: str, model):
+    return method_model(method, options={"query_row": "last_instruction"}) if method in LAST_TOKEN_ROW else model
 
 
 def with_instruction(batch: dict) -> dict:
@@ -93,6 +103,7 @@ def test_the_budget_reaches_the_last_layers(model, method, batch3):
 
 def test_cached_generate_equals_decoding_without_a_cache(model, method, batch3):
     """Greedy, sampling with a seed, and beams: the pruned cache gives what re-pruning every step gives."""
+    model = same_row_at_every_step(method, model)
     for kwargs in (dict(FIXED), dict(FIXED, do_sample=True, temperature=0.8), dict(FIXED, num_beams=2)):
         torch.manual_seed(3)
         cached = model.generate(**batch3, max_new_tokens=8, **kwargs)
@@ -102,6 +113,7 @@ def test_cached_generate_equals_decoding_without_a_cache(model, method, batch3):
 
 
 def test_multi_turn_continuation_equals_the_conversation_from_scratch(model, method, batch3):
+    model = same_row_at_every_step(method, model)
     first = model.generate(**batch3, max_new_tokens=5, return_dict_in_generate=True, **FIXED)
     second_turn = torch.randint(3, 80, (3, 4), generator=torch.Generator().manual_seed(11))
     conversation = torch.cat([first.sequences, second_turn], dim=1)
@@ -374,12 +386,14 @@ def _stock_input_of_layer(model, pixels):
     return tower(pixels, output_hidden_states=True).hidden_states[-3]
 
 
-def test_fastv_against_stock_eager_attention():
-    """FastV keeps the visual tokens the last instruction token attends to most in layer K (head-averaged), read from
-    stock Llava's eager `output_attentions` -- the seam's recorded row is that row."""
+@pytest.mark.parametrize("query_row", ["last", "last_instruction"])
+def test_fastv_against_stock_eager_attention(query_row):
+    """FastV keeps the visual tokens the query row attends to most in layer K (head-averaged), read from stock Llava's
+    eager `output_attentions`: by default the prompt's last token (FastV's code), as an option the last instruction
+    token -- the seam's recorded row is that row."""
     from tiny_models import stock_twin
 
-    model = method_model("fastv")
+    model = method_model("fastv", options={"query_row": query_row})
     batch = with_instruction(make_batch(((2, 5), (4, 9))))
     with torch.no_grad():
         kept = model(**batch, use_cache=False)
@@ -389,7 +403,9 @@ def test_fastv_against_stock_eager_attention():
         )
     attention = stock.attentions[1].mean(dim=1)  # layer K = 2: index 1
     for row in range(2):
-        last = int(torch.where(batch["instruction_mask"][row])[0].max())
+        last = batch["input_ids"].shape[1] - 1
+        if query_row == "last_instruction":
+            last = int(torch.where(batch["instruction_mask"][row])[0].max())
         image = torch.where(batch["input_ids"][row] == IMAGE_TOKEN_ID)[0]
         scores = attention[row, last, image]
         expected = scores.topk(BUDGET).indices.sort().values

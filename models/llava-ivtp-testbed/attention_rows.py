@@ -44,6 +44,8 @@ class RowRequest:
     keys: `(K,)` increasing slots, the same for every sample: every key the requested rows attend to lies among them
         (the asker's promise, e.g. the tokens up to an image's end), so the softmax is computed over these only
         (`None`: every key). `columns` stay slots.
+    rows_only: the call is made for the request alone (a scoring call of a layer on tokens it will not run on, as
+        PyramidDrop scores with the next layer): the backend skips the attention kernel and returns zeros.
 
     Answers, read after the layer call: `probabilities` `(n, R, C)` float32, head-averaged; `value_norms` `(n, C')`
     float32; `key_means` `(n, C'', head_dim)` float32.
@@ -56,6 +58,7 @@ class RowRequest:
     key_columns: torch.Tensor | None = None
     scores: bool = True
     keys: torch.Tensor | None = None
+    rows_only: bool = False
     call: tuple | None = field(default=None, repr=False)  # what the layer's attention used (`attach`)
     full: torch.Tensor | None = field(default=None, repr=False)  # every row, when the layer computed them itself
 
@@ -182,6 +185,9 @@ def _attention_with_every_row(request: RowRequest, module, query, key, value, at
 
 def _recording(base: str):
     def attention(module, query, key, value, attention_mask, *args, ivtp_rows: RowRequest | None = None, **kwargs):
+        if ivtp_rows is not None and ivtp_rows.rows_only:
+            ivtp_rows.attach(module, query, key, value, attention_mask, kwargs.get("scaling"))
+            return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
         if ivtp_rows is not None and ivtp_rows.every_row:
             return _attention_with_every_row(
                 ivtp_rows, module, query, key, value, attention_mask, kwargs.get("scaling"), kwargs.get("dropout", 0.0)

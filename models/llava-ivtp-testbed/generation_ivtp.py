@@ -58,7 +58,7 @@ class PrunedGeneration:
         kwargs.pop("use_cache", None)
         hidden_states, all_hidden = self._decode_layers(
             inputs_embeds, attention_mask.to(device).bool(), position_ids.to(device).expand(batch_size, -1),
-            new_positions, cache, output_hidden_states, **kwargs,
+            new_positions, cache, output_hidden_states, past_length, **kwargs,
         )
         cache.set_logical_length(past_length + num_new)
         hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
@@ -77,12 +77,16 @@ class PrunedGeneration:
         )
 
     def _decode_layers(self, hidden_states, attention_mask, position_ids, new_positions, cache, output_hidden_states,
-                       **kwargs):
+                       past_length: int, **kwargs):
         """The decoder layers over the new tokens. Per run of layers that share one record of held positions (a
         pruning segment), the logical 2-D mask is gathered at the positions the run holds, then causal masking runs
-        over the layer's physical keys."""
+        over the layer's physical keys. Where the prefill renumbered positions (`cache.renumbered_positions`), the
+        new tokens' ids are lowered, per run, by the logical tokens the run does not hold: they sit right after the
+        tokens it holds, as a prefill of the whole sequence would place them."""
         language_model = self.model.language_model
-        position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids)
+        renumbered = cache.renumbered_positions
+        if not renumbered:
+            position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids)
         all_hidden = () if output_hidden_states else None
         held, mask = None, None
         for layer_idx, layer in enumerate(language_model.layers):
@@ -99,6 +103,9 @@ class PrunedGeneration:
                     # and step (stock Llava reads once per step).
                     allow_is_causal_skip=False,
                 )
+                if renumbered:  # the logical tokens before this step that the run does not hold
+                    not_held = past_length - (held >= 0).sum(dim=1, keepdim=True).to(position_ids.device)
+                    position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids - not_held)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             hidden_states = layer(

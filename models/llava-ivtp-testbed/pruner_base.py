@@ -15,6 +15,13 @@ labels and outputs. A pruner owns one method's rule. It acts at up to three site
 A `Selection` holds sorted indices into the tokens of the site (and, for merging methods, the merged features of the
 kept tokens, which keep the kept tokens' positions). A pruner is built per forward call (`Pruner(config, context)`),
 so what it gathers over layers lives on that object, never on a module.
+
+Rotary positions after pruning follow the method's published code (`Pruner.positions`, every method's option
+`positions`): `"original"` -- the kept tokens keep the position ids of the logical sequence (IVTP, FastV; pruning
+leaves gaps); `"renumbered"` -- after every pruning step the tokens that go on close the gaps, each token's id
+lowered by the tokens of its sample pruned before it (VisionZip, VisPruner, DivPrune and CDPruner pass the
+shortened sequence with fresh ids 0..L'-1; PyramidDrop renumbers after each drop). The runner applies the rule at
+prefill and on every decode step over the pruned cache (a layer's new tokens sit after the tokens it holds).
 """
 
 from __future__ import annotations
@@ -26,6 +33,12 @@ from typing import ClassVar
 import torch
 
 from .attention_rows import RowRequest
+
+
+# Rotary positions after pruning (module docstring): ids of the logical sequence, or gaps closed at every step.
+POSITION_RULES = ("original", "renumbered")
+# The query row of methods that rank by one token's attention (FastV, PyramidDrop; `LlmView.query_slots`).
+QUERY_ROWS = ("last", "last_instruction")
 
 
 @dataclass
@@ -83,6 +96,14 @@ class LlmView:
             keys = torch.cat([keys, keys.new_full((1,), self.probe_slot)])
         return keys
 
+    def query_slots(self, query_row: str, instruction_mask: torch.Tensor | None) -> torch.Tensor:
+        """`(images, 1)`: the query row a method ranks by (`QUERY_ROWS`): the last token of the input (`"last"`: at
+        prefill, the prompt's last token, as FastV's and PyramidDrop's code take it), or the last instruction token
+        (`"last_instruction"`, `last_instruction_slots`)."""
+        if query_row == "last_instruction":
+            return self.last_instruction_slots(instruction_mask)
+        return torch.full((len(self.image_rows), 1), self.last_slot, dtype=torch.long, device=self.image_rows.device)
+
     def last_instruction_slots(self, instruction_mask: torch.Tensor | None) -> torch.Tensor:
         """`(images, 1)`: the slot of each image's sample's last instruction token (`instruction_mask`, aligned with
         `input_ids`, as the processor gives it), or of its last token where there is none. Tokens generated since
@@ -110,6 +131,7 @@ class Pruner:
 
     name: ClassVar[str] = ""
     options: ClassVar[dict] = {}  # every registered method: {"visual_tokens": 64 (the papers' setting), ...}
+    positions: ClassVar[str] = "original"  # the position rule of the method's code: one of POSITION_RULES
 
     def __init__(self, config, context: PruneContext | None):
         self.config = config
@@ -123,22 +145,33 @@ class Pruner:
         given = config.pruning_options or {}
         if not isinstance(given, dict):
             raise ValueError(f"`pruning_options` must be a dict (or None), got {type(given).__name__}.")
-        unknown = sorted(set(given) - set(cls.options))
+        defaults = {**cls.options, "positions": cls.positions}  # every method takes the position rule
+        unknown = sorted(set(given) - set(defaults))
         if unknown:
             raise ValueError(
                 f"`pruning_options` of pruning_method={cls.name!r} has unknown options {unknown}; allowed: "
-                f"{sorted(cls.options)}."
+                f"{sorted(defaults)}."
             )
-        values = {**cls.options, **given}
+        values = {**defaults, **given}
         cls.check_options(config, values)
         return values
 
     @classmethod
     def check_options(cls, config, values: dict) -> None:
-        """Checks `visual_tokens`; subclasses check their own options too (call this first)."""
+        """Checks `visual_tokens` and `positions`; subclasses check their own options too (call this first)."""
         if "visual_tokens" in cls.options:
             check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.num_patches,
                       "visual tokens per image that reach the LLM's last layers")
+        if values["positions"] not in POSITION_RULES:
+            raise ValueError(
+                f"`pruning_options['positions']` of pruning_method={cls.name!r} must be one of {list(POSITION_RULES)} "
+                f"(the method's code: {cls.positions!r}), got {values['positions']!r}."
+            )
+
+    @property
+    def renumbers(self) -> bool:
+        """Whether the tokens that go on after a pruning step close the gaps in their position ids."""
+        return self.values["positions"] == "renumbered"
 
     # --- site 1: the vision tower -----------------------------------------------------------------------------
     def vision_request(self, layer_idx: int, images: int, tokens: int) -> RowRequest | None:
@@ -168,6 +201,12 @@ class Pruner:
     def llm_request(self, layer_idx: int, view: LlmView) -> RowRequest | None:
         return None
 
+    def llm_scoring_layer(self, layer_idx: int) -> int:
+        """The layer whose attention answers the request of pruning layer `layer_idx`: the layer itself, or (as
+        PyramidDrop's code) the next one, whose attention the runner then calls on the pruning layer's output for
+        the scores alone, before that layer runs on the kept tokens."""
+        return layer_idx
+
     def after_llm_layer(
         self, layer_idx: int, view: LlmView, request: RowRequest | None, hidden_states: torch.Tensor
     ) -> Selection | None:
@@ -184,6 +223,15 @@ class Pruner:
     def outputs(self) -> dict:
         """Extra output fields, over the packed slots the LLM entered with (the runner unpacks them)."""
         return {}
+
+
+def check_choice(method: str, name: str, value, allowed, what: str):
+    if value not in allowed:
+        raise ValueError(
+            f"`pruning_options[{name!r}]` of pruning_method={method!r} ({what}) must be one of {list(allowed)}, got "
+            f"{value!r}."
+        )
+    return value
 
 
 def check_int(method: str, name: str, value, low: int, high: int, what: str) -> int:
@@ -282,6 +330,6 @@ def register_pruner(cls: type[Pruner]) -> type[Pruner]:
 
 
 __all__ = [
-    "LlmView", "PRUNERS", "PruneContext", "Pruner", "Selection", "check_int", "geometric_counts", "register_pruner",
-    "sample_visual_cls", "two_site_schedule", "vision_group_schedule",
+    "POSITION_RULES", "QUERY_ROWS", "LlmView", "PRUNERS", "PruneContext", "Pruner", "Selection", "check_choice",
+    "check_int", "geometric_counts", "register_pruner", "sample_visual_cls", "two_site_schedule", "vision_group_schedule",
 ]

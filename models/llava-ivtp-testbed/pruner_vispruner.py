@@ -117,6 +117,7 @@ class VisPrunerPruner(Pruner):
 
     name = "vispruner"
     options = {"visual_tokens": 64, "important": None}
+    positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
 
     @classmethod
     def check_options(cls, config, values):
