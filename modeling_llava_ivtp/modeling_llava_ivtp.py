@@ -356,10 +356,11 @@ class LlavaIvtpForConditionalGeneration(
             selection = pruner.on_projected(image_features)
         if selection is not None:
             image_features = _apply_selection(image_features, selection)
-            vision["keep_indices"] = vision["keep_indices"].gather(1, selection.keep.to(vision["keep_indices"].device))
+            for name in ("keep_indices", "placement"):
+                vision[name] = vision[name].gather(1, selection.keep.to(vision[name].device))
 
         tokens, index, slot_valid, pruned_before_end = self._enter_llm(
-            image_mask, vision["keep_indices"], image_features, input_ids, inputs_embeds, position_ids,
+            image_mask, vision["placement"], image_features, input_ids, inputs_embeds, position_ids,
             full_attention_mask, placeholder_counts, last_placeholder, pruner.renumbers,
         )
         with record_function("ivtp/guidance"):
@@ -468,6 +469,7 @@ class LlavaIvtpForConditionalGeneration(
         hidden_states = vision_tower.pre_layrnorm(vision_tower.embeddings(pixel_values))
         num_images = hidden_states.shape[0]
         keep_indices = torch.arange(self.config.num_patches, device=hidden_states.device).expand(num_images, -1)
+        placement = None
         kept_counts = []
         feature_layers = self.config.vision_layer_groups[-1][1] + 1
         for layer_idx, layer in enumerate(vision_tower.encoder.layers[:feature_layers]):
@@ -478,15 +480,25 @@ class LlavaIvtpForConditionalGeneration(
             if selection is None:
                 continue
             with record_function("ivtp/vision_selection"):
-                patches = _apply_selection(hidden_states[:, 1:], selection)
+                if selection.ordered:  # the tokens in the LLM's order, filling the image's first placeholders
+                    if layer_idx != feature_layers - 1:
+                        raise ValueError(f"{pruner.name}: an ordered selection comes at the feature layer only.")
+                    patches = selection.merged.to(hidden_states.dtype)
+                    stands_for = selection.keep.to(keep_indices.device)
+                    keep_indices = torch.where(stands_for >= 0, keep_indices.gather(1, stands_for.clamp_min(0)), -1)
+                    placement = torch.arange(patches.shape[1], device=keep_indices.device).expand(num_images, -1)
+                else:
+                    patches = _apply_selection(hidden_states[:, 1:], selection)
+                    keep_indices = keep_indices.gather(1, selection.keep.to(keep_indices.device))
                 hidden_states = torch.cat([hidden_states[:, :1], patches], dim=1)  # CLS always kept, order kept
-                keep_indices = keep_indices.gather(1, selection.keep.to(keep_indices.device))
             kept_counts.append(hidden_states.shape[1] - 1)
         return {
             "patch_hidden_states": hidden_states[:, 1:],
             "cls_hidden_state": hidden_states[:, 0],
             "feature_layer_hidden_states": hidden_states,
             "keep_indices": keep_indices,
+            # which placeholders of each image the tokens fill (in order): their patches', or the first ones
+            "placement": keep_indices if placement is None else placement,
             "counts": tuple(kept_counts),
         }
 

@@ -44,10 +44,15 @@ QUERY_ROWS = ("last", "last_instruction")
 @dataclass
 class Selection:
     """`keep` `(n, k)` int64, increasing: the tokens kept at a site; `merged` `(n, k, hidden)`: their new features
-    (merging methods), or `None` to keep their features."""
+    (merging methods), or `None` to keep their features.
+
+    `ordered` (the vision tower's feature layer only): `merged` holds the tokens in the order they enter the LLM
+    (they fill the first `k` placeholders of their image), and `keep` says which patch each stands for, in that
+    order (-1: none, e.g. a CLS token), as VisionZip's code hands the projector its block of tokens."""
 
     keep: torch.Tensor
     merged: torch.Tensor | None = None
+    ordered: bool = False
 
 
 @dataclass

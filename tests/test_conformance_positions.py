@@ -25,8 +25,9 @@ def pruned_model(method: str, **options):
                                         pruning_options={"visual_tokens": BUDGET, **options}))
 
 
-def stock_on_the_shortened_sequence(model, batch, out, keep_original_ids: bool) -> list[torch.Tensor]:
-    """Per sample, unpadded: the logits stock Llama layers give the sequence the LLM receives."""
+def stock_on_the_shortened_sequence(model, batch, out, keep_original_ids: bool, in_order: bool = False):
+    """Per sample, unpadded: the logits stock Llama layers give the sequence the LLM receives. `in_order`: the image
+    features come as one block in the method's order (VisionZip's layout), else each at its patch's place."""
     stock = stock_twin(model)
     features = output_image_features(out)
     logits = []
@@ -35,7 +36,8 @@ def stock_on_the_shortened_sequence(model, batch, out, keep_original_ids: bool) 
             ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
             image = torch.where(ids == IMAGE_TOKEN_ID)[0]
             embeds = stock.get_input_embeddings()(ids)
-            kept = image[out.vision_keep_indices[row]]  # the placeholders of the kept patches, in order
+            count = out.vision_keep_indices.shape[1]
+            kept = image[:count] if in_order else image[out.vision_keep_indices[row]]  # in the order they enter
             keep = torch.ones(len(ids), dtype=torch.bool)
             keep[image] = False
             keep[kept] = True
@@ -55,7 +57,8 @@ def test_pre_llm_methods_give_the_llm_the_shortened_sequence(method, rule):
     position_ids = (batch["attention_mask"].cumsum(dim=1) - 1).clamp_min(0)  # as `generate` gives them
     with torch.no_grad():
         out = model(**batch, position_ids=position_ids, use_cache=False)
-    expected = stock_on_the_shortened_sequence(model, batch, out, keep_original_ids=rule == "original")
+    expected = stock_on_the_shortened_sequence(model, batch, out, keep_original_ids=rule == "original",
+                                               in_order=method == "visionzip")
     for row, reference in enumerate(expected):
         real = out.kept_positions[row] >= 0
         real &= batch["attention_mask"][row].gather(0, out.kept_positions[row].clamp_min(0)).bool()

@@ -350,7 +350,7 @@ def test_feature_layer_and_projected_methods_against_stock_features(method):
     from modeling_llava_ivtp.pruner_cdpruner import cdpruner_keep_indices
     from modeling_llava_ivtp.pruner_divprune import divprune_keep_indices
     from modeling_llava_ivtp.pruner_pooling import spatial_pooling
-    from modeling_llava_ivtp.pruner_visionzip import visionzip_keep_indices
+    from modeling_llava_ivtp.pruner_visionzip import visionzip_tokens
     from modeling_llava_ivtp.pruner_vispruner import vispruner_keep_indices
     from modeling_llava_ivtp.pruning_ivtp import select_keep_indices
 
@@ -376,7 +376,7 @@ def test_feature_layer_and_projected_methods_against_stock_features(method):
         with torch.no_grad():
             keys = last.self_attn.k_proj(last.layer_norm1(_stock_input_of_layer(model, pixels)))
         keys = keys.view(2, 37, 4, 8).mean(dim=2)
-        expected = visionzip_keep_indices(features[:, 1:], cls_row[:, 1:], keys[:, 1:], 7, 1)[0]
+        expected = visionzip_tokens(features, cls_row, keys, 7, 1)[0]  # the CLS (-1), 6 dominant, 1 contextual
     assert torch.equal(kept.vision_keep_indices, expected), method
 
 

@@ -110,7 +110,7 @@ def plain_dpp_greedy(features, relevance, num_keep):
 )
 def test_visionzip_matches_plain_reference(num_dominant, num_contextual, cls_index):
     features, attention, keys = random_tensors(2, 9, 4, seed=num_dominant * 10 + num_contextual)
-    keep, kept = visionzip_keep_indices(features, attention, keys, num_dominant, num_contextual, cls_index)
+    keep, kept, _ = visionzip_keep_indices(features, attention, keys, num_dominant, num_contextual, cls_index)
     for b in range(2):
         order, rows = plain_visionzip(features[b], attention[b], keys[b], num_dominant, num_contextual, cls_index)
         assert keep[b].tolist() == order
@@ -167,12 +167,12 @@ def test_visionzip_hand_case():
     features = torch.tensor([[[float(i), 10.0 * i] for i in range(6)]])
     attention = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.02, 0.03]])
     keys = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [1.0, 0.1], [0.0, 0.0], [0.0, 1.0], [0.1, 1.0]]])
-    keep, kept = visionzip_keep_indices(features, attention, keys, num_dominant=2, num_contextual=2)
+    keep, kept, _ = visionzip_keep_indices(features, attention, keys, num_dominant=2, num_contextual=2)
     assert keep.tolist() == [[0, 1, 3, 4]]
     assert kept.tolist() == [[[2.0, 20.0], [1.0, 10.0], [3.0, 30.0], [9.0, 90.0]]]
     # With token 0 as CLS it is dominant whatever its attention: dominant {0, 1}, remaining [2, 3, 4, 5] -> targets
     # 2 and 4; token 3's key (zero) has cosine 0 with both, so it goes to the first target.
-    keep, kept = visionzip_keep_indices(features, attention, keys, num_dominant=2, num_contextual=2, cls_index=0)
+    keep, kept, _ = visionzip_keep_indices(features, attention, keys, num_dominant=2, num_contextual=2, cls_index=0)
     assert keep.tolist() == [[0, 1, 2, 4]]
     assert kept[0, 2].tolist() == [2.0 + 3.0, 20.0 + 30.0] and kept[0, 3].tolist() == [9.0, 90.0]
 
@@ -240,7 +240,7 @@ def test_indices_are_sorted_unique_in_range_and_per_sample(name, num_keep):
 
 def test_visionzip_keeps_the_feature_dtype_and_the_cls():
     features, attention, keys = random_tensors(2, 9, 4, seed=3)
-    keep, kept = visionzip_keep_indices(features.bfloat16(), attention, keys.bfloat16(), 3, 2, cls_index=5)
+    keep, kept, _ = visionzip_keep_indices(features.bfloat16(), attention, keys.bfloat16(), 3, 2, cls_index=5)
     assert kept.dtype == torch.bfloat16 and kept.shape == (2, 5, 4)
     assert (keep == 5).any(dim=1).all()
 

@@ -16,6 +16,8 @@ class IvtpCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
         fewer tokens than the others). With pruning off this is `arange(sequence_length)`.
     vision_keep_indices (`torch.LongTensor` of shape `(num_images, k_final)`, *optional*):
         Indices (0..num_patches-1, row-major in the patch grid) of the patches stage 1 kept, in increasing order.
+        VisionZip (its default layout): the patch each token stands for, in the order the tokens enter the LLM, -1
+        for its CLS token.
     llm_keep_indices (`tuple(torch.LongTensor)`, *optional*):
         One entry per stage-2 group: `(batch_size, m_g)` patch indices (0..num_patches-1) of the visual tokens
         kept after that group, for samples with an image (-1 rows for samples without one).

@@ -12,13 +12,20 @@ the authors' code (dvlab-research/VisionZip, `visionzip/clip_encoder.py`):
    feature is `target + mean(assigned tokens)` (just `target` if none), exactly as the official code computes it;
    the paper's text speaks of averaging, which would be `(target + sum) / (1 + count)`.
 
-Default for 64 tokens on LLaVA-1.5: `dominant=54, contextual=10` (README), where 54 = CLS + 53 patches.
+Default for 64 tokens on LLaVA-1.5: `dominant=54, contextual=10` (README), where 54 = CLS + 53 patches
+(`visionzip(model, dominant=54, contextual=10)` sets `dominant_num = dominant - 1` patches).
+
+The tokens the LLM receives (`visionzip/clip_encoder.py`, `CLIPVisionTower_VisionZip.forward`, and `llava_arch.py`):
+`cat([dominant_tokens, contextual_tokens])`, the dominant ones being the CLS and the 53 patches in their original
+order (a `masked_select`), the contextual ones in their targets' order; the projector maps all 64 and the LLM gets
+them as one block with fresh position ids (`position_ids=None`). That is the default here (`layout="visionzip"`):
+the CLS's feature at the feature layer reaches the LLM, the block comes in VisionZip's order, and the position rule
+is `"renumbered"`. Option `layout="patches"` (ours) keeps patches only (LLaVA's "default" strategy drops the CLS):
+`dominant` patches plus the contextual tokens, each contextual token at its target's position, in patch order.
 
 Integration (site: vision tower, at `vision_feature_layer` = -2, before the projector): that layer's output
-features, its CLS attention row over the tokens (head-averaged), and its key states averaged over heads. Two
-conventions are open to the caller: run on all 577 tokens with `cls_index=0` (official: the CLS feature goes to
-the projector as one of the 64), or on the 576 patches with `cls_index=None` (LLaVA's "default" strategy drops CLS).
-Our convention: a contextual token takes its target's position; rows come back in original order.
+features, its CLS attention row over the tokens (head-averaged; the code sums over heads, which ranks the same), and
+its key states averaged over heads (the code's `metric`: the layer's keys before rotary-free CLIP attention).
 """
 
 from __future__ import annotations
@@ -28,7 +35,12 @@ import torch.nn.functional as F
 
 from .pruning_ivtp import select_keep_indices
 from .attention_rows import RowRequest
-from .pruner_base import Pruner, Selection, check_int, register_pruner
+from .pruner_base import Pruner, Selection, check_choice, check_int, register_pruner
+
+
+# Which tokens reach the LLM: VisionZip's (the CLS and the dominant patches, then the contextual tokens) or ours
+# (patches only, at their positions).
+LAYOUTS = ("visionzip", "patches")
 
 
 def visionzip_keep_indices(
@@ -50,9 +62,10 @@ def visionzip_keep_indices(
         cls_index: a token always kept as dominant (the CLS), or None.
 
     Returns:
-        `(keep_indices, kept_features)`: int64 `(batch, k)` sorted ascending, `k = num_dominant + num_contextual`,
-        and `(batch, k, dim)` in `features.dtype`, row i being the token at `keep_indices[:, i]` (dominant:
-        unchanged; contextual: its group's merged feature, sitting at the target's position).
+        `(keep_indices, kept_features, contextual)`: int64 `(batch, k)` sorted ascending, `k = num_dominant +
+        num_contextual`; `(batch, k, dim)` in `features.dtype`, row i being the token at `keep_indices[:, i]`
+        (dominant: unchanged; contextual: its group's merged feature, sitting at the target's position); bool
+        `(batch, k)`, which rows are contextual tokens.
     """
     if features.dim() != 3:
         raise ValueError(f"features must have shape (batch, n, dim), got {tuple(features.shape)}.")
@@ -99,7 +112,37 @@ def visionzip_keep_indices(
         keep.scatter_(1, targets, True)
 
     keep_indices = mask_to_indices(keep, num_dominant + num_contextual)
-    return keep_indices, gather_rows(kept_features, keep_indices).to(features.dtype)
+    contextual = ~dominant.gather(1, keep_indices)
+    return keep_indices, gather_rows(kept_features, keep_indices).to(features.dtype), contextual
+
+
+def visionzip_tokens(
+    features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, num_dominant: int, num_contextual: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's tokens of each image as its code hands them to the projector: the CLS, the `num_dominant - 1`
+    patches it attends to most (in their order), then the `num_contextual` contextual tokens (in their targets'
+    order).
+
+    Args:
+        features: `(batch, 1 + n, dim)`, the feature layer's output, the CLS first.
+        cls_attention: `(batch, 1 + n)`, the CLS row of that layer's attention (head-averaged or summed).
+        keys: `(batch, 1 + n, key_dim)`, that layer's key states averaged over heads.
+        num_dominant: dominant tokens, the CLS included (`>= 1`); num_contextual: `>= 0`, the sum at most `1 + n`.
+
+    Returns:
+        `(patch_ids, tokens)`: int64 `(batch, k)`, the patch each token stands for (-1: the CLS; a contextual token:
+        its target), in VisionZip's order; `(batch, k, dim)` in `features.dtype`.
+    """
+    if num_dominant < 1:
+        raise ValueError(f"num_dominant counts the CLS: it must be >= 1, got {num_dominant}.")
+    keep, kept, contextual = visionzip_keep_indices(
+        features[:, 1:], cls_attention[:, 1:], keys[:, 1:], num_dominant - 1, num_contextual
+    )
+    order = torch.sort(contextual.to(torch.int8), dim=1, stable=True).indices  # dominant first, each in order
+    cls_id = keep.new_full((keep.shape[0], 1), -1)
+    patch_ids = torch.cat([cls_id, keep.gather(1, order)], dim=1)
+    tokens = torch.cat([features[:, :1], gather_rows(kept, order)], dim=1)
+    return patch_ids, tokens
 
 
 def mask_to_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -114,26 +157,32 @@ def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @register_pruner
 class VisionZipPruner(Pruner):
-    """VisionZip at LLaVA's feature layer: the dominant patches by that layer's CLS attention, plus contextual
-    tokens merging the rest by key similarity. The paper's 64-token split for LLaVA-1.5 is 54 dominant + 10
-    contextual; other budgets keep that ratio (`dominant` overrides it). The CLS is not among the dominant tokens:
-    LLaVA's `default` feature strategy drops it, so the budget counts patches only."""
+    """VisionZip at LLaVA's feature layer: the CLS and the patches it attends to most (dominant), plus contextual
+    tokens merging the rest by key similarity, handed to the LLM as one block in VisionZip's order with fresh position
+    ids. The 64-token split for LLaVA-1.5 is 54 dominant (the CLS included) + 10 contextual; other budgets keep that
+    ratio (`dominant` overrides it).
+
+    Options: `dominant`; `layout`: `"visionzip"` (the code's: the CLS among the dominant tokens, VisionZip's order)
+    or `"patches"` (ours: patches only, `dominant` of them, each token at its patch's position)."""
 
     name = "visionzip"
-    options = {"visual_tokens": 64, "dominant": None}
-    positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
+    options = {"visual_tokens": 64, "dominant": None, "layout": "visionzip"}
+    positions = "renumbered"  # llava_arch.py passes the shortened sequence with position_ids=None
 
     @classmethod
     def check_options(cls, config, values):
         super().check_options(config, values)
+        check_choice(cls.name, "layout", values["layout"], LAYOUTS, "which tokens reach the LLM, in which order")
         if values["dominant"] is not None:
-            check_int(cls.name, "dominant", values["dominant"], 0, values["visual_tokens"],
-                      "dominant tokens, the rest of the budget being contextual")
+            low = 1 if values["layout"] == "visionzip" else 0
+            check_int(cls.name, "dominant", values["dominant"], low, values["visual_tokens"],
+                      "dominant tokens (the CLS among them with layout 'visionzip'), the rest of the budget being "
+                      "contextual")
 
     def __init__(self, config, context):
         super().__init__(config, context)
         dominant = self.values["dominant"]
-        self.dominant = round(self.budget * 54 / 64) if dominant is None else dominant
+        self.dominant = max(1, round(self.budget * 54 / 64)) if dominant is None else dominant
         self.layer = config.vision_layer_groups[-1][1]
 
     def vision_request(self, layer_idx, images, tokens):
@@ -144,8 +193,13 @@ class VisionZipPruner(Pruner):
     def after_vision_layer(self, layer_idx, hidden_states, request):
         if layer_idx != self.layer:
             return None
-        keep, kept = visionzip_keep_indices(
-            hidden_states[:, 1:], request.probabilities[:, 0, 1:], request.key_means[:, 1:], self.dominant,
-            self.budget - self.dominant,
+        contextual = self.budget - self.dominant
+        if self.values["layout"] == "visionzip":
+            patch_ids, tokens = visionzip_tokens(
+                hidden_states, request.probabilities[:, 0], request.key_means, self.dominant, contextual
+            )
+            return Selection(patch_ids, tokens, ordered=True)
+        keep, kept, _ = visionzip_keep_indices(
+            hidden_states[:, 1:], request.probabilities[:, 0, 1:], request.key_means[:, 1:], self.dominant, contextual
         )
         return Selection(keep, kept)
