@@ -156,14 +156,14 @@ def training_parser(description: str, learning_rate: float, summary_help: str) -
 
 
 def apply_visual_tokens(model, kept: int | None, no_pruning: bool = False) -> None:
-    """Scale the model's pruning schedule to `kept` final visual tokens (`bench_ivtp.derive_schedule`), or switch
+    """Scale the model's pruning schedule to `kept` final visual tokens (`llava_ivtp.measuring.bench.derive_schedule`), or switch
     pruning off (`no_pruning`); neither leaves the model's own schedule."""
     if no_pruning:
         model.config.schedule = None
         return
     if kept is None:
         return
-    from modeling_llava_ivtp.bench_ivtp import BenchError, derive_schedule
+    from llava_ivtp.measuring.bench import BenchError, derive_schedule
 
     if model.config.schedule is None:
         raise SystemExit("--visual-tokens: the model has no pruning schedule to scale.")

@@ -21,8 +21,8 @@ from speed import ROOT, generated_image, model_and_stock
 from transformers import CLIPImageProcessor
 from transformers.generation.streamers import BaseStreamer
 
+from llava_ivtp.measuring.analytic_flops import kv_cache_bytes_per_layer
 from modeling_llava_ivtp import IvtpConfig
-from modeling_llava_ivtp.analytic_flops import kv_cache_bytes_per_layer
 from modeling_llava_ivtp.cache_ivtp import cache_bytes
 from modeling_llava_ivtp.transformers_compat import output_cache
 

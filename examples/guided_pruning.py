@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from modeling_llava_ivtp import testbed
-from modeling_llava_ivtp.eval_ivtp import parse_setting, prompt_of
-from modeling_llava_ivtp.show_ivtp import pruning_of, render
+from llava_ivtp.evaluation.eval import parse_setting, prompt_of
+from llava_ivtp.evaluation.show import pruning_of, render
+from llava_ivtp.testbed import scenes as testbed
 
 
 ROOT = Path(__file__).resolve().parent.parent

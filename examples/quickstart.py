@@ -2,8 +2,8 @@
 without pruning, and shows which patches it kept (paper Fig. 5).
 
 The testbed model (`models/llava-ivtp-testbed`) is a tiny LLaVA trained here by
-`python -m modeling_llava_ivtp.testbed_train all --out DIR` on the synthetic task of
-`modeling_llava_ivtp/testbed.py` (scenes of coloured shapes, one-word answers); it loads like any remote-code
+`python -m llava_ivtp.testbed.train all --out DIR` on the synthetic task of
+`llava_ivtp/testbed/scenes.py` (scenes of coloured shapes, one-word answers); it loads like any remote-code
 checkpoint. Nothing is downloaded. `docs/accuracy.md` has its accuracy under every pruning setting.
 
     python examples/quickstart.py [--model DIR] [--scene test:7] [--question "What color is the star?"]
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from modeling_llava_ivtp import testbed
-from modeling_llava_ivtp.eval_ivtp import parse_setting, prompt_of
-from modeling_llava_ivtp.show_ivtp import render
+from llava_ivtp.evaluation.eval import parse_setting, prompt_of
+from llava_ivtp.evaluation.show import render
+from llava_ivtp.testbed import scenes as testbed
 
 
 TESTBED_MODEL = Path(__file__).resolve().parent.parent / "models" / "llava-ivtp-testbed"

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from modeling_llava_ivtp import testbed
-from modeling_llava_ivtp.eval_ivtp import parse_setting
-from modeling_llava_ivtp.show_ivtp import pruning_of
+from llava_ivtp.evaluation.eval import parse_setting
+from llava_ivtp.evaluation.show import pruning_of
+from llava_ivtp.testbed import scenes as testbed
 
 
 TESTBED_MODEL = Path(__file__).resolve().parent.parent / "models" / "llava-ivtp-testbed"

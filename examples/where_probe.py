@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from modeling_llava_ivtp import testbed
+from llava_ivtp.testbed import scenes as testbed
 
 
 TESTBED_MODEL = Path(__file__).resolve().parent.parent / "models" / "llava-ivtp-testbed"

@@ -33,8 +33,8 @@ def schedule_rows(config) -> list[dict]:
 
 def computed_flops(config, text_tokens: int = 512) -> dict | None:
     """TFLOPs of this config against its stock twin (analytic count), formatted for the card."""
+    from llava_ivtp.measuring.analytic_flops import llava_flops
     from modeling_llava_ivtp import IvtpConfig
-    from modeling_llava_ivtp.analytic_flops import llava_flops
 
     if not config.schedule:
         return None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_utils import slice_logits_to_keep
 
 from .cache_ivtp import IvtpCache
 from .outputs_ivtp import IvtpCausalLMOutputWithPast
@@ -61,20 +60,8 @@ class PrunedGeneration:
             new_positions, cache, output_hidden_states, past_length, **kwargs,
         )
         cache.set_logical_length(past_length + num_new)
-        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
-        return IvtpCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=all_hidden,
-            **cache_kwargs(cache),
-            kept_positions=slice_logits_to_keep(new_positions.unsqueeze(-1), logits_to_keep)[..., 0],
-        )
+        return self._head(hidden_states, new_positions, labels, logits_to_keep, kwargs, label_offset=past_length,
+                          hidden_states=all_hidden, **cache_kwargs(cache))
 
     def _decode_layers(self, hidden_states, attention_mask, position_ids, new_positions, cache, output_hidden_states,
                        past_length: int, **kwargs):

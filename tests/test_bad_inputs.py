@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from llava_ivtp.cli import main as cli_main
 from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
-from modeling_llava_ivtp.cli import main as cli_main
 from modeling_llava_ivtp.transformers_compat import cache_kwargs, output_cache
 from tiny_models import (
     IMAGE_TOKEN_ID,
@@ -487,7 +487,7 @@ def test_bench_checks_output_paths_before_measuring(bench_config, tmp_path, caps
 def test_bench_writes_results_into_new_folders_and_before_the_plot(bench_config, tmp_path, capsys, monkeypatch):
     """`--plot` and `--json` into folders that do not exist yet are created before the run; the results are on disk
     before the plot is drawn, so a failure there loses nothing measured."""
-    from modeling_llava_ivtp import bench_ivtp
+    from llava_ivtp.measuring import bench as bench_ivtp
 
     def failing_plot(report, path):
         raise RuntimeError("the plot failed")

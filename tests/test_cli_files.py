@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from modeling_llava_ivtp import testbed_train
-from modeling_llava_ivtp.cli import main as cli_main
-from modeling_llava_ivtp.cli import save_figure
+from llava_ivtp.cli import main as cli_main
+from llava_ivtp.cli import save_figure
+from llava_ivtp.testbed import train as testbed_train
 from tiny_models import TINY_CLIP_TEXT, make_images, tiny_config_dict, write_llava_hf, write_open_clip
 
 
@@ -86,7 +86,7 @@ def marked_figure(path: Path, command: str) -> Path:
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg", ""])
 def test_figures_carry_the_mark_of_the_command_that_drew_them(tmp_path, suffix):
-    from modeling_llava_ivtp.cli import figure_mark
+    from llava_ivtp.cli import figure_mark
 
     path = marked_figure(tmp_path / f"figure{suffix}", "eval")
     assert [child.name for child in tmp_path.iterdir()] == [f"figure{suffix}"]  # no suffix appended
@@ -321,7 +321,7 @@ def test_bench_bad_paths_are_one_line(bench_config, tmp_path, capsys, more, flag
 
 
 def test_bench_replaces_its_own_report_also_one_written_before_the_mark(bench_config, tmp_path, capsys, monkeypatch):
-    from modeling_llava_ivtp import bench_ivtp
+    from llava_ivtp.measuring import bench as bench_ivtp
 
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"meta": {"config": "old"}, "flops": {}, "results": []}))  # before the mark

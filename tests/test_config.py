@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from llava_ivtp.measuring.analytic_flops import llava_flops
 from modeling_llava_ivtp import IvtpConfig
-from modeling_llava_ivtp.analytic_flops import llava_flops
 from tiny_models import TINY_SCHEDULE, tiny_config, tiny_config_dict
 
 

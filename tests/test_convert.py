@@ -11,9 +11,9 @@ import torch
 from huggingface_hub import ModelCard
 
 from hub_cards import render_model_card
+from llava_ivtp.cli import main as cli_main
+from llava_ivtp.conversion.convert import VISION_EMBEDDINGS, ConversionError, convert, push_to_hub
 from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration, LlavaIvtpProcessor
-from modeling_llava_ivtp.cli import main as cli_main
-from modeling_llava_ivtp.convert_ivtp import VISION_EMBEDDINGS, ConversionError, convert, push_to_hub
 from modeling_llava_ivtp.guidance_ivtp import clip_token_features
 from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE
 from tiny_models import IMAGE_TOKEN_ID, TINY_SCHEDULE, RecordingHubApi, make_images, tiny_config_dict, write_llava_hf, write_open_clip
@@ -207,7 +207,7 @@ def test_real_vit_l_14_336_maps_onto_the_7b_preset():
     import open_clip
     from transformers import CLIPVisionModel
 
-    from modeling_llava_ivtp.convert_ivtp import clip_text_spec
+    from llava_ivtp.conversion.convert import clip_text_spec
     from modeling_llava_ivtp.guidance_ivtp import build_clip_text_tower, clip_text_encoder_spec
 
     with torch.device("meta"):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from modeling_llava_ivtp import testbed_train
-from modeling_llava_ivtp.cli import main as cli_main
-from modeling_llava_ivtp.eval_ivtp import EvalError, parse_setting, visual_tokens
+from llava_ivtp.cli import main as cli_main
+from llava_ivtp.evaluation.eval import EvalError, parse_setting, visual_tokens
+from llava_ivtp.testbed import train as testbed_train
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_visual_tokens_per_llm_layer():
 def test_overlay_marks_exactly_the_kept_patches():
     import numpy as np
 
-    from modeling_llava_ivtp.show_ivtp import overlay
+    from llava_ivtp.evaluation.show import overlay
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
@@ -123,7 +123,7 @@ def test_overlay_marks_exactly_the_kept_patches():
 def test_show_writes_the_figure_of_each_setting(checkpoint, tmp_path):
     from PIL import Image
 
-    from modeling_llava_ivtp.show_ivtp import pruning_of
+    from llava_ivtp.evaluation.show import pruning_of
 
     out = tmp_path / "fig5.png"
     assert cli_main(["show", "--model", str(checkpoint), "--testbed", "test:3", "--settings", "stage1@16", "ivtp@16",
@@ -131,7 +131,7 @@ def test_show_writes_the_figure_of_each_setting(checkpoint, tmp_path):
     assert Image.open(out).size[0] > 400
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from modeling_llava_ivtp import testbed
+    from llava_ivtp.testbed import scenes as testbed
 
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)

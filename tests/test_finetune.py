@@ -72,7 +72,7 @@ def test_training_schedule_options():
         from finetune import apply_visual_tokens, training_parser
     finally:
         sys.path.remove(str(ROOT / "examples"))
-    from modeling_llava_ivtp.bench_ivtp import derive_schedule
+    from llava_ivtp.measuring.bench import derive_schedule
 
     model = tiny_model()
     original = dict(model.config.schedule)

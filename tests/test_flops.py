@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_llava_ivtp import IvtpConfig
-from modeling_llava_ivtp.analytic_flops import llava_flops
-from modeling_llava_ivtp.cli import main
-from modeling_llava_ivtp.transformers_compat import output_cache
-from modeling_llava_ivtp.flops_ivtp import (
+from llava_ivtp.cli import main
+from llava_ivtp.measuring.analytic_flops import llava_flops
+from llava_ivtp.measuring.flops import (
     WeightFreeMode,
     build_weight_free,
     count_forward,
@@ -29,6 +27,8 @@ from modeling_llava_ivtp.flops_ivtp import (
     topk_config,
     visual_tokens_into_llm,
 )
+from modeling_llava_ivtp import IvtpConfig
+from modeling_llava_ivtp.transformers_compat import output_cache
 from tiny_models import TINY_CLIP_TEXT, stock_twin, tiny_config_dict, tiny_model
 
 

@@ -400,7 +400,7 @@ def test_text_only_prompts_generate_through_the_stock_path(model):
 
 def test_measured_cache_bytes_equal_the_analytic_count(model):
     """`kv_cache_bytes_per_layer` (used for the 7B figures) against the tensors a prefill actually stores."""
-    from modeling_llava_ivtp.analytic_flops import kv_cache_bytes_per_layer
+    from llava_ivtp.measuring.analytic_flops import kv_cache_bytes_per_layer
     from modeling_llava_ivtp.cache_ivtp import cache_bytes
 
     prompt = make_prompt(3, 7)
@@ -495,3 +495,19 @@ def test_a_pruned_model_emitting_placeholders_decodes_over_its_cache(model, batc
                                **FIXED)
     assert continued.shape == (3, conversation.shape[1] + 3)
     assert cache.get_seq_length() == continued.shape[1] - 1
+
+
+def test_labels_of_steps_over_the_pruned_cache_give_their_loss(model, batch3):
+    """A step over the pruned cache takes labels aligned with its own `input_ids`, like a prefill: its loss is the
+    cross-entropy of its logits against the next label (the last row has none)."""
+    with torch.no_grad():
+        prefill = model(**batch3, use_cache=True)
+        step_ids = torch.randint(3, 80, (3, 4), generator=torch.Generator().manual_seed(2))
+        step_labels = step_ids.masked_fill(step_ids < 10, -100)
+        mask = torch.cat([batch3["attention_mask"], torch.ones_like(step_ids)], dim=1)
+        step = model(input_ids=step_ids, attention_mask=mask, labels=step_labels, **cache_kwargs(output_cache(prefill)))
+    expected = torch.nn.functional.cross_entropy(
+        step.logits[:, :-1].reshape(-1, step.logits.shape[-1]), step_labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(step.loss, expected)
+    assert step.kept_positions.tolist() == [list(range(batch3["input_ids"].shape[1], mask.shape[1]))] * 3

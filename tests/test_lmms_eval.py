@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from lmms_eval.api.instance import Instance
-from modeling_llava_ivtp.cli import main as cli_main
-from modeling_llava_ivtp.eval_ivtp import Setting, load_records, parse_setting, prompt_of, run_setting
-from modeling_llava_ivtp.export_testbed import TASK, export
-from modeling_llava_ivtp.lmms_eval_model import LlavaIvtp, manifests, pruning_setting
+from llava_ivtp.cli import main as cli_main
+from llava_ivtp.evaluation.eval import Setting, load_records, parse_setting, prompt_of, run_setting
+from llava_ivtp.evaluation.lmms_eval_model import LlavaIvtp, manifests, pruning_setting
+from llava_ivtp.testbed.export import TASK, export
 from tiny_models import tiny_config_dict, write_llava_hf, write_open_clip
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import evaluate
 import pytest
 
-import modeling_llava_ivtp
+import llava_ivtp.evaluation
 
-PACKAGE = Path(modeling_llava_ivtp.__file__).parent
+PACKAGE = Path(llava_ivtp.evaluation.__file__).parent
 
 
 @pytest.fixture(scope="module")

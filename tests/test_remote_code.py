@@ -1,17 +1,21 @@
 """Self-contained remote-code checkpoints: saved with config/weights/processor/code, loaded in a fresh process by
 the Auto classes with `trust_remote_code=True`, from the checkpoint's own files."""
 
+import ast
 import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 
+import llava_ivtp
+import modeling_llava_ivtp
 from tiny_models import IMAGE_TOKEN_ID, TINY_CLIP_TEXT, make_images, tiny_model, tiny_processor
 
 
@@ -23,6 +27,11 @@ REMOTE_FILES = {
                                        "visionzip", "vispruner", "divprune", "cdpruner")),
 }
 PROMPTS = ["USER: <image>\nWhat color is the dog? ASSISTANT:", "USER: <image>\nIs it big? ASSISTANT:"]
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_PACKAGE = Path(modeling_llava_ivtp.__file__).resolve().parent
+TOOLS_PACKAGE = Path(llava_ivtp.__file__).resolve().parent
+# The project's packages that a checkpoint does not carry: remote code importing one of them would fail to load.
+NOT_IN_A_CHECKPOINT = {"llava_ivtp", "hub_cards", "llava_ivtp_presets"}
 
 
 def run_fresh(script: str, tmp_path: Path) -> dict:
@@ -54,9 +63,62 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
+def test_model_package_holds_exactly_the_remote_code():
+    """`modeling_llava_ivtp/` is what a checkpoint carries: the remote files and `__init__.py`, no other module and
+    no subfolder; the tools live in `llava_ivtp/`."""
+    entries = {path.name for path in MODEL_PACKAGE.iterdir() if path.name != "__pycache__"}
+    assert entries == REMOTE_FILES | {"__init__.py"}, sorted(entries ^ (REMOTE_FILES | {"__init__.py"}))
+    assert not any(path.is_dir() for path in MODEL_PACKAGE.iterdir() if path.name != "__pycache__")
+
+
+def imported_modules(source: str) -> set[str]:
+    """The absolute modules a Python source imports (`import a.b`, `from a.b import c`, `importlib.import_module("a")`)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in
+              ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)):
+            names.add(str(node.args[0].value))
+    return names
+
+
+def test_model_package_never_imports_the_tools():
+    """The model's modules import each other relatively and never the tools (nor another package a checkpoint does
+    not carry): read from the sources, and checked in a fresh interpreter that imports every model module."""
+    for path in sorted(MODEL_PACKAGE.glob("*.py")):
+        imported = {name.split(".")[0] for name in imported_modules(path.read_text())}
+        assert not imported & NOT_IN_A_CHECKPOINT, (path.name, sorted(imported & NOT_IN_A_CHECKPOINT))
+    modules = sorted(f"modeling_llava_ivtp.{name.removesuffix('.py')}" for name in REMOTE_FILES)
+    environment = dict(os.environ, HF_HUB_OFFLINE="1")
+    environment.pop("PYTHONPATH", None)
+    script = (f"import importlib, json, sys\nfor name in {modules!r}: importlib.import_module(name)\n"
+              "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            cwd=MODEL_PACKAGE.parent, env=environment, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert "modeling_llava_ivtp" in loaded and not loaded & NOT_IN_A_CHECKPOINT, sorted(loaded & NOT_IN_A_CHECKPOINT)
+
+
+def test_tools_package_installs_every_subpackage():
+    """pyproject.toml lists `llava_ivtp` and each of its subpackages (a folder of modules left out would be missing
+    from the wheel, though an editable install finds it), and none of them is the model package's."""
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("llava_ivtp", *path.parent.relative_to(TOOLS_PACKAGE).parts))
+             for path in TOOLS_PACKAGE.rglob("*.py") if "__pycache__" not in path.parts}
+    assert found == {name for name in packages if name.split(".")[0] == "llava_ivtp"}
+    assert all((TOOLS_PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file() for name in found)
+    assert "modeling_llava_ivtp" in packages and not any(name.startswith("modeling_llava_ivtp.") for name in packages)
+
+
 def test_checkpoint_is_self_contained(checkpoint):
     files = set(os.listdir(checkpoint))
     assert REMOTE_FILES <= files
+    # save_pretrained copies exactly the remote files: no tool module, no __init__.py
+    assert {name for name in files if name.endswith(".py")} == REMOTE_FILES
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "chat_template.jinja"} <= files
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["auto_map"] == {

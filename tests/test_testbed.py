@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_llava_ivtp import testbed
+from llava_ivtp.testbed import scenes as testbed
 
 
 def test_examples_are_deterministic_by_split_and_index():
@@ -105,7 +105,7 @@ def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path):
     (which loads through the Auto classes and answers). The shipped model's accuracy is tested elsewhere."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from modeling_llava_ivtp import testbed_train
+    from llava_ivtp.testbed import train as testbed_train
 
     work, out = tmp_path / "work", tmp_path / "model"
     assert testbed_train.main(["all", "--work", str(work), "--out", str(out), "--train", "48", "--validation", "16",
@@ -131,7 +131,7 @@ def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path):
 def test_packed_questions_see_the_image_and_themselves_only():
     """A training row packs several questions about one image; each answer's logits equal those of its question
     asked alone in the evaluation prompt, and only the answers (and their EOS) are labelled."""
-    from modeling_llava_ivtp import testbed_train
+    from llava_ivtp.testbed import train as testbed_train
 
     scenes = testbed.examples("train", 40)
     data = {"question": [s.question for s in scenes], "answer": [s.answer for s in scenes],
@@ -162,7 +162,7 @@ def test_packed_questions_see_the_image_and_themselves_only():
 
 
 def test_export_writes_llava_conversations(tmp_path):
-    from modeling_llava_ivtp import testbed_train
+    from llava_ivtp.testbed import train as testbed_train
 
     listing = testbed_train.export_conversations(tmp_path, start=5, count=3, turns=4)
     records = [json.loads(line) for line in listing.read_text().splitlines()]
@@ -177,7 +177,7 @@ def test_export_writes_llava_conversations(tmp_path):
 
 
 def test_llava_resumes_and_never_reuses_features_of_another_clip(tmp_path):
-    from modeling_llava_ivtp import testbed_train
+    from llava_ivtp.testbed import train as testbed_train
 
     quiet = dict(batch_size=4, lr=1e-3, log=lambda line: None)
     testbed_train.train_clip(tmp_path, 16, 8, steps=1, seed=0, **quiet)

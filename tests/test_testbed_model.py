@@ -63,8 +63,8 @@ def test_shipped_remote_code_is_the_package_code():
 
 
 def test_accuracy_on_the_test_slice_matches_the_docs(model_and_processor):
-    from modeling_llava_ivtp import testbed
-    from modeling_llava_ivtp.eval_ivtp import evaluate_grid, parse_setting
+    from llava_ivtp.evaluation.eval import evaluate_grid, parse_setting
+    from llava_ivtp.testbed import scenes as testbed
 
     model, processor = model_and_processor
     questions, documented = documented_slice()
@@ -96,7 +96,7 @@ def test_quickstart_answers_with_and_without_pruning_and_draws_the_kept_patches(
                        r"prefill [0-9.]+ ms$", output, flags=re.MULTILINE)
     assert full and pruned, output
     assert pruned.group(3).split(", ")[-1] == "16"
-    from modeling_llava_ivtp import testbed
+    from llava_ivtp.testbed import scenes as testbed
 
     assert full.group(1) in testbed.ANSWERS and pruned.group(1) in testbed.ANSWERS  # one-word answers of the task
     assert "prefill speed-up" in output

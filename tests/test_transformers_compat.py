@@ -23,6 +23,7 @@ import transformers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+import llava_ivtp
 import modeling_llava_ivtp
 from modeling_llava_ivtp import transformers_compat
 from modeling_llava_ivtp.transformers_compat import (
@@ -50,6 +51,7 @@ from tiny_models import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(modeling_llava_ivtp.__file__).resolve().parent
+TOOLS_DIR = Path(llava_ivtp.__file__).resolve().parent  # the tools' package (cli, conversion, measuring, ...)
 EXAMPLES_DIR = ROOT / "examples"
 OUR_FILES = {path.name for path in PACKAGE_DIR.glob("*.py")}
 EXAMPLE_FILES = {path.name for path in EXAMPLES_DIR.glob("*.py")}
@@ -210,6 +212,8 @@ def _is_ours(filename: str) -> bool:
     path = Path(filename)
     if path.name in EXAMPLE_FILES and path.resolve().parent == EXAMPLES_DIR:
         return True
+    if TOOLS_DIR in path.resolve().parents:
+        return True
     if path.name not in OUR_FILES:
         return False
     # the installed package, or a checkpoint's remote-code copy of it (transformers_modules/<checkpoint>/...)
@@ -304,7 +308,8 @@ def exercise(model, processor, tmp_path: Path) -> None:
                                              {"type": "text", "text": "What is it?"}]}]
     pipe(text=messages, max_new_tokens=2, generate_kwargs=GREEDY)
 
-    from modeling_llava_ivtp import IvtpConfig, cli
+    from llava_ivtp import cli
+    from modeling_llava_ivtp import IvtpConfig
 
     preset = tmp_path / "tiny.json"
     IvtpConfig(**tiny_config_dict(clip_text_encoder=TINY_CLIP_TEXT)).to_json_file(preset)
@@ -355,7 +360,7 @@ def test_the_deprecation_check_sees_what_it_is_meant_to_see():
 def test_only_the_compat_module_branches_on_the_transformers_version():
     """One place owns the differences: no other module of the package parses or compares versions (bench only
     records the installed ones in its report)."""
-    for path in PACKAGE_DIR.glob("*.py"):
+    for path in [*PACKAGE_DIR.glob("*.py"), *TOOLS_DIR.rglob("*.py")]:
         if path.name == "transformers_compat.py":
             continue
         text = path.read_text()

@@ -201,7 +201,7 @@ def write_open_clip(folder, llava: LlavaForConditionalGeneration | None, seed: i
     import open_clip
     from safetensors.torch import save_file
 
-    from modeling_llava_ivtp.convert_ivtp import VISION_EMBEDDINGS
+    from llava_ivtp.conversion.convert import VISION_EMBEDDINGS
 
     folder = Path(folder)
     torch.manual_seed(seed)

@@ -381,26 +381,13 @@ class LlavaIvtpForConditionalGeneration(
         if use_cache:
             cache.set_logical_length(sequence_length)
 
-        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-        kept_positions = slice_logits_to_keep(tokens.positions.unsqueeze(-1), logits_to_keep)[..., 0]
-        loss = None
-        if labels is not None:
-            # Labels at the kept positions (pruned positions are image tokens); padding slots are ignored.
-            kept_labels = labels.to(kept_positions.device).gather(1, kept_positions.clamp_min(0))
-            kept_labels = kept_labels.masked_fill(kept_positions < 0, -100)
-            loss = self.loss_function(
-                logits=logits, labels=kept_labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
         extra = {name: unpack(values, index, slot_valid, sequence_length, fill)
                  for name, (values, fill) in pruner.outputs().items()}
-        return IvtpCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
+        return self._head(
+            hidden_states, tokens.positions, labels, logits_to_keep, kwargs,
             hidden_states=all_hidden,
             **cache_kwargs(cache),
             **image_output_fields(image_features),
-            kept_positions=kept_positions,
             vision_keep_indices=vision["keep_indices"],
             llm_keep_indices=llm_keep,
             vision_token_counts=vision["counts"],
@@ -409,6 +396,26 @@ class LlavaIvtpForConditionalGeneration(
             visual_tokens_per_layer=per_layer,
             **extra,
         )
+
+    def _head(self, last_hidden_state, positions, labels, logits_to_keep, loss_kwargs: dict, label_offset: int = 0,
+              **outputs) -> IvtpCausalLMOutputWithPast:
+        """The LM head, the loss and the output of a pruned forward (a prefill, or steps over a pruned cache).
+
+        `last_hidden_state` `(batch, rows, hidden)` after the final norm; `positions` `(batch, rows)`, the logical
+        index of each row (-1: a padding slot). `labels` are aligned with this call's `input_ids`, whose first token
+        sits at logical position `label_offset` (0 at prefill, the cache's length on a step): each row takes its
+        position's label; padding slots are ignored (-100). `outputs`: the other fields of the output."""
+        logits = self.lm_head(slice_logits_to_keep(last_hidden_state, logits_to_keep))
+        kept_positions = slice_logits_to_keep(positions.unsqueeze(-1), logits_to_keep)[..., 0]
+        loss = None
+        if labels is not None:
+            # Labels at the kept positions (pruned positions are image tokens); padding slots are ignored.
+            label_index = kept_positions.to(labels.device) - label_offset
+            kept_labels = labels.gather(1, label_index.clamp_min(0)).masked_fill(label_index < 0, -100)
+            loss = self.loss_function(
+                logits=logits, labels=kept_labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
+            )
+        return IvtpCausalLMOutputWithPast(loss=loss, logits=logits, kept_positions=kept_positions, **outputs)
 
     def _enter_llm(self, image_mask, keep_indices, image_features, input_ids, inputs_embeds, position_ids,
                    attention_mask, placeholder_counts, last_placeholder, renumber: bool):

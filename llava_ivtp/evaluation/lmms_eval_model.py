@@ -66,8 +66,8 @@ def _json_arg(name: str, value):
 
 def pruning_setting(config, method=None, budget=None, schedule=None, pruning_options=None, guidance=None, tau=None):
     """The `llava-ivtp eval` setting the `model_args` name (`None`: the checkpoint's config as it is), checked."""
-    from .configuration_llava_ivtp import GUIDANCE_MODES, PRUNING_METHODS
-    from .eval_ivtp import EvalError, Setting, parse_setting
+    from llava_ivtp.evaluation.eval import EvalError, Setting, parse_setting
+    from modeling_llava_ivtp.configuration_llava_ivtp import GUIDANCE_MODES, PRUNING_METHODS
 
     if method is not None and method not in ("none", *PRUNING_METHODS):
         raise ValueError(f"model_args `method` must be `none` or one of {list(PRUNING_METHODS)}, got {method!r}.")
@@ -130,7 +130,7 @@ def load_model(pretrained: str, *, preset=None, clip=None, clip_tokenizer=None, 
         if preset is None or clip is None:
             raise ValueError("model_args `preset` and `clip` go together: a stock llava-hf `pretrained` needs both "
                              "(the schedule, and the CLIP whose text tower guides stage 2).")
-        from .convert_ivtp import ConversionError, build
+        from llava_ivtp.conversion.convert import ConversionError, build
 
         try:
             model, processor = build(pretrained, clip, preset, clip_tokenizer=clip_tokenizer, dtype=dtype)

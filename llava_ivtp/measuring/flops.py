@@ -38,8 +38,13 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava_ivtp_presets import PRESETS, preset_path
 
-from .configuration_llava_ivtp import PRUNING_METHODS, IvtpConfig, resolve_feature_layer_count, stock_llava_fields
-from .modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
+from modeling_llava_ivtp.configuration_llava_ivtp import (
+    PRUNING_METHODS,
+    IvtpConfig,
+    resolve_feature_layer_count,
+    stock_llava_fields,
+)
+from modeling_llava_ivtp.modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
 
 
 aten = torch.ops.aten
@@ -195,7 +200,7 @@ def ivtp_config(config: IvtpConfig, clip_model: str = DEFAULT_CLIP_MODEL) -> tup
         return config, None
     if config.guidance != "clip_relevance":
         return config, None
-    from .guidance_ivtp import clip_text_encoder_spec
+    from modeling_llava_ivtp.guidance_ivtp import clip_text_encoder_spec
 
     values = config.to_dict()
     values["clip_text_encoder"] = clip_text_encoder_spec(clip_model)
@@ -686,7 +691,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Prints the report to stdout; writes no file. Every refusal is one line on stderr (`cli.report_error`)."""
-    from .cli import report_error
+    from llava_ivtp.cli import report_error
 
     try:
         path = resolve_preset(args.preset, args.model_size)

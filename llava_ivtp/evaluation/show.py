@@ -3,7 +3,7 @@
 For every setting (e.g. `stage1@16`, TopK-like vision-only pruning, against `ivtp@16`), one row: the patches kept
 after stage 1 and after each LLM group, pruned patches greyed out on the image; under the rows, the instruction's
 tokens coloured by their relevance to the image (eq. 7), those `>= tau` (averaged into the pseudo-CLS, eq. 8)
-underlined. `render` returns the figure, `overlay` the image of one panel. Not needed by remote code.
+underlined. `render` returns the figure, `overlay` the image of one panel.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def overlay(image: np.ndarray, kept: list[int], grid: int, strength: float = 0.7
 def pruning_of(model, processor, image, question: str) -> dict:
     """One forward: the patches kept after stage 1 and after each LLM group, and the instruction's tokens with
     their relevance and whether they formed the pseudo-CLS."""
-    from .eval_ivtp import prompt_of
+    from llava_ivtp.evaluation.eval import prompt_of
 
     inputs = processor(images=[image], text=[prompt_of(question)], return_tensors="pt").to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -64,7 +64,7 @@ def render(model, processor, image, question: str, settings: list[str]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .eval_ivtp import parse_setting
+    from llava_ivtp.evaluation.eval import parse_setting
 
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     pixels = np.asarray(image.convert("RGB").resize((model.config.vision_config.image_size,) * 2))
@@ -116,8 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from .cli import load_ivtp_checkpoint, prepare_output, report_error, resolve_checkpoint, save_figure
-    from .eval_ivtp import EvalError
+    from llava_ivtp.cli import load_ivtp_checkpoint, prepare_output, report_error, resolve_checkpoint, save_figure
+    from llava_ivtp.evaluation.eval import EvalError
 
     try:
         prepare_output("--out", args.out, EvalError, command=COMMAND, kind="figure")
@@ -125,10 +125,10 @@ def run(args) -> int:
             raise EvalError(f"--out {args.out}: is also --image; give the figure its own path.")
         resolve_checkpoint("--model", args.model, EvalError)  # before anything is read or loaded
         if args.testbed is not None:
-            from . import testbed
+            from llava_ivtp.testbed import scenes
 
             try:
-                scene = testbed.scene_of(args.testbed)
+                scene = scenes.scene_of(args.testbed)
             except ValueError as error:
                 raise EvalError(f"--testbed {error}") from None
             image, question = scene.image, args.question or scene.question

@@ -6,9 +6,9 @@
 The LLaVA weights are loaded unchanged (every tensor, checked), the preset gives the pruning schedule, and the CLIP
 checkpoint gives the text tower and visual projection that instruction guidance needs (paper eq. 5-6). The output
 folder is a self-contained `trust_remote_code` checkpoint: config with `auto_map`, safetensors, the processor with
-the LLaVA-1.5 chat template, the package's Python files and a model card (README.md). Mismatched inputs are refused:
-a CLIP whose vision embeddings differ from the LLaVA vision tower's, a preset whose shapes differ from the
-checkpoint's, missing files. Not needed by remote code.
+the LLaVA-1.5 chat template, the model package's Python files and a model card (README.md). Mismatched inputs are
+refused: a CLIP whose vision embeddings differ from the LLaVA vision tower's, a preset whose shapes differ from the
+checkpoint's, missing files.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def parse_clip_source(source: str) -> tuple[str, str | None]:
     if not isinstance(source, str) or not source:
         raise ConversionError("--clip: expected ARCH:TAG, ARCH:FILE, local-dir:DIR or hf-hub:REPO.")
     if source.startswith(OPEN_CLIP_SCHEMAS):
-        from .cli import is_hub_repo_id
+        from llava_ivtp.cli import is_hub_repo_id
 
         if source.startswith("hf-hub:") and not is_hub_repo_id(source[len("hf-hub:"):]):
             raise ConversionError(
@@ -124,8 +124,8 @@ def clip_text_spec(clip_model, tokenizer_name: str) -> dict:
     """`IvtpConfig.clip_text_encoder` read off the loaded open_clip model's own modules."""
     from open_clip.transformer import QuickGELU
 
-    from .guidance_ivtp import validate_clip_text_encoder
-    from .processing_llava_ivtp import clip_tokenizer_for
+    from modeling_llava_ivtp.guidance_ivtp import validate_clip_text_encoder
+    from modeling_llava_ivtp.processing_llava_ivtp import clip_tokenizer_for
 
     block = clip_model.transformer.resblocks[0]
     width = clip_model.transformer.width
@@ -173,7 +173,7 @@ def _local_inputs(llava: str, clip: str, preset: str) -> list[tuple[str, Path]]:
 def check_out_folder(out: Path, llava: str, clip: str, preset: str) -> None:
     """`--out` must be a folder (new or existing) that neither is, contains, nor lies inside an input: the
     converter never writes over what it reads. Checked before anything is read or written."""
-    from .cli import prepare_output
+    from llava_ivtp.cli import prepare_output
 
     prepare_output("--out", out, ConversionError, folder=True)
     target = out.resolve()
@@ -204,7 +204,7 @@ def _llava_config(llava: str):
         if missing:
             raise ConversionError(f"--llava {llava}: not a llava-hf checkpoint folder, missing {', '.join(missing)}.")
     else:
-        from .cli import resolve_checkpoint
+        from llava_ivtp.cli import resolve_checkpoint
 
         resolve_checkpoint("--llava", llava, ConversionError)  # a file, or a path that does not exist: refused
     try:
@@ -217,7 +217,7 @@ def _llava_config(llava: str):
 
 
 def _read_preset(preset: str):
-    from .configuration_llava_ivtp import IvtpConfig
+    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig
 
     path = Path(preset)
     if not path.is_file():
@@ -279,7 +279,7 @@ def check_same_vision_tower(model, clip_model, clip_name: str, llava_name: str) 
 def _processor(llava: str, tokenizer_name: str):
     from transformers import AutoProcessor
 
-    from .processing_llava_ivtp import LLAVA_CHAT_TEMPLATE, LlavaIvtpProcessor
+    from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE, LlavaIvtpProcessor
 
     try:
         stock = AutoProcessor.from_pretrained(llava)
@@ -360,7 +360,7 @@ def convert(
 
 def _check_inputs(llava: str, clip: str, preset: str, clip_tokenizer: str | None, dtype: str):
     """The arguments' checks that need no weights: `(preset config, llava config, CLIP tokenizer name)`."""
-    from .processing_llava_ivtp import clip_tokenizer_for
+    from modeling_llava_ivtp.processing_llava_ivtp import clip_tokenizer_for
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}.")
@@ -384,8 +384,8 @@ def build(llava: str, clip: str, preset: str, *, clip_tokenizer: str | None = No
     """The IVTP model (eval mode) and processor of `llava` + `clip` with `preset`'s schedule, in memory: what
     `convert` writes. Every LLaVA tensor is checked to load; mismatched inputs raise `ConversionError`. `checked`:
     what `_check_inputs` returned for these arguments (else it is called here)."""
-    from .configuration_llava_ivtp import IvtpConfig
-    from .modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
+    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig
+    from modeling_llava_ivtp.modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
 
     preset_config, llava_config, clip_tokenizer = checked or _check_inputs(llava, clip, preset, clip_tokenizer, dtype)
     processor = _processor(llava, clip_tokenizer)
@@ -432,8 +432,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     from huggingface_hub import HfApi, ModelCard
 
     from hub_cards import render_model_card
-
-    from .configuration_llava_ivtp import IvtpConfig
+    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig
 
     folder = Path(folder)
     api = api or HfApi(token=token)
@@ -498,7 +497,7 @@ def run(args: argparse.Namespace) -> int:
             commit = push_to_hub(folder, args.push_to_hub, private=args.private)
             print(f"pushed to {args.push_to_hub}; card pinned at {commit.oid}")
     except ConversionError as error:
-        from .cli import report_error
+        from llava_ivtp.cli import report_error
 
         return report_error("convert", error)
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from modeling_llava_ivtp.metric_exact_match import plain
+from llava_ivtp.evaluation.metric_exact_match import plain
 
 
 FOLDER = Path(__file__).resolve().parent

@@ -29,7 +29,7 @@ Figures, per variant and batch size:
 
 `--plot` sweeps the number of kept tokens (16-512, like the paper's Fig. 4) and draws analytic TFLOPs and measured
 IVTP prefill latency against it. Schedules for other kept counts are derived from the config's schedule by
-`derive_schedule` (each count keeps its share of the log-reduction, see there). Not needed by remote code.
+`derive_schedule` (each count keeps its share of the log-reduction, see there).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _read_preset(size: str) -> dict:
 
 
 def _clip_spec_vit_l14_336() -> dict:
-    from .guidance_ivtp import clip_text_encoder_spec
+    from modeling_llava_ivtp.guidance_ivtp import clip_text_encoder_spec
 
     return clip_text_encoder_spec("ViT-L-14-336")
 
@@ -180,7 +180,7 @@ def derive_schedule(schedule: dict, num_patches: int, kept: int) -> dict:
 
 def stock_config_dict(config_dict: dict) -> dict:
     """The `LlavaConfig` fields of an IVTP config dict (IVTP's own fields and identity removed)."""
-    from .configuration_llava_ivtp import stock_llava_fields
+    from modeling_llava_ivtp.configuration_llava_ivtp import stock_llava_fields
 
     return stock_llava_fields(copy.deepcopy(config_dict))
 
@@ -193,7 +193,7 @@ def build_models(config_dict: dict, device: torch.device, dtype: torch.dtype, se
     model per pruning method of `methods` (sdpa, the same weights), at the config's final visual tokens."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from . import IvtpConfig, LlavaIvtpForConditionalGeneration
+    from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -231,7 +231,7 @@ def variant_title(name: str) -> str:
 
 
 def build_ivtp_model(config_dict: dict, weights: dict, device, dtype, attn_implementation: str = "sdpa"):
-    from . import IvtpConfig, LlavaIvtpForConditionalGeneration
+    from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
 
     with torch.device(device):
         model = LlavaIvtpForConditionalGeneration._from_config(
@@ -398,7 +398,7 @@ class _StepTimes:
 
 
 def cache_bytes_per_layer(cache) -> list[int]:
-    from .cache_ivtp import cache_bytes
+    from modeling_llava_ivtp.cache_ivtp import cache_bytes
 
     return cache_bytes(cache)
 
@@ -569,7 +569,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args, config_dict: dict) -> None:
-    from . import IvtpConfig
+    from modeling_llava_ivtp import IvtpConfig
 
     for flag, value, low in (
         ("--text-tokens", args.text_tokens, 4), ("--new-tokens", args.new_tokens, 2), ("--repeats", args.repeats, 1),
@@ -599,7 +599,7 @@ def _check_args(args, config_dict: dict) -> None:
         raise BenchError(f"--config: not a valid IvtpConfig: {error}") from None
     if config.schedule is None:
         raise BenchError("--config has no pruning schedule (schedule is null): nothing to compare with stock.")
-    from .configuration_llava_ivtp import PRUNING_METHODS
+    from modeling_llava_ivtp.configuration_llava_ivtp import PRUNING_METHODS
 
     if args.methods == ["all"]:
         args.methods = [method for method in PRUNING_METHODS if method != "ivtp"]
@@ -629,7 +629,7 @@ def check_device_memory(config, dtype_name: str, free_bytes: int) -> None:
     """Three models' weights (IVTP sdpa, stock, IVTP eager; the `--plot` sweep's model replaces the eager one) must
     fit in the device's free memory with room for activations and caches, else stop before building them. (IVTP's
     size is counted three times: stock Llava lacks the CLIP text tower, a small overestimate.)"""
-    from .flops_ivtp import build_weight_free
+    from llava_ivtp.measuring.flops import build_weight_free
 
     parameters = sum(parameter.numel() for parameter in build_weight_free(config).parameters())
     weights = len(VARIANTS) * parameters * torch.tensor([], dtype=DTYPES[dtype_name]).element_size()
@@ -650,7 +650,7 @@ def is_report(value: dict) -> bool:
 def _prepare_outputs(args) -> None:
     """`--json` and `--plot` are checked, and their folders made, before anything is measured: a run never ends
     with results it cannot write, and never writes over a file it did not write (`cli.prepare_output`)."""
-    from .cli import distinct_outputs, prepare_output
+    from llava_ivtp.cli import distinct_outputs, prepare_output
 
     distinct_outputs(BenchError, [("--json", args.json), ("--plot", args.plot)])
     if args.json is not None:
@@ -672,7 +672,7 @@ def _prepare_config(args) -> tuple[dict, str]:
     _check_args(args, config_dict)
     _prepare_outputs(args)
     if args.kept is not None:
-        from . import IvtpConfig
+        from modeling_llava_ivtp import IvtpConfig
 
         num_patches = IvtpConfig(**copy.deepcopy(config_dict)).num_patches
         config_dict["schedule"] = derive_schedule(config_dict["schedule"], num_patches, args.kept)
@@ -680,8 +680,8 @@ def _prepare_config(args) -> tuple[dict, str]:
 
 
 def _flops(config_dict: dict, text_tokens: int) -> dict:
-    from . import IvtpConfig
-    from .analytic_flops import llava_flops
+    from llava_ivtp.measuring.analytic_flops import llava_flops
+    from modeling_llava_ivtp import IvtpConfig
 
     ivtp = llava_flops(IvtpConfig(**copy.deepcopy(config_dict)), text_tokens)
     stock = llava_flops(IvtpConfig(**dict(copy.deepcopy(config_dict), schedule=None)), text_tokens)
@@ -690,10 +690,10 @@ def _flops(config_dict: dict, text_tokens: int) -> dict:
 
 
 def _counted_flops(config_dict: dict, method: str, text_tokens: int) -> dict:
-    """A method's prefill FLOPs and stock's, one sample, counted by `flops_ivtp.measure` (the analytic formulas know
+    """A method's prefill FLOPs and stock's, one sample, counted by `flops.measure` (the analytic formulas know
     IVTP's schedule only)."""
-    from . import IvtpConfig
-    from .flops_ivtp import measure
+    from llava_ivtp.measuring.flops import measure
+    from modeling_llava_ivtp import IvtpConfig
 
     stock = IvtpConfig(**dict(copy.deepcopy(config_dict), pruning_method=None))
     pruned = IvtpConfig(**method_config_dict(config_dict, method))
@@ -704,8 +704,8 @@ def _counted_flops(config_dict: dict, method: str, text_tokens: int) -> dict:
 
 
 def _analytic_kv(config_dict: dict, text_tokens: int, batch_size: int, bytes_per_value: int) -> dict:
-    from . import IvtpConfig
-    from .analytic_flops import kv_cache_bytes_per_layer
+    from llava_ivtp.measuring.analytic_flops import kv_cache_bytes_per_layer
+    from modeling_llava_ivtp import IvtpConfig
 
     ivtp = IvtpConfig(**copy.deepcopy(config_dict))
     stock = IvtpConfig(**dict(copy.deepcopy(config_dict), schedule=None))
@@ -739,7 +739,7 @@ def _progress(total: int, disable: bool):
 
 def measure_batch(models: dict, config, config_dict: dict, args, batch_size: int, device, dtype, bar) -> list[dict]:
     """Every figure of every variant at one batch size."""
-    from .transformers_compat import output_cache
+    from modeling_llava_ivtp.transformers_compat import output_cache
 
     common, guidance = build_inputs(config, batch_size, args.text_tokens, device, dtype, args.seed + batch_size)
     names = [name for name in models if name in VARIANTS or name.startswith("method:")]
@@ -908,7 +908,7 @@ def top_ops_text(report: dict, count: int) -> str:
 
 def sweep_kept(models: dict, config_dict: dict, args, device, dtype, bar) -> list[dict]:
     """Analytic TFLOPs and measured IVTP (sdpa) prefill latency for each `--plot-kept` count, first batch size."""
-    from . import IvtpConfig
+    from modeling_llava_ivtp import IvtpConfig
 
     batch_size = args.batch_sizes[0]
     weights = models["ivtp_sdpa"].state_dict()
@@ -943,7 +943,7 @@ def sweep_kept(models: dict, config_dict: dict, args, device, dtype, bar) -> lis
 def draw_plot(report: dict, path: Path) -> None:
     import matplotlib
 
-    from .cli import save_figure
+    from llava_ivtp.cli import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -983,7 +983,7 @@ def run(args) -> int:
             torch.set_num_threads(args.threads)
         return _run(args, config_dict, config_name)
     except BenchError as error:  # a bad flag, found before measuring or while measuring
-        from .cli import report_error
+        from llava_ivtp.cli import report_error
 
         return report_error(COMMAND, error)
     finally:
@@ -993,8 +993,8 @@ def run(args) -> int:
 def _run(args, config_dict: dict, config_name: str) -> int:
     import transformers
 
-    from . import IvtpConfig, __version__
-    from .cli import TOOL_KEY, tool_name
+    from llava_ivtp.cli import TOOL_KEY, tool_name
+    from modeling_llava_ivtp import IvtpConfig, __version__
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]

@@ -7,8 +7,7 @@
 
 The folder gets `SPLIT.jsonl` (one `{"image": "images/SPLIT-00000.png", "question", "answers", "kind"}` per line),
 `images/`, and the lmms-eval task `llava_ivtp_testbed.yaml` with its `utils.py` (exact match as `llava-ivtp eval`
-scores it, greedy answers of at most 4 tokens as `eval`'s default). Existing files are never overwritten. Not needed
-by remote code.
+scores it, greedy answers of at most 4 tokens as `eval`'s default). Existing files are never overwritten.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 
 
 TASK = "llava_ivtp_testbed"
-UTILS = Path(__file__).resolve().parent / "lmms_task_utils.py"
+UTILS = Path(__file__).resolve().parents[1] / "evaluation" / "lmms_task_utils.py"
 
 
 class ExportError(ValueError):
@@ -54,10 +53,10 @@ metadata:
 
 def export(out: Path, split: str = "test", limit: int = 1000, max_new_tokens: int = 4) -> Path:
     """Write `limit` questions of the testbed's `split` and the lmms-eval task to `out`; returns the JSON lines file."""
-    from . import testbed
+    from llava_ivtp.testbed import scenes
 
-    if split not in testbed.SPLITS:
-        raise ExportError(f"--split {split}: the testbed's splits are {list(testbed.SPLITS)}.")
+    if split not in scenes.SPLITS:
+        raise ExportError(f"--split {split}: the testbed's splits are {list(scenes.SPLITS)}.")
     if limit < 1 or max_new_tokens < 1:
         raise ExportError(f"--limit and --max-new-tokens must be >= 1, got {limit} and {max_new_tokens}.")
     lines_path = out / f"{split}.jsonl"
@@ -68,7 +67,7 @@ def export(out: Path, split: str = "test", limit: int = 1000, max_new_tokens: in
     (out / "images").mkdir(parents=True)
     lines = []
     for index in range(limit):
-        record = testbed.example(split, index).record()
+        record = scenes.example(split, index).record()
         image = f"images/{split}-{index:05d}.png"
         record["image"].save(out / image)
         lines.append(json.dumps({"image": image, "question": record["question"], "answers": record["answers"],
@@ -87,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .cli import prepare_output, report_error
+    from llava_ivtp.cli import prepare_output, report_error
 
     try:
         prepare_output("--out", args.out, ExportError, folder=True)

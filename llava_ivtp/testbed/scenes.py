@@ -12,7 +12,7 @@ strokes). A question is one of five kinds, each with a one-word answer:
 - `count`: "How many red objects are there?" (zero .. four).
 
 A scene also has a caption (for CLIP's contrastive training) and per-patch labels (the colour and shape covering
-most of each patch, 0 for background) that training may use as auxiliary supervision. Not needed by remote code.
+most of each patch, 0 for background) that training may use as auxiliary supervision.
 """
 
 from __future__ import annotations

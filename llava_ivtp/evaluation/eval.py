@@ -18,11 +18,11 @@ held them: methods spend tokens differently, FastV keeps all of them for its fir
 
 Answers are generated greedily in left-padded batches and scored with the repository's own `evaluate` metric modules
 (exact match; VQA accuracy with the VQA answer normalisation), loaded by path. TFLOPs come from the project's counter
-(`flops_ivtp.measure`, the prefill of one sample with the dataset's mean prompt length). Results go to a JSON file
+(`measuring.flops.measure`, the prefill of one sample with the dataset's mean prompt length). Results go to a JSON file
 that later runs resume from (settings already in it are skipped), a markdown table, and optionally a plot of
 accuracy against visual tokens. None of them is ever written over a file this command did not write: an existing
 `--json` must be its results (marked `"tool": "llava-ivtp eval"`, or with their keys), an existing `--markdown` or
-`--plot` its table or plot (`cli.prepare_output`). Not needed by remote code.
+`--plot` its table or plot (`cli.prepare_output`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_llava_ivtp import GUIDANCE_MODES
+from modeling_llava_ivtp.configuration_llava_ivtp import GUIDANCE_MODES
 
 
 PACKAGE = Path(__file__).resolve().parent
@@ -92,10 +92,9 @@ class Setting:
 
 def parse_setting(spec: str, base) -> Setting:
     """A setting from its name (see the module docstring), checked against the model's config `base`."""
-    from .bench_ivtp import BenchError, derive_schedule
-    from .flops_ivtp import geometric_vision_schedule
-
-    from .configuration_llava_ivtp import PRUNING_METHODS
+    from llava_ivtp.measuring.bench import BenchError, derive_schedule
+    from llava_ivtp.measuring.flops import geometric_vision_schedule
+    from modeling_llava_ivtp.configuration_llava_ivtp import PRUNING_METHODS
 
     if spec == "full":
         return Setting(spec, {"pruning_method": None})
@@ -153,14 +152,14 @@ def load_records(dataset: str, limit: int | None) -> tuple[list[dict], str]:
     from PIL import Image
 
     if dataset.startswith("testbed"):
-        from . import testbed
+        from llava_ivtp.testbed import scenes
 
         _, _, split = dataset.partition(":")
         split = split or "test"
-        if split not in testbed.SPLITS:
-            raise EvalError(f"--dataset {dataset}: the testbed's splits are {list(testbed.SPLITS)}.")
+        if split not in scenes.SPLITS:
+            raise EvalError(f"--dataset {dataset}: the testbed's splits are {list(scenes.SPLITS)}.")
         count = limit if limit is not None else 1000
-        return [testbed.example(split, index).record() for index in range(count)], f"testbed {split} 0..{count - 1}"
+        return [scenes.example(split, index).record() for index in range(count)], f"testbed {split} 0..{count - 1}"
     path = Path(dataset)
     if not path.exists():
         raise EvalError(f"--dataset {dataset}: neither `testbed[:split]` nor an existing file or folder.")
@@ -241,9 +240,9 @@ def visual_tokens(config, per_layer: tuple[int, ...] | None) -> dict:
 
 
 def setting_tflops(config, text_tokens: int) -> float:
-    """Prefill TFLOPs of one sample (`flops_ivtp.measure`)."""
-    from .configuration_llava_ivtp import IvtpConfig
-    from .flops_ivtp import DEFAULT_PREFIX_TOKENS, measure
+    """Prefill TFLOPs of one sample (`measuring.flops.measure`)."""
+    from llava_ivtp.measuring.flops import DEFAULT_PREFIX_TOKENS, measure
+    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig
 
     # A checkpoint loaded as remote code has its own copy of the config class: count with this package's.
     config = IvtpConfig.from_dict(config.to_dict())
@@ -321,7 +320,7 @@ def markdown(results: dict) -> str:
 def draw_plot(results: dict, path: Path) -> None:
     import matplotlib
 
-    from .cli import save_figure
+    from llava_ivtp.cli import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -378,7 +377,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .cli import (
+    from llava_ivtp.cli import (
         TOOL_KEY, distinct_outputs, load_ivtp_checkpoint, prepare_output, report_error, resolve_checkpoint, tool_name,
     )
 

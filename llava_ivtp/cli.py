@@ -4,7 +4,7 @@ Each subcommand lives in its own module exposing `add_arguments(parser)` and `ru
 subcommand's module is imported, so `llava-ivtp flops` does not pay for the converter's imports and the reverse.
 The checks every subcommand shares live here: output paths (`prepare_output`: a user's files are never written
 over), checkpoint arguments (`resolve_checkpoint`, `load_ivtp_checkpoint`) and the one-line error report
-(`report_error`). Not needed by remote code.
+(`report_error`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pathlib import Path
 
 
 SUBCOMMANDS = {
-    "convert": ("modeling_llava_ivtp.convert_ivtp", "convert a llava-hf checkpoint + open_clip CLIP into an IVTP checkpoint"),
-    "flops": ("modeling_llava_ivtp.flops_ivtp", "FLOPs of stock LLaVA, TopK and IVTP, counted on the real forward"),
-    "bench": ("modeling_llava_ivtp.bench_ivtp", "prefill/decode latency and memory: stock Llava vs IVTP"),
-    "eval": ("modeling_llava_ivtp.eval_ivtp", "accuracy, TFLOPs and prefill time under a grid of pruning settings"),
-    "show": ("modeling_llava_ivtp.show_ivtp", "a PNG of the patches each pruning setting keeps (paper Fig. 5)"),
-    "export-testbed": ("modeling_llava_ivtp.export_testbed", "testbed questions as JSON lines + images and an lmms-eval task"),
+    "convert": ("llava_ivtp.conversion.convert", "convert a llava-hf checkpoint + open_clip CLIP into an IVTP checkpoint"),
+    "flops": ("llava_ivtp.measuring.flops", "FLOPs of stock LLaVA, TopK and IVTP, counted on the real forward"),
+    "bench": ("llava_ivtp.measuring.bench", "prefill/decode latency and memory: stock Llava vs IVTP"),
+    "eval": ("llava_ivtp.evaluation.eval", "accuracy, TFLOPs and prefill time under a grid of pruning settings"),
+    "show": ("llava_ivtp.evaluation.show", "a PNG of the patches each pruning setting keeps (paper Fig. 5)"),
+    "export-testbed": ("llava_ivtp.testbed.export", "testbed questions as JSON lines + images and an lmms-eval task"),
 }
 # The key of the mark a command leaves in the JSON files it writes (`{"tool": "llava-ivtp eval", ...}`), by which
 # it recognises them as its own later.

@@ -1,6 +1,6 @@
 """Exact match as an `evaluate` metric module, loaded by path (nothing is fetched from the Hub):
 
-    evaluate.load("modeling_llava_ivtp/metric_exact_match.py")
+    evaluate.load("llava_ivtp/evaluation/metric_exact_match.py")
 
 A prediction scores 1 when, stripped of surrounding whitespace and a final period and compared case-insensitively,
 it equals any of the question's reference answers, else 0; the metric is the mean.

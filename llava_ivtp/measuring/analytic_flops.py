@@ -2,16 +2,16 @@
 
 Convention: 2 FLOPs per multiply-add; vision layers up to the feature layer (23 of 24 for LLaVA-1.5) plus the
 patch embedding; every LLM layer with its token count; the LM head over all tokens. Attention scores count the
-full `T x T` products (`QK^T` and `AV`). Not needed by remote code: a tool for presets and reports.
+full `T x T` products (`QK^T` and `AV`). A tool for presets and reports.
 
 These formulas leave out the multimodal projector and IVTP's own scoring. `llava-ivtp flops`
-(`flops_ivtp.py`) counts the real forward instead; `tests/test_flops.py` checks that the two agree for stock LLaVA
+(`flops.py`) counts the real forward instead; `tests/test_flops.py` checks that the two agree for stock LLaVA
 (same ViT; the LLM differs by the projector and the rotary tables only).
 """
 
 from __future__ import annotations
 
-from .configuration_llava_ivtp import IvtpConfig
+from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig
 
 
 def vision_layer_flops(tokens: int, hidden: int, intermediate: int) -> int:

@@ -1,7 +1,7 @@
 """Train the accuracy testbed's tiny CLIP and tiny LLaVA-IVTP here, from scratch, on the synthetic task of
-`testbed.py` (2 CPU cores), and write the checkpoint the repository ships. One command does it all:
+`scenes.py` (2 CPU cores), and write the checkpoint the repository ships. One command does it all:
 
-    python -m modeling_llava_ivtp.testbed_train all --work testbed-work --out models/llava-ivtp-testbed
+    python -m llava_ivtp.testbed.train all --work testbed-work --out models/llava-ivtp-testbed
 
 (stages `clip`, `llava`, `save` run the parts; `export` writes fine-tuning data for `examples/finetune.py`).
 
@@ -19,7 +19,7 @@ per-token text-to-image objective (it would favour IVTP's eq. 6).
 
 LLaVA = that vision tower frozen, a projector and a small Llama trained at full tokens (pruning only at inference,
 the paper's pure-inference setting) on many questions per scene packed in one row (each sees the image and itself),
-with a BPE tokenizer trained on the task's text. Not needed by remote code.
+with a BPE tokenizer trained on the task's text.
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import testbed
+from llava_ivtp.testbed import scenes
 
 
 CLIP_MODEL_NAME = "ViT-L-14-336"  # its tokenizer (open_clip's SimpleTokenizer, 77 tokens, 49408 ids)
 VISION = {
-    "image_size": testbed.IMAGE_SIZE, "patch_size": testbed.PATCH_SIZE, "hidden_size": 128, "intermediate_size": 512,
+    "image_size": scenes.IMAGE_SIZE, "patch_size": scenes.PATCH_SIZE, "hidden_size": 128, "intermediate_size": 512,
     "num_hidden_layers": 7, "num_attention_heads": 4, "projection_dim": 128,
 }
 CLIP_TEXT = {
@@ -57,7 +57,7 @@ def image_processor():
     """The image processor the testbed model ships with (CLIP normalisation, 192 px)."""
     from transformers import CLIPImageProcessor
 
-    size = testbed.IMAGE_SIZE
+    size = scenes.IMAGE_SIZE
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
@@ -66,7 +66,7 @@ def image_processor():
 # ----------------------------------------------------------------------------------------------------------------
 def _scene_arrays(job: tuple[str, int]) -> dict:
     split, index = job
-    scene = testbed.example(split, index)
+    scene = scenes.example(split, index)
     return {
         "image": np.asarray(scene.image, dtype=np.uint8),
         "caption": scene.caption,
@@ -113,20 +113,20 @@ class TinyClip(nn.Module):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
-        from .guidance_ivtp import build_clip_text_tower
+        from modeling_llava_ivtp.guidance_ivtp import build_clip_text_tower
 
         config = CLIPVisionConfig(**VISION)
         config._attn_implementation = "sdpa"
         self.vision = CLIPVisionModel(config)
         self.text = build_clip_text_tower(CLIP_TEXT)
         self.visual_projection = nn.Linear(VISION["hidden_size"], CLIP_TEXT["embed_dim"], bias=False)
-        self.color_head = nn.Linear(VISION["hidden_size"], len(testbed.COLORS) + 1)
-        self.shape_head = nn.Linear(VISION["hidden_size"], len(testbed.SHAPES) + 1)
-        self.place_head = nn.Linear(VISION["hidden_size"], 2 * testbed.GRID)  # the patch's row and column
+        self.color_head = nn.Linear(VISION["hidden_size"], len(scenes.COLORS) + 1)
+        self.shape_head = nn.Linear(VISION["hidden_size"], len(scenes.SHAPES) + 1)
+        self.place_head = nn.Linear(VISION["hidden_size"], 2 * scenes.GRID)  # the patch's row and column
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, pixels: torch.Tensor, text_ids: torch.Tensor | None):
-        from .guidance_ivtp import clip_token_features
+        from modeling_llava_ivtp.guidance_ivtp import clip_token_features
 
         out = self.vision(pixel_values=pixels, output_hidden_states=True)
         patches = out.hidden_states[FEATURE_LAYER][:, 1:]
@@ -145,15 +145,15 @@ BACKGROUND_SHAPE_WEIGHT = 0.1
 
 def patch_places() -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column of each patch, row-major."""
-    index = torch.arange(testbed.GRID**2)
-    return index // testbed.GRID, index % testbed.GRID
+    index = torch.arange(scenes.GRID**2)
+    return index // scenes.GRID, index % scenes.GRID
 
 
 def place_loss(place_logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the place head: each patch's row and column from its own feature."""
     rows, columns = patch_places()
     batch = place_logits.shape[0]
-    row_logits, column_logits = place_logits.split(testbed.GRID, dim=-1)
+    row_logits, column_logits = place_logits.split(scenes.GRID, dim=-1)
     return (F.cross_entropy(row_logits.flatten(0, 1), rows.repeat(batch))
             + F.cross_entropy(column_logits.flatten(0, 1), columns.repeat(batch))) / 2
 
@@ -178,7 +178,7 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
     model = TinyClip()
     # Background patches (most of them) count BACKGROUND_SHAPE_WEIGHT in the shape loss: enough that background
     # features say "no shape", little enough that the objects' shapes are what the loss is about.
-    shape_weights = torch.ones(len(testbed.SHAPES) + 1)
+    shape_weights = torch.ones(len(scenes.SHAPES) + 1)
     shape_weights[0] = BACKGROUND_SHAPE_WEIGHT
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     warmup = max(steps // 20, 1)
@@ -240,7 +240,7 @@ def evaluate_clip(model: TinyClip, pixels: torch.Tensor, text_ids: torch.Tensor,
         on_object = colors > 0
         color_hits += int((color_logits.argmax(-1) == colors)[on_object].sum())
         shape_hits += int((shape_logits.argmax(-1) == shapes)[on_object].sum())
-        column_hits += int((place_logits[..., testbed.GRID:].argmax(-1) == columns)[on_object].sum())
+        column_hits += int((place_logits[..., scenes.GRID:].argmax(-1) == columns)[on_object].sum())
         object_patches += int(on_object.sum())
     return {
         "image_to_text_retrieval": correct / total, "retrieval_pool": chunk,
@@ -277,7 +277,7 @@ def train_tokenizer(texts, vocab_size: int = 320):
 def tokenizer_corpus(data: dict) -> list[str]:
     prompts = [f"USER: {IMAGE}\n{q} ASSISTANT: {a}" for q, a in zip(data["question"], data["answer"])]
     captions = [f"USER: {IMAGE}\nDescribe the image. ASSISTANT: {c}" for c in data["caption"]]
-    return prompts + captions + [" ".join(testbed.ANSWERS)] * 50  # every answer word, also the rare ones
+    return prompts + captions + [" ".join(scenes.ANSWERS)] * 50  # every answer word, also the rare ones
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ GROUP_SIZE = 2
 def llava_config(tokenizer):
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from .configuration_llava_ivtp import IvtpConfig
+    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig
 
     text = LlamaConfig(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -459,7 +459,7 @@ def init_projector(model) -> None:
 def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_size: int, lr: float, seed: int,
                 questions: int = 24, resume: bool = False, log=print) -> dict:
     """Projector + Llama at full tokens, vision tower and CLIP frozen. Each training row is one scene with up to
-    `questions` distinct questions about it (`testbed.training_turns`), packed so that each question sees the image
+    `questions` distinct questions about it (`scenes.training_turns`), packed so that each question sees the image
     and itself only (`QuestionPacker`): the evaluation prompt, many answers per image forward. `resume` continues
     from `work`'s saved model and tokenizer for `steps` more (a new warm-up and cosine decay)."""
     start = time.time()
@@ -473,7 +473,7 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
         before = json.loads((work / "llava-metrics.json").read_text())
     else:
         tokenizer = train_tokenizer(tokenizer_corpus(train))
-    split_answers = [answer for answer in testbed.ANSWERS if len(tokenizer(f" {answer}", add_special_tokens=False)["input_ids"]) != 1]
+    split_answers = [answer for answer in scenes.ANSWERS if len(tokenizer(f" {answer}", add_special_tokens=False)["input_ids"]) != 1]
     if split_answers:
         raise RuntimeError(f"answers that are not one token of the trained tokenizer: {split_answers}")
     model = build_llava(work, tokenizer)
@@ -490,7 +490,7 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     else:
         features = vision_features(model, pixel_values(train["image"]))
         torch.save(features, cached)
-    conversations = [[(q, a) for q, a, _ in testbed.training_turns("train", index, questions)]
+    conversations = [[(q, a) for q, a, _ in scenes.training_turns("train", index, questions)]
                      for index in range(train_count)]
     log(f"features and {sum(map(len, conversations))} questions of {train_count} scenes in {time.time() - start:.0f} s; "
         f"vocabulary {len(tokenizer)}")
@@ -562,7 +562,7 @@ def quick_accuracy(model, tokenizer, data: dict, count: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 def export_conversations(out: Path, start: int, count: int, turns: int, overwrite: bool = False) -> Path:
     """Training scenes `start..start+count-1` as LLaVA-format JSON lines (`out/train.jsonl`, images in
-    `out/images/`), each a conversation of up to `turns` questions (`testbed.training_turns`)."""
+    `out/images/`), each a conversation of up to `turns` questions (`scenes.training_turns`)."""
     listing = out / "train.jsonl"
     if listing.exists() and not overwrite:
         raise ValueError(f"--out {out}: already holds train.jsonl (pass --overwrite to replace it).")
@@ -570,9 +570,9 @@ def export_conversations(out: Path, start: int, count: int, turns: int, overwrit
     lines = []
     for index in range(start, start + count):
         name = f"images/train-{index:06d}.png"
-        testbed.example("train", index).image.save(out / name)
+        scenes.example("train", index).image.save(out / name)
         conversation = []
-        for number, (question, answer, _) in enumerate(testbed.training_turns("train", index, turns)):
+        for number, (question, answer, _) in enumerate(scenes.training_turns("train", index, turns)):
             conversation += [{"from": "human", "value": f"<image>\n{question}" if number == 0 else question},
                              {"from": "gpt", "value": answer}]
         lines.append(json.dumps({"image": name, "conversations": conversation}))
@@ -588,7 +588,7 @@ def save_checkpoint(work: Path, out: Path, overwrite: bool = False) -> Path:
     + the package's files + a card with the training figures."""
     from transformers import PreTrainedTokenizerFast
 
-    from .processing_llava_ivtp import LLAVA_CHAT_TEMPLATE, LlavaIvtpProcessor
+    from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE, LlavaIvtpProcessor
 
     check_checkpoint_out(out, overwrite)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "tokenizer")
@@ -597,7 +597,7 @@ def save_checkpoint(work: Path, out: Path, overwrite: bool = False) -> Path:
     model.generation_config.max_new_tokens = 8
     model.generation_config.do_sample = False
     processor = LlavaIvtpProcessor(
-        image_processor(), tokenizer, patch_size=testbed.PATCH_SIZE, vision_feature_select_strategy="default",
+        image_processor(), tokenizer, patch_size=scenes.PATCH_SIZE, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE, clip_model_name=CLIP_MODEL_NAME,
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -618,7 +618,7 @@ def check_checkpoint_out(out: Path, overwrite: bool) -> None:
 
 def build_llava_shell(tokenizer):
     """The testbed model with fresh weights (the architecture `llava_config` describes)."""
-    from .modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
+    from modeling_llava_ivtp.modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
 
     return LlavaIvtpForConditionalGeneration(llava_config(tokenizer)).eval()
 
@@ -636,8 +636,8 @@ tags: [llava, ivtp, token-pruning, testbed]
 
 # llava-ivtp testbed
 
-A tiny LLaVA-IVTP trained from scratch by `python -m modeling_llava_ivtp.testbed_train` on the synthetic task of
-`modeling_llava_ivtp/testbed.py` (scenes of coloured shapes, one-word answers), to measure what pruning costs in
+A tiny LLaVA-IVTP trained from scratch by `python -m llava_ivtp.testbed.train` on the synthetic task of
+`llava_ivtp/testbed/scenes.py` (scenes of coloured shapes, one-word answers), to measure what pruning costs in
 accuracy. Not a general model: it knows 6 colours, 6 shapes, and five kinds of question.
 
 - Vision: CLIP ViT, 192 px, patch 16 (144 patches), {VISION['num_hidden_layers']} layers of width {VISION['hidden_size']};
@@ -660,7 +660,7 @@ LLAVA_DEFAULTS = {"steps": 1500, "batch_size": 16, "lr": 1e-3, "questions": 24}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modeling_llava_ivtp.testbed_train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llava_ivtp.testbed.train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
     stages = {
         "all": "everything from scratch: the CLIP, the LLaVA-IVTP, the checkpoint (--out)",

@@ -1,6 +1,6 @@
 """VQA accuracy as an `evaluate` metric module, loaded by path (nothing is fetched from the Hub):
 
-    evaluate.load("modeling_llava_ivtp/metric_vqa_accuracy.py")
+    evaluate.load("llava_ivtp/evaluation/metric_vqa_accuracy.py")
 
 The VQA benchmark's rule: a prediction scores `min(1, matches / 3)` against each leave-one-out subset of the
 reference answers (`matches`: how many of the other annotators gave it), averaged over the subsets; with a single
