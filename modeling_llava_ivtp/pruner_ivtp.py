@@ -19,8 +19,17 @@ from transformers.utils import logging
 
 from .attention_rows import RowRequest
 from .guidance_ivtp import clip_content_mask, clip_token_features
-from .pruner_base import LlmView, Pruner, PruneContext, Selection, check_int, register_pruner, sample_visual_cls
-from .pruning_ivtp import cosine_relevance, pseudo_cls, rollout_cls_row, select_keep_indices, span_mean, token_scores
+from .pruner_base import (
+    LlmView,
+    PruneContext,
+    Pruner,
+    Selection,
+    check_int,
+    register_pruner,
+    sample_visual_cls,
+    select_keep_indices,
+)
+from .pruning_ivtp import cosine_relevance, pseudo_cls, rollout_cls_row, span_mean, token_scores
 
 
 logger = logging.get_logger(__name__)

@@ -32,9 +32,8 @@ from typing import NamedTuple
 
 import torch
 
-from .pruning_ivtp import select_keep_indices
 from .attention_rows import RowRequest
-from .pruner_base import QUERY_ROWS, Pruner, Selection, check_choice, check_int, register_pruner
+from .pruner_base import QUERY_ROWS, Pruner, Selection, check_choice, check_int, register_pruner, select_keep_indices
 
 PDROP_DEFAULT_STAGES = 4  # S; lambda follows from the budget (0.5 for the default 72 of 576)
 

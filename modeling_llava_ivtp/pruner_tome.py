@@ -37,7 +37,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from .attention_rows import RowRequest
-from .configuration_llava_ivtp import layer_groups
 from .pruner_base import Pruner, Selection, register_pruner, two_site_schedule
 
 TOME_ORDERS = ("official", "original")
@@ -294,7 +293,7 @@ class TomePlusPruner(Pruner):
         schedule = two_site_schedule(config, self.budget)
         layers = config.vision_layer_groups[-1][1] + 1
         self.removals = merge_counts(config.num_patches, schedule["vision"][-1], layers)
-        groups = layer_groups(config.group_size * len(schedule["llm"]), config.group_size)
+        groups = config.llm_groups(len(schedule["llm"]))
         self.llm = {last: count for (_, last), count in zip(groups, schedule["llm"])}
         self.official = self.values["order"] == "official"
         self.sizes = None

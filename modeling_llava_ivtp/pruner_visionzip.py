@@ -33,9 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .pruning_ivtp import select_keep_indices
 from .attention_rows import RowRequest
-from .pruner_base import Pruner, Selection, check_choice, check_int, register_pruner
+from .pruner_base import Pruner, Selection, check_choice, check_int, register_pruner, select_keep_indices
 
 
 # Which tokens reach the LLM: VisionZip's (the CLS and the dominant patches, then the contextual tokens) or ours

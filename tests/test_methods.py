@@ -352,7 +352,7 @@ def test_feature_layer_and_projected_methods_against_stock_features(method):
     from modeling_llava_ivtp.pruner_pooling import spatial_pooling
     from modeling_llava_ivtp.pruner_visionzip import visionzip_tokens
     from modeling_llava_ivtp.pruner_vispruner import vispruner_keep_indices
-    from modeling_llava_ivtp.pruning_ivtp import select_keep_indices
+    from modeling_llava_ivtp.pruner_base import select_keep_indices
 
     model = method_model(method)
     pixels = make_pixels(2)

@@ -309,12 +309,13 @@ def test_loads_llava_hf_on_disk_key_format(tmp_path):
 
 def test_final_clip_cls_costs_one_row_and_equals_the_full_tower():
     from modeling_llava_ivtp.pruner_base import Pruner
+    from modeling_llava_ivtp.pruner_ivtp import final_clip_cls
 
     model = tiny_model(schedule={"vision": [], "llm": []})
     pixels = make_pixels(2)
     with torch.no_grad():
         vision = model._run_vision_tower(pixels, Pruner(model.config, None))  # the base pruner keeps every token
-        ours = model.final_clip_cls(vision["feature_layer_hidden_states"])
+        ours = final_clip_cls(model, vision["feature_layer_hidden_states"])
         stock = model.model.vision_tower(pixels).pooler_output
     torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
 

@@ -10,7 +10,7 @@ from modeling_llava_ivtp.pruner_evit import evit_keep_and_fuse
 from modeling_llava_ivtp.pruner_pooling import pooling_grid_split, spatial_pooling
 from modeling_llava_ivtp.pruner_tome import proportional_attention_bias, tome_bipartite_merge, tome_merge_step
 from modeling_llava_ivtp.pruner_topk import topk_cls_similarity, topk_keep_indices
-from modeling_llava_ivtp.pruning_ivtp import select_keep_indices
+from modeling_llava_ivtp.pruner_base import select_keep_indices
 
 
 def random_tensor(*shape, seed):

@@ -1,17 +1,18 @@
-"""The pure functions of `pruning_ivtp` on hand-built tensors, with plain references and property tests."""
+"""The pure functions of `pruning_ivtp` (and the generic top-k, `pruner_base.select_keep_indices`) on hand-built
+tensors, with plain references and property tests."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from modeling_llava_ivtp.pruner_base import select_keep_indices
 from modeling_llava_ivtp.pruning_ivtp import (
     attention_probabilities,
     cosine_relevance,
     pseudo_cls,
     span_mean,
     rollout_cls_row,
-    select_keep_indices,
     token_scores,
 )
 

@@ -225,3 +225,22 @@ def test_pipeline_answers_chat_messages_with_ivtp_guidance(checkpoint):
 
 def instruction_words(processor, seen) -> str:
     return processor.tokenizer.decode(seen["input_ids"][0][seen["instruction_mask"][0].bool()])
+
+
+def test_model_package_imports_form_no_cycle_and_the_runner_imports_no_method():
+    """The model package's relative imports (module level or inside functions) form no cycle; the runner
+    (`modeling_llava_ivtp.py`) and the generation mixin reach the methods only through the registry (`pruners.py`),
+    and no method imports the configuration module."""
+    import re
+
+    package = Path(modeling_llava_ivtp.__file__).resolve().parent
+    edges = {path.stem: set(re.findall(r"^\s*from \.(\w+) import", path.read_text(), flags=re.MULTILINE))
+             for path in package.glob("*.py")}
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in edges.get(start, ()))
+
+    assert [module for module in edges if reaches(module, module, {module})] == []
+    for runner in ("modeling_llava_ivtp", "generation_ivtp"):
+        assert not {name for name in edges[runner] if name.startswith("pruner_") and name != "pruner_base"}, runner
+    assert all("configuration_llava_ivtp" not in edges[name] for name in edges if name.startswith("pruner_"))

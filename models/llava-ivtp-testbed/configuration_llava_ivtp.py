@@ -185,8 +185,11 @@ class IvtpConfig(LlavaConfig):
     @property
     def llm_layer_groups(self) -> list[tuple[int, int]]:
         """`(first, last)` LLM layer of each stage-2 group."""
-        num_groups = len(self.schedule["llm"]) if self.schedule else 0
-        return layer_groups(self.group_size * num_groups, self.group_size)
+        return self.llm_groups(len(self.schedule["llm"]) if self.schedule else 0)
+
+    def llm_groups(self, count: int) -> list[tuple[int, int]]:
+        """`(first, last)` of the first `count` groups of `group_size` LLM layers (a method's LLM schedule)."""
+        return layer_groups(self.group_size * count, self.group_size)
 
     @property
     def pruning_enabled(self) -> bool:

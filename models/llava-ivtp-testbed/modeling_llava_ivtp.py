@@ -28,7 +28,6 @@ from .generation_ivtp import SEQUENCE_GUIDANCE_INPUTS, PrunedGeneration, host_pa
 from .guidance_ivtp import build_clip_text_tower
 from .outputs_ivtp import IvtpCausalLMOutputWithPast
 from .pruner_base import LlmView, PruneContext, Selection
-from .pruner_ivtp import final_clip_cls
 from .pruners import PRUNERS
 from .tokens_ivtp import TokenState, layer_segments, segment_mask, true_indices, unpack
 from .transformers_compat import (
@@ -508,10 +507,6 @@ class LlavaIvtpForConditionalGeneration(
             "placement": keep_indices if placement is None else placement,
             "counts": tuple(kept_counts),
         }
-
-    def final_clip_cls(self, feature_layer_hidden_states: torch.Tensor) -> torch.Tensor:
-        """The vision tower's final CLS from the feature layer's output (`pruner_ivtp.final_clip_cls`)."""
-        return final_clip_cls(self, feature_layer_hidden_states)
 
     # ------------------------------------------------------------------------------------------------------------
     # Site 3: the language model

@@ -230,6 +230,26 @@ class Pruner:
         return {}
 
 
+def select_keep_indices(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Indices of the `num_keep` highest-scoring tokens per row, in increasing (original) order.
+
+    Args:
+        scores: `(batch, n)`.
+        num_keep: `1 <= num_keep <= n`.
+
+    Returns:
+        `(batch, num_keep)` int64, sorted, unique, in `[0, n)`.
+    """
+    num_tokens = scores.shape[-1]
+    if not 1 <= num_keep <= num_tokens:
+        raise ValueError(f"num_keep must be in [1, {num_tokens}], got {num_keep}.")
+    if num_keep == num_tokens:
+        return torch.arange(num_tokens, device=scores.device).expand(scores.shape[0], -1)
+    # Ties go to the lower index (stable sort), so the choice is deterministic.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[:, :num_keep].sort(dim=-1).values
+
+
 def check_choice(method: str, name: str, value, allowed, what: str):
     if value not in allowed:
         raise ValueError(
@@ -336,5 +356,6 @@ def register_pruner(cls: type[Pruner]) -> type[Pruner]:
 
 __all__ = [
     "POSITION_RULES", "QUERY_ROWS", "LlmView", "PRUNERS", "PruneContext", "Pruner", "Selection", "check_choice",
-    "check_int", "geometric_counts", "register_pruner", "sample_visual_cls", "two_site_schedule", "vision_group_schedule",
+    "check_int", "geometric_counts", "register_pruner", "sample_visual_cls", "select_keep_indices", "two_site_schedule",
+    "vision_group_schedule",
 ]

@@ -24,9 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from .pruning_ivtp import select_keep_indices
 from .attention_rows import RowRequest
-from .pruner_base import QUERY_ROWS, Pruner, Selection, check_choice, check_int, register_pruner
+from .pruner_base import QUERY_ROWS, Pruner, Selection, check_choice, check_int, register_pruner, select_keep_indices
 
 # K of the paper's title and defaults ("after layer 2"; README: K=2 with R=25/50/75%).
 FASTV_DEFAULT_LAYER = 2

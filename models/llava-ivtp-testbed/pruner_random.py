@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .pruner_base import Pruner, Selection, register_pruner
-from .pruning_ivtp import select_keep_indices
+from .pruner_base import Pruner, Selection, register_pruner, select_keep_indices
 
 
 @register_pruner

@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from .pruning_ivtp import cosine_relevance, select_keep_indices
-from .configuration_llava_ivtp import layer_groups
-from .pruner_base import Pruner, Selection, register_pruner, sample_visual_cls, two_site_schedule, vision_group_schedule
+from .pruning_ivtp import cosine_relevance
+from .pruner_base import (
+    Pruner,
+    Selection,
+    register_pruner,
+    sample_visual_cls,
+    select_keep_indices,
+    two_site_schedule,
+    vision_group_schedule,
+)
 
 
 def topk_cls_similarity(patch_features: torch.Tensor, cls_feature: torch.Tensor) -> torch.Tensor:
@@ -96,7 +103,7 @@ class TopKPlusPruner(Pruner):
         super().__init__(config, context)
         schedule = two_site_schedule(config, self.budget)
         self.vision = {last: count for (_, last), count in zip(config.vision_layer_groups, schedule["vision"])}
-        groups = layer_groups(config.group_size * len(schedule["llm"]), config.group_size)
+        groups = config.llm_groups(len(schedule["llm"]))
         self.llm = {last: count for (_, last), count in zip(groups, schedule["llm"])}
 
     def after_vision_layer(self, layer_idx, hidden_states, request):

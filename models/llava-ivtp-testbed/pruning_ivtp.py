@@ -75,26 +75,6 @@ def token_scores(rollout_row: torch.Tensor, value_norms: torch.Tensor) -> torch.
     return torch.where(total > 0, weighted / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
 
 
-def select_keep_indices(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
-    """Indices of the `num_keep` highest-scoring tokens per row, in increasing (original) order.
-
-    Args:
-        scores: `(batch, n)`.
-        num_keep: `1 <= num_keep <= n`.
-
-    Returns:
-        `(batch, num_keep)` int64, sorted, unique, in `[0, n)`.
-    """
-    num_tokens = scores.shape[-1]
-    if not 1 <= num_keep <= num_tokens:
-        raise ValueError(f"num_keep must be in [1, {num_tokens}], got {num_keep}.")
-    if num_keep == num_tokens:
-        return torch.arange(num_tokens, device=scores.device).expand(scores.shape[0], -1)
-    # Ties go to the lower index (stable sort), so the choice is deterministic.
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return order[:, :num_keep].sort(dim=-1).values
-
-
 def cosine_relevance(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Eq. 6: cosine of every token feature with its sample's reference vector, in float32.
 
