@@ -18,6 +18,7 @@ from transformers import GenerationMixin, LlavaForConditionalGeneration
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging
 
@@ -48,6 +49,7 @@ from .validation_ivtp import (
     check_sequence_inputs,
     check_values,
     hidden_state_selection,
+    image_token_mask,
     read_rows,
     value_rows,
 )
@@ -175,9 +177,6 @@ class LlavaIvtpForConditionalGeneration(
         return self
 
     # ------------------------------------------------------------------------------------------------------------
-    # Checks
-    # ------------------------------------------------------------------------------------------------------------
-    # ------------------------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------------------------
     @takes_cache_kwarg
@@ -294,7 +293,7 @@ class LlavaIvtpForConditionalGeneration(
         rows = value_rows(input_ids, guidance, reference.device)
         check_placeholders_here = self.config.pruning_enabled and past_length == 0
         if check_placeholders_here:
-            rows["placeholders"] = self._image_token_mask(input_ids, inputs_embeds).sum(dim=1).long()
+            rows["placeholders"] = image_token_mask(self, input_ids, inputs_embeds).sum(dim=1).long()
         facts = read_rows(rows)
         check_values(self.config, facts, guidance)
         if check_placeholders_here:
@@ -315,14 +314,6 @@ class LlavaIvtpForConditionalGeneration(
         check_values(self.config, facts, guidance)
         return facts["placeholders"], facts["last_placeholder"], all(facts["fully_attended"])
 
-    def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        if input_ids is not None:
-            return input_ids == self.config.image_token_id
-        image_embedding = self.get_input_embeddings()(
-            torch.full((), self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
-        )
-        return (inputs_embeds == image_embedding).all(dim=-1)
-
     def _forward_pruned(
         self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, logits_to_keep,
         guidance, use_cache, **kwargs,
@@ -333,7 +324,7 @@ class LlavaIvtpForConditionalGeneration(
             # As the stock decoder does: checkpointed layers recompute their forward and cannot fill a cache.
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing in training; using `use_cache=False`.")
             use_cache = False
-        image_mask = self._image_token_mask(input_ids, inputs_embeds)
+        image_mask = image_token_mask(self, input_ids, inputs_embeds)
         sequence_length = image_mask.shape[1]
         num_patches = config.num_patches
         images_per_sample = image_mask.sum(dim=1) // num_patches
@@ -396,6 +387,93 @@ class LlavaIvtpForConditionalGeneration(
             **extra,
         )
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Steps over a pruned cache: decoding, a continued conversation
+    # ------------------------------------------------------------------------------------------------------------
+    def _forward_with_pruned_cache(
+        self, input_ids, attention_mask, position_ids, cache: IvtpCache, inputs_embeds, labels, logits_to_keep,
+        guidance: dict, **kwargs,
+    ) -> IvtpCausalLMOutputWithPast:
+        """New tokens through the decoder when each layer's cache holds its own (pruned) token set.
+
+        New tokens get logical positions (and, unless given, rotary positions) after the cache; the 2-D attention mask
+        is logical (cache length + new tokens, as `generate` keeps it).
+        """
+        given = [name for name, value in guidance.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"{given} guide pruning at prefill; they cannot be passed with a cache that was already pruned "
+                "(decode steps and conversation continuations take only the new tokens' inputs)."
+            )
+        self._check_values_without_pixels(input_ids, inputs_embeds, cache, guidance)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch_size, num_new = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        past_length = cache.get_seq_length()
+        cached_batch = cache.layers[0].keys.shape[0]
+        if cached_batch != batch_size:
+            raise ValueError(f"The cache holds {cached_batch} samples but {batch_size} were given.")
+        if attention_mask is None:  # its shape, when given, was checked by `check_sequence_inputs`
+            attention_mask = torch.ones(batch_size, past_length + num_new, dtype=torch.bool, device=device)
+        new_positions = torch.arange(past_length, past_length + num_new, device=device).expand(batch_size, -1)
+        if position_ids is None:
+            position_ids = new_positions
+        output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
+        kwargs.pop("use_cache", None)
+        hidden_states, all_hidden = self._decode_layers(
+            inputs_embeds, attention_mask.to(device).bool(), position_ids.to(device).expand(batch_size, -1),
+            new_positions, cache, output_hidden_states, past_length, **kwargs,
+        )
+        cache.set_logical_length(past_length + num_new)
+        return self._head(hidden_states, new_positions, labels, logits_to_keep, kwargs, label_offset=past_length,
+                          hidden_states=all_hidden, **cache_kwargs(cache))
+
+    def _decode_layers(self, hidden_states, attention_mask, position_ids, new_positions, cache, output_hidden_states,
+                       past_length: int, **kwargs):
+        """The decoder layers over the new tokens. Per run of layers that share one record of held positions (a
+        pruning segment), the logical 2-D mask is gathered at the positions the run holds, then causal masking runs
+        over the layer's physical keys. Where the prefill renumbered positions (`cache.renumbered_positions`), the
+        new tokens' ids are lowered, per run, by the logical tokens the run does not hold: they sit right after the
+        tokens it holds, as a prefill of the whole sequence would place them."""
+        language_model = self.model.language_model
+        renumbered = cache.renumbered_positions
+        if not renumbered:
+            position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids)
+        all_hidden = () if output_hidden_states else None
+        held, mask = None, None
+        for layer_idx, layer in enumerate(language_model.layers):
+            if cache.layer_positions[layer_idx] is None:
+                raise ValueError(f"The IvtpCache has no record of the tokens layer {layer_idx} holds; prefill again.")
+            if cache.layer_positions[layer_idx] is not held:  # the first layer of a run that shares one record
+                held = cache.layer_positions[layer_idx]
+                record = torch.cat([held.to(hidden_states.device), new_positions], dim=1)
+                kv_mask = attention_mask.gather(1, record.clamp_min(0)) & (record >= 0)
+                mask = create_causal_mask(
+                    config=self.config.text_config, inputs_embeds=hidden_states, attention_mask=kv_mask,
+                    **cache_kwargs(cache), position_ids=None, layer_idx=layer_idx,
+                    # An explicit mask per run; checking whether it could be skipped reads the device, once per run
+                    # and step (stock Llava reads once per step).
+                    allow_is_causal_skip=False,
+                )
+                if renumbered:  # the logical tokens before this step that the run does not hold
+                    not_held = past_length - (held >= 0).sum(dim=1, keepdim=True).to(position_ids.device)
+                    position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids - not_held)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            hidden_states = layer(
+                hidden_states, attention_mask=mask, position_ids=position_ids, **cache_kwargs(cache), use_cache=True,
+                position_embeddings=position_embeddings, **kwargs,
+            )
+            cache.record_positions(layer_idx, record)
+        hidden_states = language_model.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        return hidden_states, all_hidden
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The head, the loss and the output of a pruned forward
+    # ------------------------------------------------------------------------------------------------------------
     def _head(self, last_hidden_state, positions, labels, logits_to_keep, loss_kwargs: dict, label_offset: int = 0,
               **outputs) -> IvtpCausalLMOutputWithPast:
         """The LM head, the loss and the output of a pruned forward (a prefill, or steps over a pruned cache).
@@ -416,6 +494,9 @@ class LlavaIvtpForConditionalGeneration(
             )
         return IvtpCausalLMOutputWithPast(loss=loss, logits=logits, kept_positions=kept_positions, **outputs)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Site 2 and the LLM's entry: the projected features take their placeholders
+    # ------------------------------------------------------------------------------------------------------------
     def _enter_llm(self, image_mask, keep_indices, image_features, input_ids, inputs_embeds, position_ids,
                    attention_mask, placeholder_counts, last_placeholder, renumber: bool):
         """The tokens that enter the LLM: every non-image token, and the placeholders of the kept patches, which

@@ -268,6 +268,17 @@ def check_placeholders(config, placeholder_counts: list[int], num_images: int, l
 STAGE_2_ATTENTION = ("sdpa", "eager")
 
 
+def image_token_mask(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    """`(batch, length)` bool: the image placeholders of `input_ids`, or the rows of `inputs_embeds` equal to the
+    placeholder's embedding (`model.get_input_embeddings()`)."""
+    if input_ids is not None:
+        return input_ids == model.config.image_token_id
+    image_embedding = model.get_input_embeddings()(
+        torch.full((), model.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+    )
+    return (inputs_embeds == image_embedding).all(dim=-1)
+
+
 def check_no_placeholders_without_pixels(config, placeholders: int, where: str) -> None:
     """Image placeholders in tokens that carry no image (no `pixel_values`, and no cache that holds their image) would
     run as text: refused when pruning is on. `where` names the tokens checked."""

@@ -1,15 +1,13 @@
-"""`generate` with pruned caches: cache preparation, the inputs of each step, and the steps after a pruned prefill
-(decoding and conversation continuation), where each layer attends to the tokens its cache holds."""
+"""`generate` with pruned caches: cache preparation and the inputs of each step (guidance inputs on the steps that
+prune, a continued conversation's new turn checked). The steps after a pruned prefill run in the model's forward."""
 
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
 from .cache_ivtp import IvtpCache
-from .outputs_ivtp import IvtpCausalLMOutputWithPast
 from .transformers_compat import CACHE_ARG, cache_kwargs, takes_cache_kwarg
-from .validation_ivtp import check_cache_class, check_no_placeholders_without_pixels
+from .validation_ivtp import check_cache_class, check_no_placeholders_without_pixels, image_token_mask
 
 
 # Inputs that guide pruning (the processor's extra outputs): like `pixel_values`, they are used on the step that
@@ -21,89 +19,8 @@ GUIDANCE_INPUTS = SEQUENCE_GUIDANCE_INPUTS + SAMPLE_GUIDANCE_INPUTS
 
 class PrunedGeneration:
     """Mixed into `LlavaIvtpForConditionalGeneration` before `LlavaForConditionalGeneration` (whose methods `super()`
-    reaches): `generate` gets an `IvtpCache`, guidance inputs reach the steps that prune, and a step over a pruned cache
-    runs `forward_with_pruned_cache`."""
-
-    def _forward_with_pruned_cache(
-        self, input_ids, attention_mask, position_ids, cache: IvtpCache, inputs_embeds, labels, logits_to_keep,
-        guidance: dict, **kwargs,
-    ) -> IvtpCausalLMOutputWithPast:
-        """New tokens through the decoder when each layer's cache holds its own (pruned) token set.
-
-        New tokens get logical positions (and, unless given, rotary positions) after the cache; the 2-D attention mask
-        is logical (cache length + new tokens, as `generate` keeps it).
-        """
-        given = [name for name, value in guidance.items() if value is not None]
-        if given:
-            raise ValueError(
-                f"{given} guide pruning at prefill; they cannot be passed with a cache that was already pruned "
-                "(decode steps and conversation continuations take only the new tokens' inputs)."
-            )
-        self._check_values_without_pixels(input_ids, inputs_embeds, cache, guidance)
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        batch_size, num_new = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
-        past_length = cache.get_seq_length()
-        cached_batch = cache.layers[0].keys.shape[0]
-        if cached_batch != batch_size:
-            raise ValueError(f"The cache holds {cached_batch} samples but {batch_size} were given.")
-        if attention_mask is None:  # its shape, when given, was checked by `check_sequence_inputs`
-            attention_mask = torch.ones(batch_size, past_length + num_new, dtype=torch.bool, device=device)
-        new_positions = torch.arange(past_length, past_length + num_new, device=device).expand(batch_size, -1)
-        if position_ids is None:
-            position_ids = new_positions
-        output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
-        kwargs.pop("use_cache", None)
-        hidden_states, all_hidden = self._decode_layers(
-            inputs_embeds, attention_mask.to(device).bool(), position_ids.to(device).expand(batch_size, -1),
-            new_positions, cache, output_hidden_states, past_length, **kwargs,
-        )
-        cache.set_logical_length(past_length + num_new)
-        return self._head(hidden_states, new_positions, labels, logits_to_keep, kwargs, label_offset=past_length,
-                          hidden_states=all_hidden, **cache_kwargs(cache))
-
-    def _decode_layers(self, hidden_states, attention_mask, position_ids, new_positions, cache, output_hidden_states,
-                       past_length: int, **kwargs):
-        """The decoder layers over the new tokens. Per run of layers that share one record of held positions (a
-        pruning segment), the logical 2-D mask is gathered at the positions the run holds, then causal masking runs
-        over the layer's physical keys. Where the prefill renumbered positions (`cache.renumbered_positions`), the
-        new tokens' ids are lowered, per run, by the logical tokens the run does not hold: they sit right after the
-        tokens it holds, as a prefill of the whole sequence would place them."""
-        language_model = self.model.language_model
-        renumbered = cache.renumbered_positions
-        if not renumbered:
-            position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids)
-        all_hidden = () if output_hidden_states else None
-        held, mask = None, None
-        for layer_idx, layer in enumerate(language_model.layers):
-            if cache.layer_positions[layer_idx] is None:
-                raise ValueError(f"The IvtpCache has no record of the tokens layer {layer_idx} holds; prefill again.")
-            if cache.layer_positions[layer_idx] is not held:  # the first layer of a run that shares one record
-                held = cache.layer_positions[layer_idx]
-                record = torch.cat([held.to(hidden_states.device), new_positions], dim=1)
-                kv_mask = attention_mask.gather(1, record.clamp_min(0)) & (record >= 0)
-                mask = create_causal_mask(
-                    config=self.config.text_config, inputs_embeds=hidden_states, attention_mask=kv_mask,
-                    **cache_kwargs(cache), position_ids=None, layer_idx=layer_idx,
-                    # An explicit mask per run; checking whether it could be skipped reads the device, once per run
-                    # and step (stock Llava reads once per step).
-                    allow_is_causal_skip=False,
-                )
-                if renumbered:  # the logical tokens before this step that the run does not hold
-                    not_held = past_length - (held >= 0).sum(dim=1, keepdim=True).to(position_ids.device)
-                    position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids - not_held)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
-            hidden_states = layer(
-                hidden_states, attention_mask=mask, position_ids=position_ids, **cache_kwargs(cache), use_cache=True,
-                position_embeddings=position_embeddings, **kwargs,
-            )
-            cache.record_positions(layer_idx, record)
-        hidden_states = language_model.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden += (hidden_states,)
-        return hidden_states, all_hidden
+    reaches): `generate` gets an `IvtpCache`, guidance inputs reach the steps that prune, and a continued
+    conversation's new turn is checked. The steps themselves run in the model's forward (`modeling_llava_ivtp.py`)."""
 
     # ------------------------------------------------------------------------------------------------------------
     # generate
@@ -210,7 +127,7 @@ class PrunedGeneration:
         if tokens is input_ids:
             placeholders = (input_ids[:, new_turn] == self.config.image_token_id).sum()
         else:
-            placeholders = self._image_token_mask(None, inputs_embeds[:, new_turn]).sum()
+            placeholders = image_token_mask(self, None, inputs_embeds[:, new_turn]).sum()
         check_no_placeholders_without_pixels(self.config, int(placeholders), "The new turn after the cache")
 
 
