@@ -158,20 +158,18 @@ class Pruner:
                 f"{sorted(defaults)}."
             )
         values = {**defaults, **given}
+        check_choice(cls.name, "positions", values["positions"], POSITION_RULES,
+                     f"rotary positions after pruning; the method's code: {cls.positions!r}")
         cls.check_options(config, values)
         return values
 
     @classmethod
     def check_options(cls, config, values: dict) -> None:
-        """Checks `visual_tokens` and `positions`; subclasses check their own options too (call this first)."""
+        """Checks `visual_tokens` (`positions`, every method's, is checked by `resolve_options`); subclasses check their
+        own options too (call this first)."""
         if "visual_tokens" in cls.options:
             check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.num_patches,
                       "visual tokens per image that reach the LLM's last layers")
-        if values["positions"] not in POSITION_RULES:
-            raise ValueError(
-                f"`pruning_options['positions']` of pruning_method={cls.name!r} must be one of {list(POSITION_RULES)} "
-                f"(the method's code: {cls.positions!r}), got {values['positions']!r}."
-            )
 
     @property
     def renumbers(self) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 from .attention_rows import RowRequest
-from .pruner_base import Pruner, Selection, register_pruner, vision_group_schedule
+from .pruner_base import Pruner, Selection, check_choice, register_pruner, vision_group_schedule
 
 
 # The fused token: EViT's released code ("sum", the default) or our normalised variant ("mean").
@@ -98,11 +98,8 @@ class EvitPruner(Pruner):
     @classmethod
     def check_options(cls, config, values):
         super().check_options(config, values)
-        if values["fused"] not in FUSED_TOKENS:
-            raise ValueError(
-                f"`pruning_options['fused']` of pruning_method='evit' must be one of {list(FUSED_TOKENS)} (the "
-                f"fused token: EViT's attention-weighted sum, or our weighted average), got {values['fused']!r}."
-            )
+        check_choice(cls.name, "fused", values["fused"], FUSED_TOKENS,
+                     "the fused token: EViT's attention-weighted sum, or our weighted average")
 
     def vision_request(self, layer_idx, images, tokens):
         if layer_idx not in self.schedule:

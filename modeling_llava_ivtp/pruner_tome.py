@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from .attention_rows import RowRequest
-from .pruner_base import Pruner, Selection, register_pruner, two_site_schedule
+from .pruner_base import Pruner, Selection, check_choice, register_pruner, two_site_schedule
 
 TOME_ORDERS = ("official", "original")
 
@@ -217,11 +217,7 @@ def merge_counts(start: int, final: int, steps: int) -> list[int]:
 
 
 def check_order(method: str, values: dict) -> None:
-    if values["order"] not in TOME_ORDERS:
-        raise ValueError(
-            f"`pruning_options['order']` of pruning_method={method!r} (the sequence order ToMe's bipartite split runs "
-            f"over) must be one of {list(TOME_ORDERS)}, got {values['order']!r}."
-        )
+    check_choice(method, "order", values["order"], TOME_ORDERS, "the sequence order ToMe's bipartite split runs over")
 
 
 @register_pruner

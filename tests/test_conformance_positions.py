@@ -74,9 +74,12 @@ def test_the_two_rules_give_different_logits():
     assert not torch.allclose(renumbered, original, atol=1e-4)
 
 
-def test_the_position_rule_is_checked():
+@pytest.mark.parametrize("method", ["fastv", "ivtp"])
+def test_the_position_rule_is_checked(method):
+    """Every method's `positions` option is checked, IVTP's too (its options allow no budget)."""
+    options = {"visual_tokens": 8, "positions": "gapless"}
     with pytest.raises(ValueError, match=r"`pruning_options\['positions'\]`.*\['original', 'renumbered'\].*'gapless'"):
-        tiny_model(schedule=None, pruning_method="fastv", pruning_options={"visual_tokens": 8, "positions": "gapless"})
+        tiny_model(schedule=None, pruning_method=method, pruning_options=options)
 
 
 @pytest.mark.parametrize("method, rule", [("fastv", "original"), ("pdrop", "renumbered"), ("visionzip", "renumbered"),

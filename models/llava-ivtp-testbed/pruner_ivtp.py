@@ -24,6 +24,7 @@ from .pruner_base import (
     PruneContext,
     Pruner,
     Selection,
+    check_choice,
     check_int,
     register_pruner,
     sample_visual_cls,
@@ -61,12 +62,8 @@ class IvtpPruner(Pruner):
         if values["visual_tokens"] is not None:
             check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.num_patches,
                       "visual tokens per image that reach the LLM's last layers")
-        for name, allowed in (("attention", ATTENTION_MODES), ("aggregation", AGGREGATIONS)):
-            if values[name] not in allowed:
-                raise ValueError(
-                    f"`pruning_options[{name!r}]` of pruning_method='ivtp' must be one of {list(allowed)}, got "
-                    f"{values[name]!r}."
-                )
+        check_choice(cls.name, "attention", values["attention"], ATTENTION_MODES, "the scoring attention, Table 4")
+        check_choice(cls.name, "aggregation", values["aggregation"], AGGREGATIONS, "across a group's layers, Table 5")
 
     def __init__(self, config, context: PruneContext):
         super().__init__(config, context)
