@@ -148,31 +148,30 @@ def training_parser(description: str, learning_rate: float, summary_help: str) -
     parser.add_argument("--summary", type=Path, help=summary_help)
     pruning = parser.add_mutually_exclusive_group()
     pruning.add_argument("--visual-tokens", type=int, default=None,
-                         help="train with the model's schedule scaled to this many visual tokens in the LLM's last "
-                              "layers (as `llava-ivtp eval` ivtp@K does); saved in the output's config")
+                         help="train with IVTP at this budget of visual tokens in the LLM's last layers (the schedule "
+                              "`pruning_options={'visual_tokens': K}` derives, as `llava-ivtp eval` ivtp@K runs); "
+                              "saved in the output's config")
     pruning.add_argument("--no-pruning", action="store_true",
                          help="train at full tokens (schedule None, saved so): the control for --visual-tokens")
     return parser
 
 
 def apply_visual_tokens(model, kept: int | None, no_pruning: bool = False) -> None:
-    """Scale the model's pruning schedule to `kept` final visual tokens (`llava_ivtp.measuring.bench.derive_schedule`), or switch
-    pruning off (`no_pruning`); neither leaves the model's own schedule."""
+    """Prune with IVTP at the budget of `kept` final visual tokens (the schedule `pruning_options={"visual_tokens":
+    kept}` derives, `budget_schedule`), or switch pruning off (`no_pruning`); neither leaves the model's own
+    schedule."""
     if no_pruning:
         model.config.schedule = None
         return
     if kept is None:
         return
-    from llava_ivtp.measuring.bench import BenchError, derive_schedule
+    from modeling_llava_ivtp.pruner_base import budget_schedule
 
-    if model.config.schedule is None:
-        raise SystemExit("--visual-tokens: the model has no pruning schedule to scale.")
+    if model.config.pruning_method != "ivtp":
+        raise SystemExit(f"--visual-tokens sets IVTP's schedule; the model prunes with {model.config.pruning_method!r}.")
     if not 1 <= kept <= model.config.num_patches:
         raise SystemExit(f"--visual-tokens must be in [1, {model.config.num_patches}], got {kept}.")
-    try:
-        model.config.schedule = derive_schedule(model.config.schedule, model.config.num_patches, kept)
-    except BenchError as error:
-        raise SystemExit(f"--visual-tokens: {error}") from None
+    model.config.schedule = budget_schedule(model.config, kept)
     model.config.check_ivtp()
 
 

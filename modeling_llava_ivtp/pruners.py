@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from .pruner_base import PRUNERS, Pruner, two_site_schedule
+from .pruner_base import PRUNERS, Pruner, budget_schedule
 from .pruner_cdpruner import CdPrunerPruner
 from .pruner_divprune import DivPrunePruner
 from .pruner_evit import EvitPruner
@@ -23,7 +23,7 @@ from .pruner_vispruner import VisPrunerPruner
 
 
 __all__ = [
-    "PRUNERS", "Pruner", "two_site_schedule", "CdPrunerPruner", "DivPrunePruner", "EvitPruner", "FastVPruner",
+    "PRUNERS", "Pruner", "budget_schedule", "CdPrunerPruner", "DivPrunePruner", "EvitPruner", "FastVPruner",
     "IvtpPruner", "PDropPruner", "PoolingPruner", "RandomPruner", "TomePlusPruner", "TomePruner", "TopKPlusPruner",
     "TopKPruner", "VisionZipPruner", "VisPrunerPruner",
 ]

@@ -21,7 +21,7 @@ from llava_ivtp.measuring.bench import (
     BenchError,
     build_models,
     check_device_memory,
-    derive_schedule,
+    kept_schedule,
     load_config_dict,
     pruning_times_from_profile,
 )
@@ -210,20 +210,24 @@ def test_plot_sweeps_kept_tokens(tiny_json, capsys, tmp_path):
     assert "| kept | IVTP TFLOPs |" in stdout
 
 
-def test_derived_schedules_keep_the_structure_and_end_at_kept():
+def test_kept_schedules_keep_the_structure_and_end_at_kept():
     preset, _ = load_config_dict("7b")
     base = preset["schedule"]
-    assert derive_schedule(base, 576, 64) == base  # the paper's count gives the preset back
+    assert kept_schedule(preset, 64) == base  # the paper's count gives the preset back
+    assert kept_schedule(preset, 16) == {"vision": [416, 304, 224, 160, 120, 88, 64, 48], "llm": [32, 24, 16, 16]}
     for kept in (1, 16, 32, 100, 128, 256, 512, 576):
-        schedule = derive_schedule(base, 576, kept)
+        schedule = kept_schedule(preset, kept)
+        # --kept K runs what the budget K derives (the one rule)
+        assert schedule == IvtpConfig(**dict(preset, schedule=None, pruning_method="ivtp",
+                                             pruning_options={"visual_tokens": kept})).schedule
         counts = schedule["vision"] + schedule["llm"]
         assert len(schedule["vision"]) == len(base["vision"]) and len(schedule["llm"]) == len(base["llm"])
         assert counts[-1] == kept and all(kept <= c <= 576 for c in counts)
         assert counts == sorted(counts, reverse=True)
         IvtpConfig(**dict(preset, schedule=schedule))  # a valid config
-    assert derive_schedule(base, 576, 576) == {"vision": [576] * 8, "llm": [576] * 4}
+    assert kept_schedule(preset, 576) == {"vision": [576] * 8, "llm": [576] * 4}
     # Fewer kept tokens cut every group at least as deep.
-    small, large = derive_schedule(base, 576, 16), derive_schedule(base, 576, 256)
+    small, large = kept_schedule(preset, 16), kept_schedule(preset, 256)
     assert all(a <= b for a, b in zip(small["vision"] + small["llm"], large["vision"] + large["llm"]))
 
 

@@ -65,25 +65,28 @@ def test_collator_labels_only_the_answers(workspace):
 
 
 def test_training_schedule_options():
-    """`--visual-tokens K` scales the model's schedule as `eval`'s ivtp@K does; `--no-pruning` switches pruning off
+    """`--visual-tokens K` sets the schedule `eval`'s ivtp@K runs (the budget rule); `--no-pruning` switches pruning off
     (the control run of docs/accuracy.md); the two exclude each other and bad counts are refused by name."""
     sys.path.insert(0, str(ROOT / "examples"))
     try:
         from finetune import apply_visual_tokens, training_parser
     finally:
         sys.path.remove(str(ROOT / "examples"))
-    from llava_ivtp.measuring.bench import derive_schedule
+    from modeling_llava_ivtp.pruner_base import budget_schedule
 
     model = tiny_model()
     original = dict(model.config.schedule)
     apply_visual_tokens(model, None)
     assert model.config.schedule == original
     apply_visual_tokens(model, 3)
-    assert model.config.schedule == derive_schedule(original, model.config.num_patches, 3)
+    assert model.config.schedule == budget_schedule(model.config, 3)
     assert model.config.schedule["llm"][-1] == 3
     apply_visual_tokens(model, None, no_pruning=True)
     assert model.config.schedule is None
-    with pytest.raises(SystemExit, match="--visual-tokens: the model has no pruning schedule"):
+    apply_visual_tokens(model, 3)  # from no schedule: the budget derives one
+    assert model.config.schedule == budget_schedule(model.config, 3)
+    model.config.pruning_method = "fastv"
+    with pytest.raises(SystemExit, match="--visual-tokens sets IVTP's schedule"):
         apply_visual_tokens(model, 3)
     with pytest.raises(SystemExit, match=r"--visual-tokens must be in \[1, "):
         apply_visual_tokens(tiny_model(), 0)

@@ -19,7 +19,6 @@ from llava_ivtp.measuring.flops import (
     build_weight_free,
     count_forward,
     example_inputs,
-    geometric_vision_schedule,
     ivtp_config,
     measure,
     part_breakdown,
@@ -28,6 +27,7 @@ from llava_ivtp.measuring.flops import (
     visual_tokens_into_llm,
 )
 from modeling_llava_ivtp import IvtpConfig
+from modeling_llava_ivtp.pruner_base import budget_schedule
 from modeling_llava_ivtp.transformers_compat import output_cache
 from tiny_models import TINY_CLIP_TEXT, stock_twin, tiny_config_dict, tiny_model
 
@@ -155,9 +155,9 @@ def test_weight_free_mode_refuses_weight_dependent_values():
 
 
 def test_topk_default_schedule_is_geometric_to_64():
-    schedule = geometric_vision_schedule(preset("7b"))
-    assert schedule == [440, 336, 256, 192, 144, 112, 88, 64]
-    assert topk_config(preset("7b")).schedule == {"vision": schedule, "llm": []}
+    schedule = budget_schedule(preset("7b"), 64, llm=False)
+    assert schedule == {"vision": [440, 336, 256, 192, 144, 112, 88, 64], "llm": []}
+    assert topk_config(preset("7b")).schedule == schedule
 
 
 # ------------------------------------------------------------------------------------------------------------------

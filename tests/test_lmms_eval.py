@@ -178,6 +178,7 @@ def test_stock_llava_hf_checkpoint_with_preset_and_clip(tmp_path):
 
 def test_model_args_map_to_the_eval_settings():
     from modeling_llava_ivtp import IvtpConfig
+    from modeling_llava_ivtp.pruner_base import budget_schedule
 
     config = IvtpConfig.from_pretrained(MODEL)
     assert pruning_setting(config) is None
@@ -188,7 +189,7 @@ def test_model_args_map_to_the_eval_settings():
     assert pruning_setting(config, method="fastv", budget=16).fields == parse_setting("fastv@16", config).fields
     options = pruning_setting(config, method="fastv", budget=16, pruning_options='{"layer": 3}').fields
     assert options["pruning_options"] == {"visual_tokens": 16, "layer": 3}
-    schedule = parse_setting("ivtp@24", config).fields["schedule"]  # a schedule of the model's geometry
+    schedule = budget_schedule(config, 24)  # a schedule of the model's geometry
     assert pruning_setting(config, schedule=json.dumps(schedule)).fields["schedule"] == schedule
     assert pruning_setting(config, tau=0.5).fields == {"tau": 0.5}
 

@@ -4,10 +4,12 @@ A model (folder or hub id) x a dataset (the testbed by name, or local JSON lines
 with `image`, `question` and `answers`) x settings:
 
 - `full`: no pruning (`pruning_method = None`, stock Llava);
-- `ivtp@K`: the model's schedule scaled to `K` visual tokens in the LLM's last layers (each count keeps its share of
-  the log-reduction, as `llava-ivtp bench --kept` does), with the model's guidance; `ivtp@K:MODE` with guidance
-  `MODE` (`clip_relevance`, `instruction_mean`, `embedding_relevance`, `visual_cls`);
-- `stage1@K`: stage 1 only, the vision counts decaying geometrically to `K` (the presets' TopK rule);
+- `ivtp@K`: IVTP with the budget `pruning_options={"visual_tokens": K}` (`K` visual tokens in the LLM's last layers;
+  the schedule that budget derives, `pruner_base.budget_schedule`, as `llava-ivtp bench --kept K` runs), with the
+  model's guidance; `ivtp@K:MODE` with guidance `MODE` (`clip_relevance`, `instruction_mean`, `embedding_relevance`,
+  `visual_cls`);
+- `stage1@K`: stage 1 only, the vision counts decaying geometrically to `K` (`budget_schedule(..., llm=False)`, the
+  rule of TopK's and EViT's counts);
 - `preset:PATH`: IvtpConfig fields (schedule, group_size, tau, guidance) from a JSON file;
 - `METHOD@K` for every other registered method (`random`, `topk`, `pooling`, `evit`, `tome`, `topk_plus`,
   `tome_plus`, `fastv`, `pdrop`, `visionzip`, `vispruner`, `divprune`, `cdpruner`): `pruning_method=METHOD` with the
@@ -92,9 +94,8 @@ class Setting:
 
 def parse_setting(spec: str, base) -> Setting:
     """A setting from its name (see the module docstring), checked against the model's config `base`."""
-    from llava_ivtp.measuring.bench import BenchError, derive_schedule
-    from llava_ivtp.measuring.flops import geometric_vision_schedule
     from modeling_llava_ivtp.configuration_llava_ivtp import PRUNING_METHODS
+    from modeling_llava_ivtp.pruner_base import budget_schedule
 
     if spec == "full":
         return Setting(spec, {"pruning_method": None})
@@ -118,30 +119,23 @@ def parse_setting(spec: str, base) -> Setting:
     kept, patches = int(budget), base.num_patches
     if not 1 <= kept <= patches:
         raise EvalError(f"--settings {spec}: K must be in [1, {patches}] (the patches per image), got {kept}.")
-    if kind not in ("ivtp", "stage1"):
-        if mode:
-            raise EvalError(f"--settings {spec}: {kind}@K takes no guidance mode.")
-        setting = Setting(spec, {"schedule": None, "pruning_method": kind, "pruning_options": {"visual_tokens": kept}})
-        try:
-            setting.config_of(base)
-        except ValueError as error:
-            raise EvalError(f"--settings {spec}: {error}") from None
-        return setting
-    if base.schedule is None:
-        raise EvalError(f"--settings {spec}: the model has no pruning schedule to scale; use preset:PATH.")
     if kind == "stage1":
         if mode:
             raise EvalError(f"--settings {spec}: stage1@K takes no guidance mode (stage 2 is off).")
         return Setting(spec, {"pruning_method": "ivtp", "pruning_options": None,
-                              "schedule": {"vision": geometric_vision_schedule(base, kept), "llm": []}})
+                              "schedule": budget_schedule(base, kept, llm=False)})
+    if mode and kind != "ivtp":
+        raise EvalError(f"--settings {spec}: {kind}@K takes no guidance mode.")
     if mode and mode not in GUIDANCE_MODES:
         raise EvalError(f"--settings {spec}: guidance {mode!r} is not one of {list(GUIDANCE_MODES)}.")
+    # The budget as a config states it (IVTP derives its schedule from it: `pruner_base.budget_schedule`).
+    fields = {"schedule": None, "pruning_method": kind, "pruning_options": {"visual_tokens": kept}}
+    setting = Setting(spec, {**fields, **({"guidance": mode} if mode else {})})
     try:
-        schedule = derive_schedule(base.schedule, patches, kept)
-    except BenchError as error:
+        setting.config_of(base)
+    except ValueError as error:
         raise EvalError(f"--settings {spec}: {error}") from None
-    return Setting(spec, {"pruning_method": "ivtp", "pruning_options": None, "schedule": schedule,
-                          **({"guidance": mode} if mode else {})})
+    return setting
 
 
 # ----------------------------------------------------------------------------------------------------------------

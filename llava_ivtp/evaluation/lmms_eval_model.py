@@ -31,7 +31,6 @@ Not supported: `generate_until_multi_round` (refused with an error naming it).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from lmms_eval.api.instance import Instance

@@ -28,8 +28,8 @@ Figures, per variant and batch size:
   CUDA: device time of the kernels inside them).
 
 `--plot` sweeps the number of kept tokens (16-512, like the paper's Fig. 4) and draws analytic TFLOPs and measured
-IVTP prefill latency against it. Schedules for other kept counts are derived from the config's schedule by
-`derive_schedule` (each count keeps its share of the log-reduction, see there).
+IVTP prefill latency against it. The schedule for a kept count is the one `pruning_options={"visual_tokens": K}`
+derives (`kept_schedule`: the 7B preset's shape on the config's geometry).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import ctypes
 import gc
 import importlib.util
 import json
-import math
 import os
 import platform
 import shlex
@@ -145,37 +144,15 @@ def load_config_dict(spec: str) -> tuple[dict, str]:
     )
 
 
-def derive_schedule(schedule: dict, num_patches: int, kept: int) -> dict:
-    """The schedule that ends with `kept` visual tokens, derived from `schedule` (which ends with `k0`).
+def kept_schedule(config_dict: dict, kept: int) -> dict:
+    """IVTP's schedule for `kept` visual tokens on the geometry of `config_dict`: the project's one budget rule
+    (`modeling_llava_ivtp.pruner_base.budget_schedule`), so `--kept K` runs what `pruning_options={"visual_tokens":
+    K}` runs. For the 7B preset's geometry, e.g., 16 -> vision [416, 304, 224, 160, 120, 88, 64, 48], LLM
+    [32, 24, 16, 16]."""
+    from modeling_llava_ivtp import IvtpConfig
+    from modeling_llava_ivtp.pruner_base import budget_schedule
 
-    Every count `c` keeps its share of the log-reduction: `c' = P * (c / P) ** s` with `P` the patches per image and
-    `s = log(kept / P) / log(k0 / P)`; `s = 1` gives the schedule back, `s = 0` keeps every patch. Counts are rounded
-    to multiples of 8 (the presets' grid; 1 below 576 / 8 patches), held between `kept` and the previous count, and
-    the last count is `kept`. Group structure (entries per stage) is unchanged. For the 7B preset this gives, e.g.,
-    16 -> vision [416, 304, 224, 160, 120, 88, 64, 48], LLM [32, 24, 16, 16].
-    """
-    counts = list(schedule["vision"]) + list(schedule["llm"])
-    if not counts:
-        raise BenchError("--kept needs a config that prunes: its schedule has no counts.")
-    base_final = counts[-1]
-    if kept == base_final:
-        return {stage: list(schedule[stage]) for stage in ("vision", "llm")}
-    if base_final >= num_patches:
-        raise BenchError(
-            f"--kept: the config's schedule keeps every patch ({base_final}); there is no reduction to scale."
-        )
-    share = math.log(kept / num_patches) / math.log(base_final / num_patches)
-    quantum = max(1, (8 * num_patches) // 576)
-    derived, previous = [], num_patches
-    for count in counts:
-        value = num_patches * (count / num_patches) ** share
-        value = quantum * round(value / quantum)
-        value = max(kept, min(previous, value))
-        derived.append(value)
-        previous = value
-    derived[-1] = kept
-    split = len(schedule["vision"])
-    return {"vision": derived[:split], "llm": derived[split:]}
+    return budget_schedule(IvtpConfig(**dict(copy.deepcopy(config_dict), schedule=None)), kept)
 
 
 def stock_config_dict(config_dict: dict) -> dict:
@@ -672,10 +649,7 @@ def _prepare_config(args) -> tuple[dict, str]:
     _check_args(args, config_dict)
     _prepare_outputs(args)
     if args.kept is not None:
-        from modeling_llava_ivtp import IvtpConfig
-
-        num_patches = IvtpConfig(**copy.deepcopy(config_dict)).num_patches
-        config_dict["schedule"] = derive_schedule(config_dict["schedule"], num_patches, args.kept)
+        config_dict["schedule"] = kept_schedule(config_dict, args.kept)
     return config_dict, name if name in NAMED_CONFIGS else description
 
 
@@ -914,10 +888,9 @@ def sweep_kept(models: dict, config_dict: dict, args, device, dtype, bar) -> lis
     weights = models["ivtp_sdpa"].state_dict()
     config = models["ivtp_sdpa"].config
     common, guidance = build_inputs(config, batch_size, args.text_tokens, device, dtype, args.seed + batch_size)
-    num_patches = config.num_patches
     rows = []
     for kept in sorted(set(args.plot_kept)):
-        swept = dict(copy.deepcopy(config_dict), schedule=derive_schedule(config_dict["schedule"], num_patches, kept))
+        swept = dict(copy.deepcopy(config_dict), schedule=kept_schedule(config_dict, kept))
         IvtpConfig(**copy.deepcopy(swept))  # validated
         model = build_ivtp_model(swept, weights, device, dtype)
         runner = Runner("ivtp_sdpa", model, common, guidance, device, args.new_tokens)
@@ -1075,4 +1048,4 @@ def _write_json(report: dict, path: Path | None) -> None:
         path.write_text(json.dumps(report, indent=2, default=str))
 
 
-__all__ = ["add_arguments", "run", "derive_schedule", "build_models", "build_inputs", "NAMED_CONFIGS"]
+__all__ = ["add_arguments", "run", "kept_schedule", "build_models", "build_inputs", "NAMED_CONFIGS"]

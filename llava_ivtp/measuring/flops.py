@@ -45,6 +45,7 @@ from modeling_llava_ivtp.configuration_llava_ivtp import (
     stock_llava_fields,
 )
 from modeling_llava_ivtp.modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
+from modeling_llava_ivtp.pruner_base import budget_schedule
 
 
 aten = torch.ops.aten
@@ -162,31 +163,18 @@ def final_visual_tokens(config) -> int:
     return schedule["llm"][-1] if schedule and schedule["llm"] else visual_tokens_into_llm(config)
 
 
-def geometric_vision_schedule(config: IvtpConfig, final: int | None = None, multiple: int = 8) -> list[int]:
-    """Vision counts decaying geometrically from the patches to `final` over the stage-1 groups, rounded to
-    multiples of `multiple` (the rule the presets' counts come from), last entry exactly `final`.
-
-    `final` defaults to the visual tokens the preset keeps in the end (64 for the LLaVA-1.5 presets)."""
-    groups = len(config.vision_layer_groups)
-    patches = config.num_patches
-    final = final_visual_tokens(config) if final is None else final
-    if not 1 <= final <= patches:
-        raise ValueError(f"TopK's final token count must be in [1, {patches}] (the patches per image), got {final}.")
-    counts = []
-    for group in range(1, groups):
-        count = patches * (final / patches) ** (group / groups)
-        counts.append(min(patches, max(final, multiple * round(count / multiple))))
-    counts.append(final)
-    for index in range(len(counts) - 2, -1, -1):  # never increasing
-        counts[index] = max(counts[index], counts[index + 1])
-    return counts
-
-
 def topk_config(config: IvtpConfig, vision_schedule: list[int] | None = None, final: int | None = None) -> IvtpConfig:
     """Vision-only pruning (stage 1 only, no CLIP text tower) with `vision_schedule`, by default geometric from the
-    patches to `final` (default: the tokens `config` keeps in the end, 64 for the LLaVA-1.5 presets)."""
+    patches to `final` (`budget_schedule(..., llm=False)`; `final` defaults to the tokens `config` keeps in the end,
+    64 for the LLaVA-1.5 presets)."""
+    final = final_visual_tokens(config) if final is None else final
+    if not 1 <= final <= config.num_patches:
+        raise ValueError(
+            f"TopK's final token count must be in [1, {config.num_patches}] (the patches per image), got {final}."
+        )
     values = config.to_dict()
-    values["schedule"] = {"vision": list(vision_schedule or geometric_vision_schedule(config, final)), "llm": []}
+    vision_schedule = vision_schedule or budget_schedule(config, final, llm=False)["vision"]
+    values["schedule"] = {"vision": list(vision_schedule), "llm": []}
     values["clip_text_encoder"] = None
     topk = IvtpConfig.from_dict(values)
     topk._attn_implementation = config._attn_implementation or "sdpa"
@@ -737,7 +725,6 @@ __all__ = [
     "example_inputs",
     "flops_report",
     "final_visual_tokens",
-    "geometric_vision_schedule",
     "measure",
     "part_breakdown",
     "run",

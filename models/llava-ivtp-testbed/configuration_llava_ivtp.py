@@ -225,7 +225,7 @@ class IvtpConfig(LlavaConfig):
     def _check_method(self) -> None:
         """The method's options, checked by its pruner; IVTP's budget derives its schedule; other methods take no
         `schedule` (IVTP's field: silently unused, it would look like it applied)."""
-        from .pruners import PRUNERS, two_site_schedule  # the registry imports the pruners (torch and transformers)
+        from .pruners import PRUNERS, budget_schedule  # the registry imports the pruners (torch and transformers)
 
         method = self.pruning_method
         if method is None:
@@ -241,7 +241,7 @@ class IvtpConfig(LlavaConfig):
         budget = values.get("visual_tokens")
         if method != "ivtp" or budget is None:
             return
-        derived = two_site_schedule(self, budget)
+        derived = budget_schedule(self, budget)
         if self.schedule is None:
             self.schedule = derived
         elif self.schedule != derived:

@@ -266,34 +266,45 @@ def check_int(method: str, name: str, value, low: int, high: int, what: str) -> 
     return value
 
 
-def geometric_counts(start: int, final: int, steps: int, multiple: int = 8) -> list[int]:
-    """`steps` token counts decaying geometrically from `start` to exactly `final`, rounded to multiples of
-    `multiple` in between and never increasing (the rule of the presets' stage-1 counts)."""
-    counts = []
-    for step in range(1, steps):
-        count = start * (final / start) ** (step / steps)
-        counts.append(min(start, max(final, multiple * round(count / multiple))))
-    counts.append(final)
-    for index in range(len(counts) - 2, -1, -1):
-        counts[index] = max(counts[index], counts[index + 1])
-    return counts
-
-
-def vision_group_schedule(config, final: int) -> dict[int, int]:
-    """`{last layer of each vision group: patches kept after it}`, geometric from every patch to `final` over the
-    groups of `config.group_size` layers that run for patch features (how IVTP's stage 1 spends layers)."""
-    groups = config.vision_layer_groups
-    counts = geometric_counts(config.num_patches, final, len(groups), max(1, (8 * config.num_patches) // 576))
-    return {last: count for (_, last), count in zip(groups, counts)}
-
-
-# The 7B preset's shape (`configuration/llava-1.5-7b-ivtp.json`): each count's share of the log-reduction from 576
-# patches to the final 64, `log(c / 576) / log(64 / 576)`, in the vision tower's 8 groups and the LLM's 4. Methods that
-# prune at both sites (IVTP with a budget, TopK+, ToMe+) spend a budget `K` with the same shares: `P * (K / P) ** share`
-# (on another geometry the shares are interpolated over the groups it has).
+# The one budget rule. A budget `K` (visual tokens per image in the LLM's last layers) becomes per-group counts that
+# each keep their share `s` of the log-reduction from the `P` patches to `K`: `P * (K / P) ** s`, rounded to the
+# presets' grid (multiples of 8 at 576 patches), never increasing, the last exactly `K`. The shares are the 7B preset's
+# (`configuration/llava-1.5-7b-ivtp.json`: `log(c / 576) / log(64 / 576)` for each of its counts, 8 vision groups
+# then 4 LLM groups; on another geometry the curve is read at the groups it has); a method that prunes in the vision
+# tower only spends the reduction evenly over its groups (share `g / G`: geometric counts).
 PRESET_PATCHES, PRESET_FINAL = 576, 64
 PRESET_VISION = (472, 392, 320, 264, 224, 184, 152, 120)
 PRESET_LLM = (104, 88, 72, 64)
+
+
+def budget_schedule(config, budget: int, llm: bool = True) -> dict:
+    """`{"vision": [...], "llm": [...]}`: patches kept after each vision group of `config.group_size` layers and
+    visual tokens kept after each LLM group, for `budget` (the rule above). `llm=True`: both stages shaped as the 7B
+    preset, with up to four LLM groups, fewer where the LLM cannot hold them before its last layer (none: the vision
+    tower spends the whole reduction); for the 7B preset's geometry and a budget of 64 this is the preset.
+    `llm=False`: the vision tower only, geometric. IVTP's `visual_tokens`, `llava-ivtp eval`'s `ivtp@K` /
+    `stage1@K`, `bench --kept`, `flops` and every method with a schedule (TopK, EViT, TopK+, ToMe+) use it."""
+    vision_groups = len(config.vision_layer_groups)
+    llm_groups = min(len(PRESET_LLM), (config.text_config.num_hidden_layers - 1) // config.group_size) if llm else 0
+    if llm:
+        shares = _interpolate(_shares(PRESET_VISION), 0.0, vision_groups)
+        shares += _interpolate(_shares(PRESET_LLM), shares[-1], llm_groups)
+    else:
+        shares = [group / vision_groups for group in range(1, vision_groups + 1)]
+    patches = config.num_patches
+    multiple = max(1, (8 * patches) // PRESET_PATCHES)
+    counts, previous = [], patches
+    for share in shares:
+        value = multiple * round(patches * (budget / patches) ** share / multiple)
+        previous = max(budget, min(previous, value))
+        counts.append(previous)
+    counts[-1] = budget
+    return {"vision": counts[:vision_groups], "llm": counts[vision_groups:]}
+
+
+def at_group_ends(groups, counts) -> dict[int, int]:
+    """`{last layer of each group: its count}` for `(first, last)` layer groups and their counts."""
+    return {last: count for (_, last), count in zip(groups, counts)}
 
 
 def _shares(counts) -> list[float]:
@@ -311,27 +322,6 @@ def _interpolate(shares: list[float], start: float, steps: int) -> list[float]:
                 out.append(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
                 break
     return out
-
-
-def two_site_schedule(config, budget: int) -> dict:
-    """`{"vision": [...], "llm": [...]}` for `budget`, shaped as the 7B preset (see `PRESET_VISION`): four LLM groups of
-    `config.group_size` layers, fewer where the LLM cannot hold them before its last layer (none: every token is
-    pruned in the vision tower). For the 7B preset's geometry and a budget of 64 this is the preset."""
-    patches = config.num_patches
-    multiple = max(1, (8 * patches) // 576)
-    llm_groups = min(len(PRESET_LLM), (config.text_config.num_hidden_layers - 1) // config.group_size)
-    vision_shares = _interpolate(_shares(PRESET_VISION), 0.0, len(config.vision_layer_groups))
-    llm_shares = _interpolate(_shares(PRESET_LLM), vision_shares[-1], llm_groups)
-    if not llm_groups:
-        vision_shares[-1] = 1.0
-    counts, previous = [], patches
-    for share in vision_shares + llm_shares:
-        value = multiple * round(patches * (budget / patches) ** share / multiple)
-        previous = max(budget, min(previous, value))
-        counts.append(previous)
-    counts[-1] = budget
-    split = len(vision_shares)
-    return {"vision": counts[:split], "llm": counts[split:]}
 
 
 def sample_visual_cls(visual_cls: torch.Tensor, images_per_sample: torch.Tensor) -> torch.Tensor:
@@ -354,6 +344,5 @@ def register_pruner(cls: type[Pruner]) -> type[Pruner]:
 
 __all__ = [
     "POSITION_RULES", "QUERY_ROWS", "LlmView", "PRUNERS", "PruneContext", "Pruner", "Selection", "check_choice",
-    "check_int", "geometric_counts", "register_pruner", "sample_visual_cls", "select_keep_indices", "two_site_schedule",
-    "vision_group_schedule",
+    "at_group_ends", "budget_schedule", "check_int", "register_pruner", "sample_visual_cls", "select_keep_indices",
 ]

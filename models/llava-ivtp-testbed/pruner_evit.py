@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 from .attention_rows import RowRequest
-from .pruner_base import Pruner, Selection, check_choice, register_pruner, vision_group_schedule
+from .pruner_base import Pruner, Selection, at_group_ends, budget_schedule, check_choice, register_pruner
 
 
 # The fused token: EViT's released code ("sum", the default) or our normalised variant ("mean").
@@ -92,7 +92,8 @@ class EvitPruner(Pruner):
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        self.schedule = vision_group_schedule(config, self.budget)
+        counts = budget_schedule(config, self.budget, llm=False)["vision"]
+        self.schedule = at_group_ends(config.vision_layer_groups, counts)
         self.normalize = self.values["fused"] == "mean"
 
     @classmethod

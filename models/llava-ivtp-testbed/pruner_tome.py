@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from .attention_rows import RowRequest
-from .pruner_base import Pruner, Selection, check_choice, register_pruner, two_site_schedule
+from .pruner_base import Pruner, Selection, at_group_ends, budget_schedule, check_choice, register_pruner
 
 TOME_ORDERS = ("official", "original")
 
@@ -274,7 +274,7 @@ class TomePruner(Pruner):
 @register_pruner
 class TomePlusPruner(Pruner):
     """ToMe+ (paper Table 7): ToMe in the vision tower to the 7B preset's vision share of the budget
-    (`two_site_schedule`), then in the first LLM groups the visual tokens of each image are merged by bipartite
+    (`budget_schedule`), then in the first LLM groups the visual tokens of each image are merged by bipartite
     soft matching after each group's last layer (keys over heads as the metric, no token protected, repeated steps
     where more than half must go). Sizes restart at one in each LLM group: proportional attention is not carried into
     the decoder. Options: `order` as for `tome`; with `"official"` ToMe's sequence order is carried from the vision
@@ -286,11 +286,10 @@ class TomePlusPruner(Pruner):
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        schedule = two_site_schedule(config, self.budget)
+        schedule = budget_schedule(config, self.budget)
         layers = config.vision_layer_groups[-1][1] + 1
         self.removals = merge_counts(config.num_patches, schedule["vision"][-1], layers)
-        groups = config.llm_groups(len(schedule["llm"]))
-        self.llm = {last: count for (_, last), count in zip(groups, schedule["llm"])}
+        self.llm = at_group_ends(config.llm_groups(len(schedule["llm"])), schedule["llm"])
         self.official = self.values["order"] == "official"
         self.sizes = None
         self.order = None  # (images, 1 + tokens): the vision tower's ToMe order (official order)

@@ -18,11 +18,11 @@ from .pruning_ivtp import cosine_relevance
 from .pruner_base import (
     Pruner,
     Selection,
+    at_group_ends,
+    budget_schedule,
     register_pruner,
     sample_visual_cls,
     select_keep_indices,
-    two_site_schedule,
-    vision_group_schedule,
 )
 
 
@@ -80,7 +80,8 @@ class TopKPruner(Pruner):
     def __init__(self, config, context):
         super().__init__(config, context)
         if self.values["site"] == "groups":
-            self.schedule = vision_group_schedule(config, self.budget)
+            counts = budget_schedule(config, self.budget, llm=False)["vision"]
+            self.schedule = at_group_ends(config.vision_layer_groups, counts)
         else:
             self.schedule = {config.vision_layer_groups[-1][1]: self.budget}
 
@@ -94,17 +95,16 @@ class TopKPruner(Pruner):
 class TopKPlusPruner(Pruner):
     """TopK+ (paper Table 7): TopK in the vision tower, then in the first LLM groups the visual tokens most similar
     to a probe -- the projected visual CLS, carried through the layers as IVTP's pseudo-CLS is (so the rule is
-    TopK's, extended into the LLM). Budget split as the 7B preset's (`two_site_schedule`)."""
+    TopK's, extended into the LLM). Budget split as the 7B preset's (`budget_schedule`)."""
 
     name = "topk_plus"
     options = {"visual_tokens": 64}
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        schedule = two_site_schedule(config, self.budget)
-        self.vision = {last: count for (_, last), count in zip(config.vision_layer_groups, schedule["vision"])}
-        groups = config.llm_groups(len(schedule["llm"]))
-        self.llm = {last: count for (_, last), count in zip(groups, schedule["llm"])}
+        schedule = budget_schedule(config, self.budget)
+        self.vision = at_group_ends(config.vision_layer_groups, schedule["vision"])
+        self.llm = at_group_ends(config.llm_groups(len(schedule["llm"])), schedule["llm"])
 
     def after_vision_layer(self, layer_idx, hidden_states, request):
         if layer_idx not in self.vision:
