@@ -9,7 +9,7 @@ labels and outputs."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging
 
-from .attention_rows import base_backend, recording_backend
+from .attention_rows import RowRequest, base_backend, recording_backend
 from .cache_ivtp import IvtpCache
 from .configuration_llava_ivtp import IvtpConfig
 from .generation_ivtp import SEQUENCE_GUIDANCE_INPUTS, PrunedGeneration, host_past_length
@@ -63,6 +63,69 @@ logger = logging.get_logger(__name__)
 register_checkpoint_conversion_mapping(
     "LlavaIvtpForConditionalGeneration", get_checkpoint_conversion_mapping("llava"), overwrite=True
 )
+
+
+@dataclass
+class LayerRun:
+    """Decoder layers that see one token set: their input (`None`: the previous run's output), one mask, position
+    ids and rotary table, and the logical positions their cache layers hold (`held`). `probe`: the last row is the
+    probe token (left out of the hidden-state outputs and of the cache). `scoring`: the pruner's per-layer requests
+    (an `LlmScoring`). The decoder loop sets `output`, the run's last layer's output."""
+
+    layers: range
+    hidden_states: torch.Tensor | None
+    mask: object
+    position_ids: torch.Tensor
+    position_embeddings: tuple
+    held: torch.Tensor
+    probe: bool = False
+    scoring: LlmScoring | None = None
+    output: torch.Tensor | None = None
+
+
+@dataclass
+class LlmScoring:
+    """A prefill run's per-layer work for the pruner: ask a layer for attention rows (`request`), then read them
+    (`after_layer`). A pruner that scores with another layer (`Pruner.llm_scoring_layer`, PyramidDrop: the next)
+    gets that layer's attention over this layer's output, rows only. `selection`: the last layer's answer."""
+
+    pruner: object
+    view: LlmView
+    layers: nn.ModuleList
+    mask: object
+    position_embeddings: tuple
+    pending: RowRequest | None = None
+    scorer: nn.Module | None = None
+    selection: Selection | None = None
+
+    def request(self, layer_idx: int) -> RowRequest | None:
+        """The request for the layer call (`None` where the rows come from another layer or nothing is asked)."""
+        self.pending = self.pruner.llm_request(layer_idx, self.view)
+        scoring_layer = self.pruner.llm_scoring_layer(layer_idx) if self.pending is not None else layer_idx
+        self.scorer = self.layers[scoring_layer] if scoring_layer != layer_idx else None
+        return self.pending if self.scorer is None else None
+
+    def after_layer(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
+        if self.scorer is not None:  # the scoring layer's attention over this layer's output, rows only
+            with record_function("ivtp/llm_scoring"), torch.no_grad():
+                self.pending.rows_only = True
+                self.scorer.self_attn(
+                    self.scorer.input_layernorm(hidden_states), position_embeddings=self.position_embeddings,
+                    attention_mask=self.mask, ivtp_rows=self.pending,
+                )
+        with record_function("ivtp/llm_scoring"):
+            self.selection = self.pruner.after_llm_layer(layer_idx, self.view, self.pending, hidden_states)
+
+
+@dataclass
+class LlmPass:
+    """What the LLM part of a pruned prefill leaves: the token state after the last run, per pruning layer the
+    kept patches and the kept count (device tensors), and the visual tokens each layer held."""
+
+    tokens: TokenState
+    keep: list = field(default_factory=list)
+    counts: list = field(default_factory=list)
+    per_layer: tuple = ()
 
 
 # The modules IVTP adds to Llava (instruction guidance); llava-hf checkpoints lack them.
@@ -421,55 +484,53 @@ class LlavaIvtpForConditionalGeneration(
             position_ids = new_positions
         output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
         kwargs.pop("use_cache", None)
-        hidden_states, all_hidden = self._decode_layers(
+        runs = self._step_runs(
             inputs_embeds, attention_mask.to(device).bool(), position_ids.to(device).expand(batch_size, -1),
-            new_positions, cache, output_hidden_states, past_length, **kwargs,
+            new_positions, cache, past_length,
         )
+        all_hidden = self._run_decoder(runs, cache, True, output_hidden_states, **kwargs)
+        hidden_states, all_hidden = self._final_norm(runs[-1].output, all_hidden)
         cache.set_logical_length(past_length + num_new)
         return self._head(hidden_states, new_positions, labels, logits_to_keep, kwargs, label_offset=past_length,
                           hidden_states=all_hidden, **cache_kwargs(cache))
 
-    def _decode_layers(self, hidden_states, attention_mask, position_ids, new_positions, cache, output_hidden_states,
-                       past_length: int, **kwargs):
-        """The decoder layers over the new tokens. Per run of layers that share one record of held positions (a
-        pruning segment), the logical 2-D mask is gathered at the positions the run holds, then causal masking runs
-        over the layer's physical keys. Where the prefill renumbered positions (`cache.renumbered_positions`), the
-        new tokens' ids are lowered, per run, by the logical tokens the run does not hold: they sit right after the
-        tokens it holds, as a prefill of the whole sequence would place them."""
+    def _step_runs(self, hidden_states, attention_mask, position_ids, new_positions, cache: IvtpCache,
+                   past_length: int) -> list[LayerRun]:
+        """The runs of a step over the pruned cache: consecutive layers that share one record of held positions (a
+        run of the prefill). Per run, the logical 2-D mask is gathered at the positions the run holds, then causal
+        masking runs over the layer's physical keys. Where the prefill renumbered positions
+        (`cache.renumbered_positions`), the new tokens' ids are lowered, per run, by the logical tokens the run does
+        not hold: they sit right after the tokens it holds, as a prefill of the whole sequence would place them."""
         language_model = self.model.language_model
         renumbered = cache.renumbered_positions
         if not renumbered:
             position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids)
-        all_hidden = () if output_hidden_states else None
-        held, mask = None, None
-        for layer_idx, layer in enumerate(language_model.layers):
-            if cache.layer_positions[layer_idx] is None:
+        runs, previous = [], None
+        for layer_idx in range(self.config.text_config.num_hidden_layers):
+            held = cache.layer_positions[layer_idx]
+            if held is None:
                 raise ValueError(f"The IvtpCache has no record of the tokens layer {layer_idx} holds; prefill again.")
-            if cache.layer_positions[layer_idx] is not held:  # the first layer of a run that shares one record
-                held = cache.layer_positions[layer_idx]
-                record = torch.cat([held.to(hidden_states.device), new_positions], dim=1)
-                kv_mask = attention_mask.gather(1, record.clamp_min(0)) & (record >= 0)
-                mask = create_causal_mask(
-                    config=self.config.text_config, inputs_embeds=hidden_states, attention_mask=kv_mask,
-                    **cache_kwargs(cache), position_ids=None, layer_idx=layer_idx,
-                    # An explicit mask per run; checking whether it could be skipped reads the device, once per run
-                    # and step (stock Llava reads once per step).
-                    allow_is_causal_skip=False,
-                )
-                if renumbered:  # the logical tokens before this step that the run does not hold
-                    not_held = past_length - (held >= 0).sum(dim=1, keepdim=True).to(position_ids.device)
-                    position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids - not_held)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
-            hidden_states = layer(
-                hidden_states, attention_mask=mask, position_ids=position_ids, **cache_kwargs(cache), use_cache=True,
-                position_embeddings=position_embeddings, **kwargs,
+            if held is previous:  # the run goes on
+                runs[-1].layers = range(runs[-1].layers.start, layer_idx + 1)
+                continue
+            previous = held
+            record = torch.cat([held.to(hidden_states.device), new_positions], dim=1)
+            kv_mask = attention_mask.gather(1, record.clamp_min(0)) & (record >= 0)
+            mask = create_causal_mask(
+                config=self.config.text_config, inputs_embeds=hidden_states, attention_mask=kv_mask,
+                **cache_kwargs(cache), position_ids=None, layer_idx=layer_idx,
+                # An explicit mask per run; checking whether it could be skipped reads the device, once per run
+                # and step (stock Llava reads once per step).
+                allow_is_causal_skip=False,
             )
-            cache.record_positions(layer_idx, record)
-        hidden_states = language_model.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden += (hidden_states,)
-        return hidden_states, all_hidden
+            if renumbered:  # the logical tokens before this step that the run does not hold
+                not_held = past_length - (held >= 0).sum(dim=1, keepdim=True).to(position_ids.device)
+                position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids - not_held)
+            runs.append(LayerRun(
+                range(layer_idx, layer_idx + 1), None if runs else hidden_states, mask, position_ids,
+                position_embeddings, held=record,
+            ))
+        return runs
 
     # ------------------------------------------------------------------------------------------------------------
     # The head, the loss and the output of a pruned forward
@@ -593,17 +654,25 @@ class LlavaIvtpForConditionalGeneration(
     # Site 3: the language model
     # ------------------------------------------------------------------------------------------------------------
     def _run_language_model(self, tokens: TokenState, fully_attended, has_image, pruner, cache, use_cache, **kwargs):
-        """The decoder loop of `LlamaModel.forward` over pruned token sets (adapted from transformers 5.23).
-
-        Layers run in segments that see one token set: up to each pruning layer, then the rest. Sizes come from the
-        token state's host fields, so the loop does not wait for the device; `fully_attended` says the input had no
-        padding; `has_image` is the device twin of `tokens.has_image`. Returns the kept counts as device tensors,
-        which the caller reads once the forward is queued.
-        """
-        language_model = self.model.language_model
+        """The LLM over pruned token sets: the runs of `_prefill_runs` through the one decoder loop. Returns the
+        final hidden states, the final token state, the kept patches and counts (device tensors, which the caller
+        reads once the forward is queued) per pruning layer, the hidden states per layer and the visual tokens each
+        layer held."""
         output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
-        device = tokens.hidden_states.device
-        has_image = has_image.to(device)
+        llm = LlmPass(tokens)
+        runs = self._prefill_runs(llm, fully_attended, has_image, pruner, cache)
+        all_hidden = self._run_decoder(runs, cache, use_cache, output_hidden_states, **kwargs)
+        hidden_states, all_hidden = self._final_norm(llm.tokens.hidden_states, all_hidden)
+        return hidden_states, llm.tokens, tuple(llm.keep), llm.counts, all_hidden, llm.per_layer
+
+    def _prefill_runs(self, llm: LlmPass, fully_attended, has_image, pruner, cache):
+        """Yields the runs of a pruned prefill: up to each pruning layer, then the rest (`layer_segments`); each run
+        gets its mask and rotary table, and after it the pruner's selection makes the next run's tokens (`llm`
+        holds the state). Sizes come from the token state's host fields, so nothing waits for the device;
+        `fully_attended` says the input had no padding; `has_image` is the device twin of `tokens.has_image`."""
+        language_model = self.model.language_model
+        tokens = llm.tokens
+        has_image = has_image.to(tokens.hidden_states.device)
         prune_layers = pruner.llm_prune_layers()
         any_image = bool(prune_layers) and any(tokens.has_image)
         image_rows = true_indices(has_image.unsqueeze(0), len(tokens.image_rows))[0] if any_image else None
@@ -612,55 +681,63 @@ class LlavaIvtpForConditionalGeneration(
         if probe is not None:  # it sits after every real token: causality keeps them from attending to it
             with record_function("ivtp/llm_selection"):
                 tokens = tokens.append_probe(*probe)
-        all_hidden = () if output_hidden_states else None
-        llm_keep, kept_counts, per_layer = [], [], ()
         for first, last in layer_segments(prune_layers, self.config.text_config.num_hidden_layers):
-            with record_function("ivtp/segment_setup"):  # a mask and rotary table per segment (stock: one)
+            with record_function("ivtp/segment_setup"):  # a mask and rotary table per run (stock: one)
                 # Without padding slots or input padding the 2-D mask is all ones: leave it out (nothing to read).
                 unpadded = fully_attended and not any(tokens.pads)
                 mask = segment_mask(self.config.text_config, tokens, cache, first, unpadded=unpadded)
                 position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
             view = LlmView(tokens, image_rows, tokens.visual_slots(image_rows)) if any_image else None
-            held = tokens.positions[:, :-1] if tokens.probe else tokens.positions  # one record shared by the segment
-            hidden_states, selection = tokens.hidden_states, None
-            per_layer += (tokens.visual if any(tokens.has_image) else 0,) * (last - first + 1)
-            for layer_idx in range(first, last + 1):
-                if output_hidden_states:
-                    all_hidden += (hidden_states[:, :-1] if tokens.probe else hidden_states,)
-                request = pruner.llm_request(layer_idx, view) if view is not None else None
-                scoring_layer = pruner.llm_scoring_layer(layer_idx) if request is not None else layer_idx
-                hidden_states = language_model.layers[layer_idx](
-                    hidden_states, attention_mask=mask, position_ids=tokens.position_ids, **cache_kwargs(cache),
-                    use_cache=use_cache, position_embeddings=position_embeddings,
-                    **_rows_kwarg(request if scoring_layer == layer_idx else None), **kwargs,
-                )
-                if scoring_layer != layer_idx:  # the scoring layer's attention over this layer's output, rows only
-                    with record_function("ivtp/llm_scoring"), torch.no_grad():
-                        scorer = language_model.layers[scoring_layer]
-                        request.rows_only = True
-                        scorer.self_attn(scorer.input_layernorm(hidden_states), position_embeddings=position_embeddings,
-                                         attention_mask=mask, ivtp_rows=request)
-                if view is not None:
-                    with record_function("ivtp/llm_scoring"):
-                        selection = pruner.after_llm_layer(layer_idx, view, request, hidden_states)
-                if cache is not None:
-                    if tokens.probe:
-                        cache.drop_last_token(layer_idx)  # the probe never enters the KV cache
-                    cache.record_positions(layer_idx, held)
-            tokens = replace(tokens, hidden_states=hidden_states)
+            scoring = None if view is None else LlmScoring(pruner, view, language_model.layers, mask, position_embeddings)
+            llm.per_layer += (tokens.visual if any(tokens.has_image) else 0,) * (last - first + 1)
+            run = LayerRun(
+                range(first, last + 1), tokens.hidden_states, mask, tokens.position_ids, position_embeddings,
+                held=tokens.positions[:, :-1] if tokens.probe else tokens.positions, probe=tokens.probe,
+                scoring=scoring,
+            )
+            yield run
+            tokens = replace(tokens, hidden_states=run.output)
             if last in prune_layers:
-                tokens, kept_patches = self._select_llm(
-                    tokens, view, selection, pruner.llm_budget(last), pruner.renumbers
-                )
-                llm_keep.append(kept_patches)
+                selection = scoring.selection if scoring is not None else None
+                tokens, kept_patches = self._select_llm(tokens, view, selection, pruner.llm_budget(last), pruner.renumbers)
+                llm.keep.append(kept_patches)
                 # Visual tokens per image, off the pruned tensors; read by the caller with the logits.
-                kept_counts.append(torch.where(has_image, tokens.is_visual.sum(dim=1), 0).max())
+                llm.counts.append(torch.where(has_image, tokens.is_visual.sum(dim=1), 0).max())
                 if last == prune_layers[-1] and tokens.probe:
                     tokens = tokens.drop_probe()  # the probe leaves after the last pruning layer
-        hidden_states = language_model.norm(tokens.hidden_states)
-        if output_hidden_states:
-            all_hidden += (hidden_states,)
-        return hidden_states, tokens, tuple(llm_keep), kept_counts, all_hidden, per_layer
+        llm.tokens = tokens
+
+    def _run_decoder(self, runs, cache, use_cache, output_hidden_states: bool, **kwargs):
+        """The decoder loop of `LlamaModel.forward` (adapted from transformers 5.23), written once for a pruned
+        prefill and for steps over a pruned cache: each `LayerRun` is a run of layers that sees one token set. A
+        run's layers may be asked for attention rows (`LayerRun.scoring`); every layer records the positions its
+        cache holds. Returns the hidden states at each layer's input (or `None`); sets each run's `output`."""
+        layers = self.model.language_model.layers
+        all_hidden = () if output_hidden_states else None
+        hidden_states = None
+        for run in runs:
+            hidden_states = run.hidden_states if run.hidden_states is not None else hidden_states
+            for layer_idx in run.layers:
+                if output_hidden_states:
+                    all_hidden += (hidden_states[:, :-1] if run.probe else hidden_states,)
+                request = run.scoring.request(layer_idx) if run.scoring is not None else None
+                hidden_states = layers[layer_idx](
+                    hidden_states, attention_mask=run.mask, position_ids=run.position_ids, **cache_kwargs(cache),
+                    use_cache=use_cache, position_embeddings=run.position_embeddings, **_rows_kwarg(request), **kwargs,
+                )
+                if run.scoring is not None:
+                    run.scoring.after_layer(layer_idx, hidden_states)
+                if cache is not None:
+                    if run.probe:
+                        cache.drop_last_token(layer_idx)  # the probe never enters the KV cache
+                    cache.record_positions(layer_idx, run.held)
+            run.output = hidden_states
+        return all_hidden
+
+    def _final_norm(self, hidden_states, all_hidden):
+        """The decoder's final norm; its output is the last entry of the hidden states per layer."""
+        hidden_states = self.model.language_model.norm(hidden_states)
+        return hidden_states, (all_hidden + (hidden_states,) if all_hidden is not None else None)
 
     @staticmethod
     def _select_llm(tokens: TokenState, view: LlmView | None, selection, num_keep: int, renumber: bool):
