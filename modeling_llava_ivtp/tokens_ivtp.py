@@ -17,6 +17,7 @@ from transformers.masking_utils import (
     create_causal_mask,
 )
 
+from .attention_rows import takes_dense_masks
 from .transformers_compat import cache_kwargs
 
 
@@ -77,6 +78,12 @@ class TokenState:
     def last_real_slot(self) -> int:
         """The slot of every row's last real token (the probe, when present, comes after it)."""
         return self.length - 1 - int(self.probe)
+
+    def probe_key_end(self) -> torch.Tensor:
+        """`(batch,)`: the last slot the probe may attend to besides itself -- each sample's last visual slot (-1
+        for a sample without an image, whose probe sees only itself)."""
+        slots = torch.arange(self.is_visual.shape[1], device=self.hidden_states.device)
+        return torch.where(self.is_visual.to(slots.device), slots, -1).amax(dim=1)
 
     @property
     def visual_end(self) -> int:
@@ -178,8 +185,11 @@ def pack_rows(keep: torch.Tensor, max_kept: int) -> tuple[torch.Tensor, torch.Te
     return packed.clamp_min(0), slot_valid
 
 
-def segment_mask(text_config, tokens: TokenState, cache, layer_idx: int, unpadded: bool = False):
-    """The 4-D mask of one segment: causal over the kept tokens (order is kept), padding, the probe's rule.
+def segment_mask(text_config, tokens: TokenState, cache, layer_idx: int, unpadded: bool = False, probe_end=None):
+    """The mask of one segment, in the backend's form (4-D for sdpa and eager, a `BlockMask` for flex attention, a
+    2-D padding mask or none for flash attention, none for a backend without masks): causal over the kept tokens
+    (order is kept), padding, and in 4-D masks the probe's rule (`probe_end`, `TokenState.probe_key_end`); for the
+    other forms the recording backend recomputes the probe's row (`attention_rows`).
 
     `unpadded` (known on the host) says every slot is an attended token: the padding mask is left out, which
     spares building it and the backend's check of it (a wait for the device).
@@ -189,7 +199,7 @@ def segment_mask(text_config, tokens: TokenState, cache, layer_idx: int, unpadde
     would `vmap` it element by element (6 ms against 1 ms per segment of 633 tokens on 2 CPU cores). The
     prefill's cache is empty (`check_prefill_cache`), so keys are the segment's tokens.
     """
-    if not tokens.probe:
+    if not tokens.probe or not takes_dense_masks(text_config._attn_implementation):
         return create_causal_mask(
             config=text_config,
             inputs_embeds=tokens.hidden_states,
@@ -202,9 +212,7 @@ def segment_mask(text_config, tokens: TokenState, cache, layer_idx: int, unpadde
     batch_size, num_slots = tokens.is_visual.shape
     device = tokens.hidden_states.device
     pseudo_slot = num_slots - 1
-    slots = torch.arange(num_slots, device=device)
-    # Last visual slot of each sample; samples without an image let the pseudo-CLS see only itself.
-    visual_end = torch.where(tokens.is_visual.to(device), slots, -1).amax(dim=1)
+    visual_end = probe_end if probe_end is not None else tokens.probe_key_end()
 
     def pseudo_cls_rule(batch_idx, head_idx, q_idx, kv_idx):  # index-based: broadcasts over (b, h, q, kv)
         return (q_idx != pseudo_slot) | (kv_idx <= visual_end[batch_idx]) | (kv_idx == pseudo_slot)

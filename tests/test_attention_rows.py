@@ -138,5 +138,5 @@ def test_an_unanswered_request_says_why():
     request = RowRequest(rows=torch.tensor([0]))
     with torch.no_grad():
         stock(hidden, cos_sin, _mask_for("eager", allowed), ivtp_rows=request)  # stock eager ignores the kwarg
-    with pytest.raises(RuntimeError, match="not a recording one"):
+    with pytest.raises(RuntimeError, match="not a recording twin"):
         request.probabilities

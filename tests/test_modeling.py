@@ -365,14 +365,6 @@ def test_overriding_the_feature_layer_is_refused():
         run(model, make_batch(), vision_feature_layer=-1)
 
 
-@pytest.mark.parametrize("attn_implementation", ["flash_attention_2", "flex_attention"])
-def test_attention_without_the_pseudo_cls_mask_is_refused_with_stage_2(attn_implementation):
-    model = tiny_model()
-    model.config.text_config._attn_implementation_internal = attn_implementation
-    with pytest.raises(ValueError, match=f"_attn_implementation='{attn_implementation}' is not one of"):
-        run(model, make_batch())
-
-
 def test_cache_must_be_an_ivtp_cache():
     from transformers import DynamicCache
 

@@ -17,12 +17,12 @@ two give the same answers on the same questions).
   `clip` (its open_clip CLIP, as `llava-ivtp convert --clip` takes it), converted in memory;
 - `method`: a registered pruning method (`ivtp`, `fastv`, `divprune`, ...), or `none` for stock Llava (every token);
   default: the checkpoint's own;
-- `budget`: visual tokens per image in the LLM's last layers (each method maps it to its own schedule; IVTP scales
-  the checkpoint's schedule, as `llava-ivtp eval --settings ivtp@K`); `schedule`: IVTP's schedule as JSON
+- `budget`: visual tokens per image in the LLM's last layers (each method maps it to its own schedule; IVTP's is
+  `pruner_base.budget_schedule`'s, as `llava-ivtp eval --settings ivtp@K`); `schedule`: IVTP's schedule as JSON
   (`'{"vision": [...], "llm": [...]}'`) instead; `pruning_options`: the method's other options as JSON;
 - `guidance` (IVTP's pseudo-CLS: `clip_relevance`, `instruction_mean`, `embedding_relevance`, `visual_cls`), `tau`;
 - `dtype` (`auto`, `float16`, `bfloat16`, `float32`), `device` (default: cuda when there is one, else cpu),
-  `device_map` (e.g. `auto`), `batch_size`, `attn_implementation` (`sdpa`, `eager`), `max_new_tokens` (used when the
+  `device_map` (e.g. `auto`), `batch_size`, `attn_implementation` (any backend), `max_new_tokens` (used when the
   task sets none; default 128), `trust_remote_code` (default true).
 
 Not supported: `generate_until_multi_round` (refused with an error naming it).

@@ -1,15 +1,28 @@
 """Attention rows from the layers' own computation: the attention backends the pruned model runs with.
 
-A pruner that scores tokens by attention asks a layer for some rows of its attention matrix. The model runs its
-layers with `"ivtp_sdpa"` (or `"ivtp_eager"`): registered through transformers' `AttentionInterface`, they call the
-stock `"sdpa"` (`"eager"`) function unchanged, and when the layer call carries `ivtp_rows=RowRequest(...)` they hand
-the request the very queries, keys (after rotary embedding), values and 4-D mask the layer just used. The request
-computes what was asked -- the head-averaged float32 probabilities of the requested query rows only, value norms,
-head-averaged keys -- when the pruner first reads it, after the layer has returned (so a FLOP counter books scoring
-apart from the layer). Nothing is stored on a module: the request is a per-call object that the layer call passes
-down.
+A pruner that scores tokens by attention asks a layer for some rows of its attention matrix. With pruning on, the
+model runs its layers with the recording twin of the backend the user chose: `"sdpa"` -> `"ivtp_sdpa"`, `"eager"`
+-> `"ivtp_eager"`, `"flash_attention_2"` -> `"ivtp_flash_attention_2"`, `"flex_attention"`, or any name registered
+through transformers' `AttentionInterface` (the twin is registered the first time a model uses the name). The twin
+calls the user's backend unchanged -- the layer's output is that kernel's -- and when the layer call carries
+`ivtp_rows=RowRequest(...)` it hands the request the very queries, keys (after rotary embedding), values and mask
+the layer just used. The request computes what was asked -- the head-averaged float32 probabilities of the
+requested query rows only, value norms, head-averaged keys -- when the pruner first reads it, after the layer has
+returned (so a FLOP counter books scoring apart from the layer). Nothing is stored on a module: the request is a
+per-call object that the layer call passes down.
 
-Masks: the names are registered with stock `sdpa_mask` / `eager_mask` too, so masks are built as for sdpa / eager.
+Masks are built for the twin as for its backend (the twin is registered with the backend's mask function): a 4-D
+tensor (sdpa, eager), a 2-D padding mask or none (flash attention: causal, padding by unpadding), a `BlockMask` (flex
+attention), or none (a backend registered without a mask function). The rows read the mask in whichever form it
+came. Two things only a 4-D mask or a `BlockMask` can say:
+- the probe token's rule (it attends to the tokens up to its image and to itself; `segment_mask`): the runner passes
+  `ivtp_probe` (each sample's last key slot the probe may see) and, where the mask cannot say it, the twin
+  recomputes the probe's row of the output from the layer's q/k/v over the keys it may see (one row; every real
+  token's row is the kernel's, and no real token attends to the probe);
+- an additive bias (ToMe's proportional attention in the vision tower): a call whose mask is a 4-D tensor the
+  backend cannot take runs with the eager function of the layer's family.
+Layers whose every row is scored (IVTP's attention rollout in the vision tower) compute their probabilities
+eagerly, whatever the backend (`_attention_with_every_row`): the scored matrix is the one the layer used.
 """
 
 from __future__ import annotations
@@ -18,17 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention
 from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager_attention
 
 
-# The backend a config names -> the recording backend the model runs with instead (same numbers).
-RECORDING_BACKENDS = {"sdpa": "ivtp_sdpa", "eager": "ivtp_eager"}
-BASE_BACKENDS = {recording: base for base, recording in RECORDING_BACKENDS.items()}
-
-
+TWIN_PREFIX = "ivtp_"
 @dataclass
 class RowRequest:
     """What a pruner asks of one layer call. All index tensors are in the layer's token coordinates (slot `i` = the
@@ -62,14 +71,14 @@ class RowRequest:
     call: tuple | None = field(default=None, repr=False)  # what the layer's attention used (`attach`)
     full: torch.Tensor | None = field(default=None, repr=False)  # every row, when the layer computed them itself
 
-    def attach(self, module, query, key, value, attention_mask, scaling) -> None:
-        self.call = (getattr(module, "is_causal", False), query, key, value, attention_mask, scaling)
+    def attach(self, module, query, key, value, attention_mask, scaling, probe=None) -> None:
+        self.call = (getattr(module, "is_causal", False), query, key, value, attention_mask, scaling, probe)
 
     def _call(self) -> tuple:
         if self.call is None:
             raise RuntimeError(
-                "The layer did not answer the RowRequest: its attention backend is not a recording one "
-                f"({sorted(BASE_BACKENDS)})."
+                "The layer did not answer the RowRequest: its attention backend is not a recording twin "
+                f"(names starting with {TWIN_PREFIX!r}, `recording_backend`)."
             )
         return self.call
 
@@ -114,10 +123,13 @@ def _pick(tensor: torch.Tensor, batch: torch.Tensor | None, index: torch.Tensor 
 
 
 @torch.no_grad()
-def row_probabilities(request: RowRequest, is_causal, query, key, value, attention_mask, scaling) -> torch.Tensor:
+def row_probabilities(request: RowRequest, is_causal, query, key, value, attention_mask, scaling, probe=None):
     """The requested rows of one attention call: `query` `(b, heads, q, d)`, `key` `(b, kv_heads, k, d)`, and the mask
-    the backend got (bool: allowed; float: added to the logits, as eager adds it; `None`: full attention, or causal
-    where the module is, as sdpa decides). Head-averaged float32 probabilities `(n, R, C)`."""
+    the backend got: a 4-D tensor (bool: allowed; float: added to the logits, as eager adds it), `None` (full
+    attention, or causal where the module is, as sdpa decides), a 2-D padding mask (flash attention: causal where
+    the module is, over the attended keys) or a `BlockMask` (flex attention: its rule, evaluated at the rows);
+    `probe`: the probe's rule where the mask does not say it (`_probe_allowed`). Head-averaged float32
+    probabilities `(n, R, C)`."""
     batch_size, num_heads, num_queries, _ = query.shape
     num_keys = key.shape[2]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -127,11 +139,12 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
         keys = keys.repeat_interleave(num_heads // keys.shape[1], dim=1)
     logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
     lowest = torch.finfo(torch.float32).min
-    if attention_mask is None:
-        if num_queries > 1 and is_causal:
-            allowed = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device)
-            allowed = allowed.tril(num_keys - num_queries)
-            allowed = _pick(allowed.expand(batch_size, -1, -1), request.batch, request.rows, dim=1)
+    if not _is_dense(attention_mask):
+        allowed = _allowed_keys(attention_mask, is_causal, batch_size, num_queries, num_keys, query.device)
+        if probe is not None:
+            allowed = _probe_allowed(allowed, probe, batch_size, num_queries, num_keys, query.device)
+        if allowed is not None:
+            allowed = _pick(allowed, request.batch, request.rows, dim=1)
             logits = logits.masked_fill(~_key_columns(allowed, request.keys).unsqueeze(1), lowest)
     else:
         mask = attention_mask[:, :, :, :num_keys].expand(batch_size, -1, num_queries, -1)[:, 0]
@@ -154,6 +167,41 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
 def _key_columns(mask: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
     """`(n, R, num_keys)` -> the columns of `keys` (all without)."""
     return mask if keys is None else mask[:, :, keys.to(mask.device)]
+
+
+def _probe_allowed(allowed, probe: torch.Tensor, batch_size: int, num_queries: int, num_keys: int, device):
+    """`allowed` `(b, q, k)` (or `None`: every key) with the probe's row -- the last query -- limited to the keys up to
+    `probe` `(b,)` (each sample's last key slot before it may see) and its own."""
+    keys = torch.arange(num_keys, device=device)
+    probe_row = (keys <= probe.to(device).unsqueeze(1)) | (keys == num_keys - 1)
+    if allowed is None:
+        allowed = torch.ones(batch_size, num_queries, num_keys, dtype=torch.bool, device=device)
+    return torch.cat([allowed[:, :-1], allowed[:, -1:] & probe_row.unsqueeze(1)], dim=1)
+
+
+def _is_dense(attention_mask) -> bool:
+    """Whether a mask is a 4-D tensor (sdpa's and eager's form), which can say any rule, the probe's included."""
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4
+
+
+def _allowed_keys(attention_mask, is_causal, batch_size: int, num_queries: int, num_keys: int, device):
+    """`(b, q, k)` bool, the keys each query attends under a mask that is not a 4-D tensor (`None`: every key): a flex
+    `BlockMask` (its rule, evaluated), a 2-D padding mask (flash attention: padding, and causal where the module is,
+    bottom-right aligned) or none (causal where the module is, as sdpa decides)."""
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):  # a `BlockMask`
+        batch = torch.arange(batch_size, device=device).view(-1, 1, 1)
+        queries, keys = torch.arange(num_queries, device=device), torch.arange(num_keys, device=device)
+        head = torch.zeros((), dtype=torch.long, device=device)
+        allowed = attention_mask.mask_mod(batch, head, queries.view(1, -1, 1), keys.view(1, 1, -1))
+        return allowed.to(torch.bool).expand(batch_size, num_queries, num_keys)
+    allowed = None
+    if num_queries > 1 and is_causal:
+        allowed = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device)
+        allowed = allowed.tril(num_keys - num_queries).expand(batch_size, -1, -1)
+    if attention_mask is not None:  # padding: the keys each sample attends
+        attended = attention_mask[:, -num_keys:].to(device, torch.bool).unsqueeze(1)
+        allowed = attended.expand(-1, num_queries, -1) if allowed is None else allowed & attended
+    return allowed
 
 
 def _eager_function(module):
@@ -183,42 +231,94 @@ def _attention_with_every_row(request: RowRequest, module, query, key, value, at
     return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
 
 
+def _probe_row_output(output, module, query, key, value, attention_mask, scaling, probe: torch.Tensor):
+    """`output` `(b, q, heads, d)` with its last row -- the probe's -- recomputed from the layer's q/k/v over the keys
+    the probe may see (`_probe_allowed`, within what the mask allows), softmax in float32 as the eager functions:
+    for a mask that does not say the probe's rule. Every other row stays the kernel's (none attends to the probe)."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if key.shape[1] != query.shape[1]:
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    batch_size, num_queries, num_keys = query.shape[0], query.shape[2], key.shape[2]
+    logits = torch.matmul(query[:, :, -1:].float(), key.float().transpose(-1, -2)) * scaling
+    allowed = _allowed_keys(attention_mask, getattr(module, "is_causal", False), batch_size, num_queries, num_keys,
+                            query.device)
+    allowed = _probe_allowed(allowed, probe, batch_size, num_queries, num_keys, query.device)[:, -1:]
+    logits = logits.masked_fill(~allowed.unsqueeze(1), torch.finfo(torch.float32).min)
+    row = torch.matmul(logits.softmax(dim=-1), value.float()).transpose(1, 2)
+    return torch.cat([output[:, :-1], row.to(output.dtype)], dim=1)
+
+
+def takes_dense_masks(name) -> bool:
+    """Whether a backend's (or its twin's) masks are 4-D tensors: its mask function is sdpa's or eager's."""
+    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base_backend(name)) in (sdpa_mask, eager_mask)
+
+
 def _recording(base: str):
-    def attention(module, query, key, value, attention_mask, *args, ivtp_rows: RowRequest | None = None, **kwargs):
+    def attention(module, query, key, value, attention_mask, *args, ivtp_rows: RowRequest | None = None,
+                  ivtp_probe: torch.Tensor | None = None, **kwargs):
+        probe = None if ivtp_probe is None or _is_dense(attention_mask) else ivtp_probe
         if ivtp_rows is not None and ivtp_rows.rows_only:
-            ivtp_rows.attach(module, query, key, value, attention_mask, kwargs.get("scaling"))
+            ivtp_rows.attach(module, query, key, value, attention_mask, kwargs.get("scaling"), probe)
             return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
         if ivtp_rows is not None and ivtp_rows.every_row:
             return _attention_with_every_row(
                 ivtp_rows, module, query, key, value, attention_mask, kwargs.get("scaling"), kwargs.get("dropout", 0.0)
             )
-        function = _eager_function(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        if base == "eager" or (_is_dense(attention_mask) and not takes_dense_masks(base)):  # ToMe's bias on flash
+            function = _eager_function(module)
+        elif base in ALL_ATTENTION_FUNCTIONS:
+            function = ALL_ATTENTION_FUNCTIONS[base]
+        else:
+            raise ValueError(
+                f"attn_implementation {base!r} is not registered in transformers' AttentionInterface; register it "
+                "(`AttentionInterface.register`) before running the model."
+            )
         output = function(module, query, key, value, attention_mask, *args, **kwargs)
+        if probe is not None:
+            scaling = kwargs.get("scaling")
+            output = (_probe_row_output(output[0], module, query, key, value, attention_mask, scaling, probe), *output[1:])
         if ivtp_rows is not None:
-            ivtp_rows.attach(module, query, key, value, attention_mask, kwargs.get("scaling"))
+            ivtp_rows.attach(module, query, key, value, attention_mask, kwargs.get("scaling"), probe)
         return output
 
     attention.__name__ = f"ivtp_{base}_attention"
     return attention
 
 
-for _base, _name in RECORDING_BACKENDS.items():
-    AttentionInterface.register(_name, _recording(_base))
-    AttentionMaskInterface.register(_name, sdpa_mask if _base == "sdpa" else eager_mask)
+def is_recording(name) -> bool:
+    """Whether a backend name is a recording twin (`"ivtp_sdpa"`)."""
+    return isinstance(name, str) and name.startswith(TWIN_PREFIX)
 
 
-def base_backend(name: str | None) -> str | None:
-    """The stock backend a (possibly recording) backend name runs: `"ivtp_sdpa"` -> `"sdpa"`."""
-    return BASE_BACKENDS.get(name, name)
+def base_backend(name):
+    """The backend a (possibly recording) name runs: `"ivtp_sdpa"` -> `"sdpa"`; other names as they are."""
+    return name[len(TWIN_PREFIX):] if is_recording(name) else name
 
 
-def recording_backend(name: str | None) -> str | None:
-    """The recording twin of a stock backend name (`"sdpa"` -> `"ivtp_sdpa"`); other names are returned as they are."""
-    return RECORDING_BACKENDS.get(name, name)
+def recording_backend(name):
+    """The recording twin of a backend name (`"sdpa"` -> `"ivtp_sdpa"`), registered with transformers' attention
+    and mask interfaces the first time (with the backend's mask function, if it has one); `None` and twins are
+    returned as they are."""
+    if name is None or is_recording(name):
+        return name
+    twin = TWIN_PREFIX + name
+    registered = ALL_ATTENTION_FUNCTIONS._global_mapping.get(twin)
+    if getattr(registered, "__module__", None) != __name__:  # absent, or another copy's (remote code, the package)
+        AttentionInterface.register(twin, _recording(name))
+        mask_function = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name)
+        if mask_function is not None:
+            AttentionMaskInterface.register(twin, mask_function)
+    return twin
 
 
-def records_rows(name: str | None) -> bool:
-    return name in BASE_BACKENDS
+def takes_masks(name) -> bool:
+    """Whether a backend (or its twin) is handed masks: it has a mask function in transformers' mask interface."""
+    return base_backend(name) in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
 
 
-__all__ = ["RowRequest", "base_backend", "recording_backend", "records_rows", "RECORDING_BACKENDS"]
+for _base in ("sdpa", "eager"):  # the stock ones at import; others when a model first runs with them
+    recording_backend(_base)
+
+
+__all__ = ["RowRequest", "base_backend", "is_recording", "recording_backend", "takes_dense_masks", "takes_masks"]

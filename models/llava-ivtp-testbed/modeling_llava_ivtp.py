@@ -47,6 +47,7 @@ from .validation_ivtp import (
     check_prefill_cache,
     check_prunable_inputs,
     check_sequence_inputs,
+    check_backend_masks,
     check_values,
     hidden_state_selection,
     image_token_mask,
@@ -68,9 +69,11 @@ register_checkpoint_conversion_mapping(
 @dataclass
 class LayerRun:
     """Decoder layers that see one token set: their input (`None`: the previous run's output), one mask, position
-    ids and rotary table, and the logical positions their cache layers hold (`held`). `probe`: the last row is the
-    probe token (left out of the hidden-state outputs and of the cache). `scoring`: the pruner's per-layer requests
-    (an `LlmScoring`). The decoder loop sets `output`, the run's last layer's output."""
+    ids and rotary table, and the logical positions their cache layers hold (`held`). `probe_end`: the last row is
+    the probe token, which attends to the slots up to `probe_end` `(batch,)` and itself (left out of the
+    hidden-state outputs and of the cache; the layers get it as `ivtp_probe`, for backends whose masks cannot say
+    it). `scoring`: the pruner's per-layer requests (an `LlmScoring`). The decoder loop sets `output`, the run's last
+    layer's output."""
 
     layers: range
     hidden_states: torch.Tensor | None
@@ -78,7 +81,7 @@ class LayerRun:
     position_ids: torch.Tensor
     position_embeddings: tuple
     held: torch.Tensor
-    probe: bool = False
+    probe_end: torch.Tensor | None = None
     scoring: LlmScoring | None = None
     output: torch.Tensor | None = None
 
@@ -685,14 +688,16 @@ class LlavaIvtpForConditionalGeneration(
             with record_function("ivtp/segment_setup"):  # a mask and rotary table per run (stock: one)
                 # Without padding slots or input padding the 2-D mask is all ones: leave it out (nothing to read).
                 unpadded = fully_attended and not any(tokens.pads)
-                mask = segment_mask(self.config.text_config, tokens, cache, first, unpadded=unpadded)
+                check_backend_masks(self.config.text_config, unpadded)
+                probe_end = tokens.probe_key_end() if tokens.probe else None
+                mask = segment_mask(self.config.text_config, tokens, cache, first, unpadded, probe_end)
                 position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
             view = LlmView(tokens, image_rows, tokens.visual_slots(image_rows)) if any_image else None
             scoring = None if view is None else LlmScoring(pruner, view, language_model.layers, mask, position_embeddings)
             llm.per_layer += (tokens.visual if any(tokens.has_image) else 0,) * (last - first + 1)
             run = LayerRun(
                 range(first, last + 1), tokens.hidden_states, mask, tokens.position_ids, position_embeddings,
-                held=tokens.positions[:, :-1] if tokens.probe else tokens.positions, probe=tokens.probe,
+                held=tokens.positions[:, :-1] if tokens.probe else tokens.positions, probe_end=probe_end,
                 scoring=scoring,
             )
             yield run
@@ -717,18 +722,20 @@ class LlavaIvtpForConditionalGeneration(
         hidden_states = None
         for run in runs:
             hidden_states = run.hidden_states if run.hidden_states is not None else hidden_states
+            probe = {} if run.probe_end is None else {"ivtp_probe": run.probe_end}
             for layer_idx in run.layers:
                 if output_hidden_states:
-                    all_hidden += (hidden_states[:, :-1] if run.probe else hidden_states,)
+                    all_hidden += (hidden_states[:, :-1] if probe else hidden_states,)
                 request = run.scoring.request(layer_idx) if run.scoring is not None else None
                 hidden_states = layers[layer_idx](
                     hidden_states, attention_mask=run.mask, position_ids=run.position_ids, **cache_kwargs(cache),
-                    use_cache=use_cache, position_embeddings=run.position_embeddings, **_rows_kwarg(request), **kwargs,
+                    use_cache=use_cache, position_embeddings=run.position_embeddings, **_rows_kwarg(request),
+                    **probe, **kwargs,
                 )
                 if run.scoring is not None:
                     run.scoring.after_layer(layer_idx, hidden_states)
                 if cache is not None:
-                    if run.probe:
+                    if probe:
                         cache.drop_last_token(layer_idx)  # the probe never enters the KV cache
                     cache.record_positions(layer_idx, run.held)
             run.output = hidden_states

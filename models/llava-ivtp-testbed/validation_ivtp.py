@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention_rows import base_backend, records_rows
+from .attention_rows import base_backend, takes_masks
 from .cache_ivtp import IvtpCache
 from .transformers_compat import CACHE_ARG
 
@@ -264,9 +264,6 @@ def check_placeholders(config, placeholder_counts: list[int], num_images: int, l
         )
 
 
-# Attention implementations pruning runs with: they record the rows scoring needs and take 4-D masks.
-STAGE_2_ATTENTION = ("sdpa", "eager")
-
 
 def image_token_mask(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
     """`(batch, length)` bool: the image placeholders of `input_ids`, or the rows of `inputs_embeds` equal to the
@@ -292,8 +289,7 @@ def check_no_placeholders_without_pixels(config, placeholders: int, where: str) 
 
 
 def check_prunable_inputs(config, vision_feature_layer, vision_feature_select_strategy, kwargs) -> None:
-    """What a pruned prefill cannot take: another feature layer or strategy, other image inputs, a backend that
-    does not record attention rows or take 4-D masks."""
+    """What a pruned prefill cannot take: another feature layer or strategy, other image inputs."""
     if vision_feature_layer is not None and vision_feature_layer != config.vision_feature_layer:
         raise ValueError(
             f"`vision_feature_layer`={vision_feature_layer} differs from the config's "
@@ -310,15 +306,18 @@ def check_prunable_inputs(config, vision_feature_layer, vision_feature_select_st
     for name in ("image_sizes", "mm_encoder_outputs"):
         if kwargs.get(name) is not None:
             raise ValueError(f"`{name}` is not supported with IVTP pruning: pass `pixel_values` (LLaVA-1.5 images).")
-    for name in ("vision_config", "text_config"):
-        attn_implementation = getattr(config, name)._attn_implementation
-        if not records_rows(attn_implementation):
-            raise ValueError(
-                f"Pruning reads attention rows from the layers' own computation and passes 4-D masks; {name}."
-                f"_attn_implementation={base_backend(attn_implementation)!r} is not one of {STAGE_2_ATTENTION} "
-                "(flash-attention takes no 4-D mask, and flex attention has not been tested). Load the model "
-                "with attn_implementation='sdpa' (or 'eager')."
-            )
+
+
+def check_backend_masks(text_config, unpadded: bool) -> None:
+    """A backend registered without a mask function is handed no mask: it can run a pruned prefill only where every
+    slot is an attended token (no input padding, no padding slots), e.g. at batch size 1."""
+    if not unpadded and not takes_masks(text_config._attn_implementation):
+        raise ValueError(
+            f"attn_implementation={base_backend(text_config._attn_implementation)!r} has no mask function "
+            "(`AttentionMaskInterface`), so its layers see no padding mask; this batch is padded (different prompt "
+            "lengths, or samples with and without an image). Register a mask function for it, run one sample at a "
+            "time, or use 'sdpa'."
+        )
 
 
 def check_cache_class(cache) -> None:
