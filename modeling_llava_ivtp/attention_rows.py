@@ -257,7 +257,8 @@ def takes_dense_masks(name) -> bool:
 def _recording(base: str):
     def attention(module, query, key, value, attention_mask, *args, ivtp_rows: RowRequest | None = None,
                   ivtp_probe: torch.Tensor | None = None, **kwargs):
-        probe = None if ivtp_probe is None or _is_dense(attention_mask) else ivtp_probe
+        dense = isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4  # `_is_dense`, inline (hot)
+        probe = None if ivtp_probe is None or dense else ivtp_probe
         if ivtp_rows is not None and ivtp_rows.rows_only:
             ivtp_rows.attach(module, query, key, value, attention_mask, kwargs.get("scaling"), probe)
             return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
@@ -265,7 +266,7 @@ def _recording(base: str):
             return _attention_with_every_row(
                 ivtp_rows, module, query, key, value, attention_mask, kwargs.get("scaling"), kwargs.get("dropout", 0.0)
             )
-        if base == "eager" or (_is_dense(attention_mask) and not takes_dense_masks(base)):  # ToMe's bias on flash
+        if base == "eager" or (dense and not takes_dense_masks(base)):  # e.g. ToMe's bias on flash attention
             function = _eager_function(module)
         elif base in ALL_ATTENTION_FUNCTIONS:
             function = ALL_ATTENTION_FUNCTIONS[base]

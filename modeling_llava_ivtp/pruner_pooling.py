@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
-from .pruner_base import Pruner, Selection, register_pruner
+from .pruner_base import ProjectedPruner, Selection, register_pruner
 
 
 def pooling_grid_split(num_keep: int, side: int) -> tuple[int, int]:
@@ -74,7 +74,7 @@ def spatial_pooling(features: torch.Tensor, num_keep: int) -> tuple[torch.Tensor
 
 
 @register_pruner
-class PoolingPruner(Pruner):
+class PoolingPruner(ProjectedPruner):
     """Spatial pooling on the projected image features: the patch grid averaged over `rows x columns` cells to the
     budget (each cell's token at its centre patch)."""
 
@@ -90,6 +90,5 @@ class PoolingPruner(Pruner):
         except ValueError as error:
             raise ValueError(f"`pruning_options['visual_tokens']` of pruning_method='pooling': {error}") from None
 
-    def on_projected(self, features):
-        keep, merged = spatial_pooling(features, self.budget)
-        return Selection(keep, merged)
+    def select(self, features, num_keep):
+        return Selection(*spatial_pooling(features, num_keep))

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from .pruner_base import Pruner, Selection, register_pruner, select_keep_indices
+from .pruner_base import ProjectedPruner, register_pruner
 
 
 @register_pruner
-class RandomPruner(Pruner):
+class RandomPruner(ProjectedPruner):
     name = "random"
     options = {"visual_tokens": 64, "seed": 0}
 
@@ -26,8 +26,7 @@ class RandomPruner(Pruner):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"`pruning_options['seed']` of pruning_method='random' must be an int >= 0, got {seed!r}.")
 
-    def on_projected(self, features):
+    def score(self, features):
         generator = torch.Generator().manual_seed(self.values["seed"])
         scores = torch.rand(features.shape[1], generator=generator)  # one uniform random order of the patch grid
-        keep = select_keep_indices(scores.unsqueeze(0), self.budget).expand(features.shape[0], -1)
-        return Selection(keep.to(features.device))
+        return scores.to(features.device).expand(features.shape[0], -1)

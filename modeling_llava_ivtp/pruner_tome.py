@@ -54,6 +54,42 @@ class TomeStep(NamedTuple):
     order: torch.Tensor | None
 
 
+def _check_tome_step(metric, features, num_merge, sizes, protected, order, check_values) -> None:
+    """The arguments of `tome_merge_step` (see there); values are read back only with `check_values`."""
+    if metric.dim() != 3 or features.dim() != 3 or metric.shape[:2] != features.shape[:2]:
+        raise ValueError(
+            f"metric and features must be (batch, n, c) and (batch, n, dim) with the same batch and n, got "
+            f"{tuple(metric.shape)} and {tuple(features.shape)}."
+        )
+    batch, num_tokens, _ = features.shape
+    device = features.device
+    if sizes is not None and tuple(sizes.shape) != (batch, num_tokens):
+        raise ValueError(f"sizes must be positive with shape (batch, n) = {(batch, num_tokens)}.")
+    if not 0 <= protected <= num_tokens:
+        raise ValueError(f"protected must be in [0, {num_tokens}], got {protected}.")
+    max_merge = (num_tokens - protected) // 2
+    if not 0 <= num_merge <= max_merge:
+        raise ValueError(f"num_merge must be in [0, {max_merge}] for n={num_tokens}, protected={protected}.")
+    if order is not None and (protected > 1 or tuple(order.shape) != (batch, num_tokens) or order.dtype != torch.int64):
+        raise ValueError(
+            f"order must be int64 of shape (batch, n) = {(batch, num_tokens)} with protected <= 1, got "
+            f"{order.dtype} {tuple(order.shape)} with protected={protected}."
+        )
+    checks = []  # read back together: one wait for the device
+    if sizes is not None and check_values:
+        checks.append(("sizes must be positive", (sizes > 0).all()))
+    if order is not None and check_values:
+        order = order.to(device)
+        positions = torch.arange(num_tokens, device=device)
+        permutation = (order.sort(dim=-1).values == positions).all() & (order[:, :protected] == 0).all()
+        checks.append(("order must be a permutation of range(n) per row, the protected token first", permutation))
+    if checks:
+        passed = torch.stack([check.to(device) for _, check in checks]).tolist()
+        for (message, _), ok in zip(checks, passed):
+            if not ok:
+                raise ValueError(f"{message} (batch={batch}, n={num_tokens}).")
+
+
 def tome_merge_step(
     metric: torch.Tensor,
     features: torch.Tensor,
@@ -83,39 +119,12 @@ def tome_merge_step(
     Returns:
         A `TomeStep`; its `keep`, `merged` and `sizes` are in the inputs' (sorted) order whatever `order` is.
     """
-    if metric.dim() != 3 or features.dim() != 3 or metric.shape[:2] != features.shape[:2]:
-        raise ValueError(
-            f"metric and features must be (batch, n, c) and (batch, n, dim) with the same batch and n, got "
-            f"{tuple(metric.shape)} and {tuple(features.shape)}."
-        )
+    _check_tome_step(metric, features, num_merge, sizes, protected, order, check_values)
     batch, num_tokens, dim = features.shape
     device = features.device
     positions = torch.arange(num_tokens, device=device)
-    if sizes is not None and tuple(sizes.shape) != (batch, num_tokens):
-        raise ValueError(f"sizes must be positive with shape (batch, n) = {(batch, num_tokens)}.")
-    if not 0 <= protected <= num_tokens:
-        raise ValueError(f"protected must be in [0, {num_tokens}], got {protected}.")
-    max_merge = (num_tokens - protected) // 2
-    if not 0 <= num_merge <= max_merge:
-        raise ValueError(f"num_merge must be in [0, {max_merge}] for n={num_tokens}, protected={protected}.")
-    if order is not None and (protected > 1 or tuple(order.shape) != (batch, num_tokens) or order.dtype != torch.int64):
-        raise ValueError(
-            f"order must be int64 of shape (batch, n) = {(batch, num_tokens)} with protected <= 1, got "
-            f"{order.dtype} {tuple(order.shape)} with protected={protected}."
-        )
-    checks = []  # read back together: one wait for the device
-    if sizes is not None and check_values:
-        checks.append(("sizes must be positive", (sizes > 0).all()))
     if order is not None:
         order = order.to(device)
-    if order is not None and check_values:
-        permutation = (order.sort(dim=-1).values == positions).all() & (order[:, :protected] == 0).all()
-        checks.append(("order must be a permutation of range(n) per row, the protected token first", permutation))
-    if checks:
-        passed = torch.stack([check.to(device) for _, check in checks]).tolist()
-        for (message, _), ok in zip(checks, passed):
-            if not ok:
-                raise ValueError(f"{message} (batch={batch}, n={num_tokens}).")
     if sizes is None:
         sizes = torch.ones(batch, num_tokens, device=device)
     sizes = sizes.float()
@@ -151,16 +160,19 @@ def tome_merge_step(
     merged_sizes = size_sums.gather(1, keep_indices)
     merged = feature_sums.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, dim)) / merged_sizes.unsqueeze(-1)
 
-    next_order = None
-    if protected <= 1:
-        unmerged_a = ranked[:, num_merge:]  # score order; sorted by A index with a CLS (ToMe's `unm_idx`)
-        if protected:
-            protected_first = torch.arange(protected_a, device=device).expand(batch, -1)
-            unmerged_a = torch.cat([protected_first, unmerged_a], dim=1).sort(dim=-1).values
-        next_sequence = torch.cat([set_a.gather(1, unmerged_a), set_b], dim=1)  # input indices, `[unm, dst]`
-        rank = survives.long().cumsum(dim=-1) - 1  # a survivor's index into `keep_indices`
-        next_order = rank.gather(1, next_sequence)
+    next_order = None if protected > 1 else _next_order(ranked[:, num_merge:], protected_a, set_a, set_b, survives)
     return TomeStep(keep_indices, merged.to(features.dtype), merged_sizes, next_order)
+
+
+def _next_order(unmerged_a, protected_a: int, set_a, set_b, survives) -> torch.Tensor:
+    """ToMe's sequence after a step, `[unmerged A, B]`, as indices into the survivors: the unmerged A tokens in score
+    order, or sorted by A index with a protected CLS (ToMe's `unm_idx`)."""
+    if protected_a:
+        protected_first = torch.arange(protected_a, device=unmerged_a.device).expand(unmerged_a.shape[0], -1)
+        unmerged_a = torch.cat([protected_first, unmerged_a], dim=1).sort(dim=-1).values
+    next_sequence = torch.cat([set_a.gather(1, unmerged_a), set_b], dim=1)  # input indices, `[unm, dst]`
+    rank = survives.long().cumsum(dim=-1) - 1  # a survivor's index into `keep_indices`
+    return rank.gather(1, next_sequence)
 
 
 def tome_bipartite_merge(

@@ -308,10 +308,10 @@ def check_prunable_inputs(config, vision_feature_layer, vision_feature_select_st
             raise ValueError(f"`{name}` is not supported with IVTP pruning: pass `pixel_values` (LLaVA-1.5 images).")
 
 
-def check_backend_masks(text_config, unpadded: bool) -> None:
-    """A backend registered without a mask function is handed no mask: it can run a pruned prefill only where every
-    slot is an attended token (no input padding, no padding slots), e.g. at batch size 1."""
-    if not unpadded and not takes_masks(text_config._attn_implementation):
+def check_backend_masks(text_config) -> None:
+    """For a padded run (input padding or padding slots): a backend registered without a mask function is handed no
+    mask, so it can run a pruned prefill only where every slot is an attended token, e.g. at batch size 1."""
+    if not takes_masks(text_config._attn_implementation):
         raise ValueError(
             f"attn_implementation={base_backend(text_config._attn_implementation)!r} has no mask function "
             "(`AttentionMaskInterface`), so its layers see no padding mask; this batch is padded (different prompt "

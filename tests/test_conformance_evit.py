@@ -47,7 +47,7 @@ def official_evit_step(patches: list[torch.Tensor], attention: list[float], num_
 def test_evit_keeps_and_fuses_as_the_released_code(fused):
     options = {"visual_tokens": 8} if fused is None else {"visual_tokens": 8, "fused": fused}
     model = sharpen_attention(tiny_model(schedule=None, pruning_method="evit", pruning_options=options))
-    schedule = EvitPruner(model.config, None).schedule  # {last layer of a group: patches kept after it}
+    schedule = EvitPruner(model.config, None).counts  # {last layer of a group: patches kept after it}
     pixels = make_pixels(2)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([make_prompt(2, 3)] * 2), pixel_values=pixels, use_cache=False)

@@ -5,7 +5,42 @@ Adapted from transformers 5.23 `models/llava/modeling_llava.py` (the forward), `
 loop). The stock layers run as they are; the method's rule is a pruner (`pruner_base.py`, one file per method) that
 the runner asks where to prune, and the attention rows it scores with come from the layers' own computation
 (`attention_rows.py`). The runner owns the token state, masks, rotary positions, the pruned KV cache, decoding,
-labels and outputs."""
+labels and outputs.
+
+A pruned prefill, top-down (`forward` -> `_forward_pruned`):
+
+1. Checks and one read. `forward` checks the inputs' shapes and the config; `_read_layout` reads, in one transfer
+   from the device, each sample's image placeholders and last placeholder, whether any token is padding, and the
+   values of the token and CLIP ids. Every size the rest of the prefill needs follows from this read and the
+   method's budgets, so nothing else waits for the device until the logits are queued.
+2. The pruner. `PRUNERS[config.pruning_method](config, context)` builds the method's pruner for this call; what it
+   gathers lives on it, never on a module.
+3. The vision tower (`_run_vision_tower`, site 1). CLIP's layers run up to the feature layer; before a layer the
+   pruner may ask it for attention rows (`vision_request` -> a `RowRequest` the layer's attention call answers);
+   after it, `after_vision_layer` may return a `Selection` of the patches (CLS kept, order kept; or, VisionZip's
+   block, an ordered selection at the feature layer).
+4. The projected features (site 2). The projector maps the kept patches (and the CLS, for pruners that read it);
+   `on_projected` may select among them.
+5. The LLM's entry (`_enter_llm`). Only the kept patches' placeholders enter, each taking its patch's feature;
+   every other token enters unchanged. The token state (`TokenState`, `tokens_ivtp.py`) packs each sample's tokens
+   into rows (samples that keep different counts are left-padded), with their logical positions and position ids
+   (original, or renumbered where the method's code closes the gaps). The guidance inputs are gathered at the
+   tokens that entered.
+6. The LLM (`_run_language_model`): the runs of `_prefill_runs` through the one decoder loop `_run_decoder`. A run
+   is the layers up to the next pruning layer (`layer_segments`): one mask (`segment_mask`, in the backend's form),
+   one rotary table, one record of the positions the cache layers hold. A pruner with a probe token (IVTP's
+   pseudo-CLS, TopK+'s visual CLS) appends it after every real token: it attends to the tokens up to its image, no
+   real token attends to it, it never enters the cache, and it leaves after the last pruning layer. Per layer the
+   pruner may ask rows (`LlmScoring`); after the run's last layer its `Selection` keeps each image's visual tokens
+   (`_select_llm`), and the next run starts from the kept tokens.
+7. The head (`_head`). The final norm's output goes through the LM head for every row that reached the last layer;
+   `kept_positions` says which `input_ids` index each row is; labels are taken at those positions. The counts the
+   pruner kept are read with the logits.
+
+Steps over the pruned cache (decoding, a continued conversation; `_forward_with_pruned_cache`) take the same
+decoder loop with the runs of `_step_runs`: layers that share one record of held positions, each with the logical
+mask gathered at those positions and the new tokens placed after them.
+"""
 
 from __future__ import annotations
 
@@ -173,9 +208,9 @@ class LlavaIvtpForConditionalGeneration(
 
     def _use_recording_backends(self) -> None:
         """With pruning on, the layers run with the recording twin of the configured backend (`"sdpa"` ->
-        `"ivtp_sdpa"`: the same function, which also answers a pruner's `RowRequest`; `attention_rows.py`); with
-        pruning off, with the stock name, as stock Llava (eager's `output_attentions` included). Configs save the
-        stock name."""
+        `"ivtp_sdpa"`, any registered name likewise: the same kernel, and the twin answers a pruner's `RowRequest`;
+        `attention_rows.py`); with pruning off, with the backend itself, as stock Llava (eager's `output_attentions`
+        included). Configs save the backend's own name."""
         mapping = recording_backend if self.config.pruning_enabled else base_backend
         for sub_config in (self.config, self.config.text_config, self.config.vision_config):
             sub_config._attn_implementation_internal = mapping(sub_config._attn_implementation)
@@ -282,25 +317,13 @@ class LlavaIvtpForConditionalGeneration(
         guidance = {"instruction_mask": instruction_mask, "clip_input_ids": clip_input_ids, "clip_token_spans": clip_token_spans}
         return_dict = kwargs.pop("return_dict", None)
         config = self.config
-        config.check_ivtp()  # fields edited after construction are checked before they are used
-        self._use_recording_backends()  # `config._attn_implementation = "sdpa"` set after construction
         pruned_cache = isinstance(cache, IvtpCache) and cache.is_pruned
-        pruning = config.pruning_enabled and (pixel_values is not None or pruned_cache)
-        if config.pruning_enabled and pixel_values is not None:
-            check_prefill_cache(cache)  # first: an image after a filled cache is the thing to say
-        check_sequence_inputs(
-            config, input_ids, inputs_embeds, attention_mask, position_ids, labels,
-            past_length=host_past_length(cache), pruning=pruning,
-        )
-        check_guidance_shapes(config, guidance, input_ids if input_ids is not None else inputs_embeds)
-        if pixel_values is not None:
-            check_pixel_values(config, pixel_values)
+        self._check_call(input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, guidance,
+                         pruning=config.pruning_enabled and (pixel_values is not None or pruned_cache), kwargs=kwargs)
         request = kwargs.pop("output_hidden_states", None)
         if request is None:
             request = config.output_hidden_states or config.text_config.output_hidden_states
         selection = hidden_state_selection(request, config.text_config.num_hidden_layers)
-        if pruning:
-            check_output_requests(config, kwargs)
         # Steps after a pruned prefill attend to the pruned cache, each layer to the tokens it holds.
         if pixel_values is None and pruned_cache:
             outputs = self._forward_with_pruned_cache(
@@ -332,6 +355,26 @@ class LlavaIvtpForConditionalGeneration(
                 hidden if index in selection else None for index, hidden in enumerate(outputs.hidden_states)
             )
         return outputs if return_dict is not False else outputs.to_tuple()
+
+    def _check_call(self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, guidance,
+                    pruning: bool, kwargs: dict) -> None:
+        """The checks of every forward that read nothing from the device: the config (fields edited after construction
+        are checked before they are used; the backend set after construction gets its recording twin), the cache, the
+        sequence inputs' shapes, the guidance's and the images'; with pruning, the outputs it cannot give."""
+        config = self.config
+        config.check_ivtp()
+        self._use_recording_backends()
+        if config.pruning_enabled and pixel_values is not None:
+            check_prefill_cache(cache)  # first: an image after a filled cache is the thing to say
+        check_sequence_inputs(
+            config, input_ids, inputs_embeds, attention_mask, position_ids, labels,
+            past_length=host_past_length(cache), pruning=pruning,
+        )
+        check_guidance_shapes(config, guidance, input_ids if input_ids is not None else inputs_embeds)
+        if pixel_values is not None:
+            check_pixel_values(config, pixel_values)
+        if pruning:
+            check_output_requests(config, kwargs)
 
     def _forward_stock(self, input_ids, inputs_embeds, logits_to_keep, cache, **kwargs) -> IvtpCausalLMOutputWithPast:
         """Stock Llava's forward; `kept_positions` is every position."""
@@ -688,7 +731,8 @@ class LlavaIvtpForConditionalGeneration(
             with record_function("ivtp/segment_setup"):  # a mask and rotary table per run (stock: one)
                 # Without padding slots or input padding the 2-D mask is all ones: leave it out (nothing to read).
                 unpadded = fully_attended and not any(tokens.pads)
-                check_backend_masks(self.config.text_config, unpadded)
+                if not unpadded:
+                    check_backend_masks(self.config.text_config)
                 probe_end = tokens.probe_key_end() if tokens.probe else None
                 mask = segment_mask(self.config.text_config, tokens, cache, first, unpadded, probe_end)
                 position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)

@@ -12,6 +12,12 @@ labels and outputs. A pruner owns one method's rule. It acts at up to three site
    (`llm_probe`): it runs through the layers up to the last pruning layer, attends to the tokens up to its image,
    no real token attends to it, and it never enters the cache.
 
+A method that acts at one site implements one function on a base class that does the rest (requests, top-k,
+budgets, outputs): `ProjectedPruner.score` or `.select` (site 2: random, pooling, DivPrune, CDPruner),
+`VisionLayerPruner.select` (site 1, by the layer's CLS row: TopK, EViT, VisionZip, VisPruner), `LlmLayerPruner
+.llm_counts` (site 3, by one query row's attention: FastV, PyramidDrop). IVTP, ToMe and the two-site TopK+ and ToMe+
+implement the hooks above themselves.
+
 A `Selection` holds sorted indices into the tokens of the site (and, for merging methods, the merged features of the
 kept tokens, which keep the kept tokens' positions). A pruner is built per forward call (`Pruner(config, context)`),
 so what it gathers over layers lives on that object, never on a module.
@@ -228,6 +234,95 @@ class Pruner:
         return {}
 
 
+def as_selection(selected) -> Selection:
+    """A `Selection` from what a one-site method's `select` returns: a `Selection`, or the kept indices."""
+    return selected if isinstance(selected, Selection) else Selection(selected)
+
+
+class ProjectedPruner(Pruner):
+    """A method that selects among each image's projected features, once, before the LLM (site 2). Implement one
+    function: `score` (the top `visual_tokens` are kept, in their order) or `select` (any rule: greedy, merging)."""
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """`features` `(images, patches, hidden)` -> `(images, patches)`: the highest-scoring `visual_tokens` stay."""
+        raise NotImplementedError(f"{type(self).__name__} implements `score` or `select`.")
+
+    def select(self, features: torch.Tensor, num_keep: int) -> Selection | torch.Tensor:
+        """`(images, num_keep)` increasing indices, or a `Selection` (with merged features for a merging method)."""
+        return select_keep_indices(self.score(features), num_keep)
+
+    def on_projected(self, features):
+        return as_selection(self.select(features, self.budget))
+
+
+class VisionLayerPruner(Pruner):
+    """A method that selects patches after vision layers (site 1), from the layer's output and, if it asks, the
+    layer's CLS row of attention (`asks_cls_row`) and head-averaged keys (`asks_key_means`). Implement one function,
+    `select`; by default it acts once, after the layer LLaVA reads its features from, with the whole budget
+    (`vision_counts` says otherwise: `{layer: patches kept after it}`)."""
+
+    asks_cls_row: ClassVar[bool] = True
+    asks_key_means: ClassVar[bool] = False
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.counts = self.vision_counts()
+
+    def vision_counts(self) -> dict[int, int]:
+        return {self.config.vision_layer_groups[-1][1]: self.budget}
+
+    def select(self, hidden_states: torch.Tensor, request: RowRequest | None, num_keep: int):
+        """`hidden_states` `(images, 1 + patches, hidden)`, the CLS first; `request` answers with `probabilities`
+        `(images, 1, 1 + patches)` (the CLS row) and `key_means` `(images, 1 + patches, head_dim)` where asked.
+        Returns the kept patches (CLS excluded) or a `Selection`."""
+        raise NotImplementedError(f"{type(self).__name__} implements `select`.")
+
+    def vision_request(self, layer_idx, images, tokens):
+        if layer_idx not in self.counts or not (self.asks_cls_row or self.asks_key_means):
+            return None
+        key_columns = torch.arange(tokens) if self.asks_key_means else None
+        return RowRequest(rows=torch.zeros(1, dtype=torch.long), key_columns=key_columns, scores=self.asks_cls_row)
+
+    def after_vision_layer(self, layer_idx, hidden_states, request):
+        if layer_idx not in self.counts:
+            return None
+        return as_selection(self.select(hidden_states, request, self.counts[layer_idx]))
+
+
+class LlmLayerPruner(Pruner):
+    """A method that ranks each image's visual tokens after LLM layers (site 3) by the attention one query row pays
+    them in the layer (option `query_row`, `LlmView.query_slots`). Implement one function, `llm_counts` (`{layer:
+    visual tokens kept after it}`); `score` maps the row's head-averaged attention `(images, 1, visual)` to scores
+    (default: the attention itself); `llm_scoring_layer` may name another layer to score with."""
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.counts = self.llm_counts()
+
+    def llm_counts(self) -> dict[int, int]:
+        raise NotImplementedError(f"{type(self).__name__} implements `llm_counts`.")
+
+    def score(self, attention: torch.Tensor) -> torch.Tensor:
+        return attention[:, 0]
+
+    def llm_prune_layers(self):
+        return sorted(self.counts)
+
+    def llm_budget(self, layer_idx):
+        return self.counts[layer_idx]
+
+    def llm_request(self, layer_idx, view):
+        if layer_idx not in self.counts:
+            return None
+        rows = view.query_slots(self.values["query_row"], self.context.guidance.get("instruction_mask"))
+        return RowRequest(batch=view.image_rows, rows=rows, columns=view.visual_slots)
+
+    def after_llm_layer(self, layer_idx, view, request, hidden_states):
+        if layer_idx not in self.counts:
+            return None
+        return Selection(select_keep_indices(self.score(request.probabilities), self.counts[layer_idx]))
+
+
 def select_keep_indices(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
     """Indices of the `num_keep` highest-scoring tokens per row, in increasing (original) order.
 
@@ -343,6 +438,7 @@ def register_pruner(cls: type[Pruner]) -> type[Pruner]:
 
 
 __all__ = [
-    "POSITION_RULES", "QUERY_ROWS", "LlmView", "PRUNERS", "PruneContext", "Pruner", "Selection", "check_choice",
-    "at_group_ends", "budget_schedule", "check_int", "register_pruner", "sample_visual_cls", "select_keep_indices",
+    "POSITION_RULES", "QUERY_ROWS", "LlmLayerPruner", "LlmView", "PRUNERS", "ProjectedPruner", "PruneContext", "Pruner",
+    "Selection", "VisionLayerPruner", "as_selection", "at_group_ends", "budget_schedule", "check_choice", "check_int",
+    "register_pruner", "sample_visual_cls", "select_keep_indices",
 ]

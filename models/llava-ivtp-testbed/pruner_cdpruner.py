@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from .guidance_ivtp import clip_token_features
-from .pruner_base import Pruner, Selection, register_pruner
+from .pruner_base import ProjectedPruner, register_pruner
 
 
 logger = logging.get_logger(__name__)
@@ -105,7 +105,7 @@ def cdpruner_keep_indices(features: torch.Tensor, relevance: torch.Tensor, num_k
 
 
 @register_pruner
-class CdPrunerPruner(Pruner):
+class CdPrunerPruner(ProjectedPruner):
     """CDPruner on the projected image features: greedy MAP of the DPP `diag(r) S diag(r)`, with `S` the features'
     cosine similarity and `r` each patch's relevance to the instruction (CLIP image embedding of the patch,
     `clip_visual_projection(post_layernorm(feature))`, against the CLIP text embedding of the instruction: one
@@ -117,7 +117,7 @@ class CdPrunerPruner(Pruner):
     options = {"visual_tokens": 64}
     positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
 
-    def on_projected(self, features):
+    def select(self, features, num_keep):
         context = self.context
         model, clip_input_ids = context.model, context.guidance.get("clip_input_ids")
         if getattr(model, "clip_text_model", None) is None or clip_input_ids is None:
@@ -131,7 +131,7 @@ class CdPrunerPruner(Pruner):
             relevance = torch.ones(features.shape[:2], device=features.device)
         else:
             relevance = self.relevance(features.shape[0])
-        return Selection(cdpruner_keep_indices(features, relevance.to(features.device), self.budget))
+        return cdpruner_keep_indices(features, relevance.to(features.device), num_keep)
 
     @torch.no_grad()
     def relevance(self, num_images: int) -> torch.Tensor:

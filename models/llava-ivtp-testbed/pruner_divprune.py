@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from .pruner_base import Pruner, Selection, register_pruner
+from .pruner_base import ProjectedPruner, register_pruner
 
 
 def divprune_keep_indices(features: torch.Tensor, num_keep: int) -> torch.Tensor:
@@ -60,12 +60,12 @@ def divprune_keep_indices(features: torch.Tensor, num_keep: int) -> torch.Tensor
 
 
 @register_pruner
-class DivPrunePruner(Pruner):
+class DivPrunePruner(ProjectedPruner):
     """DivPrune on the projected image features: greedy max-min cosine diversity to the budget."""
 
     name = "divprune"
     options = {"visual_tokens": 64}
     positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
 
-    def on_projected(self, features):
-        return Selection(divprune_keep_indices(features, self.budget))
+    def select(self, features, num_keep):
+        return divprune_keep_indices(features, num_keep)

@@ -24,8 +24,7 @@ apart by the caller) and the layer's head-averaged CLS attention row over the pa
 from __future__ import annotations
 
 import torch
-from .attention_rows import RowRequest
-from .pruner_base import Pruner, Selection, at_group_ends, budget_schedule, check_choice, register_pruner
+from .pruner_base import Selection, VisionLayerPruner, at_group_ends, budget_schedule, check_choice, register_pruner
 
 
 # The fused token: EViT's released code ("sum", the default) or our normalised variant ("mean").
@@ -80,7 +79,7 @@ def evit_keep_and_fuse(
 
 
 @register_pruner
-class EvitPruner(Pruner):
+class EvitPruner(VisionLayerPruner):
     """EViT in the vision tower: after the last layer of each group of `config.group_size` layers, the patches the
     CLS attends to most in that layer, plus one token fusing the rest (counts geometric to the budget, IVTP's
     stage-1 spending). After the layer, not between its attention and MLP as in EViT: layers run unchanged.
@@ -90,11 +89,9 @@ class EvitPruner(Pruner):
     name = "evit"
     options = {"visual_tokens": 64, "fused": "sum"}
 
-    def __init__(self, config, context):
-        super().__init__(config, context)
-        counts = budget_schedule(config, self.budget, llm=False)["vision"]
-        self.schedule = at_group_ends(config.vision_layer_groups, counts)
-        self.normalize = self.values["fused"] == "mean"
+    def vision_counts(self):
+        counts = budget_schedule(self.config, self.budget, llm=False)["vision"]
+        return at_group_ends(self.config.vision_layer_groups, counts)
 
     @classmethod
     def check_options(cls, config, values):
@@ -102,16 +99,8 @@ class EvitPruner(Pruner):
         check_choice(cls.name, "fused", values["fused"], FUSED_TOKENS,
                      "the fused token: EViT's attention-weighted sum, or our weighted average")
 
-    def vision_request(self, layer_idx, images, tokens):
-        if layer_idx not in self.schedule:
-            return None
-        return RowRequest(rows=torch.zeros(1, dtype=torch.long))
-
-    def after_vision_layer(self, layer_idx, hidden_states, request):
-        if layer_idx not in self.schedule:
-            return None
-        cls_attention = request.probabilities[:, 0, 1:]
+    def select(self, hidden_states, request, num_keep):
         keep, merged, _ = evit_keep_and_fuse(
-            hidden_states[:, 1:], cls_attention, self.schedule[layer_idx], normalize=self.normalize
+            hidden_states[:, 1:], request.probabilities[:, 0, 1:], num_keep, normalize=self.values["fused"] == "mean"
         )
         return Selection(keep, merged)

@@ -24,8 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from .attention_rows import RowRequest
-from .pruner_base import QUERY_ROWS, Pruner, Selection, check_choice, check_int, register_pruner, select_keep_indices
+from .pruner_base import QUERY_ROWS, LlmLayerPruner, check_choice, check_int, register_pruner, select_keep_indices
 
 # K of the paper's title and defaults ("after layer 2"; README: K=2 with R=25/50/75%).
 FASTV_DEFAULT_LAYER = 2
@@ -75,7 +74,7 @@ def schedule_for_budget(
 
 
 @register_pruner
-class FastVPruner(Pruner):
+class FastVPruner(LlmLayerPruner):
     """FastV in the LLM: the first `layer` (K) layers see every visual token; after layer K, the visual tokens the
     last token attends to most in layer K (head-averaged, softmax over every key) go on, the budget of them.
 
@@ -92,25 +91,11 @@ class FastVPruner(Pruner):
                   "K: the LLM layers that see every visual token")
         check_choice(cls.name, "query_row", values["query_row"], QUERY_ROWS, "the token whose attention ranks")
 
-    def __init__(self, config, context):
-        super().__init__(config, context)
+    def llm_counts(self):
+        config = self.config
         schedule = schedule_for_budget(config.num_patches, config.text_config.num_hidden_layers, self.budget,
                                        self.values["layer"])
-        self.last_full_layer, self.num_keep = schedule.layer - 1, schedule.num_keep
+        return {schedule.layer - 1: schedule.num_keep}  # the scores come from the K-th layer, index K - 1
 
-    def llm_prune_layers(self):
-        return [self.last_full_layer]
-
-    def llm_budget(self, layer_idx):
-        return self.num_keep
-
-    def llm_request(self, layer_idx, view):
-        if layer_idx != self.last_full_layer:
-            return None
-        rows = view.query_slots(self.values["query_row"], self.context.guidance.get("instruction_mask"))
-        return RowRequest(batch=view.image_rows, rows=rows, columns=view.visual_slots)
-
-    def after_llm_layer(self, layer_idx, view, request, hidden_states):
-        if layer_idx != self.last_full_layer:
-            return None
-        return Selection(fastv_keep_indices(request.probabilities, self.num_keep))
+    def score(self, attention):
+        return fastv_scores(attention)

@@ -32,8 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from .attention_rows import RowRequest
-from .pruner_base import QUERY_ROWS, Pruner, Selection, check_choice, check_int, register_pruner, select_keep_indices
+from .pruner_base import QUERY_ROWS, LlmLayerPruner, check_choice, check_int, register_pruner, select_keep_indices
 
 PDROP_DEFAULT_STAGES = 4  # S; lambda follows from the budget (0.5 for the default 72 of 576)
 
@@ -113,7 +112,7 @@ def schedule_for_budget(
 
 
 @register_pruner
-class PDropPruner(Pruner):
+class PDropPruner(LlmLayerPruner):
     """PyramidDrop in the LLM: the layers split evenly into `stages`; at the end of each stage but the last, the
     visual tokens the query row attends to most in the next stage's first layer go on, geometrically fewer per stage,
     the last stage holding the budget; positions renumbered after each drop.
@@ -131,30 +130,15 @@ class PDropPruner(Pruner):
         check_int(cls.name, "stages", values["stages"], 2, config.text_config.num_hidden_layers, "LLM stages")
         check_choice(cls.name, "query_row", values["query_row"], QUERY_ROWS, "the token whose attention ranks")
 
-    def __init__(self, config, context):
-        super().__init__(config, context)
+    def llm_counts(self):
+        config = self.config
         schedule = schedule_for_budget(config.num_patches, config.text_config.num_hidden_layers, self.budget,
                                        self.values["stages"])
         # a stage ending after `n` layers prunes after layer index `n - 1`
-        self.stages = {layers - 1: keep for layers, keep in zip(schedule.layers, schedule.num_keep)}
-
-    def llm_prune_layers(self):
-        return sorted(self.stages)
-
-    def llm_budget(self, layer_idx):
-        return self.stages[layer_idx]
-
-    def llm_request(self, layer_idx, view):
-        if layer_idx not in self.stages:
-            return None
-        rows = view.query_slots(self.values["query_row"], self.context.guidance.get("instruction_mask"))
-        return RowRequest(batch=view.image_rows, rows=rows, columns=view.visual_slots)
+        return {layers - 1: keep for layers, keep in zip(schedule.layers, schedule.num_keep)}
 
     def llm_scoring_layer(self, layer_idx):
         return layer_idx + 1  # `rank_layer = layer_idx + 1`: the next stage's first layer ranks
 
-    def after_llm_layer(self, layer_idx, view, request, hidden_states):
-        if layer_idx not in self.stages:
-            return None
-        scores = pdrop_scores(request.probabilities.unsqueeze(1))  # (images, 1 head, 1 row, visual)
-        return Selection(select_keep_indices(scores, self.stages[layer_idx]))
+    def score(self, attention):
+        return pdrop_scores(attention.unsqueeze(1))  # (images, 1 head, 1 row, visual)

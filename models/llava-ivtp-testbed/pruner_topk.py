@@ -18,6 +18,7 @@ from .pruning_ivtp import cosine_relevance
 from .pruner_base import (
     Pruner,
     Selection,
+    VisionLayerPruner,
     at_group_ends,
     budget_schedule,
     register_pruner,
@@ -59,7 +60,7 @@ def topk_keep_indices(patch_features: torch.Tensor, cls_feature: torch.Tensor, n
 
 
 @register_pruner
-class TopKPruner(Pruner):
+class TopKPruner(VisionLayerPruner):
     """TopK in the vision tower: the patches most similar to the layer's CLS. `site="groups"` (default): after the last
     layer of each group of `config.group_size` layers, counts geometric from every patch to the budget (IVTP's
     stage-1 spending; the paper's Table 9 gives TopK a ViT cost below stock's, so it pruned inside the tower);
@@ -67,6 +68,7 @@ class TopKPruner(Pruner):
 
     name = "topk"
     options = {"visual_tokens": 64, "site": "groups"}
+    asks_cls_row = False  # similarity to the CLS feature, not attention
 
     @classmethod
     def check_options(cls, config, values):
@@ -77,18 +79,14 @@ class TopKPruner(Pruner):
                 f"{values['site']!r}."
             )
 
-    def __init__(self, config, context):
-        super().__init__(config, context)
-        if self.values["site"] == "groups":
-            counts = budget_schedule(config, self.budget, llm=False)["vision"]
-            self.schedule = at_group_ends(config.vision_layer_groups, counts)
-        else:
-            self.schedule = {config.vision_layer_groups[-1][1]: self.budget}
+    def vision_counts(self):
+        if self.values["site"] == "feature_layer":
+            return super().vision_counts()
+        counts = budget_schedule(self.config, self.budget, llm=False)["vision"]
+        return at_group_ends(self.config.vision_layer_groups, counts)
 
-    def after_vision_layer(self, layer_idx, hidden_states, request):
-        if layer_idx not in self.schedule:
-            return None
-        return Selection(topk_keep_indices(hidden_states[:, 1:], hidden_states[:, 0], self.schedule[layer_idx]))
+    def select(self, hidden_states, request, num_keep):
+        return topk_keep_indices(hidden_states[:, 1:], hidden_states[:, 0], num_keep)
 
 
 @register_pruner

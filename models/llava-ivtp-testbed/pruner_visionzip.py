@@ -33,8 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention_rows import RowRequest
-from .pruner_base import Pruner, Selection, check_choice, check_int, register_pruner, select_keep_indices
+from .pruner_base import Selection, VisionLayerPruner, check_choice, check_int, register_pruner, select_keep_indices
 
 
 # Which tokens reach the LLM: VisionZip's (the CLS and the dominant patches, then the contextual tokens) or ours
@@ -155,7 +154,7 @@ def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @register_pruner
-class VisionZipPruner(Pruner):
+class VisionZipPruner(VisionLayerPruner):
     """VisionZip at LLaVA's feature layer: the CLS and the patches it attends to most (dominant), plus contextual
     tokens merging the rest by key similarity, handed to the LLM as one block in VisionZip's order with fresh position
     ids. The 64-token split for LLaVA-1.5 is 54 dominant (the CLS included) + 10 contextual; other budgets keep that
@@ -167,6 +166,7 @@ class VisionZipPruner(Pruner):
     name = "visionzip"
     options = {"visual_tokens": 64, "dominant": None, "layout": "visionzip"}
     positions = "renumbered"  # llava_arch.py passes the shortened sequence with position_ids=None
+    asks_key_means = True  # contextual tokens merge by key similarity
 
     @classmethod
     def check_options(cls, config, values):
@@ -182,17 +182,9 @@ class VisionZipPruner(Pruner):
         super().__init__(config, context)
         dominant = self.values["dominant"]
         self.dominant = max(1, round(self.budget * 54 / 64)) if dominant is None else dominant
-        self.layer = config.vision_layer_groups[-1][1]
 
-    def vision_request(self, layer_idx, images, tokens):
-        if layer_idx != self.layer:
-            return None
-        return RowRequest(rows=torch.zeros(1, dtype=torch.long), key_columns=torch.arange(tokens))
-
-    def after_vision_layer(self, layer_idx, hidden_states, request):
-        if layer_idx != self.layer:
-            return None
-        contextual = self.budget - self.dominant
+    def select(self, hidden_states, request, num_keep):
+        contextual = num_keep - self.dominant
         if self.values["layout"] == "visionzip":
             patch_ids, tokens = visionzip_tokens(
                 hidden_states, request.probabilities[:, 0], request.key_means, self.dominant, contextual

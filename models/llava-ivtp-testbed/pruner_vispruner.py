@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-from .attention_rows import RowRequest
-from .pruner_base import Pruner, Selection, check_int, register_pruner
+from .pruner_base import VisionLayerPruner, check_int, register_pruner
 
 
 logger = logging.get_logger(__name__)
@@ -110,7 +109,7 @@ def released_code_fails(num_tokens: int, num_important: int, num_diverse: int, m
 
 
 @register_pruner
-class VisPrunerPruner(Pruner):
+class VisPrunerPruner(VisionLayerPruner):
     """VisPruner at LLaVA's feature layer: the important patches by that layer's CLS attention, then diverse ones
     among the rest. The paper's 64-token split is 48 important + 16 diverse; other budgets keep
     `int(0.75 * budget)` important ones (`important` overrides the count)."""
@@ -130,7 +129,6 @@ class VisPrunerPruner(Pruner):
         super().__init__(config, context)
         important = self.values["important"]
         self.important = int(self.budget * IMPORTANT_RATIO) if important is None else important
-        self.layer = config.vision_layer_groups[-1][1]
         if released_code_fails(config.num_patches, self.important, self.budget - self.important):
             logger.warning_once(
                 f"VisPruner's released code leaves its rule for {self.important} important + "
@@ -140,13 +138,6 @@ class VisPrunerPruner(Pruner):
                 "tokens (pruner_vispruner.py)."
             )
 
-    def vision_request(self, layer_idx, images, tokens):
-        return RowRequest(rows=torch.zeros(1, dtype=torch.long)) if layer_idx == self.layer else None
-
-    def after_vision_layer(self, layer_idx, hidden_states, request):
-        if layer_idx != self.layer:
-            return None
-        keep = vispruner_keep_indices(
-            hidden_states[:, 1:], request.probabilities[:, 0, 1:], self.important, self.budget - self.important
-        )
-        return Selection(keep)
+    def select(self, hidden_states, request, num_keep):
+        cls_attention = request.probabilities[:, 0, 1:]
+        return vispruner_keep_indices(hidden_states[:, 1:], cls_attention, self.important, num_keep - self.important)
