@@ -15,15 +15,15 @@ import torch
 
 from llava_ivtp import cli
 from llava_ivtp.measuring.analytic_flops import kv_cache_bytes_per_layer
-from llava_ivtp.measuring.bench import (
+from llava_ivtp.measuring.bench import check_device_memory
+from llava_ivtp.measuring.bench_measure import pruning_times_from_profile
+from llava_ivtp.measuring.bench_setup import (
     VARIANT_TITLES,
     VARIANTS,
     BenchError,
     build_models,
-    check_device_memory,
     kept_schedule,
     load_config_dict,
-    pruning_times_from_profile,
 )
 from modeling_llava_ivtp import IvtpConfig
 from tiny_models import TINY_CLIP_TEXT, tiny_config_dict
@@ -294,7 +294,8 @@ def test_a_variant_per_method(tiny_json, tmp_path, capsys):
 def test_every_pruned_variant_gets_the_guidance_inputs():
     """The processor's guidance inputs reach every pruned variant (CDPruner's relevance and FastV's / PDrop's last
     instruction token need them, as IVTP's pseudo-CLS does), never stock Llava, which takes none."""
-    from llava_ivtp.measuring.bench import Runner, build_inputs
+    from llava_ivtp.measuring.bench_measure import Runner
+    from llava_ivtp.measuring.bench_setup import build_inputs
 
     config = IvtpConfig(**tiny_config_dict(clip_text_encoder=TINY_CLIP_TEXT))
     common, guidance = build_inputs(config, 2, TEXT_TOKENS, torch.device("cpu"), torch.float32, seed=0)
