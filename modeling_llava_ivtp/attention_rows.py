@@ -139,7 +139,7 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
         keys = keys.repeat_interleave(num_heads // keys.shape[1], dim=1)
     logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
     lowest = torch.finfo(torch.float32).min
-    if not _is_dense(attention_mask):
+    if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4):  # not 4-D: `_allowed_keys`
         allowed = _allowed_keys(attention_mask, is_causal, batch_size, num_queries, num_keys, query.device)
         if probe is not None:
             allowed = _probe_allowed(allowed, probe, batch_size, num_queries, num_keys, query.device)
@@ -177,11 +177,6 @@ def _probe_allowed(allowed, probe: torch.Tensor, batch_size: int, num_queries: i
     if allowed is None:
         allowed = torch.ones(batch_size, num_queries, num_keys, dtype=torch.bool, device=device)
     return torch.cat([allowed[:, :-1], allowed[:, -1:] & probe_row.unsqueeze(1)], dim=1)
-
-
-def _is_dense(attention_mask) -> bool:
-    """Whether a mask is a 4-D tensor (sdpa's and eager's form), which can say any rule, the probe's included."""
-    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4
 
 
 def _allowed_keys(attention_mask, is_causal, batch_size: int, num_queries: int, num_keys: int, device):
@@ -255,9 +250,11 @@ def takes_dense_masks(name) -> bool:
 
 
 def _recording(base: str):
+    dense_masks = takes_dense_masks(base)  # the twin is registered after its backend (and its mask function)
+
     def attention(module, query, key, value, attention_mask, *args, ivtp_rows: RowRequest | None = None,
                   ivtp_probe: torch.Tensor | None = None, **kwargs):
-        dense = isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4  # `_is_dense`, inline (hot)
+        dense = isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4  # can say any rule
         probe = None if ivtp_probe is None or dense else ivtp_probe
         if ivtp_rows is not None and ivtp_rows.rows_only:
             ivtp_rows.attach(module, query, key, value, attention_mask, kwargs.get("scaling"), probe)
@@ -266,7 +263,7 @@ def _recording(base: str):
             return _attention_with_every_row(
                 ivtp_rows, module, query, key, value, attention_mask, kwargs.get("scaling"), kwargs.get("dropout", 0.0)
             )
-        if base == "eager" or (dense and not takes_dense_masks(base)):  # e.g. ToMe's bias on flash attention
+        if base == "eager" or (dense and not dense_masks):  # e.g. ToMe's bias on flash attention
             function = _eager_function(module)
         elif base in ALL_ATTENTION_FUNCTIONS:
             function = ALL_ATTENTION_FUNCTIONS[base]
