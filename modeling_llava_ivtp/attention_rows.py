@@ -52,7 +52,10 @@ class RowRequest:
     scores: whether `probabilities` are wanted (`False`: keys or values only).
     keys: `(K,)` increasing slots, the same for every sample: every key the requested rows attend to lies among them
         (the asker's promise, e.g. the tokens up to an image's end), so the softmax is computed over these only
-        (`None`: every key). `columns` stay slots.
+        (`None`: every key). `columns` stay slots; `column_places`, if the asker gives it, is `columns` as places
+        among `keys` (computed once per token set rather than per layer).
+    Index fields may also be a slice or a tuple of increasing slices (host-known ranges: one slicing operator
+    each, where an index tensor takes a gather).
     rows_only: the call is made for the request alone (a scoring call of a layer on tokens it will not run on, as
         PyramidDrop scores with the next layer): the backend skips the attention kernel and returns zeros.
 
@@ -61,12 +64,13 @@ class RowRequest:
     """
 
     batch: torch.Tensor | None = None
-    rows: torch.Tensor | None = None
-    columns: torch.Tensor | None = None
-    value_columns: torch.Tensor | None = None
-    key_columns: torch.Tensor | None = None
+    rows: torch.Tensor | slice | None = None
+    columns: torch.Tensor | slice | tuple | None = None
+    value_columns: torch.Tensor | slice | None = None
+    key_columns: torch.Tensor | slice | None = None
     scores: bool = True
-    keys: torch.Tensor | None = None
+    keys: torch.Tensor | slice | tuple | None = None
+    column_places: torch.Tensor | slice | tuple | None = None
     rows_only: bool = False
     call: tuple | None = field(default=None, repr=False)  # what the layer's attention used (`attach`)
     full: torch.Tensor | None = field(default=None, repr=False)  # every row, when the layer computed them itself
@@ -106,20 +110,35 @@ class RowRequest:
             return _pick(key, self.batch, self.key_columns, dim=2).float().mean(dim=1)
 
 
-def _pick(tensor: torch.Tensor, batch: torch.Tensor | None, index: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """`tensor[batch]` then, per sample, the entries `index` `(n, k)` along `dim` (2: heads come first)."""
-    if batch is not None:
-        tensor = tensor[batch.to(tensor.device)]
+def _to(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor` on `device` (no operator when it is there already)."""
+    return tensor if tensor.device == device else tensor.to(device)
+
+
+def _take(tensor: torch.Tensor, index, dim: int) -> torch.Tensor:
+    """The entries `index` of `tensor` along `dim`: `None` (all), a slice, a tuple of slices (concatenated), a 1-D
+    tensor (the same entries for every sample) or a 2-D tensor `(n, k)` (per sample, along the batch)."""
     if index is None:
         return tensor
-    index = index.to(tensor.device)
-    if index.ndim == 1:  # the same entries for every sample
-        index = index.unsqueeze(0).expand(tensor.shape[0], -1)
+    if isinstance(index, slice):
+        return tensor[(slice(None),) * dim + (index,)]
+    if isinstance(index, tuple):
+        return torch.cat([_take(tensor, part, dim) for part in index], dim=dim)
+    index = _to(index, tensor.device)
+    if index.ndim == 1:
+        return tensor.index_select(dim, index)
     shape = list(tensor.shape)
     shape[dim] = index.shape[1]
     view = [index.shape[0]] + [1] * (tensor.ndim - 1)
     view[dim] = index.shape[1]
     return tensor.gather(dim, index.view(view).expand(shape))
+
+
+def _pick(tensor: torch.Tensor, batch: torch.Tensor | None, index, dim: int) -> torch.Tensor:
+    """`tensor[batch]` then, per sample, the entries `index` along `dim` (2: heads come first; `_take`)."""
+    if batch is not None:
+        tensor = tensor.index_select(0, _to(batch, tensor.device))
+    return _take(tensor, index, dim)
 
 
 @torch.no_grad()
@@ -137,7 +156,9 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
     keys = _pick(key, request.batch, request.keys, dim=2)
     if keys.shape[1] != num_heads:  # grouped-query attention: each key head serves several query heads
         keys = keys.repeat_interleave(num_heads // keys.shape[1], dim=1)
-    logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
+    if queries.dtype != torch.float32:
+        queries, keys = queries.float(), keys.float()
+    logits = torch.matmul(queries, keys.transpose(-1, -2)) * scaling
     lowest = torch.finfo(torch.float32).min
     if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4):  # not 4-D: `_allowed_keys`
         allowed = _allowed_keys(attention_mask, is_causal, batch_size, num_queries, num_keys, query.device)
@@ -145,11 +166,10 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
             allowed = _probe_allowed(allowed, probe, batch_size, num_queries, num_keys, query.device)
         if allowed is not None:
             allowed = _pick(allowed, request.batch, request.rows, dim=1)
-            logits = logits.masked_fill(~_key_columns(allowed, request.keys).unsqueeze(1), lowest)
+            logits = logits.masked_fill(~_take(allowed, request.keys, 2).unsqueeze(1), lowest)
     else:
-        mask = attention_mask[:, :, :, :num_keys].expand(batch_size, -1, num_queries, -1)[:, 0]
-        mask = _pick(mask.to(query.device), request.batch, request.rows, dim=1)
-        mask = _key_columns(mask, request.keys).unsqueeze(1)
+        mask = attention_mask[:, 0, :, :num_keys].expand(batch_size, num_queries, -1)
+        mask = _take(_pick(_to(mask, query.device), request.batch, request.rows, dim=1), request.keys, 2).unsqueeze(1)
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, lowest)
         else:
@@ -157,16 +177,21 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
     probabilities = logits.softmax(dim=-1).mean(dim=1)
     if request.columns is None:
         return probabilities
-    columns = request.columns.to(probabilities.device)
     if request.keys is not None:  # slots -> places among the keys
-        columns = torch.searchsorted(request.keys.to(columns.device), columns)
-    columns = columns.expand(probabilities.shape[0], -1) if columns.ndim == 1 else columns
-    return probabilities.gather(2, columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1))
+        columns = request.column_places if request.column_places is not None else _places(request, num_keys)
+    else:
+        columns = request.columns
+    if isinstance(columns, torch.Tensor) and columns.ndim == 2:
+        columns = _to(columns, probabilities.device)
+        return probabilities.gather(2, columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1))
+    return _take(probabilities, columns, 2)
 
 
-def _key_columns(mask: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
-    """`(n, R, num_keys)` -> the columns of `keys` (all without)."""
-    return mask if keys is None else mask[:, :, keys.to(mask.device)]
+def _places(request: RowRequest, num_keys: int) -> torch.Tensor:
+    """`request.columns` (slots) as places among `request.keys`."""
+    columns = request.columns
+    keys = _take(torch.arange(num_keys, device=columns.device), request.keys, 0)
+    return torch.searchsorted(keys, columns)
 
 
 def _probe_allowed(allowed, probe: torch.Tensor, batch_size: int, num_queries: int, num_keys: int, device):
@@ -222,7 +247,10 @@ def _attention_with_every_row(request: RowRequest, module, query, key, value, at
     probabilities = logits.softmax(dim=-1, dtype=torch.float32)
     with torch.no_grad():
         request.full = probabilities.mean(dim=1)
-    probabilities = F.dropout(probabilities.to(value.dtype), p=dropout, training=module.training)
+    if probabilities.dtype != value.dtype:
+        probabilities = probabilities.to(value.dtype)
+    if dropout and module.training:
+        probabilities = F.dropout(probabilities, p=dropout, training=True)
     return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
 
 
@@ -247,6 +275,11 @@ def _probe_row_output(output, module, query, key, value, attention_mask, scaling
 def takes_dense_masks(name) -> bool:
     """Whether a backend's (or its twin's) masks are 4-D tensors: its mask function is sdpa's or eager's."""
     return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base_backend(name)) in (sdpa_mask, eager_mask)
+
+
+def takes_bool_masks(name) -> bool:
+    """Whether a backend's (or its twin's) masks are sdpa's: 4-D booleans, `True` where a key is attended."""
+    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base_backend(name)) is sdpa_mask
 
 
 def _recording(base: str):
@@ -319,4 +352,7 @@ for _base in ("sdpa", "eager"):  # the stock ones at import; others when a model
     recording_backend(_base)
 
 
-__all__ = ["RowRequest", "base_backend", "is_recording", "recording_backend", "takes_dense_masks", "takes_masks"]
+__all__ = [
+    "RowRequest", "base_backend", "is_recording", "recording_backend", "takes_bool_masks", "takes_dense_masks",
+    "takes_masks",
+]

@@ -32,13 +32,24 @@ prefill and on every decode step over the pruned cache (a layer's new tokens sit
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch.profiler import record_function
 
 from .attention_rows import RowRequest
+
+
+def profiler_label(name: str):
+    """`record_function(name)` while a profiler runs (`llava-ivtp bench` books the pruning's own work by these
+    labels); otherwise nothing, so an unprofiled forward dispatches no label operators."""
+    if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
+        return contextlib.nullcontext()
+    return record_function(name)
 
 
 # Rotary positions after pruning (module docstring): ids of the logical sequence, or gaps closed at every step.
@@ -87,7 +98,17 @@ class LlmView:
 
     tokens: object
     image_rows: torch.Tensor
-    visual_slots: torch.Tensor
+
+    @functools.cached_property
+    def visual_range(self) -> slice | None:
+        """The slots of the visual tokens when they are one range shared by every sample (host-known: each sample has
+        one image at the same slot, as at batch size 1), else `None`. Index by it rather than by `visual_slots`: a
+        slice is one operator and no gather."""
+        return self.tokens.visual_range
+
+    @functools.cached_property
+    def visual_slots(self) -> torch.Tensor:
+        return self.tokens.visual_slots(self.image_rows)
 
     @property
     def probe_slot(self) -> int:
@@ -98,14 +119,18 @@ class LlmView:
         """The last real token of every row (rows are left-padded; the probe, when present, comes after it)."""
         return self.tokens.last_real_slot
 
-    def image_keys(self) -> torch.Tensor:
-        """`(K,)`: the slots a visual token or the probe can attend to -- every slot up to the last one that can
-        hold a visual token (`TokenState.visual_end`, a host bound), then the probe's -- for `RowRequest.keys`."""
+    @property
+    def batch(self) -> torch.Tensor | None:
+        """`RowRequest.batch` for the image rows: `None` when every sample has an image (nothing to select)."""
+        return None if all(self.tokens.has_image) else self.image_rows
+
+    def image_keys(self) -> tuple[slice, ...]:
+        """The slots a visual token or the probe can attend to -- every slot up to the last one that can hold a
+        visual token (`TokenState.visual_end`, a host bound), then the probe's -- as host ranges, for
+        `RowRequest.keys`."""
         tokens = self.tokens
-        keys = torch.arange(min(tokens.visual_end, tokens.last_real_slot + 1), device=self.visual_slots.device)
-        if tokens.probe:
-            keys = torch.cat([keys, keys.new_full((1,), self.probe_slot)])
-        return keys
+        end = min(tokens.visual_end, tokens.last_real_slot + 1)
+        return (slice(0, end), slice(self.probe_slot, self.probe_slot + 1)) if tokens.probe else (slice(0, end),)
 
     def query_slots(self, query_row: str, instruction_mask: torch.Tensor | None) -> torch.Tensor:
         """`(images, 1)`: the query row a method ranks by (`QUERY_ROWS`): the last token of the input (`"last"`: at

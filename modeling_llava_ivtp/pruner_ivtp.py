@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 from transformers.utils import logging
 
 from .attention_rows import RowRequest
@@ -26,6 +25,7 @@ from .pruner_base import (
     Selection,
     check_choice,
     check_int,
+    profiler_label,
     register_pruner,
     sample_visual_cls,
     select_keep_indices,
@@ -72,6 +72,7 @@ class IvtpPruner(Pruner):
         self.llm = self._targets(config.llm_layer_groups, config.schedule["llm"], None)
         self.gathered: list[torch.Tensor] = []  # the current group's attention so far (this call's)
         self.relevance = self.selected = None
+        self.block = None  # the stage-2 request's index tensors for the current token set (`llm_request`)
 
     def _targets(self, groups, counts, start) -> dict[int, tuple[int, int, int | None]]:
         """`{layer: (first layer of its group, last layer of its group, tokens kept after it or None)}` over the
@@ -124,11 +125,11 @@ class IvtpPruner(Pruner):
 
     # --- stage 1 ------------------------------------------------------------------------------------------------
     def vision_request(self, layer_idx, images, tokens):
-        patches = torch.arange(1, tokens)  # value norms of the patches (the CLS is never pruned)
-        return self._request(self.vision, layer_idx, None, torch.zeros(1, dtype=torch.long), patches)
+        # The CLS row; value norms of the patches (the CLS is never pruned).
+        return self._request(self.vision, layer_idx, None, slice(0, 1), slice(1, None))
 
     def after_vision_layer(self, layer_idx, hidden_states, request):
-        with torch.no_grad(), record_function("ivtp/vision_scoring/rollout"):  # profiler label only
+        with torch.no_grad(), profiler_label("ivtp/vision_scoring/rollout"):  # profiler label only
             selection = self._select(self.vision, layer_idx, request, 0, slice(1, None))  # CLS excluded
         return selection
 
@@ -140,24 +141,40 @@ class IvtpPruner(Pruner):
         return self.llm[layer_idx][2]
 
     def llm_probe(self, tokens):
-        with record_function("ivtp/probe/guidance"):
+        with profiler_label("ivtp/probe/guidance"):
             self.relevance, self.selected = instruction_relevance(self.config, self.context, tokens.hidden_states)
-        with record_function("ivtp/probe/pseudo_cls"):
+        with profiler_label("ivtp/probe/pseudo_cls"):
             fallback = sample_visual_cls(self.context.visual_cls, self.context.images_per_sample)
             return pseudo_cls(tokens.hidden_states, self.selected, fallback=fallback), self.context.image_end_position
 
     def llm_request(self, layer_idx, view: LlmView):
-        # Rows and columns: the visual tokens, then the pseudo-CLS (its rule and causality are the layer's mask).
-        probe = torch.full_like(view.visual_slots[:, :1], view.probe_slot)
-        block = torch.cat([view.visual_slots, probe], dim=1)
-        request = self._request(self.llm, layer_idx, block, probe, view.visual_slots, batch=view.image_rows)
-        if request is not None:  # the rows see nothing past their image (and the probe): score over those keys
-            request.keys = view.image_keys()
+        if layer_idx not in self.llm:
+            return None
+        if self.block is None or self.block[0] is not view:  # once per token set: its layers share it
+            # Rows and columns: the visual tokens, then the pseudo-CLS (its rule and causality are the layer's
+            # mask). The rows see nothing past their image (and the probe): they are scored over those keys, where
+            # the visual slots keep their place and the probe comes right after the image's range.
+            keys = view.image_keys()
+            probe_row, image_end = slice(view.probe_slot, view.probe_slot + 1), keys[0].stop
+            visual = view.visual_range
+            if visual is not None:  # host ranges: slices, no index tensors
+                block = (visual, probe_row)
+                places = (visual, slice(image_end, image_end + 1))
+            else:
+                visual = view.visual_slots
+                probe = torch.full_like(visual[:, :1], view.probe_slot)
+                block = torch.cat([visual, probe], dim=1)
+                places = torch.cat([visual, torch.full_like(probe, image_end)], dim=1)
+            self.block = (view, block, keys, places, visual, probe_row)
+        _, block, keys, places, visual, probe_row = self.block
+        request = self._request(self.llm, layer_idx, block, probe_row, visual, batch=view.batch)
+        if request is not None:
+            request.keys, request.column_places = keys, places
         return request
 
     def after_llm_layer(self, layer_idx, view, request, hidden_states):
-        with torch.no_grad(), record_function("ivtp/llm_scoring/rollout"):
-            return self._select(self.llm, layer_idx, request, view.visual_slots.shape[1], slice(None, -1))
+        with torch.no_grad(), profiler_label("ivtp/llm_scoring/rollout"):
+            return self._select(self.llm, layer_idx, request, view.tokens.visual, slice(None, -1))
 
     def outputs(self):
         return {"instruction_relevance": (self.relevance, float("nan")), "pseudo_cls_tokens": (self.selected, False)}
@@ -196,12 +213,12 @@ def instruction_relevance(config, context: PruneContext, embeddings: torch.Tenso
         relevance = torch.where(instruction, relevance, torch.full_like(relevance, float("nan")))
         return relevance, instruction & (relevance >= config.tau)
     with torch.no_grad():
-        with record_function("ivtp/probe/clip_image_embedding"):
+        with profiler_label("ivtp/probe/clip_image_embedding"):
             image_embedding = model.clip_visual_projection(
                 final_clip_cls(model, context.vision["feature_layer_hidden_states"])
             )
         clip_input_ids = guidance["clip_input_ids"].to(image_embedding.device)
-        with record_function("ivtp/probe/clip_text_tower"):
+        with profiler_label("ivtp/probe/clip_text_tower"):
             text_features = clip_token_features(model.clip_text_model, clip_input_ids)
         reference = sample_visual_cls(image_embedding, images_per_sample.to(image_embedding.device))
         clip_relevance = cosine_relevance(text_features, reference.to(text_features.dtype))  # eq. 6

@@ -49,16 +49,20 @@ def rollout_cls_row(
     Returns:
         `(batch, n)` float32, the CLS row of `R`.
     """
-    row = top_cls_row.float()
+    row = _float32(top_cls_row)
     if not lower_attentions:
         return row
-    # Top layer: N(A[l2] + I) -- the identity adds the CLS's own residual.
-    row = row.clone()
-    row[:, cls_index] += 1.0
+    # Top layer: N(A[l2] + I) -- the identity adds the CLS's own residual. `row / 2` then `+ 1/2` at the CLS is
+    # `(row + e_cls) / 2` to the bit (halving is exact), in two operators on a fresh tensor.
     row = row / 2.0
+    row.select(1, cls_index).add_(0.5)
     for attention in reversed(lower_attentions[1:]):  # layers l2-1 .. l1+1
-        row = (row + torch.bmm(row.unsqueeze(1), attention.float()).squeeze(1)) / 2.0
-    return torch.bmm(row.unsqueeze(1), lower_attentions[0].float()).squeeze(1)  # layer l1: A[l1], no residual
+        row = (row + torch.bmm(row.unsqueeze(1), _float32(attention)).squeeze(1)) / 2.0
+    return torch.bmm(row.unsqueeze(1), _float32(lower_attentions[0])).squeeze(1)  # layer l1: A[l1], no residual
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
 def token_scores(rollout_row: torch.Tensor, value_norms: torch.Tensor) -> torch.Tensor:
@@ -68,10 +72,10 @@ def token_scores(rollout_row: torch.Tensor, value_norms: torch.Tensor) -> torch.
         rollout_row: `(batch, n)`, the rollout CLS row restricted to the candidate tokens.
         value_norms: `(batch, n)`, the L2 norm of each candidate's value vector at the group's top layer.
     """
-    weighted = rollout_row.float() * value_norms.float()
+    weighted = _float32(rollout_row) * _float32(value_norms)
     total = weighted.sum(dim=-1, keepdim=True)
     # Rollout rows and norms are non-negative; an all-zero row (degenerate weights) falls back to uniform scores.
-    uniform = torch.full_like(weighted, 1.0 / weighted.shape[-1])
+    uniform = 1.0 / weighted.shape[-1]
     return torch.where(total > 0, weighted / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
 
 

@@ -17,7 +17,7 @@ from transformers.masking_utils import (
     create_causal_mask,
 )
 
-from .attention_rows import takes_dense_masks
+from .attention_rows import takes_bool_masks, takes_dense_masks
 from .transformers_compat import cache_kwargs
 
 
@@ -36,7 +36,7 @@ class TokenState:
     `b`'s first token (its own input padding tokens are tokens); `visual`, the visual tokens each sample with an image
     holds; `last_placeholder`, per sample, the input position of its last image placeholder (-1 without an image);
     `probe`, whether the last slot of every row is a probe token (a pruner's pseudo-CLS, which no real token attends
-    to).
+    to); `images`, per sample, its images.
     """
 
     hidden_states: torch.Tensor
@@ -52,6 +52,7 @@ class TokenState:
     visual: int
     last_placeholder: list[int]
     probe: bool = False
+    images: tuple = ()
 
     @classmethod
     def entering_llm(cls, logical: dict, keep: torch.Tensor, placeholders: list[int], last_placeholder: list[int],
@@ -67,7 +68,8 @@ class TokenState:
         state = cls(**_gather(logical, index, slot_valid), num_patches=num_patches,
                     has_image=[count > 0 for count in placeholders],
                     length=length, pads=[length - count for count in counts], visual=kept_per_image,
-                    last_placeholder=list(last_placeholder))
+                    last_placeholder=list(last_placeholder),
+                    images=tuple(count // num_patches for count in placeholders))
         return state, index, slot_valid
 
     @property
@@ -95,6 +97,18 @@ class TokenState:
              for pad, last, has_image in zip(self.pads, self.last_placeholder, self.has_image) if has_image),
             default=0,
         )
+
+    @property
+    def visual_range(self) -> slice | None:
+        """The slots of the visual tokens when every sample has one image and its tokens start at the same slot
+        (host arithmetic: every token before an image is kept), else `None`."""
+        if not self.images or any(count != 1 for count in self.images):
+            return None
+        starts = {pad + last + 1 - self.num_patches for pad, last in zip(self.pads, self.last_placeholder)}
+        if len(starts) != 1:
+            return None
+        start = starts.pop()
+        return slice(start, start + self.visual)
 
     def visual_slots(self, image_rows: torch.Tensor) -> torch.Tensor:
         """`(images, visual)`: the slots of each image's visual tokens, in order (rows: `image_rows`)."""
@@ -232,6 +246,29 @@ def segment_mask(text_config, tokens: TokenState, cache, layer_idx: int, unpadde
     )
 
 
+def step_mask(text_config, kv_mask: torch.Tensor, hidden_states: torch.Tensor, cache, layer_idx: int):
+    """The mask of the new tokens of a step over a pruned cache, for the layers of one run: `kv_mask` `(batch, keys)`
+    says which of the layer's keys (the tokens it holds, then the new ones) are attended. Always a mask (whether it
+    could be skipped would be a read of the device).
+
+    For a backend whose masks are sdpa's booleans (and no sliding window), the mask is built here as
+    `create_causal_mask` builds it -- `kv_mask`, and causal among the new tokens -- in one to three operators rather
+    than sdpa_mask's index arithmetic (about 25); other backends get `create_causal_mask`'s."""
+    if takes_bool_masks(text_config._attn_implementation) and getattr(text_config, "sliding_window", None) is None:
+        num_new, num_keys = hidden_states.shape[1], kv_mask.shape[1]
+        mask = kv_mask[:, None, None, :]
+        if mask.device != hidden_states.device:
+            mask = mask.to(hidden_states.device)
+        if num_new > 1:  # new token i sees the held tokens and new tokens 0..i
+            causal = torch.ones(num_new, num_keys, dtype=torch.bool, device=mask.device).tril(num_keys - num_new)
+            mask = mask & causal
+        return mask
+    return create_causal_mask(
+        config=text_config, inputs_embeds=hidden_states, attention_mask=kv_mask, **cache_kwargs(cache),
+        position_ids=None, layer_idx=layer_idx, allow_is_causal_skip=False,
+    )
+
+
 def layer_segments(prune_layers: list[int], num_layers: int) -> list[tuple[int, int]]:
     """`(first, last)` of each run of decoder layers that sees one token set: up to each pruning layer, the rest."""
     segments, start = [], 0
@@ -243,4 +280,4 @@ def layer_segments(prune_layers: list[int], num_layers: int) -> list[tuple[int, 
     return segments
 
 
-__all__ = ["TokenState", "layer_segments", "pack_rows", "segment_mask", "true_indices", "unpack"]
+__all__ = ["TokenState", "layer_segments", "pack_rows", "segment_mask", "step_mask", "true_indices", "unpack"]

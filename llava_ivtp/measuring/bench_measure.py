@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from llava_ivtp.measuring.dispatch import count_dispatched, per_step
 from llava_ivtp.measuring.bench_setup import (
     BenchError, VARIANTS, build_inputs, build_ivtp_model, kept_schedule, method_config_dict,
 )
@@ -221,6 +222,19 @@ class Runner:
         return streamer.times
 
 
+# Decode steps whose operators are counted (the difference between `generate` of 2 and of 2 + this many tokens).
+COUNTED_STEPS = 4
+
+
+def dispatched_figures(runner: Runner) -> dict:
+    """The aten operators one prefill dispatches (all, views, the rest: on a GPU about one kernel launch each) and
+    the operators per decode step of `generate` (`llava_ivtp.measuring.dispatch`). Counts do not depend on the
+    machine's load, so launch-bound overhead shows without a GPU."""
+    prefill = count_dispatched(runner.prefill)
+    step = per_step(runner.generate, 2, 2 + COUNTED_STEPS)
+    return {"prefill": prefill.as_dict(top=12), "decode_step": step}
+
+
 def decode_figures(step_times: list[float], batch_size: int) -> dict:
     steps = len(step_times) - 1
     seconds = step_times[-1] - step_times[0]
@@ -338,6 +352,8 @@ def measure_batch(models: dict, config, config_dict: dict, args, batch_size: int
         bar.update(1)
         result["decode"] = decode_figures(step_times, batch_size)
         result["peak_memory"]["generate_bytes_above_before"] = peak.peak_bytes
+        bar.set_description(f"b={batch_size} operators {name}")
+        result["dispatched_ops"] = dispatched_figures(runner)
 
         prof_results = []
         for _ in range(args.profile_runs):

@@ -30,6 +30,8 @@ def comparisons(results: list[dict], flops: dict) -> list[dict]:
                 "decode_ratio": ours["decode"]["tokens_per_s"] / stock["decode"]["tokens_per_s"],
                 "kv_cache_reduction": 1.0 - ours["kv_cache_bytes"] / stock["kv_cache_bytes"],
                 "pruning_share": ours["pruning"]["share"],
+                "prefill_ops_ratio": ours["dispatched_ops"]["prefill"]["total"] / stock["dispatched_ops"]["prefill"]["total"],
+                "decode_step_ops_ratio": ours["dispatched_ops"]["decode_step"] / stock["dispatched_ops"]["decode_step"],
             })
     return rows
 
@@ -79,6 +81,21 @@ def markdown_table(report: dict) -> str:
             f"{'yes' if row['within_15pct_of_flops'] else 'no'} | "
             f"{row['prefill_speedup_of_min']:.2f}x | "
             f"{row['decode_ratio']:.2f}x | {100 * row['kv_cache_reduction']:.1f}% | {100 * row['pruning_share']:.1f}% |"
+        )
+    lines.append("")
+    lines.append(
+        "| batch | variant | operators per prefill | vs stock | of which views | the rest (GPU: ~kernel launches) | "
+        "operators per decode step | vs stock |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for result in results:
+        stock = next(r for r in results if r["batch_size"] == result["batch_size"] and r["variant"] == "stock_sdpa")
+        ops, stock_ops = result["dispatched_ops"], stock["dispatched_ops"]
+        lines.append(
+            f"| {result['batch_size']} | {variant_title(result['variant'])} | {ops['prefill']['total']:,} | "
+            f"{ops['prefill']['total'] / stock_ops['prefill']['total']:.2f}x | {ops['prefill']['views']:,} | "
+            f"{ops['prefill']['computing']:,} | {ops['decode_step']:,.1f} | "
+            f"{ops['decode_step'] / stock_ops['decode_step']:.2f}x |"
         )
     return "\n".join(lines)
 

@@ -26,11 +26,13 @@ class PrunedGeneration:
     # generate
     # ------------------------------------------------------------------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """IVTP: `generate` gets an `IvtpCache`; caches that cannot hold per-layer token sets are refused up front."""
-        if self.config.pruning_enabled and model_kwargs.get(CACHE_ARG) is not None:
+        """IVTP: `generate` gets an `IvtpCache`; caches that cannot hold per-layer token sets are refused up front. A
+        text-only batch runs as stock Llava and takes any cache stock takes (static ones, compiled steps)."""
+        pruning = self.config.pruning_enabled and model_kwargs.get("pixel_values") is not None
+        if pruning and model_kwargs.get(CACHE_ARG) is not None:
             check_cache_class(model_kwargs[CACHE_ARG])
         if (
-            not self.config.pruning_enabled
+            not pruning
             or model_kwargs.get(CACHE_ARG) is not None
             or generation_config.use_cache is False
         ):

@@ -48,12 +48,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from torch.profiler import record_function
 from transformers import GenerationMixin, LlavaForConditionalGeneration
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging
 
@@ -63,9 +61,9 @@ from .configuration_llava_ivtp import IvtpConfig
 from .generation_ivtp import SEQUENCE_GUIDANCE_INPUTS, PrunedGeneration, host_past_length
 from .guidance_ivtp import build_clip_text_tower
 from .outputs_ivtp import IvtpCausalLMOutputWithPast
-from .pruner_base import LlmView, PruneContext, Selection
+from .pruner_base import LlmView, PruneContext, Selection, profiler_label
 from .pruners import PRUNERS
-from .tokens_ivtp import TokenState, layer_segments, segment_mask, true_indices, unpack
+from .tokens_ivtp import TokenState, layer_segments, segment_mask, step_mask, true_indices, unpack
 from .transformers_compat import (
     ActivationCheckpointingNames,
     cache_kwargs,
@@ -145,13 +143,13 @@ class LlmScoring:
 
     def after_layer(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
         if self.scorer is not None:  # the scoring layer's attention over this layer's output, rows only
-            with record_function("ivtp/llm_scoring"), torch.no_grad():
+            with profiler_label("ivtp/llm_scoring"), torch.no_grad():
                 self.pending.rows_only = True
                 self.scorer.self_attn(
                     self.scorer.input_layernorm(hidden_states), position_embeddings=self.position_embeddings,
                     attention_mask=self.mask, ivtp_rows=self.pending,
                 )
-        with record_function("ivtp/llm_scoring"):
+        with profiler_label("ivtp/llm_scoring"):
             self.selection = self.pruner.after_llm_layer(layer_idx, self.view, self.pending, hidden_states)
 
 
@@ -213,7 +211,9 @@ class LlavaIvtpForConditionalGeneration(
         included). Configs save the backend's own name."""
         mapping = recording_backend if self.config.pruning_enabled else base_backend
         for sub_config in (self.config, self.config.text_config, self.config.vision_config):
-            sub_config._attn_implementation_internal = mapping(sub_config._attn_implementation)
+            name = mapping(sub_config._attn_implementation)
+            if name != sub_config._attn_implementation_internal:  # (no write when unchanged: nothing for a compiler)
+                sub_config._attn_implementation_internal = name
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """As [`PreTrainedModel.set_attn_implementation`], with the recording twins of `"sdpa"` and `"eager"`."""
@@ -333,7 +333,8 @@ class LlavaIvtpForConditionalGeneration(
             )
         # Without pruning or without images this is stock Llava (samples without an image pass unpruned).
         elif not config.pruning_enabled or pixel_values is None:
-            self._check_values_without_pixels(input_ids, inputs_embeds, cache, guidance)
+            if config.pruning_enabled:  # pruning off: exactly stock Llava's operators (its own errors for bad ids)
+                self._check_values_without_pixels(input_ids, inputs_embeds, cache, guidance)
             outputs = self._forward_stock(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                 position_ids=position_ids, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
@@ -382,23 +383,27 @@ class LlavaIvtpForConditionalGeneration(
             input_ids=input_ids, inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, return_dict=True,
             **cache_kwargs(cache), **kwargs,
         )
-        sequence = (input_ids if input_ids is not None else inputs_embeds).shape
-        kept_positions = torch.arange(sequence[1], device=outputs.logits.device).expand(sequence[0], -1)
-        return IvtpCausalLMOutputWithPast(
-            **outputs, kept_positions=slice_logits_to_keep(kept_positions.unsqueeze(-1), logits_to_keep)[..., 0]
-        )
+        batch_size, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if isinstance(logits_to_keep, int):  # two operators beside stock's: an arange and its expand
+            first = length - logits_to_keep if 0 < logits_to_keep < length else 0
+            kept_positions = torch.arange(first, length, device=outputs.logits.device).expand(batch_size, -1)
+        else:
+            every = torch.arange(length, device=outputs.logits.device).expand(batch_size, -1)
+            kept_positions = slice_logits_to_keep(every.unsqueeze(-1), logits_to_keep)[..., 0]
+        return IvtpCausalLMOutputWithPast(**outputs, kept_positions=kept_positions)
 
     def _check_values_without_pixels(self, input_ids, inputs_embeds, cache, guidance: dict) -> None:
         """Values of a forward without `pixel_values` (no schedule, no image, or a step over a pruned cache): token
         and CLIP ids, spans, and, when pruning is on and the cache is empty, image placeholders (with no image
         anywhere they would run as text). Over a filled cache placeholders are ordinary tokens, as in stock Llava: the
         model may generate the id, and a decode step or an earlier answer then holds it (a new turn's placeholders
-        are checked by `generate`, `prepare_inputs_for_generation`). One read, on a prefill (or on the CPU, where it
-        is free); a step over a filled cache on an accelerator reads nothing."""
+        are checked by `generate`, `prepare_inputs_for_generation`). One read, on a prefill; a step over a filled cache
+        reads nothing (out-of-range ids there meet the embedding's own error, as in stock Llava), nor does a compiled
+        forward."""
         reference = input_ids if input_ids is not None else inputs_embeds
         past_length = host_past_length(cache)
-        if past_length != 0 and reference.device.type != "cpu":
-            return
+        if past_length != 0 or torch.compiler.is_compiling():
+            return  # compiled: no read of the device (a graph break); the eager call raises what it finds
         rows = value_rows(input_ids, guidance, reference.device)
         check_placeholders_here = self.config.pruning_enabled and past_length == 0
         if check_placeholders_here:
@@ -451,7 +456,7 @@ class LlavaIvtpForConditionalGeneration(
         vision = self._run_vision_tower(pixel_values, pruner)
         image_features = self.model.multi_modal_projector(vision["patch_hidden_states"])
         context.vision, context.visual_cls = vision, self.model.multi_modal_projector(vision["cls_hidden_state"])
-        with record_function("ivtp/projected_scoring"):  # profiler labels: the pruner's own work (llava-ivtp bench)
+        with profiler_label("ivtp/projected_scoring"):  # profiler labels: the pruner's own work (llava-ivtp bench)
             selection = pruner.on_projected(image_features)
         if selection is not None:
             image_features = _apply_selection(image_features, selection)
@@ -462,7 +467,7 @@ class LlavaIvtpForConditionalGeneration(
             image_mask, vision["placement"], image_features, input_ids, inputs_embeds, position_ids,
             full_attention_mask, placeholder_counts, last_placeholder, pruner.renumbers,
         )
-        with record_function("ivtp/guidance"):
+        with profiler_label("ivtp/guidance"):
             context.packed_guidance = _pack_guidance(guidance, index, slot_valid)
             context.image_end_position = _image_end_position(image_mask, position_ids, images_per_sample)
             if pruned_before_end is not None:  # renumbered: the image ends that many positions earlier
@@ -560,15 +565,10 @@ class LlavaIvtpForConditionalGeneration(
                 runs[-1].layers = range(runs[-1].layers.start, layer_idx + 1)
                 continue
             previous = held
-            record = torch.cat([held.to(hidden_states.device), new_positions], dim=1)
+            record = torch.cat([held if held.device == hidden_states.device else held.to(hidden_states.device),
+                                new_positions], dim=1)
             kv_mask = attention_mask.gather(1, record.clamp_min(0)) & (record >= 0)
-            mask = create_causal_mask(
-                config=self.config.text_config, inputs_embeds=hidden_states, attention_mask=kv_mask,
-                **cache_kwargs(cache), position_ids=None, layer_idx=layer_idx,
-                # An explicit mask per run; checking whether it could be skipped reads the device, once per run
-                # and step (stock Llava reads once per step).
-                allow_is_causal_skip=False,
-            )
+            mask = step_mask(self.config.text_config, kv_mask, hidden_states, cache, layer_idx)
             if renumbered:  # the logical tokens before this step that the run does not hold
                 not_held = past_length - (held >= 0).sum(dim=1, keepdim=True).to(position_ids.device)
                 position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids - not_held)
@@ -613,7 +613,7 @@ class LlavaIvtpForConditionalGeneration(
         batch_size, sequence_length = image_mask.shape
         num_patches, num_images = self.config.num_patches, keep_indices.shape[0]
         device = image_mask.device
-        with record_function("ivtp/llm_entry_selection"):  # profiler label only (llava-ivtp bench)
+        with profiler_label("ivtp/llm_entry_selection"):  # profiler label only (llava-ivtp bench)
             placeholder_rank = image_mask.long().cumsum(dim=1) - 1
             patch_of_token = torch.where(image_mask, placeholder_rank % num_patches, -1)
             image_of_token = torch.where(image_mask, placeholder_rank // num_patches, 0)
@@ -669,11 +669,11 @@ class LlavaIvtpForConditionalGeneration(
         for layer_idx, layer in enumerate(vision_tower.encoder.layers[:feature_layers]):
             request = pruner.vision_request(layer_idx, num_images, hidden_states.shape[1])
             hidden_states = layer(hidden_states, pruner.vision_mask(layer_idx), **_rows_kwarg(request))
-            with record_function("ivtp/vision_scoring"):
+            with profiler_label("ivtp/vision_scoring"):
                 selection = pruner.after_vision_layer(layer_idx, hidden_states, request)
             if selection is None:
                 continue
-            with record_function("ivtp/vision_selection"):
+            with profiler_label("ivtp/vision_selection"):
                 if selection.ordered:  # the tokens in the LLM's order, filling the image's first placeholders
                     if layer_idx != feature_layers - 1:
                         raise ValueError(f"{pruner.name}: an ordered selection comes at the feature layer only.")
@@ -722,13 +722,13 @@ class LlavaIvtpForConditionalGeneration(
         prune_layers = pruner.llm_prune_layers()
         any_image = bool(prune_layers) and any(tokens.has_image)
         image_rows = true_indices(has_image.unsqueeze(0), len(tokens.image_rows))[0] if any_image else None
-        with record_function("ivtp/probe"):
+        with profiler_label("ivtp/probe"):
             probe = pruner.llm_probe(tokens) if prune_layers else None
         if probe is not None:  # it sits after every real token: causality keeps them from attending to it
-            with record_function("ivtp/llm_selection"):
+            with profiler_label("ivtp/llm_selection"):
                 tokens = tokens.append_probe(*probe)
         for first, last in layer_segments(prune_layers, self.config.text_config.num_hidden_layers):
-            with record_function("ivtp/segment_setup"):  # a mask and rotary table per run (stock: one)
+            with profiler_label("ivtp/segment_setup"):  # a mask and rotary table per run (stock: one)
                 # Without padding slots or input padding the 2-D mask is all ones: leave it out (nothing to read).
                 unpadded = fully_attended and not any(tokens.pads)
                 if not unpadded:
@@ -736,7 +736,7 @@ class LlavaIvtpForConditionalGeneration(
                 probe_end = tokens.probe_key_end() if tokens.probe else None
                 mask = segment_mask(self.config.text_config, tokens, cache, first, unpadded, probe_end)
                 position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
-            view = LlmView(tokens, image_rows, tokens.visual_slots(image_rows)) if any_image else None
+            view = LlmView(tokens, image_rows) if any_image else None
             scoring = None if view is None else LlmScoring(pruner, view, language_model.layers, mask, position_embeddings)
             llm.per_layer += (tokens.visual if any(tokens.has_image) else 0,) * (last - first + 1)
             run = LayerRun(
@@ -795,10 +795,20 @@ class LlavaIvtpForConditionalGeneration(
         """Keep each image's selected visual tokens (every other token stays; `renumber`: the position ids close the
         gaps). Returns the new state and the kept patches `(batch, num_keep)` (-1 rows for samples without an
         image)."""
-        with record_function("ivtp/llm_selection"):
+        with profiler_label("ivtp/llm_selection"):
             keep = ~tokens.is_visual
-            kept_patches = torch.full((keep.shape[0], num_keep), -1, dtype=torch.long, device=keep.device)
-            if view is not None:
+            if view is not None and view.visual_range is not None:  # one range, every sample: no row indexing
+                chosen = selection.keep.to(keep.device) if selection.keep.device != keep.device else selection.keep
+                chosen = chosen + view.visual_range.start
+                keep = keep.scatter(1, chosen, True)
+                kept_patches = tokens.patch_index.gather(1, chosen)
+                if selection.merged is not None:
+                    merged = selection.merged.to(tokens.hidden_states.dtype)
+                    index = chosen.to(merged.device).unsqueeze(-1).expand(-1, -1, merged.shape[-1])
+                    tokens = replace(tokens, hidden_states=tokens.hidden_states.scatter(1, index, merged))
+            else:
+                kept_patches = torch.full((keep.shape[0], num_keep), -1, dtype=torch.long, device=keep.device)
+            if view is not None and view.visual_range is None:
                 chosen = view.visual_slots.gather(1, selection.keep.to(view.visual_slots.device))
                 rows = view.image_rows
                 keep[rows] = keep[rows].scatter(1, chosen, True)

@@ -1,0 +1,127 @@
+"""Operators a forward dispatches (`llava_ivtp.measuring.dispatch`; on a GPU each computing operator is about one
+kernel launch, so at batch 1 the count predicts launch-bound time on any device). The stock route is stock Llava's,
+operator for operator; a pruned prefill's bookkeeping does not grow with the batch or the prompt; a decode step over
+a pruned cache dispatches what stock's does; the stock route compiles with `fullgraph=True` as stock Llava does."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+from llava_ivtp.measuring.dispatch import count_dispatched, per_step
+from modeling_llava_ivtp.pruners import PRUNERS
+from tiny_models import IMAGE_TOKEN_ID, TINY_CLIP_TEXT, left_pad, make_batch, stock_twin, tiny_model
+
+# kept_positions (every position on the stock route): an arange and its expand.
+KEPT_POSITIONS = collections.Counter({"arange": 1, "expand": 1})
+
+
+def _prefill(model, batch):
+    return count_dispatched(lambda: model(**batch))
+
+
+def _generate_steps(model, batch):
+    def run(new_tokens):
+        return model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=0, suppress_tokens=[IMAGE_TOKEN_ID])
+    return per_step(run, 2, 5)
+
+
+def _method_model(method):
+    extra = {"clip_text_encoder": TINY_CLIP_TEXT} if method == "cdpruner" else {}
+    return tiny_model(schedule=None, pruning_method=method, pruning_options={"visual_tokens": 8}, **extra)
+
+
+def test_the_counter_counts_every_operator_and_the_views_apart():
+    def run():
+        values = torch.zeros(6)
+        (values.view(2, 3) * 2).sum()
+
+    count = count_dispatched(run)
+    assert count.by_name["zeros"] == 1 and count.by_name["view"] == 1
+    assert count.by_name["mul"] == 1 and count.by_name["sum"] == 1
+    assert count.views == 1 and count.total == sum(count.by_name.values()) == count.views + count.computing
+    with pytest.raises(ValueError, match="last"):
+        per_step(lambda n: None, 3, 3)
+
+
+def test_pruning_off_dispatches_what_stock_llava_does():
+    model = tiny_model(schedule=None)
+    stock = stock_twin(model)
+    batch = make_batch(((2, 5), (4, 9)))
+    ours, theirs = _prefill(model, batch), _prefill(stock, batch)
+    assert ours.by_name - theirs.by_name == KEPT_POSITIONS and not theirs.by_name - ours.by_name
+    assert _generate_steps(model, batch) == _generate_steps(stock, batch) + KEPT_POSITIONS.total()
+
+
+def test_a_text_only_batch_with_pruning_on_adds_only_the_input_check():
+    """Stock's operators, plus one read of the ids (their range, and image placeholders that no image backs)."""
+    model = tiny_model()
+    stock = stock_twin(model)
+    input_ids, attention_mask = left_pad([[1, 5, 6, 7, 8, 9], [1, 10, 11, 12]])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    ours, theirs = _prefill(model, batch), _prefill(stock, batch)
+    extra = ours.by_name - theirs.by_name - KEPT_POSITIONS
+    assert not theirs.by_name - ours.by_name
+    assert extra["eq"] == 1 and extra["sum"] == 1 and extra["stack"] == 1  # placeholders, the one read
+    assert sum(extra.values()) <= 12, extra
+
+
+@pytest.mark.parametrize("method", sorted(PRUNERS))
+def test_pruned_prefill_operators_do_not_grow_with_the_batch_or_the_prompt(method):
+    """Bookkeeping per pruning step, not per sample or token: batch 1, a batch of 3 of one layout and a longer prompt
+    dispatch the same operators; padded batches (each sample its own layout) of 3 and 5 the same as each other."""
+    model = _method_model(method)
+    same_layout = [_prefill(model, make_batch(layout)).total for layout in (((2, 5),), ((2, 5),) * 3, ((4, 9),))]
+    assert len(set(same_layout)) == 1, same_layout
+    padded = [_prefill(model, make_batch(layout)).total
+              for layout in (((2, 5), (4, 9), (1, 3)), ((2, 5), (4, 9), (1, 3), (3, 3), (5, 1)))]
+    assert padded[0] == padded[1], padded
+
+
+@pytest.mark.parametrize("method", sorted(PRUNERS))
+@pytest.mark.parametrize("layout", [((2, 5),), ((2, 5), (4, 9))], ids=["batch 1", "padded batch"])
+def test_decode_steps_over_a_pruned_cache_cost_a_few_operators_per_run_of_layers(method, layout):
+    """A step over the pruned cache dispatches stock Llava's operators plus, per run of layers that hold one token
+    set, its mask from the held positions (a few operators) and, where positions are renumbered, its rotary table;
+    nothing that grows with the cache or reads the device. (Stock, unpadded at batch 1, reads the device to skip its
+    mask; the pruned cache keeps an explicit mask, which with grouped keys also repeats them: two operators per
+    layer.)"""
+    model = _method_model(method)
+    batch = make_batch(layout)
+    with torch.no_grad():
+        cache = model(**batch, use_cache=True).past_key_values
+    runs = len({id(positions) for positions in cache.layer_positions})
+    layers = model.config.text_config.num_hidden_layers
+    ours, stock = _generate_steps(model, batch), _generate_steps(stock_twin(model), batch)
+    assert ours - stock <= 26 * runs + 2 * layers, (ours, stock, runs)
+
+    def run(new_tokens):
+        return model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=0, suppress_tokens=[IMAGE_TOKEN_ID])
+    assert per_step(run, 5, 8) == ours  # the same at a longer cache
+
+
+@pytest.mark.parametrize("route", ["pruning off", "text only, pruning on"])
+def test_the_stock_route_generates_with_a_fullgraph_compiled_forward(route):
+    """`generate` with a static cache and `compile_config=CompileConfig(fullgraph=True)` (transformers compiles the
+    forward of the decode steps): no graph break -- no input check reads the device under compilation -- and the
+    tokens of the eager run."""
+    model = tiny_model(**({"schedule": None} if route == "pruning off" else {}))
+    if route == "pruning off":
+        batch = make_batch(((2, 5), (4, 9)))
+    else:
+        input_ids, attention_mask = left_pad([[1, 5, 6, 7, 8, 9], [1, 10, 11, 12]])
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told (its tests)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model.generate(**batch, **settings)
+        compiled = model.generate(**batch, **settings, compile_config=compile_config)
+    assert torch.equal(compiled, eager)
+    assert getattr(model, "_compiled_call", None) is not None  # the decode steps did run compiled
