@@ -125,6 +125,43 @@ def test_markdown_table_has_a_row_per_variant_and_batch(bench_run):
     assert "prefill speed-up (medians) / FLOPs speed-up" in stdout
 
 
+def test_operators_per_prefill_and_decode_step_for_every_variant(bench_run):
+    """Counted eagerly, beside the times: the same for a variant at every run (they do not depend on the load)."""
+    _, report, stdout = bench_run
+    for result in report["results"]:
+        ops = result["dispatched_ops"]
+        assert ops["prefill"]["total"] == ops["prefill"]["views"] + ops["prefill"]["computing"] > 0
+        assert 0 < sum(ops["prefill"]["top"].values()) <= ops["prefill"]["total"]
+        assert ops["decode_step"] > 0
+        stock = next(r for r in report["results"] if r["variant"] == "stock_sdpa" and r["batch_size"] == result["batch_size"])
+        if result["variant"] != "stock_sdpa":  # pruning adds bookkeeping (and the CLIP text tower)
+            assert ops["prefill"]["total"] > stock["dispatched_ops"]["prefill"]["total"]
+    by_batch = {r["batch_size"]: r["dispatched_ops"]["prefill"]["total"] for r in report["results"] if r["variant"] == "ivtp_sdpa"}
+    assert by_batch[1] == by_batch[2]  # one layout: nothing per sample
+    for row in report["comparisons"]:
+        assert row["prefill_ops_ratio"] > 1 and row["decode_step_ops_ratio"] > 0
+    assert "| batch | variant | operators per prefill | vs stock |" in stdout
+
+
+def test_compiled_prefill_runner_reports_graphs_and_keeps_the_outputs(tiny_json):
+    """`--compile`: the timed prefill runs `torch.compile(model.forward)`; IVTP's pruned forward compiles, broken only
+    at the prefill's device reads (the batch layout, the kept counts), and keeps the eager outputs."""
+    from llava_ivtp.measuring.bench_measure import Runner
+    from llava_ivtp.measuring.bench_setup import build_inputs
+
+    config_dict, _ = load_config_dict(str(tiny_json))
+    models = build_models(config_dict, torch.device("cpu"), torch.float32, 0)
+    common, guidance = build_inputs(models["ivtp_sdpa"].config, 1, TEXT_TOKENS, "cpu", torch.float32, 0)
+    runner = Runner("ivtp_sdpa", models["ivtp_sdpa"], common, guidance, torch.device("cpu"), 3, compile_forward=True)
+    torch._dynamo.reset()
+    figures = runner.compile()
+    assert figures["compile_s"] > 0 and 1 <= figures["graphs"] <= 8 and figures["graph_breaks"] <= 8
+    eager, compiled = runner.prefill(), runner.compiled_prefill()
+    assert torch.equal(compiled.kept_positions, eager.kept_positions)
+    assert compiled.llm_token_counts == eager.llm_token_counts
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-5, atol=1e-5)
+
+
 def test_stock_and_ivtp_hold_the_same_llava_weights(tiny_json):
     config_dict, _ = load_config_dict(str(tiny_json))
     models = build_models(config_dict, torch.device("cpu"), torch.float32, seed=0)

@@ -185,20 +185,44 @@ def top_ops(prof, device: torch.device, count: int) -> list[dict]:
 class Runner:
     """One variant's calls: prefill, generate; the inputs are fixed at construction."""
 
-    def __init__(self, name: str, model, inputs: dict, guidance: dict, device: torch.device, new_tokens: int):
+    def __init__(self, name: str, model, inputs: dict, guidance: dict, device: torch.device, new_tokens: int,
+                 compile_forward: bool = False):
         self.name, self.model, self.device, self.new_tokens = name, model, device, new_tokens
         # Every pruned variant gets the processor's guidance inputs (IVTP's pseudo-CLS, CDPruner's relevance, the
         # last instruction token of FastV / PDrop); stock Llava takes none.
         self.inputs = dict(inputs, **(guidance if name != "stock_sdpa" else {}))
+        # `--compile`: the timed prefills run the compiled forward (nothing is set on the model).
+        self.forward = torch.compile(model.forward) if compile_forward else model
+        self.compile_figures: dict | None = None
 
     def prefill(self):
         with torch.inference_mode():
             return self.model(**self.inputs, use_cache=True)
 
+    def compiled_prefill(self):
+        with torch.inference_mode():
+            return self.forward(**self.inputs, use_cache=True)
+
+    def compile(self) -> dict:
+        """The first call of the compiled forward (it compiles): seconds, graphs and graph breaks (dynamo's
+        counters, before and after)."""
+        from torch._dynamo.utils import counters
+
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        start = time.perf_counter()
+        self.compiled_prefill()
+        _synchronize(self.device)
+        self.compile_figures = {
+            "compile_s": time.perf_counter() - start,
+            "graphs": counters["stats"]["unique_graphs"] - graphs,
+            "graph_breaks": sum(counters["graph_break"].values()) - breaks,
+        }
+        return self.compile_figures
+
     def timed_prefill(self) -> float:
         _synchronize(self.device)
         start = time.perf_counter()
-        output = self.prefill()
+        output = self.compiled_prefill()
         _synchronize(self.device)
         elapsed = time.perf_counter() - start
         del output
@@ -305,10 +329,15 @@ def measure_batch(models: dict, config, config_dict: dict, args, batch_size: int
 
     common, guidance = build_inputs(config, batch_size, args.text_tokens, device, dtype, args.seed + batch_size)
     names = [name for name in models if name in VARIANTS or name.startswith("method:")]
-    runners = {name: Runner(name, models[name], common, guidance, device, args.new_tokens) for name in names}
+    compile_forward = getattr(args, "compile", False)
+    runners = {name: Runner(name, models[name], common, guidance, device, args.new_tokens, compile_forward)
+               for name in names}
     results = {name: {"variant": name, "batch_size": batch_size} for name in names}
 
     for name, runner in runners.items():  # warm-up, also of the decode path
+        if compile_forward:
+            bar.set_description(f"b={batch_size} compile {name}")
+            results[name]["compiled"] = runner.compile()
         for _ in range(args.warmup):
             bar.set_description(f"b={batch_size} warm-up {name}")
             runner.timed_prefill()

@@ -97,6 +97,13 @@ def markdown_table(report: dict) -> str:
             f"{ops['prefill']['computing']:,} | {ops['decode_step']:,.1f} | "
             f"{ops['decode_step'] / stock_ops['decode_step']:.2f}x |"
         )
+    if any("compiled" in result for result in results):
+        lines += ["", "Prefill times above are of `torch.compile(model.forward)` (`--compile`; decode runs eagerly):", "",
+                  "| batch | variant | compile s | graphs | graph breaks |", "|---|---|---|---|---|"]
+        for result in results:
+            compiled = result["compiled"]
+            lines.append(f"| {result['batch_size']} | {variant_title(result['variant'])} | {compiled['compile_s']:,.1f} | "
+                         f"{compiled['graphs']} | {compiled['graph_breaks']} |")
     return "\n".join(lines)
 
 

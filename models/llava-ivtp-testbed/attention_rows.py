@@ -56,6 +56,8 @@ class RowRequest:
         among `keys` (computed once per token set rather than per layer).
     Index fields may also be a slice or a tuple of increasing slices (host-known ranges: one slicing operator
     each, where an index tensor takes a gather).
+    shared: a dict the asker passes to every request of one token set (the same rows and keys at each layer of a
+        run): what does not depend on the layer, as the picked mask, is computed once.
     rows_only: the call is made for the request alone (a scoring call of a layer on tokens it will not run on, as
         PyramidDrop scores with the next layer): the backend skips the attention kernel and returns zeros.
 
@@ -71,6 +73,7 @@ class RowRequest:
     scores: bool = True
     keys: torch.Tensor | slice | tuple | None = None
     column_places: torch.Tensor | slice | tuple | None = None
+    shared: dict | None = field(default=None, repr=False)
     rows_only: bool = False
     call: tuple | None = field(default=None, repr=False)  # what the layer's attention used (`attach`)
     full: torch.Tensor | None = field(default=None, repr=False)  # every row, when the layer computed them itself
@@ -121,7 +124,10 @@ def _take(tensor: torch.Tensor, index, dim: int) -> torch.Tensor:
     if index is None:
         return tensor
     if isinstance(index, slice):
-        return tensor[(slice(None),) * dim + (index,)]
+        start, stop, step = index.indices(tensor.shape[dim])
+        if step != 1:
+            return tensor[(slice(None),) * dim + (index,)]
+        return tensor.narrow(dim, start, max(stop - start, 0))  # one operator
     if isinstance(index, tuple):
         return torch.cat([_take(tensor, part, dim) for part in index], dim=dim)
     index = _to(index, tensor.device)
@@ -168,12 +174,11 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
             allowed = _pick(allowed, request.batch, request.rows, dim=1)
             logits = logits.masked_fill(~_take(allowed, request.keys, 2).unsqueeze(1), lowest)
     else:
-        mask = attention_mask[:, 0, :, :num_keys].expand(batch_size, num_queries, -1)
-        mask = _take(_pick(_to(mask, query.device), request.batch, request.rows, dim=1), request.keys, 2).unsqueeze(1)
+        mask = _requested_mask(request, attention_mask, batch_size, num_queries, num_keys, query.device)
         if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, lowest)
+            logits = logits.masked_fill(mask, lowest)
         else:
-            logits = (logits + mask.float()).clamp_min(lowest)
+            logits = (logits + mask).clamp_min(lowest)
     probabilities = logits.softmax(dim=-1).mean(dim=1)
     if request.columns is None:
         return probabilities
@@ -187,6 +192,22 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
     return _take(probabilities, columns, 2)
 
 
+def _requested_mask(request: RowRequest, attention_mask, batch_size: int, num_queries: int, num_keys: int, device):
+    """A 4-D mask at the requested rows and keys, `(n, 1, R, K)`: bool `True` where a key is *not* attended, or a
+    float bias. The layers of a run share their mask: with `request.shared` (a dict the asker passes to each
+    request of one token set) it is picked once."""
+    memo_key = ("mask", id(request.rows))  # the same rows object for the layers that ask the same rows
+    entry = request.shared.get(memo_key) if request.shared is not None else None
+    if entry is not None and entry[0] is attention_mask and entry[1] is request.rows:
+        return entry[2]
+    mask = attention_mask[:, 0, :, :num_keys].expand(batch_size, num_queries, -1)
+    mask = _take(_pick(_to(mask, device), request.batch, request.rows, dim=1), request.keys, 2).unsqueeze(1)
+    mask = ~mask if mask.dtype == torch.bool else mask.float()
+    if request.shared is not None:
+        request.shared[memo_key] = (attention_mask, request.rows, mask)
+    return mask
+
+
 def _places(request: RowRequest, num_keys: int) -> torch.Tensor:
     """`request.columns` (slots) as places among `request.keys`."""
     columns = request.columns
@@ -198,7 +219,7 @@ def _probe_allowed(allowed, probe: torch.Tensor, batch_size: int, num_queries: i
     """`allowed` `(b, q, k)` (or `None`: every key) with the probe's row -- the last query -- limited to the keys up to
     `probe` `(b,)` (each sample's last key slot before it may see) and its own."""
     keys = torch.arange(num_keys, device=device)
-    probe_row = (keys <= probe.to(device).unsqueeze(1)) | (keys == num_keys - 1)
+    probe_row = (keys <= torch.as_tensor(probe, device=device).reshape(-1, 1)) | (keys == num_keys - 1)
     if allowed is None:
         allowed = torch.ones(batch_size, num_queries, num_keys, dtype=torch.bool, device=device)
     return torch.cat([allowed[:, :-1], allowed[:, -1:] & probe_row.unsqueeze(1)], dim=1)

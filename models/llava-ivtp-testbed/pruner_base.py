@@ -33,7 +33,6 @@ prefill and on every decode step over the pruned cache (a layer's new tokens sit
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -98,17 +97,21 @@ class LlmView:
 
     tokens: object
     image_rows: torch.Tensor
+    _visual_slots: torch.Tensor | None = field(default=None, repr=False)
 
-    @functools.cached_property
+    @property
     def visual_range(self) -> slice | None:
         """The slots of the visual tokens when they are one range shared by every sample (host-known: each sample has
         one image at the same slot, as at batch size 1), else `None`. Index by it rather than by `visual_slots`: a
         slice is one operator and no gather."""
         return self.tokens.visual_range
 
-    @functools.cached_property
+    @property
     def visual_slots(self) -> torch.Tensor:
-        return self.tokens.visual_slots(self.image_rows)
+        """`(images, visual)`, computed on first use (a plain attribute, which a compiler traces)."""
+        if self._visual_slots is None:
+            self._visual_slots = self.tokens.visual_slots(self.image_rows)
+        return self._visual_slots
 
     @property
     def probe_slot(self) -> int:

@@ -157,19 +157,24 @@ class IvtpPruner(Pruner):
             keys = view.image_keys()
             probe_row, image_end = slice(view.probe_slot, view.probe_slot + 1), keys[0].stop
             visual = view.visual_range
-            if visual is not None:  # host ranges: slices, no index tensors
-                block = (visual, probe_row)
-                places = (visual, slice(image_end, image_end + 1))
+            if visual is not None:  # one layout: 1-D indices (each pick one `index_select`), built once here
+                device = view.image_rows.device
+                block = torch.arange(visual.start, visual.stop + 1, device=device)
+                block[-1] = view.probe_slot
+                keys = torch.arange(image_end + 1, device=device)
+                keys[-1] = view.probe_slot
+                places = torch.arange(visual.start, visual.stop + 1, device=device)
+                places[-1] = image_end
             else:
                 visual = view.visual_slots
                 probe = torch.full_like(visual[:, :1], view.probe_slot)
                 block = torch.cat([visual, probe], dim=1)
                 places = torch.cat([visual, torch.full_like(probe, image_end)], dim=1)
-            self.block = (view, block, keys, places, visual, probe_row)
-        _, block, keys, places, visual, probe_row = self.block
+            self.block = (view, block, keys, places, visual, probe_row, {})
+        _, block, keys, places, visual, probe_row, _ = self.block
         request = self._request(self.llm, layer_idx, block, probe_row, visual, batch=view.batch)
         if request is not None:
-            request.keys, request.column_places = keys, places
+            request.keys, request.column_places, request.shared = keys, places, self.block[-1]
         return request
 
     def after_llm_layer(self, layer_idx, view, request, hidden_states):

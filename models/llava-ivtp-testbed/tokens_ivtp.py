@@ -65,7 +65,7 @@ class TokenState:
         counts = [sequence_length - count + (count // num_patches) * kept_per_image for count in placeholders]
         length = max(counts)
         index, slot_valid = pack_rows(keep, length)
-        state = cls(**_gather(logical, index, slot_valid), num_patches=num_patches,
+        state = cls(**_gather(logical, index, slot_valid, all_valid=min(counts) == length), num_patches=num_patches,
                     has_image=[count > 0 for count in placeholders],
                     length=length, pads=[length - count for count in counts], visual=kept_per_image,
                     last_placeholder=list(last_placeholder),
@@ -81,9 +81,12 @@ class TokenState:
         """The slot of every row's last real token (the probe, when present, comes after it)."""
         return self.length - 1 - int(self.probe)
 
-    def probe_key_end(self) -> torch.Tensor:
+    def probe_key_end(self) -> torch.Tensor | int:
         """`(batch,)`: the last slot the probe may attend to besides itself -- each sample's last visual slot (-1
-        for a sample without an image, whose probe sees only itself)."""
+        for a sample without an image, whose probe sees only itself); an `int` when it is one slot for every sample
+        (`visual_range`, known on the host)."""
+        if self.visual_range is not None:
+            return self.visual_range.stop - 1
         slots = torch.arange(self.is_visual.shape[1], device=self.hidden_states.device)
         return torch.where(self.is_visual.to(slots.device), slots, -1).amax(dim=1)
 
@@ -124,7 +127,7 @@ class TokenState:
         fields = {name: getattr(self, name) for name in _DEVICE_FIELDS}
         if renumber:
             fields["position_ids"] = self.position_ids - (~keep).long().cumsum(dim=1).to(self.position_ids.device)
-        gathered = _gather(fields, index, slot_valid)
+        gathered = _gather(fields, index, slot_valid, all_valid=min(counts) == length)
         return replace(self, **gathered, length=length, visual=kept,
                        pads=[pad + length - count for pad, count in zip(self.pads, counts)])
 
@@ -150,9 +153,15 @@ class TokenState:
                        length=self.length - 1, probe=False)
 
 
-def _gather(tensors: dict, index: torch.Tensor, slot_valid: torch.Tensor) -> dict:
-    """The device fields at the packed slots `index` `(batch, kept)`; padding slots are marked (-1, not attended)."""
+def _gather(tensors: dict, index: torch.Tensor, slot_valid: torch.Tensor, all_valid: bool = False) -> dict:
+    """The device fields at the packed slots `index` `(batch, kept)`; padding slots are marked (-1, not attended).
+    `all_valid` (known on the host: every row keeps as many tokens as the longest) says there are none to mark."""
     hidden = tensors["hidden_states"]
+    if all_valid:
+        return {
+            "hidden_states": hidden.gather(1, index.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])),
+            **{name: tensors[name].gather(1, index) for name in _DEVICE_FIELDS[1:]},
+        }
     return {
         "hidden_states": hidden.gather(1, index.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])),
         "positions": tensors["positions"].gather(1, index).masked_fill(~slot_valid, -1),
@@ -227,6 +236,11 @@ def segment_mask(text_config, tokens: TokenState, cache, layer_idx: int, unpadde
     device = tokens.hidden_states.device
     pseudo_slot = num_slots - 1
     visual_end = probe_end if probe_end is not None else tokens.probe_key_end()
+    padding = None if unpadded else tokens.attention_mask.to(device=device, dtype=torch.bool)
+    if takes_bool_masks(text_config._attn_implementation):
+        return _probe_bool_mask(batch_size, num_slots, visual_end, padding, device)
+    if isinstance(visual_end, int):
+        visual_end = torch.full((batch_size,), visual_end, dtype=torch.long, device=device)
 
     def pseudo_cls_rule(batch_idx, head_idx, q_idx, kv_idx):  # index-based: broadcasts over (b, h, q, kv)
         return (q_idx != pseudo_slot) | (kv_idx <= visual_end[batch_idx]) | (kv_idx == pseudo_slot)
@@ -237,13 +251,29 @@ def segment_mask(text_config, tokens: TokenState, cache, layer_idx: int, unpadde
         q_length=num_slots,
         kv_length=num_slots,
         mask_function=and_masks(causal_mask_function, pseudo_cls_rule),
-        attention_mask=None if unpadded else tokens.attention_mask.to(device=device, dtype=torch.bool),
+        attention_mask=padding,
         allow_is_causal_skip=False,
         dtype=tokens.hidden_states.dtype,
         config=text_config,
         use_vmap=False,
         device=device,
     )
+
+
+def _probe_bool_mask(batch_size: int, num_slots: int, visual_end, padding, device) -> torch.Tensor:
+    """sdpa's boolean mask `(batch, 1, slots, slots)` of a segment whose last slot is the probe, as its mask function
+    gives it for `causal & pseudo_cls_rule & padding` (`segment_mask`): every real token's row causal, the probe's
+    row the slots up to `visual_end` (an `int`, or `(batch,)`) and itself; keys of padding (`padding`, `(batch,
+    slots)`, or `None`) excluded. Built from one slot range in about a dozen operators (sdpa_mask's index arithmetic
+    takes about 35)."""
+    slots = torch.arange(num_slots, device=device)
+    causal = (slots <= slots.unsqueeze(1))[:-1].expand(batch_size, -1, -1)
+    end = visual_end if isinstance(visual_end, int) else visual_end.to(device).unsqueeze(1)
+    probe_row = (slots <= end) | (slots == num_slots - 1)
+    allowed = torch.cat([causal, probe_row.expand(batch_size, -1).unsqueeze(1)], dim=1)
+    if padding is not None:
+        allowed = allowed & padding.unsqueeze(1)
+    return allowed.unsqueeze(1)
 
 
 def step_mask(text_config, kv_mask: torch.Tensor, hidden_states: torch.Tensor, cache, layer_idx: int):
