@@ -12,6 +12,8 @@ The math is in `pruning_ivtp.py`; this file asks the layers for the rows it need
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from transformers.utils import logging
@@ -72,7 +74,7 @@ class IvtpPruner(Pruner):
         self.llm = self._targets(config.llm_layer_groups, config.schedule["llm"], None)
         self.gathered: list[torch.Tensor] = []  # the current group's attention so far (this call's)
         self.relevance = self.selected = None
-        self.block = None  # the stage-2 request's index tensors for the current token set (`llm_request`)
+        self.stage_two = None  # the stage-2 requests' indices for the current token set (`llm_request`)
 
     def _targets(self, groups, counts, start) -> dict[int, tuple[int, int, int | None]]:
         """`{layer: (first layer of its group, last layer of its group, tokens kept after it or None)}` over the
@@ -150,31 +152,12 @@ class IvtpPruner(Pruner):
     def llm_request(self, layer_idx, view: LlmView):
         if layer_idx not in self.llm:
             return None
-        if self.block is None or self.block[0] is not view:  # once per token set: its layers share it
-            # Rows and columns: the visual tokens, then the pseudo-CLS (its rule and causality are the layer's
-            # mask). The rows see nothing past their image (and the probe): they are scored over those keys, where
-            # the visual slots keep their place and the probe comes right after the image's range.
-            keys = view.image_keys()
-            probe_row, image_end = slice(view.probe_slot, view.probe_slot + 1), keys[0].stop
-            visual = view.visual_range
-            if visual is not None:  # one layout: 1-D indices (each pick one `index_select`), built once here
-                device = view.image_rows.device
-                block = torch.arange(visual.start, visual.stop + 1, device=device)
-                block[-1] = view.probe_slot
-                keys = torch.arange(image_end + 1, device=device)
-                keys[-1] = view.probe_slot
-                places = torch.arange(visual.start, visual.stop + 1, device=device)
-                places[-1] = image_end
-            else:
-                visual = view.visual_slots
-                probe = torch.full_like(visual[:, :1], view.probe_slot)
-                block = torch.cat([visual, probe], dim=1)
-                places = torch.cat([visual, torch.full_like(probe, image_end)], dim=1)
-            self.block = (view, block, keys, places, visual, probe_row, {})
-        _, block, keys, places, visual, probe_row, _ = self.block
-        request = self._request(self.llm, layer_idx, block, probe_row, visual, batch=view.batch)
+        if self.stage_two is None or self.stage_two.view is not view:  # once per token set: its layers share it
+            self.stage_two = _stage_two_index(view)
+        index = self.stage_two
+        request = self._request(self.llm, layer_idx, index.block, index.probe_row, index.visual, batch=view.batch)
         if request is not None:
-            request.keys, request.column_places, request.shared = keys, places, self.block[-1]
+            request.keys, request.column_places, request.shared = index.keys, index.places, index.shared
         return request
 
     def after_llm_layer(self, layer_idx, view, request, hidden_states):
@@ -183,6 +166,43 @@ class IvtpPruner(Pruner):
 
     def outputs(self):
         return {"instruction_relevance": (self.relevance, float("nan")), "pseudo_cls_tokens": (self.selected, False)}
+
+
+@dataclass
+class _StageTwoIndex:
+    """What stage 2 asks of every scored layer of one token set: the rows and columns (the visual tokens, then the
+    pseudo-CLS, whose rule and causality are the layer's mask), the probe's row, the visual tokens' slots, and the
+    keys the rows can see -- nothing past their image, and the probe -- with the columns' places among them (the
+    visual slots keep theirs; the probe's comes right after the image's range). `shared`: what the layers compute
+    once for all (`RowRequest.shared`)."""
+
+    view: LlmView
+    block: torch.Tensor
+    probe_row: slice
+    visual: torch.Tensor | slice
+    keys: torch.Tensor | tuple
+    places: torch.Tensor
+    shared: dict = field(default_factory=dict)
+
+
+def _stage_two_index(view: LlmView) -> _StageTwoIndex:
+    keys = view.image_keys()
+    probe_row, image_end = slice(view.probe_slot, view.probe_slot + 1), keys[0].stop
+    visual = view.visual_range
+    if visual is not None:  # one layout: 1-D indices (each pick one `index_select`)
+        device = view.image_rows.device
+        block = torch.arange(visual.start, visual.stop + 1, device=device)
+        block[-1] = view.probe_slot
+        keys = torch.arange(image_end + 1, device=device)
+        keys[-1] = view.probe_slot
+        places = torch.arange(visual.start, visual.stop + 1, device=device)
+        places[-1] = image_end
+    else:
+        visual = view.visual_slots
+        probe = torch.full_like(visual[:, :1], view.probe_slot)
+        block = torch.cat([visual, probe], dim=1)
+        places = torch.cat([visual, torch.full_like(probe, image_end)], dim=1)
+    return _StageTwoIndex(view, block, probe_row, visual, keys, places)
 
 
 def instruction_relevance(config, context: PruneContext, embeddings: torch.Tensor):
