@@ -443,7 +443,7 @@ class LlavaIvtpForConditionalGeneration(
         num_patches = config.num_patches
         images_per_sample = image_mask.sum(dim=1) // num_patches
         full_attention_mask = (
-            torch.ones_like(image_mask) if attention_mask is None else attention_mask.to(image_mask.device).bool()
+            torch.ones_like(image_mask) if attention_mask is None else _moved(attention_mask, image_mask.device, torch.bool)
         )
         # The prefill's one wait for the device: each sample's placeholders and layout (see `TokenState`).
         placeholder_counts, last_placeholder, fully_attended = self._read_layout(
@@ -461,17 +461,25 @@ class LlavaIvtpForConditionalGeneration(
         if selection is not None:
             image_features = _apply_selection(image_features, selection)
             for name in ("keep_indices", "placement"):
-                vision[name] = vision[name].gather(1, selection.keep.to(vision[name].device))
+                vision[name] = vision[name].gather(1, _moved(selection.keep, vision[name].device))
 
         tokens, index, slot_valid, pruned_before_end = self._enter_llm(
             image_mask, vision["placement"], image_features, input_ids, inputs_embeds, position_ids,
-            full_attention_mask, placeholder_counts, last_placeholder, pruner.renumbers,
+            full_attention_mask, placeholder_counts, last_placeholder, pruner.renumbers, images_per_sample,
         )
-        with profiler_label("ivtp/guidance"):
-            context.packed_guidance = _pack_guidance(guidance, index, slot_valid)
-            context.image_end_position = _image_end_position(image_mask, position_ids, images_per_sample)
-            if pruned_before_end is not None:  # renumbered: the image ends that many positions earlier
-                context.image_end_position = context.image_end_position - pruned_before_end
+
+        def packed_guidance():
+            with profiler_label("ivtp/guidance"):
+                return _pack_guidance(guidance, index, slot_valid)
+
+        def image_end_position():
+            with profiler_label("ivtp/guidance"):
+                end = _image_end_position(image_mask, position_ids, images_per_sample)
+                # renumbered: the image ends that many positions earlier
+                return end if pruned_before_end is None else end - pruned_before_end
+
+        context.defer("packed_guidance", packed_guidance)  # computed if the pruner reads them
+        context.defer("image_end_position", image_end_position)
 
         if not use_cache:
             cache = None
@@ -480,7 +488,7 @@ class LlavaIvtpForConditionalGeneration(
         if cache is not None:
             cache.renumbered_positions = pruner.renumbers  # decode steps continue the prefill's rule
         hidden_states, tokens, llm_keep, llm_counts, all_hidden, per_layer = self._run_language_model(
-            tokens, fully_attended, images_per_sample > 0, pruner, cache, use_cache, **kwargs
+            tokens, fully_attended, images_per_sample, pruner, cache, use_cache, **kwargs
         )
         if use_cache:
             cache.set_logical_length(sequence_length)
@@ -605,34 +613,34 @@ class LlavaIvtpForConditionalGeneration(
     # Site 2 and the LLM's entry: the projected features take their placeholders
     # ------------------------------------------------------------------------------------------------------------
     def _enter_llm(self, image_mask, keep_indices, image_features, input_ids, inputs_embeds, position_ids,
-                   attention_mask, placeholder_counts, last_placeholder, renumber: bool):
+                   attention_mask, placeholder_counts, last_placeholder, renumber: bool, images_per_sample):
         """The tokens that enter the LLM: every non-image token, and the placeholders of the kept patches, which
         take the image features. `renumber`: the position ids close the pruned placeholders' gaps (`pruner_base`'s
-        position rules). Returns the token state, its packing `(index, slot_valid)` of the sequence, and with
+        position rules). `images_per_sample` `(batch,)` on the device. Returns the token state, its packing `(index, slot_valid)` of the sequence, and with
         `renumber` the placeholders each sample lost `(batch,)` (else `None`)."""
         batch_size, sequence_length = image_mask.shape
         num_patches, num_images = self.config.num_patches, keep_indices.shape[0]
         device = image_mask.device
         with profiler_label("ivtp/llm_entry_selection"):  # profiler label only (llava-ivtp bench)
-            placeholder_rank = image_mask.long().cumsum(dim=1) - 1
+            placeholder_rank = image_mask.cumsum(dim=1) - 1  # int64, as a bool cumsum is
             patch_of_token = torch.where(image_mask, placeholder_rank % num_patches, -1)
             image_of_token = torch.where(image_mask, placeholder_rank // num_patches, 0)
-            images_per_sample = image_mask.sum(dim=1) // num_patches
             image_offset = torch.cumsum(images_per_sample, dim=0) - images_per_sample
             global_image = (image_of_token + image_offset.unsqueeze(1)).clamp_max(num_images - 1)
             kept_patch = torch.zeros(num_images, num_patches, dtype=torch.bool, device=device)
-            kept_patch.scatter_(1, keep_indices.to(device), True)
+            kept_patch.scatter_(1, _moved(keep_indices, device), True)
             keep = ~image_mask | kept_patch[global_image, patch_of_token.clamp_min(0)]
+            order = torch.arange(sequence_length, device=device)
             if position_ids is None:
-                position_ids = torch.arange(sequence_length, device=device).unsqueeze(0)
-            position_ids = position_ids.to(device).expand(batch_size, -1)
+                position_ids = order.unsqueeze(0)
+            position_ids = _moved(position_ids, device).expand(batch_size, -1)
             pruned_before_end = None
             if renumber:  # each kept token's id lowered by the placeholders of its sample pruned before it
-                pruned = (~keep).long().cumsum(dim=1)
+                pruned = (~keep).cumsum(dim=1)  # int64
                 position_ids, pruned_before_end = position_ids - pruned, pruned[:, -1]
             logical = {
                 "hidden_states": image_mask.new_zeros(batch_size, sequence_length, 0, dtype=torch.float32),
-                "positions": torch.arange(sequence_length, device=device).expand(batch_size, -1),
+                "positions": order.expand(batch_size, -1),
                 "position_ids": position_ids,
                 "attention_mask": attention_mask,
                 "is_visual": image_mask,
@@ -646,7 +654,7 @@ class LlavaIvtpForConditionalGeneration(
         else:
             token_embeds = inputs_embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
         hidden_states = token_embeds.masked_scatter(
-            tokens.is_visual.unsqueeze(-1), image_features.to(token_embeds.dtype).reshape(-1, token_embeds.shape[-1])
+            tokens.is_visual.unsqueeze(-1), _moved(image_features, dtype=token_embeds.dtype).reshape(-1, token_embeds.shape[-1])
         )
         return replace(tokens, hidden_states=hidden_states), index, slot_valid, pruned_before_end
 
@@ -699,27 +707,29 @@ class LlavaIvtpForConditionalGeneration(
     # ------------------------------------------------------------------------------------------------------------
     # Site 3: the language model
     # ------------------------------------------------------------------------------------------------------------
-    def _run_language_model(self, tokens: TokenState, fully_attended, has_image, pruner, cache, use_cache, **kwargs):
+    def _run_language_model(self, tokens: TokenState, fully_attended, images_per_sample, pruner, cache, use_cache,
+                            **kwargs):
         """The LLM over pruned token sets: the runs of `_prefill_runs` through the one decoder loop. Returns the
         final hidden states, the final token state, the kept patches and counts (device tensors, which the caller
         reads once the forward is queued) per pruning layer, the hidden states per layer and the visual tokens each
         layer held."""
         output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
         llm = LlmPass(tokens)
-        runs = self._prefill_runs(llm, fully_attended, has_image, pruner, cache)
+        runs = self._prefill_runs(llm, fully_attended, images_per_sample, pruner, cache)
         all_hidden = self._run_decoder(runs, cache, use_cache, output_hidden_states, **kwargs)
         hidden_states, all_hidden = self._final_norm(llm.tokens.hidden_states, all_hidden)
         return hidden_states, llm.tokens, tuple(llm.keep), llm.counts, all_hidden, llm.per_layer
 
-    def _prefill_runs(self, llm: LlmPass, fully_attended, has_image, pruner, cache):
+    def _prefill_runs(self, llm: LlmPass, fully_attended, images_per_sample, pruner, cache):
         """Yields the runs of a pruned prefill: up to each pruning layer, then the rest (`layer_segments`); each run
         gets its mask and rotary table, and after it the pruner's selection makes the next run's tokens (`llm`
         holds the state). Sizes come from the token state's host fields, so nothing waits for the device;
-        `fully_attended` says the input had no padding; `has_image` is the device twin of `tokens.has_image`."""
+        `fully_attended` says the input had no padding; `images_per_sample` `(batch,)` on the device."""
         language_model = self.model.language_model
         tokens = llm.tokens
-        has_image = has_image.to(tokens.hidden_states.device)
         prune_layers = pruner.llm_prune_layers()
+        # the device twin of `tokens.has_image`, for the LLM site only
+        has_image = _moved(images_per_sample, tokens.hidden_states.device) > 0 if prune_layers else None
         any_image = bool(prune_layers) and any(tokens.has_image)
         image_rows = true_indices(has_image.unsqueeze(0), len(tokens.image_rows))[0] if any_image else None
         with profiler_label("ivtp/probe"):
@@ -818,6 +828,13 @@ class LlavaIvtpForConditionalGeneration(
                     hidden[rows.unsqueeze(-1), chosen] = selection.merged.to(hidden.dtype)
                     tokens = replace(tokens, hidden_states=hidden)
             return tokens.keep_visual(keep, num_keep, renumber=renumber), kept_patches
+
+def _moved(tensor: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
+    """`tensor` on `device` in `dtype` (`None`: as it is); no operator when it is there already."""
+    if (device is None or tensor.device == torch.device(device)) and (dtype is None or tensor.dtype == dtype):
+        return tensor
+    return tensor.to(device=device, dtype=dtype)
+
 
 def _rows_kwarg(request) -> dict:
     """The per-call kwarg that asks a layer's recording attention for rows (none when nothing is asked)."""

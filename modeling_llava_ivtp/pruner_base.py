@@ -86,8 +86,26 @@ class PruneContext:
     images_per_sample: torch.Tensor
     vision: dict = field(default_factory=dict)
     visual_cls: torch.Tensor | None = None
-    packed_guidance: dict | None = None
-    image_end_position: torch.Tensor | None = None
+    deferred: dict = field(default_factory=dict, repr=False)  # name -> function of no arguments, or its value
+
+    def defer(self, name: str, compute) -> None:
+        """`compute()` gives the field `name` when a pruner first reads it: a method that never does (most do not
+        read `packed_guidance` or `image_end_position`) dispatches nothing for it."""
+        self.deferred[name] = compute
+
+    def _deferred(self, name: str):
+        value = self.deferred.get(name)
+        if callable(value):
+            value = self.deferred[name] = value()
+        return value
+
+    @property
+    def packed_guidance(self) -> dict | None:
+        return self._deferred("packed_guidance")
+
+    @property
+    def image_end_position(self) -> torch.Tensor | None:
+        return self._deferred("image_end_position")
 
 
 @dataclass

@@ -47,16 +47,17 @@ def divprune_keep_indices(features: torch.Tensor, num_keep: int) -> torch.Tensor
     set_distance = distance.masked_fill(eye, float("inf")).amin(dim=1)
     if num_tokens == 1:
         set_distance = torch.zeros_like(set_distance)
+    # A token's distance to itself is -inf: once picked, the minimum keeps it at -inf, so it is never picked again
+    # (three operators a step: argmax, the picked row, the minimum).
+    distance = distance.masked_fill(eye, float("-inf"))
     rows = torch.arange(batch, device=features.device)
-    picked = torch.zeros(batch, num_tokens, dtype=torch.bool, device=features.device)
-    keep_indices = torch.empty(batch, num_keep, dtype=torch.long, device=features.device)
+    picks = []
     for step in range(num_keep):
-        pick = set_distance.masked_fill(picked, float("-inf")).argmax(dim=-1)
-        keep_indices[:, step] = pick
-        picked[rows, pick] = True
+        pick = set_distance.argmax(dim=-1)
+        picks.append(pick)
         picked_row = distance[rows, pick]  # (batch, n)
         set_distance = picked_row if step == 0 else torch.minimum(set_distance, picked_row)
-    return keep_indices.sort(dim=1).values
+    return torch.stack(picks, dim=1).sort(dim=1).values
 
 
 @register_pruner

@@ -217,10 +217,11 @@ def segment_mask(text_config, tokens: TokenState, cache, layer_idx: int, unpadde
     `unpadded` (known on the host) says every slot is an attended token: the padding mask is left out, which
     spares building it and the backend's check of it (a wait for the device).
 
-    Segments with the pseudo-CLS build their mask through the attention implementation's registered mask
-    function with broadcasting (`use_vmap=False`): the pseudo-CLS rule is index-based, and `create_causal_mask`
-    would `vmap` it element by element (6 ms against 1 ms per segment of 633 tokens on 2 CPU cores). The
-    prefill's cache is empty (`check_prefill_cache`), so keys are the segment's tokens.
+    Segments with the pseudo-CLS: for sdpa's boolean masks the mask is built here from one slot range
+    (`_probe_bool_mask`, the same values in about a dozen operators); for other 4-D masks (eager's) through the
+    attention implementation's registered mask function with broadcasting (`use_vmap=False`): the pseudo-CLS rule is
+    index-based, and `create_causal_mask` would `vmap` it element by element (6 ms against 1 ms per segment of 633
+    tokens on 2 CPU cores). The prefill's cache is empty (`check_prefill_cache`), so keys are the segment's tokens.
     """
     if not tokens.probe or not takes_dense_masks(text_config._attn_implementation):
         return create_causal_mask(
