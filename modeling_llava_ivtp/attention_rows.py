@@ -113,9 +113,11 @@ class RowRequest:
             return _pick(key, self.batch, self.key_columns, dim=2).float().mean(dim=1)
 
 
-def _to(tensor: torch.Tensor, device) -> torch.Tensor:
-    """`tensor` on `device` (no operator when it is there already)."""
-    return tensor if tensor.device == device else tensor.to(device)
+def moved(tensor: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
+    """`tensor` on `device` in `dtype` (`None`: as it is); no operator when it is there already."""
+    if (device is None or tensor.device == torch.device(device)) and (dtype is None or tensor.dtype == dtype):
+        return tensor
+    return tensor.to(device=device, dtype=dtype)
 
 
 def _take(tensor: torch.Tensor, index, dim: int) -> torch.Tensor:
@@ -130,7 +132,7 @@ def _take(tensor: torch.Tensor, index, dim: int) -> torch.Tensor:
         return tensor.narrow(dim, start, max(stop - start, 0))  # one operator
     if isinstance(index, tuple):
         return torch.cat([_take(tensor, part, dim) for part in index], dim=dim)
-    index = _to(index, tensor.device)
+    index = moved(index, tensor.device)
     if index.ndim == 1:
         return tensor.index_select(dim, index)
     shape = list(tensor.shape)
@@ -143,7 +145,7 @@ def _take(tensor: torch.Tensor, index, dim: int) -> torch.Tensor:
 def _pick(tensor: torch.Tensor, batch: torch.Tensor | None, index, dim: int) -> torch.Tensor:
     """`tensor[batch]` then, per sample, the entries `index` along `dim` (2: heads come first; `_take`)."""
     if batch is not None:
-        tensor = tensor.index_select(0, _to(batch, tensor.device))
+        tensor = tensor.index_select(0, moved(batch, tensor.device))
     return _take(tensor, index, dim)
 
 
@@ -187,7 +189,7 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
     else:
         columns = request.columns
     if isinstance(columns, torch.Tensor) and columns.ndim == 2:
-        columns = _to(columns, probabilities.device)
+        columns = moved(columns, probabilities.device)
         return probabilities.gather(2, columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1))
     return _take(probabilities, columns, 2)
 
@@ -201,7 +203,7 @@ def _requested_mask(request: RowRequest, attention_mask, batch_size: int, num_qu
     if entry is not None and entry[0] is attention_mask and entry[1] is request.rows:
         return entry[2]
     mask = attention_mask[:, 0, :, :num_keys].expand(batch_size, num_queries, -1)
-    mask = _take(_pick(_to(mask, device), request.batch, request.rows, dim=1), request.keys, 2).unsqueeze(1)
+    mask = _take(_pick(moved(mask, device), request.batch, request.rows, dim=1), request.keys, 2).unsqueeze(1)
     mask = ~mask if mask.dtype == torch.bool else mask.float()
     if request.shared is not None:
         request.shared[memo_key] = (attention_mask, request.rows, mask)
@@ -374,6 +376,6 @@ for _base in ("sdpa", "eager"):  # the stock ones at import; others when a model
 
 
 __all__ = [
-    "RowRequest", "base_backend", "is_recording", "recording_backend", "takes_bool_masks", "takes_dense_masks",
+    "RowRequest", "base_backend", "is_recording", "moved", "recording_backend", "takes_bool_masks", "takes_dense_masks",
     "takes_masks",
 ]

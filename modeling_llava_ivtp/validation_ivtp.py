@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention_rows import base_backend, takes_masks
+from .attention_rows import base_backend, moved, takes_masks
 from .cache_ivtp import IvtpCache
 from .transformers_compat import CACHE_ARG
 
@@ -165,8 +165,7 @@ def value_rows(input_ids, guidance: dict, device) -> dict[str, torch.Tensor]:
         rows["span_start_min"] = spans[..., 0].amin(dim=1)
         rows["span_end_max"] = spans[..., 1].amax(dim=1)
         rows["span_reversed"] = (spans[..., 0] > spans[..., 1]).any(dim=1)
-    return {name: row if row.device == device and row.dtype == torch.long else row.to(device=device, dtype=torch.long)
-            for name, row in rows.items()}
+    return {name: moved(row, device, torch.long) for name, row in rows.items()}
 
 
 def read_rows(rows: dict[str, torch.Tensor]) -> dict[str, list[int]]:

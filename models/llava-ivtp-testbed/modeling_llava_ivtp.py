@@ -55,7 +55,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging
 
-from .attention_rows import RowRequest, base_backend, recording_backend
+from .attention_rows import RowRequest, base_backend, moved, recording_backend
 from .cache_ivtp import IvtpCache
 from .configuration_llava_ivtp import IvtpConfig
 from .generation_ivtp import SEQUENCE_GUIDANCE_INPUTS, PrunedGeneration, host_past_length
@@ -443,7 +443,7 @@ class LlavaIvtpForConditionalGeneration(
         num_patches = config.num_patches
         images_per_sample = image_mask.sum(dim=1) // num_patches
         full_attention_mask = (
-            torch.ones_like(image_mask) if attention_mask is None else _moved(attention_mask, image_mask.device, torch.bool)
+            torch.ones_like(image_mask) if attention_mask is None else moved(attention_mask, image_mask.device, torch.bool)
         )
         # The prefill's one wait for the device: each sample's placeholders and layout (see `TokenState`).
         placeholder_counts, last_placeholder, fully_attended = self._read_layout(
@@ -461,7 +461,7 @@ class LlavaIvtpForConditionalGeneration(
         if selection is not None:
             image_features = _apply_selection(image_features, selection)
             for name in ("keep_indices", "placement"):
-                vision[name] = vision[name].gather(1, _moved(selection.keep, vision[name].device))
+                vision[name] = vision[name].gather(1, moved(selection.keep, vision[name].device))
 
         tokens, index, slot_valid, pruned_before_end = self._enter_llm(
             image_mask, vision["placement"], image_features, input_ids, inputs_embeds, position_ids,
@@ -573,8 +573,7 @@ class LlavaIvtpForConditionalGeneration(
                 runs[-1].layers = range(runs[-1].layers.start, layer_idx + 1)
                 continue
             previous = held
-            record = torch.cat([held if held.device == hidden_states.device else held.to(hidden_states.device),
-                                new_positions], dim=1)
+            record = torch.cat([moved(held, hidden_states.device), new_positions], dim=1)
             kv_mask = attention_mask.gather(1, record.clamp_min(0)) & (record >= 0)
             mask = step_mask(self.config.text_config, kv_mask, hidden_states, cache, layer_idx)
             if renumbered:  # the logical tokens before this step that the run does not hold
@@ -628,12 +627,12 @@ class LlavaIvtpForConditionalGeneration(
             image_offset = torch.cumsum(images_per_sample, dim=0) - images_per_sample
             global_image = (image_of_token + image_offset.unsqueeze(1)).clamp_max(num_images - 1)
             kept_patch = torch.zeros(num_images, num_patches, dtype=torch.bool, device=device)
-            kept_patch.scatter_(1, _moved(keep_indices, device), True)
+            kept_patch.scatter_(1, moved(keep_indices, device), True)
             keep = ~image_mask | kept_patch[global_image, patch_of_token.clamp_min(0)]
             order = torch.arange(sequence_length, device=device)
             if position_ids is None:
                 position_ids = order.unsqueeze(0)
-            position_ids = _moved(position_ids, device).expand(batch_size, -1)
+            position_ids = moved(position_ids, device).expand(batch_size, -1)
             pruned_before_end = None
             if renumber:  # each kept token's id lowered by the placeholders of its sample pruned before it
                 pruned = (~keep).cumsum(dim=1)  # int64
@@ -654,7 +653,7 @@ class LlavaIvtpForConditionalGeneration(
         else:
             token_embeds = inputs_embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
         hidden_states = token_embeds.masked_scatter(
-            tokens.is_visual.unsqueeze(-1), _moved(image_features, dtype=token_embeds.dtype).reshape(-1, token_embeds.shape[-1])
+            tokens.is_visual.unsqueeze(-1), moved(image_features, dtype=token_embeds.dtype).reshape(-1, token_embeds.shape[-1])
         )
         return replace(tokens, hidden_states=hidden_states), index, slot_valid, pruned_before_end
 
@@ -729,7 +728,7 @@ class LlavaIvtpForConditionalGeneration(
         tokens = llm.tokens
         prune_layers = pruner.llm_prune_layers()
         # the device twin of `tokens.has_image`, for the LLM site only
-        has_image = _moved(images_per_sample, tokens.hidden_states.device) > 0 if prune_layers else None
+        has_image = moved(images_per_sample, tokens.hidden_states.device) > 0 if prune_layers else None
         any_image = bool(prune_layers) and any(tokens.has_image)
         image_rows = true_indices(has_image.unsqueeze(0), len(tokens.image_rows))[0] if any_image else None
         with profiler_label("ivtp/probe"):
@@ -808,8 +807,7 @@ class LlavaIvtpForConditionalGeneration(
         with profiler_label("ivtp/llm_selection"):
             keep = ~tokens.is_visual
             if view is not None and view.visual_range is not None:  # one range, every sample: no row indexing
-                chosen = selection.keep.to(keep.device) if selection.keep.device != keep.device else selection.keep
-                chosen = chosen + view.visual_range.start
+                chosen = moved(selection.keep, keep.device) + view.visual_range.start
                 keep = keep.scatter(1, chosen, True)
                 kept_patches = tokens.patch_index.gather(1, chosen)
                 if selection.merged is not None:
@@ -828,13 +826,6 @@ class LlavaIvtpForConditionalGeneration(
                     hidden[rows.unsqueeze(-1), chosen] = selection.merged.to(hidden.dtype)
                     tokens = replace(tokens, hidden_states=hidden)
             return tokens.keep_visual(keep, num_keep, renumber=renumber), kept_patches
-
-def _moved(tensor: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
-    """`tensor` on `device` in `dtype` (`None`: as it is); no operator when it is there already."""
-    if (device is None or tensor.device == torch.device(device)) and (dtype is None or tensor.dtype == dtype):
-        return tensor
-    return tensor.to(device=device, dtype=dtype)
-
 
 def _rows_kwarg(request) -> dict:
     """The per-call kwarg that asks a layer's recording attention for rows (none when nothing is asked)."""
