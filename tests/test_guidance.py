@@ -53,6 +53,31 @@ def test_token_features_are_open_clips_own(model):
     torch.testing.assert_close(ours[0, 7], pooled[0])
 
 
+def test_token_features_take_the_fused_attention_kernel(model):
+    """At inference each block's attention is torch's fused kernel (the boolean causal mask allows it), within
+    rounding of open_clip's own forward; where the fused kernel cannot run (gradients on), the features are open_clip's
+    to the bit."""
+    from llava_ivtp.measuring.dispatch import count_dispatched
+
+    tower = copy.deepcopy(model.clip_text_model)
+    tower.output_tokens = True
+    ids = clip_ids([320, 1929, 533, 518, 2368, 269])
+    with torch.no_grad():
+        _, tokens = tower(ids)
+        counted = count_dispatched(lambda: clip_token_features(model.clip_text_model, ids))
+        ours = clip_token_features(model.clip_text_model, ids)
+    layers = len(model.clip_text_model.transformer.resblocks)
+    assert counted.by_name["_native_multi_head_attention"] == layers
+    assert counted.by_name["scaled_dot_product_attention"] == 0
+    torch.testing.assert_close(ours, tokens @ tower.text_projection)
+    trainable = copy.deepcopy(model.clip_text_model).requires_grad_(True)
+    trainable.output_tokens = True
+    with torch.enable_grad():
+        _, reference = trainable(ids)
+        composite = clip_token_features(trainable, ids)
+    assert torch.equal(composite, reference @ trainable.text_projection)
+
+
 def plain_guidance(model, inputs, tau):
     """Relevance (eq. 6-7) and the pseudo-CLS (eq. 8) by loops over a plain forward of every remaining CLIP layer."""
     stock = stock_twin(model, attn_implementation="eager")

@@ -102,13 +102,22 @@ def build_clip_text_tower(spec: dict) -> nn.Module:
 def clip_token_features(tower: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Eq. 5: every token's final state after `ln_final` and the text projection, `(batch, context, embed_dim)`.
 
-    Runs the tower's own submodules; the causal mask is built here rather than read from the tower's
-    non-persistent buffer, so it is right however the model was materialised (e.g. from the meta device).
+    Runs the tower's own submodules, each residual block as open_clip's `ResidualAttentionBlock.forward` does
+    (`ln_1`, `attn`, `ls_1`, `ln_2`, `mlp`, `ls_2`), with the causal mask built here as a boolean (`True`: not
+    attended) rather than read from the tower's non-persistent buffer, so it is right however the model was
+    materialised (e.g. from the meta device). open_clip hands its blocks an additive float mask, which keeps
+    `nn.MultiheadAttention` on its composite path (about 28 operators a layer); a boolean mask lets it take its fused
+    kernel at inference (`torch._native_multi_head_attention`, one operator) and means the same where it cannot
+    (training, gradients): the blocked keys get `-inf`. The fused kernel rounds differently (features agree to
+    the float32 tolerance).
     """
     length = input_ids.shape[1]
     hidden = tower.token_embedding(input_ids) + tower.positional_embedding[:length].to(tower.token_embedding.weight.dtype)
-    causal = torch.full((length, length), float("-inf"), device=hidden.device, dtype=hidden.dtype).triu(1)
-    hidden = tower.transformer(hidden, attn_mask=causal)
+    blocked = torch.ones(length, length, dtype=torch.bool, device=hidden.device).triu(1)
+    for block in tower.transformer.resblocks:  # batch-first blocks (`build_clip_text_tower`)
+        normed = block.ln_1(hidden)
+        hidden = hidden + block.ls_1(block.attn(normed, normed, normed, need_weights=False, attn_mask=blocked)[0])
+        hidden = hidden + block.ls_2(block.mlp(block.ln_2(hidden)))
     hidden = tower.ln_final(hidden)
     projection = tower.text_projection
     if isinstance(projection, nn.Module):
