@@ -449,7 +449,8 @@ class LlavaIvtpForConditionalGeneration(
         placeholder_counts, last_placeholder, fully_attended = self._read_layout(
             image_mask, full_attention_mask, input_ids, guidance
         )
-        context = PruneContext(model=self, guidance=guidance, images_per_sample=images_per_sample)
+        context = PruneContext(model=self, guidance=guidance, images_per_sample=images_per_sample,
+                               images=tuple(count // num_patches for count in placeholder_counts))
         pruner = PRUNERS[config.pruning_method](config, context)
         check_placeholders(config, placeholder_counts, pixel_values.shape[0], llm_site=bool(pruner.llm_prune_layers()))
 
@@ -744,7 +745,10 @@ class LlavaIvtpForConditionalGeneration(
                     check_backend_masks(self.config.text_config)
                 probe_end = tokens.probe_key_end() if tokens.probe else None
                 mask = segment_mask(self.config.text_config, tokens, cache, first, unpadded, probe_end)
-                position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
+                position_embeddings = tokens.rotary
+                if position_embeddings is None:  # the first run; later ones gather theirs (`keep_visual`)
+                    position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
+                    tokens = replace(tokens, rotary=position_embeddings)
             view = LlmView(tokens, image_rows) if any_image else None
             scoring = None if view is None else LlmScoring(pruner, view, language_model.layers, mask, position_embeddings)
             llm.per_layer += (tokens.visual if any(tokens.has_image) else 0,) * (last - first + 1)
@@ -805,16 +809,18 @@ class LlavaIvtpForConditionalGeneration(
         gaps). Returns the new state and the kept patches `(batch, num_keep)` (-1 rows for samples without an
         image)."""
         with profiler_label("ivtp/llm_selection"):
-            keep = ~tokens.is_visual
             if view is not None and view.visual_range is not None:  # one range, every sample: no row indexing
-                chosen = moved(selection.keep, keep.device) + view.visual_range.start
-                keep = keep.scatter(1, chosen, True)
+                chosen = moved(selection.keep, tokens.is_visual.device) + view.visual_range.start
                 kept_patches = tokens.patch_index.gather(1, chosen)
                 if selection.merged is not None:
                     merged = selection.merged.to(tokens.hidden_states.dtype)
                     index = chosen.to(merged.device).unsqueeze(-1).expand(-1, -1, merged.shape[-1])
                     tokens = replace(tokens, hidden_states=tokens.hidden_states.scatter(1, index, merged))
+                if not renumber:
+                    return tokens.keep_visual_slots(chosen, num_keep), kept_patches
+                keep = (~tokens.is_visual).scatter(1, chosen, True)
             else:
+                keep = ~tokens.is_visual
                 kept_patches = torch.full((keep.shape[0], num_keep), -1, dtype=torch.long, device=keep.device)
             if view is not None and view.visual_range is None:
                 chosen = view.visual_slots.gather(1, selection.keep.to(view.visual_slots.device))

@@ -29,7 +29,6 @@ from .pruner_base import (
     check_int,
     profiler_label,
     register_pruner,
-    sample_visual_cls,
     select_keep_indices,
 )
 from .pruning_ivtp import cosine_relevance, pseudo_cls, rollout_cls_row, span_mean, token_scores
@@ -146,7 +145,7 @@ class IvtpPruner(Pruner):
         with profiler_label("ivtp/probe/guidance"):
             self.relevance, self.selected = instruction_relevance(self.config, self.context, tokens.hidden_states)
         with profiler_label("ivtp/probe/pseudo_cls"):
-            fallback = sample_visual_cls(self.context.visual_cls, self.context.images_per_sample)
+            fallback = self.context.per_sample(self.context.visual_cls)
             return pseudo_cls(tokens.hidden_states, self.selected, fallback=fallback), self.context.image_end_position
 
     def llm_request(self, layer_idx, view: LlmView):
@@ -232,9 +231,8 @@ def instruction_relevance(config, context: PruneContext, embeddings: torch.Tenso
     instruction = guidance["instruction_mask"]
     if mode == "instruction_mean":
         return None, instruction
-    images_per_sample = context.images_per_sample
     if mode == "embedding_relevance":
-        relevance = cosine_relevance(embeddings, sample_visual_cls(context.visual_cls, images_per_sample))
+        relevance = cosine_relevance(embeddings, context.per_sample(context.visual_cls))
         relevance = torch.where(instruction, relevance, torch.full_like(relevance, float("nan")))
         return relevance, instruction & (relevance >= config.tau)
     with torch.no_grad():
@@ -245,7 +243,7 @@ def instruction_relevance(config, context: PruneContext, embeddings: torch.Tenso
         clip_input_ids = guidance["clip_input_ids"].to(image_embedding.device)
         with profiler_label("ivtp/probe/clip_text_tower"):
             text_features = clip_token_features(model.clip_text_model, clip_input_ids)
-        reference = sample_visual_cls(image_embedding, images_per_sample.to(image_embedding.device))
+        reference = context.per_sample(image_embedding)
         clip_relevance = cosine_relevance(text_features, reference.to(text_features.dtype))  # eq. 6
         relevance, has_relevance = span_mean(  # eq. 7
             clip_relevance, clip_content_mask(clip_input_ids), guidance["clip_token_spans"].to(clip_relevance.device)

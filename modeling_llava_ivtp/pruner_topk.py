@@ -22,7 +22,6 @@ from .pruner_base import (
     at_group_ends,
     budget_schedule,
     register_pruner,
-    sample_visual_cls,
     select_keep_indices,
 )
 
@@ -117,7 +116,7 @@ class TopKPlusPruner(Pruner):
 
     def llm_probe(self, tokens):
         context = self.context
-        return sample_visual_cls(context.visual_cls, context.images_per_sample), context.image_end_position
+        return context.per_sample(context.visual_cls), context.image_end_position
 
     def after_llm_layer(self, layer_idx, view, request, hidden_states):
         if layer_idx not in self.llm:

@@ -37,6 +37,9 @@ class TokenState:
     holds; `last_placeholder`, per sample, the input position of its last image placeholder (-1 without an image);
     `probe`, whether the last slot of every row is a probe token (a pruner's pseudo-CLS, which no real token attends
     to); `images`, per sample, its images.
+
+    `rotary`: the decoder's rotary table `(cos, sin)` at the slots, once a run has computed it (`None` before, and
+    after renumbering or a new slot): later runs gather theirs from it rather than recompute it.
     """
 
     hidden_states: torch.Tensor
@@ -53,6 +56,7 @@ class TokenState:
     last_placeholder: list[int]
     probe: bool = False
     images: tuple = ()
+    rotary: tuple | None = None
 
     @classmethod
     def entering_llm(cls, logical: dict, keep: torch.Tensor, placeholders: list[int], last_placeholder: list[int],
@@ -128,8 +132,25 @@ class TokenState:
         if renumber:
             fields["position_ids"] = self.position_ids - (~keep).long().cumsum(dim=1).to(self.position_ids.device)
         gathered = _gather(fields, index, slot_valid, all_valid=min(counts) == length)
-        return replace(self, **gathered, length=length, visual=kept,
+        rotary = None if renumber else _gather_rotary(self.rotary, index)  # kept positions: their rows of the table
+        return replace(self, **gathered, length=length, visual=kept, rotary=rotary,
                        pads=[pad + length - count for pad, count in zip(self.pads, counts)])
+
+    def keep_visual_slots(self, chosen: torch.Tensor, kept: int) -> TokenState:
+        """`keep_visual` where the visual tokens lie in one slot range for every row (`visual_range`): keep the
+        increasing slots `chosen` `(batch, kept)` of that range and every slot outside it (positions unchanged). The
+        packing is the range's head, `chosen` and its tail -- no mask to pack."""
+        visual = self.visual_range
+        batch_size, device = chosen.shape[0], chosen.device
+        parts = [chosen]
+        if visual.start > 0:
+            parts.insert(0, torch.arange(visual.start, device=device).expand(batch_size, -1))
+        if visual.stop < self.length:
+            parts.append(torch.arange(visual.stop, self.length, device=device).expand(batch_size, -1))
+        index = torch.cat(parts, dim=1) if len(parts) > 1 else chosen
+        gathered = _gather({name: getattr(self, name) for name in _DEVICE_FIELDS}, index, None, all_valid=True)
+        return replace(self, **gathered, length=self.length - self.visual + kept, visual=kept,
+                       rotary=_gather_rotary(self.rotary, index))
 
     def append_probe(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> TokenState:
         """One more slot at the end of every row: the probe token, at rotary position `position_ids` `(batch,)`."""
@@ -146,11 +167,13 @@ class TokenState:
             patch_index=torch.cat([self.patch_index, minus_one.to(self.patch_index.device)], dim=1),
             length=self.length + 1,
             probe=True,
+            rotary=None,
         )
 
     def drop_probe(self) -> TokenState:
+        rotary = None if self.rotary is None else tuple(table[:, :-1] for table in self.rotary)
         return replace(self, **{name: getattr(self, name)[:, :-1] for name in _DEVICE_FIELDS},
-                       length=self.length - 1, probe=False)
+                       length=self.length - 1, probe=False, rotary=rotary)
 
 
 def _gather(tensors: dict, index: torch.Tensor, slot_valid: torch.Tensor, all_valid: bool = False) -> dict:
@@ -170,6 +193,14 @@ def _gather(tensors: dict, index: torch.Tensor, slot_valid: torch.Tensor, all_va
         "is_visual": tensors["is_visual"].gather(1, index) & slot_valid,
         "patch_index": tensors["patch_index"].gather(1, index).masked_fill(~slot_valid, -1),
     }
+
+
+def _gather_rotary(rotary: tuple | None, index: torch.Tensor) -> tuple | None:
+    """The rotary table's `(cos, sin)` rows at the packed slots `index` `(batch, kept)` (`None` stays `None`)."""
+    if rotary is None:
+        return None
+    table_index = index.to(rotary[0].device).unsqueeze(-1).expand(-1, -1, rotary[0].shape[-1])
+    return tuple(table.gather(1, table_index) for table in rotary)
 
 
 def unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor, length: int, fill):

@@ -75,8 +75,8 @@ class Selection:
 class PruneContext:
     """What a pruner may read of one forward call. `model` is the `LlavaIvtpForConditionalGeneration`; `guidance`
     the instruction inputs as given (`instruction_mask`, `clip_input_ids`, `clip_token_spans`, each possibly
-    `None`); `images_per_sample` `(batch,)`. The runner fills `vision` (the vision tower's outputs: patch and CLS
-    hidden states at the feature layer) and `visual_cls` (the projected CLS) once stage 1 has run; at the LLM's
+    `None`); `images_per_sample` `(batch,)`, and `images` the same per sample on the host. The runner fills
+    `vision` (the vision tower's outputs: patch and CLS hidden states at the feature layer) and `visual_cls` (the projected CLS) once stage 1 has run; at the LLM's
     entry, `packed_guidance` (the sequence-aligned guidance gathered at the tokens that enter, the instruction mask
     limited to real slots) and `image_end_position` `(batch,)`, the rotary position right after each sample's image
     block (after its last token for a sample without an image): where a probe token sits."""
@@ -84,6 +84,7 @@ class PruneContext:
     model: torch.nn.Module
     guidance: dict
     images_per_sample: torch.Tensor
+    images: tuple = ()
     vision: dict = field(default_factory=dict)
     visual_cls: torch.Tensor | None = None
     deferred: dict = field(default_factory=dict, repr=False)  # name -> function of no arguments, or its value
@@ -98,6 +99,13 @@ class PruneContext:
         if callable(value):
             value = self.deferred[name] = value()
         return value
+
+    def per_sample(self, per_image: torch.Tensor) -> torch.Tensor:
+        """`per_image` `(images, ...)` of each sample's (only) image, zeros for a sample without one
+        (`sample_visual_cls`); as it is when every sample has one image (`images`, known on the host)."""
+        if self.images and all(count == 1 for count in self.images):
+            return per_image
+        return sample_visual_cls(per_image, self.images_per_sample)
 
     @property
     def packed_guidance(self) -> dict | None:
