@@ -415,8 +415,9 @@ class LlavaIvtpForConditionalGeneration(
 
     def _read_layout(self, image_mask: torch.Tensor, attention_mask: torch.Tensor, input_ids, guidance: dict):
         """What the host needs of a batch, in one read from the device: per sample, its image placeholders, the
-        position of its last one, and whether every token is attended. The input values are checked in the same read
-        (`value_rows`: token and CLIP ids, spans)."""
+        position of its last one, and whether every token is attended; and the CLIP ids the text tower needs (one past
+        the last end token; `None` without CLIP ids). The input values are checked in the same read (`value_rows`:
+        token and CLIP ids, spans)."""
         order = torch.arange(image_mask.shape[1], device=image_mask.device)
         rows = {
             "placeholders": image_mask.sum(dim=1),
@@ -426,7 +427,8 @@ class LlavaIvtpForConditionalGeneration(
         }
         facts = read_rows(rows)  # the one host read of a pruned prefill
         check_values(self.config, facts, guidance)
-        return facts["placeholders"], facts["last_placeholder"], all(facts["fully_attended"])
+        clip_length = max(facts["clip_end"]) + 1 if "clip_end" in facts else None
+        return facts["placeholders"], facts["last_placeholder"], all(facts["fully_attended"]), clip_length
 
     def _forward_pruned(
         self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, logits_to_keep,
@@ -446,11 +448,12 @@ class LlavaIvtpForConditionalGeneration(
             torch.ones_like(image_mask) if attention_mask is None else moved(attention_mask, image_mask.device, torch.bool)
         )
         # The prefill's one wait for the device: each sample's placeholders and layout (see `TokenState`).
-        placeholder_counts, last_placeholder, fully_attended = self._read_layout(
+        placeholder_counts, last_placeholder, fully_attended, clip_length = self._read_layout(
             image_mask, full_attention_mask, input_ids, guidance
         )
         context = PruneContext(model=self, guidance=guidance, images_per_sample=images_per_sample,
-                               images=tuple(count // num_patches for count in placeholder_counts))
+                               images=tuple(count // num_patches for count in placeholder_counts),
+                               clip_length=clip_length)
         pruner = PRUNERS[config.pruning_method](config, context)
         check_placeholders(config, placeholder_counts, pixel_values.shape[0], llm_site=bool(pruner.llm_prune_layers()))
 

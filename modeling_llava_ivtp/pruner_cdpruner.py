@@ -139,7 +139,7 @@ class CdPrunerPruner(ProjectedPruner):
         model = context.model
         patches = context.vision["patch_hidden_states"]
         image_embeds = model.clip_visual_projection(model.model.vision_tower.post_layernorm(patches))
-        clip_input_ids = context.guidance["clip_input_ids"].to(image_embeds.device)
+        clip_input_ids = context.clip_input_ids(image_embeds.device)
         tokens = clip_token_features(model.clip_text_model, clip_input_ids)
         pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), clip_input_ids.argmax(dim=1)]
         # one instruction per sample, one image per sample that has one: each image takes its sample's text

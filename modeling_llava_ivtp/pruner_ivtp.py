@@ -240,7 +240,7 @@ def instruction_relevance(config, context: PruneContext, embeddings: torch.Tenso
             image_embedding = model.clip_visual_projection(
                 final_clip_cls(model, context.vision["feature_layer_hidden_states"])
             )
-        clip_input_ids = guidance["clip_input_ids"].to(image_embedding.device)
+        clip_input_ids = context.clip_input_ids(image_embedding.device)
         with profiler_label("ivtp/probe/clip_text_tower"):
             text_features = clip_token_features(model.clip_text_model, clip_input_ids)
         reference = context.per_sample(image_embedding)

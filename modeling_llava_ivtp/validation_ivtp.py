@@ -152,7 +152,8 @@ def check_guidance_shapes(config, guidance: dict, reference) -> None:
 
 def value_rows(input_ids, guidance: dict, device) -> dict[str, torch.Tensor]:
     """What `check_values` needs, one number per sample (`(batch,)` each) on `device`: token id extremes, the CLIP
-    ids' extremes, and the spans' smallest start, largest end and whether any start exceeds its end."""
+    ids' extremes and end token (the largest id, as open_clip's pooling takes it), and the spans' smallest start,
+    largest end and whether any start exceeds its end."""
     rows = {}
     if input_ids is not None and input_ids.numel():
         rows["ids_min"] = input_ids.amin(dim=1)
@@ -161,6 +162,7 @@ def value_rows(input_ids, guidance: dict, device) -> dict[str, torch.Tensor]:
     if clip_ids is not None and clip_ids.numel():
         rows["clip_min"] = clip_ids.amin(dim=1)
         rows["clip_max"] = clip_ids.amax(dim=1)
+        rows["clip_end"] = clip_ids.argmax(dim=1)
     if spans is not None and spans.numel():
         rows["span_start_min"] = spans[..., 0].amin(dim=1)
         rows["span_end_max"] = spans[..., 1].amax(dim=1)

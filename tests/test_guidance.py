@@ -139,6 +139,30 @@ def test_relevance_and_pseudo_cls_against_a_plain_reference(model):
     assert (out.logits[0] - expected["logits"]).abs().max() <= 1e-5
 
 
+def test_the_clip_tower_reads_up_to_the_last_end_token(model):
+    """open_clip pads every text to 77 positions; the tower is causal, so a batch's CLIP ids are cut after its last end
+    token (known from the prefill's one read). Each sample's relevance is the one it gets alone, cut at its own end
+    (against open_clip's tower over all 77: `test_relevance_and_pseudo_cls_against_a_plain_reference`)."""
+    prompt = make_prompt(3, 8)
+    start = 1 + 3 + 36 + 2
+    long = guided_inputs(prompt, [320, 1929, 533, 518, 2368], {start: (1, 3), start + 1: (3, 6)})
+    short = guided_inputs(prompt, [320, 1929], {start: (1, 2), start + 1: (2, 3)})
+    batch = {name: torch.cat([long[name], short[name]]) for name in long}
+    seen = []
+    hook = model.clip_text_model.token_embedding.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    try:
+        with torch.no_grad():
+            out = model(**batch, use_cache=False)
+    finally:
+        hook.remove()
+    assert seen == [torch.Size([2, 7])]  # start, 5 content tokens, end
+    for row, inputs in enumerate((long, short)):
+        with torch.no_grad():
+            alone = model(**inputs, use_cache=False)
+        torch.testing.assert_close(out.instruction_relevance[row], alone.instruction_relevance[0], equal_nan=True)
+        assert torch.equal(out.pseudo_cls_tokens[row], alone.pseudo_cls_tokens[0])
+
+
 def test_the_question_steers_stage_2_toward_the_patches_it_names():
     """Construct it: the embedding of word A is the image features of the top-left patches, word B's of the
     bottom-right ones; Q/K/V are near-identity and RoPE near-flat, so the pseudo-CLS attends to features like

@@ -40,7 +40,7 @@ from typing import ClassVar
 import torch
 from torch.profiler import record_function
 
-from .attention_rows import RowRequest
+from .attention_rows import RowRequest, moved
 
 
 def profiler_label(name: str):
@@ -75,7 +75,8 @@ class Selection:
 class PruneContext:
     """What a pruner may read of one forward call. `model` is the `LlavaIvtpForConditionalGeneration`; `guidance`
     the instruction inputs as given (`instruction_mask`, `clip_input_ids`, `clip_token_spans`, each possibly
-    `None`); `images_per_sample` `(batch,)`, and `images` the same per sample on the host. The runner fills
+    `None`); `images_per_sample` `(batch,)`, and `images` the same per sample on the host; `clip_length` (host),
+    one past the last end token of `clip_input_ids` (`clip_input_ids()`). The runner fills
     `vision` (the vision tower's outputs: patch and CLS hidden states at the feature layer) and `visual_cls` (the projected CLS) once stage 1 has run; at the LLM's
     entry, `packed_guidance` (the sequence-aligned guidance gathered at the tokens that enter, the instruction mask
     limited to real slots) and `image_end_position` `(batch,)`, the rotary position right after each sample's image
@@ -85,6 +86,7 @@ class PruneContext:
     guidance: dict
     images_per_sample: torch.Tensor
     images: tuple = ()
+    clip_length: int | None = None
     vision: dict = field(default_factory=dict)
     visual_cls: torch.Tensor | None = None
     deferred: dict = field(default_factory=dict, repr=False)  # name -> function of no arguments, or its value
@@ -99,6 +101,15 @@ class PruneContext:
         if callable(value):
             value = self.deferred[name] = value()
         return value
+
+    def clip_input_ids(self, device) -> torch.Tensor:
+        """`guidance["clip_input_ids"]` on `device`, cut after the last sample's end token: the CLIP text tower is
+        causal, so no token up to an end token sees what follows it (open_clip pads every text to its context of 77;
+        a prompt's instruction is a few of those)."""
+        clip_input_ids = self.guidance["clip_input_ids"]
+        if self.clip_length is not None:
+            clip_input_ids = clip_input_ids[:, : self.clip_length]
+        return moved(clip_input_ids, device)
 
     def per_sample(self, per_image: torch.Tensor) -> torch.Tensor:
         """`per_image` `(images, ...)` of each sample's (only) image, zeros for a sample without one
