@@ -33,6 +33,9 @@ class IvtpCache(DynamicCache):
         # The prefill's position rule (`pruner_base.POSITION_RULES`): with "renumbered", a layer's new tokens sit
         # right after the tokens it holds, not at their logical position.
         self.renumbered_positions = False
+        # Whether a layer may hold a padding slot (-1), known on the host at prefill: without one, a step of one new
+        # token and no 2-D mask attends every key a layer holds, and needs no mask (as stock's step).
+        self.padding_slots = False
 
     # ------------------------------------------------------------------------------------------------------------
     # What the model records
@@ -142,6 +145,7 @@ class IvtpCache(DynamicCache):
         self.layer_positions = [None] * len(self.layers)
         self.logical_length = 0
         self.renumbered_positions = False
+        self.padding_slots = False
 
 
 def cache_bytes(cache) -> list[int]:

@@ -5,6 +5,7 @@ The tiny vocabulary contains the image placeholder id; it is suppressed while ge
 would be read as an image token by the prefill-from-scratch path (stock Llava behaves the same).
 """
 
+import copy
 import threading
 
 import pytest
@@ -88,6 +89,35 @@ def test_decode_logits_match_full_forwards(model, batch3):
                 pixel_values=batch3["pixel_values"], use_cache=False,
             ).logits[:, -1]
         assert (step_logits - full).abs().max() <= 1e-4
+
+
+def test_a_step_without_a_mask_needs_none_unless_the_cache_holds_padding_slots(model):
+    """One new token, no 2-D mask: with no padding slot in the pruned cache, the step attends every key each layer
+    holds and runs without a mask, as stock's step does -- its logits those of the step with an all-ones mask, in
+    fewer operators. A text-only sample beside one with an image leaves padding slots, which stay masked."""
+    from llava_ivtp.measuring.dispatch import count_dispatched
+
+    with_padding_slots = dict(zip(("input_ids", "attention_mask"), left_pad([make_prompt(2, 5), [1, 5, 6, 7, 8]])))
+    with_padding_slots["pixel_values"] = make_pixels(1)
+    for batch, padding_slots in ((make_batch(((2, 5),)), False), (make_batch(((2, 5), (0, 1))), False),
+                                 (with_padding_slots, True)):
+        with torch.no_grad():
+            prefill = model(**batch, use_cache=True)
+        cache = output_cache(prefill)
+        assert cache.padding_slots is padding_slots
+        rows, length = batch["input_ids"].shape
+        step = dict(input_ids=prefill.logits[:, -1:].argmax(-1), use_cache=True)
+        results = {}
+        for name, mask in (("none", None), ("ones", torch.ones(rows, length + 1, dtype=torch.long))):
+            with torch.no_grad():
+                counted = count_dispatched(lambda: model(**step, attention_mask=mask, **{CACHE_ARG: copy.deepcopy(cache)}))
+                logits = model(**step, attention_mask=mask, **{CACHE_ARG: copy.deepcopy(cache)}).logits
+            results[name] = (logits, counted.total)
+        torch.testing.assert_close(results["none"][0], results["ones"][0], rtol=0, atol=1e-5)
+        if padding_slots:
+            assert torch.equal(results["none"][0], results["ones"][0])
+        else:
+            assert results["none"][1] < results["ones"][1]
 
 
 def test_beam_search_with_cache_equals_without(model, batch3):

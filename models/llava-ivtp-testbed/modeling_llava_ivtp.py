@@ -540,7 +540,11 @@ class LlavaIvtpForConditionalGeneration(
         cached_batch = cache.layers[0].keys.shape[0]
         if cached_batch != batch_size:
             raise ValueError(f"The cache holds {cached_batch} samples but {batch_size} were given.")
-        if attention_mask is None:  # its shape, when given, was checked by `check_sequence_inputs`
+        # Its shape, when given, was checked by `check_sequence_inputs`. Without one, one new token and no padding
+        # slot in the cache: every held key is attended, no mask (`_step_runs`).
+        if attention_mask is not None:
+            attention_mask = moved(attention_mask, device, torch.bool)
+        elif num_new > 1 or cache.padding_slots:
             attention_mask = torch.ones(batch_size, past_length + num_new, dtype=torch.bool, device=device)
         new_positions = torch.arange(past_length, past_length + num_new, device=device).expand(batch_size, -1)
         if position_ids is None:
@@ -548,8 +552,8 @@ class LlavaIvtpForConditionalGeneration(
         output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
         kwargs.pop("use_cache", None)
         runs = self._step_runs(
-            inputs_embeds, attention_mask.to(device).bool(), position_ids.to(device).expand(batch_size, -1),
-            new_positions, cache, past_length,
+            inputs_embeds, attention_mask, moved(position_ids, device).expand(batch_size, -1), new_positions, cache,
+            past_length,
         )
         all_hidden = self._run_decoder(runs, cache, True, output_hidden_states, **kwargs)
         hidden_states, all_hidden = self._final_norm(runs[-1].output, all_hidden)
@@ -563,7 +567,8 @@ class LlavaIvtpForConditionalGeneration(
         run of the prefill). Per run, the logical 2-D mask is gathered at the positions the run holds, then causal
         masking runs over the layer's physical keys. Where the prefill renumbered positions
         (`cache.renumbered_positions`), the new tokens' ids are lowered, per run, by the logical tokens the run does
-        not hold: they sit right after the tokens it holds, as a prefill of the whole sequence would place them."""
+        not hold: they sit right after the tokens it holds, as a prefill of the whole sequence would place them.
+        `attention_mask` `None`: one new token that attends every key each layer holds (no mask, as stock's step)."""
         language_model = self.model.language_model
         renumbered = cache.renumbered_positions
         if not renumbered:
@@ -578,8 +583,10 @@ class LlavaIvtpForConditionalGeneration(
                 continue
             previous = held
             record = torch.cat([moved(held, hidden_states.device), new_positions], dim=1)
-            kv_mask = attention_mask.gather(1, record.clamp_min(0)) & (record >= 0)
-            mask = step_mask(self.config.text_config, kv_mask, hidden_states, cache, layer_idx)
+            mask = None
+            if attention_mask is not None:
+                kv_mask = attention_mask.gather(1, record.clamp_min(0)) & (record >= 0)
+                mask = step_mask(self.config.text_config, kv_mask, hidden_states, cache, layer_idx)
             if renumbered:  # the logical tokens before this step that the run does not hold
                 not_held = past_length - (held >= 0).sum(dim=1, keepdim=True).to(position_ids.device)
                 position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids - not_held)
@@ -752,6 +759,8 @@ class LlavaIvtpForConditionalGeneration(
                 if position_embeddings is None:  # the first run; later ones gather theirs (`keep_visual`)
                     position_embeddings = language_model.rotary_emb(tokens.hidden_states, position_ids=tokens.position_ids)
                     tokens = replace(tokens, rotary=position_embeddings)
+            if cache is not None and any(tokens.pads):
+                cache.padding_slots = True  # rows of different lengths: the shorter ones hold padding slots
             view = LlmView(tokens, image_rows) if any_image else None
             scoring = None if view is None else LlmScoring(pruner, view, language_model.layers, mask, position_embeddings)
             llm.per_layer += (tokens.visual if any(tokens.has_image) else 0,) * (last - first + 1)
