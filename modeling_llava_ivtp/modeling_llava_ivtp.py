@@ -696,12 +696,12 @@ class LlavaIvtpForConditionalGeneration(
                     if layer_idx != feature_layers - 1:
                         raise ValueError(f"{pruner.name}: an ordered selection comes at the feature layer only.")
                     patches = selection.merged.to(hidden_states.dtype)
-                    stands_for = selection.keep.to(keep_indices.device)
+                    stands_for = moved(selection.keep, keep_indices.device)
                     keep_indices = torch.where(stands_for >= 0, keep_indices.gather(1, stands_for.clamp_min(0)), -1)
                     placement = torch.arange(patches.shape[1], device=keep_indices.device).expand(num_images, -1)
                 else:
                     patches = _apply_selection(hidden_states[:, 1:], selection)
-                    keep_indices = keep_indices.gather(1, selection.keep.to(keep_indices.device))
+                    keep_indices = keep_indices.gather(1, moved(selection.keep, keep_indices.device))
                 hidden_states = torch.cat([hidden_states[:, :1], patches], dim=1)  # CLS always kept, order kept
             kept_counts.append(hidden_states.shape[1] - 1)
         return {
@@ -826,7 +826,7 @@ class LlavaIvtpForConditionalGeneration(
                 kept_patches = tokens.patch_index.gather(1, chosen)
                 if selection.merged is not None:
                     merged = selection.merged.to(tokens.hidden_states.dtype)
-                    index = chosen.to(merged.device).unsqueeze(-1).expand(-1, -1, merged.shape[-1])
+                    index = moved(chosen, merged.device).unsqueeze(-1).expand(-1, -1, merged.shape[-1])
                     tokens = replace(tokens, hidden_states=tokens.hidden_states.scatter(1, index, merged))
                 if not renumber:
                     return tokens.keep_visual_slots(chosen, num_keep), kept_patches
@@ -835,7 +835,7 @@ class LlavaIvtpForConditionalGeneration(
                 keep = ~tokens.is_visual
                 kept_patches = torch.full((keep.shape[0], num_keep), -1, dtype=torch.long, device=keep.device)
             if view is not None and view.visual_range is None:
-                chosen = view.visual_slots.gather(1, selection.keep.to(view.visual_slots.device))
+                chosen = view.visual_slots.gather(1, moved(selection.keep, view.visual_slots.device))
                 rows = view.image_rows
                 keep[rows] = keep[rows].scatter(1, chosen, True)
                 kept_patches[rows] = tokens.patch_index[rows].gather(1, chosen)
@@ -854,7 +854,7 @@ def _apply_selection(features: torch.Tensor, selection: Selection) -> torch.Tens
     """`(n, tokens, hidden)` -> `(n, k, hidden)`: the kept tokens, or their merged features."""
     if selection.merged is not None:
         return selection.merged.to(features.dtype)
-    keep = selection.keep.to(features.device)
+    keep = moved(selection.keep, features.device)
     return features.gather(1, keep.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
 
 
@@ -862,7 +862,7 @@ def _image_end_position(image_mask: torch.Tensor, position_ids, images_per_sampl
     """`(batch,)`: the rotary position right after each sample's image block (after its last token without one)."""
     if position_ids is None:
         position_ids = torch.arange(image_mask.shape[1], device=image_mask.device).unsqueeze(0)
-    position_ids = position_ids.to(image_mask.device).expand(image_mask.shape[0], -1)
+    position_ids = moved(position_ids, image_mask.device).expand(image_mask.shape[0], -1)
     image_end = torch.where(image_mask, position_ids, -1).amax(dim=1) + 1
     return torch.where(images_per_sample > 0, image_end, position_ids.amax(dim=1) + 1)
 
@@ -873,7 +873,7 @@ def _pack_guidance(guidance: dict, index: torch.Tensor, slot_valid: torch.Tensor
     packed = {}
     for name, value in guidance.items():
         if value is not None and name in SEQUENCE_GUIDANCE_INPUTS:
-            value = value.to(index.device)
+            value = moved(value, index.device)
             value = value.gather(1, index.view(*index.shape, *[1] * (value.ndim - 2)).expand(-1, -1, *value.shape[2:]))
         packed[name] = value
     if packed.get("instruction_mask") is not None:

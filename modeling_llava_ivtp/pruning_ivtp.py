@@ -56,9 +56,10 @@ def rollout_cls_row(
     # `(row + e_cls) / 2` to the bit (halving is exact), in two operators on a fresh tensor.
     row = row / 2.0
     row.select(1, cls_index).add_(0.5)
+    row = row.unsqueeze(1)  # (batch, 1, n): a row vector through the group, one view
     for attention in reversed(lower_attentions[1:]):  # layers l2-1 .. l1+1
-        row = (row + torch.bmm(row.unsqueeze(1), _float32(attention)).squeeze(1)) / 2.0
-    return torch.bmm(row.unsqueeze(1), _float32(lower_attentions[0])).squeeze(1)  # layer l1: A[l1], no residual
+        row = (row + torch.bmm(row, _float32(attention))) / 2.0
+    return torch.bmm(row, _float32(lower_attentions[0])).squeeze(1)  # layer l1: A[l1], no residual
 
 
 def _float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -77,6 +78,13 @@ def token_scores(rollout_row: torch.Tensor, value_norms: torch.Tensor) -> torch.
     # Rollout rows and norms are non-negative; an all-zero row (degenerate weights) falls back to uniform scores.
     uniform = 1.0 / weighted.shape[-1]
     return torch.where(total > 0, weighted / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
+
+
+def token_weights(rollout_row: torch.Tensor, value_norms: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 before its normalisation, `R[cls, i] * ||V_i||`, `(batch, n)` float32: what the pruner ranks. Dividing
+    a row by its positive sum keeps its order, and a row of zeros ranks every token equal, as `token_scores`' uniform
+    fallback does, so the tokens kept are `token_scores`' (`select_keep_indices`), in one operator rather than six."""
+    return _float32(rollout_row) * _float32(value_norms)
 
 
 def cosine_relevance(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from modeling_llava_ivtp.pruning_ivtp import (
     span_mean,
     rollout_cls_row,
     token_scores,
+    token_weights,
 )
 
 
@@ -77,6 +78,20 @@ def test_token_scores_eq4():
 
 def test_token_scores_degenerate_row_is_uniform():
     torch.testing.assert_close(token_scores(torch.zeros(1, 4), torch.ones(1, 4)), torch.full((1, 4), 0.25))
+
+
+def test_token_weights_keep_what_the_normalised_scores_keep():
+    """The pruner ranks eq. 4 before its normalisation: the same tokens kept, a row of zeros included."""
+    generator = torch.Generator().manual_seed(3)
+    rollout = torch.rand(64, 40, generator=generator)
+    rollout[::7] = 0.0  # degenerate rows
+    norms = torch.rand(64, 40, generator=generator) + 0.1
+    torch.testing.assert_close(token_weights(rollout, norms), rollout * norms)
+    for num_keep in (1, 9, 39):
+        assert torch.equal(
+            select_keep_indices(token_weights(rollout, norms), num_keep),
+            select_keep_indices(token_scores(rollout, norms), num_keep),
+        )
 
 
 def test_select_keep_indices_sorted_top_k():

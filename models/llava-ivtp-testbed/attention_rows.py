@@ -104,13 +104,13 @@ class RowRequest:
         value = self._call()[3]
         with torch.no_grad():
             values = _pick(value, self.batch, self.value_columns, dim=2)
-            return torch.linalg.vector_norm(values.float(), dim=(1, 3))
+            return torch.linalg.vector_norm(moved(values, dtype=torch.float32), dim=(1, 3))
 
     @property
     def key_means(self) -> torch.Tensor:
         key = self._call()[2]
         with torch.no_grad():
-            return _pick(key, self.batch, self.key_columns, dim=2).float().mean(dim=1)
+            return moved(_pick(key, self.batch, self.key_columns, dim=2), dtype=torch.float32).mean(dim=1)
 
 
 def moved(tensor: torch.Tensor, device=None, dtype=None) -> torch.Tensor:

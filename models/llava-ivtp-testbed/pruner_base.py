@@ -185,12 +185,12 @@ class LlmView:
         `input_ids`, as the processor gives it), or of its last token where there is none. Tokens generated since
         the prompt are not instruction, so decoding without a cache asks the same row at every step."""
         tokens = self.tokens
-        rows = self.image_rows.to(tokens.positions.device)
+        rows = moved(self.image_rows, tokens.positions.device)
         last = torch.full((len(rows), 1), self.last_slot, dtype=torch.long, device=rows.device)
         if instruction_mask is None:
             return last
         positions = tokens.positions[rows]
-        mask = instruction_mask.to(positions.device).bool()[rows]
+        mask = moved(instruction_mask, positions.device, torch.bool)[rows]
         is_instruction = mask.gather(1, positions.clamp_min(0)) & (positions >= 0)
         slots = torch.arange(positions.shape[1], device=positions.device)
         found = torch.where(is_instruction, slots, -1).amax(dim=1, keepdim=True)
@@ -488,7 +488,7 @@ def sample_visual_cls(visual_cls: torch.Tensor, images_per_sample: torch.Tensor)
     """The projected visual CLS of each sample's (only) image; zeros for samples without an image."""
     has_image = images_per_sample > 0
     first_image = (torch.cumsum(images_per_sample, dim=0) - images_per_sample).clamp_max(visual_cls.shape[0] - 1)
-    picked = visual_cls[first_image.to(visual_cls.device)]
+    picked = visual_cls[moved(first_image, visual_cls.device)]
     return picked * has_image.to(picked.device, picked.dtype).unsqueeze(-1)
 
 

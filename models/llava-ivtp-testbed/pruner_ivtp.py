@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-from .attention_rows import RowRequest
+from .attention_rows import RowRequest, moved
 from .guidance_ivtp import clip_content_mask, clip_token_features
 from .pruner_base import (
     LlmView,
@@ -31,7 +31,7 @@ from .pruner_base import (
     register_pruner,
     select_keep_indices,
 )
-from .pruning_ivtp import cosine_relevance, pseudo_cls, rollout_cls_row, span_mean, token_scores
+from .pruning_ivtp import cosine_relevance, pseudo_cls, rollout_cls_row, span_mean, token_weights
 
 
 logger = logging.get_logger(__name__)
@@ -122,7 +122,7 @@ class IvtpPruner(Pruner):
             rows = torch.stack([*self.gathered, row.float()])
             row = {"mean": rows.mean(0), "max": rows.amax(0), "multiply": rows.prod(0)}[self.aggregation]
         self.gathered = []
-        return Selection(select_keep_indices(token_scores(row[:, candidates], request.value_norms), keep))  # eq. 4
+        return Selection(select_keep_indices(token_weights(row[:, candidates], request.value_norms), keep))  # eq. 4
 
     # --- stage 1 ------------------------------------------------------------------------------------------------
     def vision_request(self, layer_idx, images, tokens):
@@ -246,9 +246,9 @@ def instruction_relevance(config, context: PruneContext, embeddings: torch.Tenso
         reference = context.per_sample(image_embedding)
         clip_relevance = cosine_relevance(text_features, reference.to(text_features.dtype))  # eq. 6
         relevance, has_relevance = span_mean(  # eq. 7
-            clip_relevance, clip_content_mask(clip_input_ids), guidance["clip_token_spans"].to(clip_relevance.device)
+            clip_relevance, clip_content_mask(clip_input_ids), moved(guidance["clip_token_spans"], clip_relevance.device)
         )
-    relevance, has_relevance = relevance.to(instruction.device), has_relevance.to(instruction.device)
+    relevance, has_relevance = moved(relevance, instruction.device), moved(has_relevance, instruction.device)
     has_relevance = has_relevance & instruction
     relevance = torch.where(has_relevance, relevance, torch.full_like(relevance, float("nan")))
     return relevance, has_relevance & (relevance >= config.tau)

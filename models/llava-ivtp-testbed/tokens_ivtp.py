@@ -92,7 +92,7 @@ class TokenState:
         if self.visual_range is not None:
             return self.visual_range.stop - 1
         slots = torch.arange(self.is_visual.shape[1], device=self.hidden_states.device)
-        return torch.where(self.is_visual.to(slots.device), slots, -1).amax(dim=1)
+        return torch.where(moved(self.is_visual, slots.device), slots, -1).amax(dim=1)
 
     @property
     def visual_end(self) -> int:
@@ -162,9 +162,9 @@ class TokenState:
             hidden_states=torch.cat([self.hidden_states, hidden.unsqueeze(1).to(self.hidden_states)], dim=1),
             positions=torch.cat([self.positions, minus_one], dim=1),
             position_ids=torch.cat([self.position_ids, position_ids.to(self.position_ids).unsqueeze(1)], dim=1),
-            attention_mask=torch.cat([self.attention_mask, column.to(self.attention_mask.device)], dim=1),
+            attention_mask=torch.cat([self.attention_mask, moved(column, self.attention_mask.device)], dim=1),
             is_visual=torch.cat([self.is_visual, ~column], dim=1),
-            patch_index=torch.cat([self.patch_index, minus_one.to(self.patch_index.device)], dim=1),
+            patch_index=torch.cat([self.patch_index, moved(minus_one, self.patch_index.device)], dim=1),
             length=self.length + 1,
             probe=True,
             rotary=None,
@@ -182,11 +182,11 @@ def _gather(tensors: dict, index: torch.Tensor, slot_valid: torch.Tensor, all_va
     hidden = tensors["hidden_states"]
     if all_valid:
         return {
-            "hidden_states": hidden.gather(1, index.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])),
+            "hidden_states": hidden.gather(1, moved(index, hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])),
             **{name: tensors[name].gather(1, index) for name in _DEVICE_FIELDS[1:]},
         }
     return {
-        "hidden_states": hidden.gather(1, index.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])),
+        "hidden_states": hidden.gather(1, moved(index, hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])),
         "positions": tensors["positions"].gather(1, index).masked_fill(~slot_valid, -1),
         "position_ids": tensors["position_ids"].gather(1, index),
         "attention_mask": tensors["attention_mask"].gather(1, index) & slot_valid,
@@ -199,7 +199,7 @@ def _gather_rotary(rotary: tuple | None, index: torch.Tensor) -> tuple | None:
     """The rotary table's `(cos, sin)` rows at the packed slots `index` `(batch, kept)` (`None` stays `None`)."""
     if rotary is None:
         return None
-    table_index = index.to(rotary[0].device).unsqueeze(-1).expand(-1, -1, rotary[0].shape[-1])
+    table_index = moved(index, rotary[0].device).unsqueeze(-1).expand(-1, -1, rotary[0].shape[-1])
     return tuple(table.gather(1, table_index) for table in rotary)
 
 
@@ -208,7 +208,7 @@ def unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.T
     if values is None:
         return None
     # Padding slots write to a spare last column, which is cut off (a scatter: no wait for the device).
-    target = torch.where(slot_valid, index, length).to(values.device)
+    target = moved(torch.where(slot_valid, index, length), values.device)
     out = torch.full((values.shape[0], length + 1), fill, dtype=values.dtype, device=values.device)
     return out.scatter(1, target, values)[:, :length]
 
@@ -300,7 +300,7 @@ def _probe_bool_mask(batch_size: int, num_slots: int, visual_end, padding, devic
     takes about 35)."""
     slots = torch.arange(num_slots, device=device)
     causal = (slots <= slots.unsqueeze(1))[:-1].expand(batch_size, -1, -1)
-    end = visual_end if isinstance(visual_end, int) else visual_end.to(device).unsqueeze(1)
+    end = visual_end if isinstance(visual_end, int) else moved(visual_end, device).unsqueeze(1)
     probe_row = (slots <= end) | (slots == num_slots - 1)
     allowed = torch.cat([causal, probe_row.expand(batch_size, -1).unsqueeze(1)], dim=1)
     if padding is not None:
