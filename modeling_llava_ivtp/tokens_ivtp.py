@@ -297,11 +297,18 @@ def _probe_bool_mask(batch_size: int, num_slots: int, visual_end, padding, devic
     gives it for `causal & pseudo_cls_rule & padding` (`segment_mask`): every real token's row causal, the probe's
     row the slots up to `visual_end` (an `int`, or `(batch,)`) and itself; keys of padding (`padding`, `(batch,
     slots)`, or `None`) excluded. Built from one slot range in about a dozen operators (sdpa_mask's index arithmetic
-    takes about 35)."""
+    takes about 35); for an `int` `visual_end` (one layout, known on the host), a lower triangle whose probe row is
+    cleared past it, in about six."""
+    if isinstance(visual_end, int):
+        allowed = torch.ones(num_slots, num_slots, dtype=torch.bool, device=device).tril()
+        allowed[-1, visual_end + 1 : -1] = False  # the probe: up to `visual_end`, and itself
+        allowed = allowed.view(1, 1, num_slots, num_slots)
+        if padding is not None:
+            return allowed & padding.view(batch_size, 1, 1, num_slots)
+        return allowed.expand(batch_size, 1, -1, -1)
     slots = torch.arange(num_slots, device=device)
     causal = (slots <= slots.unsqueeze(1))[:-1].expand(batch_size, -1, -1)
-    end = visual_end if isinstance(visual_end, int) else moved(visual_end, device).unsqueeze(1)
-    probe_row = (slots <= end) | (slots == num_slots - 1)
+    probe_row = (slots <= moved(visual_end, device).unsqueeze(1)) | (slots == num_slots - 1)
     allowed = torch.cat([causal, probe_row.expand(batch_size, -1).unsqueeze(1)], dim=1)
     if padding is not None:
         allowed = allowed & padding.unsqueeze(1)

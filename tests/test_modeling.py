@@ -120,6 +120,23 @@ def test_segment_mask_is_causal_padded_and_isolates_the_pseudo_cls(attn_implemen
         assert mask.dtype == torch.float32 and mask.min() == torch.finfo(torch.float32).min
 
 
+def test_probe_mask_of_one_layout_equals_the_per_sample_one():
+    """sdpa's probe-segment mask from a host-known visual end (one layout) is the per-sample construction's, with
+    and without padding keys, the end anywhere from before the first slot to the slot before the probe."""
+    from modeling_llava_ivtp.tokens_ivtp import _probe_bool_mask
+
+    batch_size, num_slots = 2, 8
+    padding = torch.ones(batch_size, num_slots, dtype=torch.bool)
+    padding[1, :2] = False
+    for visual_end in range(-1, num_slots - 1):
+        for pad in (None, padding):
+            per_sample = _probe_bool_mask(batch_size, num_slots, torch.full((batch_size,), visual_end), pad, "cpu")
+            host = _probe_bool_mask(batch_size, num_slots, visual_end, pad, "cpu")
+            assert host.shape == per_sample.shape == (batch_size, 1, num_slots, num_slots)
+            assert torch.equal(host, per_sample), (visual_end, pad is None)
+    assert not _probe_bool_mask(1, num_slots, 3, None, "cpu")[0, 0, -1, 4:-1].any()
+
+
 def test_sdpa_and_eager_keep_the_same_tokens():
     sdpa = sharpen_attention(tiny_model(attn_implementation="sdpa"))
     eager = LlavaIvtpForConditionalGeneration(sdpa.config.__class__(**tiny_config_dict())).eval()
