@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from .attention_rows import moved
 from .pruner_base import ProjectedPruner, register_pruner
 
 
@@ -40,7 +41,7 @@ def divprune_keep_indices(features: torch.Tensor, num_keep: int) -> torch.Tensor
     if not 1 <= num_keep <= num_tokens:
         raise ValueError(f"num_keep must be in [1, {num_tokens}], got {num_keep}.")
 
-    normalized = F.normalize(features.float(), dim=-1)
+    normalized = F.normalize(moved(features, dtype=torch.float32), dim=-1)
     distance = 1.0 - normalized @ normalized.transpose(1, 2)  # (batch, n, n)
     eye = torch.eye(num_tokens, dtype=torch.bool, device=features.device)
     # Before the first pick, a token's distance to "the set" is its distance to its nearest other token.

@@ -170,8 +170,8 @@ def test_pruned_prefill_reads_the_device_twice_and_decode_never(use_cache, count
         with CountReads() as prefill_reads:
             out = model(**batch, use_cache=use_cache)
         assert prefill_reads.reads == []
-        # layout and input values (3 facts + the ids' extremes, x batch); 2 kept counts
-        assert count_tolist == [(5, batch["input_ids"].shape[0]), (2,)]
+        # layout and input values (4 facts + the ids' extremes, x batch); 2 kept counts
+        assert count_tolist == [(6, batch["input_ids"].shape[0]), (2,)]
         assert out.llm_token_counts == (8, 5)
         if use_cache:
             next_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
@@ -193,7 +193,7 @@ def test_unpadded_batch_without_attention_mask_has_no_padding_slots(count_tolist
     with torch.no_grad():
         with CountReads() as reads:
             out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True)
-    assert reads.reads == [] and count_tolist == [(5, 2), (2,)]
+    assert reads.reads == [] and count_tolist == [(6, 2), (2,)]
     assert bool((out.kept_positions >= 0).all())
     assert all(bool((positions >= 0).all()) for positions in output_cache(out).layer_positions)
 
@@ -222,3 +222,25 @@ def test_clip_token_spans_past_the_clip_context_are_refused(path):
         return
     with pytest.raises(ValueError, match=message):
         model(**inputs)
+
+
+@pytest.mark.parametrize("method", ["ivtp", "fastv"])
+def test_placeholders_split_by_text_are_pruned_as_one_image(method):
+    """An image whose placeholders a text token splits (not the processor's layout, but stock Llava fills them in
+    order): the host's one-block arithmetic does not apply (the layout read says so), every text token stays, the
+    kept visual tokens are placeholders, as many as the schedule keeps, and the split equals the block layout's
+    choice of patches."""
+    model = tiny_model() if method == "ivtp" else tiny_model(schedule=None, pruning_method=method, pruning_options={"visual_tokens": 8})
+    block = make_prompt(2, 4, seed=5)
+    split = block[:3 + 20] + [7] + block[3 + 20:]  # a text token after the image's 20th placeholder
+    with torch.no_grad():
+        outs = {name: model(input_ids=torch.tensor([ids]), pixel_values=make_pixels(1), use_cache=True)
+                for name, ids in (("block", block), ("split", split))}
+    kept = outs["split"].kept_positions[0].tolist()
+    text = [position for position, token in enumerate(split) if token != IMAGE_TOKEN_ID]
+    assert set(text) <= set(kept)
+    visual = [position for position in kept if split[position] == IMAGE_TOKEN_ID]
+    assert len(visual) == len(kept) - len(text) == outs["block"].kept_positions.shape[1] - (len(block) - 36)
+    for name in ("block", "split"):
+        assert all(bool((indices >= 0).all()) for indices in outs[name].llm_keep_indices)
+    torch.testing.assert_close(outs["split"].vision_keep_indices, outs["block"].vision_keep_indices)

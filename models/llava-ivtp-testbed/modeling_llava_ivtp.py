@@ -415,12 +415,13 @@ class LlavaIvtpForConditionalGeneration(
 
     def _read_layout(self, image_mask: torch.Tensor, attention_mask: torch.Tensor, input_ids, guidance: dict):
         """What the host needs of a batch, in one read from the device: per sample, its image placeholders, the
-        position of its last one, and whether every token is attended; and the CLIP ids the text tower needs (one past
-        the last end token; `None` without CLIP ids). The input values are checked in the same read (`value_rows`:
+        position of its last one, and whether every token is attended; the CLIP ids the text tower needs (one past
+        the last end token; `None` without CLIP ids); whether each sample's placeholders form one block. The input values are checked in the same read (`value_rows`:
         token and CLIP ids, spans)."""
         order = torch.arange(image_mask.shape[1], device=image_mask.device)
         rows = {
             "placeholders": image_mask.sum(dim=1),
+            "first_placeholder": torch.where(image_mask, order, image_mask.shape[1]).amin(dim=1),
             "last_placeholder": torch.where(image_mask, order, -1).amax(dim=1),
             "fully_attended": attention_mask.all(dim=1).long(),
             **value_rows(input_ids, guidance, image_mask.device),
@@ -428,7 +429,10 @@ class LlavaIvtpForConditionalGeneration(
         facts = read_rows(rows)  # the one host read of a pruned prefill
         check_values(self.config, facts, guidance)
         clip_length = max(facts["clip_end"]) + 1 if "clip_end" in facts else None
-        return facts["placeholders"], facts["last_placeholder"], all(facts["fully_attended"]), clip_length
+        # every sample's placeholders in one block (the processor's layout): its image's tokens have one slot range
+        blocks = all(last - first + 1 == count for first, last, count in
+                     zip(facts["first_placeholder"], facts["last_placeholder"], facts["placeholders"]) if count)
+        return facts["placeholders"], facts["last_placeholder"], all(facts["fully_attended"]), clip_length, blocks
 
     def _forward_pruned(
         self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, logits_to_keep,
@@ -448,7 +452,7 @@ class LlavaIvtpForConditionalGeneration(
             torch.ones_like(image_mask) if attention_mask is None else moved(attention_mask, image_mask.device, torch.bool)
         )
         # The prefill's one wait for the device: each sample's placeholders and layout (see `TokenState`).
-        placeholder_counts, last_placeholder, fully_attended, clip_length = self._read_layout(
+        placeholder_counts, last_placeholder, fully_attended, clip_length, blocks = self._read_layout(
             image_mask, full_attention_mask, input_ids, guidance
         )
         context = PruneContext(model=self, guidance=guidance, images_per_sample=images_per_sample,
@@ -459,17 +463,20 @@ class LlavaIvtpForConditionalGeneration(
 
         vision = self._run_vision_tower(pixel_values, pruner)
         image_features = self.model.multi_modal_projector(vision["patch_hidden_states"])
-        context.vision, context.visual_cls = vision, self.model.multi_modal_projector(vision["cls_hidden_state"])
+        context.vision = vision
+        context.defer("visual_cls", lambda: self.model.multi_modal_projector(vision["cls_hidden_state"]))
         with profiler_label("ivtp/projected_scoring"):  # profiler labels: the pruner's own work (llava-ivtp bench)
             selection = pruner.on_projected(image_features)
         if selection is not None:
             image_features = _apply_selection(image_features, selection)
-            for name in ("keep_indices", "placement"):
-                vision[name] = vision[name].gather(1, moved(selection.keep, vision[name].device))
+            kept = moved(selection.keep, vision["keep_indices"].device)
+            same = vision["placement"] is vision["keep_indices"]  # no ordered selection before: one gather
+            vision["keep_indices"] = vision["keep_indices"].gather(1, kept)
+            vision["placement"] = vision["keep_indices"] if same else vision["placement"].gather(1, kept)
 
         tokens, index, slot_valid, pruned_before_end = self._enter_llm(
             image_mask, vision["placement"], image_features, input_ids, inputs_embeds, position_ids,
-            full_attention_mask, placeholder_counts, last_placeholder, pruner.renumbers, images_per_sample,
+            full_attention_mask, placeholder_counts, last_placeholder, pruner.renumbers, images_per_sample, blocks,
         )
 
         def packed_guidance():
@@ -623,11 +630,43 @@ class LlavaIvtpForConditionalGeneration(
     # Site 2 and the LLM's entry: the projected features take their placeholders
     # ------------------------------------------------------------------------------------------------------------
     def _enter_llm(self, image_mask, keep_indices, image_features, input_ids, inputs_embeds, position_ids,
-                   attention_mask, placeholder_counts, last_placeholder, renumber: bool, images_per_sample):
+                   attention_mask, placeholder_counts, last_placeholder, renumber: bool, images_per_sample,
+                   blocks: bool):
         """The tokens that enter the LLM: every non-image token, and the placeholders of the kept patches, which
         take the image features. `renumber`: the position ids close the pruned placeholders' gaps (`pruner_base`'s
-        position rules). `images_per_sample` `(batch,)` on the device. Returns the token state, its packing `(index, slot_valid)` of the sequence, and with
-        `renumber` the placeholders each sample lost `(batch,)` (else `None`)."""
+        position rules). `images_per_sample` `(batch,)` on the device; `blocks` (host): each sample's placeholders
+        are one block. Returns the token state, its packing `(index, slot_valid)` of the sequence (`slot_valid`
+        `None`: every slot holds a token), and with `renumber` the placeholders each sample lost `(batch,)` (else
+        `None`)."""
+        num_patches, device = self.config.num_patches, image_mask.device
+        starts = {last + 1 - num_patches for last in last_placeholder}
+        one_block = blocks and len(starts) == 1 and all(count == num_patches for count in placeholder_counts)
+        if one_block and (not renumber or position_ids is None):
+            with profiler_label("ivtp/llm_entry_selection"):
+                tokens, index = TokenState.entering_one_block(
+                    starts.pop(), moved(keep_indices, device), position_ids, attention_mask, image_mask, num_patches,
+                    list(last_placeholder), renumber,
+                )
+            slot_valid, pruned_before_end = None, None
+            if renumber:  # every image lost as many placeholders
+                pruned_before_end = torch.full((image_mask.shape[0],), num_patches - tokens.visual, device=device)
+        else:
+            tokens, index, slot_valid, pruned_before_end = self._entry_index(
+                image_mask, keep_indices, position_ids, attention_mask, placeholder_counts, last_placeholder,
+                renumber, images_per_sample,
+            )
+        if inputs_embeds is None:
+            token_embeds = self.get_input_embeddings()(input_ids.gather(1, index))
+        else:
+            token_embeds = inputs_embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
+        hidden_states = token_embeds.masked_scatter(
+            tokens.is_visual.unsqueeze(-1), moved(image_features, dtype=token_embeds.dtype).reshape(-1, token_embeds.shape[-1])
+        )
+        return replace(tokens, hidden_states=hidden_states, image_blocks=blocks), index, slot_valid, pruned_before_end
+
+    def _entry_index(self, image_mask, keep_indices, position_ids, attention_mask, placeholder_counts,
+                     last_placeholder, renumber: bool, images_per_sample):
+        """`_enter_llm`'s token state and packing for any layout: the kept tokens marked over the sequence, packed."""
         batch_size, sequence_length = image_mask.shape
         num_patches, num_images = self.config.num_patches, keep_indices.shape[0]
         device = image_mask.device
@@ -659,14 +698,7 @@ class LlavaIvtpForConditionalGeneration(
             tokens, index, slot_valid = TokenState.entering_llm(
                 logical, keep, placeholder_counts, last_placeholder, num_patches, keep_indices.shape[1]
             )
-        if inputs_embeds is None:
-            token_embeds = self.get_input_embeddings()(input_ids.gather(1, index))
-        else:
-            token_embeds = inputs_embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
-        hidden_states = token_embeds.masked_scatter(
-            tokens.is_visual.unsqueeze(-1), moved(image_features, dtype=token_embeds.dtype).reshape(-1, token_embeds.shape[-1])
-        )
-        return replace(tokens, hidden_states=hidden_states), index, slot_valid, pruned_before_end
+        return tokens, index, slot_valid, pruned_before_end
 
     # ------------------------------------------------------------------------------------------------------------
     # Site 1: the vision tower
@@ -695,7 +727,7 @@ class LlavaIvtpForConditionalGeneration(
                 if selection.ordered:  # the tokens in the LLM's order, filling the image's first placeholders
                     if layer_idx != feature_layers - 1:
                         raise ValueError(f"{pruner.name}: an ordered selection comes at the feature layer only.")
-                    patches = selection.merged.to(hidden_states.dtype)
+                    patches = moved(selection.merged, dtype=hidden_states.dtype)
                     stands_for = moved(selection.keep, keep_indices.device)
                     keep_indices = torch.where(stands_for >= 0, keep_indices.gather(1, stands_for.clamp_min(0)), -1)
                     placement = torch.arange(patches.shape[1], device=keep_indices.device).expand(num_images, -1)
@@ -825,7 +857,7 @@ class LlavaIvtpForConditionalGeneration(
                 chosen = moved(selection.keep, tokens.is_visual.device) + view.visual_range.start
                 kept_patches = tokens.patch_index.gather(1, chosen)
                 if selection.merged is not None:
-                    merged = selection.merged.to(tokens.hidden_states.dtype)
+                    merged = moved(selection.merged, dtype=tokens.hidden_states.dtype)
                     index = moved(chosen, merged.device).unsqueeze(-1).expand(-1, -1, merged.shape[-1])
                     tokens = replace(tokens, hidden_states=tokens.hidden_states.scatter(1, index, merged))
                 if not renumber:
@@ -841,7 +873,7 @@ class LlavaIvtpForConditionalGeneration(
                 kept_patches[rows] = tokens.patch_index[rows].gather(1, chosen)
                 if selection.merged is not None:
                     hidden = tokens.hidden_states.clone()
-                    hidden[rows.unsqueeze(-1), chosen] = selection.merged.to(hidden.dtype)
+                    hidden[rows.unsqueeze(-1), chosen] = moved(selection.merged, dtype=hidden.dtype)
                     tokens = replace(tokens, hidden_states=hidden)
             return tokens.keep_visual(keep, num_keep, renumber=renumber), kept_patches
 
@@ -853,7 +885,7 @@ def _rows_kwarg(request) -> dict:
 def _apply_selection(features: torch.Tensor, selection: Selection) -> torch.Tensor:
     """`(n, tokens, hidden)` -> `(n, k, hidden)`: the kept tokens, or their merged features."""
     if selection.merged is not None:
-        return selection.merged.to(features.dtype)
+        return moved(selection.merged, dtype=features.dtype)
     keep = moved(selection.keep, features.device)
     return features.gather(1, keep.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
 
@@ -867,9 +899,10 @@ def _image_end_position(image_mask: torch.Tensor, position_ids, images_per_sampl
     return torch.where(images_per_sample > 0, image_end, position_ids.amax(dim=1) + 1)
 
 
-def _pack_guidance(guidance: dict, index: torch.Tensor, slot_valid: torch.Tensor) -> dict:
+def _pack_guidance(guidance: dict, index: torch.Tensor, slot_valid: torch.Tensor | None) -> dict:
     """The guidance inputs at the tokens that enter the LLM: sequence-aligned ones gathered at `index`
-    `(batch, kept)`, the instruction mask limited to real slots; per-sample ones as they are."""
+    `(batch, kept)`, the instruction mask limited to real slots (`slot_valid`; `None`: every slot); per-sample ones
+    as they are."""
     packed = {}
     for name, value in guidance.items():
         if value is not None and name in SEQUENCE_GUIDANCE_INPUTS:
@@ -877,7 +910,9 @@ def _pack_guidance(guidance: dict, index: torch.Tensor, slot_valid: torch.Tensor
             value = value.gather(1, index.view(*index.shape, *[1] * (value.ndim - 2)).expand(-1, -1, *value.shape[2:]))
         packed[name] = value
     if packed.get("instruction_mask") is not None:
-        packed["instruction_mask"] = packed["instruction_mask"].bool() & slot_valid
+        packed["instruction_mask"] = moved(packed["instruction_mask"], dtype=torch.bool)
+        if slot_valid is not None:
+            packed["instruction_mask"] = packed["instruction_mask"] & slot_valid
     return packed
 
 

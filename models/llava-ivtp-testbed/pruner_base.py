@@ -76,9 +76,9 @@ class PruneContext:
     """What a pruner may read of one forward call. `model` is the `LlavaIvtpForConditionalGeneration`; `guidance`
     the instruction inputs as given (`instruction_mask`, `clip_input_ids`, `clip_token_spans`, each possibly
     `None`); `images_per_sample` `(batch,)`, and `images` the same per sample on the host; `clip_length` (host),
-    one past the last end token of `clip_input_ids` (`clip_input_ids()`). The runner fills
-    `vision` (the vision tower's outputs: patch and CLS hidden states at the feature layer) and `visual_cls` (the projected CLS) once stage 1 has run; at the LLM's
-    entry, `packed_guidance` (the sequence-aligned guidance gathered at the tokens that enter, the instruction mask
+    one past the last end token of `clip_input_ids` (`clip_input_ids()`). The runner fills `vision` (the vision
+    tower's outputs: patch and CLS hidden states at the feature layer) once stage 1 has run, and defers `visual_cls`
+    (the projected CLS, computed when first read); at the LLM's entry, `packed_guidance` (the sequence-aligned guidance gathered at the tokens that enter, the instruction mask
     limited to real slots) and `image_end_position` `(batch,)`, the rotary position right after each sample's image
     block (after its last token for a sample without an image): where a probe token sits."""
 
@@ -88,7 +88,6 @@ class PruneContext:
     images: tuple = ()
     clip_length: int | None = None
     vision: dict = field(default_factory=dict)
-    visual_cls: torch.Tensor | None = None
     deferred: dict = field(default_factory=dict, repr=False)  # name -> function of no arguments, or its value
 
     def defer(self, name: str, compute) -> None:
@@ -117,6 +116,11 @@ class PruneContext:
         if self.images and all(count == 1 for count in self.images):
             return per_image
         return sample_visual_cls(per_image, self.images_per_sample)
+
+    @property
+    def visual_cls(self) -> torch.Tensor | None:
+        """`(images, hidden)`: the CLS of each image at the feature layer through the multimodal projector."""
+        return self._deferred("visual_cls")
 
     @property
     def packed_guidance(self) -> dict | None:
@@ -345,8 +349,8 @@ class VisionLayerPruner(Pruner):
     def vision_request(self, layer_idx, images, tokens):
         if layer_idx not in self.counts or not (self.asks_cls_row or self.asks_key_means):
             return None
-        key_columns = torch.arange(tokens) if self.asks_key_means else None
-        return RowRequest(rows=torch.zeros(1, dtype=torch.long), key_columns=key_columns, scores=self.asks_cls_row)
+        key_columns = slice(0, tokens) if self.asks_key_means else None  # host ranges: one narrow each
+        return RowRequest(rows=slice(0, 1), key_columns=key_columns, scores=self.asks_cls_row)
 
     def after_vision_layer(self, layer_idx, hidden_states, request):
         if layer_idx not in self.counts:

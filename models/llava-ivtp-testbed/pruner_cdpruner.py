@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from .guidance_ivtp import clip_token_features
+from .attention_rows import moved
 from .pruner_base import ProjectedPruner, register_pruner
 
 
@@ -50,7 +51,8 @@ def instruction_relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor)
             f"image_embeds (batch, n, dim) and text_embeds (batch, segments, dim) must agree, "
             f"got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}."
         )
-    cosine = F.normalize(image_embeds.float(), dim=-1) @ F.normalize(text_embeds.float(), dim=-1).transpose(1, 2)
+    image_unit = F.normalize(moved(image_embeds, dtype=torch.float32), dim=-1)
+    cosine = image_unit @ F.normalize(moved(text_embeds, dtype=torch.float32), dim=-1).transpose(1, 2)
     relevance = (-cosine).mean(dim=-1)
     low, high = relevance.amin(dim=-1, keepdim=True), relevance.amax(dim=-1, keepdim=True)
     scaled = (relevance - low + 1e-6) / (high - low).clamp_min(torch.finfo(torch.float32).tiny)
@@ -77,8 +79,8 @@ def cdpruner_keep_indices(features: torch.Tensor, relevance: torch.Tensor, num_k
     if not 1 <= num_keep <= num_tokens:
         raise ValueError(f"num_keep must be in [1, {num_tokens}], got {num_keep}.")
 
-    normalized = F.normalize(features.float(), dim=-1)
-    relevance = relevance.float()
+    normalized = F.normalize(moved(features, dtype=torch.float32), dim=-1)
+    relevance = moved(relevance, dtype=torch.float32)
     similarity = normalized @ normalized.transpose(1, 2)
     # cos(x_i, x_i) is 1: set it exactly, or with equal relevance the first pick would go to rounding noise
     similarity.diagonal(dim1=1, dim2=2).fill_(1.0)

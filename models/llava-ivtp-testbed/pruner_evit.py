@@ -24,6 +24,7 @@ apart by the caller) and the layer's head-averaged CLS attention row over the pa
 from __future__ import annotations
 
 import torch
+from .attention_rows import moved
 from .pruner_base import Selection, VisionLayerPruner, at_group_ends, budget_schedule, check_choice, register_pruner
 
 
@@ -61,18 +62,18 @@ def evit_keep_and_fuse(
     if num_keep == num_tokens:  # every patch kept: nothing to fuse (EViT keeps the tokens as they are)
         return torch.arange(num_tokens, device=features.device).expand(features.shape[0], -1), features, \
             torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
-    scores = cls_attention.float()
+    scores = moved(cls_attention, dtype=torch.float32)
     # Stable descending sort, as in `select_keep_indices`: ties go to the lower index.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     fused_index = order[:, num_keep - 1]
     keep_indices = order[:, :num_keep].sort(dim=-1).values
-    inattentive = torch.ones_like(scores, dtype=torch.bool).scatter(1, order[:, : num_keep - 1], False)
-    weights = scores * inattentive
+    weights = scores.scatter(1, order[:, : num_keep - 1], 0.0)  # the inattentive tokens' scores, zeros elsewhere
     if normalize:
+        inattentive = torch.ones_like(scores, dtype=torch.bool).scatter(1, order[:, : num_keep - 1], False)
         total = weights.sum(dim=-1, keepdim=True)
-        uniform = inattentive.float() / inattentive.sum(dim=-1, keepdim=True)
+        uniform = moved(inattentive, dtype=torch.float32) / inattentive.sum(dim=-1, keepdim=True)
         weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
-    fused = torch.einsum("bn,bnd->bd", weights, features.float()).to(features.dtype)
+    fused = moved(torch.einsum("bn,bnd->bd", weights, moved(features, dtype=torch.float32)), dtype=features.dtype)
     kept = features.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
     is_fused = (keep_indices == fused_index[:, None]).unsqueeze(-1)
     return keep_indices, torch.where(is_fused, fused[:, None], kept), fused_index

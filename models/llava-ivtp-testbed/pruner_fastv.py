@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from .attention_rows import moved
 from .pruner_base import QUERY_ROWS, LlmLayerPruner, check_choice, check_int, register_pruner, select_keep_indices
 
 # K of the paper's title and defaults ("after layer 2"; README: K=2 with R=25/50/75%).
@@ -52,7 +53,7 @@ def fastv_scores(last_token_attention: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"last_token_attention must be (batch, heads, num_patches), got shape {tuple(last_token_attention.shape)}."
         )
-    return last_token_attention.float().mean(dim=1)
+    return moved(last_token_attention, dtype=torch.float32).mean(dim=1)
 
 
 def fastv_keep_indices(last_token_attention: torch.Tensor, num_keep: int) -> torch.Tensor:

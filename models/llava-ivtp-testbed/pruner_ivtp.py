@@ -119,7 +119,7 @@ class IvtpPruner(Pruner):
         if self.attention == "rollout" and self.aggregation == "residual":
             row = rollout_cls_row(row, self.gathered, cls_index=cls_index)  # eq. 3
         elif self.attention == "rollout":
-            rows = torch.stack([*self.gathered, row.float()])
+            rows = torch.stack([*self.gathered, moved(row, dtype=torch.float32)])
             row = {"mean": rows.mean(0), "max": rows.amax(0), "multiply": rows.prod(0)}[self.aggregation]
         self.gathered = []
         return Selection(select_keep_indices(token_weights(row[:, candidates], request.value_norms), keep))  # eq. 4
@@ -244,7 +244,7 @@ def instruction_relevance(config, context: PruneContext, embeddings: torch.Tenso
         with profiler_label("ivtp/probe/clip_text_tower"):
             text_features = clip_token_features(model.clip_text_model, clip_input_ids)
         reference = context.per_sample(image_embedding)
-        clip_relevance = cosine_relevance(text_features, reference.to(text_features.dtype))  # eq. 6
+        clip_relevance = cosine_relevance(text_features, moved(reference, dtype=text_features.dtype))  # eq. 6
         relevance, has_relevance = span_mean(  # eq. 7
             clip_relevance, clip_content_mask(clip_input_ids), moved(guidance["clip_token_spans"], clip_relevance.device)
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+from .attention_rows import moved
 from .pruner_base import ProjectedPruner, Selection, register_pruner
 
 
@@ -60,9 +61,9 @@ def spatial_pooling(features: torch.Tensor, num_keep: int) -> tuple[torch.Tensor
     line = torch.arange(side, device=device)
     # Cell of every patch, row-major over cells: cell row r*rows//side, cell column c*columns//side.
     cell = ((line * rows // side)[:, None] * columns + (line * columns // side)[None, :]).reshape(-1)
-    membership = torch.nn.functional.one_hot(cell, num_keep).T.float()  # (num_keep, n)
+    membership = moved(torch.nn.functional.one_hot(cell, num_keep).T, dtype=torch.float32)  # (num_keep, n)
     weights = membership / membership.sum(dim=-1, keepdim=True)
-    merged = torch.einsum("kn,bnd->bkd", weights, features.float()).to(features.dtype)
+    merged = moved(torch.einsum("kn,bnd->bkd", weights, moved(features, dtype=torch.float32)), dtype=features.dtype)
 
     def centres(parts: int) -> torch.Tensor:
         # Cell j spans [ceil(j*side/parts), ceil((j+1)*side/parts)); its centre is (start + end) // 2.

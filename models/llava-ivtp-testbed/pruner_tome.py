@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from .attention_rows import RowRequest
+from .attention_rows import RowRequest, moved
 from .pruner_base import Pruner, Selection, at_group_ends, budget_schedule, check_choice, register_pruner
 
 TOME_ORDERS = ("official", "original")
@@ -79,7 +79,7 @@ def _check_tome_step(metric, features, num_merge, sizes, protected, order, check
     if sizes is not None and check_values:
         checks.append(("sizes must be positive", (sizes > 0).all()))
     if order is not None and check_values:
-        order = order.to(device)
+        order = moved(order, device)
         positions = torch.arange(num_tokens, device=device)
         permutation = (order.sort(dim=-1).values == positions).all() & (order[:, :protected] == 0).all()
         checks.append(("order must be a permutation of range(n) per row, the protected token first", permutation))
@@ -124,16 +124,16 @@ def tome_merge_step(
     device = features.device
     positions = torch.arange(num_tokens, device=device)
     if order is not None:
-        order = order.to(device)
+        order = moved(order, device)
     if sizes is None:
         sizes = torch.ones(batch, num_tokens, device=device)
-    sizes = sizes.float()
+    sizes = moved(sizes, dtype=torch.float32)
     sequence = positions.expand(batch, -1) if order is None else order
     if num_merge == 0:
         return TomeStep(positions.expand(batch, -1), features, sizes, None if protected > 1 else sequence)
 
     set_a, set_b = sequence[:, ::2], sequence[:, 1::2]  # input indices of A (even) and B (odd) sequence positions
-    unit = F.normalize(metric.float(), dim=-1)
+    unit = F.normalize(moved(metric, dtype=torch.float32), dim=-1)
     unit_a = unit.gather(1, set_a.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
     unit_b = unit.gather(1, set_b.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
     similarity = unit_a @ unit_b.transpose(1, 2)  # (batch, |A|, |B|)
@@ -151,7 +151,7 @@ def tome_merge_step(
 
     # Size-weighted average: sum s_i x_i and sum s_i over every token landing on a survivor.
     feature_sums = torch.zeros(batch, num_tokens, dim, device=device).scatter_add(
-        1, destination.unsqueeze(-1).expand(-1, -1, dim), features.float() * sizes.unsqueeze(-1)
+        1, destination.unsqueeze(-1).expand(-1, -1, dim), moved(features, dtype=torch.float32) * sizes.unsqueeze(-1)
     )
     size_sums = torch.zeros_like(sizes).scatter_add(1, destination, sizes)
     # index bookkeeping from the positions, not from `sizes` (float: a meta tensor in a weight-free FLOP count)
@@ -161,7 +161,7 @@ def tome_merge_step(
     merged = feature_sums.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, dim)) / merged_sizes.unsqueeze(-1)
 
     next_order = None if protected > 1 else _next_order(ranked[:, num_merge:], protected_a, set_a, set_b, survives)
-    return TomeStep(keep_indices, merged.to(features.dtype), merged_sizes, next_order)
+    return TomeStep(keep_indices, moved(merged, dtype=features.dtype), merged_sizes, next_order)
 
 
 def _next_order(unmerged_a, protected_a: int, set_a, set_b, survives) -> torch.Tensor:
@@ -203,7 +203,7 @@ def proportional_attention_bias(sizes: torch.Tensor) -> torch.Tensor:
     """
     if sizes.dim() != 2:
         raise ValueError(f"sizes must be (batch, n), got shape {tuple(sizes.shape)}.")
-    return sizes.float().log()[:, None, None, :]
+    return moved(sizes, dtype=torch.float32).log()[:, None, None, :]
 
 
 def merge_counts(start: int, final: int, steps: int) -> list[int]:
@@ -265,7 +265,7 @@ class TomePruner(Pruner):
     def vision_request(self, layer_idx, images, tokens):
         if not self.removals[layer_idx]:
             return None
-        return RowRequest(scores=False, key_columns=torch.arange(tokens))
+        return RowRequest(scores=False, key_columns=slice(0, tokens))
 
     def vision_mask(self, layer_idx):
         return None if self.sizes is None else proportional_attention_bias(self.sizes)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention_rows import moved
 from .pruner_base import Selection, VisionLayerPruner, check_choice, check_int, register_pruner, select_keep_indices
 
 
@@ -81,14 +82,14 @@ def visionzip_keep_indices(
     if cls_index is not None and not (0 <= cls_index < num_tokens and num_dominant >= 1):
         raise ValueError(f"cls_index must be in [0, {num_tokens}) and needs num_dominant >= 1, got {cls_index}.")
 
-    scores = cls_attention.float().clone()
+    scores = moved(cls_attention, dtype=torch.float32).clone()
     if cls_index is not None:
         scores[:, cls_index] = float("inf")  # the CLS is always dominant
     dominant = torch.zeros(batch, num_tokens, dtype=torch.bool, device=features.device)
     if num_dominant > 0:
         dominant.scatter_(1, select_keep_indices(scores, num_dominant), True)
     keep = dominant.clone()
-    kept_features = features.float().clone()
+    kept_features = moved(features, dtype=torch.float32).clone()
 
     num_remaining = num_tokens - num_dominant
     if num_contextual > 0:
@@ -98,7 +99,7 @@ def visionzip_keep_indices(
         is_target = torch.zeros(num_remaining, dtype=torch.bool, device=features.device)
         is_target[torch.arange(0, num_remaining, step, device=features.device)[:num_contextual]] = True
         targets, others = remaining[:, is_target], remaining[:, ~is_target]  # (batch, C), (batch, R - C)
-        metric = F.normalize(keys.float(), dim=-1)
+        metric = F.normalize(moved(keys, dtype=torch.float32), dim=-1)
         similarity = gather_rows(metric, others) @ gather_rows(metric, targets).transpose(1, 2)  # (batch, R - C, C)
         assignment = F.one_hot(similarity.argmax(dim=-1), num_contextual).float()  # ties: the first target
         counts = assignment.sum(dim=1).clamp_min(1).unsqueeze(-1)  # (batch, C, 1)
@@ -111,7 +112,7 @@ def visionzip_keep_indices(
 
     keep_indices = mask_to_indices(keep, num_dominant + num_contextual)
     contextual = ~dominant.gather(1, keep_indices)
-    return keep_indices, gather_rows(kept_features, keep_indices).to(features.dtype), contextual
+    return keep_indices, moved(gather_rows(kept_features, keep_indices), dtype=features.dtype), contextual
 
 
 def visionzip_tokens(

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
+from .attention_rows import moved
 from .pruner_base import VisionLayerPruner, check_int, register_pruner
 
 
@@ -74,9 +75,9 @@ def vispruner_keep_indices(
     if max_removed_per_round < 1:
         raise ValueError(f"max_removed_per_round must be >= 1, got {max_removed_per_round}.")
 
-    ranked = torch.sort(cls_attention.float(), dim=-1, descending=True, stable=True).indices
+    ranked = torch.sort(moved(cls_attention, dtype=torch.float32), dim=-1, descending=True, stable=True).indices
     important, residual = ranked[:, :num_important], ranked[:, num_important:]  # residual: decreasing attention
-    normalized = F.normalize(features.float(), dim=-1)
+    normalized = F.normalize(moved(features, dtype=torch.float32), dim=-1)
     similarity = normalized @ normalized.transpose(1, 2)  # (batch, n, n), once: the rounds only index it
     rows = torch.arange(features.shape[0], device=features.device)[:, None, None]
     while num_diverse > 0 and residual.shape[1] > num_diverse:

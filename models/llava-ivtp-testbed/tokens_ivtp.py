@@ -36,7 +36,8 @@ class TokenState:
     `b`'s first token (its own input padding tokens are tokens); `visual`, the visual tokens each sample with an image
     holds; `last_placeholder`, per sample, the input position of its last image placeholder (-1 without an image);
     `probe`, whether the last slot of every row is a probe token (a pruner's pseudo-CLS, which no real token attends
-    to); `images`, per sample, its images.
+    to); `images`, per sample, its images; `image_blocks`, whether each sample's placeholders form one block (read
+    at prefill: the processor's layout), which `visual_range` needs.
 
     `rotary`: the decoder's rotary table `(cos, sin)` at the slots, once a run has computed it (`None` before, and
     after renumbering or a new slot): later runs gather theirs from it rather than recompute it.
@@ -56,6 +57,7 @@ class TokenState:
     last_placeholder: list[int]
     probe: bool = False
     images: tuple = ()
+    image_blocks: bool = False
     rotary: tuple | None = None
 
     @classmethod
@@ -75,6 +77,40 @@ class TokenState:
                     last_placeholder=list(last_placeholder),
                     images=tuple(count // num_patches for count in placeholders))
         return state, index, slot_valid
+
+    @classmethod
+    def entering_one_block(cls, start: int, keep_indices: torch.Tensor, position_ids, attention_mask: torch.Tensor,
+                           image_mask: torch.Tensor, num_patches: int, last_placeholder: list[int],
+                           renumber: bool = False):
+        """`entering_llm` where every sample has one image whose placeholders are one block at slot `start` (known on
+        the host): the tokens before it, its kept placeholders `start + keep_indices` `(batch, kept)` (increasing),
+        the tokens after it -- the packing without a mask to pack. `position_ids` `None`: the positions, which with
+        `renumber` are the slots (the pruned placeholders' gaps closed). Returns the state (hidden states still to be
+        filled) and the packing `index` (every slot holds a token)."""
+        batch_size, sequence_length = image_mask.shape
+        device = image_mask.device
+        parts = [keep_indices + start]
+        if start > 0:
+            parts.insert(0, torch.arange(start, device=device).expand(batch_size, -1))
+        if start + num_patches < sequence_length:
+            parts.append(torch.arange(start + num_patches, sequence_length, device=device).expand(batch_size, -1))
+        index = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        is_visual = image_mask.gather(1, index)
+        kept = keep_indices.shape[1]
+        if renumber:
+            if position_ids is not None:
+                raise ValueError("entering_one_block renumbers the default positions only.")
+            position_ids = torch.arange(index.shape[1], device=device).expand(batch_size, -1)
+        elif position_ids is not None:
+            position_ids = moved(position_ids, device).expand(batch_size, -1).gather(1, index)
+        state = cls(
+            hidden_states=None, positions=index, position_ids=index if position_ids is None else position_ids,
+            attention_mask=attention_mask.gather(1, index), is_visual=is_visual,
+            patch_index=torch.where(is_visual, index - start, -1), num_patches=num_patches,
+            has_image=[True] * batch_size, length=sequence_length - num_patches + kept, pads=[0] * batch_size,
+            visual=kept, last_placeholder=last_placeholder, images=(1,) * batch_size, image_blocks=True,
+        )
+        return state, index
 
     @property
     def image_rows(self) -> list[int]:
@@ -109,7 +145,7 @@ class TokenState:
     def visual_range(self) -> slice | None:
         """The slots of the visual tokens when every sample has one image and its tokens start at the same slot
         (host arithmetic: every token before an image is kept), else `None`."""
-        if not self.images or any(count != 1 for count in self.images):
+        if not self.image_blocks or not self.images or any(count != 1 for count in self.images):
             return None
         starts = {pad + last + 1 - self.num_patches for pad, last in zip(self.pads, self.last_placeholder)}
         if len(starts) != 1:
@@ -203,12 +239,12 @@ def _gather_rotary(rotary: tuple | None, index: torch.Tensor) -> tuple | None:
     return tuple(table.gather(1, table_index) for table in rotary)
 
 
-def unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor, length: int, fill):
+def unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor | None, length: int, fill):
     """Put `(batch, kept)` values of packed slots back at their `(batch, length)` input positions, `fill` elsewhere."""
     if values is None:
         return None
     # Padding slots write to a spare last column, which is cut off (a scatter: no wait for the device).
-    target = moved(torch.where(slot_valid, index, length), values.device)
+    target = moved(index if slot_valid is None else torch.where(slot_valid, index, length), values.device)
     out = torch.full((values.shape[0], length + 1), fill, dtype=values.dtype, device=values.device)
     return out.scatter(1, target, values)[:, :length]
 
