@@ -168,7 +168,9 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
         queries, keys = queries.float(), keys.float()
     logits = torch.matmul(queries, keys.transpose(-1, -2)) * scaling
     lowest = torch.finfo(torch.float32).min
-    if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4):  # not 4-D: `_allowed_keys`
+    if attention_mask is None and probe is None and _sees_every_key(request, is_causal, num_queries, num_keys):
+        pass  # no mask, and each requested row attends every key: nothing to mask
+    elif not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4):  # not 4-D: `_allowed_keys`
         allowed = _allowed_keys(attention_mask, is_causal, batch_size, num_queries, num_keys, query.device)
         if probe is not None:
             allowed = _probe_allowed(allowed, probe, batch_size, num_queries, num_keys, query.device)
@@ -192,6 +194,18 @@ def row_probabilities(request: RowRequest, is_causal, query, key, value, attenti
         columns = moved(columns, probabilities.device)
         return probabilities.gather(2, columns.unsqueeze(1).expand(-1, probabilities.shape[1], -1))
     return _take(probabilities, columns, 2)
+
+
+def _sees_every_key(request: RowRequest, is_causal, num_queries: int, num_keys: int) -> bool:
+    """Whether, without a mask, every requested row attends every key (host arithmetic): non-causal attention, or
+    causal rows (bottom-right aligned) given as a slice at or after the last query that sees them all."""
+    if not (is_causal and num_queries > 1):
+        return True
+    rows = request.rows
+    if not isinstance(rows, slice):
+        return False
+    start, _, step = rows.indices(num_queries)
+    return step == 1 and start >= num_queries - 1
 
 
 def _requested_mask(request: RowRequest, attention_mask, batch_size: int, num_queries: int, num_keys: int, device):

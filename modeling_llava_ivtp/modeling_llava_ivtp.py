@@ -860,8 +860,8 @@ class LlavaIvtpForConditionalGeneration(
                     merged = moved(selection.merged, dtype=tokens.hidden_states.dtype)
                     index = moved(chosen, merged.device).unsqueeze(-1).expand(-1, -1, merged.shape[-1])
                     tokens = replace(tokens, hidden_states=tokens.hidden_states.scatter(1, index, merged))
-                if not renumber:
-                    return tokens.keep_visual_slots(chosen, num_keep), kept_patches
+                if not renumber or tokens.slot_positions:
+                    return tokens.keep_visual_slots(chosen, num_keep, renumber=renumber), kept_patches
                 keep = (~tokens.is_visual).scatter(1, chosen, True)
             else:
                 keep = ~tokens.is_visual

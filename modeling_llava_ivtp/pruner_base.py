@@ -383,7 +383,12 @@ class LlmLayerPruner(Pruner):
     def llm_request(self, layer_idx, view):
         if layer_idx not in self.counts:
             return None
-        rows = view.query_slots(self.values["query_row"], self.context.guidance.get("instruction_mask"))
+        query_row = self.values["query_row"]
+        if view.visual_range is not None:  # one layout (host): slices, and every sample has its image
+            rows = slice(view.last_slot, view.last_slot + 1) if query_row == "last" else \
+                view.query_slots(query_row, self.context.guidance.get("instruction_mask"))
+            return RowRequest(rows=rows, columns=view.visual_range)
+        rows = view.query_slots(query_row, self.context.guidance.get("instruction_mask"))
         return RowRequest(batch=view.image_rows, rows=rows, columns=view.visual_slots)
 
     def after_llm_layer(self, layer_idx, view, request, hidden_states):

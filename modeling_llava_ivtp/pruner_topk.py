@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention_rows import moved
 from .pruning_ivtp import cosine_relevance
 from .pruner_base import (
     Pruner,
@@ -121,6 +122,10 @@ class TopKPlusPruner(Pruner):
     def after_llm_layer(self, layer_idx, view, request, hidden_states):
         if layer_idx not in self.llm:
             return None
-        rows = view.image_rows.to(hidden_states.device)
-        visual = hidden_states[rows.unsqueeze(-1), view.visual_slots.to(hidden_states.device)]
-        return Selection(topk_keep_indices(visual, hidden_states[rows, view.probe_slot], self.llm[layer_idx]))
+        if view.visual_range is not None:  # one layout (host): every sample's image at one slot range
+            visual, probe = hidden_states[:, view.visual_range], hidden_states[:, view.probe_slot]
+        else:
+            rows = moved(view.image_rows, hidden_states.device)
+            visual = hidden_states[rows.unsqueeze(-1), moved(view.visual_slots, hidden_states.device)]
+            probe = hidden_states[rows, view.probe_slot]
+        return Selection(topk_keep_indices(visual, probe, self.llm[layer_idx]))

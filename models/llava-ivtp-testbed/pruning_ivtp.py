@@ -97,7 +97,7 @@ def cosine_relevance(features: torch.Tensor, reference: torch.Tensor) -> torch.T
     Returns:
         `(batch, seq_len)`.
     """
-    return F.cosine_similarity(features.float(), reference.float().unsqueeze(1), dim=-1)
+    return F.cosine_similarity(_float32(features), _float32(reference).unsqueeze(1), dim=-1)
 
 
 def span_mean(values: torch.Tensor, valid: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,9 @@ class TokenState:
     holds; `last_placeholder`, per sample, the input position of its last image placeholder (-1 without an image);
     `probe`, whether the last slot of every row is a probe token (a pruner's pseudo-CLS, which no real token attends
     to); `images`, per sample, its images; `image_blocks`, whether each sample's placeholders form one block (read
-    at prefill: the processor's layout), which `visual_range` needs.
+    at prefill: the processor's layout), which `visual_range` needs; `slot_positions`, whether every row's position
+    ids are its slots 0, 1, ... (renumbered positions without padding slots: a pruned set's rotary rows are then the
+    first rows of its predecessor's).
 
     `rotary`: the decoder's rotary table `(cos, sin)` at the slots, once a run has computed it (`None` before, and
     after renumbering or a new slot): later runs gather theirs from it rather than recompute it.
@@ -58,6 +60,7 @@ class TokenState:
     probe: bool = False
     images: tuple = ()
     image_blocks: bool = False
+    slot_positions: bool = False
     rotary: tuple | None = None
 
     @classmethod
@@ -109,6 +112,7 @@ class TokenState:
             patch_index=torch.where(is_visual, index - start, -1), num_patches=num_patches,
             has_image=[True] * batch_size, length=sequence_length - num_patches + kept, pads=[0] * batch_size,
             visual=kept, last_placeholder=last_placeholder, images=(1,) * batch_size, image_blocks=True,
+            slot_positions=renumber,
         )
         return state, index
 
@@ -164,18 +168,27 @@ class TokenState:
         counts = [self.length - (self.visual - kept if has_image else 0) for has_image in self.has_image]
         length = max(counts)
         index, slot_valid = pack_rows(keep, length)
+        all_valid = min(counts) == length
         fields = {name: getattr(self, name) for name in _DEVICE_FIELDS}
+        pads = [pad + length - count for pad, count in zip(self.pads, counts)]
+        if renumber and self.slot_positions and all_valid:  # the kept tokens' ids are their new slots
+            del fields["position_ids"]
+            position_ids = torch.arange(length, device=self.position_ids.device).expand(len(counts), -1)
+            rotary = None if self.rotary is None else tuple(table[:, :length] for table in self.rotary)
+            return replace(self, **_gather(fields, index, slot_valid, all_valid=True), position_ids=position_ids,
+                           length=length, visual=kept, rotary=rotary, pads=pads)
         if renumber:
-            fields["position_ids"] = self.position_ids - (~keep).long().cumsum(dim=1).to(self.position_ids.device)
-        gathered = _gather(fields, index, slot_valid, all_valid=min(counts) == length)
+            fields["position_ids"] = self.position_ids - moved((~keep).long().cumsum(dim=1), self.position_ids.device)
+        gathered = _gather(fields, index, slot_valid, all_valid=all_valid)
         rotary = None if renumber else _gather_rotary(self.rotary, index)  # kept positions: their rows of the table
-        return replace(self, **gathered, length=length, visual=kept, rotary=rotary,
-                       pads=[pad + length - count for pad, count in zip(self.pads, counts)])
+        return replace(self, **gathered, length=length, visual=kept, rotary=rotary, pads=pads, slot_positions=False)
 
-    def keep_visual_slots(self, chosen: torch.Tensor, kept: int) -> TokenState:
+    def keep_visual_slots(self, chosen: torch.Tensor, kept: int, renumber: bool = False) -> TokenState:
         """`keep_visual` where the visual tokens lie in one slot range for every row (`visual_range`): keep the
-        increasing slots `chosen` `(batch, kept)` of that range and every slot outside it (positions unchanged). The
-        packing is the range's head, `chosen` and its tail -- no mask to pack."""
+        increasing slots `chosen` `(batch, kept)` of that range and every slot outside it. The packing is the range's
+        head, `chosen` and its tail -- no mask to pack. `renumber` needs `slot_positions` (the ids stay the slots)."""
+        if renumber and not self.slot_positions:
+            raise ValueError("keep_visual_slots renumbers positions that are the slots only (`slot_positions`).")
         visual = self.visual_range
         batch_size, device = chosen.shape[0], chosen.device
         parts = [chosen]
@@ -184,9 +197,16 @@ class TokenState:
         if visual.stop < self.length:
             parts.append(torch.arange(visual.stop, self.length, device=device).expand(batch_size, -1))
         index = torch.cat(parts, dim=1) if len(parts) > 1 else chosen
-        gathered = _gather({name: getattr(self, name) for name in _DEVICE_FIELDS}, index, None, all_valid=True)
-        return replace(self, **gathered, length=self.length - self.visual + kept, visual=kept,
-                       rotary=_gather_rotary(self.rotary, index))
+        fields = {name: getattr(self, name) for name in _DEVICE_FIELDS}
+        length = self.length - self.visual + kept
+        if renumber:  # the kept tokens' ids are their new slots: the first rows of the rotary table
+            del fields["position_ids"]
+            rotary = None if self.rotary is None else tuple(table[:, :length] for table in self.rotary)
+            return replace(self, **_gather(fields, index, None, all_valid=True), length=length, visual=kept,
+                           position_ids=torch.arange(length, device=self.position_ids.device).expand(batch_size, -1),
+                           rotary=rotary)
+        return replace(self, **_gather(fields, index, None, all_valid=True), length=length, visual=kept,
+                       rotary=_gather_rotary(self.rotary, index), slot_positions=False)
 
     def append_probe(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> TokenState:
         """One more slot at the end of every row: the probe token, at rotary position `position_ids` `(batch,)`."""
@@ -204,6 +224,7 @@ class TokenState:
             length=self.length + 1,
             probe=True,
             rotary=None,
+            slot_positions=False,
         )
 
     def drop_probe(self) -> TokenState:
@@ -219,7 +240,7 @@ def _gather(tensors: dict, index: torch.Tensor, slot_valid: torch.Tensor, all_va
     if all_valid:
         return {
             "hidden_states": hidden.gather(1, moved(index, hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])),
-            **{name: tensors[name].gather(1, index) for name in _DEVICE_FIELDS[1:]},
+            **{name: tensors[name].gather(1, index) for name in _DEVICE_FIELDS[1:] if name in tensors},
         }
     return {
         "hidden_states": hidden.gather(1, moved(index, hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])),
