@@ -576,32 +576,55 @@ class LlavaIvtpForConditionalGeneration(
         (`cache.renumbered_positions`), the new tokens' ids are lowered, per run, by the logical tokens the run does
         not hold: they sit right after the tokens it holds, as a prefill of the whole sequence would place them.
         `attention_mask` `None`: one new token that attends every key each layer holds (no mask, as stock's step)."""
-        language_model = self.model.language_model
-        renumbered = cache.renumbered_positions
-        if not renumbered:
-            position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids)
-        runs, previous = [], None
+        held_runs, layer_runs = [], []  # each run's record of held positions and its layers
         for layer_idx in range(self.config.text_config.num_hidden_layers):
             held = cache.layer_positions[layer_idx]
             if held is None:
                 raise ValueError(f"The IvtpCache has no record of the tokens layer {layer_idx} holds; prefill again.")
-            if held is previous:  # the run goes on
-                runs[-1].layers = range(runs[-1].layers.start, layer_idx + 1)
-                continue
-            previous = held
+            if held_runs and held is held_runs[-1]:  # the run goes on
+                layer_runs[-1] = range(layer_runs[-1].start, layer_idx + 1)
+            else:
+                held_runs.append(held)
+                layer_runs.append(range(layer_idx, layer_idx + 1))
+        tables = self._step_rotary(hidden_states, position_ids, held_runs, cache, past_length)
+        runs = []
+        for held, layers, position_embeddings in zip(held_runs, layer_runs, tables):
             record = torch.cat([moved(held, hidden_states.device), new_positions], dim=1)
             mask = None
             if attention_mask is not None:
-                kv_mask = attention_mask.gather(1, record.clamp_min(0)) & (record >= 0)
-                mask = step_mask(self.config.text_config, kv_mask, hidden_states, cache, layer_idx)
-            if renumbered:  # the logical tokens before this step that the run does not hold
-                not_held = past_length - (held >= 0).sum(dim=1, keepdim=True).to(position_ids.device)
-                position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids - not_held)
-            runs.append(LayerRun(
-                range(layer_idx, layer_idx + 1), None if runs else hidden_states, mask, position_ids,
-                position_embeddings, held=record,
-            ))
+                if cache.padding_slots:
+                    kv_mask = attention_mask.gather(1, record.clamp_min(0)) & (record >= 0)
+                else:  # every slot a layer holds is a token (host: no padding slot at prefill)
+                    kv_mask = attention_mask.gather(1, record)
+                mask = step_mask(self.config.text_config, kv_mask, hidden_states, cache, layers.start)
+            runs.append(LayerRun(layers, None if runs else hidden_states, mask, position_ids, position_embeddings,
+                                 held=record))
         return runs
+
+    def _step_rotary(self, hidden_states, position_ids, held_runs: list, cache: IvtpCache, past_length: int) -> list:
+        """Each run's rotary table for a step's new tokens. Original positions: one table. Renumbered
+        (`cache.renumbered_positions`): per run, the ids lowered by the logical tokens before this step that the run
+        does not hold -- without padding slots a host count per run, and one table for every run's ids side by
+        side, cut into the runs' parts."""
+        rotary_emb = self.model.language_model.rotary_emb
+        if not cache.renumbered_positions:
+            return [rotary_emb(hidden_states, position_ids=position_ids)] * len(held_runs)
+        if cache.padding_slots:
+            return [
+                rotary_emb(hidden_states, position_ids=position_ids - moved(
+                    past_length - (held >= 0).sum(dim=1, keepdim=True), position_ids.device))
+                for held in held_runs
+            ]
+        offsets = [past_length - held.shape[1] for held in held_runs]
+        distinct = sorted(set(offsets))
+        shifted = [position_ids - offset if offset else position_ids for offset in distinct]
+        if len(shifted) == 1:
+            return [rotary_emb(hidden_states, position_ids=shifted[0])] * len(held_runs)
+        cos, sin = rotary_emb(hidden_states, position_ids=torch.cat(shifted, dim=0))  # the runs' ids, stacked
+        parts = zip(cos.view(len(distinct), *position_ids.shape, -1).unbind(0),
+                    sin.view(len(distinct), *position_ids.shape, -1).unbind(0))
+        tables = dict(zip(distinct, parts))
+        return [tables[offset] for offset in offsets]
 
     # ------------------------------------------------------------------------------------------------------------
     # The head, the loss and the output of a pruned forward

@@ -382,7 +382,7 @@ def step_mask(text_config, kv_mask: torch.Tensor, hidden_states: torch.Tensor, c
     than sdpa_mask's index arithmetic (about 25); other backends get `create_causal_mask`'s."""
     if takes_bool_masks(text_config._attn_implementation) and getattr(text_config, "sliding_window", None) is None:
         num_new, num_keys = hidden_states.shape[1], kv_mask.shape[1]
-        mask = moved(kv_mask[:, None, None, :], hidden_states.device)
+        mask = moved(kv_mask.view(kv_mask.shape[0], 1, 1, num_keys), hidden_states.device)
         if num_new > 1:  # new token i sees the held tokens and new tokens 0..i
             causal = torch.ones(num_new, num_keys, dtype=torch.bool, device=mask.device).tril(num_keys - num_new)
             mask = mask & causal
