@@ -416,8 +416,8 @@ class LlavaIvtpForConditionalGeneration(
     def _read_layout(self, image_mask: torch.Tensor, attention_mask: torch.Tensor, input_ids, guidance: dict):
         """What the host needs of a batch, in one read from the device: per sample, its image placeholders, the
         position of its last one, and whether every token is attended; the CLIP ids the text tower needs (one past
-        the last end token; `None` without CLIP ids); whether each sample's placeholders form one block. The input values are checked in the same read (`value_rows`:
-        token and CLIP ids, spans)."""
+        the last end token; `None` without CLIP ids); whether each sample's placeholders form one block. The input
+        values are checked in the same read (`value_rows`: token and CLIP ids, spans)."""
         order = torch.arange(image_mask.shape[1], device=image_mask.device)
         rows = {
             "placeholders": image_mask.sum(dim=1),
@@ -604,8 +604,8 @@ class LlavaIvtpForConditionalGeneration(
     def _step_rotary(self, hidden_states, position_ids, held_runs: list, cache: IvtpCache, past_length: int) -> list:
         """Each run's rotary table for a step's new tokens. Original positions: one table. Renumbered
         (`cache.renumbered_positions`): per run, the ids lowered by the logical tokens before this step that the run
-        does not hold -- without padding slots a host count per run, and one table for every run's ids side by
-        side, cut into the runs' parts."""
+        does not hold -- without padding slots a host count per run, and one table for every run's ids stacked
+        along the batch, split into the runs' parts."""
         rotary_emb = self.model.language_model.rotary_emb
         if not cache.renumbered_positions:
             return [rotary_emb(hidden_states, position_ids=position_ids)] * len(held_runs)

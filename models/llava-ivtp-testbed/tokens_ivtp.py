@@ -92,12 +92,7 @@ class TokenState:
         filled) and the packing `index` (every slot holds a token)."""
         batch_size, sequence_length = image_mask.shape
         device = image_mask.device
-        parts = [keep_indices + start]
-        if start > 0:
-            parts.insert(0, torch.arange(start, device=device).expand(batch_size, -1))
-        if start + num_patches < sequence_length:
-            parts.append(torch.arange(start + num_patches, sequence_length, device=device).expand(batch_size, -1))
-        index = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        index = _range_index(keep_indices + start, start, start + num_patches, sequence_length)
         is_visual = image_mask.gather(1, index)
         kept = keep_indices.shape[1]
         if renumber:
@@ -171,12 +166,8 @@ class TokenState:
         all_valid = min(counts) == length
         fields = {name: getattr(self, name) for name in _DEVICE_FIELDS}
         pads = [pad + length - count for pad, count in zip(self.pads, counts)]
-        if renumber and self.slot_positions and all_valid:  # the kept tokens' ids are their new slots
-            del fields["position_ids"]
-            position_ids = torch.arange(length, device=self.position_ids.device).expand(len(counts), -1)
-            rotary = None if self.rotary is None else tuple(table[:, :length] for table in self.rotary)
-            return replace(self, **_gather(fields, index, slot_valid, all_valid=True), position_ids=position_ids,
-                           length=length, visual=kept, rotary=rotary, pads=pads)
+        if renumber and self.slot_positions and all_valid:
+            return self._kept_as_slots(index, length, kept)
         if renumber:
             fields["position_ids"] = self.position_ids - moved((~keep).long().cumsum(dim=1), self.position_ids.device)
         gathered = _gather(fields, index, slot_valid, all_valid=all_valid)
@@ -190,23 +181,21 @@ class TokenState:
         if renumber and not self.slot_positions:
             raise ValueError("keep_visual_slots renumbers positions that are the slots only (`slot_positions`).")
         visual = self.visual_range
-        batch_size, device = chosen.shape[0], chosen.device
-        parts = [chosen]
-        if visual.start > 0:
-            parts.insert(0, torch.arange(visual.start, device=device).expand(batch_size, -1))
-        if visual.stop < self.length:
-            parts.append(torch.arange(visual.stop, self.length, device=device).expand(batch_size, -1))
-        index = torch.cat(parts, dim=1) if len(parts) > 1 else chosen
-        fields = {name: getattr(self, name) for name in _DEVICE_FIELDS}
+        index = _range_index(chosen, visual.start, visual.stop, self.length)
         length = self.length - self.visual + kept
-        if renumber:  # the kept tokens' ids are their new slots: the first rows of the rotary table
-            del fields["position_ids"]
-            rotary = None if self.rotary is None else tuple(table[:, :length] for table in self.rotary)
-            return replace(self, **_gather(fields, index, None, all_valid=True), length=length, visual=kept,
-                           position_ids=torch.arange(length, device=self.position_ids.device).expand(batch_size, -1),
-                           rotary=rotary)
+        if renumber:
+            return self._kept_as_slots(index, length, kept)
+        fields = {name: getattr(self, name) for name in _DEVICE_FIELDS}
         return replace(self, **_gather(fields, index, None, all_valid=True), length=length, visual=kept,
                        rotary=_gather_rotary(self.rotary, index), slot_positions=False)
+
+    def _kept_as_slots(self, index: torch.Tensor, length: int, kept: int) -> TokenState:
+        """The slots `index` `(batch, length)` kept, every row full, with renumbered positions where the ids are the
+        slots (`slot_positions`): they stay the slots, and the rotary rows are the table's first `length`."""
+        fields = {name: getattr(self, name) for name in _DEVICE_FIELDS if name != "position_ids"}
+        position_ids = torch.arange(length, device=self.position_ids.device).expand(index.shape[0], -1)
+        return replace(self, **_gather(fields, index, None, all_valid=True), position_ids=position_ids,
+                       length=length, visual=kept, rotary=_rotary_prefix(self.rotary, length))
 
     def append_probe(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> TokenState:
         """One more slot at the end of every row: the probe token, at rotary position `position_ids` `(batch,)`."""
@@ -228,9 +217,8 @@ class TokenState:
         )
 
     def drop_probe(self) -> TokenState:
-        rotary = None if self.rotary is None else tuple(table[:, :-1] for table in self.rotary)
         return replace(self, **{name: getattr(self, name)[:, :-1] for name in _DEVICE_FIELDS},
-                       length=self.length - 1, probe=False, rotary=rotary)
+                       length=self.length - 1, probe=False, rotary=_rotary_prefix(self.rotary, self.length - 1))
 
 
 def _gather(tensors: dict, index: torch.Tensor, slot_valid: torch.Tensor, all_valid: bool = False) -> dict:
@@ -258,6 +246,23 @@ def _gather_rotary(rotary: tuple | None, index: torch.Tensor) -> tuple | None:
         return None
     table_index = moved(index, rotary[0].device).unsqueeze(-1).expand(-1, -1, rotary[0].shape[-1])
     return tuple(table.gather(1, table_index) for table in rotary)
+
+
+def _rotary_prefix(rotary: tuple | None, length: int) -> tuple | None:
+    """The rotary table's first `length` rows (`None` stays `None`)."""
+    return None if rotary is None else tuple(table[:, :length] for table in rotary)
+
+
+def _range_index(chosen: torch.Tensor, start: int, stop: int, length: int) -> torch.Tensor:
+    """The packing `(batch, start + kept + length - stop)` that keeps every slot before `start`, the increasing
+    slots `chosen` `(batch, kept)` of `[start, stop)`, and every slot from `stop` to `length` (host-known ranges)."""
+    batch_size, device = chosen.shape[0], chosen.device
+    parts = [chosen]
+    if start > 0:
+        parts.insert(0, torch.arange(start, device=device).expand(batch_size, -1))
+    if stop < length:
+        parts.append(torch.arange(stop, length, device=device).expand(batch_size, -1))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else chosen
 
 
 def unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.Tensor | None, length: int, fill):
