@@ -4,6 +4,8 @@ The loop never asks the device how many tokens a row kept (`TokenState` knows it
 that arithmetic were off, `pack_rows` would silently drop or pad tokens.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -244,3 +246,56 @@ def test_placeholders_split_by_text_are_pruned_as_one_image(method):
     for name in ("block", "split"):
         assert all(bool((indices >= 0).all()) for indices in outs[name].llm_keep_indices)
     torch.testing.assert_close(outs["split"].vision_keep_indices, outs["block"].vision_keep_indices)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_one_block_packing_equals_the_packed_mask(data):
+    """The host-known paths for the processor's layout (one block of placeholders per sample, at one slot) build
+    the same token state as packing a mask over the sequence: the LLM's entry (`entering_one_block`), a selection in
+    the visual range (`keep_visual_slots`), with original and with renumbered positions."""
+    batch = data.draw(st.integers(1, 3), label="batch")
+    start = data.draw(st.integers(0, 4), label="start")
+    length = start + NUM_PATCHES + data.draw(st.integers(0, 4), label="after")
+    renumber = data.draw(st.booleans(), label="renumber")
+    is_image = torch.zeros(batch, length, dtype=torch.bool)
+    is_image[:, start : start + NUM_PATCHES] = True
+    kept = data.draw(st.integers(1, NUM_PATCHES), label="kept")
+    keep_indices = torch.stack([
+        torch.tensor(sorted(data.draw(st.permutations(range(NUM_PATCHES)), label="patches")[:kept]))
+        for _ in range(batch)
+    ])
+    keep = ~is_image
+    keep[:, start:start + NUM_PATCHES] |= torch.zeros(batch, NUM_PATCHES, dtype=torch.bool).scatter(1, keep_indices, True)
+    order = torch.arange(length).expand(batch, -1)
+    position_ids = order - (~keep).long().cumsum(dim=1) if renumber else order
+    logical = {
+        "hidden_states": torch.zeros(batch, length, 0), "positions": order, "position_ids": position_ids,
+        "attention_mask": torch.ones(batch, length, dtype=torch.bool), "is_visual": is_image,
+        "patch_index": torch.where(is_image, order - start, -1),
+    }
+    last = [start + NUM_PATCHES - 1] * batch
+    packed, index, _ = TokenState.entering_llm(logical, keep, [NUM_PATCHES] * batch, last, NUM_PATCHES, kept)
+    block, block_index = TokenState.entering_one_block(
+        start, keep_indices, None, logical["attention_mask"], is_image, NUM_PATCHES, last, renumber=renumber
+    )
+    assert torch.equal(index, block_index)
+    fields = ("positions", "position_ids", "attention_mask", "is_visual", "patch_index")
+    for name in fields:
+        assert torch.equal(getattr(packed, name), getattr(block, name)), name
+    assert (packed.length, packed.pads, packed.visual) == (block.length, block.pads, block.visual)
+    assert block.slot_positions == renumber and block.visual_range == slice(start, start + kept)
+
+    # A later selection inside the visual range: by index ranges, and by a packed mask.
+    block = replace(block, hidden_states=torch.randn(batch, block.length, 3))
+    num_keep = data.draw(st.integers(1, kept), label="num_keep")
+    chosen = torch.stack([
+        torch.tensor(sorted(data.draw(st.permutations(range(kept)), label="choice")[:num_keep])) for _ in range(batch)
+    ]) + start
+    by_ranges = block.keep_visual_slots(chosen, num_keep, renumber=renumber)
+    by_mask = replace(block, slot_positions=False).keep_visual(
+        (~block.is_visual).scatter(1, chosen, True), num_keep, renumber=renumber
+    )
+    for name in ("hidden_states", *fields):
+        assert torch.equal(getattr(by_ranges, name), getattr(by_mask, name)), name
+    assert (by_ranges.length, by_ranges.pads, by_ranges.visual) == (by_mask.length, by_mask.pads, by_mask.visual)
