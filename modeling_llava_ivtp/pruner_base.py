@@ -78,9 +78,10 @@ class PruneContext:
     `None`); `images_per_sample` `(batch,)`, and `images` the same per sample on the host; `clip_length` (host),
     one past the last end token of `clip_input_ids` (`clip_input_ids()`). The runner fills `vision` (the vision
     tower's outputs: patch and CLS hidden states at the feature layer) once stage 1 has run, and defers `visual_cls`
-    (the projected CLS, computed when first read); at the LLM's entry, `packed_guidance` (the sequence-aligned guidance gathered at the tokens that enter, the instruction mask
-    limited to real slots) and `image_end_position` `(batch,)`, the rotary position right after each sample's image
-    block (after its last token for a sample without an image): where a probe token sits."""
+    (the projected CLS, computed when first read); at the LLM's entry, `packed_guidance` (the sequence-aligned
+    guidance gathered at the tokens that enter, the instruction mask limited to real slots) and `image_end_position`
+    `(batch,)`, the rotary position right after each sample's image block (after its last token for a sample without
+    an image): where a probe token sits."""
 
     model: torch.nn.Module
     guidance: dict
@@ -383,12 +384,13 @@ class LlmLayerPruner(Pruner):
     def llm_request(self, layer_idx, view):
         if layer_idx not in self.counts:
             return None
-        query_row = self.values["query_row"]
-        if view.visual_range is not None:  # one layout (host): slices, and every sample has its image
-            rows = slice(view.last_slot, view.last_slot + 1) if query_row == "last" else \
-                view.query_slots(query_row, self.context.guidance.get("instruction_mask"))
+        query_row, one_layout = self.values["query_row"], view.visual_range is not None
+        if one_layout and query_row == "last":  # one layout (host): the last slot, a slice
+            rows = slice(view.last_slot, view.last_slot + 1)
+        else:
+            rows = view.query_slots(query_row, self.context.guidance.get("instruction_mask"))
+        if one_layout:  # every sample has its image in one slot range
             return RowRequest(rows=rows, columns=view.visual_range)
-        rows = view.query_slots(query_row, self.context.guidance.get("instruction_mask"))
         return RowRequest(batch=view.image_rows, rows=rows, columns=view.visual_slots)
 
     def after_llm_layer(self, layer_idx, view, request, hidden_states):
