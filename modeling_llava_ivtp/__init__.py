@@ -1,7 +1,7 @@
 """llava-ivtp: Instruction-guided Visual Token Pruning (IVTP) for LLaVA-1.5, native to Hugging Face transformers."""
 
 from .configuration_llava_ivtp import SUPPORTED_TRANSFORMERS, IvtpConfig
-from .cache_ivtp import IvtpCache
+from .cache_ivtp import IvtpCache, IvtpStaticCache
 from .modeling_llava_ivtp import IvtpCausalLMOutputWithPast, LlavaIvtpForConditionalGeneration
 from .processing_llava_ivtp import LlavaIvtpProcessor
 
@@ -12,6 +12,7 @@ __all__ = [
     "IvtpCache",
     "IvtpCausalLMOutputWithPast",
     "IvtpConfig",
+    "IvtpStaticCache",
     "LlavaIvtpForConditionalGeneration",
     "LlavaIvtpProcessor",
     "SUPPORTED_TRANSFORMERS",

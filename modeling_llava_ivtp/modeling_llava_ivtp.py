@@ -56,14 +56,16 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging
 
 from .attention_rows import RowRequest, base_backend, moved, recording_backend
-from .cache_ivtp import IvtpCache
+from .cache_ivtp import IvtpCache, IvtpStaticCache, check_static_room
 from .configuration_llava_ivtp import IvtpConfig
 from .generation_ivtp import SEQUENCE_GUIDANCE_INPUTS, PrunedGeneration, host_past_length
 from .guidance_ivtp import build_clip_text_tower
 from .outputs_ivtp import IvtpCausalLMOutputWithPast
 from .pruner_base import LlmView, PruneContext, Selection, profiler_label
 from .pruners import PRUNERS
-from .tokens_ivtp import TokenState, layer_segments, segment_mask, step_mask, true_indices, unpack
+from .tokens_ivtp import (
+    TokenState, layer_segments, segment_mask, static_step_mask, static_width_mask, step_mask, true_indices, unpack,
+)
 from .transformers_compat import (
     ActivationCheckpointingNames,
     cache_kwargs,
@@ -503,6 +505,8 @@ class LlavaIvtpForConditionalGeneration(
         )
         if use_cache:
             cache.set_logical_length(sequence_length)
+            if isinstance(cache, IvtpStaticCache):
+                cache.freeze()  # the layers move into buffers with room for the tokens to generate
 
         extra = {name: unpack(values, index, slot_valid, sequence_length, fill)
                  for name, (values, fill) in pruner.outputs().items()}
@@ -547,36 +551,40 @@ class LlavaIvtpForConditionalGeneration(
         cached_batch = cache.layers[0].keys.shape[0]
         if cached_batch != batch_size:
             raise ValueError(f"The cache holds {cached_batch} samples but {batch_size} were given.")
-        # Its shape, when given, was checked by `check_sequence_inputs`. Without one, one new token and no padding
-        # slot in the cache: every held key is attended, no mask (`_step_runs`).
-        if attention_mask is not None:
-            attention_mask = moved(attention_mask, device, torch.bool)
-        elif num_new > 1 or cache.padding_slots:
-            attention_mask = torch.ones(batch_size, past_length + num_new, dtype=torch.bool, device=device)
-        new_positions = torch.arange(past_length, past_length + num_new, device=device).expand(batch_size, -1)
+        static = isinstance(cache, IvtpStaticCache)  # frozen: a pruned cache is frozen at prefill
+        if static:  # the length is a device scalar: positions by tensor arithmetic, the mask at full width
+            if num_new > 1 and not torch.compiler.is_compiling():  # a new turn (one read); a step's room is generate's
+                check_static_room(cache, int(past_length), num_new)
+            new_positions = (torch.arange(num_new, device=device) + past_length).expand(batch_size, -1)
+            if attention_mask is not None:
+                attention_mask = static_width_mask(moved(attention_mask, device, torch.bool), cache.max_cache_len)
+        else:
+            # Its shape, when given, was checked by `check_sequence_inputs`. Without one, one new token and no
+            # padding slot in the cache: every held key is attended, no mask (`_step_runs`).
+            if attention_mask is not None:
+                attention_mask = moved(attention_mask, device, torch.bool)
+            elif num_new > 1 or cache.padding_slots:
+                attention_mask = torch.ones(batch_size, past_length + num_new, dtype=torch.bool, device=device)
+            new_positions = torch.arange(past_length, past_length + num_new, device=device).expand(batch_size, -1)
         if position_ids is None:
             position_ids = new_positions
         output_hidden_states = kwargs.pop("output_hidden_states")  # resolved by `forward`
         kwargs.pop("use_cache", None)
-        runs = self._step_runs(
+        step_runs = self._static_step_runs if static else self._step_runs
+        runs = step_runs(
             inputs_embeds, attention_mask, moved(position_ids, device).expand(batch_size, -1), new_positions, cache,
             past_length,
         )
         all_hidden = self._run_decoder(runs, cache, True, output_hidden_states, **kwargs)
         hidden_states, all_hidden = self._final_norm(runs[-1].output, all_hidden)
-        cache.set_logical_length(past_length + num_new)
+        cache.advance(num_new)
         return self._head(hidden_states, new_positions, labels, logits_to_keep, kwargs, label_offset=past_length,
                           hidden_states=all_hidden, **cache_kwargs(cache))
 
-    def _step_runs(self, hidden_states, attention_mask, position_ids, new_positions, cache: IvtpCache,
-                   past_length: int) -> list[LayerRun]:
-        """The runs of a step over the pruned cache: consecutive layers that share one record of held positions (a
-        run of the prefill). Per run, the logical 2-D mask is gathered at the positions the run holds, then causal
-        masking runs over the layer's physical keys. Where the prefill renumbered positions
-        (`cache.renumbered_positions`), the new tokens' ids are lowered, per run, by the logical tokens the run does
-        not hold: they sit right after the tokens it holds, as a prefill of the whole sequence would place them.
-        `attention_mask` `None`: one new token that attends every key each layer holds (no mask, as stock's step)."""
-        held_runs, layer_runs = [], []  # each run's record of held positions and its layers
+    def _held_runs(self, cache: IvtpCache) -> tuple[list, list[range]]:
+        """The runs of layers over a pruned cache: consecutive layers that share one record of held positions (a
+        run of the prefill). Returns each run's record and its layers."""
+        held_runs, layer_runs = [], []
         for layer_idx in range(self.config.text_config.num_hidden_layers):
             held = cache.layer_positions[layer_idx]
             if held is None:
@@ -586,6 +594,46 @@ class LlavaIvtpForConditionalGeneration(
             else:
                 held_runs.append(held)
                 layer_runs.append(range(layer_idx, layer_idx + 1))
+        return held_runs, layer_runs
+
+    def _static_step_runs(self, hidden_states, attention_mask, position_ids, new_positions, cache: IvtpStaticCache,
+                          past_length: torch.Tensor) -> list[LayerRun]:
+        """The runs of a step over a frozen `IvtpStaticCache`: the shapes of every step are the same. Per run, the
+        layers' slots (`cache.step_records`: the held tokens' logical positions, then the generated tokens') are
+        attended where the 2-D mask (at full width, `static_width_mask`) allows and the slot's position is at most
+        the query's (causal, and slots not yet written are left out); padding slots never. Nothing is recorded,
+        and the prefill's records are not read (their shapes vary with the prompt): the runs, slots' positions and
+        offsets are fixed at `freeze`."""
+        rotary_emb = self.model.language_model.rotary_emb
+        tables = {}  # per offset of renumbered positions (`cache.step_offsets`), or one
+        runs = []
+        for layers in cache.step_runs:
+            record, offset = cache.step_records[layers.start], cache.step_offsets[layers.start]
+            offset = offset if cache.renumbered_positions else 0
+            key = offset if isinstance(offset, int) else ("per sample", id(offset))
+            if key not in tables:
+                tables[key] = rotary_emb(hidden_states, position_ids=position_ids if key == 0 else position_ids - offset)
+            position_embeddings = tables[key]
+            allowed = record.unsqueeze(1) <= new_positions.unsqueeze(-1)  # (batch, new, slots)
+            if attention_mask is not None:
+                allowed = allowed & attention_mask.gather(1, record.clamp_min(0) if cache.padding_slots else record
+                                                          ).unsqueeze(1)
+            if cache.padding_slots:
+                allowed = allowed & (record >= 0).unsqueeze(1)
+            mask = static_step_mask(self.config.text_config, allowed.unsqueeze(1), hidden_states.dtype)
+            runs.append(LayerRun(layers, None if runs else hidden_states, mask, position_ids, position_embeddings,
+                                 held=None))
+        return runs
+
+    def _step_runs(self, hidden_states, attention_mask, position_ids, new_positions, cache: IvtpCache,
+                   past_length: int) -> list[LayerRun]:
+        """The runs of a step over the pruned cache: consecutive layers that share one record of held positions (a
+        run of the prefill). Per run, the logical 2-D mask is gathered at the positions the run holds, then causal
+        masking runs over the layer's physical keys. Where the prefill renumbered positions
+        (`cache.renumbered_positions`), the new tokens' ids are lowered, per run, by the logical tokens the run does
+        not hold: they sit right after the tokens it holds, as a prefill of the whole sequence would place them.
+        `attention_mask` `None`: one new token that attends every key each layer holds (no mask, as stock's step)."""
+        held_runs, layer_runs = self._held_runs(cache)
         tables = self._step_rotary(hidden_states, position_ids, held_runs, cache, past_length)
         runs = []
         for held, layers, position_embeddings in zip(held_runs, layer_runs, tables):
@@ -861,7 +909,8 @@ class LlavaIvtpForConditionalGeneration(
                 if cache is not None:
                     if probe:
                         cache.drop_last_token(layer_idx)  # the probe never enters the KV cache
-                    cache.record_positions(layer_idx, run.held)
+                    if run.held is not None:  # `None`: a static cache's fixed records
+                        cache.record_positions(layer_idx, run.held)
             run.output = hidden_states
         return all_hidden
 

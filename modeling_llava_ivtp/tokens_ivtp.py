@@ -398,6 +398,39 @@ def step_mask(text_config, kv_mask: torch.Tensor, hidden_states: torch.Tensor, c
     )
 
 
+def static_width_mask(attention_mask: torch.Tensor, width: int) -> torch.Tensor:
+    """A 2-D boolean mask over the logical tokens so far, at a static cache's full logical width: the positions
+    not reached yet are not attended. The same width every step, so a compiled step sees one shape."""
+    length = attention_mask.shape[1]
+    if length > width:
+        raise ValueError(
+            f"`attention_mask` covers {length} tokens, more than the IvtpStaticCache's `max_cache_len` ({width})."
+        )
+    if length == width:
+        return attention_mask
+    return torch.cat([attention_mask, attention_mask.new_zeros(attention_mask.shape[0], width - length)], dim=1)
+
+
+def static_step_mask(text_config, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask of a step over an `IvtpStaticCache` from `allowed` `(batch, 1, new, slots)`: as it is for sdpa's
+    boolean masks, additive (0 or the dtype's minimum) for eager's. Backends whose masks are not 4-D tensors are
+    refused where the cache is made (`check_static_backend`)."""
+    if takes_bool_masks(text_config._attn_implementation):
+        return allowed
+    check_static_backend(text_config)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def check_static_backend(text_config) -> None:
+    """An `IvtpStaticCache`'s steps build 4-D masks: sdpa's or eager's (and their recording twins)."""
+    if not takes_dense_masks(text_config._attn_implementation):
+        raise ValueError(
+            f"An IvtpStaticCache needs an attention backend with 4-D masks: `attn_implementation` is "
+            f"{text_config._attn_implementation!r}; use 'sdpa' or 'eager', or leave `cache_implementation` unset "
+            "(an `IvtpCache`)."
+        )
+
+
 def layer_segments(prune_layers: list[int], num_layers: int) -> list[tuple[int, int]]:
     """`(first, last)` of each run of decoder layers that sees one token set: up to each pruning layer, the rest."""
     segments, start = [], 0
@@ -409,4 +442,7 @@ def layer_segments(prune_layers: list[int], num_layers: int) -> list[tuple[int, 
     return segments
 
 
-__all__ = ["TokenState", "layer_segments", "pack_rows", "segment_mask", "step_mask", "true_indices", "unpack"]
+__all__ = [
+    "TokenState", "check_static_backend", "layer_segments", "pack_rows", "segment_mask", "static_step_mask",
+    "static_width_mask", "step_mask", "true_indices", "unpack",
+]

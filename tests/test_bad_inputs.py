@@ -302,7 +302,7 @@ def test_generate_continued_without_the_conversation_is_refused(model, inputs):
 
 def test_generate_with_a_cache_class_that_cannot_hold_pruned_tokens(model, inputs):
     with raises(ValueError, "cache_implementation", "IvtpCache"):
-        model.generate(**inputs, max_new_tokens=2, cache_implementation="static", **GREEDY)
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="quantized", **GREEDY)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -145,7 +145,11 @@ def test_operators_per_prefill_and_decode_step_for_every_variant(bench_run):
 
 def test_compiled_prefill_runner_reports_graphs_and_keeps_the_outputs(tiny_json):
     """`--compile`: the timed prefill runs `torch.compile(model.forward)`; IVTP's pruned forward compiles, broken only
-    at the prefill's device reads (the batch layout, the kept counts), and keeps the eager outputs."""
+    at the prefill's device reads (the batch layout, the kept counts), and keeps the eager outputs. The decode runs
+    `generate`'s compiled steps over a static cache: one graph, no break, and the timed call (longer than the
+    warm-up's) compiles nothing more."""
+    from torch._dynamo.utils import counters
+
     from llava_ivtp.measuring.bench_measure import Runner
     from llava_ivtp.measuring.bench_setup import build_inputs
 
@@ -160,6 +164,11 @@ def test_compiled_prefill_runner_reports_graphs_and_keeps_the_outputs(tiny_json)
     assert torch.equal(compiled.kept_positions, eager.kept_positions)
     assert compiled.llm_token_counts == eager.llm_token_counts
     torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-5, atol=1e-5)
+    assert figures["decode_compile_s"] > 0
+    assert figures["decode_graphs"] == 1 and figures["decode_graph_breaks"] == 0
+    graphs = counters["stats"]["unique_graphs"]
+    assert len(runner.generate(3)) == 3
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_stock_and_ivtp_hold_the_same_llava_weights(tiny_json):

@@ -125,3 +125,55 @@ def test_the_stock_route_generates_with_a_fullgraph_compiled_forward(route):
         compiled = model.generate(**batch, **settings, compile_config=compile_config)
     assert torch.equal(compiled, eager)
     assert getattr(model, "_compiled_call", None) is not None  # the decode steps did run compiled
+
+
+@pytest.mark.parametrize("layout, options", [
+    (((2, 5),), {}), (((2, 5), (4, 9)), {}), (((2, 5), (4, 9)), {"positions": "renumbered"}),
+], ids=["batch 1", "padded batch", "padded batch, renumbered positions"])
+def test_pruned_decode_steps_over_a_static_cache_compile_to_one_graph(layout, options):
+    """What CUDA graphs (`mode="reduce-overhead"`) need of a step, checked without a GPU: `generate` with
+    `cache_implementation="static"` and `CompileConfig(fullgraph=True)` compiles the pruned decode steps once -- one
+    graph, no break, no recompilation over the steps -- and gives the eager tokens; a second call with the same
+    `max_cache_len` and a longer prompt compiles nothing more. Driven by hand, the compiled steps write the cache
+    in place: every buffer keeps its address, the logits are the dynamic cache's."""
+    from torch._dynamo.utils import counters
+
+    from modeling_llava_ivtp.cache_ivtp import IvtpStaticCache
+    from modeling_llava_ivtp.tokens_ivtp import static_width_mask
+    from modeling_llava_ivtp.transformers_compat import cache_kwargs, output_cache
+
+    model = tiny_model(**({"pruning_options": options} if options else {}))
+    batch = make_batch(layout)
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                    suppress_tokens=[IMAGE_TOKEN_ID], max_cache_len=batch["input_ids"].shape[1] + 12)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        eager = model.generate(**batch, **{k: v for k, v in settings.items() if k != "max_cache_len"})
+        compiled = model.generate(**batch, **settings, cache_implementation="static", compile_config=compile_config)
+        assert torch.equal(compiled, eager)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+        longer = make_batch(tuple((before + 3, after) for before, after in layout))
+        settings["max_cache_len"] = batch["input_ids"].shape[1] + 12  # the same buffers' shapes
+        model.generate(**longer, **settings, cache_implementation="static", compile_config=compile_config)
+        assert counters["stats"]["unique_graphs"] == 1
+
+        prompt = batch["input_ids"].shape[1]
+        dynamic_out = model(**batch, use_cache=True)
+        cache = IvtpStaticCache(config=model.config.text_config, max_cache_len=prompt + 8)
+        static_out = model(**batch, **cache_kwargs(cache), use_cache=True)
+        addresses = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
+        step = torch.compile(model.forward, fullgraph=True)
+        dynamic, mask = output_cache(dynamic_out), batch["attention_mask"]
+        token = static_out.logits[:, -1:].argmax(-1)
+        for _ in range(4):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            ours = step(input_ids=token, attention_mask=static_width_mask(mask.bool(), prompt + 8),
+                        **cache_kwargs(cache)).logits
+            theirs = model(input_ids=token, attention_mask=mask, **cache_kwargs(dynamic)).logits
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+            token = theirs[:, -1:].argmax(-1)
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == addresses
+    assert int(cache.get_seq_length()) == prompt + 4

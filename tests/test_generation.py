@@ -11,8 +11,11 @@ import threading
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache, TextIteratorStreamer
+from transformers.cache_utils import StaticLayer
 
 from modeling_llava_ivtp import IvtpCache
+from modeling_llava_ivtp.cache_ivtp import IvtpStaticCache
+from modeling_llava_ivtp.tokens_ivtp import static_width_mask
 from modeling_llava_ivtp.transformers_compat import CACHE_ARG, cache_kwargs, output_cache
 from tiny_models import (
     IMAGE_TOKEN_ID,
@@ -387,11 +390,133 @@ def test_crop_removes_generated_tokens_and_refuses_cutting_into_images(model, ba
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The static pruned cache (`cache_implementation="static"`): compiled, CUDA-graph-capturable decode steps
+# ----------------------------------------------------------------------------------------------------------------
+STATIC_SETTINGS = {
+    "ivtp": {},
+    "ivtp, eager": {"attn_implementation": "eager"},
+    "ivtp, renumbered": {"pruning_options": {"positions": "renumbered"}},
+    "pdrop": {"schedule": None, "pruning_method": "pdrop", "pruning_options": {"visual_tokens": 8}},
+    "fastv, renumbered": {"schedule": None, "pruning_method": "fastv",
+                          "pruning_options": {"visual_tokens": 8, "positions": "renumbered"}},
+    "visionzip": {"schedule": None, "pruning_method": "visionzip", "pruning_options": {"visual_tokens": 8}},
+}
+
+
+@pytest.mark.parametrize("setting", sorted(STATIC_SETTINGS))
+def test_a_static_cache_generates_what_the_pruned_dynamic_cache_does(batch3, setting):
+    """Padded batch of 3: the same tokens, per-step logits within float32 rounding (the static steps attend over
+    their whole buffers with the slots not yet written masked); each layer a `StaticLayer` of its held tokens plus
+    one slot per logical token left to `max_cache_len`."""
+    model = tiny_model(**STATIC_SETTINGS[setting])
+    settings = dict(max_new_tokens=6, output_logits=True, return_dict_in_generate=True, **FIXED)
+    dynamic = model.generate(**batch3, **settings)
+    static = model.generate(**batch3, **settings, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for ours, theirs in zip(static.logits, dynamic.logits):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    cache, pruned = output_cache(static), output_cache(dynamic)
+    prompt = batch3["input_ids"].shape[1]
+    assert isinstance(cache, IvtpStaticCache) and cache.is_frozen and cache.prompt_length == prompt
+    assert cache.max_cache_len == prompt + 6 - 1  # `max_length - 1`, as transformers sizes a StaticCache
+    assert int(cache.get_seq_length()) == pruned.get_seq_length() == prompt + 5  # the last token is never fed
+    for layer, record, held, dynamic_layer in zip(cache.layers, cache.step_records, cache.layer_positions, pruned.layers):
+        assert isinstance(layer, StaticLayer)
+        assert layer.keys.shape[2] == held.shape[1] + cache.max_cache_len - prompt == record.shape[1]
+        assert int(layer.cumulative_length) == dynamic_layer.keys.shape[2]
+        written = dynamic_layer.keys.shape[2]
+        torch.testing.assert_close(layer.keys[:, :, :written], dynamic_layer.keys, rtol=0, atol=1e-6)
+        assert torch.equal(record[:, : held.shape[1]], held)
+        assert torch.equal(record[:, held.shape[1]:], torch.arange(prompt, cache.max_cache_len).expand(3, -1))
+
+
+@pytest.mark.parametrize("decoding", [dict(num_beams=3), dict(do_sample=True, top_k=5)], ids=["beams", "sampling"])
+def test_a_static_cache_decodes_beams_and_samples_as_the_dynamic_one(model, batch3, decoding):
+    runs = []
+    for extra in ({}, {"cache_implementation": "static"}):
+        torch.manual_seed(1)
+        runs.append(model.generate(**batch3, max_new_tokens=5, **dict(FIXED, **decoding), **extra))
+    assert torch.equal(*runs)
+
+
+def test_a_conversation_continues_over_a_static_cache(model, batch3):
+    """A new turn over a filled static cache (a multi-token step, causal among its tokens) then its answer: the
+    tokens of the same over the dynamic cache; a turn beyond `max_cache_len` is refused before anything is written."""
+    settings = dict(max_new_tokens=4, return_dict_in_generate=True, **FIXED)
+    first = [model.generate(**batch3, **settings),
+             model.generate(**batch3, **settings, cache_implementation="static", max_cache_len=64)]
+    assert isinstance(output_cache(first[1]), IvtpStaticCache)
+    turn = torch.tensor([[5, 6, 7]] * 3)
+    answers = []
+    for out in first:
+        sequences = torch.cat([out.sequences, turn], dim=1)
+        mask = torch.cat([batch3["attention_mask"],
+                          torch.ones(3, sequences.shape[1] - batch3["input_ids"].shape[1], dtype=torch.long)], dim=1)
+        answers.append(model.generate(input_ids=sequences, attention_mask=mask, **cache_kwargs(output_cache(out)),
+                                      **settings).sequences)
+    assert torch.equal(*answers)
+    cache = output_cache(first[1])
+    filled = int(cache.get_seq_length())
+    too_long = torch.full((3, 64 - filled + 1), 5)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        with torch.no_grad():
+            model(input_ids=too_long, attention_mask=torch.ones(3, 65, dtype=torch.long), **cache_kwargs(cache))
+    with pytest.raises(ValueError, match="max_cache_len"):
+        static_width_mask(torch.ones(3, 65, dtype=torch.bool), 64)
+
+
+def test_a_static_cache_crops_generated_tokens_and_resets(model, batch3):
+    """Crop lowers the counts (the stale slots are masked, then written again); cropping into the prompt is
+    refused; reset gives dynamic layers for the next prefill, which fills and freezes the cache again."""
+    prompt = batch3["input_ids"].shape[1]
+    cache = IvtpStaticCache(config=model.config.text_config, max_cache_len=prompt + 8)
+    with torch.no_grad():
+        model(**batch3, **cache_kwargs(cache), use_cache=True)
+        assert cache.is_frozen and int(cache.get_seq_length()) == prompt
+        counts = [int(layer.cumulative_length) for layer in cache.layers]
+        step = dict(input_ids=torch.full((3, 1), 5), attention_mask=torch.ones(3, prompt + 1, dtype=torch.long))
+        first = model(**step, **cache_kwargs(cache)).logits
+        model(input_ids=torch.full((3, 1), 6), attention_mask=torch.ones(3, prompt + 2, dtype=torch.long),
+              **cache_kwargs(cache))
+        assert [int(layer.cumulative_length) for layer in cache.layers] == [count + 2 for count in counts]
+        cache.crop(-2)
+        assert int(cache.get_seq_length()) == prompt
+        assert [int(layer.cumulative_length) for layer in cache.layers] == counts
+        torch.testing.assert_close(model(**step, **cache_kwargs(cache)).logits, first, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="generated after the prompt"):
+            cache.crop(-2)
+        with pytest.raises(ValueError, match="negative"):
+            cache.crop(1)
+        cache.reset()
+        assert not cache.is_frozen and not cache.is_pruned and cache.get_seq_length() == 0
+        assert not any(isinstance(layer, StaticLayer) for layer in cache.layers)
+        model(**batch3, **cache_kwargs(cache), use_cache=True)
+        assert cache.is_frozen and [int(layer.cumulative_length) for layer in cache.layers] == counts
+
+
+def test_a_static_cache_without_room_or_with_an_unsupported_layout_is_refused(model, batch3):
+    prompt = batch3["input_ids"].shape[1]
+    with pytest.raises(ValueError, match="no room for a generated token"):
+        with torch.no_grad():
+            model(**batch3, **cache_kwargs(IvtpStaticCache(config=model.config.text_config, max_cache_len=prompt)),
+                  use_cache=True)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        IvtpStaticCache(config=model.config.text_config, max_cache_len=0)
+    sliding = copy.deepcopy(model.config.text_config)
+    sliding.sliding_window = 4
+    with pytest.raises(ValueError, match="sliding_window=4"):
+        IvtpStaticCache(config=sliding, max_cache_len=64)
+    flex = tiny_model(attn_implementation="flex_attention")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        flex.generate(**batch3, max_new_tokens=2, cache_implementation="static", **GREEDY)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # What cannot work says so
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("implementation", ["static", "offloaded", "quantized"])
+@pytest.mark.parametrize("implementation", ["offloaded", "quantized"])
 def test_caches_that_cannot_hold_pruned_layers_are_refused(model, batch3, implementation):
-    with pytest.raises(ValueError, match="Leave `cache_implementation` unset"):
+    with pytest.raises(ValueError, match="Leave\n?.*`cache_implementation` unset|Leave `cache_implementation`"):
         model.generate(**batch3, max_new_tokens=2, cache_implementation=implementation, **GREEDY)
 
 

@@ -187,6 +187,27 @@ def test_pruned_prefill_reads_the_device_twice_and_decode_never(use_cache, count
     assert stock_reads.reads, "the counter sees stock Llava's reads (its placeholder check)"
 
 
+def test_a_step_over_a_static_cache_reads_nothing(count_tolist):
+    """The static form of the pruned cache (compiled steps, CUDA graphs): its steps read nothing either."""
+    from modeling_llava_ivtp.cache_ivtp import IvtpStaticCache
+    from modeling_llava_ivtp.tokens_ivtp import static_width_mask
+
+    model = tiny_model()
+    batch = _padded_batch_with_a_text_only_sample()
+    prompt = batch["input_ids"].shape[1]
+    cache = IvtpStaticCache(config=model.config.text_config, max_cache_len=prompt + 4)
+    with torch.no_grad():
+        out = model(**batch, **cache_kwargs(cache), use_cache=True)
+        next_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        mask = static_width_mask(torch.cat([batch["attention_mask"], torch.ones_like(next_token)], dim=1).bool(),
+                                 prompt + 4)
+        count_tolist.clear()
+        with CountReads() as decode_reads:
+            model(input_ids=next_token, attention_mask=mask, **cache_kwargs(cache))
+    assert decode_reads.reads == [] and count_tolist == []
+    assert cache.is_frozen and cache.padding_slots
+
+
 def test_unpadded_batch_without_attention_mask_has_no_padding_slots(count_tolist):
     model = tiny_model()
     input_ids = torch.tensor([make_prompt(3, 5, seed=2), make_prompt(3, 5, seed=3)])

@@ -27,7 +27,7 @@ from tiny_models import RecordingHubApi, make_images, tiny_config_dict, write_co
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"<!-- (test: (?P<name>[\w-]+)|not run by tests/test_readme.py: [^>]+) -->\n```(?P<lang>\w+)\n(?P<code>.*?)```", re.S)
 FENCE = re.compile(r"^```(python|bash)$", re.M)
-EXPECTED = ["convert", "llava-hf", "load", "generate", "methods", "guidance", "pipeline", "finetune", "lora-train", "lora-load", "publish"]
+EXPECTED = ["convert", "llava-hf", "load", "generate", "generate-static", "methods", "guidance", "pipeline", "finetune", "lora-train", "lora-load", "publish"]
 
 
 def readme_blocks() -> list[tuple[str, str, str]]:

@@ -102,8 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot-kept", type=int, nargs="+", default=list(PLOT_KEPT_DEFAULT), metavar="K")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--compile", action="store_true",
-                        help="time each variant's prefill through torch.compile(model.forward) (default mode; the "
-                        "warm-up compiles), and report its graphs and graph breaks; operators are counted eagerly")
+                        help="time each variant's prefill through torch.compile(model.forward) (default mode) and its "
+                        "decode through generate's compiled steps over a static cache (CompileConfig(): mode "
+                        "reduce-overhead, CUDA graphs on a GPU); the first calls compile; report graphs and graph "
+                        "breaks of both; operators are counted eagerly")
     parser.add_argument("--methods", nargs="+", default=[], metavar="METHOD",
                         help="also measure these pruning methods (sdpa, same weights) at the budget --kept, one "
                         "variant each (`method:NAME`), or 'all'")

@@ -191,9 +191,17 @@ class Runner:
         # Every pruned variant gets the processor's guidance inputs (IVTP's pseudo-CLS, CDPruner's relevance, the
         # last instruction token of FastV / PDrop); stock Llava takes none.
         self.inputs = dict(inputs, **(guidance if name != "stock_sdpa" else {}))
-        # `--compile`: the timed prefills run the compiled forward (nothing is set on the model).
+        # `--compile`: the timed prefills run the compiled forward (nothing is set on the model), and the timed
+        # decode runs `generate`'s compiled steps over a static cache (`CompileConfig()`: mode "reduce-overhead",
+        # CUDA graphs on a GPU), one cache size for every call so that no call recompiles.
         self.forward = torch.compile(model.forward) if compile_forward else model
         self.compile_figures: dict | None = None
+        self.compile_config = None
+        if compile_forward:
+            from transformers import CompileConfig
+
+            self.compile_config = CompileConfig()
+            self.compile_config._compile_all_devices = device.type == "cpu"  # transformers compiles on accelerators
 
     def prefill(self):
         with torch.inference_mode():
@@ -208,14 +216,20 @@ class Runner:
         counters, before and after)."""
         from torch._dynamo.utils import counters
 
-        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-        start = time.perf_counter()
-        self.compiled_prefill()
-        _synchronize(self.device)
+        def first_call(call) -> tuple[float, int, int]:
+            graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+            start = time.perf_counter()
+            call()
+            _synchronize(self.device)
+            return (time.perf_counter() - start, counters["stats"]["unique_graphs"] - graphs,
+                    sum(counters["graph_break"].values()) - breaks)
+
+        seconds, graphs, breaks = first_call(self.compiled_prefill)
+        # the decode steps' first `generate` (its prefill runs eagerly, as `generate` runs it)
+        decode_seconds, decode_graphs, decode_breaks = first_call(lambda: self.generate(2))
         self.compile_figures = {
-            "compile_s": time.perf_counter() - start,
-            "graphs": counters["stats"]["unique_graphs"] - graphs,
-            "graph_breaks": sum(counters["graph_break"].values()) - breaks,
+            "compile_s": seconds, "graphs": graphs, "graph_breaks": breaks,
+            "decode_compile_s": decode_seconds, "decode_graphs": decode_graphs, "decode_graph_breaks": decode_breaks,
         }
         return self.compile_figures
 
@@ -228,17 +242,23 @@ class Runner:
         del output
         return elapsed
 
-    def generate(self, new_tokens: int):
+    def generate(self, new_tokens: int, compiled: bool = True):
+        """Greedy `generate` of exactly `new_tokens`; with `--compile` (and `compiled`) through compiled steps over a
+        static cache. Returns the streamer's times of the tokens."""
         config = self.model.config
         text = config.text_config
         eos = text.eos_token_id if isinstance(text.eos_token_id, list) else [text.eos_token_id]
         suppress = sorted({config.image_token_index, *[token for token in eos if token is not None]})
         streamer = _StepTimes(self.device)
         pad = text.pad_token_id if text.pad_token_id is not None else 0
+        static = {}
+        if compiled and self.compile_config is not None:
+            static = {"cache_implementation": "static", "compile_config": self.compile_config,
+                      "max_cache_len": self.inputs["input_ids"].shape[1] + self.new_tokens}
         with torch.inference_mode():
             sequences = self.model.generate(
                 **self.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                suppress_tokens=suppress, pad_token_id=pad, streamer=streamer,
+                suppress_tokens=suppress, pad_token_id=pad, streamer=streamer, **static,
             )
         generated = sequences.shape[1] - self.inputs["input_ids"].shape[1]
         if generated != new_tokens:
@@ -255,7 +275,7 @@ def dispatched_figures(runner: Runner) -> dict:
     the operators per decode step of `generate` (`llava_ivtp.measuring.dispatch`). Counts do not depend on the
     machine's load, so launch-bound overhead shows without a GPU."""
     prefill = count_dispatched(runner.prefill)
-    step = per_step(runner.generate, 2, 2 + COUNTED_STEPS)
+    step = per_step(lambda new_tokens: runner.generate(new_tokens, compiled=False), 2, 2 + COUNTED_STEPS)
     return {"prefill": prefill.as_dict(top=12), "decode_step": step}
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .cache_ivtp import IvtpCache
+from transformers.masking_utils import create_masks_for_generate
+
+from .cache_ivtp import IvtpCache, IvtpStaticCache
+from .tokens_ivtp import check_static_backend, static_width_mask
 from .transformers_compat import CACHE_ARG, cache_kwargs, takes_cache_kwarg
 from .validation_ivtp import check_cache_class, check_no_placeholders_without_pixels, image_token_mask
 
@@ -26,8 +29,10 @@ class PrunedGeneration:
     # generate
     # ------------------------------------------------------------------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """IVTP: `generate` gets an `IvtpCache`; caches that cannot hold per-layer token sets are refused up front. A
-        text-only batch runs as stock Llava and takes any cache stock takes (static ones, compiled steps)."""
+        """IVTP: `generate` gets an `IvtpCache`, or with `cache_implementation="static"` an `IvtpStaticCache` sized
+        as transformers sizes a `StaticCache` (`max_length - 1` logical tokens, or `max_cache_len`); caches that
+        cannot hold per-layer token sets are refused up front. A text-only batch runs as stock Llava and takes any
+        cache stock takes (static ones, compiled steps)."""
         pruning = self.config.pruning_enabled and model_kwargs.get("pixel_values") is not None
         if pruning and model_kwargs.get(CACHE_ARG) is not None:
             check_cache_class(model_kwargs[CACHE_ARG])
@@ -37,13 +42,34 @@ class PrunedGeneration:
             or generation_config.use_cache is False
         ):
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation == "static":
+            # compiled decode steps: the pruned prefill fills it, then each layer gets a buffer for the new tokens
+            check_static_backend(self.config.text_config)
+            max_cache_length = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
+            if getattr(generation_config, "max_cache_len", None) is not None:
+                max_cache_length = max(max_cache_length, generation_config.max_cache_len)
+            model_kwargs[CACHE_ARG] = IvtpStaticCache(config=self.config.text_config, max_cache_len=max_cache_length)
+            return
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(
                 f"`cache_implementation={generation_config.cache_implementation!r}` cannot hold IVTP's pruned cache "
-                "(each layer holds a different set of tokens, so static, quantized, offloaded and compiled caches do "
-                "not apply). Leave `cache_implementation` unset: an `IvtpCache` (a `DynamicCache`) is used."
+                "(each layer holds a different set of tokens; quantized and offloaded caches do not apply). Leave "
+                "`cache_implementation` unset (an `IvtpCache`, a `DynamicCache`) or set it to 'static' (an "
+                "`IvtpStaticCache`, for compiled decode steps)."
             )
         model_kwargs[CACHE_ARG] = IvtpCache(config=self.config.text_config)
+
+    def create_masks_for_generate(self, *args, **kwargs):
+        """The mask `generate` gives a step when the cache is compileable. Over an `IvtpStaticCache` the forward
+        builds each run's masks itself: it gets the 2-D mask (at the cache's full width once the prefill has filled
+        it, so every step has one shape); other caches get transformers' masks."""
+        cache = kwargs.get(CACHE_ARG)
+        if not isinstance(cache, IvtpStaticCache):
+            return create_masks_for_generate(*args, **kwargs)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None or not cache.is_frozen:
+            return attention_mask
+        return static_width_mask(attention_mask.bool(), cache.max_cache_len)
 
     @takes_cache_kwarg
     def prepare_inputs_for_generation(
@@ -117,6 +143,8 @@ class PrunedGeneration:
         (`generate` never runs its last token through the model), which may be a generated placeholder: the new turn
         is what follows it. One read, once per `generate` call that continues a conversation."""
         held = host_past_length(cache)
+        if held is None and isinstance(cache, IvtpStaticCache):
+            held = int(cache.get_seq_length())  # a filled static cache counts on the device: one read per call
         if not held:
             return
         tokens = input_ids if input_ids is not None and input_ids.shape[1] > 0 else inputs_embeds
@@ -138,6 +166,8 @@ def host_past_length(cache) -> int | None:
     host without a read (a static cache counts its tokens on the device)."""
     if cache is None:
         return 0
+    if isinstance(cache, IvtpStaticCache) and not cache.is_frozen:
+        return cache.get_seq_length()  # a host count until the prefill has filled it
     if getattr(cache, "is_compileable", False):
         return None
     length = cache.get_seq_length()
