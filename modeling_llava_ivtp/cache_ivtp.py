@@ -245,8 +245,10 @@ class IvtpStaticCache(IvtpCache):
         self.frozen = True
         self.prompt_length = prompt
         self.logical_position = torch.tensor(prompt, device=self.layers[0].keys.device)
-        if not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(self.logical_position)
+        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs read them in place, copy nothing
+            for value in (self.logical_position, *(value for value, _ in records.values()),
+                          *(offset for _, offset in records.values() if isinstance(offset, torch.Tensor))):
+                torch._dynamo.mark_static_address(value)
 
     def get_seq_length(self, layer_idx: int = 0):
         """The logical length; once frozen a device scalar (as `StaticCache`'s), so compiled steps do not
