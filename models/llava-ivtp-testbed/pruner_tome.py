@@ -35,7 +35,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from .attention_rows import RowRequest, moved
 from .pruner_base import Pruner, Selection, at_group_ends, budget_schedule, check_choice, register_pruner
 
@@ -133,12 +132,14 @@ def tome_merge_step(
         return TomeStep(positions.expand(batch, -1), features, sizes, None if protected > 1 else sequence)
 
     set_a, set_b = sequence[:, ::2], sequence[:, 1::2]  # input indices of A (even) and B (odd) sequence positions
-    unit = F.normalize(moved(metric, dtype=torch.float32), dim=-1)
-    unit_a = unit.gather(1, set_a.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
-    unit_b = unit.gather(1, set_b.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
-    similarity = unit_a @ unit_b.transpose(1, 2)  # (batch, |A|, |B|)
-    blocked = (positions[::2] < protected)[:, None] | (positions[1::2] < protected)[None, :]
-    similarity = similarity.masked_fill(blocked, float("-inf"))
+    metric = moved(metric, dtype=torch.float32)
+    unit = metric / metric.norm(dim=-1, keepdim=True)  # ToMe's normalisation, as its code writes it
+    if order is not None:  # the metric in ToMe's sequence, one gather; A and B are its even and odd rows
+        unit = unit.gather(1, order.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
+    similarity = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # (batch, |A|, |B|)
+    protected_b = protected // 2  # B tokens that may not receive (A's protected rows are left out of the ranking)
+    if protected_b:
+        similarity[..., :protected_b] = float("-inf")
     best_score, best_b = similarity.max(dim=-1)  # first maximum: ties go to the lower B index
     # ToMe's `edge_idx` over the A tokens that may merge (a protected one's -inf row ranks last, so it never merges;
     # leaving it out of the sort says so without reading the scores, which a weight-free FLOP count does not have)
@@ -155,7 +156,7 @@ def tome_merge_step(
     )
     size_sums = torch.zeros_like(sizes).scatter_add(1, destination, sizes)
     # index bookkeeping from the positions, not from `sizes` (float: a meta tensor in a weight-free FLOP count)
-    survives = torch.ones(batch, num_tokens, dtype=torch.bool, device=positions.device).scatter(1, sources, False)
+    survives = destination == positions  # a merged token's destination is its B partner, never itself
     keep_indices = torch.where(survives, positions, num_tokens).sort(dim=-1).values[:, : num_tokens - num_merge]
     merged_sizes = size_sums.gather(1, keep_indices)
     merged = feature_sums.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, dim)) / merged_sizes.unsqueeze(-1)
