@@ -57,6 +57,21 @@ class IvtpCache(DynamicCache):
             )
         self.layer_positions[layer_idx] = positions
 
+    def held_runs(self, num_layers: int | None = None) -> tuple[list[torch.Tensor], list[range]]:
+        """The runs of layers: consecutive layers that share one record of held positions (a run of the prefill).
+        Returns each run's record and its layers (the first `num_layers`, default all)."""
+        records, runs = [], []
+        for layer_idx in range(len(self.layer_positions) if num_layers is None else num_layers):
+            held = self.layer_positions[layer_idx] if layer_idx < len(self.layer_positions) else None
+            if held is None:
+                raise ValueError(f"The IvtpCache has no record of the tokens layer {layer_idx} holds; prefill again.")
+            if records and held is records[-1]:  # the run goes on
+                runs[-1] = range(runs[-1].start, layer_idx + 1)
+            else:
+                records.append(held)
+                runs.append(range(layer_idx, layer_idx + 1))
+        return records, runs
+
     def set_logical_length(self, length: int) -> None:
         self.logical_length = int(length)
 
@@ -238,10 +253,7 @@ class IvtpStaticCache(IvtpCache):
                 offset = prompt - ((positions >= 0).sum(dim=1, keepdim=True) if self.padding_slots else held)
                 records[id(positions)] = (torch.cat([positions, new.expand(positions.shape[0], -1)], dim=1), offset)
             self.step_records[layer_idx], self.step_offsets[layer_idx] = records[id(positions)]
-            if layer_idx and positions is self.layer_positions[layer_idx - 1]:
-                self.step_runs[-1] = range(self.step_runs[-1].start, layer_idx + 1)
-            else:
-                self.step_runs.append(range(layer_idx, layer_idx + 1))
+        self.step_runs = self.held_runs()[1]
         self.frozen = True
         self.prompt_length = prompt
         self.logical_position = torch.tensor(prompt, device=self.layers[0].keys.device)

@@ -581,21 +581,6 @@ class LlavaIvtpForConditionalGeneration(
         return self._head(hidden_states, new_positions, labels, logits_to_keep, kwargs, label_offset=past_length,
                           hidden_states=all_hidden, **cache_kwargs(cache))
 
-    def _held_runs(self, cache: IvtpCache) -> tuple[list, list[range]]:
-        """The runs of layers over a pruned cache: consecutive layers that share one record of held positions (a
-        run of the prefill). Returns each run's record and its layers."""
-        held_runs, layer_runs = [], []
-        for layer_idx in range(self.config.text_config.num_hidden_layers):
-            held = cache.layer_positions[layer_idx]
-            if held is None:
-                raise ValueError(f"The IvtpCache has no record of the tokens layer {layer_idx} holds; prefill again.")
-            if held_runs and held is held_runs[-1]:  # the run goes on
-                layer_runs[-1] = range(layer_runs[-1].start, layer_idx + 1)
-            else:
-                held_runs.append(held)
-                layer_runs.append(range(layer_idx, layer_idx + 1))
-        return held_runs, layer_runs
-
     def _static_step_runs(self, hidden_states, attention_mask, position_ids, new_positions, cache: IvtpStaticCache,
                           past_length: torch.Tensor) -> list[LayerRun]:
         """The runs of a step over a frozen `IvtpStaticCache`: the shapes of every step are the same. Per run, the
@@ -633,7 +618,7 @@ class LlavaIvtpForConditionalGeneration(
         (`cache.renumbered_positions`), the new tokens' ids are lowered, per run, by the logical tokens the run does
         not hold: they sit right after the tokens it holds, as a prefill of the whole sequence would place them.
         `attention_mask` `None`: one new token that attends every key each layer holds (no mask, as stock's step)."""
-        held_runs, layer_runs = self._held_runs(cache)
+        held_runs, layer_runs = cache.held_runs(self.config.text_config.num_hidden_layers)
         tables = self._step_rotary(hidden_states, position_ids, held_runs, cache, past_length)
         runs = []
         for held, layers, position_embeddings in zip(held_runs, layer_runs, tables):
