@@ -7,8 +7,9 @@ Three variants run in one process on the same random weights and the same prompt
 - `ivtp_eager`: the same IVTP model with eager attention.
 
 The IVTP model is built first (LLaVA weights plus the frozen CLIP text tower and visual projection); the stock model
-gets IVTP's LLaVA weights with `load_state_dict(strict=True)` (nothing of the shared part may be missing), the eager
-model all of IVTP's weights.
+gets IVTP's LLaVA weights (nothing of the shared part may be missing or left over), the eager model and each
+`--methods` model all of IVTP's weights, as the same tensors (`load_state_dict(assign=True)`): the weights are in
+memory once.
 
 Figures, per variant and batch size:
 
@@ -169,16 +170,18 @@ def _check_args(args, config_dict: dict) -> None:
 
 
 def check_device_memory(config, dtype_name: str, free_bytes: int) -> None:
-    """Three models' weights (IVTP sdpa, stock, IVTP eager; the `--plot` sweep's model replaces the eager one) must
-    fit in the device's free memory with room for activations and caches, else stop before building them. (IVTP's
-    size is counted three times: stock Llava lacks the CLIP text tower, a small overestimate.)"""
+    """The weights twice -- the shared weights every variant holds, and a model being built, whose own weights the
+    shared ones then replace (`bench_setup.build_models`) -- must fit in the device's free memory with room for
+    activations and caches, else stop before building anything. (IVTP's size is counted: stock Llava lacks the CLIP
+    text tower, a small overestimate.)"""
     from llava_ivtp.measuring.flops import build_weight_free
 
     parameters = sum(parameter.numel() for parameter in build_weight_free(config).parameters())
-    weights = len(VARIANTS) * parameters * torch.tensor([], dtype=DTYPES[dtype_name]).element_size()
+    weights = 2 * parameters * torch.tensor([], dtype=DTYPES[dtype_name]).element_size()
     if weights > 0.85 * free_bytes:
         raise BenchError(
-            f"--config with --dtype {dtype_name}: the three models' weights take {weights / 2**30:.1f} GiB, more than "
+            f"--config with --dtype {dtype_name}: the shared weights and a model being built take "
+            f"{weights / 2**30:.1f} GiB, more than "
             f"85% of the {free_bytes / 2**30:.1f} GiB free on this device (activations and caches need the rest). "
             + ("Use a smaller --config or a device with more memory." if DTYPES[dtype_name].itemsize == 2
                else "Use --dtype bfloat16, a smaller --config or a device with more memory.")

@@ -125,7 +125,10 @@ def stock_config_dict(config_dict: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 def build_models(config_dict: dict, device: torch.device, dtype: torch.dtype, seed: int, methods=()) -> dict:
     """IVTP (sdpa), stock Llava (sdpa) and IVTP (eager) holding the same weights, in eval mode on `device`; and one
-    model per pruning method of `methods` (sdpa, the same weights), at the config's final visual tokens."""
+    model per pruning method of `methods` (sdpa, the same weights), at the config's final visual tokens. The weights
+    are held once: every other model's parameters are IVTP's own tensors (`load_state_dict(assign=True)`), so the
+    variants fit where one model does (each is built with weights of its own first, which the shared ones
+    replace)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
@@ -140,7 +143,7 @@ def build_models(config_dict: dict, device: torch.device, dtype: torch.dtype, se
         ).eval()
     weights = ivtp.state_dict()
     shared = {key: value for key, value in weights.items() if not key.startswith("clip_")}
-    result = stock.load_state_dict(shared, strict=False)
+    result = stock.load_state_dict(shared, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(
             f"stock Llava and IVTP do not share their LLaVA weights: missing {result.missing_keys[:5]}, "
@@ -172,7 +175,7 @@ def build_ivtp_model(config_dict: dict, weights: dict, device, dtype, attn_imple
         model = LlavaIvtpForConditionalGeneration._from_config(
             IvtpConfig(**copy.deepcopy(config_dict)), dtype=dtype, attn_implementation=attn_implementation
         ).eval()
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(weights, strict=True, assign=True)  # the given tensors themselves: no copy of the weights
     return model
 
 
