@@ -315,8 +315,8 @@ class IvtpStaticCache(IvtpCache):
                 f"An IvtpStaticCache can only crop tokens generated after the prompt ({generated}); got "
                 f"{-tokens_to_remove} to remove. Prefill again to shorten the prompt."
             )
-        for layer in self.layers:
-            layer.crop(tokens_to_remove)  # a static layer lowers its count; the stale slots are masked and rewritten
+        for layer in self.layers:  # each lowers its count (in place); the stale slots are masked, then rewritten
+            layer.cumulative_length.sub_(-tokens_to_remove)  # (transformers 5.23's StaticLayer has no `crop`)
         self.logical_position.add_(tokens_to_remove)
 
     def reset(self) -> None:
