@@ -132,11 +132,7 @@ class IvtpCache(DynamicCache):
         if not self.is_pruned:
             super().crop(tokens_to_remove)
             return
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. Use a negative integer "
-                "to remove that number of tokens from the cache."
-            )
+        check_crop_count(tokens_to_remove)
         if tokens_to_remove == 0:
             return
         new_length = max(self.logical_length + tokens_to_remove, 0)
@@ -304,11 +300,7 @@ class IvtpStaticCache(IvtpCache):
         if not self.is_frozen:
             super().crop(tokens_to_remove)
             return
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. Use a negative integer "
-                "to remove that number of tokens from the cache."
-            )
+        check_crop_count(tokens_to_remove)
         generated = int(self.logical_position) - self.prompt_length
         if -tokens_to_remove > generated:
             raise ValueError(
@@ -325,6 +317,15 @@ class IvtpStaticCache(IvtpCache):
             self.layers = [DynamicLayer() for _ in self.layers]
         super().reset()
         self._clear_static()
+
+
+def check_crop_count(tokens_to_remove: int) -> None:
+    """`crop` takes a negative count of tokens to remove, as `DynamicCache.crop` does for this use."""
+    if tokens_to_remove > 0:
+        raise ValueError(
+            f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. Use a negative integer "
+            "to remove that number of tokens from the cache."
+        )
 
 
 def check_static_room(cache: IvtpStaticCache, past_length: int, num_new: int) -> None:
