@@ -1,4 +1,4 @@
-"""`llava-ivtp` command line: `convert`, `flops`, `bench`, `eval`, `show`, `export-testbed`.
+"""`llava-ivtp` command line: `convert`, `flops`, `bench`, `eval`, `show`, `calibrate-tau`, `export-testbed`.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; only the named
 subcommand's module is imported, so `llava-ivtp flops` does not pay for the converter's imports and the reverse.
@@ -25,6 +25,8 @@ SUBCOMMANDS = {
     "bench": ("llava_ivtp.measuring.bench", "prefill/decode latency and memory: stock Llava vs IVTP"),
     "eval": ("llava_ivtp.evaluation.eval", "accuracy, TFLOPs and prefill time under a grid of pruning settings"),
     "show": ("llava_ivtp.evaluation.show", "a PNG of the patches each pruning setting keeps (paper Fig. 5)"),
+    "calibrate-tau": ("llava_ivtp.evaluation.calibrate",
+                      "set IVTP's relevance threshold tau to a quantile of the checkpoint's own CLIP relevances"),
     "export-testbed": ("llava_ivtp.testbed.export", "testbed questions as JSON lines + images and an lmms-eval task"),
 }
 # The key of the mark a command leaves in the JSON files it writes (`{"tool": "llava-ivtp eval", ...}`), by which

@@ -27,7 +27,28 @@ def test_geometry_has_144_patches():
 def test_every_answer_follows_from_the_scene(index):
     scene = testbed.example("train", index)
     assert testbed.MIN_OBJECTS <= len(scene.objects) <= testbed.MAX_OBJECTS
+    big = sum(not o.small for o in scene.objects)
+    assert testbed.BIG_OBJECTS[0] <= big <= testbed.BIG_OBJECTS[1]
+    assert testbed.SMALL_OBJECTS[0] <= len(scene.objects) - big <= testbed.SMALL_OBJECTS[1]
     check_answer(scene.question, scene.answer, scene.kind, scene.objects)
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_small_questions_ask_about_a_small_object_in_each_form(index):
+    """The `small` kind's three forms, drawn once per question (so they are balanced), each about a small object."""
+    scene = testbed.example("validation", index, kind="small")
+    check_answer(scene.question, scene.answer, scene.kind, scene.objects)
+    if scene.target is not None:
+        assert scene.target.small and len(scene.object_patches(scene.target)) >= 1
+    forms = [testbed.example("validation", i, kind="small").question.split()[0] for i in range(90)]
+    assert {form: forms.count(form) for form in set(forms)} == pytest.approx({"What": 30, "Where": 30, "Is": 30}, abs=10)
+
+
+def test_the_sparse_training_split_has_one_or_two_big_objects():
+    for index in range(12):
+        scene = testbed.example("sparse", index)
+        assert 1 <= sum(not o.small for o in scene.objects) <= 2
+        check_answer(scene.question, scene.answer, scene.kind, scene.objects)
 
 
 @pytest.mark.parametrize("index", range(20))
@@ -45,20 +66,24 @@ def check_answer(question, answer, kind, objects):
     """The answer of `question` (of `kind`) follows from `objects`."""
     assert answer in testbed.ANSWERS
     words = question.rstrip("?").split()
-    if kind == "color":
-        matches = [o for o in objects if o.shape == words[-1]]
-        assert len(matches) == 1 and matches[0].color == answer
-    elif kind == "shape":
+    small = "small" in words
+    assert small == (kind == "small")
+    if words[0] == "What" and words[1] == "color":
+        matches = [o for o in objects if o.shape == words[-1]]  # the shape once in the scene, of the asked size
+        assert len(matches) == 1 and matches[0].color == answer and matches[0].small == small
+    elif words[0] == "What":
         matches = [o for o in objects if o.color == words[-2]]
-        assert len(matches) == 1 and matches[0].shape == answer
-    elif kind == "where":
+        assert len(matches) == 1 and matches[0].shape == answer and not matches[0].small
+    elif words[0] == "Where":
         matches = [o for o in objects if o.shape == words[-1]]
         assert len(matches) == 1 and matches[0].place == answer and matches[0].clearly_placed
-    elif kind == "count":
-        assert testbed.COUNTS[sum(o.color == words[2] for o in objects)] == answer
+        assert matches[0].small == small
+    elif words[0] == "How":
+        assert testbed.COUNTS[sum(o.color == words[2] for o in objects)] == answer  # big and small
     else:
         color, shape = words[-2], words[-1]
-        present = any(o.color == color and o.shape == shape for o in objects)
+        assert words[2] == ("an" if (words[3] if not small else "small")[0] in "aeiou" else "a")
+        present = any(o.color == color and o.shape == shape and (o.small or not small) for o in objects)
         assert answer == ("yes" if present else "no")
         assert {color, shape} <= {o.color for o in objects} | {o.shape for o in objects}  # "no" has distractors
 
@@ -66,6 +91,8 @@ def check_answer(question, answer, kind, objects):
 def test_patch_labels_mark_the_objects_patches():
     scene = testbed.example("train", 3)
     for obj in scene.objects:
+        if obj.small:
+            continue  # a small object may sit across patches: its patch is the one holding most of it
         row, column = obj.y // testbed.PATCH_SIZE, obj.x // testbed.PATCH_SIZE
         assert scene.patch_colors[row, column] == list(testbed.COLORS).index(obj.color) + 1
         assert scene.patch_shapes[row, column] == testbed.SHAPES.index(obj.shape) + 1
@@ -78,7 +105,7 @@ def test_object_patches_are_the_patches_labelled_with_the_object():
     for obj in scene.objects:
         patches = scene.object_patches(obj)
         centre = (obj.y // testbed.PATCH_SIZE) * testbed.GRID + obj.x // testbed.PATCH_SIZE
-        assert centre in patches
+        assert centre in patches or (obj.small and len(patches) == 1)
         for patch in patches:
             row, column = divmod(patch, testbed.GRID)
             assert testbed.SHAPES[scene.patch_shapes[row, column] - 1] == obj.shape
@@ -96,7 +123,7 @@ def test_bad_arguments():
         testbed.example("train", -1)
     assert testbed.scene_of("test:3").question == testbed.example("test", 3).question
     for spec in ("dev:3", "test", "test:-1", "test:x"):
-        with pytest.raises(ValueError, match=r"expected SPLIT:INDEX with SPLIT in \['train', 'validation', 'test'\]"):
+        with pytest.raises(ValueError, match=r"expected SPLIT:INDEX with SPLIT in \['train', 'validation', 'test', 'sparse'\]"):
             testbed.scene_of(spec)
 
 

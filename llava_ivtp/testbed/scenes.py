@@ -1,18 +1,27 @@
-"""The accuracy testbed's task: synthetic scenes of coloured shapes and questions whose answer depends on one object
-among distractors. Deterministic by split and index; nothing is downloaded.
+"""The accuracy testbed's task (v2): synthetic scenes of big and small coloured shapes and questions whose answer
+depends on one object among distractors, or on every object of a colour. Deterministic by split and index; nothing
+is downloaded.
 
 Each scene is a 192 px image (12 x 12 = 144 patches of 16 px, so 64 / 32 / 16 kept tokens are 44% / 22% / 11%) with
-4-8 objects (6 shapes x 6 colours, 22-38 px) on a cluttered grey background (a soft texture with grey specks and
-strokes). A question is one of five kinds, each with a one-word answer:
+3-6 big objects (24-38 px) and 2-3 small ones (12-16 px, about one patch), 6 shapes x 6 colours, on a cluttered grey
+background (a soft texture with grey specks and strokes). A question is one of six kinds, each with a one-word
+answer:
 
-- `color`: "What color is the star?" (the shape occurs once in the scene);
-- `shape`: "What shape is the purple object?" (the colour occurs once);
-- `exists`: "Is there a green triangle?" (yes / no, balanced; a "no" scene holds that colour and that shape apart);
-- `where`: "Where is the circle?" (left / middle / right by the object's centre, at least 8 px from a third's edge);
-- `count`: "How many red objects are there?" (zero .. four).
+- `color`: "What color is the star?" (a big object; the shape occurs once in the scene, big or small);
+- `shape`: "What shape is the purple object?" (a big object; the colour occurs once in the scene);
+- `exists`: "Is there a green triangle?" (any size; yes / no balanced; a "no" scene holds that colour and that shape
+  apart);
+- `where`: "Where is the circle?" (a big object, its shape once in the scene; left / middle / right by its centre,
+  at least 8 px from a third's edge);
+- `count`: "How many red objects are there?" (big and small; zero .. four): every object of the colour counts;
+- `small`: a question about one small object, named by the question, in one of three forms: "What color is the
+  small star?", "Where is the small star?" (its shape once in the scene), "Is there a small green triangle?" (a "no"
+  scene holds green and triangle apart, or a big green triangle only). The kind where what to keep depends on the
+  question: the object covers one to four patches of 144.
 
-A scene also has a caption (for CLIP's contrastive training) and per-patch labels (the colour and shape covering
-most of each patch, 0 for background) that training may use as auxiliary supervision.
+A scene also has a caption (for CLIP's contrastive training: "a small red star on the left, ...") and per-patch
+labels (the object covering most of each patch and its colour and shape, 0 for background; a small object also
+labels the patch holding most of it) that training may use as auxiliary supervision.
 """
 
 from __future__ import annotations
@@ -36,13 +45,19 @@ COLORS = {
     "orange": (240, 128, 28),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
-QUESTION_KINDS = ("color", "shape", "exists", "where", "count")
+QUESTION_KINDS = ("color", "shape", "exists", "where", "count", "small")
 PLACES = ("left", "middle", "right")
+SMALL_FORMS = ("color", "where", "exists")  # what a `small` question asks of the small object
 COUNTS = ("zero", "one", "two", "three", "four")
 ANSWERS = (*COLORS, *SHAPES, "yes", "no", *PLACES, *COUNTS)
-SPLITS = {"train": 0, "validation": 1, "test": 2}
-MIN_OBJECTS, MAX_OBJECTS = 4, 8
-MIN_SIZE, MAX_SIZE = 22, 38
+SPLITS = {"train": 0, "validation": 1, "test": 2, "sparse": 3}
+# `sparse` is a training split of simpler scenes (1-2 big objects, see `scene_objects`): a question about a big
+# object's place can be answered there from every object's features together, which is where a model starts learning
+# to read place; validation and test have only the full scenes.
+SPARSE_BIG_OBJECTS = (1, 2)
+BIG_OBJECTS, SMALL_OBJECTS = (3, 6), (2, 3)  # how many of each, inclusive
+BIG_SIZES, SMALL_SIZES = (24, 38), (12, 16)  # bounding box side, px, inclusive
+MIN_OBJECTS, MAX_OBJECTS = BIG_OBJECTS[0] + SMALL_OBJECTS[0], BIG_OBJECTS[1] + SMALL_OBJECTS[1]
 PLACE_MARGIN = 8  # px an object's centre keeps from the edge of its third, so "where" has one answer
 
 
@@ -53,6 +68,10 @@ class SceneObject:
     x: int  # centre, px
     y: int
     size: int  # bounding box side, px
+
+    @property
+    def small(self) -> bool:
+        return self.size <= SMALL_SIZES[1]
 
     @property
     def place(self) -> str:
@@ -79,6 +98,7 @@ class Example:
     caption: str
     patch_colors: np.ndarray = field(repr=False)  # (GRID, GRID) int: 0 background, 1 + index in COLORS
     patch_shapes: np.ndarray = field(repr=False)  # (GRID, GRID) int: 0 background, 1 + index in SHAPES
+    patch_objects: np.ndarray = field(repr=False)  # (GRID, GRID) int: 0 background, 1 + index in `objects`
     target: SceneObject | None = None  # the object the question is about (None for count / a "no")
 
     def record(self) -> dict:
@@ -86,10 +106,9 @@ class Example:
         return {"image": self.image, "question": self.question, "answers": [self.answer], "kind": self.kind}
 
     def object_patches(self, obj: SceneObject) -> set[int]:
-        """The flat indices (row-major over the GRID x GRID patches) of the patches labelled with `obj`'s colour and
-        shape -- the patches that show it (and any other object of the same colour and shape)."""
-        color, shape = list(COLORS).index(obj.color) + 1, SHAPES.index(obj.shape) + 1
-        found = (self.patch_colors.reshape(-1) == color) & (self.patch_shapes.reshape(-1) == shape)
+        """The flat indices (row-major over the GRID x GRID patches) of the patches labelled with `obj` -- the
+        patches that show it."""
+        found = self.patch_objects.reshape(-1) == self.objects.index(obj) + 1
         return set(np.flatnonzero(found).tolist())
 
 
@@ -104,19 +123,22 @@ def example(split: str, index: int, kind: str | None = None) -> Example:
         raise ValueError(f"`kind` must be one of {list(QUESTION_KINDS)}, got {kind!r}.")
     rng, objects, (question, answer, target) = _draw(split, index, kind)
     image, labels = _render(rng, objects)
-    patch_colors, patch_shapes = _patch_labels(labels, objects)
+    patch_objects = patch_object_labels(labels, objects)
+    patch_colors, patch_shapes = _attribute_labels(patch_objects, objects)
     return Example(
         split=split, index=index, image=image, question=question, answer=answer, kind=kind, objects=objects,
-        caption=caption(objects, rng), patch_colors=patch_colors, patch_shapes=patch_shapes, target=target,
+        caption=caption(objects, rng), patch_colors=patch_colors, patch_shapes=patch_shapes,
+        patch_objects=patch_objects, target=target,
     )
 
 
 def _draw(split: str, index: int, kind: str):
     """The random stream of example `(split, index, kind)`, its objects and its question (nothing drawn yet)."""
     rng = np.random.default_rng([SPLITS[split], index, QUESTION_KINDS.index(kind)])
+    form = SMALL_FORMS[int(rng.integers(len(SMALL_FORMS)))] if kind == "small" else None  # drawn once: balanced
     while True:  # a scene that cannot carry this kind of question is drawn again (from the same stream)
-        objects = _scene_objects(rng)
-        asked = _question(rng, kind, objects)
+        objects = _scene_objects(rng, SPARSE_BIG_OBJECTS if split == "sparse" else BIG_OBJECTS)
+        asked = _question(rng, kind, objects, form)
         if asked is not None:
             return rng, objects, asked
 
@@ -153,77 +175,95 @@ def examples(split: str, count: int, start: int = 0) -> list[Example]:
 
 
 def caption(objects: list[SceneObject], rng: np.random.Generator | None = None) -> str:
-    """"a red star on the left, a blue circle in the middle, ...", objects in a random order."""
+    """"a red star on the left, a small blue circle in the middle, ...", objects in a random order."""
     order = list(range(len(objects))) if rng is None else list(rng.permutation(len(objects)))
     where = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
-    return ", ".join(
-        f"{'an' if objects[i].color[0] in 'aeiou' else 'a'} {objects[i].color} {objects[i].shape} "
-        f"{where[objects[i].place]}"
-        for i in order
-    )
+    words = [f"{'small ' if objects[i].small else ''}{objects[i].color} {objects[i].shape} {where[objects[i].place]}"
+             for i in order]
+    return ", ".join(f"{'an' if word[0] in 'aeiou' else 'a'} {word}" for word in words)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scenes and questions
 # ----------------------------------------------------------------------------------------------------------------
-def _scene_objects(rng: np.random.Generator) -> list[SceneObject]:
-    count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+def _scene_objects(rng: np.random.Generator, big_objects: tuple[int, int]) -> list[SceneObject]:
+    """Big objects first (`big_objects`: how many, inclusive), then small ones, none closer than 4 px to another."""
     objects: list[SceneObject] = []
-    attempts = 0
-    while len(objects) < count and attempts < 500:
-        attempts += 1
-        size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
-        half = size // 2 + 2
-        x, y = (int(v) for v in rng.integers(half, IMAGE_SIZE - half, size=2))
-        if any(abs(x - o.x) < (size + o.size) // 2 + 4 and abs(y - o.y) < (size + o.size) // 2 + 4 for o in objects):
-            continue
-        color = list(COLORS)[int(rng.integers(len(COLORS)))]
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        objects.append(SceneObject(color, shape, x, y, size))
+    for (low, high), (smallest, largest) in ((big_objects, BIG_SIZES), (SMALL_OBJECTS, SMALL_SIZES)):
+        count, placed, attempts = int(rng.integers(low, high + 1)), 0, 0
+        while placed < count and attempts < 500:
+            attempts += 1
+            size = int(rng.integers(smallest, largest + 1))
+            half = size // 2 + 2
+            x, y = (int(v) for v in rng.integers(half, IMAGE_SIZE - half, size=2))
+            if any(abs(x - o.x) < (size + o.size) // 2 + 4 and abs(y - o.y) < (size + o.size) // 2 + 4
+                   for o in objects):
+                continue
+            color = list(COLORS)[int(rng.integers(len(COLORS)))]
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            objects.append(SceneObject(color, shape, x, y, size))
+            placed += 1
     return objects
 
 
-def _question(rng, kind: str, objects: list[SceneObject]):
-    """`(question, answer, target)` of `kind` about `objects`, or None when the scene cannot carry one."""
-    def unique(attribute):
+def _question(rng, kind: str, objects: list[SceneObject], form: str | None = None):
+    """`(question, answer, target)` of `kind` about `objects`, or None when the scene cannot carry one; `form` is
+    the form of a `small` question (drawn when None)."""
+    def unique(attribute, small=False):
         values = [getattr(o, attribute) for o in objects]
-        return [o for o in objects if values.count(getattr(o, attribute)) == 1]
+        return [o for o in objects if values.count(getattr(o, attribute)) == 1 and o.small == small]
+
+    def pick(candidates):
+        return candidates[int(rng.integers(len(candidates)))] if candidates else None
 
     if kind == "color":
-        candidates = unique("shape")
-        if not candidates:
-            return None
-        target = candidates[int(rng.integers(len(candidates)))]
-        return f"What color is the {target.shape}?", target.color, target
+        target = pick(unique("shape"))
+        return None if target is None else (f"What color is the {target.shape}?", target.color, target)
     if kind == "shape":
-        candidates = unique("color")
-        if not candidates:
-            return None
-        target = candidates[int(rng.integers(len(candidates)))]
-        return f"What shape is the {target.color} object?", target.shape, target
+        target = pick(unique("color"))
+        return None if target is None else (f"What shape is the {target.color} object?", target.shape, target)
     if kind == "where":
-        candidates = [o for o in unique("shape") if o.clearly_placed]
-        if not candidates:
-            return None
-        target = candidates[int(rng.integers(len(candidates)))]
-        return f"Where is the {target.shape}?", target.place, target
+        target = pick([o for o in unique("shape") if o.clearly_placed])
+        return None if target is None else (f"Where is the {target.shape}?", target.place, target)
     if kind == "count":
         color = list(COLORS)[int(rng.integers(len(COLORS)))]
         number = sum(o.color == color for o in objects)
         if number >= len(COUNTS):
             return None
         return f"How many {color} objects are there?", COUNTS[number], None
-    # exists: yes for a pair in the scene; no for a pair whose colour and shape are both in the scene, apart
-    present = {(o.color, o.shape) for o in objects}
+    if kind == "small":
+        form = form or SMALL_FORMS[int(rng.integers(len(SMALL_FORMS)))]
+        if form == "exists":
+            return _exists(rng, objects, small=True)
+        candidates = unique("shape", small=True)
+        if form == "where":
+            target = pick([o for o in candidates if o.clearly_placed])
+            return None if target is None else (f"Where is the small {target.shape}?", target.place, target)
+        target = pick(candidates)
+        return None if target is None else (f"What color is the small {target.shape}?", target.color, target)
+    return _exists(rng, objects, small=False)
+
+
+def _exists(rng, objects: list[SceneObject], small: bool):
+    """"Is there a (small) green triangle?": yes for a pair in the scene (a small one when `small`); no for a pair
+    whose colour and shape are both in the scene apart, or (when `small`) a pair the scene holds only big."""
+    asked = [o for o in objects if o.small] if small else objects
+    present = {(o.color, o.shape) for o in asked}
+    def question(color, shape):
+        words = f"{'small ' if small else ''}{color} {shape}"
+        return f"Is there {'an' if words[0] in 'aeiou' else 'a'} {words}?"
+
     if rng.random() < 0.5:
-        target = objects[int(rng.integers(len(objects)))]
-        return f"Is there a {target.color} {target.shape}?", "yes", target
+        if not asked:  # every small object failed to find room
+            return None
+        target = asked[int(rng.integers(len(asked)))]
+        return question(target.color, target.shape), "yes", target
     colors, shapes = {o.color for o in objects}, {o.shape for o in objects}
     absent = sorted((c, s) for c in colors for s in shapes if (c, s) not in present)
     if not absent:
         return None
     color, shape = absent[int(rng.integers(len(absent)))]
-    return f"Is there a {color} {shape}?", "no", None
+    return question(color, shape), "no", None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,24 +325,26 @@ def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, fill) -> None:
         draw.polygon(points, fill=fill)
 
 
-def _patch_labels(labels: np.ndarray, objects: list[SceneObject]) -> tuple[np.ndarray, np.ndarray]:
-    """Per patch, the colour and shape class of the object covering most of it (at least a quarter), else 0."""
-    patches = labels.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).transpose(0, 2, 1, 3).reshape(GRID, GRID, -1)
-    colors = np.zeros((GRID, GRID), dtype=np.int64)
-    shapes = np.zeros((GRID, GRID), dtype=np.int64)
-    color_ids = {name: i + 1 for i, name in enumerate(COLORS)}
-    for row in range(GRID):
-        for column in range(GRID):
-            values, counts = np.unique(patches[row, column], return_counts=True)
-            best = max(((c, v) for v, c in zip(values, counts) if v > 0), default=None)
-            if best is not None and best[0] >= PATCH_SIZE * PATCH_SIZE // 4:
-                obj = objects[best[1] - 1]
-                colors[row, column] = color_ids[obj.color]
-                shapes[row, column] = SHAPES.index(obj.shape) + 1
-    return colors, shapes
+def patch_object_labels(labels: np.ndarray, objects: list[SceneObject]) -> np.ndarray:
+    """Per patch, `1 + i` for the object `i` covering most of it when that covers at least a quarter of it, else 0;
+    a small object also labels the patch holding most of it (so every object has at least one patch)."""
+    patches = labels.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
+    cover = np.stack([(patches == index + 1).sum(axis=1) for index in range(len(objects))], axis=1)
+    owner = np.where(cover.max(axis=1) >= PATCH_SIZE * PATCH_SIZE // 4, cover.argmax(axis=1) + 1, 0)
+    for index, obj in enumerate(objects):
+        if obj.small and not (owner == index + 1).any():
+            owner[int(cover[:, index].argmax())] = index + 1
+    return owner.reshape(GRID, GRID)
+
+
+def _attribute_labels(patch_objects: np.ndarray, objects: list[SceneObject]) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch, the colour class and shape class of the object `patch_objects` names (0 background)."""
+    colors = np.array([0] + [list(COLORS).index(o.color) + 1 for o in objects])
+    shapes = np.array([0] + [SHAPES.index(o.shape) + 1 for o in objects])
+    return colors[patch_objects], shapes[patch_objects]
 
 
 __all__ = [
     "ANSWERS", "COLORS", "COUNTS", "Example", "GRID", "IMAGE_SIZE", "PATCH_SIZE", "PLACES", "QUESTION_KINDS",
-    "SHAPES", "SPLITS", "SceneObject", "caption", "example", "examples", "training_turns",
+    "SHAPES", "SPLITS", "SceneObject", "caption", "example", "examples", "patch_object_labels", "training_turns",
 ]

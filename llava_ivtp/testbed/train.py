@@ -72,10 +72,20 @@ def _scene_arrays(job: tuple[str, int]) -> dict:
         "caption": scene.caption,
         "patch_colors": scene.patch_colors.reshape(-1),
         "patch_shapes": scene.patch_shapes.reshape(-1),
+        **object_labels(scene),
         "question": scene.question,
         "answer": scene.answer,
         "kind": scene.kind,
     }
+
+
+def object_labels(scene: scenes.Example) -> dict:
+    """Per patch, the place (third) and the size of the object covering it: `patch_thirds` 0 background, 1 + index
+    in `scenes.PLACES`; `patch_sizes` 0 background, 1 big, 2 small."""
+    owners = scene.patch_objects.reshape(-1)
+    thirds = np.array([0] + [1 + scenes.PLACES.index(o.place) for o in scene.objects])
+    sizes = np.array([0] + [2 if o.small else 1 for o in scene.objects])
+    return {"patch_thirds": thirds[owners], "patch_sizes": sizes[owners]}
 
 
 def build_split(split: str, count: int, work: Path, workers: int = 2) -> dict:
@@ -123,6 +133,8 @@ class TinyClip(nn.Module):
         self.color_head = nn.Linear(VISION["hidden_size"], len(scenes.COLORS) + 1)
         self.shape_head = nn.Linear(VISION["hidden_size"], len(scenes.SHAPES) + 1)
         self.place_head = nn.Linear(VISION["hidden_size"], 2 * scenes.GRID)  # the patch's row and column
+        # the place (third) and the size of the object covering the patch
+        self.object_head = nn.Linear(VISION["hidden_size"], len(scenes.PLACES) + 1 + 3)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, pixels: torch.Tensor, text_ids: torch.Tensor | None):
@@ -135,7 +147,8 @@ class TinyClip(nn.Module):
         if text_ids is not None:
             features = clip_token_features(self.text, text_ids)
             text = F.normalize(features[torch.arange(text_ids.shape[0]), text_ids.argmax(dim=-1)], dim=-1)
-        return image, text, self.color_head(patches), self.shape_head(patches), self.place_head(patches)
+        return (image, text, self.color_head(patches), self.shape_head(patches), self.place_head(patches),
+                self.object_head(patches))
 
 
 AUXILIARY_ONLY_SHARE = 1 / 3  # of the CLIP's steps train on the patch labels alone, before the contrastive loss joins
@@ -158,6 +171,17 @@ def place_loss(place_logits: torch.Tensor) -> torch.Tensor:
             + F.cross_entropy(column_logits.flatten(0, 1), columns.repeat(batch))) / 2
 
 
+def object_loss(object_logits: torch.Tensor, thirds: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the object head: the covering object's third and size (background weighted as in the shape
+    loss)."""
+    third_logits, size_logits = object_logits.split([len(scenes.PLACES) + 1, 3], dim=-1)
+    third_weights = torch.ones(len(scenes.PLACES) + 1)
+    third_weights[0] = BACKGROUND_SHAPE_WEIGHT
+    size_weights = torch.tensor([BACKGROUND_SHAPE_WEIGHT, 1.0, 1.0])
+    return (F.cross_entropy(third_logits.flatten(0, 1), thirds.flatten(), weight=third_weights)
+            + F.cross_entropy(size_logits.flatten(0, 1), sizes.flatten(), weight=size_weights)) / 2
+
+
 def clip_tokens(texts) -> torch.Tensor:
     import open_clip
 
@@ -174,6 +198,7 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
     train_pixels, val_pixels = pixel_values(train["image"]), pixel_values(val["image"])
     train_text, val_text = clip_tokens(train["caption"]), clip_tokens(val["caption"])
     train_colors, train_shapes = torch.from_numpy(train["patch_colors"]), torch.from_numpy(train["patch_shapes"])
+    train_thirds, train_sizes = torch.from_numpy(train["patch_thirds"]), torch.from_numpy(train["patch_sizes"])
 
     model = TinyClip()
     # Background patches (most of them) count BACKGROUND_SHAPE_WEIGHT in the shape loss: enough that background
@@ -190,7 +215,7 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
     for step in range(steps):
         index = torch.randint(0, train_count, (batch_size,), generator=generator)
         warming = step < steps * AUXILIARY_ONLY_SHARE  # first the patch labels alone (see the module docstring)
-        image, text, color_logits, shape_logits, place_logits = model(
+        image, text, color_logits, shape_logits, place_logits, object_logits = model(
             train_pixels[index], None if warming else train_text[index])
         if warming:
             contrastive = torch.zeros(())
@@ -202,6 +227,7 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
             F.cross_entropy(color_logits.flatten(0, 1), train_colors[index].flatten())
             + F.cross_entropy(shape_logits.flatten(0, 1), train_shapes[index].flatten(), weight=shape_weights)
             + place_loss(place_logits)
+            + object_loss(object_logits, train_thirds[index], train_sizes[index])
         )
         loss = contrastive + AUXILIARY_WEIGHT * auxiliary
         optimizer.zero_grad(set_to_none=True)
@@ -229,9 +255,10 @@ def evaluate_clip(model: TinyClip, pixels: torch.Tensor, text_ids: torch.Tensor,
     """Image-to-text retrieval among `chunk` scenes, and per-patch colour / shape accuracy on object patches."""
     model.eval()
     correct, total, color_hits, shape_hits, column_hits, object_patches = 0, 0, 0, 0, 0, 0
+    third_hits, small_hits, small_shape_hits, small_patches = 0, 0, 0, 0
     _, columns = patch_places()
     for begin in range(0, pixels.shape[0], chunk):
-        image, text, color_logits, shape_logits, place_logits = model(
+        image, text, color_logits, shape_logits, place_logits, object_logits = model(
             pixels[begin:begin + chunk], text_ids[begin:begin + chunk])
         correct += int((image @ text.t()).argmax(dim=1).eq(torch.arange(image.shape[0])).sum())
         total += image.shape[0]
@@ -242,10 +269,18 @@ def evaluate_clip(model: TinyClip, pixels: torch.Tensor, text_ids: torch.Tensor,
         shape_hits += int((shape_logits.argmax(-1) == shapes)[on_object].sum())
         column_hits += int((place_logits[..., scenes.GRID:].argmax(-1) == columns)[on_object].sum())
         object_patches += int(on_object.sum())
+        thirds = torch.from_numpy(data["patch_thirds"][begin:begin + chunk])
+        small = torch.from_numpy(data["patch_sizes"][begin:begin + chunk]) == 2
+        third_logits, size_logits = object_logits.split([len(scenes.PLACES) + 1, 3], dim=-1)
+        third_hits += int((third_logits.argmax(-1) == thirds)[on_object].sum())
+        small_hits += int((size_logits.argmax(-1) == 2)[small].sum())
+        small_shape_hits += int((shape_logits.argmax(-1) == shapes)[small].sum())
+        small_patches += int(small.sum())
     return {
         "image_to_text_retrieval": correct / total, "retrieval_pool": chunk,
         "patch_color_accuracy": color_hits / object_patches, "patch_shape_accuracy": shape_hits / object_patches,
-        "patch_column_accuracy": column_hits / object_patches,
+        "patch_column_accuracy": column_hits / object_patches, "patch_object_third_accuracy": third_hits / object_patches,
+        "small_patch_size_accuracy": small_hits / small_patches, "small_patch_shape_accuracy": small_shape_hits / small_patches,
     }
 
 
@@ -446,6 +481,17 @@ def llava_loss(model, ids, labels, features, attention_mask=None, position_ids=N
     return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def cached_features(model, split: str, count: int, work: Path, clip_digest: str) -> torch.Tensor:
+    """The frozen tower's features of scenes `0..count-1` of `split`, cached in `work` under the name of the CLIP
+    they came from (so a retrained CLIP in the same work folder never meets the features of an earlier one)."""
+    cached = work / f"features-{split}-{count}-clip-{clip_digest}.pt"
+    if cached.is_file():
+        return torch.load(cached, weights_only=True)
+    features = vision_features(model, pixel_values(build_split(split, count, work)["image"]))
+    torch.save(features, cached)
+    return features
+
+
 def init_projector(model) -> None:
     """LLaVA's projector (linear, GELU, linear) with weights N(0, 1 / fan_in) and zero biases, so the visual tokens
     enter the LLM at the scale of the CLIP features (norm ~40 here) instead of ~0.02 x that (the text config's
@@ -457,11 +503,16 @@ def init_projector(model) -> None:
 
 
 def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_size: int, lr: float, seed: int,
-                questions: int = 24, resume: bool = False, log=print) -> dict:
+                questions: int = 24, sparse: int = 0, sparse_share: float = 0.0, resume: bool = False,
+                log=print) -> dict:
     """Projector + Llama at full tokens, vision tower and CLIP frozen. Each training row is one scene with up to
     `questions` distinct questions about it (`scenes.training_turns`), packed so that each question sees the image
-    and itself only (`QuestionPacker`): the evaluation prompt, many answers per image forward. `resume` continues
-    from `work`'s saved model and tokenizer for `steps` more (a new warm-up and cosine decay)."""
+    and itself only (`QuestionPacker`): the evaluation prompt, many answers per image forward. A share
+    `sparse_share` of each batch's rows comes from the first `sparse` scenes of the `sparse` split (1-2 big objects:
+    see `scenes.SPLITS`). `resume` continues from `work`'s saved model and tokenizer for `steps` more (a new warm-up
+    and cosine decay)."""
+    if sparse_share and not sparse:
+        raise ValueError("sparse_share > 0 needs sparse scenes (sparse > 0).")
     start = time.time()
     train = build_split("train", train_count, work)
     val = build_split("validation", val_count, work)
@@ -484,14 +535,13 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     # The frozen tower's features, reused by a resumed run; named by the CLIP they came from, so a retrained CLIP
     # in the same work folder never meets the features of an earlier one.
     clip_digest = hashlib.sha256((work / "clip.pt").read_bytes()).hexdigest()[:12]
-    cached = work / f"features-train-{train_count}-clip-{clip_digest}.pt"
-    if cached.is_file():
-        features = torch.load(cached, weights_only=True)
-    else:
-        features = vision_features(model, pixel_values(train["image"]))
-        torch.save(features, cached)
+    features = cached_features(model, "train", train_count, work, clip_digest)
     conversations = [[(q, a) for q, a, _ in scenes.training_turns("train", index, questions)]
                      for index in range(train_count)]
+    sparse_features = cached_features(model, "sparse", sparse, work, clip_digest) if sparse else None
+    sparse_conversations = [[(q, a) for q, a, _ in scenes.training_turns("sparse", index, questions)]
+                            for index in range(sparse)]
+    sparse_rows = round(batch_size * sparse_share)
     log(f"features and {sum(map(len, conversations))} questions of {train_count} scenes in {time.time() - start:.0f} s; "
         f"vocabulary {len(tokenizer)}")
     packer = QuestionPacker(tokenizer, model.config.num_patches, model.config.image_token_id)
@@ -509,9 +559,14 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     torch.manual_seed(seed)
     model.train()
     for step in range(steps):
-        index = torch.randint(0, train_count, (batch_size,), generator=generator).tolist()
-        ids, labels, positions, mask = packer([conversations[scene] for scene in index])
-        loss = llava_loss(model, ids, labels, features[index], mask, positions)
+        index = torch.randint(0, train_count, (batch_size - sparse_rows,), generator=generator).tolist()
+        rows, row_features = [conversations[scene] for scene in index], features[index]
+        if sparse_rows:
+            extra = torch.randint(0, sparse, (sparse_rows,), generator=generator).tolist()
+            rows += [sparse_conversations[scene] for scene in extra]
+            row_features = torch.cat([row_features, sparse_features[extra]])
+        ids, labels, positions, mask = packer(rows)
+        loss = llava_loss(model, ids, labels, row_features, mask, positions)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -656,7 +711,7 @@ Load with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=T
 
 
 CLIP_DEFAULTS = {"steps": 1200, "batch_size": 32, "lr": 1e-3}
-LLAVA_DEFAULTS = {"steps": 1500, "batch_size": 16, "lr": 1e-3, "questions": 24}
+LLAVA_DEFAULTS = {"steps": 1500, "batch_size": 16, "lr": 1e-3, "questions": 24, "sparse": 4000, "sparse_share": 0.25}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -677,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
             stage.add_argument("--overwrite", action="store_true")
             stage.add_argument("--clip-steps", type=int, default=CLIP_DEFAULTS["steps"])
             stage.add_argument("--llava-steps", type=int, default=LLAVA_DEFAULTS["steps"])
+            stage.add_argument("--sparse", type=int, default=LLAVA_DEFAULTS["sparse"],
+                               help="sparse-split scenes the LLaVA stage mixes in")
             continue
         for option, value in (CLIP_DEFAULTS if name == "clip" else LLAVA_DEFAULTS).items():
             stage.add_argument(f"--{option.replace('_', '-')}", type=type(value), default=value)
@@ -709,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
                    {key: getattr(args, key) for key in CLIP_DEFAULTS})
         train_clip(**common, **options, log=log)
     if args.stage in ("llava", "all"):
-        options = ({**LLAVA_DEFAULTS, "steps": args.llava_steps} if args.stage == "all" else
+        options = ({**LLAVA_DEFAULTS, "steps": args.llava_steps, "sparse": args.sparse} if args.stage == "all" else
                    {**{key: getattr(args, key) for key in LLAVA_DEFAULTS}, "resume": args.resume})
         train_llava(**common, **options, log=log)
     if args.stage in ("save", "all"):
