@@ -27,17 +27,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def object_patches(scene: testbed.Example) -> dict[str, set[int]]:
-    """Per object ("red star"), the patches labelled with its colour and shape."""
-    return {f"{obj.color} {obj.shape}": scene.object_patches(obj) for obj in scene.objects}
+    """Per object ("red star", "small blue circle"), the patches that show it."""
+    return {f"{'small ' if obj.small else ''}{obj.color} {obj.shape}": scene.object_patches(obj) for obj in scene.objects}
 
 
 def default_questions(scene: testbed.Example) -> list[str]:
-    """"What color is the X?" for the first two shapes that occur once in the scene."""
+    """"What color is the (small) X?" for the first two objects whose shape occurs once in the scene."""
     shapes = [obj.shape for obj in scene.objects]
-    unique = [shape for shape in dict.fromkeys(shapes) if shapes.count(shape) == 1]
+    unique = [obj for obj in scene.objects if shapes.count(obj.shape) == 1]
     if len(unique) < 2:
         raise SystemExit("this scene has fewer than two shapes that occur once; give --question twice")
-    return [f"What color is the {shape}?" for shape in unique[:2]]
+    return [f"What color is the {'small ' if obj.small else ''}{obj.shape}?" for obj in unique[:2]]
 
 
 def main(argv=None) -> dict:

@@ -6,7 +6,7 @@ The testbed model (`models/llava-ivtp-testbed`) is a tiny LLaVA trained here by
 `llava_ivtp/testbed/scenes.py` (scenes of coloured shapes, one-word answers); it loads like any remote-code
 checkpoint. Nothing is downloaded. `docs/accuracy.md` has its accuracy under every pruning setting.
 
-    python examples/quickstart.py [--model DIR] [--scene test:7] [--question "What color is the star?"]
+    python examples/quickstart.py [--model DIR] [--scene test:5] [--question "Where is the small star?"]
                                   [--visual-tokens 16] [--out quickstart.png]
 """
 
@@ -60,7 +60,7 @@ def answer(model, processor, image, question: str, setting: str) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(TESTBED_MODEL), help="a testbed checkpoint (folder or hub id)")
-    parser.add_argument("--scene", default="test:7", metavar="SPLIT:INDEX", help="a generated testbed scene")
+    parser.add_argument("--scene", default="test:5", metavar="SPLIT:INDEX", help="a generated testbed scene (test:5: the first test question about a small object)")
     parser.add_argument("--question", default=None, help="default: the scene's own question")
     parser.add_argument("--visual-tokens", type=int, default=16, help="visual tokens left in the LLM's last layers")
     parser.add_argument("--repeats", type=int, default=15, help="timed prefills per setting (median reported)")

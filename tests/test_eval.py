@@ -163,3 +163,16 @@ def test_quickstart_answers_with_and_without_pruning_and_draws_the_kept_patches(
                        r"prefill [0-9.]+ ms$", output, flags=re.MULTILINE)
     assert pruned and pruned.group(2).split(", ")[-1] == "16", output
     assert "prefill speed-up" in output and Image.open(picture).size[0] > 0
+
+
+def test_testbed_ranges_start_where_asked_and_bad_specs_are_refused():
+    from llava_ivtp.evaluation.eval import load_records
+    from llava_ivtp.testbed import scenes as testbed
+
+    records, description = load_records("testbed:test:1000", 3)
+    assert description == "testbed test 1000..1002"
+    assert [r["question"] for r in records] == [testbed.example("test", i).question for i in (1000, 1001, 1002)]
+    assert load_records("testbed:validation", 2)[1] == "testbed validation 0..1"
+    for spec in ("testbed:dev", "testbed:test:-1", "testbed:test:x", "testbedx:test"):
+        with pytest.raises(EvalError, match=r"expected testbed\[:SPLIT\[:START\]\]"):
+            load_records(spec, 2)

@@ -107,7 +107,7 @@ def test_guided_pruning_example_reports_each_question_on_the_testbed_model(tmp_p
     output = run_example("guided_pruning.py", "--out", str(tmp_path / "guided.png"))
     answers = re.findall(r"^Q(\d): (.+) -> '(\w*)' \(ivtp@16\)$", output, flags=re.MULTILINE)
     assert [number for number, _, _ in answers] == ["1", "2"]
-    shares = re.findall(r"^ +([a-z]+ [a-z]+): +(\d+)% of its patches", output, flags=re.MULTILINE)
+    shares = re.findall(r"^ +((?:small )?[a-z]+ [a-z]+): +(\d+)% of its patches", output, flags=re.MULTILINE)
     assert shares and all(0 <= int(share) <= 100 for _, share in shares)
     assert (tmp_path / "guided-1.png").is_file() and (tmp_path / "guided-2.png").is_file()
     summary = re.search(r"kept by both questions: (\d+); only by the first: (\d+); only by the second: (\d+)", output)

@@ -105,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder or hub id (loaded with trust_remote_code)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", type=Path, help="an image file (with --question)")
-    source.add_argument("--testbed", metavar="SPLIT:INDEX", help="a testbed scene and its question, e.g. test:3")
+    source.add_argument("--testbed", metavar="SPLIT:INDEX", help="a testbed scene and its question, e.g. test:5 (a question about a small object)")
     parser.add_argument("--question", default=None)
     parser.add_argument("--settings", nargs="+", default=["stage1@16", "ivtp@16"])
     parser.add_argument("--out", type=Path, required=True,

@@ -10,16 +10,19 @@ CLIP = the HF CLIP vision tower as LLaVA uses it (192 px, patch 16, 144 patches)
 visual projection, trained with CLIP's symmetric contrastive loss on the scene captions. Auxiliary supervision makes
 the patch features informative: linear heads on the feature layer's patch tokens predict each patch's colour class
 and shape class (0 = background) from `Example.patch_colors` / `patch_shapes`, background patches weighted 0.1 in
-the shape loss, and the patch's own row and column (without it the object patches' features lost their place: a
-linear probe read the column third at 0.38, chance 0.33, and the LLM could not learn "where"); the heads are thrown
-away after training. The first third of the steps trains on these labels alone and the rest adds the contrastive
+the shape loss, the patch's own row and column (without it the object patches' features lost their place: a linear
+probe read the column third at 0.38, chance 0.33), and the third (left / middle / right) and the size (big / small)
+of the object covering the patch, so that every patch of an object carries its place and size as it carries its
+colour; the heads are thrown away after training. The first third of the steps trains on these labels alone and the rest adds the contrastive
 loss (trained jointly from the start, the contrastive gradient kept the shape head at chance for 450 steps; alone,
 shape reached 0.55 in 250). There is no
 per-token text-to-image objective (it would favour IVTP's eq. 6).
 
 LLaVA = that vision tower frozen, a projector and a small Llama trained at full tokens (pruning only at inference,
 the paper's pure-inference setting) on many questions per scene packed in one row (each sees the image and itself),
-with a BPE tokenizer trained on the task's text.
+with a BPE tokenizer trained on the task's text. A quarter of each batch's scenes come from the `sparse` training
+split (1-2 big objects): there the place of the object a `where` question names can be read from all the objects
+together, which is how a model starts to read place before it learns to pick the named object among many.
 """
 
 from __future__ import annotations
@@ -693,13 +696,16 @@ tags: [llava, ivtp, token-pruning, testbed]
 
 A tiny LLaVA-IVTP trained from scratch by `python -m llava_ivtp.testbed.train` on the synthetic task of
 `llava_ivtp/testbed/scenes.py` (scenes of coloured shapes, one-word answers), to measure what pruning costs in
-accuracy. Not a general model: it knows 6 colours, 6 shapes, and five kinds of question.
+accuracy. Not a general model: it knows 6 colours, 6 shapes, big and small objects, and the six kinds of question
+of the testbed's task v2.
 
 - Vision: CLIP ViT, 192 px, patch 16 (144 patches), {VISION['num_hidden_layers']} layers of width {VISION['hidden_size']};
   CLIP text tower: open_clip, {CLIP_TEXT['text_cfg']['layers']} layers of width {CLIP_TEXT['text_cfg']['width']} (ViT-L-14-336's tokenizer).
-  Trained with CLIP's contrastive loss and per-patch colour / shape labels: image-to-text retrieval
-  {clip['image_to_text_retrieval']:.3f} among {clip['retrieval_pool']}, patch colour {clip['patch_color_accuracy']:.3f},
-  patch shape {clip['patch_shape_accuracy']:.3f}, patch column {clip.get('patch_column_accuracy', float('nan')):.3f} (validation), {clip['train_seconds'] / 60:.0f} min on 2 CPU cores.
+  Trained with CLIP's contrastive loss and per-patch labels (colour, shape, row and column, the covering object's
+  third and size): image-to-text retrieval {clip['image_to_text_retrieval']:.3f} among {clip['retrieval_pool']},
+  patch colour {clip['patch_color_accuracy']:.3f}, patch shape {clip['patch_shape_accuracy']:.3f}, patch column
+  {clip.get('patch_column_accuracy', float('nan')):.3f}, object third {clip.get('patch_object_third_accuracy', float('nan')):.3f}, small-object patch shape
+  {clip.get('small_patch_shape_accuracy', float('nan')):.3f} (validation), {clip['train_seconds'] / 60:.0f} min on 2 CPU cores.
 - LLM: Llama, {TEXT['num_hidden_layers']} layers of width {TEXT['hidden_size']}, BPE tokenizer trained on the task's text;
   projector and LLM trained at full tokens (vision frozen): validation accuracy {llava['accuracy']:.3f} ({kinds}),
   {llava['train_seconds'] / 60:.0f} min on 2 CPU cores.
@@ -711,7 +717,7 @@ Load with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=T
 
 
 CLIP_DEFAULTS = {"steps": 1200, "batch_size": 32, "lr": 1e-3}
-LLAVA_DEFAULTS = {"steps": 1500, "batch_size": 16, "lr": 1e-3, "questions": 24, "sparse": 4000, "sparse_share": 0.25}
+LLAVA_DEFAULTS = {"steps": 2000, "batch_size": 16, "lr": 1e-3, "questions": 24, "sparse": 4000, "sparse_share": 0.25}
 
 
 def main(argv: list[str] | None = None) -> int:
