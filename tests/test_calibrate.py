@@ -20,7 +20,7 @@ def checkpoint(tmp_path_factory):
     work = root / "work"
     testbed_train.train_clip(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
     testbed_train.train_llava(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
-    return testbed_train.save_checkpoint(work, root / "model")
+    return testbed_train.save_checkpoint(work, root / "model", tau_questions=8)
 
 
 def loaded(path):
@@ -50,7 +50,7 @@ def test_tau_is_the_quantile_of_the_relevances_and_lets_that_share_through(check
     assert report["tokens"] == len(values) > 6 and report["questions"] == 6
     assert report["tau"] == pytest.approx(float(np.quantile(values, 0.75)), abs=1e-4)
     assert report["share_at_or_above_tau"] == pytest.approx(0.25, abs=1.5 / len(values) + 1e-9)
-    assert report["previous_tau"] == 0.2
+    assert report["previous_tau"] == model.config.tau  # the checkpoint's own (save_checkpoint calibrated it)
     # Run with the calibrated tau, the pseudo-CLS averages the tokens at or above it: about a quarter of them.
     model.config.tau = report["tau"]
     chosen = total = 0

@@ -103,7 +103,7 @@ def checkpoint(tmp_path_factory):
     work = root / "work"
     testbed_train.train_clip(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
     testbed_train.train_llava(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
-    return testbed_train.save_checkpoint(work, root / "model")
+    return testbed_train.save_checkpoint(work, root / "model", tau_questions=8)
 
 
 def eval_argv(model, results, *more) -> list[str]:

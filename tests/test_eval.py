@@ -16,7 +16,7 @@ def checkpoint(tmp_path_factory):
     work = root / "work"
     testbed_train.train_clip(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
     testbed_train.train_llava(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
-    return testbed_train.save_checkpoint(work, root / "model")
+    return testbed_train.save_checkpoint(work, root / "model", tau_questions=8)
 
 
 def test_grid_is_measured_and_resumes(checkpoint, tmp_path, capsys):
@@ -176,3 +176,37 @@ def test_testbed_ranges_start_where_asked_and_bad_specs_are_refused():
     for spec in ("testbed:dev", "testbed:test:-1", "testbed:test:x", "testbedx:test"):
         with pytest.raises(EvalError, match=r"expected testbed\[:SPLIT\[:START\]\]"):
             load_records(spec, 2)
+
+
+def test_ranges_pool_by_question_counts_overall_and_per_kind():
+    import sys
+    from pathlib import Path
+
+    from llava_ivtp.evaluation.eval import pooled
+
+    def results(span, em, em_where, n_where, n):
+        entry = {"exact_match": em, "exact_match_where": em_where, "questions_where": n_where, "questions": n,
+                 "exact_match_stderr": 0.0, "tflops": 1e-3, "mean_visual_tokens_per_llm_layer": 16.0}
+        return {"model": "m", "dataset": f"testbed test {span}", "questions": n,
+                "settings": {"full": dict(entry), "ivtp@16": dict(entry)}}
+
+    a, b = results("0..99", 0.8, 0.5, 20, 100), results("100..399", 0.6, 0.25, 60, 300)
+    merged = pooled([a, b])
+    entry = merged["settings"]["full"]
+    assert entry["exact_match"] == pytest.approx((80 + 180) / 400) and entry["questions"] == 400
+    assert entry["exact_match_where"] == pytest.approx((10 + 15) / 80) and entry["questions_where"] == 80
+    assert entry["exact_match_stderr"] == pytest.approx((0.65 * 0.35 / 400) ** 0.5)
+    del b["settings"]["ivtp@16"]
+    assert list(pooled([a, b])["settings"]) == ["full"]  # only settings measured in every range
+    with pytest.raises(EvalError, match="different models"):
+        pooled([a, {**b, "model": "other"}])
+    del a["settings"]["full"]["questions_where"]
+    with pytest.raises(EvalError, match="no question count for kind 'where'"):
+        pooled([a, b])
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    try:
+        from ranges_table import table
+    finally:
+        sys.path.pop(0)
+    text = table([results("0..99", 0.8, 0.5, 20, 100), results("100..399", 0.6, 0.25, 60, 300)], ["full"])
+    assert "| `full` | 0.800 | 0.600 | 0.650 ± 0.024 | 0.31 |" in text

@@ -266,6 +266,7 @@ def score(predictions: list[str], records: list[dict]) -> dict:
             predictions=[predictions[i] for i in chosen], references=[references[i] for i in chosen]
         )
         result[f"exact_match_{kind}"] = subset["exact_match"]
+        result[f"questions_{kind}"] = len(chosen)
     n = len(predictions)
     accuracy = result["exact_match"]
     result["exact_match_stderr"] = (accuracy * (1 - accuracy) / n) ** 0.5 if n else float("nan")  # binomial
@@ -296,6 +297,35 @@ def evaluate_grid(model, processor, records, settings: list[Setting], results: d
         if save is not None:
             save(results)
     return results
+
+
+def pooled(ranges: list[dict]) -> dict:
+    """The results of disjoint question ranges (each `llava-ivtp eval`'s JSON) as one: per setting measured in every
+    range, exact match over all their questions (overall and per kind), its binomial s.e., and the rest of the first
+    range's entry (tokens, TFLOPs). Ranges of different models are refused."""
+    models = {results["model"] for results in ranges}
+    if len(models) != 1:
+        raise EvalError(f"the ranges hold results of different models {sorted(models)}; pool one model's ranges.")
+    names = [name for name in ranges[0]["settings"] if all(name in results["settings"] for results in ranges)]
+    settings = {}
+    for name in names:
+        entries = [results["settings"][name] for results in ranges]
+        total = sum(entry["questions"] for entry in entries)
+        entry = dict(entries[0])
+        entry["exact_match"] = sum(e["exact_match"] * e["questions"] for e in entries) / total
+        entry["exact_match_stderr"] = (entry["exact_match"] * (1 - entry["exact_match"]) / total) ** 0.5
+        entry["questions"] = total
+        for key in [key for key in entries[0] if key.startswith("exact_match_") and key != "exact_match_stderr"]:
+            kind = key.removeprefix("exact_match_")
+            counts = [e.get(f"questions_{kind}") for e in entries]
+            if None in counts:
+                raise EvalError(f"setting {name}: a range has no question count for kind {kind!r} (measured before "
+                                "the counts were recorded); re-run it.")
+            entry[key] = sum(e[key] * n for e, n in zip(entries, counts)) / sum(counts)
+            entry[f"questions_{kind}"] = sum(counts)
+        settings[name] = entry
+    return {"model": ranges[0]["model"], "dataset": " + ".join(results["dataset"] for results in ranges),
+            "questions": sum(results["questions"] for results in ranges), "settings": settings}
 
 
 def markdown(results: dict) -> str:
@@ -420,4 +450,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["Setting", "add_arguments", "evaluate_grid", "load_records", "markdown", "parse_setting", "run", "score"]
+__all__ = ["pooled", "Setting", "add_arguments", "evaluate_grid", "load_records", "markdown", "parse_setting", "run", "score"]

@@ -641,9 +641,13 @@ def export_conversations(out: Path, start: int, count: int, turns: int, overwrit
 # ----------------------------------------------------------------------------------------------------------------
 # The shipped checkpoint
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(work: Path, out: Path, overwrite: bool = False) -> Path:
+def save_checkpoint(work: Path, out: Path, overwrite: bool = False,
+                    tau_questions: int | None = None) -> Path:
     """`work`'s trained LLaVA-IVTP as a remote-code checkpoint: IvtpConfig + fp16 safetensors + `LlavaIvtpProcessor`
-    + the package's files + a card with the training figures."""
+    + the package's files + a card with the training figures. `tau` is calibrated as `llava-ivtp calibrate-tau`
+    does (`TAU_QUANTILE` of the instruction tokens' relevance on the first `TAU_CALIBRATION_QUESTIONS` validation
+    questions, or `tau_questions`), on the weights as stored."""
+    from llava_ivtp.evaluation.calibrate import calibrate
     from transformers import PreTrainedTokenizerFast
 
     from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE, LlavaIvtpProcessor
@@ -651,19 +655,26 @@ def save_checkpoint(work: Path, out: Path, overwrite: bool = False) -> Path:
     check_checkpoint_out(out, overwrite)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "tokenizer")
     model = build_llava_shell(tokenizer)
-    model.load_state_dict(torch.load(work / "llava.pt", weights_only=True))
+    state = torch.load(work / "llava.pt", weights_only=True)
+    model.load_state_dict({name: value.to(torch.float16).to(value.dtype) for name, value in state.items()})
     model.generation_config.max_new_tokens = 8
     model.generation_config.do_sample = False
     processor = LlavaIvtpProcessor(
         image_processor(), tokenizer, patch_size=scenes.PATCH_SIZE, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE, clip_model_name=CLIP_MODEL_NAME,
     )
+    records = [scenes.example("validation", index).record()
+               for index in range(tau_questions or TAU_CALIBRATION_QUESTIONS)]
+    calibration = calibrate(model, processor, records, TAU_QUANTILE)
+    model.config.tau = calibration["tau"]
     out.mkdir(parents=True, exist_ok=True)
     # Stored in float16 (half the size), computed in float32: the config keeps float32, so `from_pretrained` loads
     # float32 weights by default (float16 matmuls on a CPU are slow and round the tiny model's logits).
     model.save_pretrained(out, state_dict={name: value.to(torch.float16) for name, value in model.state_dict().items()})
     processor.save_pretrained(out)
     metrics = {name: json.loads((work / f"{name}-metrics.json").read_text()) for name in ("clip", "llava")}
+    metrics["tau"] = calibration
+    (work / "tau-calibration.json").write_text(json.dumps(calibration, indent=2))
     (out / "README.md").write_text(testbed_card(metrics))
     return out
 
@@ -709,13 +720,16 @@ of the testbed's task v2.
 - LLM: Llama, {TEXT['num_hidden_layers']} layers of width {TEXT['hidden_size']}, BPE tokenizer trained on the task's text;
   projector and LLM trained at full tokens (vision frozen): validation accuracy {llava['accuracy']:.3f} ({kinds}),
   {llava['train_seconds'] / 60:.0f} min on 2 CPU cores.
-- Pruning schedule (IvtpConfig): {TESTBED_SCHEDULE}, group size {GROUP_SIZE}.
+- Pruning schedule (IvtpConfig): {TESTBED_SCHEDULE}, group size {GROUP_SIZE}; `tau` {metrics['tau']['tau']}: {metrics['tau']['rule']}
+  ({metrics['tau']['questions']} validation questions; the paper's 0.2 let {metrics['tau']['share_at_or_above_previous_tau']:.0%} of them through).
 
 Load with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)` and
 `AutoProcessor.from_pretrained(path, trust_remote_code=True)`.
 """
 
 
+TAU_QUANTILE = 0.75  # the rule of `llava-ivtp calibrate-tau`, fixed before any accuracy of v2 was seen
+TAU_CALIBRATION_QUESTIONS = 500
 CLIP_DEFAULTS = {"steps": 1200, "batch_size": 32, "lr": 1e-3}
 LLAVA_DEFAULTS = {"steps": 2000, "batch_size": 16, "lr": 1e-3, "questions": 24, "sparse": 4000, "sparse_share": 0.25}
 
@@ -740,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
             stage.add_argument("--llava-steps", type=int, default=LLAVA_DEFAULTS["steps"])
             stage.add_argument("--sparse", type=int, default=LLAVA_DEFAULTS["sparse"],
                                help="sparse-split scenes the LLaVA stage mixes in")
+            stage.add_argument("--tau-questions", type=int, default=TAU_CALIBRATION_QUESTIONS,
+                               help="validation questions tau is calibrated on")
             continue
         for option, value in (CLIP_DEFAULTS if name == "clip" else LLAVA_DEFAULTS).items():
             stage.add_argument(f"--{option.replace('_', '-')}", type=type(value), default=value)
@@ -749,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     save.add_argument("--work", type=Path, default=Path("testbed-work"))
     save.add_argument("--out", type=Path, required=True)
     save.add_argument("--overwrite", action="store_true")
+    save.add_argument("--tau-questions", type=int, default=TAU_CALIBRATION_QUESTIONS,
+                      help="validation questions tau is calibrated on")
     export = sub.add_parser("export", help="training scenes as LLaVA-format JSON lines for examples/finetune.py")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--start", type=int, default=0)
@@ -776,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
                    {**{key: getattr(args, key) for key in LLAVA_DEFAULTS}, "resume": args.resume})
         train_llava(**common, **options, log=log)
     if args.stage in ("save", "all"):
-        print(save_checkpoint(args.work, args.out, args.overwrite))
+        print(save_checkpoint(args.work, args.out, args.overwrite, args.tau_questions))
     return 0
 
 
