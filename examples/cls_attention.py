@@ -10,6 +10,8 @@ validation scenes and measures, over `--limit` validation scenes:
   patches of small objects, and on the `--top` patches it ranks highest;
 - the share of those top patches that show an object, and the share of scenes where every object (every small
   object) has a patch among them;
+- per colour, the CLS's mean attention on a patch of an object of that colour, over its mean on any object patch
+  (1.0 for every colour if the CLS does not prefer one);
 - the mean norm of the top patches' features against the other patches' (high-norm "artifact" tokens are what the
   CLS of large ViTs attends to, reported for OpenAI's CLIP ViT-L by Darcet et al., "Vision Transformers Need
   Registers", 2024).
@@ -50,6 +52,8 @@ def cls_rows(model, processor, images) -> tuple[torch.Tensor, torch.Tensor]:
 def measure(model, processor, examples, top: int) -> dict:
     mass_objects, share_objects, mass_small, share_small, mass_top = [], [], [], [], []
     top_on_objects, every_object, every_small, norm_ratio = [], [], [], []
+    by_color = {color: [] for color in testbed.COLORS}
+    object_patch_attention = []
     for begin in range(0, len(examples), 50):
         batch = examples[begin:begin + 50]
         attention, norms = cls_rows(model, processor, [scene.image for scene in batch])
@@ -73,6 +77,10 @@ def measure(model, processor, examples, top: int) -> dict:
             every_object.append(all(index + 1 in kept for index in range(len(scene.objects))))
             every_small.append(all(index + 1 in kept for index, obj in enumerate(scene.objects) if obj.small))
             norm_ratio.append(float(norm[chosen].mean() / norm[~chosen].mean()))
+            share = row / row.sum()
+            object_patch_attention += share[on_object].tolist()
+            for index, obj in enumerate(scene.objects):
+                by_color[obj.color] += share[owners == index + 1].tolist()
     mean = lambda values: round(statistics.mean(values), 3)  # noqa: E731
     return {
         "scenes": len(examples), "top": top,
@@ -81,6 +89,9 @@ def measure(model, processor, examples, top: int) -> dict:
         "attention_on_top": mean(mass_top), "top_patches_on_objects": mean(top_on_objects),
         "scenes_with_every_object_in_top": mean(every_object), "scenes_with_every_small_object_in_top": mean(every_small),
         "top_norm_over_other_norm": mean(norm_ratio),
+        "attention_per_patch_by_color_over_object_mean": {
+            color: round(statistics.mean(values) / statistics.mean(object_patch_attention), 2)
+            for color, values in by_color.items() if values},
     }
 
 

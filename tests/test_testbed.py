@@ -137,10 +137,10 @@ def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path):
     work, out = tmp_path / "work", tmp_path / "model"
     assert testbed_train.main(["all", "--work", str(work), "--out", str(out), "--train", "48", "--validation", "16",
                                "--clip-steps", "2", "--llava-steps", "2", "--sparse", "8",
-                               "--tau-questions", "8"]) == 0
+                               "--place-steps", "1", "--tau-questions", "8"]) == 0
     clip, llava = (json.loads((work / f"{name}-metrics.json").read_text()) for name in ("clip", "llava"))
     assert 0.0 <= clip["patch_color_accuracy"] <= 1.0 and (work / "clip.pt").is_file()
-    assert set(llava) >= {"accuracy", "accuracy_color", "train_seconds"}
+    assert set(llava) >= {"accuracy", "accuracy_color", "train_seconds"} and llava["steps"] == 3  # 2 + the place phase
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     scene = testbed.example("test", 0)

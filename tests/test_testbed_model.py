@@ -22,7 +22,7 @@ TOLERANCE = 0.015  # 3 of 200 questions
 def documented_slice() -> tuple[int, dict[str, float]]:
     """`(questions, {setting: exact match})` from the test-slice table of docs/accuracy.md."""
     text = DOCS.read_text()
-    section = text.split("<!-- test slice: tests/test_testbed_model.py -->", 1)[1]
+    section = text.split("<!-- test slice: tests/test_testbed_model.py -->", 1)[1].split("\n## ", 1)[0]
     questions = int(re.search(r"test questions 0-(\d+)", section).group(1)) + 1
     rows = re.findall(r"^\| `?([\w@:]+)`? \| ([0-9.]+) \|", section, flags=re.MULTILINE)
     return questions, {setting: float(value) for setting, value in rows}

@@ -162,6 +162,17 @@ def training_turns(split: str, index: int, count: int) -> list[tuple[str, str, s
     return turns
 
 
+def place_turns(split: str, index: int) -> list[tuple[str, str, str]]:
+    """Every `where` question the scene of `example(split, index)` can carry: "Where is the X?" for each big object
+    and "Where is the small X?" for each small one whose shape occurs once in the scene and that is clearly placed
+    (for training: the place of each object in turn)."""
+    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
+    _, objects, _ = _draw(split, index, kind)
+    shapes = [o.shape for o in objects]
+    return [(f"Where is the {'small ' if o.small else ''}{o.shape}?", o.place, "small" if o.small else "where")
+            for o in objects if shapes.count(o.shape) == 1 and o.clearly_placed]
+
+
 def scene_of(spec: str) -> Example:
     """The example named `SPLIT:INDEX` (e.g. `test:3`, as the command lines take it); `ValueError` otherwise."""
     split, _, index = spec.partition(":")
@@ -346,5 +357,6 @@ def _attribute_labels(patch_objects: np.ndarray, objects: list[SceneObject]) -> 
 
 __all__ = [
     "ANSWERS", "COLORS", "COUNTS", "Example", "GRID", "IMAGE_SIZE", "PATCH_SIZE", "PLACES", "QUESTION_KINDS",
-    "SHAPES", "SPLITS", "SceneObject", "caption", "example", "examples", "patch_object_labels", "training_turns",
+    "SHAPES", "SPLITS", "SceneObject", "caption", "example", "examples", "patch_object_labels", "place_turns",
+    "training_turns",
 ]

@@ -20,9 +20,13 @@ per-token text-to-image objective (it would favour IVTP's eq. 6).
 
 LLaVA = that vision tower frozen, a projector and a small Llama trained at full tokens (pruning only at inference,
 the paper's pure-inference setting) on many questions per scene packed in one row (each sees the image and itself),
-with a BPE tokenizer trained on the task's text. A quarter of each batch's scenes come from the `sparse` training
-split (1-2 big objects): there the place of the object a `where` question names can be read from all the objects
-together, which is how a model starts to read place before it learns to pick the named object among many.
+with a BPE tokenizer trained on the task's text: 2,000 steps, a quarter of each batch's scenes from the `sparse`
+training split (1-2 big objects). It learns every kind but `where`, which stays at chance: the model learns to pick
+the object a colour question names, never the one a `where` question names. Options for what was tried
+(`docs/accuracy.md`, "How `where` fails"): `--sparse-first N` (the first N steps take every scene from the sparse
+split) with `--every-place` (each scene's questions also ask the place of every object a `where` question can name,
+`scenes.place_turns`) learn `where` but hold back other kinds; `--place-steps N` adds a second phase continued from
+the first (half of each batch sparse, every place asked), which did not teach `where`.
 """
 
 from __future__ import annotations
@@ -506,16 +510,17 @@ def init_projector(model) -> None:
 
 
 def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_size: int, lr: float, seed: int,
-                questions: int = 24, sparse: int = 0, sparse_share: float = 0.0, resume: bool = False,
-                log=print) -> dict:
+                questions: int = 24, sparse: int = 0, sparse_share: float = 0.0, sparse_first: int = 0,
+                every_place: bool = False, resume: bool = False, log=print) -> dict:
     """Projector + Llama at full tokens, vision tower and CLIP frozen. Each training row is one scene with up to
     `questions` distinct questions about it (`scenes.training_turns`), packed so that each question sees the image
     and itself only (`QuestionPacker`): the evaluation prompt, many answers per image forward. A share
     `sparse_share` of each batch's rows comes from the first `sparse` scenes of the `sparse` split (1-2 big objects:
-    see `scenes.SPLITS`). `resume` continues from `work`'s saved model and tokenizer for `steps` more (a new warm-up
+    see `scenes.SPLITS`), and every row of the first `sparse_first` steps. `every_place` adds to each scene's questions the place of every object a `where` question
+    can name (`scenes.place_turns`). `resume` continues from `work`'s saved model and tokenizer for `steps` more (a new warm-up
     and cosine decay)."""
-    if sparse_share and not sparse:
-        raise ValueError("sparse_share > 0 needs sparse scenes (sparse > 0).")
+    if (sparse_share or sparse_first) and not sparse:
+        raise ValueError("sparse_share > 0 or sparse_first > 0 needs sparse scenes (sparse > 0).")
     start = time.time()
     train = build_split("train", train_count, work)
     val = build_split("validation", val_count, work)
@@ -539,12 +544,16 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     # in the same work folder never meets the features of an earlier one.
     clip_digest = hashlib.sha256((work / "clip.pt").read_bytes()).hexdigest()[:12]
     features = cached_features(model, "train", train_count, work, clip_digest)
-    conversations = [[(q, a) for q, a, _ in scenes.training_turns("train", index, questions)]
-                     for index in range(train_count)]
+    def conversation(split: str, index: int) -> list[tuple[str, str]]:
+        turns = [(q, a) for q, a, _ in scenes.training_turns(split, index, questions)]
+        if every_place:
+            turns += [(q, a) for q, a, _ in scenes.place_turns(split, index) if (q, a) not in turns]
+        return turns
+
+    conversations = [conversation("train", index) for index in range(train_count)]
     sparse_features = cached_features(model, "sparse", sparse, work, clip_digest) if sparse else None
-    sparse_conversations = [[(q, a) for q, a, _ in scenes.training_turns("sparse", index, questions)]
-                            for index in range(sparse)]
-    sparse_rows = round(batch_size * sparse_share)
+    sparse_conversations = [conversation("sparse", index) for index in range(sparse)]
+    mixed_sparse_rows = round(batch_size * sparse_share)
     log(f"features and {sum(map(len, conversations))} questions of {train_count} scenes in {time.time() - start:.0f} s; "
         f"vocabulary {len(tokenizer)}")
     packer = QuestionPacker(tokenizer, model.config.num_patches, model.config.image_token_id)
@@ -562,6 +571,7 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     torch.manual_seed(seed)
     model.train()
     for step in range(steps):
+        sparse_rows = batch_size if step < sparse_first else mixed_sparse_rows
         index = torch.randint(0, train_count, (batch_size - sparse_rows,), generator=generator).tolist()
         rows, row_features = [conversations[scene] for scene in index], features[index]
         if sparse_rows:
@@ -721,7 +731,8 @@ of the testbed's task v2.
   projector and LLM trained at full tokens (vision frozen): validation accuracy {llava['accuracy']:.3f} ({kinds}),
   {llava['train_seconds'] / 60:.0f} min on 2 CPU cores.
 - Pruning schedule (IvtpConfig): {TESTBED_SCHEDULE}, group size {GROUP_SIZE}; `tau` {metrics['tau']['tau']}: {metrics['tau']['rule']}
-  ({metrics['tau']['questions']} validation questions; the paper's 0.2 let {metrics['tau']['share_at_or_above_previous_tau']:.0%} of them through).
+  ({metrics['tau']['questions']} validation questions, {metrics['tau']['tokens']} instruction tokens; the paper's 0.2
+  lets {metrics['tau']['share_at_or_above_previous_tau']:.0%} of those tokens through).
 
 Load with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)` and
 `AutoProcessor.from_pretrained(path, trust_remote_code=True)`.
@@ -731,7 +742,12 @@ Load with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=T
 TAU_QUANTILE = 0.75  # the rule of `llava-ivtp calibrate-tau`, fixed before any accuracy of v2 was seen
 TAU_CALIBRATION_QUESTIONS = 500
 CLIP_DEFAULTS = {"steps": 1200, "batch_size": 32, "lr": 1e-3}
-LLAVA_DEFAULTS = {"steps": 2000, "batch_size": 16, "lr": 1e-3, "questions": 24, "sparse": 4000, "sparse_share": 0.25}
+LLAVA_DEFAULTS = {"steps": 2000, "batch_size": 16, "lr": 1e-3, "questions": 24, "sparse": 4000, "sparse_share": 0.25,
+                  "sparse_first": 0, "every_place": False}
+# The LLaVA stage's second phase (`--place-steps`, 0 skips it): continued from the first with a new warm-up and
+# cosine decay, half of each batch from the sparse split, and the place of every object asked (see the module
+# docstring for why).
+PLACE_PHASE = {"steps": 0, "sparse_share": 0.5, "every_place": True}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -754,13 +770,20 @@ def main(argv: list[str] | None = None) -> int:
             stage.add_argument("--llava-steps", type=int, default=LLAVA_DEFAULTS["steps"])
             stage.add_argument("--sparse", type=int, default=LLAVA_DEFAULTS["sparse"],
                                help="sparse-split scenes the LLaVA stage mixes in")
+            stage.add_argument("--place-steps", type=int, default=PLACE_PHASE["steps"],
+                               help="steps of the LLaVA stage's place phase (0: none)")
             stage.add_argument("--tau-questions", type=int, default=TAU_CALIBRATION_QUESTIONS,
                                help="validation questions tau is calibrated on")
             continue
         for option, value in (CLIP_DEFAULTS if name == "clip" else LLAVA_DEFAULTS).items():
-            stage.add_argument(f"--{option.replace('_', '-')}", type=type(value), default=value)
+            if isinstance(value, bool):
+                stage.add_argument(f"--{option.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
+            else:
+                stage.add_argument(f"--{option.replace('_', '-')}", type=type(value), default=value)
         if name == "llava":
             stage.add_argument("--resume", action="store_true", help="continue training the saved model")
+            stage.add_argument("--place-steps", type=int, default=PLACE_PHASE["steps"],
+                               help="steps of the place phase after the first (0: none)")
     save = sub.add_parser("save", help="write the trained model as a remote-code checkpoint")
     save.add_argument("--work", type=Path, default=Path("testbed-work"))
     save.add_argument("--out", type=Path, required=True)
@@ -793,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
         options = ({**LLAVA_DEFAULTS, "steps": args.llava_steps, "sparse": args.sparse} if args.stage == "all" else
                    {**{key: getattr(args, key) for key in LLAVA_DEFAULTS}, "resume": args.resume})
         train_llava(**common, **options, log=log)
+        if args.place_steps:
+            train_llava(**common, **{**options, **PLACE_PHASE, "steps": args.place_steps, "resume": True}, log=log)
     if args.stage in ("save", "all"):
         print(save_checkpoint(args.work, args.out, args.overwrite, args.tau_questions))
     return 0
