@@ -11,16 +11,11 @@ import torch
 from llava_ivtp.cli import main as cli_main
 from llava_ivtp.evaluation.calibrate import CalibrationError, calibrate, check_calibratable
 from llava_ivtp.evaluation.eval import load_records, prompt_of
-from llava_ivtp.testbed import train as testbed_train
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("calibrate")
-    work = root / "work"
-    testbed_train.train_clip(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
-    testbed_train.train_llava(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
-    return testbed_train.save_checkpoint(work, root / "model", tau_questions=8)
+def checkpoint(toy_testbed_checkpoint):
+    return toy_testbed_checkpoint
 
 
 def loaded(path):

@@ -19,7 +19,6 @@ import pytest
 
 from llava_ivtp.cli import main as cli_main
 from llava_ivtp.cli import save_figure
-from llava_ivtp.testbed import train as testbed_train
 from tiny_models import TINY_CLIP_TEXT, make_images, tiny_config_dict, write_llava_hf, write_open_clip
 
 
@@ -98,12 +97,8 @@ def test_figures_carry_the_mark_of_the_command_that_drew_them(tmp_path, suffix):
 # eval
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("files-eval")
-    work = root / "work"
-    testbed_train.train_clip(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
-    testbed_train.train_llava(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
-    return testbed_train.save_checkpoint(work, root / "model", tau_questions=8)
+def checkpoint(toy_testbed_checkpoint):
+    return toy_testbed_checkpoint
 
 
 def eval_argv(model, results, *more) -> list[str]:

@@ -7,16 +7,11 @@ import pytest
 
 from llava_ivtp.cli import main as cli_main
 from llava_ivtp.evaluation.eval import EvalError, parse_setting, visual_tokens
-from llava_ivtp.testbed import train as testbed_train
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    work = root / "work"
-    testbed_train.train_clip(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
-    testbed_train.train_llava(work, 32, 8, steps=1, batch_size=8, lr=1e-3, seed=0, log=lambda line: None)
-    return testbed_train.save_checkpoint(work, root / "model", tau_questions=8)
+def checkpoint(toy_testbed_checkpoint):
+    return toy_testbed_checkpoint
 
 
 def test_grid_is_measured_and_resumes(checkpoint, tmp_path, capsys):

@@ -36,3 +36,30 @@ def test_speed_example_prunes_to_the_preset_and_times_both_models():
     grid = re.findall(r"^  ([.#]{24})$", output, flags=re.MULTILINE)
     assert len(grid) == 24 and "".join(grid).count("#") == 64
     assert re.search(r"stock Llava [0-9.]+ ms, LLaVA-IVTP [0-9.]+ ms, speed-up [0-9.]+x", output)
+
+
+def test_target_coverage_pools_its_ranges_and_refuses_overlapping_ones(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import target_coverage
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    from llava_ivtp.testbed import scenes
+
+    out = tmp_path / "coverage.json"
+    figures = target_coverage.main(["--limit", "6", "--ranges", "0", "6", "--json", str(out)])
+    expected = {start: [scene for scene in scenes.examples("test", 6, start)
+                        if scene.target is not None and scene.object_patches(scene.target)] for start in (0, 6)}
+    assert figures["per_range"] == {"0": len(expected[0]), "6": len(expected[6])}
+    assert figures["questions"] == len(expected[0]) + len(expected[6]) > 0
+    for name, row in figures["coverage"].items():
+        assert all(0.0 <= value <= 1.0 for value in row["ranges"])
+        weighted = sum(value * len(expected[start]) for value, start in zip(row["ranges"], (0, 6)))
+        assert abs(row["pooled"] - weighted / figures["questions"]) < 1e-9, name
+        assert set(row["by_kind"]) == {scene.kind for found in expected.values() for scene in found}
+    import json
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "target_coverage.py"), "--limit", "6",
+                             "--ranges", "0", "3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 2 and "--ranges [0, 3]: starts must be >= 0 and at least --limit (6) apart" in result.stderr
