@@ -86,13 +86,19 @@ def calibrate(model, processor, records: list[dict], q: float, progress=None) ->
     }
 
 
-def write_tau(folder: Path, tau: float) -> Path:
-    """Set `tau` in `folder/config.json`, keeping the file as it was as `config.json.before-calibrate-tau`."""
-    path = folder / "config.json"
+def free_backup(folder: Path) -> Path:
+    """The path `--write` keeps the old `config.json` at; refused when a file is there (an earlier calibration's)."""
     backup = folder / f"config.json{BACKUP_SUFFIX}"
     if backup.exists():
         raise CalibrationError(f"--write: {backup} exists (an earlier calibration's copy of config.json); move it "
                                "away to calibrate again.")
+    return backup
+
+
+def write_tau(folder: Path, tau: float) -> Path:
+    """Set `tau` in `folder/config.json`, keeping the file as it was as `config.json.before-calibrate-tau`."""
+    path = folder / "config.json"
+    backup = free_backup(folder)
     text = path.read_text()
     config = json.loads(text)
     config["tau"] = tau
@@ -132,10 +138,7 @@ def run(args) -> int:
             if not Path(where).is_dir():
                 raise CalibrationError(f"--write: --model {args.model} is a hub id; --write sets tau in a local "
                                        "checkpoint folder (download it first, or give the printed tau to from_pretrained).")
-            backup = Path(where) / f"config.json{BACKUP_SUFFIX}"
-            if backup.exists():
-                raise CalibrationError(f"--write: {backup} exists (an earlier calibration's copy of config.json); "
-                                       "move it away to calibrate again.")
+            free_backup(Path(where))  # before the calibration's forward passes, and again when writing
         try:
             records, description = load_records(args.dataset, args.limit)
         except EvalError as error:
