@@ -114,6 +114,27 @@ def test_object_patches_are_the_patches_labelled_with_the_object():
     assert union == set(np.flatnonzero(scene.patch_colors.reshape(-1) > 0).tolist())  # every object patch, once
 
 
+@pytest.mark.parametrize("index", range(6))
+def test_presence_labels_name_every_object_the_image_shows(index):
+    """The CLIP's image-level labels: the colours and the shapes of the big objects with a patch of their own, then of
+    the small ones, from the scene's objects (a reference written apart from the label arithmetic)."""
+    from llava_ivtp.testbed import train as testbed_train
+
+    scene = testbed.example("validation", index)
+    owners = scene.patch_objects.reshape(-1)
+    sizes = np.array([0] + [2 if obj.small else 1 for obj in scene.objects])[owners]
+    labels = testbed_train.presence_labels(scene.patch_colors.reshape(1, -1), scene.patch_shapes.reshape(1, -1),
+                                           sizes.reshape(1, -1))
+    visible = [obj for obj in scene.objects if scene.object_patches(obj)]
+    shown = {(obj.small, "colour", obj.color) for obj in visible}
+    shown |= {(obj.small, "shape", obj.shape) for obj in visible}
+    names = [(small, what, value) for small in (False, True)
+             for what, values in (("colour", list(testbed.COLORS)), ("shape", testbed.SHAPES)) for value in values]
+    assert labels.shape == (1, len(names)) and set(labels.unique().tolist()) <= {0.0, 1.0}
+    assert {names[label] for label in labels[0].nonzero().flatten().tolist()} == shown
+    assert any(small for small, _, _ in shown) and any(not small for small, _, _ in shown)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="`split`"):
         testbed.example("dev", 0)
@@ -141,6 +162,9 @@ def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path):
     clip, llava = (json.loads((work / f"{name}-metrics.json").read_text()) for name in ("clip", "llava"))
     assert 0.0 <= clip["patch_color_accuracy"] <= 1.0 and (work / "clip.pt").is_file()
     assert set(llava) >= {"accuracy", "accuracy_color", "train_seconds"} and llava["steps"] == 3  # 2 + the place phase
+    assert [(phase["steps"], phase["sparse_first"], phase["every_place"], phase["resume"]) for phase in llava["phases"]] == [
+        (2, testbed_train.LLAVA_DEFAULTS["sparse_first"], True, False), (1, testbed_train.LLAVA_DEFAULTS["sparse_first"], True, True)]
+    assert "2 steps of 16 scenes" in (out / "README.md").read_text()  # the card states the recipe it was trained by
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     scene = testbed.example("test", 0)

@@ -13,20 +13,23 @@ and shape class (0 = background) from `Example.patch_colors` / `patch_shapes`, b
 the shape loss, the patch's own row and column (without it the object patches' features lost their place: a linear
 probe read the column third at 0.38, chance 0.33), and the third (left / middle / right) and the size (big / small)
 of the object covering the patch, so that every patch of an object carries its place and size as it carries its
-colour; the heads are thrown away after training. The first third of the steps trains on these labels alone and the rest adds the contrastive
-loss (trained jointly from the start, the contrastive gradient kept the shape head at chance for 450 steps; alone,
-shape reached 0.55 in 250). There is no
-per-token text-to-image objective (it would favour IVTP's eq. 6).
+colour. One image-level label set trains the CLS at the feature layer: which (colour, shape, size) objects the
+image shows (multi-hot, `presence_labels`), as a classifier's CLS is trained, so that the CLS the CLS-ranked
+methods read has to gather every object (without it, it attended to orange objects and background:
+`docs/accuracy.md`). The heads are thrown away after training. The first third of the steps trains on these labels
+alone and the rest adds the contrastive loss (trained jointly from the start, the contrastive gradient kept the
+shape head at chance for 450 steps; alone, shape reached 0.55 in 250). There is no per-token text-to-image
+objective (it would favour IVTP's eq. 6).
 
 LLaVA = that vision tower frozen, a projector and a small Llama trained at full tokens (pruning only at inference,
 the paper's pure-inference setting) on many questions per scene packed in one row (each sees the image and itself),
-with a BPE tokenizer trained on the task's text: 2,000 steps, a quarter of each batch's scenes from the `sparse`
-training split (1-2 big objects). It learns every kind but `where`, which stays at chance: the model learns to pick
-the object a colour question names, never the one a `where` question names. Options for what was tried
-(`docs/accuracy.md`, "How `where` fails"): `--sparse-first N` (the first N steps take every scene from the sparse
-split) with `--every-place` (each scene's questions also ask the place of every object a `where` question can name,
-`scenes.place_turns`) learn `where` but hold back other kinds; `--place-steps N` adds a second phase continued from
-the first (half of each batch sparse, every place asked), which did not teach `where`.
+with a BPE tokenizer trained on the task's text: 4,000 steps; the first 300 take every scene from the `sparse`
+training split (1-2 big objects), the rest a quarter of each batch; every scene's questions also ask the place of
+every object a `where` question can name (`scenes.place_turns`). Without the sparse start and the places
+(`--sparse-first 0 --no-every-place`) the model learns every kind but `where`, which stays at chance: it learns to
+pick the object a colour question names, never the one a `where` question names (`docs/accuracy.md`, "How `where`
+fails"). `--place-steps N` adds a second phase continued from the first (half of each batch sparse, every place
+asked), which did not teach `where` to a model trained without them.
 """
 
 from __future__ import annotations
@@ -142,6 +145,8 @@ class TinyClip(nn.Module):
         self.place_head = nn.Linear(VISION["hidden_size"], 2 * scenes.GRID)  # the patch's row and column
         # the place (third) and the size of the object covering the patch
         self.object_head = nn.Linear(VISION["hidden_size"], len(scenes.PLACES) + 1 + 3)
+        # which objects (colour, shape, size) the image shows, from the CLS at the feature layer
+        self.presence_head = nn.Sequential(nn.LayerNorm(VISION["hidden_size"]), nn.Linear(VISION["hidden_size"], PRESENCE_LABELS))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, pixels: torch.Tensor, text_ids: torch.Tensor | None):
@@ -149,18 +154,41 @@ class TinyClip(nn.Module):
 
         out = self.vision(pixel_values=pixels, output_hidden_states=True)
         patches = out.hidden_states[FEATURE_LAYER][:, 1:]
+        presence = self.presence_head(out.hidden_states[FEATURE_LAYER][:, 0])
         image = F.normalize(self.visual_projection(out.pooler_output), dim=-1)  # final CLS after post_layernorm
         text = None
         if text_ids is not None:
             features = clip_token_features(self.text, text_ids)
             text = F.normalize(features[torch.arange(text_ids.shape[0]), text_ids.argmax(dim=-1)], dim=-1)
         return (image, text, self.color_head(patches), self.shape_head(patches), self.place_head(patches),
-                self.object_head(patches))
+                self.object_head(patches), presence)
 
 
 AUXILIARY_ONLY_SHARE = 1 / 3  # of the CLIP's steps train on the patch labels alone, before the contrastive loss joins
 AUXILIARY_WEIGHT = 3.0  # patch-label loss against the contrastive loss (shared vision tower)
 BACKGROUND_SHAPE_WEIGHT = 0.1
+PRESENCE_LABELS = 2 * (len(scenes.COLORS) + len(scenes.SHAPES))  # the colours and shapes of big and of small objects
+PRESENCE_WEIGHT = 1 / 4  # the presence loss is summed over its labels: 1/4 puts it near one object's patch losses
+
+
+def presence_labels(colors: np.ndarray, shapes: np.ndarray, sizes: np.ndarray) -> torch.Tensor:
+    """`(images, PRESENCE_LABELS)` multi-hot: which colours and which shapes the big objects of each image show, then
+    which the small ones show, read from the per-patch labels (an object another one hides entirely is not
+    labelled). Colours and shapes apart, not their pairs: a CLS that averages its patches can tell which colours and
+    shapes it saw, not which went together (pairs stayed at the prior for 400 steps)."""
+    colors, shapes, sizes = (torch.from_numpy(np.asarray(a)).long() for a in (colors, shapes, sizes))
+    ncolors, nshapes = len(scenes.COLORS), len(scenes.SHAPES)
+    multi_hot = torch.zeros(colors.shape[0], PRESENCE_LABELS)
+    for size in (1, 2):  # big, small
+        offset = (size - 1) * (ncolors + nshapes)
+        shown = ((colors > 0) & (sizes == size)).float()
+        multi_hot.scatter_add_(1, offset + (colors - 1).clamp(min=0), shown)
+        multi_hot.scatter_add_(1, offset + ncolors + (shapes - 1).clamp(min=0), shown)
+    return multi_hot.clamp(max=1)
+
+
+def presence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return PRESENCE_WEIGHT * F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / logits.shape[0]
 
 
 def patch_places() -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +234,7 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
     train_text, val_text = clip_tokens(train["caption"]), clip_tokens(val["caption"])
     train_colors, train_shapes = torch.from_numpy(train["patch_colors"]), torch.from_numpy(train["patch_shapes"])
     train_thirds, train_sizes = torch.from_numpy(train["patch_thirds"]), torch.from_numpy(train["patch_sizes"])
+    train_presence = presence_labels(train["patch_colors"], train["patch_shapes"], train["patch_sizes"])
 
     model = TinyClip()
     # Background patches (most of them) count BACKGROUND_SHAPE_WEIGHT in the shape loss: enough that background
@@ -222,7 +251,7 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
     for step in range(steps):
         index = torch.randint(0, train_count, (batch_size,), generator=generator)
         warming = step < steps * AUXILIARY_ONLY_SHARE  # first the patch labels alone (see the module docstring)
-        image, text, color_logits, shape_logits, place_logits, object_logits = model(
+        image, text, color_logits, shape_logits, place_logits, object_logits, presence_logits = model(
             train_pixels[index], None if warming else train_text[index])
         if warming:
             contrastive = torch.zeros(())
@@ -236,7 +265,8 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
             + place_loss(place_logits)
             + object_loss(object_logits, train_thirds[index], train_sizes[index])
         )
-        loss = contrastive + AUXILIARY_WEIGHT * auxiliary
+        presence = presence_loss(presence_logits, train_presence[index])
+        loss = contrastive + AUXILIARY_WEIGHT * auxiliary + presence
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -244,7 +274,7 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
         schedule.step()
         if step % 25 == 0 or step == steps - 1:
             log(f"clip step {step:4d} loss {loss.item():.3f} (contrastive {contrastive.item():.3f}, "
-                f"patch labels {auxiliary.item():.3f}) {time.time() - start:.0f} s")
+                f"patch labels {auxiliary.item():.3f}, presence {presence.item():.3f}) {time.time() - start:.0f} s")
         if (step + 1) % 300 == 0 and step != steps - 1:
             log(json.dumps(evaluate_clip(model, val_pixels[:500], val_text[:500], {k: v[:500] for k, v in val.items()})))
             model.train()
@@ -263,10 +293,15 @@ def evaluate_clip(model: TinyClip, pixels: torch.Tensor, text_ids: torch.Tensor,
     model.eval()
     correct, total, color_hits, shape_hits, column_hits, object_patches = 0, 0, 0, 0, 0, 0
     third_hits, small_hits, small_shape_hits, small_patches = 0, 0, 0, 0
+    presence_hits, presence_shown, presence_said = 0, 0, 0
     _, columns = patch_places()
     for begin in range(0, pixels.shape[0], chunk):
-        image, text, color_logits, shape_logits, place_logits, object_logits = model(
+        image, text, color_logits, shape_logits, place_logits, object_logits, presence_logits = model(
             pixels[begin:begin + chunk], text_ids[begin:begin + chunk])
+        shown = presence_labels(*(data[key][begin:begin + chunk] for key in ("patch_colors", "patch_shapes", "patch_sizes")))
+        said = presence_logits > 0
+        presence_hits += int((said & (shown > 0)).sum())
+        presence_shown, presence_said = presence_shown + int(shown.sum()), presence_said + int(said.sum())
         correct += int((image @ text.t()).argmax(dim=1).eq(torch.arange(image.shape[0])).sum())
         total += image.shape[0]
         colors = torch.from_numpy(data["patch_colors"][begin:begin + chunk])
@@ -288,6 +323,7 @@ def evaluate_clip(model: TinyClip, pixels: torch.Tensor, text_ids: torch.Tensor,
         "patch_color_accuracy": color_hits / object_patches, "patch_shape_accuracy": shape_hits / object_patches,
         "patch_column_accuracy": column_hits / object_patches, "patch_object_third_accuracy": third_hits / object_patches,
         "small_patch_size_accuracy": small_hits / small_patches, "small_patch_shape_accuracy": small_shape_hits / small_patches,
+        "cls_presence_recall": presence_hits / presence_shown, "cls_presence_precision": presence_hits / max(presence_said, 1),
     }
 
 
@@ -594,6 +630,9 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     metrics = quick_accuracy(model, tokenizer, val, count=val_count)
     metrics["train_seconds"] = time.time() - start + before.get("train_seconds", 0.0)
     metrics["steps"] = steps + before.get("steps", 0)
+    metrics["phases"] = before.get("phases", []) + [{
+        "steps": steps, "batch_size": batch_size, "lr": lr, "questions": questions, "sparse": sparse,
+        "sparse_share": sparse_share, "sparse_first": sparse_first, "every_place": every_place, "resume": resume}]
     log(json.dumps(metrics))
     tokenizer.save_pretrained(work / "tokenizer")
     torch.save(model.state_dict(), work / "llava.pt")
@@ -706,6 +745,11 @@ def testbed_card(metrics: dict) -> str:
     clip, llava = metrics["clip"], metrics["llava"]
     kinds = ", ".join(f"{key.removeprefix('accuracy_')} {value:.3f}" for key, value in llava.items()
                       if key.startswith("accuracy_"))
+    phases = "; then ".join(
+        f"{phase['steps']} steps of {phase['batch_size']} scenes at lr {phase['lr']:g}, up to {phase['questions']} questions "
+        f"each, a share {phase['sparse_share']:g} of each batch from {phase['sparse']} sparse scenes (every scene of the first "
+        f"{phase['sparse_first']} steps){', every place asked' if phase['every_place'] else ''}"
+        for phase in llava.get("phases", [])) or "options not recorded"
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -722,14 +766,16 @@ of the testbed's task v2.
 
 - Vision: CLIP ViT, 192 px, patch 16 (144 patches), {VISION['num_hidden_layers']} layers of width {VISION['hidden_size']};
   CLIP text tower: open_clip, {CLIP_TEXT['text_cfg']['layers']} layers of width {CLIP_TEXT['text_cfg']['width']} (ViT-L-14-336's tokenizer).
-  Trained with CLIP's contrastive loss and per-patch labels (colour, shape, row and column, the covering object's
-  third and size): image-to-text retrieval {clip['image_to_text_retrieval']:.3f} among {clip['retrieval_pool']},
+  Trained with CLIP's contrastive loss, per-patch labels (colour, shape, row and column, the covering object's
+  third and size) and image-level labels on the feature layer's CLS (the colours and shapes of the big and of the
+  small objects shown; recall {clip.get('cls_presence_recall', float('nan')):.3f}, precision {clip.get('cls_presence_precision', float('nan')):.3f}):
+  image-to-text retrieval {clip['image_to_text_retrieval']:.3f} among {clip['retrieval_pool']},
   patch colour {clip['patch_color_accuracy']:.3f}, patch shape {clip['patch_shape_accuracy']:.3f}, patch column
   {clip.get('patch_column_accuracy', float('nan')):.3f}, object third {clip.get('patch_object_third_accuracy', float('nan')):.3f}, small-object patch shape
   {clip.get('small_patch_shape_accuracy', float('nan')):.3f} (validation), {clip['train_seconds'] / 60:.0f} min on 2 CPU cores.
 - LLM: Llama, {TEXT['num_hidden_layers']} layers of width {TEXT['hidden_size']}, BPE tokenizer trained on the task's text;
-  projector and LLM trained at full tokens (vision frozen): validation accuracy {llava['accuracy']:.3f} ({kinds}),
-  {llava['train_seconds'] / 60:.0f} min on 2 CPU cores.
+  projector and LLM trained at full tokens (vision frozen), {llava['steps']} steps ({phases}):
+  validation accuracy {llava['accuracy']:.3f} ({kinds}), {llava['train_seconds'] / 60:.0f} min on 2 CPU cores.
 - Pruning schedule (IvtpConfig): {TESTBED_SCHEDULE}, group size {GROUP_SIZE}; `tau` {metrics['tau']['tau']}: {metrics['tau']['rule']}
   ({metrics['tau']['questions']} validation questions, {metrics['tau']['tokens']} instruction tokens; the paper's 0.2
   lets {metrics['tau']['share_at_or_above_previous_tau']:.0%} of those tokens through).
@@ -741,9 +787,9 @@ Load with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=T
 
 TAU_QUANTILE = 0.75  # the rule of `llava-ivtp calibrate-tau`, fixed before any accuracy of v2 was seen
 TAU_CALIBRATION_QUESTIONS = 500
-CLIP_DEFAULTS = {"steps": 1200, "batch_size": 32, "lr": 1e-3}
-LLAVA_DEFAULTS = {"steps": 2000, "batch_size": 16, "lr": 1e-3, "questions": 24, "sparse": 4000, "sparse_share": 0.25,
-                  "sparse_first": 0, "every_place": False}
+CLIP_DEFAULTS = {"steps": 1500, "batch_size": 32, "lr": 1e-3}
+LLAVA_DEFAULTS = {"steps": 4000, "batch_size": 16, "lr": 1e-3, "questions": 24, "sparse": 4000, "sparse_share": 0.25,
+                  "sparse_first": 300, "every_place": True}
 # The LLaVA stage's second phase (`--place-steps`, 0 skips it): continued from the first with a new warm-up and
 # cosine decay, half of each batch from the sparse split, and the place of every object asked (see the module
 # docstring for why).
