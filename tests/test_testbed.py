@@ -163,7 +163,7 @@ def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path):
     assert 0.0 <= clip["patch_color_accuracy"] <= 1.0 and (work / "clip.pt").is_file()
     assert set(llava) >= {"accuracy", "accuracy_color", "train_seconds"} and llava["steps"] == 3  # 2 + the place phase
     assert [(phase["steps"], phase["sparse_first"], phase["every_place"], phase["resume"]) for phase in llava["phases"]] == [
-        (2, testbed_train.LLAVA_DEFAULTS["sparse_first"], True, False), (1, testbed_train.LLAVA_DEFAULTS["sparse_first"], True, True)]
+        (2, testbed_train.LLAVA_DEFAULTS["sparse_first"], True, False), (1, 0, True, True)]
     assert "2 steps of 16 scenes" in (out / "README.md").read_text()  # the card states the recipe it was trained by
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)

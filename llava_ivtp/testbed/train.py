@@ -793,7 +793,7 @@ LLAVA_DEFAULTS = {"steps": 4000, "batch_size": 16, "lr": 1e-3, "questions": 24, 
 # The LLaVA stage's second phase (`--place-steps`, 0 skips it): continued from the first with a new warm-up and
 # cosine decay, half of each batch from the sparse split, and the place of every object asked (see the module
 # docstring for why).
-PLACE_PHASE = {"steps": 0, "sparse_share": 0.5, "every_place": True}
+PLACE_PHASE = {"steps": 0, "sparse_share": 0.5, "sparse_first": 0, "every_place": True}
 
 
 def main(argv: list[str] | None = None) -> int:
