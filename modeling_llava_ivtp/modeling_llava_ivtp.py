@@ -170,46 +170,30 @@ class LlmPass:
 CLIP_PARTS = ("clip_text_model.", "clip_visual_projection.")
 
 
-class LlavaIvtpForConditionalGeneration(
-    ActivationCheckpointingNames, PrunedGeneration, LlavaForConditionalGeneration, GenerationMixin
-):
-    """LLaVA-1.5 with visual-token pruning: IVTP (Instruction-guided Visual Token Pruning) or another method of the
-    registry (`config.pruning_method`, `pruners.py`).
+class IvtpHost:
+    """What every LLaVA-IVTP host model adds to its stock class (`LlavaIvtpForConditionalGeneration`,
+    `LlavaNextIvtpForConditionalGeneration`): IVTP's frozen CLIP text tower and visual projection, the recording twins
+    of the attention backend, loading that refuses a missing text tower, initialisation, and saving as remote code."""
 
-    Same modules and parameter names as [`LlavaForConditionalGeneration`], so llava-hf checkpoints load unchanged.
-    With IVTP (`config.schedule` set) the forward prunes visual tokens in two stages:
-
-    1. in the CLIP vision tower, group-wise token pruning (GTP): per group of `group_size` layers, attention rollout
-       with residual (eq. 3) of the CLS row times the value norms (eq. 4) keeps the top-k patches;
-    2. in the first `group_size * len(schedule["llm"])` LLM layers, GTP again, with a textual pseudo-CLS (eq. 8)
-       that attends to the tokens up to the image and that no real token attends to.
-
-    Other methods prune at their own sites (a vision layer, the projected features, an LLM layer) through the same
-    runner. Kept tokens keep their original position ids. With `config.pruning_method=None` the model is stock Llava.
-    """
-
-    config_class = IvtpConfig
-    config: IvtpConfig
-
-    def __init__(self, config: IvtpConfig):
-        config.check_ivtp()  # fields edited after the config was made (e.g. `from_pretrained(path, schedule=...)`)
-        super().__init__(config)
-        if config.clip_text_encoder is not None:
-            # IVTP: the frozen CLIP text tower (eq. 5) and CLIP's visual projection, which maps the vision tower's
-            # final CLS into the joint space (eq. 6). Neither is in llava-hf checkpoints; both are saved with ours.
-            self.clip_text_model = build_clip_text_tower(config.clip_text_encoder)
-            self.clip_visual_projection = nn.Linear(
-                config.vision_config.hidden_size, config.clip_text_encoder["embed_dim"], bias=False
-            )
-            self.clip_text_model.requires_grad_(False)
-            self.clip_visual_projection.requires_grad_(False)
-            self.clip_text_model.eval()
-        self._use_recording_backends()
+    def _add_clip_parts(self) -> None:
+        """IVTP: the frozen CLIP text tower (eq. 5) and CLIP's visual projection, which maps the vision tower's final
+        CLS into the joint space (eq. 6), when `config.clip_text_encoder` names one. Neither is in llava-hf
+        checkpoints; both are saved with ours."""
+        config = self.config
+        if config.clip_text_encoder is None:
+            return
+        self.clip_text_model = build_clip_text_tower(config.clip_text_encoder)
+        self.clip_visual_projection = nn.Linear(
+            config.vision_config.hidden_size, config.clip_text_encoder["embed_dim"], bias=False
+        )
+        self.clip_text_model.requires_grad_(False)
+        self.clip_visual_projection.requires_grad_(False)
+        self.clip_text_model.eval()
 
     def _use_recording_backends(self) -> None:
         """With pruning on, the layers run with the recording twin of the configured backend (`"sdpa"` ->
         `"ivtp_sdpa"`, any registered name likewise: the same kernel, and the twin answers a pruner's `RowRequest`;
-        `attention_rows.py`); with pruning off, with the backend itself, as stock Llava (eager's `output_attentions`
+        `attention_rows.py`); with pruning off, with the backend itself, as the stock host (eager's `output_attentions`
         included). Configs save the backend's own name."""
         mapping = recording_backend if self.config.pruning_enabled else base_backend
         for sub_config in (self.config, self.config.text_config, self.config.vision_config):
@@ -248,7 +232,7 @@ class LlavaIvtpForConditionalGeneration(
     @classmethod
     def is_custom_code(cls) -> bool:
         """`False`: weights this class initialises (missing from a checkpoint, or a new model) get each submodel's own
-        init, as stock Llava's do (the CLIP vision tower CLIP's, the decoder Llama's).
+        init, as the stock host's do (the CLIP vision tower CLIP's, the decoder Llama's).
 
         transformers treats every class defined outside it as custom code whose init may write parameters without
         its guarded `transformers.initialization` functions, and then skips any module without parameters of its own
@@ -278,6 +262,34 @@ class LlavaIvtpForConditionalGeneration(
         if getattr(self, "clip_text_model", None) is not None:
             self.clip_text_model.eval()
         return self
+
+
+class LlavaIvtpForConditionalGeneration(
+    IvtpHost, ActivationCheckpointingNames, PrunedGeneration, LlavaForConditionalGeneration, GenerationMixin
+):
+    """LLaVA-1.5 with visual-token pruning: IVTP (Instruction-guided Visual Token Pruning) or another method of the
+    registry (`config.pruning_method`, `pruners.py`).
+
+    Same modules and parameter names as [`LlavaForConditionalGeneration`], so llava-hf checkpoints load unchanged.
+    With IVTP (`config.schedule` set) the forward prunes visual tokens in two stages:
+
+    1. in the CLIP vision tower, group-wise token pruning (GTP): per group of `group_size` layers, attention rollout
+       with residual (eq. 3) of the CLS row times the value norms (eq. 4) keeps the top-k patches;
+    2. in the first `group_size * len(schedule["llm"])` LLM layers, GTP again, with a textual pseudo-CLS (eq. 8)
+       that attends to the tokens up to the image and that no real token attends to.
+
+    Other methods prune at their own sites (a vision layer, the projected features, an LLM layer) through the same
+    runner. Kept tokens keep their original position ids. With `config.pruning_method=None` the model is stock Llava.
+    """
+
+    config_class = IvtpConfig
+    config: IvtpConfig
+
+    def __init__(self, config: IvtpConfig):
+        config.check_ivtp()  # fields edited after the config was made (e.g. `from_pretrained(path, schedule=...)`)
+        super().__init__(config)
+        self._add_clip_parts()
+        self._use_recording_backends()
 
     # ------------------------------------------------------------------------------------------------------------
     # Forward
@@ -385,13 +397,8 @@ class LlavaIvtpForConditionalGeneration(
             input_ids=input_ids, inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, return_dict=True,
             **cache_kwargs(cache), **kwargs,
         )
-        batch_size, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if isinstance(logits_to_keep, int):  # two operators beside stock's: an arange and its expand
-            first = length - logits_to_keep if 0 < logits_to_keep < length else 0
-            kept_positions = torch.arange(first, length, device=outputs.logits.device).expand(batch_size, -1)
-        else:
-            every = torch.arange(length, device=outputs.logits.device).expand(batch_size, -1)
-            kept_positions = slice_logits_to_keep(every.unsqueeze(-1), logits_to_keep)[..., 0]
+        kept_positions = stock_kept_positions(input_ids if input_ids is not None else inputs_embeds, logits_to_keep,
+                                              outputs.logits.device)
         return IvtpCausalLMOutputWithPast(**outputs, kept_positions=kept_positions)
 
     def _check_values_without_pixels(self, input_ids, inputs_embeds, cache, guidance: dict) -> None:
@@ -933,6 +940,17 @@ class LlavaIvtpForConditionalGeneration(
                     hidden[rows.unsqueeze(-1), chosen] = moved(selection.merged, dtype=hidden.dtype)
                     tokens = replace(tokens, hidden_states=hidden)
             return tokens.keep_visual(keep, num_keep, renumber=renumber), kept_patches
+
+def stock_kept_positions(reference: torch.Tensor, logits_to_keep, device) -> torch.Tensor:
+    """`kept_positions` of a stock forward over `reference` (`input_ids` or `inputs_embeds`): the positions
+    `logits_to_keep` keeps. Two operators beside stock's (an arange and its expand) for an int."""
+    batch_size, length = reference.shape[:2]
+    if isinstance(logits_to_keep, int):
+        first = length - logits_to_keep if 0 < logits_to_keep < length else 0
+        return torch.arange(first, length, device=device).expand(batch_size, -1)
+    every = torch.arange(length, device=device).expand(batch_size, -1)
+    return slice_logits_to_keep(every.unsqueeze(-1), logits_to_keep)[..., 0]
+
 
 def _rows_kwarg(request) -> dict:
     """The per-call kwarg that asks a layer's recording attention for rows (none when nothing is asked)."""

@@ -26,6 +26,8 @@ REMOTE_FILES = {
     *(f"pruner_{name}.py" for name in ("ivtp", "random", "topk", "pooling", "evit", "tome", "fastv", "pdrop",
                                        "visionzip", "vispruner", "divprune", "cdpruner")),
 }
+# A LLaVA-NeXT checkpoint carries these as well (`tests/test_next_host.py`).
+NEXT_REMOTE_FILES = REMOTE_FILES | {"modeling_llava_next_ivtp.py"}
 PROMPTS = ["USER: <image>\nWhat color is the dog? ASSISTANT:", "USER: <image>\nIs it big? ASSISTANT:"]
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_PACKAGE = Path(modeling_llava_ivtp.__file__).resolve().parent
@@ -67,7 +69,7 @@ def test_model_package_holds_exactly_the_remote_code():
     """`modeling_llava_ivtp/` is what a checkpoint carries: the remote files and `__init__.py`, no other module and
     no subfolder; the tools live in `llava_ivtp/`."""
     entries = {path.name for path in MODEL_PACKAGE.iterdir() if path.name != "__pycache__"}
-    assert entries == REMOTE_FILES | {"__init__.py"}, sorted(entries ^ (REMOTE_FILES | {"__init__.py"}))
+    assert entries == NEXT_REMOTE_FILES | {"__init__.py"}, sorted(entries ^ (NEXT_REMOTE_FILES | {"__init__.py"}))
     assert not any(path.is_dir() for path in MODEL_PACKAGE.iterdir() if path.name != "__pycache__")
 
 
@@ -91,7 +93,7 @@ def test_model_package_never_imports_the_tools():
     for path in sorted(MODEL_PACKAGE.glob("*.py")):
         imported = {name.split(".")[0] for name in imported_modules(path.read_text())}
         assert not imported & NOT_IN_A_CHECKPOINT, (path.name, sorted(imported & NOT_IN_A_CHECKPOINT))
-    modules = sorted(f"modeling_llava_ivtp.{name.removesuffix('.py')}" for name in REMOTE_FILES)
+    modules = sorted(f"modeling_llava_ivtp.{name.removesuffix('.py')}" for name in NEXT_REMOTE_FILES)
     environment = dict(os.environ, HF_HUB_OFFLINE="1")
     environment.pop("PYTHONPATH", None)
     script = (f"import importlib, json, sys\nfor name in {modules!r}: importlib.import_module(name)\n"

@@ -259,3 +259,70 @@ class RecordingHubApi:
     def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, **kwargs):
         self.calls.append(("upload_file", repo_id, path_in_repo, Path(path_or_fileobj).read_text()))
         return type("CommitInfo", (), {"oid": "2" * 40})()
+
+
+# --- LLaVA-NeXT (AnyRes): the tiny tower's 24 px crops, tile grids of 1x2, 2x1 and 2x2 ------------------------------
+TINY_GRID_PINPOINTS = [[24, 48], [48, 24], [48, 48]]
+
+
+def tiny_next_config_dict(**overrides) -> dict:
+    """The tiny LLaVA's settings as a LLaVA-NeXT: the same towers, a grid of tiles per image."""
+    config = {k: v for k, v in tiny_config_dict(schedule=None).items() if k != "image_seq_length"}
+    config.update(image_grid_pinpoints=TINY_GRID_PINPOINTS, pruning_method=None)
+    config.update(overrides)
+    return config
+
+
+def tiny_next_model(attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    from modeling_llava_ivtp import IvtpNextConfig, LlavaNextIvtpForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = IvtpNextConfig(**tiny_next_config_dict(**overrides))
+    config._attn_implementation = attn_implementation
+    return LlavaNextIvtpForConditionalGeneration(config).eval()
+
+
+def next_stock_twin(model, attn_implementation: str = "sdpa"):
+    """A stock `LlavaNextForConditionalGeneration` with the same weights."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = LlavaNextConfig(**stock_llava_fields(model.config.to_dict()))
+    config._attn_implementation = attn_implementation
+    stock = LlavaNextForConditionalGeneration(config).eval()
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("clip_")}
+    missing, unexpected = stock.load_state_dict(weights, strict=True)
+    assert not missing and not unexpected
+    return stock
+
+
+def next_image_tokens(config, image_sizes) -> list[int]:
+    """Placeholders per image, as `LlavaNextProcessor` counts them: the base crop's patches, then the tiles' grid
+    unpadded to the image's aspect ratio with one newline per row."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    counts = []
+    for size in image_sizes:
+        rows, columns = get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, config.vision_config.image_size)
+        grid = unpad_image(torch.zeros(1, rows * side, columns * side), list(size))
+        counts.append(side * side + grid.shape[1] * (grid.shape[2] + 1))
+    return counts
+
+
+def make_next_batch(config, image_sizes=((20, 40), (40, 36)), lengths=((2, 5), (4, 9)), seed: int = 0):
+    """A left-padded batch, one image per sample, of the given sizes `(height, width)`: different aspect ratios give
+    different crop and placeholder counts."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    counts = next_image_tokens(config, image_sizes)
+    prompts = [make_prompt(prefix, suffix, num_patches=count, seed=seed + row)
+               for row, ((prefix, suffix), count) in enumerate(zip(lengths, counts))]
+    input_ids, attention_mask = left_pad(prompts)
+    crops = [image_size_to_num_patches(list(size), config.image_grid_pinpoints, config.vision_config.image_size)
+             for size in image_sizes]
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.zeros(len(prompts), max(crops), 3, 24, 24)
+    for row, count in enumerate(crops):
+        pixel_values[row, :count] = torch.randn(count, 3, 24, 24, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "image_sizes": torch.tensor(image_sizes)}

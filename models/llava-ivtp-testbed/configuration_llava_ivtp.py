@@ -1,5 +1,6 @@
-"""Configuration of LLaVA-IVTP: `LlavaConfig` plus the pruning method (IVTP's two-stage schedule, or another method
-of the registry, `pruner_base.PRUNERS`) and its options."""
+"""Configuration of LLaVA-IVTP: `LlavaConfig` (LLaVA-1.5) or `LlavaNextConfig` (LLaVA-NeXT) plus the pruning method
+(IVTP's two-stage schedule, or another method of the registry, `pruner_base.PRUNERS`) and its options. The fields
+and their checks are one mixin, `IvtpFields`, shared by both hosts' configs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numbers
 from .transformers_compat import SUPPORTED_TRANSFORMERS  # noqa: F401, I001  (re-exported)
 
 from huggingface_hub.dataclasses import strict
-from transformers import LlavaConfig
+from transformers import LlavaConfig, LlavaNextConfig
 
 from .guidance_ivtp import validate_clip_text_encoder
 
@@ -29,7 +30,8 @@ PRUNING_METHODS = (
 
 
 def stock_llava_fields(config_dict: dict) -> dict:
-    """The `LlavaConfig` fields of an `IvtpConfig` dict: IVTP's own fields and the class identity removed."""
+    """The stock host's fields (`LlavaConfig`'s, `LlavaNextConfig`'s) of an `IvtpConfig` / `IvtpNextConfig` dict:
+    IVTP's own fields and the class identity removed."""
     drop = set(IVTP_FIELDS) | {"model_type", "architectures", "auto_map"}
     return {key: value for key, value in config_dict.items() if key not in drop}
 
@@ -100,63 +102,10 @@ def layer_groups(num_layers: int, group_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + group_size, num_layers) - 1) for start in range(0, num_layers, group_size)]
 
 
-@strict
-class IvtpConfig(LlavaConfig):
-    r"""
-    Configuration of [`LlavaIvtpForConditionalGeneration`]: a [`LlavaConfig`] plus the pruning method and its fields.
-
-    Args:
-        pruning_method (`str`, *optional*, defaults to `"ivtp"`):
-            The visual-token pruning method, one of `PRUNING_METHODS` (`"ivtp"`, `"random"`, `"topk"`, `"pooling"`,
-            `"evit"`, `"tome"`, `"topk_plus"`, `"tome_plus"`, `"fastv"`, `"pdrop"`, `"visionzip"`, `"vispruner"`,
-            `"divprune"`, `"cdpruner"`; each a file `pruner_<name>.py` citing its paper), or `None`: no pruning, the
-            model is stock Llava. `"ivtp"` prunes when `schedule` is set (or derived from a budget).
-        pruning_options (`dict`, *optional*):
-            The method's options, checked by the method. Every method takes `visual_tokens`, the budget: visual tokens
-            per image that reach the LLM's last layers, mapped to the method's own schedule by its paper's rule
-            (default 64; for `"ivtp"` no default: `schedule` says it, or `visual_tokens` derives `schedule` with the
-            7B preset's shape). Others: `fastv` `layer` (K, 2), `pdrop` `stages` (4), `visionzip` `dominant`
-            (54 of 64), `vispruner` `important` (48 of 64), `random` `seed` (0).
-        image_seq_length (`int`, *optional*):
-            Image placeholder tokens per image. Defaults to the patches per image of the vision tower,
-            `(image_size // patch_size) ** 2` (576 for LLaVA-1.5's 336 px CLIP with patch 14); a given value that
-            differs from it is refused when pruning is on.
-        group_size (`int`, *optional*, defaults to 3):
-            Layers per pruning group, in the vision tower and in the LLM (paper sec. 4.1: 3). Attention rollout
-            (eq. 3) aggregates the attention of a group's layers; tokens are pruned at the group's top layer.
-        schedule (`dict`, *optional*):
-            `{"vision": [k1, ..., kG], "llm": [m1, ..., mH]}`: patches (vision, CLS not counted) and visual tokens
-            (LLM) kept after each group. One vision entry per group over the vision layers that run for patch
-            features (23 for LLaVA-1.5 with `group_size=3`: 8 groups, the last of 2 layers); the LLM prunes in its
-            first `group_size * H` layers. An empty list turns a stage off. `None` turns pruning off and the
-            model equals stock Llava.
-        tau (`float`, *optional*, defaults to 0.2):
-            Relevance threshold of eq. 8: instruction tokens whose CLIP relevance is `>= tau` form the pseudo-CLS.
-        clip_text_encoder (`dict`, *optional*):
-            Architecture of the frozen open_clip text tower that scores the instruction (eq. 5-7):
-            `{"model_name", "embed_dim", "quick_gelu", "text_cfg": {context_length, vocab_size, width, heads, layers}}`,
-            e.g. `clip_text_encoder_spec("ViT-L-14-336")`. The model then holds the tower and CLIP's visual projection
-            (`clip_text_model`, `clip_visual_projection`), frozen. `None`: no CLIP tower.
-        guidance (`str`, *optional*, defaults to `"clip_relevance"`):
-            How the stage-2 pseudo-CLS is formed (paper Table 6): `"clip_relevance"` (the paper: instruction tokens
-            whose CLIP relevance to the image is `>= tau`), `"embedding_relevance"` (threshold on the cosine of the
-            LLM's own token embeddings with the projected visual CLS), `"instruction_mean"` (every instruction token,
-            no threshold), `"visual_cls"` (the visual CLS through the projector). Where a mode's inputs are missing
-            the visual CLS is used, with a one-time warning naming what is missing.
-    """
-
-    model_type = "llava_ivtp"
-
-    # `None`: derived from the vision geometry, `(image_size // patch_size) ** 2` (LlavaConfig's 576 holds for 336 px
-    # with patch 14 only).
-    image_seq_length: int | None = None
-    group_size: int = 3
-    schedule: dict | None = None
-    tau: float = 0.2
-    clip_text_encoder: dict | None = None
-    guidance: str = "clip_relevance"
-    pruning_method: str | None = "ivtp"
-    pruning_options: dict | None = None
+class IvtpFields:
+    """The pruning fields' rules and the geometry they are checked against, for any LLaVA host config whose vision
+    tower is a CLIP run per image (LLaVA-1.5) or per crop (LLaVA-NeXT): `IvtpConfig`, `IvtpNextConfig`. The fields
+    themselves are declared in each config (`IVTP_FIELDS`)."""
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -332,7 +281,92 @@ class IvtpConfig(LlavaConfig):
             self.schedule = normalized
 
 
+
+@strict
+class IvtpConfig(IvtpFields, LlavaConfig):
+    r"""
+    Configuration of [`LlavaIvtpForConditionalGeneration`]: a [`LlavaConfig`] plus the pruning method and its fields.
+
+    Args:
+        pruning_method (`str`, *optional*, defaults to `"ivtp"`):
+            The visual-token pruning method, one of `PRUNING_METHODS` (`"ivtp"`, `"random"`, `"topk"`, `"pooling"`,
+            `"evit"`, `"tome"`, `"topk_plus"`, `"tome_plus"`, `"fastv"`, `"pdrop"`, `"visionzip"`, `"vispruner"`,
+            `"divprune"`, `"cdpruner"`; each a file `pruner_<name>.py` citing its paper), or `None`: no pruning, the
+            model is stock Llava. `"ivtp"` prunes when `schedule` is set (or derived from a budget).
+        pruning_options (`dict`, *optional*):
+            The method's options, checked by the method. Every method takes `visual_tokens`, the budget: visual tokens
+            per image that reach the LLM's last layers, mapped to the method's own schedule by its paper's rule
+            (default 64; for `"ivtp"` no default: `schedule` says it, or `visual_tokens` derives `schedule` with the
+            7B preset's shape). Others: `fastv` `layer` (K, 2), `pdrop` `stages` (4), `visionzip` `dominant`
+            (54 of 64), `vispruner` `important` (48 of 64), `random` `seed` (0).
+        image_seq_length (`int`, *optional*):
+            Image placeholder tokens per image. Defaults to the patches per image of the vision tower,
+            `(image_size // patch_size) ** 2` (576 for LLaVA-1.5's 336 px CLIP with patch 14); a given value that
+            differs from it is refused when pruning is on.
+        group_size (`int`, *optional*, defaults to 3):
+            Layers per pruning group, in the vision tower and in the LLM (paper sec. 4.1: 3). Attention rollout
+            (eq. 3) aggregates the attention of a group's layers; tokens are pruned at the group's top layer.
+        schedule (`dict`, *optional*):
+            `{"vision": [k1, ..., kG], "llm": [m1, ..., mH]}`: patches (vision, CLS not counted) and visual tokens
+            (LLM) kept after each group. One vision entry per group over the vision layers that run for patch
+            features (23 for LLaVA-1.5 with `group_size=3`: 8 groups, the last of 2 layers); the LLM prunes in its
+            first `group_size * H` layers. An empty list turns a stage off. `None` turns pruning off and the
+            model equals stock Llava.
+        tau (`float`, *optional*, defaults to 0.2):
+            Relevance threshold of eq. 8: instruction tokens whose CLIP relevance is `>= tau` form the pseudo-CLS.
+        clip_text_encoder (`dict`, *optional*):
+            Architecture of the frozen open_clip text tower that scores the instruction (eq. 5-7):
+            `{"model_name", "embed_dim", "quick_gelu", "text_cfg": {context_length, vocab_size, width, heads, layers}}`,
+            e.g. `clip_text_encoder_spec("ViT-L-14-336")`. The model then holds the tower and CLIP's visual projection
+            (`clip_text_model`, `clip_visual_projection`), frozen. `None`: no CLIP tower.
+        guidance (`str`, *optional*, defaults to `"clip_relevance"`):
+            How the stage-2 pseudo-CLS is formed (paper Table 6): `"clip_relevance"` (the paper: instruction tokens
+            whose CLIP relevance to the image is `>= tau`), `"embedding_relevance"` (threshold on the cosine of the
+            LLM's own token embeddings with the projected visual CLS), `"instruction_mean"` (every instruction token,
+            no threshold), `"visual_cls"` (the visual CLS through the projector). Where a mode's inputs are missing
+            the visual CLS is used, with a one-time warning naming what is missing.
+    """
+
+    model_type = "llava_ivtp"
+
+    # `None`: derived from the vision geometry, `(image_size // patch_size) ** 2` (LlavaConfig's 576 holds for 336 px
+    # with patch 14 only).
+    image_seq_length: int | None = None
+    group_size: int = 3
+    schedule: dict | None = None
+    tau: float = 0.2
+    clip_text_encoder: dict | None = None
+    guidance: str = "clip_relevance"
+    pruning_method: str | None = "ivtp"
+    pruning_options: dict | None = None
+
+
+@strict
+class IvtpNextConfig(IvtpFields, LlavaNextConfig):
+    r"""
+    Configuration of [`LlavaNextIvtpForConditionalGeneration`]: a [`LlavaNextConfig`] (LLaVA-NeXT, AnyRes: a base
+    image and high-resolution tiles, each a crop through the same CLIP) plus the pruning fields of [`IvtpConfig`],
+    with the same names, defaults and checks. The budget `pruning_options["visual_tokens"]` counts the visual tokens
+    of one image (all its crops) that reach the LLM's last layers; `schedule["vision"]` counts patches per crop
+    (stage 1 runs in each crop), `schedule["llm"]` visual tokens per image. `image_seq_length` is the patches of one
+    crop (576 for a 336 px CLIP with patch 14).
+    """
+
+    model_type = "llava_next_ivtp"
+
+    # `None`: derived from the vision geometry, `(image_size // patch_size) ** 2`: the patches of one crop.
+    image_seq_length: int | None = None
+    group_size: int = 3
+    schedule: dict | None = None
+    tau: float = 0.2
+    clip_text_encoder: dict | None = None
+    guidance: str = "clip_relevance"
+    pruning_method: str | None = "ivtp"
+    pruning_options: dict | None = None
+
+
 # Remote code: `save_pretrained` copies this file (and what it imports) and writes `auto_map["AutoConfig"]`.
 IvtpConfig.register_for_auto_class()
+IvtpNextConfig.register_for_auto_class()
 
-__all__ = ["IvtpConfig"]
+__all__ = ["IvtpConfig", "IvtpNextConfig"]

@@ -1,0 +1,175 @@
+"""The LLaVA-NeXT host (`LlavaNextIvtpForConditionalGeneration`, `IvtpNextConfig`) on tiny random models: with
+pruning off it is stock `LlavaNextForConditionalGeneration`, in padded batches of images with different aspect
+ratios; it loads llava-hf's LLaVA-NeXT key format and reloads as remote code; a config that prunes is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modeling_llava_ivtp import IvtpNextConfig, LlavaNextIvtpForConditionalGeneration
+from modeling_llava_ivtp.transformers_compat import output_cache
+from test_remote_code import NEXT_REMOTE_FILES, run_fresh
+from tiny_models import (
+    IMAGE_TOKEN_ID, TINY_CLIP_TEXT, make_next_batch, next_image_tokens, next_stock_twin, tiny_next_config_dict,
+    tiny_next_model,
+)
+
+
+def test_placeholder_counts_follow_the_aspect_ratio():
+    """The batch the tests use: a wide image (1x2 tiles, unpadded to 3 rows) and a near-square one (2x2 tiles), so
+    the two samples have different crop and placeholder counts. (A square image takes the 1x2 grid, unpadded to 6x6.)"""
+    model = tiny_next_model()
+    assert next_image_tokens(model.config, [(20, 40), (40, 36), (24, 24)]) == [36 + 6 * 13, 36 + 12 * 11, 36 + 6 * 7]
+    batch = make_next_batch(model.config)
+    assert (batch["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [114, 168]
+    assert batch["pixel_values"].shape == (2, 5, 3, 24, 24)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_pruning_off_is_stock_llava_next_in_a_padded_batch(attn_implementation):
+    model = tiny_next_model(attn_implementation=attn_implementation)
+    stock = next_stock_twin(model, attn_implementation)
+    batch = make_next_batch(model.config)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        ours = model(**batch, labels=labels, output_hidden_states=True)
+        theirs = stock(**batch, labels=labels, output_hidden_states=True)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+    for mine, stocks in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        torch.testing.assert_close(mine, stocks, atol=1e-5, rtol=0)
+    length = batch["input_ids"].shape[1]
+    assert torch.equal(ours.kept_positions, torch.arange(length).expand(2, -1))
+    with torch.no_grad():  # logits_to_keep: the positions say which rows are left
+        last = model(**batch, logits_to_keep=1)
+    assert last.logits.shape[1] == 1 and last.kept_positions.tolist() == [[length - 1], [length - 1]]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beams"])
+def test_pruning_off_generates_as_stock_llava_next(mode):
+    model = tiny_next_model()
+    stock = next_stock_twin(model)
+    batch = make_next_batch(model.config)
+    settings = {"greedy": {"do_sample": False}, "sample": {"do_sample": True, "top_k": 5},
+                "beams": {"do_sample": False, "num_beams": 3}}[mode]
+    outputs = []
+    for candidate in (model, stock):
+        torch.manual_seed(0)
+        outputs.append(candidate.generate(**batch, max_new_tokens=6, suppress_tokens=[IMAGE_TOKEN_ID],
+                                          pad_token_id=0, **settings))
+    assert torch.equal(outputs[0], outputs[1])
+    with torch.no_grad():  # the cache a prefill leaves is stock's too
+        assert type(output_cache(model(**batch, use_cache=True))).__name__ == "DynamicCache"
+
+
+@pytest.mark.parametrize("settings", [
+    {"pruning_method": "fastv", "pruning_options": {"visual_tokens": 32}},
+    {"pruning_method": "ivtp", "schedule": {"vision": [], "llm": [8]}},
+    {"pruning_method": "divprune", "pruning_options": {"visual_tokens": 16}},
+])
+def test_a_config_that_prunes_is_refused_naming_the_fields(settings):
+    config = IvtpNextConfig(**tiny_next_config_dict(**settings))
+    with pytest.raises(ValueError, match=r"does not prune yet: pruning_method=.* Set `pruning_method=None`"):
+        LlavaNextIvtpForConditionalGeneration(config)
+    model = tiny_next_model()
+    model.config.pruning_method = settings["pruning_method"]
+    model.config.pruning_options = settings.get("pruning_options")
+    model.config.schedule = settings.get("schedule")
+    with pytest.raises(ValueError, match="does not prune yet"):  # edited after construction: refused at the call
+        model(**make_next_batch(model.config))
+
+
+def test_bad_guidance_is_refused_naming_the_field():
+    model = tiny_next_model()
+    batch = make_next_batch(model.config)
+    with pytest.raises(ValueError, match="instruction_mask"):
+        model(**batch, instruction_mask=torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_config_fields_are_checked_as_ivtp_configs_are():
+    with pytest.raises(ValueError, match="`tau` must be in"):
+        IvtpNextConfig(**tiny_next_config_dict(tau=3.0))
+    with pytest.raises(ValueError, match="`pruning_method` must be one of"):
+        IvtpNextConfig(**tiny_next_config_dict(pruning_method="nope"))
+    config = IvtpNextConfig(**tiny_next_config_dict())
+    assert config.model_type == "llava_next_ivtp" and config.image_seq_length == 36 and config.num_patches == 36
+    assert config.image_grid_pinpoints == [[24, 48], [48, 24], [48, 48]]
+    assert IvtpNextConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_loads_llava_hf_next_on_disk_key_format(tmp_path):
+    """llava-hf LLaVA-NeXT checkpoints store `language_model.model.*`, `language_model.lm_head`,
+    `vision_tower.vision_model.*`, `multi_modal_projector.*` and `image_newline` at the top."""
+    model = tiny_next_model()
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith("lm_head."):
+            key = "language_model." + key
+        elif key.startswith("model.language_model."):
+            key = "language_model.model." + key[len("model.language_model."):]
+        elif key.startswith("model.vision_tower."):
+            key = "vision_tower.vision_model." + key[len("model.vision_tower."):]
+        elif key.startswith(("model.multi_modal_projector.", "model.image_newline")):
+            key = key[len("model."):]
+        state[key] = tensor.contiguous()
+    assert "image_newline" in state
+    folder = tmp_path / "llava-next-hf"
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    loaded, info = LlavaNextIvtpForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_saves_and_reloads_as_remote_code(tmp_path):
+    """`save_pretrained` writes a self-contained checkpoint: the Auto classes load the NeXT classes from its own
+    files, in an interpreter that cannot import the package, and the model gives the same logits."""
+    folder = tmp_path / "tiny-llava-next-ivtp"
+    model = tiny_next_model(clip_text_encoder=TINY_CLIP_TEXT)
+    model.save_pretrained(folder)
+    batch = make_next_batch(model.config)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    torch.save({"batch": batch, "logits": logits, "state": model.state_dict()}, tmp_path / "expected.pt")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llava_next_ivtp"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_llava_ivtp.IvtpNextConfig",
+        "AutoModel": "modeling_llava_next_ivtp.LlavaNextIvtpForConditionalGeneration",
+        "AutoModelForImageTextToText": "modeling_llava_next_ivtp.LlavaNextIvtpForConditionalGeneration",
+    }
+    # every model file (no processor was saved here)
+    assert {path.name for path in folder.glob("*.py")} == NEXT_REMOTE_FILES - {"processing_llava_ivtp.py"}
+    result = run_fresh(
+        f"""
+        import json, torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+        folder = {str(folder)!r}
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=False)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        model, info = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+        state = model.state_dict()
+        with torch.no_grad():
+            logits = model.eval()(**expected["batch"]).logits
+        print(json.dumps({{
+            "config": [type(config).__module__, type(config).__name__],
+            "model": [type(model).__module__, type(model).__name__],
+            "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
+            "all_equal": sorted(state) == sorted(expected["state"]) and all(
+                torch.equal(state[key], expected["state"][key]) for key in expected["state"]),
+            "logits_max_diff": float((logits - expected["logits"]).abs().max()),
+        }}))
+        """,
+        tmp_path,
+    )
+    assert result["config"][0].startswith("transformers_modules.") and result["config"][1] == "IvtpNextConfig"
+    assert result["model"][0].startswith("transformers_modules.")
+    assert result["model"][1] == "LlavaNextIvtpForConditionalGeneration"
+    assert result["missing"] == [] and result["unexpected"] == [] and result["all_equal"]
+    assert result["logits_max_diff"] <= 1e-6
