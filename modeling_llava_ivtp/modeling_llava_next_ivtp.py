@@ -21,6 +21,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 
 from .configuration_llava_ivtp import IvtpNextConfig
 from .generation_ivtp import host_past_length
+from .layout_next import NextLayout, next_layout
 from .modeling_llava_ivtp import IvtpHost, stock_kept_positions
 from .outputs_ivtp import IvtpCausalLMOutputWithPast
 from .transformers_compat import ActivationCheckpointingNames, cache_kwargs, takes_cache_kwarg
@@ -67,6 +68,14 @@ class LlavaNextIvtpForConditionalGeneration(
         super().__init__(config)
         self._add_clip_parts()
         self._use_recording_backends()
+
+    def image_layouts(self, image_sizes) -> list[NextLayout]:
+        """Per image of `image_sizes` `(num_images, 2)` (height, width; a tensor or a list), where each of its packed
+        visual tokens comes from: a crop's patch or the newline (`layout_next.py`)."""
+        vision = self.config.vision_config
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
+        return [next_layout(size, self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+                for size in sizes]
 
     @takes_cache_kwarg
     def forward(

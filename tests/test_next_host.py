@@ -27,6 +27,8 @@ def test_placeholder_counts_follow_the_aspect_ratio():
     batch = make_next_batch(model.config)
     assert (batch["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [114, 168]
     assert batch["pixel_values"].shape == (2, 5, 3, 24, 24)
+    layouts = model.image_layouts(batch["image_sizes"])
+    assert [layout.length for layout in layouts] == [114, 168] and [layout.crops for layout in layouts] == [3, 5]
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

@@ -27,7 +27,7 @@ REMOTE_FILES = {
                                        "visionzip", "vispruner", "divprune", "cdpruner")),
 }
 # A LLaVA-NeXT checkpoint carries these as well (`tests/test_next_host.py`).
-NEXT_REMOTE_FILES = REMOTE_FILES | {"modeling_llava_next_ivtp.py"}
+NEXT_REMOTE_FILES = REMOTE_FILES | {"modeling_llava_next_ivtp.py", "layout_next.py"}
 PROMPTS = ["USER: <image>\nWhat color is the dog? ASSISTANT:", "USER: <image>\nIs it big? ASSISTANT:"]
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_PACKAGE = Path(modeling_llava_ivtp.__file__).resolve().parent

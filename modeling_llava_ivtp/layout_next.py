@@ -1,0 +1,82 @@
+"""Where each of a LLaVA-NeXT image's visual tokens comes from: the map between the crops' patches and the packed
+sequence of placeholders (`LlavaNextModel.pack_image_features`), as indices, so that a pruner can score per crop
+and the runner can place what it keeps.
+
+One image of size `(height, width)` is cut into crops: the base image, then the tiles of the grid that
+`select_best_resolution` picks among `image_grid_pinpoints`, row by row. Its packed sequence is the base crop's
+patches in order, then the tiles stitched into one grid of `rows * side` by `columns * side` patches (`side` patches
+per crop edge), unpadded to the image's aspect ratio (the rows or columns of letterbox padding removed, as many on
+each side), each row followed by the learned newline. (A grid of one tile still makes two crops, the base and the tile.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.image_processing_utils import select_best_resolution
+
+
+NEWLINE = -1  # the source of a newline token in `NextLayout.source`
+
+
+@dataclass(frozen=True)
+class NextLayout:
+    """One image's packed visual tokens. `source[j]`: the crop patch token `j` is, as `crop * patches + patch` into
+    the image's crops' patches flattened (crop 0 the base), or `NEWLINE`. `crops`: how many crops the image has;
+    `grid`: `(rows, columns)` of tiles."""
+
+    source: tuple[int, ...]
+    crops: int
+    grid: tuple[int, int]
+
+    @property
+    def length(self) -> int:
+        return len(self.source)
+
+    def pack(self, crop_features: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+        """`(length, hidden)`: the packed sequence from `crop_features` `(crops, patches, hidden)` and `newline`
+        `(hidden,)`, as stock LLaVA-NeXT packs them (one gather)."""
+        flat = crop_features.reshape(-1, crop_features.shape[-1])
+        flat = torch.cat([flat, newline.to(flat).unsqueeze(0)])
+        index = torch.tensor([len(flat) - 1 if source == NEWLINE else source for source in self.source],
+                             device=flat.device)
+        return flat.index_select(0, index)
+
+
+def tile_grid(image_size, grid_pinpoints, crop_size: int) -> tuple[int, int]:
+    """`(rows, columns)` of high-resolution tiles for an image of `image_size` `(height, width)`."""
+    height, width = select_best_resolution(tuple(int(value) for value in image_size), grid_pinpoints)
+    return height // crop_size, width // crop_size
+
+
+def unpadded_span(original: tuple[int, int], current: tuple[int, int]) -> tuple[slice, slice]:
+    """The rows and columns of a `current` `(height, width)` patch grid that show an image of `original`
+    `(height, width)` letterboxed into it (the padding removed as evenly as stock LLaVA-NeXT removes it)."""
+    original_height, original_width = original
+    current_height, current_width = current
+    if original_width / original_height > current_width / current_height:  # wider than the grid: rows padded
+        kept = int(round(original_height * (current_width / original_width), 7))
+        padding = (current_height - kept) // 2
+        return slice(padding, current_height - padding), slice(0, current_width)
+    kept = int(round(original_width * (current_height / original_height), 7))
+    padding = (current_width - kept) // 2
+    return slice(0, current_height), slice(padding, current_width - padding)
+
+
+def next_layout(image_size, grid_pinpoints, crop_size: int, patch_size: int) -> NextLayout:
+    """The packed layout of one image of `image_size` `(height, width)` (see the module docstring)."""
+    side = crop_size // patch_size
+    patches = side * side
+    rows, columns = tile_grid(image_size, grid_pinpoints, crop_size)
+    crops = 1 + rows * columns
+    base = list(range(patches))
+    # stitched grid: row r = tile_row * side + y, column c = tile_column * side + x
+    r = torch.arange(rows * side).view(-1, 1)
+    c = torch.arange(columns * side).view(1, -1)
+    tile = (r // side) * columns + c // side
+    source = (1 + tile) * patches + (r % side) * side + c % side
+    row_span, column_span = unpadded_span(tuple(int(v) for v in image_size), (rows * side, columns * side))
+    source = source[row_span, column_span]
+    with_newlines = torch.cat([source, torch.full((source.shape[0], 1), NEWLINE)], dim=1)
+    return NextLayout(tuple(base + with_newlines.flatten().tolist()), crops, (rows, columns))
