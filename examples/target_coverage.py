@@ -10,6 +10,9 @@ the question `docs/accuracy.md` asks: is the CLIP relevance of the word naming t
 word) higher than that of the template's words, or inverted?
 
     python examples/target_coverage.py [--model DIR] [--limit 300] [--ranges 0 1000] [--visual-tokens 16] [--json F]
+        [--settings topk@64 random@64 ...]   # any `llava-ivtp eval` settings (default: IVTP's guidance modes at K)
+
+For a merging method (EViT, ToMe) a kept token counts as the patch it stands for (`vision_keep_indices`).
 
 Each range is `--limit` test questions from its start; the table gives each range's mean coverage, the pooled mean,
 the pooled share of questions with none of the object kept, and the pooled mean per kind.
@@ -44,6 +47,18 @@ def named_word(scene: testbed.Example) -> str:
     return scene.target.color if scene.kind == "shape" else scene.target.shape
 
 
+@torch.no_grad()
+def final_patches(model, processor, scene: testbed.Example) -> list[int]:
+    """The patches whose tokens reach the LLM's last layers under a method without IVTP's stages (its last LLM
+    selection, else its vision-side one; a merged token counts as the patch it stands for, -1 for none)."""
+    from llava_ivtp.evaluation.eval import prompt_of
+
+    inputs = processor(images=[scene.image], text=[prompt_of(scene.question)], return_tensors="pt").to(model.device)
+    out = model(**inputs, use_cache=False, logits_to_keep=1)
+    kept = out.llm_keep_indices[-1] if out.llm_keep_indices else out.vision_keep_indices
+    return [index for index in kept[0].tolist() if index >= 0]
+
+
 def measure(model, processor, scenes: list[testbed.Example], settings: list[str]) -> list[dict]:
     """One record per question about one object: its kind, the share of the object's patches each setting keeps,
     and (for the first setting, IVTP) the relevance rank of the word naming the object."""
@@ -56,7 +71,8 @@ def measure(model, processor, scenes: list[testbed.Example], settings: list[str]
         for name in settings:
             with parse_setting(name, model.config).applied(model):
                 result = pruning_of(model, processor, scene.image, scene.question)
-            record["coverage"][name] = len(patches & set(result["stages"][-1][1])) / len(patches)
+                final = result["stages"][-1][1] if result["stages"] else final_patches(model, processor, scene)
+            record["coverage"][name] = len(patches & set(final)) / len(patches)
             if name != settings[0]:
                 continue
             words = [(token.strip().strip("?").lower(), value, chosen)
@@ -117,6 +133,10 @@ def main(argv=None) -> dict:
                         help="first test question of each range (disjoint ranges of --limit questions)")
     parser.add_argument("--visual-tokens", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (a new file)")
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help="settings to measure (`llava-ivtp eval` names); default: ivtp@K, stage1@K, "
+                             "ivtp@K:visual_cls, ivtp@K:instruction_mean with K = --visual-tokens. The relevance "
+                             "figures are the first setting's, when it is IVTP's")
     args = parser.parse_args(argv)
     if args.limit < 1:
         parser.error("--limit must be >= 1")
@@ -129,7 +149,8 @@ def main(argv=None) -> dict:
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     kept = args.visual_tokens
-    settings = [f"ivtp@{kept}", f"stage1@{kept}", f"ivtp@{kept}:visual_cls", f"ivtp@{kept}:instruction_mean"]
+    settings = args.settings or [f"ivtp@{kept}", f"stage1@{kept}", f"ivtp@{kept}:visual_cls",
+                                 f"ivtp@{kept}:instruction_mean"]
     ranges = {start: measure(model, processor, [scene for scene in testbed.examples("test", args.limit, start)
                                                 if scene.target is not None], settings)
               for start in starts}

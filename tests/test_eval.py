@@ -74,13 +74,27 @@ def test_results_of_another_run_are_not_mixed_in(checkpoint, tmp_path, capsys):
                                            ("ivtp@16:nope", "guidance"), ("nope@16", "expected full"),
                                            ("pooling@13", "pooling"), ("fastv@16:visual_cls", "no guidance"),
                                            ("stage1@16:visual_cls", "no guidance"),
-                                           ("random@16:visual_cls", "no guidance"), ("random@0", "K must be in")])
+                                           ("random@16:visual_cls", "no guidance"), ("random@0", "K must be in"),
+                                           ("evit@16:fused=nope", "fused"), ("fastv@16:layer", "NAME=VALUE"),
+                                           ("fastv@16:visual_tokens=8", "the budget is K"),
+                                           ("ivtp@16:tau=0.1", "preset:PATH"), ("random@16:seed=1,=2", "NAME=VALUE")])
 def test_bad_settings(checkpoint, spec, message):
     from modeling_llava_ivtp import IvtpConfig
 
     config = IvtpConfig.from_pretrained(checkpoint)
     with pytest.raises(EvalError, match=message):
         parse_setting(spec, config)
+
+
+def test_method_options_in_a_setting(checkpoint):
+    """`METHOD@K:NAME=VALUE[,NAME=VALUE]`: the method's other options beside the budget, JSON values or strings."""
+    from modeling_llava_ivtp import IvtpConfig
+
+    config = IvtpConfig.from_pretrained(checkpoint)
+    setting = parse_setting("evit@16:fused=mean", config)
+    assert setting.fields["pruning_options"] == {"visual_tokens": 16, "fused": "mean"}
+    assert parse_setting("fastv@16:layer=3", config).fields["pruning_options"] == {"visual_tokens": 16, "layer": 3}
+    assert parse_setting("random@16:seed=4", config).config_of(config).pruning_options == {"visual_tokens": 16, "seed": 4}
 
 
 def test_visual_tokens_per_llm_layer():

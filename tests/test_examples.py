@@ -60,6 +60,10 @@ def test_target_coverage_pools_its_ranges_and_refuses_overlapping_ones(tmp_path)
     import json
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
+    # other methods: the patches their last selection keeps; keeping every patch covers every object whole
+    others = target_coverage.main(["--limit", "6", "--settings", "topk@144", "random@16", "--visual-tokens", "16"])
+    assert others["coverage"]["topk@144"]["pooled"] == 1.0 and others["relevance"] == {}
+    assert 0.0 <= others["coverage"]["random@16"]["pooled"] < 1.0
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "target_coverage.py"), "--limit", "6",
                              "--ranges", "0", "3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 2 and "--ranges [0, 3]: starts must be >= 0 and at least --limit (6) apart" in result.stderr

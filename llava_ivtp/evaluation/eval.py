@@ -13,7 +13,9 @@ with `image`, `question` and `answers`) x settings:
 - `preset:PATH`: IvtpConfig fields (schedule, group_size, tau, guidance) from a JSON file;
 - `METHOD@K` for every other registered method (`random`, `topk`, `pooling`, `evit`, `tome`, `topk_plus`,
   `tome_plus`, `fastv`, `pdrop`, `visionzip`, `vispruner`, `divprune`, `cdpruner`): `pruning_method=METHOD` with the
-  budget `pruning_options={"visual_tokens": K}`, which the method maps to its own schedule.
+  budget `pruning_options={"visual_tokens": K}`, which the method maps to its own schedule; `METHOD@K:NAME=VALUE`
+  (several joined by `,`) sets the method's other options too, e.g. `fastv@64:layer=3`, `evit@64:fused=mean`
+  (a value that reads as JSON is taken so, else as a string; the method checks it).
 
 Every setting reports the visual tokens in the LLM's last layers and their mean over the LLM's layers (as the forward
 held them: methods spend tokens differently, FastV keeps all of them for its first layers), and TFLOPs.
@@ -124,12 +126,27 @@ def parse_setting(spec: str, base) -> Setting:
             raise EvalError(f"--settings {spec}: stage1@K takes no guidance mode (stage 2 is off).")
         return Setting(spec, {"pruning_method": "ivtp", "pruning_options": None,
                               "schedule": budget_schedule(base, kept, llm=False)})
+    options = {}
+    if "=" in mode:  # METHOD@K:NAME=VALUE,...: the method's own options
+        if kind in ("ivtp", "stage1"):
+            raise EvalError(f"--settings {spec}: options after ':' are for the other methods; {kind}@K takes a "
+                            "guidance mode there (or use preset:PATH).")
+        for pair in mode.split(","):
+            name, equals, value = pair.partition("=")
+            if not equals or not name or name == "visual_tokens":
+                raise EvalError(f"--settings {spec}: expected {kind}@K:NAME=VALUE[,NAME=VALUE] (the budget is K), "
+                                f"got {pair!r}.")
+            try:
+                options[name] = json.loads(value)
+            except json.JSONDecodeError:
+                options[name] = value
+        mode = ""
     if mode and kind != "ivtp":
-        raise EvalError(f"--settings {spec}: {kind}@K takes no guidance mode.")
+        raise EvalError(f"--settings {spec}: {kind}@K takes no guidance mode (options: {kind}@K:NAME=VALUE).")
     if mode and mode not in GUIDANCE_MODES:
         raise EvalError(f"--settings {spec}: guidance {mode!r} is not one of {list(GUIDANCE_MODES)}.")
     # The budget as a config states it (IVTP derives its schedule from it: `pruner_base.budget_schedule`).
-    fields = {"schedule": None, "pruning_method": kind, "pruning_options": {"visual_tokens": kept}}
+    fields = {"schedule": None, "pruning_method": kind, "pruning_options": {"visual_tokens": kept, **options}}
     setting = Setting(spec, {**fields, **({"guidance": mode} if mode else {})})
     try:
         setting.config_of(base)
