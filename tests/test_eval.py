@@ -97,6 +97,36 @@ def test_method_options_in_a_setting(checkpoint):
     assert parse_setting("random@16:seed=4", config).config_of(config).pruning_options == {"visual_tokens": 16, "seed": 4}
 
 
+def test_a_setting_prunes_a_model_saved_without_pruning():
+    """A checkpoint saved with pruning off (a full-token fine-tune, `schedule=None`) runs every setting: the fields
+    are set on the model's own config, which its submodules hold (their attention backend follows it), and are back
+    afterwards."""
+    import torch
+
+    from modeling_llava_ivtp import IvtpConfig
+    from tiny_models import make_batch, stock_twin, tiny_model
+
+    model = tiny_model(schedule=None)
+    config = model.config
+    batch = make_batch()
+    for spec in ("ivtp@8", "fastv@8", "divprune@8"):
+        with parse_setting(spec, config).applied(model) as applied:
+            assert applied is config and config.pruning_enabled
+            with torch.no_grad():
+                out = model(**batch, use_cache=False)
+            assert out.visual_tokens_per_layer[-1] == 8, spec
+        assert model.config is config and config.schedule is None and config.pruning_options is None
+        assert config.pruning_method == "ivtp" and not config.pruning_enabled
+    with torch.no_grad():  # and it is stock again
+        torch.testing.assert_close(model(**batch).logits, stock_twin(model)(**batch).logits, atol=1e-5, rtol=0)
+    from llava_ivtp.evaluation.eval import Setting
+
+    bad = Setting("bad", {"pruning_method": "fastv", "schedule": {"vision": [], "llm": [4]}})
+    with pytest.raises(ValueError, match="must be None"):  # a bad combination leaves the config as it was
+        bad.apply_to(config)
+    assert config.pruning_method == "ivtp" and config.schedule is None and isinstance(config, IvtpConfig)
+
+
 def test_visual_tokens_per_llm_layer():
     """From what the forward's layers held: TINY_SCHEDULE (vision [24, 16, 12], llm [8, 5], group 2, 8 LLM layers)."""
     import torch

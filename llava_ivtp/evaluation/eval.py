@@ -77,21 +77,41 @@ class Setting:
     fields: dict  # IvtpConfig fields to set for this setting
 
     def config_of(self, base) -> object:
-        config = copy.deepcopy(base)
-        for key, value in self.fields.items():
-            setattr(config, key, value)
-        config.check_ivtp()
+        """A copy of the config `base` with this setting's fields."""
+        return self.apply_to(copy.deepcopy(base))
+
+    def apply_to(self, config) -> object:
+        """Set this setting's fields on `config` itself and check them together (`check_ivtp`); on an error the
+        config is left as it was."""
+        before = {key: copy.deepcopy(getattr(config, key)) for key in (*self.fields, "schedule")}
+        try:
+            for key, value in self.fields.items():
+                setattr(config, key, copy.deepcopy(value))
+            config.check_ivtp()
+        except ValueError:
+            _restore(config, before)
+            raise
         return config
 
     @contextlib.contextmanager
     def applied(self, model):
-        """`model` runs with this setting's config inside the block; its own config is back afterwards."""
-        base = model.config
-        model.config = self.config_of(base)
+        """`model` runs with this setting inside the block; its config's fields are back afterwards. The fields are
+        set on the model's own config object, which its submodules hold too (a copy in its place would leave them
+        on the attention backend of the model's own setting: a model saved without pruning would then refuse to
+        prune)."""
+        config = model.config
+        before = {key: copy.deepcopy(getattr(config, key)) for key in (*self.fields, "schedule")}
+        self.apply_to(config)
         try:
-            yield model.config
+            yield config
         finally:
-            model.config = base
+            _restore(config, before)
+
+
+def _restore(config, values: dict) -> None:
+    """Put back fields that held together before (single-field checks only, no derivation in between)."""
+    for key, value in values.items():
+        setattr(config, key, value)
 
 
 def parse_setting(spec: str, base) -> Setting:

@@ -188,7 +188,7 @@ class LlavaIvtp(lmms):
         )
         self.setting = pruning_setting(model.config, method, budget, schedule, pruning_options, guidance, tau)
         if self.setting is not None:
-            model.config = self.setting.config_of(model.config)
+            self.setting.apply_to(model.config)  # on the model's own config, which its submodules hold too
         if device_map is None:
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             model = model.to(device)
