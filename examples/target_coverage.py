@@ -54,8 +54,11 @@ def final_patches(model, processor, scene: testbed.Example) -> list[int]:
     from llava_ivtp.evaluation.eval import prompt_of
 
     inputs = processor(images=[scene.image], text=[prompt_of(scene.question)], return_tensors="pt").to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     out = model(**inputs, use_cache=False, logits_to_keep=1)
     kept = out.llm_keep_indices[-1] if out.llm_keep_indices else out.vision_keep_indices
+    if kept is None:  # a setting that does not prune: every patch
+        return list(range(model.config.num_patches))
     return [index for index in kept[0].tolist() if index >= 0]
 
 
@@ -94,7 +97,7 @@ def report(ranges: dict[int, list[dict]], settings: list[str], kept: int, num_pa
     mean = lambda values: statistics.mean(values) if values else float("nan")  # noqa: E731
     spans = [f"test {start}..{start + limit - 1}" for start in ranges]
     print(f"{len(pooled)} test questions about one object ({', '.join(f'{len(r)} in {s}' for s, r in zip(spans, ranges.values()))}); "
-          f"{kept} visual tokens kept, random keeping covers {kept / num_patches:.0%} of an object on average")
+          f"at {kept} visual tokens random keeping covers {kept / num_patches:.0%} of an object on average")
     header = ["setting", *spans, "pooled", "none kept (pooled)", *kinds]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     table = {}

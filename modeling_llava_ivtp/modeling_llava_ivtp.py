@@ -941,6 +941,7 @@ class LlavaIvtpForConditionalGeneration(
                     tokens = replace(tokens, hidden_states=hidden)
             return tokens.keep_visual(keep, num_keep, renumber=renumber), kept_patches
 
+
 def stock_kept_positions(reference: torch.Tensor, logits_to_keep, device) -> torch.Tensor:
     """`kept_positions` of a stock forward over `reference` (`input_ids` or `inputs_embeds`): the positions
     `logits_to_keep` keeps. Two operators beside stock's (an arange and its expand) for an int."""

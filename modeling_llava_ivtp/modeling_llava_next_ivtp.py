@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .configuration_llava_ivtp import IvtpNextConfig
-from .generation_ivtp import host_past_length
+from .generation_ivtp import PrunedGeneration, host_past_length
 from .layout_next import NextLayout, next_layout
 from .modeling_llava_ivtp import IvtpHost, stock_kept_positions
 from .outputs_ivtp import IvtpCausalLMOutputWithPast
@@ -31,9 +31,10 @@ from .validation_ivtp import check_guidance_shapes, check_sequence_inputs
 # llava-hf LLaVA-NeXT checkpoints store `language_model.*`, `vision_tower.*`, `multi_modal_projector.*` and
 # `image_newline` at the top: the stock "llava_next" mapping renames them (registered for this class, as for
 # `LlavaIvtpForConditionalGeneration`; the installed package and the remote-code copy both run this line).
-register_checkpoint_conversion_mapping(
-    "LlavaNextIvtpForConditionalGeneration", get_checkpoint_conversion_mapping("llava_next"), overwrite=True
-)
+_NEXT_MAPPING = get_checkpoint_conversion_mapping("llava_next")
+if _NEXT_MAPPING is None:  # every supported release has it; without it llava-hf keys would load as missing
+    raise ImportError("transformers has no checkpoint conversion mapping for 'llava_next'.")
+register_checkpoint_conversion_mapping("LlavaNextIvtpForConditionalGeneration", _NEXT_MAPPING, overwrite=True)
 
 
 def check_next_pruning(config: IvtpNextConfig) -> None:
@@ -49,7 +50,7 @@ def check_next_pruning(config: IvtpNextConfig) -> None:
 
 
 class LlavaNextIvtpForConditionalGeneration(
-    IvtpHost, ActivationCheckpointingNames, LlavaNextForConditionalGeneration, GenerationMixin
+    IvtpHost, ActivationCheckpointingNames, PrunedGeneration, LlavaNextForConditionalGeneration, GenerationMixin
 ):
     """LLaVA-NeXT (LLaVA-1.6) with the pruning fields of LLaVA-IVTP (`IvtpNextConfig`).
 
@@ -100,7 +101,8 @@ class LlavaNextIvtpForConditionalGeneration(
         r"""
         Same arguments as [`LlavaNextForConditionalGeneration.forward`], plus the guidance inputs of
         [`LlavaIvtpForConditionalGeneration.forward`] (`instruction_mask`, `clip_input_ids`, `clip_token_spans`),
-        whose shapes are checked; with pruning off nothing reads them.
+        whose shapes are checked; with pruning off nothing reads them (`generate` passes them on its first step only,
+        as `PrunedGeneration` does for LLaVA-1.5).
 
         Returns an [`IvtpCausalLMOutputWithPast`]: stock LLaVA-NeXT's output, and `kept_positions`, the `input_ids`
         index of each row of `logits`.

@@ -77,7 +77,8 @@ def test_results_of_another_run_are_not_mixed_in(checkpoint, tmp_path, capsys):
                                            ("random@16:visual_cls", "no guidance"), ("random@0", "K must be in"),
                                            ("evit@16:fused=nope", "fused"), ("fastv@16:layer", "NAME=VALUE"),
                                            ("fastv@16:visual_tokens=8", "the budget is K"),
-                                           ("ivtp@16:tau=0.1", "preset:PATH"), ("random@16:seed=1,=2", "NAME=VALUE")])
+                                           ("ivtp@16:tau=0.1", "preset:PATH"), ("random@16:seed=1,=2", "NAME=VALUE"),
+                                           ("fastv@16:layer=2,layer=3", "'layer' is given twice")])
 def test_bad_settings(checkpoint, spec, message):
     from modeling_llava_ivtp import IvtpConfig
 

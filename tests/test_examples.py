@@ -61,9 +61,23 @@ def test_target_coverage_pools_its_ranges_and_refuses_overlapping_ones(tmp_path)
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
     # other methods: the patches their last selection keeps; keeping every patch covers every object whole
-    others = target_coverage.main(["--limit", "6", "--settings", "topk@144", "random@16", "--visual-tokens", "16"])
-    assert others["coverage"]["topk@144"]["pooled"] == 1.0 and others["relevance"] == {}
+    others = target_coverage.main(["--limit", "6", "--settings", "topk@144", "full", "random@16", "--visual-tokens", "16"])
+    assert others["coverage"]["topk@144"]["pooled"] == others["coverage"]["full"]["pooled"] == 1.0
+    assert others["relevance"] == {}
     assert 0.0 <= others["coverage"]["random@16"]["pooled"] < 1.0
+    # the kept patches are the ones the method's selection names: a scene's coverage from its output by hand
+    import torch
+    from llava_ivtp.evaluation.eval import parse_setting, prompt_of
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(target_coverage.TESTBED_MODEL, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(target_coverage.TESTBED_MODEL, trust_remote_code=True)
+    scene = expected[0][0]
+    with parse_setting("divprune@16", model.config).applied(model), torch.no_grad():
+        kept = target_coverage.final_patches(model, processor, scene)
+        inputs = processor(images=[scene.image], text=[prompt_of(scene.question)], return_tensors="pt")
+        out = model(**inputs, use_cache=False)
+    assert kept == out.vision_keep_indices[0].tolist() and len(kept) == 16
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "target_coverage.py"), "--limit", "6",
                              "--ranges", "0", "3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 2 and "--ranges [0, 3]: starts must be >= 0 and at least --limit (6) apart" in result.stderr

@@ -1,6 +1,6 @@
 """`layout_next`: the map from a LLaVA-NeXT image's crops to its packed placeholders equals what stock
-`LlavaNextModel.pack_image_features` builds, for every tile grid, aspect ratio and one-crop images, and its length is
-the placeholder count the tiny batches use."""
+`LlavaNextModel.pack_image_features` builds, for every tile grid (a grid of one tile included) and aspect ratio, and
+its length is the placeholder count the tiny batches use."""
 
 from __future__ import annotations
 

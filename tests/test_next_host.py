@@ -10,7 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from transformers import LlavaNextConfig
+
 from modeling_llava_ivtp import IvtpNextConfig, LlavaNextIvtpForConditionalGeneration
+from modeling_llava_ivtp.configuration_llava_ivtp import IVTP_FIELDS, IvtpConfig, stock_llava_fields
 from modeling_llava_ivtp.transformers_compat import output_cache
 from test_remote_code import NEXT_REMOTE_FILES, run_fresh
 from tiny_models import (
@@ -68,6 +71,23 @@ def test_pruning_off_generates_as_stock_llava_next(mode):
         assert type(output_cache(model(**batch, use_cache=True))).__name__ == "DynamicCache"
 
 
+def test_generate_takes_the_guidance_inputs_on_its_first_step():
+    """The processor's guidance inputs cover the prompt: `generate` passes them on the prefill step only (a decode
+    step's one token would not match them); with pruning off they change nothing."""
+    model = tiny_next_model(clip_text_encoder=TINY_CLIP_TEXT)
+    batch = make_next_batch(model.config)
+    length = batch["input_ids"].shape[1]
+    guidance = {
+        "instruction_mask": (batch["input_ids"] != IMAGE_TOKEN_ID) & (batch["attention_mask"] == 1),
+        "clip_input_ids": torch.tensor([[49406, 320, 1125, 49407] + [0] * 4] * 2),
+        "clip_token_spans": torch.zeros(2, length, 2, dtype=torch.long),
+    }
+    settings = dict(max_new_tokens=5, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID], pad_token_id=0)
+    with_guidance = model.generate(**batch, **guidance, **settings)
+    assert torch.equal(with_guidance, model.generate(**batch, **settings))
+    assert with_guidance.shape[1] == length + 5
+
+
 @pytest.mark.parametrize("settings", [
     {"pruning_method": "fastv", "pruning_options": {"visual_tokens": 32}},
     {"pruning_method": "ivtp", "schedule": {"vision": [], "llm": [8]}},
@@ -103,6 +123,15 @@ def test_config_fields_are_checked_as_ivtp_configs_are():
     assert IvtpNextConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
 
 
+def test_both_hosts_declare_the_same_pruning_fields():
+    """The fields are declared in each config class (their checks are shared): same names, types and defaults."""
+    def declared(cls):
+        return {name: (field.type, field.default) for name, field in cls.__dataclass_fields__.items()
+                if name in (*IVTP_FIELDS, "image_seq_length")}
+
+    assert declared(IvtpNextConfig) == declared(IvtpConfig) and len(declared(IvtpConfig)) == len(IVTP_FIELDS) + 1
+
+
 def test_loads_llava_hf_next_on_disk_key_format(tmp_path):
     """llava-hf LLaVA-NeXT checkpoints store `language_model.model.*`, `language_model.lm_head`,
     `vision_tower.vision_model.*`, `multi_modal_projector.*` and `image_newline` at the top."""
@@ -122,8 +151,12 @@ def test_loads_llava_hf_next_on_disk_key_format(tmp_path):
     folder = tmp_path / "llava-next-hf"
     folder.mkdir()
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    model.config.save_pretrained(folder)
-    loaded, info = LlavaNextIvtpForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    LlavaNextConfig(**stock_llava_fields(model.config.to_dict())).save_pretrained(folder)  # llava-hf's own config
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "llava_next"
+    loaded, info = LlavaNextIvtpForConditionalGeneration.from_pretrained(
+        folder, output_loading_info=True, pruning_method=None
+    )
+    assert type(loaded.config) is IvtpNextConfig and loaded.config.pruning_method is None
     assert not info["missing_keys"] and not info["unexpected_keys"]
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -88,7 +88,7 @@ class Setting:
             for key, value in self.fields.items():
                 setattr(config, key, copy.deepcopy(value))
             config.check_ivtp()
-        except ValueError:
+        except BaseException:
             _restore(config, before)
             raise
         return config
@@ -148,14 +148,16 @@ def parse_setting(spec: str, base) -> Setting:
                               "schedule": budget_schedule(base, kept, llm=False)})
     options = {}
     if "=" in mode:  # METHOD@K:NAME=VALUE,...: the method's own options
-        if kind in ("ivtp", "stage1"):
-            raise EvalError(f"--settings {spec}: options after ':' are for the other methods; {kind}@K takes a "
+        if kind == "ivtp":
+            raise EvalError(f"--settings {spec}: options after ':' are for the other methods; ivtp@K takes a "
                             "guidance mode there (or use preset:PATH).")
-        for pair in mode.split(","):
+        for pair in mode.split(","):  # values without ',' (no JSON lists or objects)
             name, equals, value = pair.partition("=")
             if not equals or not name or name == "visual_tokens":
-                raise EvalError(f"--settings {spec}: expected {kind}@K:NAME=VALUE[,NAME=VALUE] (the budget is K), "
-                                f"got {pair!r}.")
+                raise EvalError(f"--settings {spec}: expected {kind}@K:NAME=VALUE[,NAME=VALUE] (the budget is K; a "
+                                f"value holds no ','), got {pair!r}.")
+            if name in options:
+                raise EvalError(f"--settings {spec}: option {name!r} is given twice.")
             try:
                 options[name] = json.loads(value)
             except json.JSONDecodeError:

@@ -281,7 +281,6 @@ class IvtpFields:
             self.schedule = normalized
 
 
-
 @strict
 class IvtpConfig(IvtpFields, LlavaConfig):
     r"""
@@ -346,10 +345,10 @@ class IvtpNextConfig(IvtpFields, LlavaNextConfig):
     r"""
     Configuration of [`LlavaNextIvtpForConditionalGeneration`]: a [`LlavaNextConfig`] (LLaVA-NeXT, AnyRes: a base
     image and high-resolution tiles, each a crop through the same CLIP) plus the pruning fields of [`IvtpConfig`],
-    with the same names, defaults and checks. The budget `pruning_options["visual_tokens"]` counts the visual tokens
-    of one image (all its crops) that reach the LLM's last layers; `schedule["vision"]` counts patches per crop
-    (stage 1 runs in each crop), `schedule["llm"]` visual tokens per image. `image_seq_length` is the patches of one
-    crop (576 for a 336 px CLIP with patch 14).
+    with the same names, defaults and checks. `image_seq_length` is the patches of one crop (576 for a 336 px CLIP
+    with patch 14). The checks are for now those of LLaVA-1.5, against one crop's patches (a budget above 576 is
+    refused); the NeXT host does not prune yet, and its pruned forward will count the budget per image, all crops
+    (`docs/llava-next.md`).
     """
 
     model_type = "llava_next_ivtp"
