@@ -13,6 +13,7 @@ from modeling_llava_ivtp.transformers_compat import cache_kwargs, output_cache, 
 from reference_ivtp import reference_forward
 from tiny_models import (
     IMAGE_TOKEN_ID,
+    llava_hf_state,
     left_pad,
     make_batch,
     make_pixels,
@@ -300,17 +301,7 @@ def test_loads_stock_checkpoints_without_missing_keys(tmp_path):
 def test_loads_llava_hf_on_disk_key_format(tmp_path):
     """llava-hf checkpoints store `language_model.model.*`, `language_model.lm_head`, `vision_tower.vision_model.*`."""
     model = tiny_model()
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if key.startswith("lm_head."):
-            key = "language_model." + key
-        elif key.startswith("model.language_model."):
-            key = "language_model.model." + key[len("model.language_model."):]
-        elif key.startswith("model.vision_tower."):
-            key = "vision_tower.vision_model." + key[len("model.vision_tower."):]
-        elif key.startswith("model.multi_modal_projector."):
-            key = key[len("model."):]
-        state[key] = tensor.contiguous()
+    state = llava_hf_state(model)
     folder = tmp_path / "llava-hf"
     folder.mkdir()
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})

@@ -17,7 +17,7 @@ from modeling_llava_ivtp.configuration_llava_ivtp import IVTP_FIELDS, IvtpConfig
 from modeling_llava_ivtp.transformers_compat import output_cache
 from test_remote_code import NEXT_REMOTE_FILES, run_fresh
 from tiny_models import (
-    IMAGE_TOKEN_ID, TINY_CLIP_TEXT, make_next_batch, next_image_tokens, next_stock_twin, tiny_next_config_dict,
+    IMAGE_TOKEN_ID, TINY_CLIP_TEXT, llava_hf_state, make_next_batch, next_image_tokens, next_stock_twin, tiny_next_config_dict,
     tiny_next_model,
 )
 
@@ -136,17 +136,7 @@ def test_loads_llava_hf_next_on_disk_key_format(tmp_path):
     """llava-hf LLaVA-NeXT checkpoints store `language_model.model.*`, `language_model.lm_head`,
     `vision_tower.vision_model.*`, `multi_modal_projector.*` and `image_newline` at the top."""
     model = tiny_next_model()
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if key.startswith("lm_head."):
-            key = "language_model." + key
-        elif key.startswith("model.language_model."):
-            key = "language_model.model." + key[len("model.language_model."):]
-        elif key.startswith("model.vision_tower."):
-            key = "vision_tower.vision_model." + key[len("model.vision_tower."):]
-        elif key.startswith(("model.multi_modal_projector.", "model.image_newline")):
-            key = key[len("model."):]
-        state[key] = tensor.contiguous()
+    state = llava_hf_state(model)
     assert "image_newline" in state
     folder = tmp_path / "llava-next-hf"
     folder.mkdir()

@@ -177,6 +177,24 @@ TINY_CLIP_CFG = {
 }
 
 
+def llava_hf_state(model) -> dict:
+    """`model`'s weights under the keys llava-hf checkpoints store on disk (LLaVA-1.5 and LLaVA-NeXT alike):
+    `language_model.model.*`, `language_model.lm_head`, `vision_tower.vision_model.*`, and the projector and
+    NeXT's `image_newline` at the top."""
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith("lm_head."):
+            key = "language_model." + key
+        elif key.startswith("model.language_model."):
+            key = "language_model.model." + key[len("model.language_model."):]
+        elif key.startswith("model.vision_tower."):
+            key = "vision_tower.vision_model." + key[len("model.vision_tower."):]
+        elif key.startswith(("model.multi_modal_projector.", "model.image_newline")):
+            key = key[len("model."):]
+        state[key] = tensor.contiguous()
+    return state
+
+
 def write_llava_hf(folder, seed: int = 0) -> LlavaForConditionalGeneration:
     """A stock tiny LLaVA saved by transformers (llava-hf layout) with its processor and a card with a license."""
     from transformers import LlavaProcessor
