@@ -7,9 +7,11 @@ the base crop's 576 tokens come first. An image thus has 1,000-2,900 visual toke
 different aspect ratios have different counts.
 
 The host holds the same pruning fields as `LlavaIvtpForConditionalGeneration` (`IvtpNextConfig`), loads llava-hf
-LLaVA-NeXT checkpoints unchanged, and with pruning off is stock LLaVA-NeXT. How each method spends its budget over
-an image's crops, and what it does with the unpadding and the newline tokens, is in `docs/llava-next.md`; the
-pruned forward for this host is not implemented yet: a model whose config prunes is refused.
+LLaVA-NeXT checkpoints unchanged, and with pruning off is stock LLaVA-NeXT. It prunes through the same runner
+(`PrunedRunner`): its images are the packed sequences stock LLaVA-NeXT builds (`layout_next.py`), one length per
+image. How each method spends its budget over an image's crops, and what it does with the unpadding and the newline
+tokens, is in `docs/llava-next.md`. The methods that run on this host so far are those that select among the packed
+sequence's projected tokens (`NEXT_METHODS`); a config naming another is refused.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .configuration_llava_ivtp import IvtpNextConfig
-from .generation_ivtp import PrunedGeneration, host_past_length
+from .generation_ivtp import PrunedGeneration
 from .layout_next import NextLayout, next_layout
-from .modeling_llava_ivtp import IvtpHost, stock_kept_positions
+from .modeling_llava_ivtp import ImageBatch, IvtpHost, PrunedRunner
 from .outputs_ivtp import IvtpCausalLMOutputWithPast
-from .transformers_compat import ActivationCheckpointingNames, cache_kwargs, takes_cache_kwarg
-from .validation_ivtp import check_guidance_shapes, check_sequence_inputs
+from .pruners import PRUNERS
+from .transformers_compat import ActivationCheckpointingNames, takes_cache_kwarg
+from .validation_ivtp import check_llm_site_images
 
 
 # llava-hf LLaVA-NeXT checkpoints store `language_model.*`, `vision_tower.*`, `multi_modal_projector.*` and
@@ -38,27 +41,29 @@ register_checkpoint_conversion_mapping("LlavaNextIvtpForConditionalGeneration", 
 
 
 def check_next_pruning(config: IvtpNextConfig) -> None:
-    """The NeXT host runs with pruning off only (for now): a config that prunes is refused, naming the fields."""
+    """The config's fields, and a method this host runs: one that selects among each image's packed tokens (for
+    now), refused otherwise, naming the field."""
     config.check_ivtp()
-    if config.pruning_enabled:
+    if config.pruning_enabled and not PRUNERS[config.pruning_method].variable_lengths:
+        supported = sorted(name for name, pruner in PRUNERS.items() if pruner.variable_lengths)
         raise ValueError(
-            f"LlavaNextIvtpForConditionalGeneration does not prune yet: pruning_method={config.pruning_method!r}"
-            + (f" with schedule={config.schedule}" if config.schedule is not None else "")
-            + " is not supported on the LLaVA-NeXT host. Set `pruning_method=None` (or, for 'ivtp', `schedule=None`) "
-            "to run stock LLaVA-NeXT, or use LlavaIvtpForConditionalGeneration (LLaVA-1.5) to prune."
+            f"pruning_method={config.pruning_method!r} does not run on the LLaVA-NeXT host yet (its images have packed "
+            f"sequences of different lengths); the methods that do: {supported}. Set `pruning_method=None` to run stock "
+            "LLaVA-NeXT, or use LlavaIvtpForConditionalGeneration (LLaVA-1.5) for the other methods."
         )
 
 
 class LlavaNextIvtpForConditionalGeneration(
-    IvtpHost, ActivationCheckpointingNames, PrunedGeneration, LlavaNextForConditionalGeneration, GenerationMixin
+    IvtpHost, PrunedRunner, ActivationCheckpointingNames, PrunedGeneration, LlavaNextForConditionalGeneration, GenerationMixin
 ):
     """LLaVA-NeXT (LLaVA-1.6) with the pruning fields of LLaVA-IVTP (`IvtpNextConfig`).
 
     Same modules and parameter names as [`LlavaNextForConditionalGeneration`], so llava-hf LLaVA-NeXT checkpoints
     load unchanged; with `clip_text_encoder` set it also holds IVTP's frozen CLIP text tower and visual projection.
     With pruning off (`pruning_method=None`, or `"ivtp"` without a schedule) the forward is stock LLaVA-NeXT's, and
-    its output also says which `input_ids` index each row of `logits` belongs to (`kept_positions`). A config that
-    prunes is refused (see the module's docstring).
+    its output also says which `input_ids` index each row of `logits` belongs to (`kept_positions`). With pruning on,
+    each image's packed visual tokens (base crop, unpadded tiles, newlines) are pruned to the budget
+    `visual_tokens` per image (see the module's docstring for the methods this host runs).
     """
 
     config_class = IvtpNextConfig
@@ -109,24 +114,95 @@ class LlavaNextIvtpForConditionalGeneration(
         """
         guidance = {"instruction_mask": instruction_mask, "clip_input_ids": clip_input_ids, "clip_token_spans": clip_token_spans}
         check_next_pruning(self.config)  # fields edited after construction
-        self._use_recording_backends()
-        return_dict = kwargs.pop("return_dict", None)
-        check_sequence_inputs(
-            self.config, input_ids, inputs_embeds, attention_mask, position_ids, labels,
-            past_length=host_past_length(cache), pruning=False,
+        return self._ivtp_forward(
+            guidance, input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes,
+            attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
+            labels=labels, logits_to_keep=logits_to_keep, use_cache=use_cache, **kwargs,
         )
-        reference = input_ids if input_ids is not None else inputs_embeds
-        check_guidance_shapes(self.config, guidance, reference)
-        outputs = super().forward(
-            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, return_dict=True, **cache_kwargs(cache), **kwargs,
-        )
-        outputs = IvtpCausalLMOutputWithPast(
-            **outputs, kept_positions=stock_kept_positions(reference, logits_to_keep, outputs.logits.device)
-        )
-        return outputs if return_dict is not False else outputs.to_tuple()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The runner's host hooks
+    # ------------------------------------------------------------------------------------------------------------
+    def _image_batch(self, image_mask, placeholder_counts: list[int], pixel_values, sizes) -> ImageBatch:
+        """Each image's packed length from its size (`image_layouts`); each sample's placeholders must be whole
+        images, in order, as many as `pixel_values` holds."""
+        if sizes is None:
+            raise ValueError("LLaVA-NeXT needs `image_sizes` (num_images, 2) with `pixel_values`: the processor gives both.")
+        if len(sizes) != pixel_values.shape[0]:
+            raise ValueError(
+                f"`image_sizes` has {len(sizes)} images but `pixel_values` has {pixel_values.shape[0]}."
+            )
+        lengths = [layout.length for layout in self.image_layouts(sizes)]
+        per_sample, next_image = [], 0
+        for count in placeholder_counts:
+            taken = []
+            while sum(taken) < count and next_image < len(lengths):
+                taken.append(lengths[next_image])
+                next_image += 1
+            if sum(taken) != count:
+                break
+            per_sample.append(tuple(taken))
+        if len(per_sample) != len(placeholder_counts) or next_image != len(lengths):
+            raise ValueError(
+                f"Each image needs as many image placeholder tokens (id {self.config.image_token_id}) as its packed "
+                f"features: the images' sizes give {lengths} tokens, the samples hold {placeholder_counts} "
+                "placeholders. Use the model's processor, which expands `<image>` to each image's count."
+            )
+        counts = tuple(len(sample) for sample in per_sample)
+        return ImageBatch(per_sample=torch.tensor(counts, device=image_mask.device), counts=counts,
+                          lengths=tuple(per_sample), sizes=sizes)
+
+    def _check_pixels(self, pixel_values, image_sizes) -> None:
+        """`(num_images, crops, channels, height, width)` (or the crops stacked, 4-D) at the vision tower's channels
+        and size, floating point, with `image_sizes` `(num_images, 2)`."""
+        vision = self.config.vision_config
+        expected = (vision.num_channels, vision.image_size, vision.image_size)
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim not in (4, 5) or tuple(pixel_values.shape[-3:]) != expected:
+            raise ValueError(
+                f"`pixel_values` must be `(num_images, crops, {expected[0]}, {expected[1]}, {expected[2]})` (each image's "
+                f"crops at the vision tower's {vision.num_channels} channels and {vision.image_size} px), got "
+                f"{tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__}. "
+                "The model's processor produces them."
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"`pixel_values` must be a floating-point tensor, got dtype {pixel_values.dtype}.")
+        if image_sizes is None or not isinstance(image_sizes, torch.Tensor) and not isinstance(image_sizes, (list, tuple)):
+            raise ValueError("LLaVA-NeXT needs `image_sizes` `(num_images, 2)` (height, width) with `pixel_values`.")
+
+    def _check_pruner(self, pruner, placeholder_counts: list[int], images: ImageBatch) -> None:
+        check_llm_site_images(self.config, images.counts, llm_site=bool(pruner.llm_prune_layers()))
+
+    def _visual_features(self, pixel_values, pruner, images: ImageBatch) -> dict:
+        """Every image's crops through the vision tower (`_run_vision_tower`) and the projector, packed as stock
+        LLaVA-NeXT packs them (base crop, unpadded tiles, a newline per row: `NextLayout.pack`) and padded to
+        `(images, longest, hidden)`; `keep_indices` index each image's packed sequence (-1 past its length)."""
+        layouts = self.image_layouts(images.sizes)
+        if pixel_values.dim() == 5:  # (images, max crops, channels, height, width): each image's own crops
+            pixel_values = torch.cat([pixels[: layout.crops] for pixels, layout in zip(pixel_values, layouts)])
+        vision = self._run_vision_tower(pixel_values, pruner)
+        crop_features = self.model.multi_modal_projector(vision["patch_hidden_states"])
+        packed, first_crops, crop = [], [], 0
+        for layout in layouts:
+            packed.append(layout.pack(crop_features[crop : crop + layout.crops], self.model.image_newline))
+            first_crops.append(crop)
+            crop += layout.crops
+        lengths = images.flat_lengths
+        width = max(lengths)
+        features = torch.stack([nn_pad(sequence, width) for sequence in packed])
+        order = torch.arange(width, device=features.device)
+        keep_indices = torch.where(order < torch.tensor(lengths, device=order.device).unsqueeze(1), order, -1)
+        cls = vision["cls_hidden_state"].index_select(0, torch.tensor(first_crops, device=features.device))
+        return {
+            "features": features, "keep_indices": keep_indices, "placement": keep_indices, "counts": vision["counts"],
+            "cls_hidden_state": cls, "image_kept": lengths,
+            "feature_layer_hidden_states": vision["feature_layer_hidden_states"],
+        }
+
+
+def nn_pad(sequence: torch.Tensor, width: int) -> torch.Tensor:
+    """`(width, hidden)`: `sequence` `(length, hidden)` followed by zero rows."""
+    return torch.nn.functional.pad(sequence, (0, 0, 0, width - sequence.shape[0]))
 
 
 # `auto_map["AutoModelForImageTextToText"]` (`save_pretrained` adds "AutoModel" for the same class).

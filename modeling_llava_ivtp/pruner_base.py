@@ -81,13 +81,16 @@ class PruneContext:
     (the projected CLS, computed when first read); at the LLM's entry, `packed_guidance` (the sequence-aligned
     guidance gathered at the tokens that enter, the instruction mask limited to real slots) and `image_end_position`
     `(batch,)`, the rotary position right after each sample's image block (after its last token for a sample without
-    an image): where a probe token sits."""
+    an image): where a probe token sits. `visual_lengths` (host): every image's visual tokens in order where images
+    differ (LLaVA-NeXT: each image's packed length; a site-2 pruner then gets `(images, max length, hidden)` and
+    `visual_valid`), else `None` (`num_patches` each)."""
 
     model: torch.nn.Module
     guidance: dict
     images_per_sample: torch.Tensor
     images: tuple = ()
     clip_length: int | None = None
+    visual_lengths: tuple | None = None
     vision: dict = field(default_factory=dict)
     deferred: dict = field(default_factory=dict, repr=False)  # name -> function of no arguments, or its value
 
@@ -101,6 +104,14 @@ class PruneContext:
         if callable(value):
             value = self.deferred[name] = value()
         return value
+
+    def visual_valid(self, width: int, device) -> torch.Tensor | None:
+        """`(images, width)` bool: which of each image's `width` padded token slots hold one of its tokens
+        (`visual_lengths`); `None` where every image has them all."""
+        if self.visual_lengths is None or min(self.visual_lengths) == width:
+            return None
+        lengths = torch.tensor(self.visual_lengths, device=device).unsqueeze(1)
+        return torch.arange(width, device=device) < lengths
 
     def clip_input_ids(self, device) -> torch.Tensor:
         """`guidance["clip_input_ids"]` on `device`, cut after the last sample's end token: the CLIP text tower is
@@ -213,6 +224,8 @@ class Pruner:
     name: ClassVar[str] = ""
     options: ClassVar[dict] = {}  # every registered method: {"visual_tokens": 64 (the papers' setting), ...}
     positions: ClassVar[str] = "original"  # the position rule of the method's code: one of POSITION_RULES
+    # Whether the method runs on images of different lengths (LLaVA-NeXT's packed sequences: `visual_lengths`).
+    variable_lengths: ClassVar[bool] = False
 
     def __init__(self, config, context: PruneContext | None):
         self.config = config
@@ -318,11 +331,17 @@ class ProjectedPruner(Pruner):
         raise NotImplementedError(f"{type(self).__name__} implements `score` or `select`.")
 
     def select(self, features: torch.Tensor, num_keep: int) -> Selection | torch.Tensor:
-        """`(images, num_keep)` increasing indices, or a `Selection` (with merged features for a merging method)."""
-        return select_keep_indices(self.score(features), num_keep)
+        """`(images, num_keep)` increasing indices, or a `Selection` (with merged features for a merging method).
+        Images of different lengths (`context.visual_valid`): the padded slots score lowest, so an image shorter
+        than `num_keep` keeps all of its tokens first (the runner drops the rest)."""
+        scores = self.score(features)
+        valid = self.context.visual_valid(features.shape[1], scores.device) if self.context is not None else None
+        if valid is not None:
+            scores = scores.masked_fill(~valid, float("-inf"))
+        return select_keep_indices(scores, num_keep)
 
     def on_projected(self, features):
-        return as_selection(self.select(features, self.budget))
+        return as_selection(self.select(features, min(self.budget, features.shape[1])))
 
 
 class VisionLayerPruner(Pruner):

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
+from modeling_llava_ivtp import IvtpConfig, IvtpNextConfig, LlavaIvtpForConditionalGeneration
 from modeling_llava_ivtp.configuration_llava_ivtp import PRUNING_METHODS
 from modeling_llava_ivtp.pruners import PRUNERS
 from modeling_llava_ivtp.transformers_compat import cache_kwargs, output_cache
@@ -24,10 +24,14 @@ from tiny_models import (
     TINY_CLIP_TEXT,
     left_pad,
     make_batch,
+    make_next_batch,
     make_pixels,
     make_prompt,
+    next_stock_twin,
     sharpen_attention,
     tiny_model,
+    tiny_next_config_dict,
+    tiny_next_model,
 )
 
 
@@ -434,3 +438,163 @@ def test_hf_trainer_fine_tunes_with_pruning_on(method, tmp_path):
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss)), method
     assert not torch.equal(model.model.multi_modal_projector.linear_1.weight, before), method
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The LLaVA-NeXT host: the same invariants for the methods that run on it (`Pruner.variable_lengths`), on a padded
+# batch of a wide and a near-square image (114 and 168 packed tokens, 3 and 5 crops)
+# ------------------------------------------------------------------------------------------------------------------
+NEXT_METHODS = sorted(name for name, cls in PRUNERS.items() if cls.variable_lengths)
+
+
+def next_method_model(method: str, attn_implementation: str = "sdpa", **overrides):
+    model = tiny_next_model(attn_implementation=attn_implementation, pruning_method=method,
+                            pruning_options={"visual_tokens": BUDGET}, **overrides)
+    return sharpen_attention(model)
+
+
+@pytest.fixture(scope="module")
+def next_batch():
+    return with_instruction(make_next_batch(IvtpNextConfig(**tiny_next_config_dict())))
+
+
+@pytest.fixture(scope="module", params=NEXT_METHODS)
+def next_method(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def next_model(next_method):
+    return next_method_model(next_method)
+
+
+def next_alone(batch: dict, row: int) -> dict:
+    real = batch["attention_mask"][row].bool()
+    return {"input_ids": batch["input_ids"][row:row + 1, real], "pixel_values": batch["pixel_values"][row:row + 1],
+            "image_sizes": batch["image_sizes"][row:row + 1], "instruction_mask": batch["instruction_mask"][row:row + 1, real]}
+
+
+def test_next_runs_the_packed_sequence_methods_and_refuses_the_others():
+    assert NEXT_METHODS == ["divprune", "random"]
+    for method in sorted(set(METHODS) - set(NEXT_METHODS)):
+        with pytest.raises(ValueError, match=rf"pruning_method='{method}' does not run on the LLaVA-NeXT host yet"):
+            tiny_next_model(pruning_method=method, pruning_options={"visual_tokens": BUDGET})
+
+
+def test_next_budget_reaches_the_last_layers(next_model, next_method, next_batch):
+    with torch.no_grad():
+        out = next_model(**next_batch, use_cache=True)
+    held = output_cache(out).layer_positions[-1]
+    for row in range(2):
+        tokens = next_batch["input_ids"][row, held[row][held[row] >= 0]]
+        assert int((tokens == IMAGE_TOKEN_ID).sum()) == BUDGET, next_method
+    assert out.vision_keep_indices.shape == (2, BUDGET) and (out.vision_keep_indices >= 0).all()
+
+
+def test_next_cached_generate_equals_decoding_without_a_cache(next_model, next_method, next_batch):
+    for kwargs in (dict(FIXED), dict(FIXED, do_sample=True, temperature=0.8), dict(FIXED, num_beams=2)):
+        torch.manual_seed(3)
+        cached = next_model.generate(**next_batch, max_new_tokens=6, **kwargs)
+        torch.manual_seed(3)
+        uncached = next_model.generate(**next_batch, max_new_tokens=6, use_cache=False, **kwargs)
+        assert torch.equal(cached, uncached), (next_method, kwargs)
+
+
+def test_next_multi_turn_continuation_equals_the_conversation_from_scratch(next_model, next_method, next_batch):
+    first = next_model.generate(**next_batch, max_new_tokens=4, return_dict_in_generate=True, **FIXED)
+    conversation = torch.cat([first.sequences, torch.full((2, 3), 7)], dim=1)
+    grown = conversation.shape[1] - next_batch["input_ids"].shape[1]
+    attention_mask = torch.cat([next_batch["attention_mask"], torch.ones(2, grown, dtype=torch.long)], dim=1)
+    continued = next_model.generate(input_ids=conversation, attention_mask=attention_mask,
+                                    **cache_kwargs(output_cache(first)), max_new_tokens=4, **FIXED)
+    from_scratch = next_model.generate(input_ids=conversation, attention_mask=attention_mask,
+                                       pixel_values=next_batch["pixel_values"], image_sizes=next_batch["image_sizes"],
+                                       max_new_tokens=4, **FIXED)
+    assert torch.equal(continued, from_scratch), next_method
+
+
+def test_next_a_sample_alone_equals_the_same_sample_in_a_padded_batch(next_model, next_method, next_batch):
+    """Images of different aspect ratios (different packed lengths) in one left-padded batch."""
+    with torch.no_grad():
+        batched = next_model(**next_batch, use_cache=False)
+    tokens = next_model.generate(**next_batch, max_new_tokens=6, **FIXED)[:, next_batch["input_ids"].shape[1]:]
+    for row in range(2):
+        alone = next_alone(next_batch, row)
+        with torch.no_grad():
+            single = next_model(**alone, use_cache=False)
+        assert torch.equal(single.vision_keep_indices[0], batched.vision_keep_indices[row]), (next_method, row)
+        offset = int((~next_batch["attention_mask"][row].bool()).sum())
+        slots = batched.kept_positions[row] >= offset
+        assert torch.equal(batched.kept_positions[row][slots] - offset, single.kept_positions[0])
+        assert (batched.logits[row][slots] - single.logits[0]).abs().max() <= 1e-4, next_method
+        alone_tokens = next_model.generate(**alone, max_new_tokens=6, **FIXED)[0, alone["input_ids"].shape[1]:]
+        assert torch.equal(alone_tokens, tokens[row]), (next_method, row)
+
+
+def test_next_sdpa_and_eager_keep_the_same_tokens(next_method, next_batch):
+    sdpa, eager = next_method_model(next_method, "sdpa"), next_method_model(next_method, "eager")
+    with torch.no_grad():
+        a, b = sdpa(**next_batch, use_cache=False), eager(**next_batch, use_cache=False)
+    assert torch.equal(a.vision_keep_indices, b.vision_keep_indices) and torch.equal(a.kept_positions, b.kept_positions)
+    real = next_batch["attention_mask"].gather(1, a.kept_positions.clamp_min(0)).bool() & (a.kept_positions >= 0)
+    assert (a.logits[real] - b.logits[real]).abs().max() <= 1e-4, next_method
+    assert torch.equal(sdpa.generate(**next_batch, max_new_tokens=6, **FIXED),
+                       eager.generate(**next_batch, max_new_tokens=6, **FIXED))
+
+
+def test_next_pruned_forward_is_stock_llava_next_on_the_kept_tokens(next_model, next_method, next_batch):
+    """Against stock modules: the kept tokens are the method's rule on stock LLaVA-NeXT's packed features (base crop,
+    unpadded tiles, newlines), and the logits are stock LLaVA-NeXT's decoder run on the prompt with only those image
+    tokens, at the method's positions (random: the original ids; DivPrune: renumbered, as its code)."""
+    from modeling_llava_ivtp.pruner_base import select_keep_indices
+    from modeling_llava_ivtp.pruner_divprune import divprune_keep_indices
+
+    stock = next_stock_twin(next_model)
+    for row in range(2):
+        alone = next_alone(next_batch, row)
+        with torch.no_grad():
+            ours = next_model(**alone, use_cache=False)
+            packed = stock.model.get_image_features(alone["pixel_values"], alone["image_sizes"]).pooler_output[0]
+        if next_method == "random":
+            order = torch.rand(packed.shape[0], generator=torch.Generator().manual_seed(0))
+            expected = select_keep_indices(order[None], BUDGET)[0]
+        else:
+            expected = divprune_keep_indices(packed[None], BUDGET)[0]
+        assert torch.equal(ours.vision_keep_indices[0], expected), (next_method, row)
+        ids = alone["input_ids"][0]
+        image = torch.where(ids == IMAGE_TOKEN_ID)[0]
+        embeds = stock.get_input_embeddings()(ids.clamp_max(stock.config.text_config.vocab_size - 1)).clone()
+        embeds[image] = packed
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        keep[image] = False
+        keep[image[expected]] = True
+        positions = torch.arange(len(ids))[keep]
+        if next_model.config.pruning_options.get("positions", PRUNERS[next_method].positions) == "renumbered":
+            positions = torch.arange(int(keep.sum()))
+        with torch.no_grad():
+            hidden = stock.model.language_model(inputs_embeds=embeds[keep][None], position_ids=positions[None]).last_hidden_state
+            logits = stock.lm_head(hidden)
+        assert torch.equal(ours.kept_positions[0], torch.where(keep)[0])
+        assert (ours.logits - logits).abs().max() <= 1e-4, (next_method, row)
+
+
+def test_next_training_step_reaches_the_projector_and_the_newline(next_method, next_batch):
+    model = next_method_model(next_method).train()
+    ids = next_batch["input_ids"]
+    labels = ids.masked_fill(~next_batch["attention_mask"].bool() | (ids == IMAGE_TOKEN_ID), -100)
+    out = model(**next_batch, labels=labels, use_cache=False)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert float(model.model.multi_modal_projector.linear_1.weight.grad.abs().sum()) > 0, next_method
+    newline = model.model.image_newline.grad  # a kept newline token carries the gradient to it
+    kept_newline = any(int(index) in layout_newlines
+                       for keep, layout_newlines in zip(out.vision_keep_indices, _newline_indices(model, next_batch))
+                       for index in keep)
+    assert (newline is not None and float(newline.abs().sum()) > 0) == kept_newline, next_method
+
+
+def _newline_indices(model, batch) -> list[set]:
+    from modeling_llava_ivtp.layout_next import NEWLINE
+
+    return [{j for j, source in enumerate(layout.source) if source == NEWLINE}
+            for layout in model.image_layouts(batch["image_sizes"])]
