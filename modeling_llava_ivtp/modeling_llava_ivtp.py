@@ -920,10 +920,16 @@ class PrunedRunner:
         return hidden_states, (all_hidden + (hidden_states,) if all_hidden is not None else None)
 
     @staticmethod
-    def _select_llm(tokens: TokenState, view: LlmView | None, selection, num_keep: int, renumber: bool):
+    def _select_llm(tokens: TokenState, view: LlmView | None, selection, num_keep: int | tuple, renumber: bool):
         """Keep each image's selected visual tokens (every other token stays; `renumber`: the position ids close the
-        gaps). Returns the new state and the kept patches `(batch, num_keep)` (-1 rows for samples without an
-        image)."""
+        gaps). `num_keep` per image where images keep different counts (LLaVA-NeXT; the selection's rows then end in
+        -1). Returns the new state and the kept patches `(batch, num_keep)` (-1 rows for samples without an image,
+        -1 past an image's count)."""
+        if not isinstance(num_keep, int):
+            if len(set(num_keep)) == 1:
+                num_keep = num_keep[0]
+            else:
+                return _select_llm_per_image(tokens, view, selection, num_keep, renumber)
         with profiler_label("ivtp/llm_selection"):
             if view is not None and view.visual_range is not None:  # one range, every sample: no row indexing
                 chosen = moved(selection.keep, tokens.is_visual.device) + view.visual_range.start
@@ -948,6 +954,26 @@ class PrunedRunner:
                     hidden[rows.unsqueeze(-1), chosen] = moved(selection.merged, dtype=hidden.dtype)
                     tokens = replace(tokens, hidden_states=hidden)
             return tokens.keep_visual(keep, num_keep, renumber=renumber), kept_patches
+
+
+def _select_llm_per_image(tokens: TokenState, view: LlmView, selection, num_keep: tuple, renumber: bool):
+    """`_select_llm` where images keep different counts (`num_keep` per image; the selection's entries past an
+    image's count are -1)."""
+    with profiler_label("ivtp/llm_selection"):
+        if selection.merged is not None:
+            raise ValueError("A merging selection keeps the same count for every image.")
+        keep = ~tokens.is_visual
+        width = max(num_keep)
+        picked = moved(selection.keep, view.visual_slots.device)
+        taken = picked >= 0
+        chosen = view.visual_slots.gather(1, picked.clamp_min(0))
+        rows = view.image_rows
+        spare = keep.shape[1]  # the entries past a count mark a spare column, cut off
+        marked = torch.cat([keep[rows], keep.new_zeros(len(rows), 1)], dim=1).scatter(1, torch.where(taken, chosen, spare), True)
+        keep[rows] = marked[:, :spare]
+        kept_patches = torch.full((keep.shape[0], width), -1, dtype=torch.long, device=keep.device)
+        kept_patches[rows] = torch.where(taken, tokens.patch_index[rows].gather(1, chosen), -1)
+        return tokens.keep_visual(keep, num_keep, renumber=renumber), kept_patches
 
 
 class LlavaIvtpForConditionalGeneration(

@@ -167,6 +167,20 @@ class LlmView:
         return self._visual_slots
 
     @property
+    def visual_valid(self) -> torch.Tensor | None:
+        """`(images, visual)` bool: which entries of `visual_slots` hold one of the image's tokens, where images hold
+        different counts (LLaVA-NeXT; the rest point at slot 0); `None` where every image holds `visual`."""
+        held = self.tokens.image_kept
+        if held is None:
+            return None
+        # LLM-site pruning has one image per sample: the view's rows are the images, in order
+        counts = [sample[-1] for sample, has_image in zip(held, self.tokens.has_image) if has_image]
+        if min(counts) == self.tokens.visual:
+            return None
+        limit = torch.tensor(counts, device=self.image_rows.device).unsqueeze(1)
+        return torch.arange(self.tokens.visual, device=limit.device) < limit
+
+    @property
     def probe_slot(self) -> int:
         return self.tokens.length - 1
 
@@ -386,10 +400,21 @@ class LlmLayerPruner(Pruner):
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        self.counts = self.llm_counts()
+        lengths = context.visual_lengths if context is not None else None
+        if lengths is None:
+            self.counts = self.llm_counts()
+        else:  # images of different lengths (LLaVA-NeXT): each image's own schedule, at the same layers
+            per_image = [self.llm_counts_for(length) for length in lengths]
+            if any(sorted(counts) != sorted(per_image[0]) for counts in per_image):
+                raise ValueError(f"{self.name}: the images' schedules prune after different layers: {per_image}.")
+            self.counts = {layer: tuple(counts[layer] for counts in per_image) for layer in per_image[0]}
 
     def llm_counts(self) -> dict[int, int]:
         raise NotImplementedError(f"{type(self).__name__} implements `llm_counts`.")
+
+    def llm_counts_for(self, tokens: int) -> dict[int, int]:
+        """`llm_counts` for an image of `tokens` visual tokens (a method with `variable_lengths` implements it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run on images of different lengths.")
 
     def score(self, attention: torch.Tensor) -> torch.Tensor:
         return attention[:, 0]
@@ -415,7 +440,13 @@ class LlmLayerPruner(Pruner):
     def after_llm_layer(self, layer_idx, view, request, hidden_states):
         if layer_idx not in self.counts:
             return None
-        return Selection(select_keep_indices(self.score(request.probabilities), self.counts[layer_idx]))
+        scores, counts = self.score(request.probabilities), self.counts[layer_idx]
+        if isinstance(counts, int):
+            return Selection(select_keep_indices(scores, counts))
+        valid = view.visual_valid
+        if valid is not None:
+            scores = scores.masked_fill(~moved(valid, scores.device), float("-inf"))
+        return Selection(select_keep_indices_per_row(scores, counts))
 
 
 def select_keep_indices(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
@@ -436,6 +467,20 @@ def select_keep_indices(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
     # Ties go to the lower index (stable sort), so the choice is deterministic.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return order[:, :num_keep].sort(dim=-1).values
+
+
+def select_keep_indices_per_row(scores: torch.Tensor, counts: tuple) -> torch.Tensor:
+    """`select_keep_indices` with a count per row (host): `(rows, max(counts))`, each row's `counts[row]`
+    highest-scoring indices in increasing order, then -1."""
+    width = max(counts)
+    if min(counts) == width:
+        return select_keep_indices(scores, width)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :width]
+    limit = torch.tensor(counts, device=scores.device).unsqueeze(1)
+    taken = torch.arange(width, device=scores.device) < limit
+    spare = scores.shape[-1]  # the entries past a row's count sort last, then read -1
+    picked = torch.where(taken, order, spare).sort(dim=-1).values
+    return torch.where(picked == spare, -1, picked)
 
 
 def check_choice(method: str, name: str, value, allowed, what: str):
@@ -535,5 +580,5 @@ def register_pruner(cls: type[Pruner]) -> type[Pruner]:
 __all__ = [
     "POSITION_RULES", "QUERY_ROWS", "LlmLayerPruner", "LlmView", "PRUNERS", "ProjectedPruner", "PruneContext", "Pruner",
     "Selection", "VisionLayerPruner", "as_selection", "at_group_ends", "budget_schedule", "check_choice", "check_int",
-    "register_pruner", "sample_visual_cls", "select_keep_indices",
+    "register_pruner", "sample_visual_cls", "select_keep_indices", "select_keep_indices_per_row",
 ]

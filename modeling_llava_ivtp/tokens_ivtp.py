@@ -178,25 +178,33 @@ class TokenState:
         """`(images, visual)`: the slots of each image's visual tokens, in order (rows: `image_rows`)."""
         return true_indices(self.is_visual[image_rows], self.visual)
 
-    def keep_visual(self, keep: torch.Tensor, kept: int, renumber: bool = False) -> TokenState:
-        """Keep the slots of `keep` `(batch, length)`: every non-visual slot and `kept` visual tokens of each image.
+    def keep_visual(self, keep: torch.Tensor, kept: int | tuple, renumber: bool = False) -> TokenState:
+        """Keep the slots of `keep` `(batch, length)`: every non-visual slot and `kept` visual tokens of each image
+        (an int, or per image in order where images hold different counts: LLaVA-NeXT, one image per sample).
         Every other slot stays (the padding slots of shorter rows too), so rows without an image keep their length.
         `renumber`: each kept token's position id is lowered by the tokens of its row dropped before it."""
-        if self.image_kept is not None:
-            raise ValueError("keep_visual needs every image to hold `visual` tokens (images of one length).")
-        counts = [self.length - (self.visual - kept if has_image else 0) for has_image in self.has_image]
+        image_kept = None
+        if self.image_kept is None and isinstance(kept, int):
+            counts = [self.length - (self.visual - kept if has_image else 0) for has_image in self.has_image]
+        else:
+            per_image = iter((kept,) * sum(self.has_image) if isinstance(kept, int) else kept)
+            image_kept = tuple((next(per_image),) if has_image else () for has_image in self.has_image)
+            counts = [self.length - (self._last_image(row)[1] - now[0] if now else 0)
+                      for row, now in enumerate(image_kept)]
+            kept = max((now[0] for now in image_kept if now), default=0)
         length = max(counts)
         index, slot_valid = pack_rows(keep, length)
         all_valid = min(counts) == length
         fields = {name: getattr(self, name) for name in _DEVICE_FIELDS}
         pads = [pad + length - count for pad, count in zip(self.pads, counts)]
         if renumber and self.slot_positions and all_valid:
-            return self._kept_as_slots(index, length, kept)
+            return replace(self._kept_as_slots(index, length, kept), image_kept=image_kept)
         if renumber:
             fields["position_ids"] = self.position_ids - moved((~keep).long().cumsum(dim=1), self.position_ids.device)
         gathered = _gather(fields, index, slot_valid, all_valid=all_valid)
         rotary = None if renumber else _gather_rotary(self.rotary, index)  # kept positions: their rows of the table
-        return replace(self, **gathered, length=length, visual=kept, rotary=rotary, pads=pads, slot_positions=False)
+        return replace(self, **gathered, length=length, visual=kept, rotary=rotary, pads=pads, slot_positions=False,
+                       image_kept=image_kept)
 
     def keep_visual_slots(self, chosen: torch.Tensor, kept: int, renumber: bool = False) -> TokenState:
         """`keep_visual` where the visual tokens lie in one slot range for every row (`visual_range`): keep the

@@ -447,10 +447,15 @@ def test_hf_trainer_fine_tunes_with_pruning_on(method, tmp_path):
 NEXT_METHODS = sorted(name for name, cls in PRUNERS.items() if cls.variable_lengths)
 
 
-def next_method_model(method: str, attn_implementation: str = "sdpa", **overrides):
+def next_method_model(method: str, attn_implementation: str = "sdpa", options: dict | None = None, **overrides):
     model = tiny_next_model(attn_implementation=attn_implementation, pruning_method=method,
-                            pruning_options={"visual_tokens": BUDGET}, **overrides)
+                            pruning_options={"visual_tokens": BUDGET, **(options or {})}, **overrides)
     return sharpen_attention(model)
+
+
+def next_same_row_at_every_step(method: str, model):
+    """As `same_row_at_every_step`, on the NeXT host."""
+    return next_method_model(method, options={"query_row": "last_instruction"}) if method in LAST_TOKEN_ROW else model
 
 
 @pytest.fixture(scope="module")
@@ -475,7 +480,7 @@ def next_alone(batch: dict, row: int) -> dict:
 
 
 def test_next_runs_the_packed_sequence_methods_and_refuses_the_others():
-    assert NEXT_METHODS == ["divprune", "random"]
+    assert NEXT_METHODS == ["divprune", "fastv", "pdrop", "random"]
     for method in sorted(set(METHODS) - set(NEXT_METHODS)):
         with pytest.raises(ValueError, match=rf"pruning_method='{method}' does not run on the LLaVA-NeXT host yet"):
             tiny_next_model(pruning_method=method, pruning_options={"visual_tokens": BUDGET})
@@ -488,10 +493,15 @@ def test_next_budget_reaches_the_last_layers(next_model, next_method, next_batch
     for row in range(2):
         tokens = next_batch["input_ids"][row, held[row][held[row] >= 0]]
         assert int((tokens == IMAGE_TOKEN_ID).sum()) == BUDGET, next_method
-    assert out.vision_keep_indices.shape == (2, BUDGET) and (out.vision_keep_indices >= 0).all()
+    final = out.llm_keep_indices[-1] if out.llm_keep_indices else out.vision_keep_indices
+    assert final.shape == (2, BUDGET) and (final >= 0).all()
+    if out.llm_keep_indices:  # every packed token entered the LLM: -1 past each image's own length
+        entered = (out.vision_keep_indices >= 0).sum(dim=1).tolist()
+        assert entered == [114, 168] and out.vision_keep_indices.shape == (2, 168)
 
 
 def test_next_cached_generate_equals_decoding_without_a_cache(next_model, next_method, next_batch):
+    next_model = next_same_row_at_every_step(next_method, next_model)
     for kwargs in (dict(FIXED), dict(FIXED, do_sample=True, temperature=0.8), dict(FIXED, num_beams=2)):
         torch.manual_seed(3)
         cached = next_model.generate(**next_batch, max_new_tokens=6, **kwargs)
@@ -501,13 +511,15 @@ def test_next_cached_generate_equals_decoding_without_a_cache(next_model, next_m
 
 
 def test_next_multi_turn_continuation_equals_the_conversation_from_scratch(next_model, next_method, next_batch):
+    next_model = next_same_row_at_every_step(next_method, next_model)
     first = next_model.generate(**next_batch, max_new_tokens=4, return_dict_in_generate=True, **FIXED)
     conversation = torch.cat([first.sequences, torch.full((2, 3), 7)], dim=1)
     grown = conversation.shape[1] - next_batch["input_ids"].shape[1]
     attention_mask = torch.cat([next_batch["attention_mask"], torch.ones(2, grown, dtype=torch.long)], dim=1)
+    instruction = torch.cat([next_batch["instruction_mask"], torch.zeros(2, grown, dtype=torch.bool)], dim=1)
     continued = next_model.generate(input_ids=conversation, attention_mask=attention_mask,
                                     **cache_kwargs(output_cache(first)), max_new_tokens=4, **FIXED)
-    from_scratch = next_model.generate(input_ids=conversation, attention_mask=attention_mask,
+    from_scratch = next_model.generate(input_ids=conversation, attention_mask=attention_mask, instruction_mask=instruction,
                                        pixel_values=next_batch["pixel_values"], image_sizes=next_batch["image_sizes"],
                                        max_new_tokens=4, **FIXED)
     assert torch.equal(continued, from_scratch), next_method
@@ -522,7 +534,10 @@ def test_next_a_sample_alone_equals_the_same_sample_in_a_padded_batch(next_model
         alone = next_alone(next_batch, row)
         with torch.no_grad():
             single = next_model(**alone, use_cache=False)
-        assert torch.equal(single.vision_keep_indices[0], batched.vision_keep_indices[row]), (next_method, row)
+        alone_keep, batch_keep = single.vision_keep_indices[0], batched.vision_keep_indices[row]
+        assert torch.equal(alone_keep[alone_keep >= 0], batch_keep[batch_keep >= 0]), (next_method, row)
+        for alone_keep, batch_keep in zip(single.llm_keep_indices, batched.llm_keep_indices, strict=True):
+            assert torch.equal(alone_keep[0][alone_keep[0] >= 0], batch_keep[row][batch_keep[row] >= 0]), (next_method, row)
         offset = int((~next_batch["attention_mask"][row].bool()).sum())
         slots = batched.kept_positions[row] >= offset
         assert torch.equal(batched.kept_positions[row][slots] - offset, single.kept_positions[0])
@@ -542,13 +557,15 @@ def test_next_sdpa_and_eager_keep_the_same_tokens(next_method, next_batch):
                        eager.generate(**next_batch, max_new_tokens=6, **FIXED))
 
 
-def test_next_pruned_forward_is_stock_llava_next_on_the_kept_tokens(next_model, next_method, next_batch):
+@pytest.mark.parametrize("next_method", ["random", "divprune"])
+def test_next_pruned_forward_is_stock_llava_next_on_the_kept_tokens(next_method, next_batch):
     """Against stock modules: the kept tokens are the method's rule on stock LLaVA-NeXT's packed features (base crop,
     unpadded tiles, newlines), and the logits are stock LLaVA-NeXT's decoder run on the prompt with only those image
     tokens, at the method's positions (random: the original ids; DivPrune: renumbered, as its code)."""
     from modeling_llava_ivtp.pruner_base import select_keep_indices
     from modeling_llava_ivtp.pruner_divprune import divprune_keep_indices
 
+    next_model = next_method_model(next_method)
     stock = next_stock_twin(next_model)
     for row in range(2):
         alone = next_alone(next_batch, row)
@@ -598,3 +615,22 @@ def _newline_indices(model, batch) -> list[set]:
 
     return [{j for j, source in enumerate(layout.source) if source == NEWLINE}
             for layout in model.image_layouts(batch["image_sizes"])]
+
+
+def test_next_fastv_against_stock_eager_attention(next_batch):
+    """FastV on LLaVA-NeXT ranks each image's packed tokens (base crop, unpadded tiles, newlines) by the last token's
+    head-averaged attention in layer K, read from stock LLaVA-NeXT's eager `output_attentions`, in a padded batch of
+    images with different packed lengths."""
+    model = next_method_model("fastv", "eager")
+    with torch.no_grad():
+        kept = model(**next_batch, use_cache=False)
+        stock = next_stock_twin(model, "eager")(
+            input_ids=next_batch["input_ids"], attention_mask=next_batch["attention_mask"],
+            pixel_values=next_batch["pixel_values"], image_sizes=next_batch["image_sizes"], output_attentions=True,
+        )
+    attention = stock.attentions[1].mean(dim=1)  # layer K = 2: index 1
+    last = next_batch["input_ids"].shape[1] - 1
+    for row in range(2):
+        image = torch.where(next_batch["input_ids"][row] == IMAGE_TOKEN_ID)[0]
+        expected = attention[row, last, image].topk(BUDGET).indices.sort().values
+        assert torch.equal(kept.llm_keep_indices[0][row], expected), row
