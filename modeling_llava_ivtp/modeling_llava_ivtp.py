@@ -271,6 +271,8 @@ class PrunedRunner:
     decoder loop. A host supplies its images (`_image_batch`: how many placeholders each image has) and its visual
     features (`_visual_features`: the vision tower and projector, site 1, as the host's stock model runs them)."""
 
+    takes_image_sizes = False  # LLaVA-NeXT's images come with their sizes; LLaVA-1.5 refuses them when pruning
+
     def _ivtp_forward(
         self, guidance: dict, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds,
         vision_feature_layer, vision_feature_select_strategy, labels, logits_to_keep, use_cache, image_sizes=None,
@@ -310,7 +312,8 @@ class PrunedRunner:
                 output_hidden_states=selection is not False, **kwargs,
             )
         else:
-            check_prunable_inputs(config, vision_feature_layer, vision_feature_select_strategy, kwargs)
+            given = kwargs if self.takes_image_sizes else {**kwargs, "image_sizes": image_sizes}
+            check_prunable_inputs(config, vision_feature_layer, vision_feature_select_strategy, given)
             outputs = self._forward_pruned(
                 input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
                 position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, labels=labels,
@@ -744,10 +747,13 @@ class PrunedRunner:
                 global_image = (torch.bucketize(overall_rank, image_starts, right=True) - 1).clamp(0, num_images - 1)
                 patch_of_token = torch.where(image_mask, overall_rank - image_starts[global_image], -1)
                 width = max(lengths)
-            # a spare last column takes the -1 entries of images keeping fewer tokens than others
-            kept_patch = torch.zeros(num_images, width + 1, dtype=torch.bool, device=device)
             kept_indices = moved(keep_indices, device)
-            kept_patch.scatter_(1, torch.where(kept_indices >= 0, kept_indices, width), True)
+            if image_kept is None:
+                kept_patch = torch.zeros(num_images, width, dtype=torch.bool, device=device)
+                kept_patch.scatter_(1, kept_indices, True)
+            else:  # a spare last column takes the -1 entries of images keeping fewer tokens than others
+                kept_patch = torch.zeros(num_images, width + 1, dtype=torch.bool, device=device)
+                kept_patch.scatter_(1, torch.where(kept_indices >= 0, kept_indices, width), True)
             keep = ~image_mask | kept_patch[global_image, patch_of_token.clamp_min(0)]
             order = torch.arange(sequence_length, device=device)
             if position_ids is None:

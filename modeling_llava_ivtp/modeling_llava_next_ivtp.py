@@ -11,7 +11,7 @@ LLaVA-NeXT checkpoints unchanged, and with pruning off is stock LLaVA-NeXT. It p
 (`PrunedRunner`): its images are the packed sequences stock LLaVA-NeXT builds (`layout_next.py`), one length per
 image. How each method spends its budget over an image's crops, and what it does with the unpadding and the newline
 tokens, is in `docs/llava-next.md`. The methods that run on this host so far are those that select among the packed
-sequence's projected tokens (`NEXT_METHODS`); a config naming another is refused.
+sequence (`Pruner.variable_lengths`); a config naming another is refused.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class LlavaNextIvtpForConditionalGeneration(
 
     config_class = IvtpNextConfig
     config: IvtpNextConfig
+    takes_image_sizes = True
 
     def __init__(self, config: IvtpNextConfig):
         check_next_pruning(config)

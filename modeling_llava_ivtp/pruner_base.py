@@ -271,7 +271,7 @@ class Pruner:
         """Checks `visual_tokens` (`positions`, every method's, is checked by `resolve_options`); subclasses check their
         own options too (call this first)."""
         if "visual_tokens" in cls.options:
-            check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.num_patches,
+            check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.max_visual_tokens,
                       "visual tokens per image that reach the LLM's last layers")
 
     @property

@@ -634,3 +634,22 @@ def test_next_fastv_against_stock_eager_attention(next_batch):
         image = torch.where(next_batch["input_ids"][row] == IMAGE_TOKEN_ID)[0]
         expected = attention[row, last, image].topk(BUDGET).indices.sort().values
         assert torch.equal(kept.llm_keep_indices[0][row], expected), row
+
+
+@pytest.mark.parametrize("next_method", NEXT_METHODS)
+def test_next_a_budget_above_an_images_length_keeps_that_image_whole(next_method, next_batch):
+    """The budget counts one image's tokens, all crops, up to the longest packed sequence (`max_visual_tokens`, 192
+    here): 120 keeps the wide image's 114 tokens and 120 of the other's 168, alone as in the batch."""
+    model = tiny_next_model(pruning_method=next_method, pruning_options={"visual_tokens": 120})
+    assert model.config.max_visual_tokens == 192
+    with torch.no_grad():
+        out = model(**next_batch, use_cache=True)
+    held = output_cache(out).layer_positions[-1]
+    counts = [int((next_batch["input_ids"][row, held[row][held[row] >= 0]] == IMAGE_TOKEN_ID).sum()) for row in range(2)]
+    assert counts == [114, 120], next_method
+    tokens = model.generate(**next_batch, max_new_tokens=4, **FIXED)[:, next_batch["input_ids"].shape[1]:]
+    for row in range(2):
+        alone = next_alone(next_batch, row)
+        assert torch.equal(model.generate(**alone, max_new_tokens=4, **FIXED)[0, alone["input_ids"].shape[1]:], tokens[row])
+    with pytest.raises(ValueError, match=r"`pruning_options\['visual_tokens'\]` .* must be an int in \[1, 192\]"):
+        tiny_next_model(pruning_method=next_method, pruning_options={"visual_tokens": 193})

@@ -1,6 +1,7 @@
 """The LLaVA-NeXT host (`LlavaNextIvtpForConditionalGeneration`, `IvtpNextConfig`) on tiny random models: with
 pruning off it is stock `LlavaNextForConditionalGeneration`, in padded batches of images with different aspect
-ratios; it loads llava-hf's LLaVA-NeXT key format and reloads as remote code; a config that prunes is refused."""
+ratios; it loads llava-hf's LLaVA-NeXT key format and reloads as remote code; a method that does not run on it yet is
+refused (the methods that do: the NeXT section of `tests/test_methods.py`)."""
 
 from __future__ import annotations
 
@@ -89,19 +90,23 @@ def test_generate_takes_the_guidance_inputs_on_its_first_step():
 
 
 @pytest.mark.parametrize("settings", [
-    {"pruning_method": "fastv", "pruning_options": {"visual_tokens": 32}},
     {"pruning_method": "ivtp", "schedule": {"vision": [], "llm": [8]}},
-    {"pruning_method": "divprune", "pruning_options": {"visual_tokens": 16}},
+    {"pruning_method": "visionzip", "pruning_options": {"visual_tokens": 16}},
+    {"pruning_method": "pooling", "pruning_options": {"visual_tokens": 16}},
 ])
-def test_a_config_that_prunes_is_refused_naming_the_fields(settings):
+def test_a_method_that_does_not_run_on_next_yet_is_refused_naming_the_field(settings):
+    """Methods that prune in the vision tower or per crop (and pooling's grid rule) are refused on this host, with
+    the methods that run; a config edited after construction is refused at the call."""
     config = IvtpNextConfig(**tiny_next_config_dict(**settings))
-    with pytest.raises(ValueError, match=r"does not prune yet: pruning_method=.* Set `pruning_method=None`"):
+    expected = (rf"pruning_method='{settings['pruning_method']}' does not run on the LLaVA-NeXT host yet .* the methods "
+                r"that do: \['divprune', 'fastv', 'pdrop', 'random'\]. Set `pruning_method=None`")
+    with pytest.raises(ValueError, match=expected):
         LlavaNextIvtpForConditionalGeneration(config)
     model = tiny_next_model()
     model.config.pruning_method = settings["pruning_method"]
     model.config.pruning_options = settings.get("pruning_options")
     model.config.schedule = settings.get("schedule")
-    with pytest.raises(ValueError, match="does not prune yet"):  # edited after construction: refused at the call
+    with pytest.raises(ValueError, match="does not run on the LLaVA-NeXT host yet"):
         model(**make_next_batch(model.config))
 
 
