@@ -126,6 +126,12 @@ class IvtpFields:
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
 
     @property
+    def max_visual_tokens(self) -> int:
+        """The most visual tokens one image can bring (the bound of a budget): `num_patches` here; LLaVA-NeXT's
+        longest packed sequence in `IvtpNextConfig`."""
+        return self.num_patches
+
+    @property
     def vision_layer_groups(self) -> list[tuple[int, int]]:
         """`(first, last)` vision layer of each stage-1 group, over the layers that run for patch features."""
         feature_layers = resolve_feature_layer_count(self.vision_feature_layer, self.vision_config.num_hidden_layers)
@@ -346,12 +352,21 @@ class IvtpNextConfig(IvtpFields, LlavaNextConfig):
     Configuration of [`LlavaNextIvtpForConditionalGeneration`]: a [`LlavaNextConfig`] (LLaVA-NeXT, AnyRes: a base
     image and high-resolution tiles, each a crop through the same CLIP) plus the pruning fields of [`IvtpConfig`],
     with the same names, defaults and checks. `image_seq_length` is the patches of one crop (576 for a 336 px CLIP
-    with patch 14). The checks are for now those of LLaVA-1.5, against one crop's patches (a budget above 576 is
-    refused); the NeXT host does not prune yet, and its pruned forward will count the budget per image, all crops
-    (`docs/llava-next.md`).
+    with patch 14). The budget `visual_tokens` counts the visual tokens of one image, all its crops; it is bounded by
+    the longest packed sequence the grid allows (`max_visual_tokens`: 2,928 for LLaVA-1.6-7B's 2x2 grid); an image
+    with fewer tokens than the budget keeps them all (`docs/llava-next.md`).
     """
 
     model_type = "llava_next_ivtp"
+
+    @property
+    def max_visual_tokens(self) -> int:
+        """The longest packed sequence of one image: the base crop, then a grid of tiles at full size (no unpadding
+        removes a row or column) with a newline after each row, over `image_grid_pinpoints`."""
+        side = self.vision_config.image_size // self.vision_config.patch_size
+        crop = self.vision_config.image_size
+        return max(side * side + (height // crop * side) * (width // crop * side + 1)
+                   for height, width in self.image_grid_pinpoints)
 
     # `None`: derived from the vision geometry, `(image_size // patch_size) ** 2`: the patches of one crop.
     image_seq_length: int | None = None

@@ -78,6 +78,7 @@ from .validation_ivtp import (
     check_no_placeholders_without_pixels,
     check_output_requests,
     check_pixel_values,
+    check_llm_site_images,
     check_placeholders,
     check_prefill_cache,
     check_prunable_inputs,
@@ -264,76 +265,28 @@ class IvtpHost:
         return self
 
 
-class LlavaIvtpForConditionalGeneration(
-    IvtpHost, ActivationCheckpointingNames, PrunedGeneration, LlavaForConditionalGeneration, GenerationMixin
-):
-    """LLaVA-1.5 with visual-token pruning: IVTP (Instruction-guided Visual Token Pruning) or another method of the
-    registry (`config.pruning_method`, `pruners.py`).
+class PrunedRunner:
+    """The pruned-token runner every host shares (module docstring): the forward for a host's own signature
+    (`_ivtp_forward`), a pruned prefill, steps over a pruned cache, the LLM's entry, the vision site and the
+    decoder loop. A host supplies its images (`_image_batch`: how many placeholders each image has) and its visual
+    features (`_visual_features`: the vision tower and projector, site 1, as the host's stock model runs them)."""
 
-    Same modules and parameter names as [`LlavaForConditionalGeneration`], so llava-hf checkpoints load unchanged.
-    With IVTP (`config.schedule` set) the forward prunes visual tokens in two stages:
+    takes_image_sizes = False  # LLaVA-NeXT's images come with their sizes; LLaVA-1.5 refuses them when pruning
 
-    1. in the CLIP vision tower, group-wise token pruning (GTP): per group of `group_size` layers, attention rollout
-       with residual (eq. 3) of the CLS row times the value norms (eq. 4) keeps the top-k patches;
-    2. in the first `group_size * len(schedule["llm"])` LLM layers, GTP again, with a textual pseudo-CLS (eq. 8)
-       that attends to the tokens up to the image and that no real token attends to.
-
-    Other methods prune at their own sites (a vision layer, the projected features, an LLM layer) through the same
-    runner. Kept tokens keep their original position ids. With `config.pruning_method=None` the model is stock Llava.
-    """
-
-    config_class = IvtpConfig
-    config: IvtpConfig
-
-    def __init__(self, config: IvtpConfig):
-        config.check_ivtp()  # fields edited after the config was made (e.g. `from_pretrained(path, schedule=...)`)
-        super().__init__(config)
-        self._add_clip_parts()
-        self._use_recording_backends()
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Forward
-    # ------------------------------------------------------------------------------------------------------------
-    @takes_cache_kwarg
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        vision_feature_layer: int | None = None,
-        vision_feature_select_strategy: str | None = None,
-        labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        instruction_mask: torch.Tensor | None = None,
-        clip_input_ids: torch.LongTensor | None = None,
-        clip_token_spans: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
+    def _ivtp_forward(
+        self, guidance: dict, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds,
+        vision_feature_layer, vision_feature_select_strategy, labels, logits_to_keep, use_cache, image_sizes=None,
         **kwargs,
     ) -> tuple | IvtpCausalLMOutputWithPast:
-        r"""
-        Same arguments as [`LlavaForConditionalGeneration.forward`], plus:
-
-        instruction_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            The tokens of the instruction (the user's text: not image placeholders, not chat-template role words,
-            never answer tokens) that the textual pseudo-CLS (eq. 8) may average.
-        clip_input_ids (`torch.LongTensor` of shape `(batch_size, clip_context_length)`, *optional*):
-            The instruction tokenized by CLIP's tokenizer (start, content, end, padding), from `LlavaIvtpProcessor`.
-        clip_token_spans (`torch.LongTensor` of shape `(batch_size, sequence_length, 2)`, *optional*):
-            For each `input_ids` token, the range `[start, end)` of `clip_input_ids` positions whose text overlaps
-            it (eq. 7); `(0, 0)` for none. From `LlavaIvtpProcessor`.
-
-        Returns an [`IvtpCausalLMOutputWithPast`]: `logits` has one row per token that reached the last layer, and
-        `kept_positions` says which `input_ids` index each row belongs to.
-        """
-        guidance = {"instruction_mask": instruction_mask, "clip_input_ids": clip_input_ids, "clip_token_spans": clip_token_spans}
+        """Every host's forward, after its own signature: `guidance` holds the instruction inputs; `image_sizes`
+        (LLaVA-NeXT) the images' sizes. Steps over a pruned cache, stock without pruning or images, else a pruned
+        prefill."""
         return_dict = kwargs.pop("return_dict", None)
         config = self.config
         pruned_cache = isinstance(cache, IvtpCache) and cache.is_pruned
         self._check_call(input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, guidance,
-                         pruning=config.pruning_enabled and (pixel_values is not None or pruned_cache), kwargs=kwargs)
+                         pruning=config.pruning_enabled and (pixel_values is not None or pruned_cache), kwargs=kwargs,
+                         image_sizes=image_sizes)
         request = kwargs.pop("output_hidden_states", None)
         if request is None:
             request = config.output_hidden_states or config.text_config.output_hidden_states
@@ -349,8 +302,9 @@ class LlavaIvtpForConditionalGeneration(
         elif not config.pruning_enabled or pixel_values is None:
             if config.pruning_enabled:  # pruning off: exactly stock Llava's operators (its own errors for bad ids)
                 self._check_values_without_pixels(input_ids, inputs_embeds, cache, guidance)
+            images = {} if image_sizes is None else {"image_sizes": image_sizes}
             outputs = self._forward_stock(
-                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                input_ids=input_ids, pixel_values=pixel_values, **images, attention_mask=attention_mask,
                 position_ids=position_ids, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy, labels=labels,
                 logits_to_keep=logits_to_keep, use_cache=use_cache, cache=cache,
@@ -358,9 +312,10 @@ class LlavaIvtpForConditionalGeneration(
                 output_hidden_states=selection is not False, **kwargs,
             )
         else:
-            check_prunable_inputs(config, vision_feature_layer, vision_feature_select_strategy, kwargs)
+            given = kwargs if self.takes_image_sizes else {**kwargs, "image_sizes": image_sizes}
+            check_prunable_inputs(config, vision_feature_layer, vision_feature_select_strategy, given)
             outputs = self._forward_pruned(
-                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
                 position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, labels=labels,
                 logits_to_keep=logits_to_keep, guidance=guidance, use_cache=use_cache,
                 output_hidden_states=selection is not False, **kwargs,
@@ -371,8 +326,31 @@ class LlavaIvtpForConditionalGeneration(
             )
         return outputs if return_dict is not False else outputs.to_tuple()
 
+    def _check_pixels(self, pixel_values, image_sizes) -> None:
+        """The images' shapes (LLaVA-1.5: `(num_images, channels, height, width)`)."""
+        check_pixel_values(self.config, pixel_values)
+
+    def _image_batch(self, image_mask, placeholder_counts: list[int], pixel_values, sizes) -> ImageBatch:
+        """The images of a pruned prefill (LLaVA-1.5: `num_patches` placeholders each, whole images, as many as
+        `pixel_values` holds)."""
+        num_patches = self.config.num_patches
+        check_placeholders(self.config, placeholder_counts, pixel_values.shape[0])
+        return ImageBatch(per_sample=image_mask.sum(dim=1) // num_patches,
+                          counts=tuple(count // num_patches for count in placeholder_counts))
+
+    def _check_pruner(self, pruner, placeholder_counts: list[int], images: ImageBatch) -> None:
+        """What the pruner needs of the images: one per sample where it prunes in the LLM."""
+        check_llm_site_images(self.config, images.counts, llm_site=bool(pruner.llm_prune_layers()))
+
+    def _visual_features(self, pixel_values, pruner, images: ImageBatch) -> dict:
+        """Site 1 and the projector: the vision tower's outputs (`_run_vision_tower`) and `features`, the projected
+        patches `(images, tokens, hidden)`."""
+        vision = self._run_vision_tower(pixel_values, pruner)
+        vision["features"] = self.model.multi_modal_projector(vision["patch_hidden_states"])
+        return vision
+
     def _check_call(self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, guidance,
-                    pruning: bool, kwargs: dict) -> None:
+                    pruning: bool, kwargs: dict, image_sizes=None) -> None:
         """The checks of every forward that read nothing from the device: the config (fields edited after construction
         are checked before they are used; the backend set after construction gets its recording twin), the cache, the
         sequence inputs' shapes, the guidance's and the images'; with pruning, the outputs it cannot give."""
@@ -387,7 +365,7 @@ class LlavaIvtpForConditionalGeneration(
         )
         check_guidance_shapes(config, guidance, input_ids if input_ids is not None else inputs_embeds)
         if pixel_values is not None:
-            check_pixel_values(config, pixel_values)
+            self._check_pixels(pixel_values, image_sizes)
         if pruning:
             check_output_requests(config, kwargs)
 
@@ -422,11 +400,13 @@ class LlavaIvtpForConditionalGeneration(
         if check_placeholders_here:
             check_no_placeholders_without_pixels(self.config, sum(facts["placeholders"]), "The input")
 
-    def _read_layout(self, image_mask: torch.Tensor, attention_mask: torch.Tensor, input_ids, guidance: dict):
+    def _read_layout(self, image_mask: torch.Tensor, attention_mask: torch.Tensor, input_ids, guidance: dict,
+                     image_sizes: torch.Tensor | None = None):
         """What the host needs of a batch, in one read from the device: per sample, its image placeholders, the
         position of its last one, and whether every token is attended; the CLIP ids the text tower needs (one past
-        the last end token; `None` without CLIP ids); whether each sample's placeholders form one block. The input
-        values are checked in the same read (`value_rows`: token and CLIP ids, spans)."""
+        the last end token; `None` without CLIP ids); whether each sample's placeholders form one block; the images'
+        sizes (`image_sizes`, LLaVA-NeXT; else `None`). The input values are checked in the same read (`value_rows`:
+        token and CLIP ids, spans)."""
         order = torch.arange(image_mask.shape[1], device=image_mask.device)
         rows = {
             "placeholders": image_mask.sum(dim=1),
@@ -435,17 +415,20 @@ class LlavaIvtpForConditionalGeneration(
             "fully_attended": attention_mask.all(dim=1).long(),
             **value_rows(input_ids, guidance, image_mask.device),
         }
-        facts = read_rows(rows)  # the one host read of a pruned prefill
+        flat = None if image_sizes is None else {"image_sizes": image_sizes}  # per image (height, width)
+        facts = read_rows(rows, flat)  # the one host read of a pruned prefill
         check_values(self.config, facts, guidance)
         clip_length = max(facts["clip_end"]) + 1 if "clip_end" in facts else None
         # every sample's placeholders in one block (the processor's layout): its image's tokens have one slot range
         blocks = all(last - first + 1 == count for first, last, count in
                      zip(facts["first_placeholder"], facts["last_placeholder"], facts["placeholders"]) if count)
-        return facts["placeholders"], facts["last_placeholder"], all(facts["fully_attended"]), clip_length, blocks
+        sizes = facts.get("image_sizes")
+        sizes = None if sizes is None else [tuple(sizes[i : i + 2]) for i in range(0, len(sizes), 2)]
+        return facts["placeholders"], facts["last_placeholder"], all(facts["fully_attended"]), clip_length, blocks, sizes
 
     def _forward_pruned(
         self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, labels, logits_to_keep,
-        guidance, use_cache, **kwargs,
+        guidance, use_cache, image_sizes=None, **kwargs,
     ) -> IvtpCausalLMOutputWithPast:
         config = self.config
         use_cache = use_cache if use_cache is not None else config.text_config.use_cache
@@ -455,37 +438,42 @@ class LlavaIvtpForConditionalGeneration(
             use_cache = False
         image_mask = image_token_mask(self, input_ids, inputs_embeds)
         sequence_length = image_mask.shape[1]
-        num_patches = config.num_patches
-        images_per_sample = image_mask.sum(dim=1) // num_patches
         full_attention_mask = (
             torch.ones_like(image_mask) if attention_mask is None else moved(attention_mask, image_mask.device, torch.bool)
         )
         # The prefill's one wait for the device: each sample's placeholders and layout (see `TokenState`).
-        placeholder_counts, last_placeholder, fully_attended, clip_length, blocks = self._read_layout(
-            image_mask, full_attention_mask, input_ids, guidance
+        placeholder_counts, last_placeholder, fully_attended, clip_length, blocks, sizes = self._read_layout(
+            image_mask, full_attention_mask, input_ids, guidance, image_sizes
         )
-        context = PruneContext(model=self, guidance=guidance, images_per_sample=images_per_sample,
-                               images=tuple(count // num_patches for count in placeholder_counts),
-                               clip_length=clip_length)
+        images = self._image_batch(image_mask, placeholder_counts, pixel_values, sizes)
+        context = PruneContext(model=self, guidance=guidance, images_per_sample=images.per_sample,
+                               images=images.counts, clip_length=clip_length, visual_lengths=images.flat_lengths)
         pruner = PRUNERS[config.pruning_method](config, context)
-        check_placeholders(config, placeholder_counts, pixel_values.shape[0], llm_site=bool(pruner.llm_prune_layers()))
+        self._check_pruner(pruner, placeholder_counts, images)
 
-        vision = self._run_vision_tower(pixel_values, pruner)
-        image_features = self.model.multi_modal_projector(vision["patch_hidden_states"])
+        vision = self._visual_features(pixel_values, pruner, images)
+        image_features = vision["features"]
         context.vision = vision
         context.defer("visual_cls", lambda: self.model.multi_modal_projector(vision["cls_hidden_state"]))
         with profiler_label("ivtp/projected_scoring"):  # profiler labels: the pruner's own work (llava-ivtp bench)
             selection = pruner.on_projected(image_features)
+        image_kept = vision.get("image_kept")
         if selection is not None:
             image_features = _apply_selection(image_features, selection)
             kept = moved(selection.keep, vision["keep_indices"].device)
+            if images.lengths is not None:  # an image shorter than the selection keeps all of its tokens
+                image_kept = tuple(min(kept.shape[1], length) for length in images.flat_lengths)
+                kept = kept.clamp_min(0)
             same = vision["placement"] is vision["keep_indices"]  # no ordered selection before: one gather
-            vision["keep_indices"] = vision["keep_indices"].gather(1, kept)
-            vision["placement"] = vision["keep_indices"] if same else vision["placement"].gather(1, kept)
+            vision["keep_indices"] = _gather_kept(vision["keep_indices"], kept, image_kept)
+            vision["placement"] = vision["keep_indices"] if same else _gather_kept(vision["placement"], kept, image_kept)
+        if image_kept is not None:
+            image_features = _valid_rows(image_features, image_kept)
 
         tokens, index, slot_valid, pruned_before_end = self._enter_llm(
             image_mask, vision["placement"], image_features, input_ids, inputs_embeds, position_ids,
-            full_attention_mask, placeholder_counts, last_placeholder, pruner.renumbers, images_per_sample, blocks,
+            full_attention_mask, placeholder_counts, last_placeholder, pruner.renumbers, images.per_sample, blocks,
+            images.lengths, None if image_kept is None else images.per_sample_values(image_kept),
         )
 
         def packed_guidance():
@@ -494,7 +482,7 @@ class LlavaIvtpForConditionalGeneration(
 
         def image_end_position():
             with profiler_label("ivtp/guidance"):
-                end = _image_end_position(image_mask, position_ids, images_per_sample)
+                end = _image_end_position(image_mask, position_ids, images.per_sample)
                 # renumbered: the image ends that many positions earlier
                 return end if pruned_before_end is None else end - pruned_before_end
 
@@ -508,7 +496,7 @@ class LlavaIvtpForConditionalGeneration(
         if cache is not None:
             cache.renumbered_positions = pruner.renumbers  # decode steps continue the prefill's rule
         hidden_states, tokens, llm_keep, llm_counts, all_hidden, per_layer = self._run_language_model(
-            tokens, fully_attended, images_per_sample, pruner, cache, use_cache, **kwargs
+            tokens, fully_attended, images.per_sample, pruner, cache, use_cache, **kwargs
         )
         if use_cache:
             cache.set_logical_length(sequence_length)
@@ -694,16 +682,18 @@ class LlavaIvtpForConditionalGeneration(
     # ------------------------------------------------------------------------------------------------------------
     def _enter_llm(self, image_mask, keep_indices, image_features, input_ids, inputs_embeds, position_ids,
                    attention_mask, placeholder_counts, last_placeholder, renumber: bool, images_per_sample,
-                   blocks: bool):
+                   blocks: bool, image_lengths: tuple | None = None, image_kept: tuple | None = None):
         """The tokens that enter the LLM: every non-image token, and the placeholders of the kept patches, which
         take the image features. `renumber`: the position ids close the pruned placeholders' gaps (`pruner_base`'s
         position rules). `images_per_sample` `(batch,)` on the device; `blocks` (host): each sample's placeholders
-        are one block. Returns the token state, its packing `(index, slot_valid)` of the sequence (`slot_valid`
+        are one block. Images of different lengths (LLaVA-NeXT) come with `image_lengths` and `image_kept`
+        (`_entry_index`). Returns the token state, its packing `(index, slot_valid)` of the sequence (`slot_valid`
         `None`: every slot holds a token), and with `renumber` the placeholders each sample lost `(batch,)` (else
         `None`)."""
         num_patches, device = self.config.num_patches, image_mask.device
         starts = {last + 1 - num_patches for last in last_placeholder}
-        one_block = blocks and len(starts) == 1 and all(count == num_patches for count in placeholder_counts)
+        one_block = (image_lengths is None and blocks and len(starts) == 1
+                     and all(count == num_patches for count in placeholder_counts))
         if one_block and (not renumber or position_ids is None):
             with profiler_label("ivtp/llm_entry_selection"):
                 tokens, index = TokenState.entering_one_block(
@@ -716,7 +706,7 @@ class LlavaIvtpForConditionalGeneration(
         else:
             tokens, index, slot_valid, pruned_before_end = self._entry_index(
                 image_mask, keep_indices, position_ids, attention_mask, placeholder_counts, last_placeholder,
-                renumber, images_per_sample,
+                renumber, images_per_sample, image_lengths, image_kept,
             )
         if inputs_embeds is None:
             token_embeds = self.get_input_embeddings()(input_ids.gather(1, index))
@@ -728,19 +718,42 @@ class LlavaIvtpForConditionalGeneration(
         return replace(tokens, hidden_states=hidden_states, image_blocks=blocks), index, slot_valid, pruned_before_end
 
     def _entry_index(self, image_mask, keep_indices, position_ids, attention_mask, placeholder_counts,
-                     last_placeholder, renumber: bool, images_per_sample):
-        """`_enter_llm`'s token state and packing for any layout: the kept tokens marked over the sequence, packed."""
+                     last_placeholder, renumber: bool, images_per_sample, image_lengths: tuple | None = None,
+                     image_kept: tuple | None = None):
+        """`_enter_llm`'s token state and packing for any layout: the kept tokens marked over the sequence, packed.
+        Where images differ in length (LLaVA-NeXT), `image_lengths` and `image_kept` (host, per sample: the
+        placeholders of each of its images and how many it keeps); `keep_indices` then marks the entries of an image
+        keeping fewer than its row holds with -1."""
         batch_size, sequence_length = image_mask.shape
         num_patches, num_images = self.config.num_patches, keep_indices.shape[0]
         device = image_mask.device
         with profiler_label("ivtp/llm_entry_selection"):  # profiler label only (llava-ivtp bench)
             placeholder_rank = image_mask.cumsum(dim=1) - 1  # int64, as a bool cumsum is
-            patch_of_token = torch.where(image_mask, placeholder_rank % num_patches, -1)
-            image_of_token = torch.where(image_mask, placeholder_rank // num_patches, 0)
-            image_offset = torch.cumsum(images_per_sample, dim=0) - images_per_sample
-            global_image = (image_of_token + image_offset.unsqueeze(1)).clamp_max(num_images - 1)
-            kept_patch = torch.zeros(num_images, num_patches, dtype=torch.bool, device=device)
-            kept_patch.scatter_(1, moved(keep_indices, device), True)
+            if image_lengths is None:
+                patch_of_token = torch.where(image_mask, placeholder_rank % num_patches, -1)
+                image_of_token = torch.where(image_mask, placeholder_rank // num_patches, 0)
+                image_offset = torch.cumsum(images_per_sample, dim=0) - images_per_sample
+                global_image = (image_of_token + image_offset.unsqueeze(1)).clamp_max(num_images - 1)
+                width = num_patches
+            else:  # each placeholder's image and index in it, from the images' lengths (host)
+                lengths = [length for sample in image_lengths for length in sample]
+                starts, before = [], 0
+                for length in lengths:
+                    starts.append(before)
+                    before += length
+                sample_start = [sum(map(sum, image_lengths[:row])) for row in range(batch_size)]
+                overall_rank = placeholder_rank + torch.tensor(sample_start, device=device).unsqueeze(1)
+                image_starts = torch.tensor(starts, device=device)
+                global_image = (torch.bucketize(overall_rank, image_starts, right=True) - 1).clamp(0, num_images - 1)
+                patch_of_token = torch.where(image_mask, overall_rank - image_starts[global_image], -1)
+                width = max(lengths)
+            kept_indices = moved(keep_indices, device)
+            if image_kept is None:
+                kept_patch = torch.zeros(num_images, width, dtype=torch.bool, device=device)
+                kept_patch.scatter_(1, kept_indices, True)
+            else:  # a spare last column takes the -1 entries of images keeping fewer tokens than others
+                kept_patch = torch.zeros(num_images, width + 1, dtype=torch.bool, device=device)
+                kept_patch.scatter_(1, torch.where(kept_indices >= 0, kept_indices, width), True)
             keep = ~image_mask | kept_patch[global_image, patch_of_token.clamp_min(0)]
             order = torch.arange(sequence_length, device=device)
             if position_ids is None:
@@ -759,7 +772,8 @@ class LlavaIvtpForConditionalGeneration(
                 "patch_index": patch_of_token,
             }
             tokens, index, slot_valid = TokenState.entering_llm(
-                logical, keep, placeholder_counts, last_placeholder, num_patches, keep_indices.shape[1]
+                logical, keep, placeholder_counts, last_placeholder, num_patches, keep_indices.shape[1],
+                image_lengths=image_lengths, image_kept=image_kept,
             )
         return tokens, index, slot_valid, pruned_before_end
 
@@ -912,10 +926,16 @@ class LlavaIvtpForConditionalGeneration(
         return hidden_states, (all_hidden + (hidden_states,) if all_hidden is not None else None)
 
     @staticmethod
-    def _select_llm(tokens: TokenState, view: LlmView | None, selection, num_keep: int, renumber: bool):
+    def _select_llm(tokens: TokenState, view: LlmView | None, selection, num_keep: int | tuple, renumber: bool):
         """Keep each image's selected visual tokens (every other token stays; `renumber`: the position ids close the
-        gaps). Returns the new state and the kept patches `(batch, num_keep)` (-1 rows for samples without an
-        image)."""
+        gaps). `num_keep` per image where images keep different counts (LLaVA-NeXT; the selection's rows then end in
+        -1). Returns the new state and the kept patches `(batch, num_keep)` (-1 rows for samples without an image,
+        -1 past an image's count)."""
+        if not isinstance(num_keep, int):
+            if len(set(num_keep)) == 1:
+                num_keep = num_keep[0]
+            else:
+                return _select_llm_per_image(tokens, view, selection, num_keep, renumber)
         with profiler_label("ivtp/llm_selection"):
             if view is not None and view.visual_range is not None:  # one range, every sample: no row indexing
                 chosen = moved(selection.keep, tokens.is_visual.device) + view.visual_range.start
@@ -942,6 +962,100 @@ class LlavaIvtpForConditionalGeneration(
             return tokens.keep_visual(keep, num_keep, renumber=renumber), kept_patches
 
 
+def _select_llm_per_image(tokens: TokenState, view: LlmView, selection, num_keep: tuple, renumber: bool):
+    """`_select_llm` where images keep different counts (`num_keep` per image; the selection's entries past an
+    image's count are -1)."""
+    with profiler_label("ivtp/llm_selection"):
+        if selection.merged is not None:
+            raise ValueError("A merging selection keeps the same count for every image.")
+        keep = ~tokens.is_visual
+        width = max(num_keep)
+        picked = moved(selection.keep, view.visual_slots.device)
+        taken = picked >= 0
+        chosen = view.visual_slots.gather(1, picked.clamp_min(0))
+        rows = view.image_rows
+        spare = keep.shape[1]  # the entries past a count mark a spare column, cut off
+        marked = torch.cat([keep[rows], keep.new_zeros(len(rows), 1)], dim=1).scatter(1, torch.where(taken, chosen, spare), True)
+        keep[rows] = marked[:, :spare]
+        kept_patches = torch.full((keep.shape[0], width), -1, dtype=torch.long, device=keep.device)
+        kept_patches[rows] = torch.where(taken, tokens.patch_index[rows].gather(1, chosen), -1)
+        return tokens.keep_visual(keep, num_keep, renumber=renumber), kept_patches
+
+
+class LlavaIvtpForConditionalGeneration(
+    IvtpHost, PrunedRunner, ActivationCheckpointingNames, PrunedGeneration, LlavaForConditionalGeneration, GenerationMixin
+):
+    """LLaVA-1.5 with visual-token pruning: IVTP (Instruction-guided Visual Token Pruning) or another method of the
+    registry (`config.pruning_method`, `pruners.py`).
+
+    Same modules and parameter names as [`LlavaForConditionalGeneration`], so llava-hf checkpoints load unchanged.
+    With IVTP (`config.schedule` set) the forward prunes visual tokens in two stages:
+
+    1. in the CLIP vision tower, group-wise token pruning (GTP): per group of `group_size` layers, attention rollout
+       with residual (eq. 3) of the CLS row times the value norms (eq. 4) keeps the top-k patches;
+    2. in the first `group_size * len(schedule["llm"])` LLM layers, GTP again, with a textual pseudo-CLS (eq. 8)
+       that attends to the tokens up to the image and that no real token attends to.
+
+    Other methods prune at their own sites (a vision layer, the projected features, an LLM layer) through the same
+    runner. Kept tokens keep their original position ids. With `config.pruning_method=None` the model is stock Llava.
+    """
+
+    config_class = IvtpConfig
+    config: IvtpConfig
+
+    def __init__(self, config: IvtpConfig):
+        config.check_ivtp()  # fields edited after the config was made (e.g. `from_pretrained(path, schedule=...)`)
+        super().__init__(config)
+        self._add_clip_parts()
+        self._use_recording_backends()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------------------------
+    @takes_cache_kwarg
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        instruction_mask: torch.Tensor | None = None,
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_token_spans: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> tuple | IvtpCausalLMOutputWithPast:
+        r"""
+        Same arguments as [`LlavaForConditionalGeneration.forward`], plus:
+
+        instruction_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            The tokens of the instruction (the user's text: not image placeholders, not chat-template role words,
+            never answer tokens) that the textual pseudo-CLS (eq. 8) may average.
+        clip_input_ids (`torch.LongTensor` of shape `(batch_size, clip_context_length)`, *optional*):
+            The instruction tokenized by CLIP's tokenizer (start, content, end, padding), from `LlavaIvtpProcessor`.
+        clip_token_spans (`torch.LongTensor` of shape `(batch_size, sequence_length, 2)`, *optional*):
+            For each `input_ids` token, the range `[start, end)` of `clip_input_ids` positions whose text overlaps
+            it (eq. 7); `(0, 0)` for none. From `LlavaIvtpProcessor`.
+
+        Returns an [`IvtpCausalLMOutputWithPast`]: `logits` has one row per token that reached the last layer, and
+        `kept_positions` says which `input_ids` index each row belongs to.
+        """
+        guidance = {"instruction_mask": instruction_mask, "clip_input_ids": clip_input_ids, "clip_token_spans": clip_token_spans}
+        return self._ivtp_forward(
+            guidance, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+            position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, labels=labels, logits_to_keep=logits_to_keep,
+            use_cache=use_cache, **kwargs,
+        )
+
+
+
 def stock_kept_positions(reference: torch.Tensor, logits_to_keep, device) -> torch.Tensor:
     """`kept_positions` of a stock forward over `reference` (`input_ids` or `inputs_embeds`): the positions
     `logits_to_keep` keeps. Two operators beside stock's (an arange and its expand) for an int."""
@@ -964,6 +1078,48 @@ def _apply_selection(features: torch.Tensor, selection: Selection) -> torch.Tens
         return moved(selection.merged, dtype=features.dtype)
     keep = moved(selection.keep, features.device)
     return features.gather(1, keep.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+
+
+@dataclass
+class ImageBatch:
+    """The images of a pruned prefill. `per_sample` `(batch,)` on the device and `counts` (host): each sample's
+    images. `lengths` (host, per sample, each of its images' placeholders) where images differ in length
+    (LLaVA-NeXT), else `None` (`num_patches` each)."""
+
+    per_sample: torch.Tensor
+    counts: tuple
+    lengths: tuple | None = None
+    sizes: list | None = None  # LLaVA-NeXT: each image's (height, width), read on the host
+
+    @property
+    def flat_lengths(self) -> tuple | None:
+        """Every image's placeholders in order (`None`: `num_patches` each)."""
+        return None if self.lengths is None else tuple(length for sample in self.lengths for length in sample)
+
+    def per_sample_values(self, values) -> tuple:
+        """`values`, one per image in order, grouped per sample as `lengths` is."""
+        values = iter(values)
+        return tuple(tuple(next(values) for _ in sample) for sample in self.lengths)
+
+
+def _gather_kept(indices: torch.Tensor, kept: torch.Tensor, image_kept: tuple | None) -> torch.Tensor:
+    """`indices` `(images, n)` at the selected entries `kept` `(images, k)`; with `image_kept` (host), an image's
+    entries past its count are -1."""
+    gathered = indices.gather(1, kept)
+    if image_kept is None or min(image_kept) == kept.shape[1]:
+        return gathered
+    counts = torch.tensor(image_kept, device=kept.device).unsqueeze(1)
+    return torch.where(torch.arange(kept.shape[1], device=kept.device) < counts, gathered, -1)
+
+
+def _valid_rows(features: torch.Tensor, image_kept: tuple) -> torch.Tensor:
+    """`(sum(image_kept), hidden)`: each image's first `image_kept` rows of `features` `(images, k, hidden)`, in
+    order (the rows its placeholders take); the features themselves where every image keeps `k`."""
+    width = features.shape[1]
+    if min(image_kept) == width:
+        return features
+    rows = [image * width + j for image, count in enumerate(image_kept) for j in range(count)]
+    return features.reshape(-1, features.shape[-1]).index_select(0, torch.tensor(rows, device=features.device))
 
 
 def _image_end_position(image_mask: torch.Tensor, position_ids, images_per_sample: torch.Tensor) -> torch.Tensor:

@@ -81,13 +81,16 @@ class PruneContext:
     (the projected CLS, computed when first read); at the LLM's entry, `packed_guidance` (the sequence-aligned
     guidance gathered at the tokens that enter, the instruction mask limited to real slots) and `image_end_position`
     `(batch,)`, the rotary position right after each sample's image block (after its last token for a sample without
-    an image): where a probe token sits."""
+    an image): where a probe token sits. `visual_lengths` (host): every image's visual tokens in order where images
+    differ (LLaVA-NeXT: each image's packed length; a site-2 pruner then gets `(images, max length, hidden)` and
+    `visual_valid`), else `None` (`num_patches` each)."""
 
     model: torch.nn.Module
     guidance: dict
     images_per_sample: torch.Tensor
     images: tuple = ()
     clip_length: int | None = None
+    visual_lengths: tuple | None = None
     vision: dict = field(default_factory=dict)
     deferred: dict = field(default_factory=dict, repr=False)  # name -> function of no arguments, or its value
 
@@ -101,6 +104,14 @@ class PruneContext:
         if callable(value):
             value = self.deferred[name] = value()
         return value
+
+    def visual_valid(self, width: int, device) -> torch.Tensor | None:
+        """`(images, width)` bool: which of each image's `width` padded token slots hold one of its tokens
+        (`visual_lengths`); `None` where every image has them all."""
+        if self.visual_lengths is None or min(self.visual_lengths) == width:
+            return None
+        lengths = torch.tensor(self.visual_lengths, device=device).unsqueeze(1)
+        return torch.arange(width, device=device) < lengths
 
     def clip_input_ids(self, device) -> torch.Tensor:
         """`guidance["clip_input_ids"]` on `device`, cut after the last sample's end token: the CLIP text tower is
@@ -154,6 +165,20 @@ class LlmView:
         if self._visual_slots is None:
             self._visual_slots = self.tokens.visual_slots(self.image_rows)
         return self._visual_slots
+
+    @property
+    def visual_valid(self) -> torch.Tensor | None:
+        """`(images, visual)` bool: which entries of `visual_slots` hold one of the image's tokens, where images hold
+        different counts (LLaVA-NeXT; the rest point at slot 0); `None` where every image holds `visual`."""
+        held = self.tokens.image_kept
+        if held is None:
+            return None
+        # LLM-site pruning has one image per sample: the view's rows are the images, in order
+        counts = [sample[-1] for sample, has_image in zip(held, self.tokens.has_image) if has_image]
+        if min(counts) == self.tokens.visual:
+            return None
+        limit = torch.tensor(counts, device=self.image_rows.device).unsqueeze(1)
+        return torch.arange(self.tokens.visual, device=limit.device) < limit
 
     @property
     def probe_slot(self) -> int:
@@ -213,6 +238,8 @@ class Pruner:
     name: ClassVar[str] = ""
     options: ClassVar[dict] = {}  # every registered method: {"visual_tokens": 64 (the papers' setting), ...}
     positions: ClassVar[str] = "original"  # the position rule of the method's code: one of POSITION_RULES
+    # Whether the method runs on images of different lengths (LLaVA-NeXT's packed sequences: `visual_lengths`).
+    variable_lengths: ClassVar[bool] = False
 
     def __init__(self, config, context: PruneContext | None):
         self.config = config
@@ -244,7 +271,7 @@ class Pruner:
         """Checks `visual_tokens` (`positions`, every method's, is checked by `resolve_options`); subclasses check their
         own options too (call this first)."""
         if "visual_tokens" in cls.options:
-            check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.num_patches,
+            check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.max_visual_tokens,
                       "visual tokens per image that reach the LLM's last layers")
 
     @property
@@ -318,11 +345,17 @@ class ProjectedPruner(Pruner):
         raise NotImplementedError(f"{type(self).__name__} implements `score` or `select`.")
 
     def select(self, features: torch.Tensor, num_keep: int) -> Selection | torch.Tensor:
-        """`(images, num_keep)` increasing indices, or a `Selection` (with merged features for a merging method)."""
-        return select_keep_indices(self.score(features), num_keep)
+        """`(images, num_keep)` increasing indices, or a `Selection` (with merged features for a merging method).
+        Images of different lengths (`context.visual_valid`): the padded slots score lowest, so an image shorter
+        than `num_keep` keeps all of its tokens first (the runner drops the rest)."""
+        scores = self.score(features)
+        valid = self.context.visual_valid(features.shape[1], scores.device) if self.context is not None else None
+        if valid is not None:
+            scores = scores.masked_fill(~valid, float("-inf"))
+        return select_keep_indices(scores, num_keep)
 
     def on_projected(self, features):
-        return as_selection(self.select(features, self.budget))
+        return as_selection(self.select(features, min(self.budget, features.shape[1])))
 
 
 class VisionLayerPruner(Pruner):
@@ -367,10 +400,21 @@ class LlmLayerPruner(Pruner):
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        self.counts = self.llm_counts()
+        lengths = context.visual_lengths if context is not None else None
+        if lengths is None:
+            self.counts = self.llm_counts()
+        else:  # images of different lengths (LLaVA-NeXT): each image's own schedule, at the same layers
+            per_image = [self.llm_counts_for(length) for length in lengths]
+            if any(sorted(counts) != sorted(per_image[0]) for counts in per_image):
+                raise ValueError(f"{self.name}: the images' schedules prune after different layers: {per_image}.")
+            self.counts = {layer: tuple(counts[layer] for counts in per_image) for layer in per_image[0]}
 
     def llm_counts(self) -> dict[int, int]:
         raise NotImplementedError(f"{type(self).__name__} implements `llm_counts`.")
+
+    def llm_counts_for(self, tokens: int) -> dict[int, int]:
+        """`llm_counts` for an image of `tokens` visual tokens (a method with `variable_lengths` implements it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run on images of different lengths.")
 
     def score(self, attention: torch.Tensor) -> torch.Tensor:
         return attention[:, 0]
@@ -396,7 +440,13 @@ class LlmLayerPruner(Pruner):
     def after_llm_layer(self, layer_idx, view, request, hidden_states):
         if layer_idx not in self.counts:
             return None
-        return Selection(select_keep_indices(self.score(request.probabilities), self.counts[layer_idx]))
+        scores, counts = self.score(request.probabilities), self.counts[layer_idx]
+        if isinstance(counts, int):
+            return Selection(select_keep_indices(scores, counts))
+        valid = view.visual_valid
+        if valid is not None:
+            scores = scores.masked_fill(~moved(valid, scores.device), float("-inf"))
+        return Selection(select_keep_indices_per_row(scores, counts))
 
 
 def select_keep_indices(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
@@ -417,6 +467,20 @@ def select_keep_indices(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
     # Ties go to the lower index (stable sort), so the choice is deterministic.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return order[:, :num_keep].sort(dim=-1).values
+
+
+def select_keep_indices_per_row(scores: torch.Tensor, counts: tuple) -> torch.Tensor:
+    """`select_keep_indices` with a count per row (host): `(rows, max(counts))`, each row's `counts[row]`
+    highest-scoring indices in increasing order, then -1."""
+    width = max(counts)
+    if min(counts) == width:
+        return select_keep_indices(scores, width)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :width]
+    limit = torch.tensor(counts, device=scores.device).unsqueeze(1)
+    taken = torch.arange(width, device=scores.device) < limit
+    spare = scores.shape[-1]  # the entries past a row's count sort last, then read -1
+    picked = torch.where(taken, order, spare).sort(dim=-1).values
+    return torch.where(picked == spare, -1, picked)
 
 
 def check_choice(method: str, name: str, value, allowed, what: str):
@@ -516,5 +580,5 @@ def register_pruner(cls: type[Pruner]) -> type[Pruner]:
 __all__ = [
     "POSITION_RULES", "QUERY_ROWS", "LlmLayerPruner", "LlmView", "PRUNERS", "ProjectedPruner", "PruneContext", "Pruner",
     "Selection", "VisionLayerPruner", "as_selection", "at_group_ends", "budget_schedule", "check_choice", "check_int",
-    "register_pruner", "sample_visual_cls", "select_keep_indices",
+    "register_pruner", "sample_visual_cls", "select_keep_indices", "select_keep_indices_per_row",
 ]

@@ -25,12 +25,15 @@ from .attention_rows import moved
 from .pruner_base import ProjectedPruner, register_pruner
 
 
-def divprune_keep_indices(features: torch.Tensor, num_keep: int) -> torch.Tensor:
+def divprune_keep_indices(features: torch.Tensor, num_keep: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the `num_keep` tokens picked by greedy max-min cosine diversity.
 
     Args:
         features: `(batch, n, dim)`, the projected visual features of each image.
         num_keep: `1 <= num_keep <= n`.
+        valid: `(batch, n)` bool, the tokens each image has (images of different lengths, padded; `None`: all).
+            Only valid tokens are picked, while any are left; an image with fewer than `num_keep` has its own
+            tokens first in its row, then indices of padded slots (the runner drops those).
 
     Returns:
         `(batch, num_keep)` int64, sorted ascending.
@@ -45,9 +48,18 @@ def divprune_keep_indices(features: torch.Tensor, num_keep: int) -> torch.Tensor
     distance = 1.0 - normalized @ normalized.transpose(1, 2)  # (batch, n, n)
     eye = torch.eye(num_tokens, dtype=torch.bool, device=features.device)
     # Before the first pick, a token's distance to "the set" is its distance to its nearest other token.
-    set_distance = distance.masked_fill(eye, float("inf")).amin(dim=1)
+    nearest = distance.masked_fill(eye, float("inf"))
+    if valid is not None:  # padded slots are no one's neighbour
+        nearest = nearest.masked_fill(~valid.unsqueeze(2), float("inf"))
+    set_distance = nearest.amin(dim=1)
     if num_tokens == 1:
         set_distance = torch.zeros_like(set_distance)
+    if valid is not None:
+        # A padded slot sits at -1 from every token: below every unpicked valid token (distances are in [0, 2]),
+        # above every picked one (-inf), so it is picked only once its image has none left, lowest index first.
+        # An image with one token: its distance to the set is 0, as above.
+        set_distance = torch.where(valid, set_distance.masked_fill(set_distance.isinf(), 0.0), -1.0)
+        distance = distance.masked_fill(~valid.unsqueeze(1), -1.0)
     # A token's distance to itself is -inf: once picked, the minimum keeps it at -inf, so it is never picked again
     # (three operators a step: argmax, the picked row, the minimum).
     distance = distance.masked_fill(eye, float("-inf"))
@@ -68,6 +80,9 @@ class DivPrunePruner(ProjectedPruner):
     name = "divprune"
     options = {"visual_tokens": 64}
     positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
+    # LLaVA-NeXT: the authors' code runs on the packed sequence (unpadded, the newline tokens among the candidates)
+    variable_lengths = True
 
     def select(self, features, num_keep):
-        return divprune_keep_indices(features, num_keep)
+        valid = self.context.visual_valid(features.shape[1], features.device) if self.context is not None else None
+        return divprune_keep_indices(features, num_keep, valid)

@@ -84,6 +84,7 @@ class FastVPruner(LlmLayerPruner):
 
     name = "fastv"
     options = {"visual_tokens": 64, "layer": FASTV_DEFAULT_LAYER, "query_row": "last"}
+    variable_lengths = True  # LLaVA-NeXT: an image's packed tokens (no NeXT code of FastV's; docs/llava-next.md)
 
     @classmethod
     def check_options(cls, config, values):
@@ -92,9 +93,12 @@ class FastVPruner(LlmLayerPruner):
                   "K: the LLM layers that see every visual token")
         check_choice(cls.name, "query_row", values["query_row"], QUERY_ROWS, "the token whose attention ranks")
 
+
     def llm_counts(self):
-        config = self.config
-        schedule = schedule_for_budget(config.num_patches, config.text_config.num_hidden_layers, self.budget,
+        return self.llm_counts_for(self.config.num_patches)
+
+    def llm_counts_for(self, tokens):
+        schedule = schedule_for_budget(tokens, self.config.text_config.num_hidden_layers, min(self.budget, tokens),
                                        self.values["layer"])
         return {schedule.layer - 1: schedule.num_keep}  # the scores come from the K-th layer, index K - 1
 

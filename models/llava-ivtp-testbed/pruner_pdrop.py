@@ -123,6 +123,7 @@ class PDropPruner(LlmLayerPruner):
     name = "pdrop"
     options = {"visual_tokens": 64, "stages": PDROP_DEFAULT_STAGES, "query_row": "last"}
     positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
+    variable_lengths = True  # LLaVA-NeXT: each image's packed tokens, its own geometric counts (docs/llava-next.md)
 
     @classmethod
     def check_options(cls, config, values):
@@ -130,9 +131,13 @@ class PDropPruner(LlmLayerPruner):
         check_int(cls.name, "stages", values["stages"], 2, config.text_config.num_hidden_layers, "LLM stages")
         check_choice(cls.name, "query_row", values["query_row"], QUERY_ROWS, "the token whose attention ranks")
 
+
     def llm_counts(self):
+        return self.llm_counts_for(self.config.num_patches)
+
+    def llm_counts_for(self, tokens):
         config = self.config
-        schedule = schedule_for_budget(config.num_patches, config.text_config.num_hidden_layers, self.budget,
+        schedule = schedule_for_budget(tokens, config.text_config.num_hidden_layers, min(self.budget, tokens),
                                        self.values["stages"])
         # a stage ending after `n` layers prunes after layer index `n - 1`
         return {layers - 1: keep for layers, keep in zip(schedule.layers, schedule.num_keep)}

@@ -18,6 +18,7 @@ from .pruner_base import ProjectedPruner, register_pruner
 class RandomPruner(ProjectedPruner):
     name = "random"
     options = {"visual_tokens": 64, "seed": 0}
+    variable_lengths = True  # LLaVA-NeXT: the same random order over each image's packed tokens (a prefix of it)
 
     @classmethod
     def check_options(cls, config, values):

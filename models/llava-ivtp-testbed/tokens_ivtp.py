@@ -39,7 +39,9 @@ class TokenState:
     to); `images`, per sample, its images; `image_blocks`, whether each sample's placeholders form one block (read
     at prefill: the processor's layout), which `visual_range` needs; `slot_positions`, whether every row's position
     ids are its slots 0, 1, ... (renumbered positions without padding slots: a pruned set's rotary rows are then the
-    first rows of its predecessor's).
+    first rows of its predecessor's); `image_lengths` and `image_kept`, per sample, the placeholders of each of its
+    images and the visual tokens each holds, where images differ (LLaVA-NeXT: each image has its own packed length;
+    `None`: every image has `num_patches` placeholders and holds `visual` tokens).
 
     `rotary`: the decoder's rotary table `(cos, sin)` at the slots, once a run has computed it (`None` before, and
     after renumbering or a new slot): later runs gather theirs from it rather than recompute it.
@@ -62,23 +64,34 @@ class TokenState:
     image_blocks: bool = False
     slot_positions: bool = False
     rotary: tuple | None = None
+    image_lengths: tuple | None = None
+    image_kept: tuple | None = None
 
     @classmethod
     def entering_llm(cls, logical: dict, keep: torch.Tensor, placeholders: list[int], last_placeholder: list[int],
-                     num_patches: int, kept_per_image: int) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
+                     num_patches: int, kept_per_image: int, image_lengths: tuple | None = None,
+                     image_kept: tuple | None = None) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
         """The tokens that enter the LLM: those of `keep` `(batch, sequence)` (every non-image token and
         `kept_per_image` placeholders of each image). `logical` holds the device fields over the whole sequence;
-        `placeholders` and `last_placeholder` are per sample, read on the host.
+        `placeholders` and `last_placeholder` are per sample, read on the host. Images of different lengths
+        (LLaVA-NeXT) give `image_lengths` and `image_kept` per sample instead (the placeholders of each of its
+        images and how many of them `keep` holds; `kept_per_image` is then the largest).
         Returns the state (hidden states still those of `logical`, gathered) and the packing `(index, slot_valid)`."""
         sequence_length = keep.shape[1]
-        counts = [sequence_length - count + (count // num_patches) * kept_per_image for count in placeholders]
+        if image_lengths is None:
+            counts = [sequence_length - count + (count // num_patches) * kept_per_image for count in placeholders]
+            images = tuple(count // num_patches for count in placeholders)
+        else:
+            counts = [sequence_length - count + sum(kept) for count, kept in zip(placeholders, image_kept)]
+            images = tuple(len(lengths) for lengths in image_lengths)
+            image_lengths, image_kept = tuple(map(tuple, image_lengths)), tuple(map(tuple, image_kept))
         length = max(counts)
         index, slot_valid = pack_rows(keep, length)
         state = cls(**_gather(logical, index, slot_valid, all_valid=min(counts) == length), num_patches=num_patches,
                     has_image=[count > 0 for count in placeholders],
                     length=length, pads=[length - count for count in counts], visual=kept_per_image,
-                    last_placeholder=list(last_placeholder),
-                    images=tuple(count // num_patches for count in placeholders))
+                    last_placeholder=list(last_placeholder), images=images, image_lengths=image_lengths,
+                    image_kept=image_kept)
         return state, index, slot_valid
 
     @classmethod
@@ -129,25 +142,34 @@ class TokenState:
         slots = torch.arange(self.is_visual.shape[1], device=self.hidden_states.device)
         return torch.where(moved(self.is_visual, slots.device), slots, -1).amax(dim=1)
 
+    def _last_image(self, row: int) -> tuple[int, int]:
+        """Sample `row`'s last image: its placeholders and the visual tokens it holds (host)."""
+        if self.image_lengths is None:
+            return self.num_patches, self.visual
+        return self.image_lengths[row][-1], self.image_kept[row][-1]
+
     @property
     def visual_end(self) -> int:
         """One past the last slot, over the samples with an image, that can hold a visual token (host arithmetic):
         the slots kept up to each sample's last placeholder. Exact for one image per sample; with several, a bound
         (the pruned tokens of its earlier images are not subtracted), which is all a key range needs."""
-        return max(
-            (pad + last + 1 - self.num_patches + self.visual
-             for pad, last, has_image in zip(self.pads, self.last_placeholder, self.has_image) if has_image),
-            default=0,
-        )
+        ends = []
+        for row, (pad, last, has_image) in enumerate(zip(self.pads, self.last_placeholder, self.has_image)):
+            if has_image:
+                placeholders, held = self._last_image(row)
+                ends.append(pad + last + 1 - placeholders + held)
+        return max(ends, default=0)
 
     @property
     def visual_range(self) -> slice | None:
         """The slots of the visual tokens when every sample has one image and its tokens start at the same slot
-        (host arithmetic: every token before an image is kept), else `None`."""
+        and are as many (host arithmetic: every token before an image is kept), else `None`."""
         if not self.image_blocks or not self.images or any(count != 1 for count in self.images):
             return None
-        starts = {pad + last + 1 - self.num_patches for pad, last in zip(self.pads, self.last_placeholder)}
-        if len(starts) != 1:
+        last_images = [self._last_image(row) for row in range(len(self.pads))]
+        starts = {pad + last + 1 - placeholders
+                  for pad, last, (placeholders, _) in zip(self.pads, self.last_placeholder, last_images)}
+        if len(starts) != 1 or len({held for _, held in last_images}) != 1:
             return None
         start = starts.pop()
         return slice(start, start + self.visual)
@@ -156,23 +178,33 @@ class TokenState:
         """`(images, visual)`: the slots of each image's visual tokens, in order (rows: `image_rows`)."""
         return true_indices(self.is_visual[image_rows], self.visual)
 
-    def keep_visual(self, keep: torch.Tensor, kept: int, renumber: bool = False) -> TokenState:
-        """Keep the slots of `keep` `(batch, length)`: every non-visual slot and `kept` visual tokens of each image.
+    def keep_visual(self, keep: torch.Tensor, kept: int | tuple, renumber: bool = False) -> TokenState:
+        """Keep the slots of `keep` `(batch, length)`: every non-visual slot and `kept` visual tokens of each image
+        (an int, or per image in order where images hold different counts: LLaVA-NeXT, one image per sample).
         Every other slot stays (the padding slots of shorter rows too), so rows without an image keep their length.
         `renumber`: each kept token's position id is lowered by the tokens of its row dropped before it."""
-        counts = [self.length - (self.visual - kept if has_image else 0) for has_image in self.has_image]
+        image_kept = None
+        if self.image_kept is None and isinstance(kept, int):
+            counts = [self.length - (self.visual - kept if has_image else 0) for has_image in self.has_image]
+        else:
+            per_image = iter((kept,) * sum(self.has_image) if isinstance(kept, int) else kept)
+            image_kept = tuple((next(per_image),) if has_image else () for has_image in self.has_image)
+            counts = [self.length - (self._last_image(row)[1] - now[0] if now else 0)
+                      for row, now in enumerate(image_kept)]
+            kept = max((now[0] for now in image_kept if now), default=0)
         length = max(counts)
         index, slot_valid = pack_rows(keep, length)
         all_valid = min(counts) == length
         fields = {name: getattr(self, name) for name in _DEVICE_FIELDS}
         pads = [pad + length - count for pad, count in zip(self.pads, counts)]
         if renumber and self.slot_positions and all_valid:
-            return self._kept_as_slots(index, length, kept)
+            return replace(self._kept_as_slots(index, length, kept), image_kept=image_kept)
         if renumber:
             fields["position_ids"] = self.position_ids - moved((~keep).long().cumsum(dim=1), self.position_ids.device)
         gathered = _gather(fields, index, slot_valid, all_valid=all_valid)
         rotary = None if renumber else _gather_rotary(self.rotary, index)  # kept positions: their rows of the table
-        return replace(self, **gathered, length=length, visual=kept, rotary=rotary, pads=pads, slot_positions=False)
+        return replace(self, **gathered, length=length, visual=kept, rotary=rotary, pads=pads, slot_positions=False,
+                       image_kept=image_kept)
 
     def keep_visual_slots(self, chosen: torch.Tensor, kept: int, renumber: bool = False) -> TokenState:
         """`keep_visual` where the visual tokens lie in one slot range for every row (`visual_range`): keep the
@@ -187,7 +219,8 @@ class TokenState:
             return self._kept_as_slots(index, length, kept)
         fields = {name: getattr(self, name) for name in _DEVICE_FIELDS}
         return replace(self, **_gather(fields, index, None, all_valid=True), length=length, visual=kept,
-                       rotary=_gather_rotary(self.rotary, index), slot_positions=False)
+                       rotary=_gather_rotary(self.rotary, index), slot_positions=False,
+                       image_kept=self._kept_by_every_image(kept))
 
     def _kept_as_slots(self, index: torch.Tensor, length: int, kept: int) -> TokenState:
         """The slots `index` `(batch, length)` kept, every row full, with renumbered positions where the ids are the
@@ -195,7 +228,12 @@ class TokenState:
         fields = {name: getattr(self, name) for name in _DEVICE_FIELDS if name != "position_ids"}
         position_ids = torch.arange(length, device=self.position_ids.device).expand(index.shape[0], -1)
         return replace(self, **_gather(fields, index, None, all_valid=True), position_ids=position_ids,
-                       length=length, visual=kept, rotary=_rotary_prefix(self.rotary, length))
+                       length=length, visual=kept, rotary=_rotary_prefix(self.rotary, length),
+                       image_kept=self._kept_by_every_image(kept))
+
+    def _kept_by_every_image(self, kept: int) -> tuple | None:
+        """`image_kept` once every image holds `kept` tokens (`None` stays `None`)."""
+        return None if self.image_kept is None else tuple((kept,) * len(held) for held in self.image_kept)
 
     def append_probe(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> TokenState:
         """One more slot at the end of every row: the probe token, at rotary position `position_ids` `(batch,)`."""

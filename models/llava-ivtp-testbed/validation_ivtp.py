@@ -170,12 +170,24 @@ def value_rows(input_ids, guidance: dict, device) -> dict[str, torch.Tensor]:
     return {name: moved(row, device, torch.long) for name, row in rows.items()}
 
 
-def read_rows(rows: dict[str, torch.Tensor]) -> dict[str, list[int]]:
-    """Every row in one read from the device."""
-    if not rows:
-        return {}
-    values = torch.stack(list(rows.values())).tolist()
-    return dict(zip(rows, values))
+def read_rows(rows: dict[str, torch.Tensor], flat: dict[str, torch.Tensor] | None = None) -> dict[str, list[int]]:
+    """Every row (`(batch,)` each) and every `flat` tensor (1-D, any length; integers) in one read from the device."""
+    if not flat:
+        if not rows:
+            return {}
+        values = torch.stack(list(rows.values())).tolist()
+        return dict(zip(rows, values))
+    reference = next(iter(rows.values())) if rows else next(iter(flat.values()))
+    parts = [torch.stack(list(rows.values())).reshape(-1)] if rows else []
+    parts += [moved(tensor, reference.device, torch.long).reshape(-1) for tensor in flat.values()]
+    values = torch.cat(parts).tolist()
+    batch = len(reference) if rows else 0
+    facts = {name: values[row * batch : (row + 1) * batch] for row, name in enumerate(rows)}
+    offset = batch * len(rows)
+    for name, tensor in flat.items():
+        facts[name] = values[offset : offset + tensor.numel()]
+        offset += tensor.numel()
+    return facts
 
 
 def check_values(config, facts: dict[str, list[int]], guidance: dict) -> None:
@@ -245,9 +257,8 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-def check_placeholders(config, placeholder_counts: list[int], num_images: int, llm_site: bool) -> None:
-    """Each sample's image placeholders: whole images, as many as `pixel_values` has; one image per sample where a
-    method prunes in the LLM (`llm_site`: one probe / one visual block per sample)."""
+def check_placeholders(config, placeholder_counts: list[int], num_images: int) -> None:
+    """Each sample's image placeholders: whole images, as many as `pixel_values` has."""
     num_patches = config.num_patches
     if any(count % num_patches for count in placeholder_counts) or (
         sum(count // num_patches for count in placeholder_counts) != num_images
@@ -257,14 +268,17 @@ def check_placeholders(config, placeholder_counts: list[int], num_images: int, l
             f"{placeholder_counts} placeholders per sample for {num_images} images. Use the model's processor, which "
             "expands `<image>` to the right count."
         )
-    if llm_site and any(count > num_patches for count in placeholder_counts):
+
+
+def check_llm_site_images(config, images_per_sample: tuple, llm_site: bool) -> None:
+    """One image per sample where a method prunes in the LLM (`llm_site`: one probe / one visual block per sample)."""
+    if llm_site and any(count > 1 for count in images_per_sample):
         raise ValueError(
             f"pruning_method={config.pruning_method!r} prunes in the LLM, one image per sample (one visual block, one "
-            f"probe per sample); got {[count // num_patches for count in placeholder_counts]} images per sample. "
+            f"probe per sample); got {list(images_per_sample)} images per sample. "
             "For several images per sample use a method that prunes in the vision tower or on the projected features "
             "(for IVTP: schedule['llm'] = [])."
         )
-
 
 
 def image_token_mask(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
