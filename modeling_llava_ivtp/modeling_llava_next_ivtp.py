@@ -28,7 +28,6 @@ from .modeling_llava_ivtp import ImageBatch, IvtpHost, PrunedRunner
 from .outputs_ivtp import IvtpCausalLMOutputWithPast
 from .pruners import PRUNERS
 from .transformers_compat import ActivationCheckpointingNames, takes_cache_kwarg
-from .validation_ivtp import check_llm_site_images
 
 
 # llava-hf LLaVA-NeXT checkpoints store `language_model.*`, `vision_tower.*`, `multi_modal_projector.*` and
@@ -170,9 +169,6 @@ class LlavaNextIvtpForConditionalGeneration(
             raise ValueError(f"`pixel_values` must be a floating-point tensor, got dtype {pixel_values.dtype}.")
         if image_sizes is None or not isinstance(image_sizes, torch.Tensor) and not isinstance(image_sizes, (list, tuple)):
             raise ValueError("LLaVA-NeXT needs `image_sizes` `(num_images, 2)` (height, width) with `pixel_values`.")
-
-    def _check_pruner(self, pruner, placeholder_counts: list[int], images: ImageBatch) -> None:
-        check_llm_site_images(self.config, images.counts, llm_site=bool(pruner.llm_prune_layers()))
 
     def _visual_features(self, pixel_values, pruner, images: ImageBatch) -> dict:
         """Every image's crops through the vision tower (`_run_vision_tower`) and the projector, packed as stock

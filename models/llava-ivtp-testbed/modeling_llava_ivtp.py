@@ -5,9 +5,12 @@ Adapted from transformers 5.23 `models/llava/modeling_llava.py` (the forward), `
 loop). The stock layers run as they are; the method's rule is a pruner (`pruner_base.py`, one file per method) that
 the runner asks where to prune, and the attention rows it scores with come from the layers' own computation
 (`attention_rows.py`). The runner owns the token state, masks, rotary positions, the pruned KV cache, decoding,
-labels and outputs.
+labels and outputs. It is one mixin, `PrunedRunner`, shared by both hosts (`LlavaIvtpForConditionalGeneration` here,
+`LlavaNextIvtpForConditionalGeneration` in `modeling_llava_next_ivtp.py`); a host gives its images' placeholder
+counts (`_image_batch`: `num_patches` each on LLaVA-1.5, each image's packed length on LLaVA-NeXT) and its visual
+features (`_visual_features`). Where images differ in length, the token state carries a count per image.
 
-A pruned prefill, top-down (`forward` -> `_forward_pruned`):
+A pruned prefill, top-down (`forward` -> `_ivtp_forward` -> `_forward_pruned`):
 
 1. Checks and one read. `forward` checks the inputs' shapes and the config; `_read_layout` reads, in one transfer
    from the device, each sample's image placeholders and last placeholder, whether any token is padding, and the
@@ -338,10 +341,6 @@ class PrunedRunner:
         return ImageBatch(per_sample=image_mask.sum(dim=1) // num_patches,
                           counts=tuple(count // num_patches for count in placeholder_counts))
 
-    def _check_pruner(self, pruner, placeholder_counts: list[int], images: ImageBatch) -> None:
-        """What the pruner needs of the images: one per sample where it prunes in the LLM."""
-        check_llm_site_images(self.config, images.counts, llm_site=bool(pruner.llm_prune_layers()))
-
     def _visual_features(self, pixel_values, pruner, images: ImageBatch) -> dict:
         """Site 1 and the projector: the vision tower's outputs (`_run_vision_tower`) and `features`, the projected
         patches `(images, tokens, hidden)`."""
@@ -449,7 +448,7 @@ class PrunedRunner:
         context = PruneContext(model=self, guidance=guidance, images_per_sample=images.per_sample,
                                images=images.counts, clip_length=clip_length, visual_lengths=images.flat_lengths)
         pruner = PRUNERS[config.pruning_method](config, context)
-        self._check_pruner(pruner, placeholder_counts, images)
+        check_llm_site_images(config, images.counts, llm_site=bool(pruner.llm_prune_layers()))
 
         vision = self._visual_features(pixel_values, pruner, images)
         image_features = vision["features"]
