@@ -173,7 +173,8 @@ class LlavaNextIvtpForConditionalGeneration(
     def _visual_features(self, pixel_values, pruner, images: ImageBatch) -> dict:
         """Every image's crops through the vision tower (`_run_vision_tower`) and the projector, packed as stock
         LLaVA-NeXT packs them (base crop, unpadded tiles, a newline per row: `NextLayout.pack`) and padded to
-        `(images, longest, hidden)`; `keep_indices` index each image's packed sequence (-1 past its length)."""
+        `(images, longest, hidden)`; `keep_indices` index each image's packed sequence (-1 past its length); the CLS
+        and the feature layer's hidden states are each image's base crop's."""
         layouts = self.image_layouts(images.sizes)
         if pixel_values.dim() == 5:  # (images, max crops, channels, height, width): each image's own crops
             pixel_values = torch.cat([pixels[: layout.crops] for pixels, layout in zip(pixel_values, layouts)])
@@ -189,11 +190,12 @@ class LlavaNextIvtpForConditionalGeneration(
         features = torch.stack([nn_pad(sequence, width) for sequence in packed])
         order = torch.arange(width, device=features.device)
         keep_indices = torch.where(order < torch.tensor(lengths, device=order.device).unsqueeze(1), order, -1)
-        cls = vision["cls_hidden_state"].index_select(0, torch.tensor(first_crops, device=features.device))
+        # per image, its base crop's: the whole image at the tower's size (the CLS a method reads for the image)
+        base_crops = torch.tensor(first_crops, device=vision["cls_hidden_state"].device)
         return {
             "features": features, "keep_indices": keep_indices, "placement": keep_indices, "counts": vision["counts"],
-            "cls_hidden_state": cls, "image_kept": lengths,
-            "feature_layer_hidden_states": vision["feature_layer_hidden_states"],
+            "cls_hidden_state": vision["cls_hidden_state"].index_select(0, base_crops), "image_kept": lengths,
+            "feature_layer_hidden_states": vision["feature_layer_hidden_states"].index_select(0, base_crops),
         }
 
 

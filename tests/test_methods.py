@@ -653,3 +653,30 @@ def test_next_a_budget_above_an_images_length_keeps_that_image_whole(next_method
         assert torch.equal(model.generate(**alone, max_new_tokens=4, **FIXED)[0, alone["input_ids"].shape[1]:], tokens[row])
     with pytest.raises(ValueError, match=r"`pruning_options\['visual_tokens'\]` .* must be an int in \[1, 192\]"):
         tiny_next_model(pruning_method=next_method, pruning_options={"visual_tokens": 193})
+
+
+def test_next_visual_features_are_stock_packing_with_each_images_base_crop():
+    """The NeXT host's features hook: each image's packed sequence as stock `get_image_features` builds it (zeros past
+    its length), and, per image, the CLS and the feature layer's hidden states of its base crop (what a method reads
+    for the whole image: the visual CLS, CLIP's image embedding)."""
+    from modeling_llava_ivtp.modeling_llava_ivtp import ImageBatch
+    from modeling_llava_ivtp.pruner_base import PruneContext
+
+    model = next_method_model("random")
+    batch = make_next_batch(model.config)
+    stock = next_stock_twin(model)
+    lengths = tuple(layout.length for layout in model.image_layouts(batch["image_sizes"]))
+    images = ImageBatch(per_sample=torch.ones(2, dtype=torch.long), counts=(1, 1),
+                        lengths=tuple((length,) for length in lengths), sizes=batch["image_sizes"].tolist())
+    context = PruneContext(model=model, guidance={}, images_per_sample=images.per_sample, images=images.counts,
+                           visual_lengths=lengths)
+    with torch.no_grad():
+        vision = model._visual_features(batch["pixel_values"], PRUNERS["random"](model.config, context), images)
+        packed = stock.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+        base = stock.model.vision_tower(batch["pixel_values"][:, 0], output_hidden_states=True)
+    feature_layer = base.hidden_states[model.config.vision_feature_layer]
+    torch.testing.assert_close(vision["feature_layer_hidden_states"], feature_layer, atol=1e-5, rtol=0)
+    torch.testing.assert_close(vision["cls_hidden_state"], feature_layer[:, 0], atol=1e-5, rtol=0)
+    for image, length in enumerate(lengths):
+        torch.testing.assert_close(vision["features"][image, :length], packed[image], atol=1e-5, rtol=0)
+        assert not vision["features"][image, length:].any()
