@@ -17,6 +17,7 @@ sequence (`Pruner.variable_lengths`); a config naming another is refused.
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import GenerationMixin, LlavaNextForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -27,6 +28,7 @@ from .layout_next import NextLayout, next_layout
 from .modeling_llava_ivtp import ImageBatch, IvtpHost, PrunedRunner
 from .outputs_ivtp import IvtpCausalLMOutputWithPast
 from .pruners import PRUNERS
+from .tokens_ivtp import prefix_mask
 from .transformers_compat import ActivationCheckpointingNames, takes_cache_kwarg
 
 
@@ -186,10 +188,9 @@ class LlavaNextIvtpForConditionalGeneration(
             first_crops.append(crop)
             crop += layout.crops
         lengths = images.flat_lengths
-        width = max(lengths)
-        features = torch.stack([nn_pad(sequence, width) for sequence in packed])
-        order = torch.arange(width, device=features.device)
-        keep_indices = torch.where(order < torch.tensor(lengths, device=order.device).unsqueeze(1), order, -1)
+        features = pad_sequence(packed, batch_first=True)  # zeros past each image's length
+        order = torch.arange(features.shape[1], device=features.device)
+        keep_indices = torch.where(prefix_mask(lengths, features.shape[1], order.device), order, -1)
         # per image, its base crop's: the whole image at the tower's size (the CLS a method reads for the image)
         base_crops = torch.tensor(first_crops, device=vision["cls_hidden_state"].device)
         return {
@@ -197,11 +198,6 @@ class LlavaNextIvtpForConditionalGeneration(
             "cls_hidden_state": vision["cls_hidden_state"].index_select(0, base_crops), "image_kept": lengths,
             "feature_layer_hidden_states": vision["feature_layer_hidden_states"].index_select(0, base_crops),
         }
-
-
-def nn_pad(sequence: torch.Tensor, width: int) -> torch.Tensor:
-    """`(width, hidden)`: `sequence` `(length, hidden)` followed by zero rows."""
-    return torch.nn.functional.pad(sequence, (0, 0, 0, width - sequence.shape[0]))
 
 
 # `auto_map["AutoModelForImageTextToText"]` (`save_pretrained` adds "AutoModel" for the same class).

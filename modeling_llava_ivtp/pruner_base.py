@@ -41,6 +41,7 @@ import torch
 from torch.profiler import record_function
 
 from .attention_rows import RowRequest, moved
+from .tokens_ivtp import prefix_mask
 
 
 def profiler_label(name: str):
@@ -110,8 +111,7 @@ class PruneContext:
         (`visual_lengths`); `None` where every image has them all."""
         if self.visual_lengths is None or min(self.visual_lengths) == width:
             return None
-        lengths = torch.tensor(self.visual_lengths, device=device).unsqueeze(1)
-        return torch.arange(width, device=device) < lengths
+        return prefix_mask(self.visual_lengths, width, device)
 
     def clip_input_ids(self, device) -> torch.Tensor:
         """`guidance["clip_input_ids"]` on `device`, cut after the last sample's end token: the CLIP text tower is
@@ -177,8 +177,7 @@ class LlmView:
         counts = [sample[-1] for sample, has_image in zip(held, self.tokens.has_image) if has_image]
         if min(counts) == self.tokens.visual:
             return None
-        limit = torch.tensor(counts, device=self.image_rows.device).unsqueeze(1)
-        return torch.arange(self.tokens.visual, device=limit.device) < limit
+        return prefix_mask(counts, self.tokens.visual, self.image_rows.device)
 
     @property
     def probe_slot(self) -> int:
@@ -476,8 +475,7 @@ def select_keep_indices_per_row(scores: torch.Tensor, counts: tuple) -> torch.Te
     if min(counts) == width:
         return select_keep_indices(scores, width)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :width]
-    limit = torch.tensor(counts, device=scores.device).unsqueeze(1)
-    taken = torch.arange(width, device=scores.device) < limit
+    taken = prefix_mask(counts, width, scores.device)
     spare = scores.shape[-1]  # the entries past a row's count sort last, then read -1
     picked = torch.where(taken, order, spare).sort(dim=-1).values
     return torch.where(picked == spare, -1, picked)

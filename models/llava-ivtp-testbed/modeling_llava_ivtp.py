@@ -67,7 +67,8 @@ from .outputs_ivtp import IvtpCausalLMOutputWithPast
 from .pruner_base import LlmView, PruneContext, Selection, profiler_label
 from .pruners import PRUNERS
 from .tokens_ivtp import (
-    TokenState, layer_segments, segment_mask, static_step_mask, static_width_mask, step_mask, true_indices, unpack,
+    TokenState, layer_segments, prefix_mask, segment_mask, static_step_mask, static_width_mask, step_mask, true_indices,
+    unpack,
 )
 from .transformers_compat import (
     ActivationCheckpointingNames,
@@ -1107,8 +1108,7 @@ def _gather_kept(indices: torch.Tensor, kept: torch.Tensor, image_kept: tuple | 
     gathered = indices.gather(1, kept)
     if image_kept is None or min(image_kept) == kept.shape[1]:
         return gathered
-    counts = torch.tensor(image_kept, device=kept.device).unsqueeze(1)
-    return torch.where(torch.arange(kept.shape[1], device=kept.device) < counts, gathered, -1)
+    return torch.where(prefix_mask(image_kept, kept.shape[1], kept.device), gathered, -1)
 
 
 def _valid_rows(features: torch.Tensor, image_kept: tuple) -> torch.Tensor:

@@ -313,6 +313,11 @@ def unpack(values: torch.Tensor | None, index: torch.Tensor, slot_valid: torch.T
     return out.scatter(1, target, values)[:, :length]
 
 
+def prefix_mask(counts, width: int, device) -> torch.Tensor:
+    """`(rows, width)` bool: each row's first `counts[row]` entries (`counts` on the host, one per row)."""
+    return torch.arange(width, device=device) < torch.tensor(counts, device=device).unsqueeze(1)
+
+
 def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the `True` entries of each row of `mask`, in order, `(rows, count)`: every row has exactly `count`.
 
@@ -481,6 +486,6 @@ def layer_segments(prune_layers: list[int], num_layers: int) -> list[tuple[int, 
 
 
 __all__ = [
-    "TokenState", "check_static_backend", "layer_segments", "pack_rows", "segment_mask", "static_step_mask",
+    "TokenState", "check_static_backend", "layer_segments", "pack_rows", "prefix_mask", "segment_mask", "static_step_mask",
     "static_width_mask", "step_mask", "true_indices", "unpack",
 ]
