@@ -811,6 +811,9 @@ class PrunedRunner:
                 else:
                     patches = _apply_selection(hidden_states[:, 1:], selection)
                     keep_indices = keep_indices.gather(1, moved(selection.keep, keep_indices.device))
+                    context = pruner.context
+                    if context is not None and context.vision_valid is not None:  # the kept patches' validity
+                        context.vision_valid = context.vision_valid.gather(1, moved(selection.keep, context.vision_valid.device))
                 hidden_states = torch.cat([hidden_states[:, :1], patches], dim=1)  # CLS always kept, order kept
             kept_counts.append(hidden_states.shape[1] - 1)
         return {

@@ -10,8 +10,9 @@ The host holds the same pruning fields as `LlavaIvtpForConditionalGeneration` (`
 LLaVA-NeXT checkpoints unchanged, and with pruning off is stock LLaVA-NeXT. It prunes through the same runner
 (`PrunedRunner`): its images are the packed sequences stock LLaVA-NeXT builds (`layout_next.py`), one length per
 image. How each method spends its budget over an image's crops, and what it does with the unpadding and the newline
-tokens, is in `docs/llava-next.md`. The methods that run on this host so far are those that select among the packed
-sequence (`Pruner.variable_lengths`); a config naming another is refused.
+tokens, is in `docs/llava-next.md`. The methods that run on this host so far (`Pruner.variable_lengths`) are IVTP
+(stage 1 on each crop in the vision tower, the kept patches packed with every newline; stage 2 over the image's
+tokens) and those that select among the packed sequence; a config naming another is refused.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ register_checkpoint_conversion_mapping("LlavaNextIvtpForConditionalGeneration", 
 
 
 def check_next_pruning(config: IvtpNextConfig) -> None:
-    """The config's fields, and a method this host runs: one that selects among each image's packed tokens (for
-    now), refused otherwise, naming the field."""
+    """The config's fields, and a method this host runs (`Pruner.variable_lengths`: IVTP and those that select
+    among each image's packed tokens, for now), refused otherwise, naming the field."""
     config.check_ivtp()
     if config.pruning_enabled and not PRUNERS[config.pruning_method].variable_lengths:
         supported = sorted(name for name, pruner in PRUNERS.items() if pruner.variable_lengths)
@@ -173,29 +174,47 @@ class LlavaNextIvtpForConditionalGeneration(
             raise ValueError("LLaVA-NeXT needs `image_sizes` `(num_images, 2)` (height, width) with `pixel_values`.")
 
     def _visual_features(self, pixel_values, pruner, images: ImageBatch) -> dict:
-        """Every image's crops through the vision tower (`_run_vision_tower`) and the projector, packed as stock
-        LLaVA-NeXT packs them (base crop, unpadded tiles, a newline per row: `NextLayout.pack`) and padded to
-        `(images, longest, hidden)`; `keep_indices` index each image's packed sequence (-1 past its length); the CLS
-        and the feature layer's hidden states are each image's base crop's."""
+        """Every image's crops through the vision tower (`_run_vision_tower`, where a method may prune each crop: a
+        tile's patches on the letterbox padding rank last, `PruneContext.vision_valid`) and the projector, packed
+        as stock LLaVA-NeXT packs them (base crop, unpadded tiles, a newline per row: `NextLayout.pack`; of the
+        patches each crop kept, with every newline: `NextLayout.pack_kept`) and padded to `(images, longest,
+        hidden)`. `keep_indices` index each image's full packed sequence (-1 past its count); the CLS and the
+        feature layer's hidden states are each image's base crop's."""
         layouts = self.image_layouts(images.sizes)
         if pixel_values.dim() == 5:  # (images, max crops, channels, height, width): each image's own crops
             pixel_values = torch.cat([pixels[: layout.crops] for pixels, layout in zip(pixel_values, layouts)])
+        patches = self.config.num_patches
+        shown = torch.cat([layout.shown(patches) for layout in layouts])
+        if pruner.context is not None and not bool(shown.all()):
+            pruner.context.vision_valid = shown.to(pixel_values.device)
         vision = self._run_vision_tower(pixel_values, pruner)
         crop_features = self.model.multi_modal_projector(vision["patch_hidden_states"])
-        packed, first_crops, crop = [], [], 0
+        per_crop = crop_features.shape[1]
+        packed, positions, first_crops, crop = [], [], [], 0
         for layout in layouts:
-            packed.append(layout.pack(crop_features[crop : crop + layout.crops], self.model.image_newline))
+            features = crop_features[crop : crop + layout.crops]
+            if per_crop == patches:  # every patch: stock packing
+                packed.append(layout.pack(features, self.model.image_newline))
+            else:
+                kept = vision["keep_indices"][crop : crop + layout.crops]
+                tokens, at = layout.pack_kept(features, kept, self.model.image_newline, patches,
+                                              layout.kept_length(per_crop, patches))
+                packed.append(tokens)
+                positions.append(at)
             first_crops.append(crop)
             crop += layout.crops
-        lengths = images.flat_lengths
-        features = pad_sequence(packed, batch_first=True)  # zeros past each image's length
-        order = torch.arange(features.shape[1], device=features.device)
-        keep_indices = torch.where(prefix_mask(lengths, features.shape[1], order.device), order, -1)
+        image_kept = tuple(len(tokens) for tokens in packed)
+        features = pad_sequence(packed, batch_first=True)  # zeros past each image's count
+        if positions:
+            keep_indices = pad_sequence(positions, batch_first=True, padding_value=-1)
+        else:
+            order = torch.arange(features.shape[1], device=features.device)
+            keep_indices = torch.where(prefix_mask(image_kept, features.shape[1], order.device), order, -1)
         # per image, its base crop's: the whole image at the tower's size (the CLS a method reads for the image)
         base_crops = torch.tensor(first_crops, device=vision["cls_hidden_state"].device)
         return {
             "features": features, "keep_indices": keep_indices, "placement": keep_indices, "counts": vision["counts"],
-            "cls_hidden_state": vision["cls_hidden_state"].index_select(0, base_crops), "image_kept": lengths,
+            "cls_hidden_state": vision["cls_hidden_state"].index_select(0, base_crops), "image_kept": image_kept,
             "feature_layer_hidden_states": vision["feature_layer_hidden_states"].index_select(0, base_crops),
         }
 

@@ -84,7 +84,9 @@ class PruneContext:
     `(batch,)`, the rotary position right after each sample's image block (after its last token for a sample without
     an image): where a probe token sits. `visual_lengths` (host): every image's visual tokens in order where images
     differ (LLaVA-NeXT: each image's packed length; a site-2 pruner then gets `(images, max length, hidden)` and
-    `visual_valid`), else `None` (`num_patches` each)."""
+    `visual_valid`), else `None` (`num_patches` each). `vision_valid` (LLaVA-NeXT, in the vision tower): `(crops,
+    tokens)` bool, which of each crop's current patch tokens show the image (a tile's patches on the letterbox padding,
+    which stock unpadding removes, do not), kept up to date by the runner after each selection; `None` where all do."""
 
     model: torch.nn.Module
     guidance: dict
@@ -92,6 +94,7 @@ class PruneContext:
     images: tuple = ()
     clip_length: int | None = None
     visual_lengths: tuple | None = None
+    vision_valid: torch.Tensor | None = None
     vision: dict = field(default_factory=dict)
     deferred: dict = field(default_factory=dict, repr=False)  # name -> function of no arguments, or its value
 
@@ -516,15 +519,44 @@ def budget_schedule(config, budget: int, llm: bool = True) -> dict:
     preset, with up to four LLM groups, fewer where the LLM cannot hold them before its last layer (none: the vision
     tower spends the whole reduction); for the 7B preset's geometry and a budget of 64 this is the preset.
     `llm=False`: the vision tower only, geometric. IVTP's `visual_tokens`, `llava-ivtp eval`'s `ivtp@K` /
-    `stage1@K`, `bench --kept`, `flops` and every method with a schedule (TopK, EViT, TopK+, ToMe+) use it."""
+    `stage1@K`, `bench --kept`, `flops` and every method with a schedule (TopK, EViT, TopK+, ToMe+) use it.
+
+    Where an image is up to `config.max_crops` crops through the vision tower (LLaVA-NeXT), the vision counts are per
+    crop: the schedule of the crop's share of the budget, `budget // max_crops` (at most a crop's patches), the split
+    the peers' LLaVA-NeXT code uses (640 = 5 x 128). The LLM counts are per image, from the most tokens an image can
+    bring after the tower (`config.stage_two_bound`: every crop at the last vision count, and the newline tokens)
+    down to `budget`, shaped as the preset's LLM groups (none where that bound is within the budget). An image that
+    holds fewer tokens than a count keeps them all."""
     vision_groups = len(config.vision_layer_groups)
     llm_groups = min(len(PRESET_LLM), (config.text_config.num_hidden_layers - 1) // config.group_size) if llm else 0
-    if llm:
+    patches = config.num_patches
+    if config.max_crops == 1:
+        counts = _preset_counts(patches, budget, vision_groups, llm_groups)
+        return {"vision": counts[:vision_groups], "llm": counts[vision_groups:]}
+    vision = _preset_counts(patches, max(1, min(patches, budget // config.max_crops)), vision_groups, llm_groups)
+    vision = vision[:vision_groups]
+    start = config.stage_two_bound(vision[-1] if vision else patches)
+    if start <= budget or not llm_groups:
+        return {"vision": vision, "llm": []}
+    vision_end = _shares(PRESET_VISION)[-1]  # the preset's LLM shares from its last vision group's (0) to 1
+    shares = [(share - vision_end) / (1 - vision_end)
+              for share in _interpolate(_shares(PRESET_LLM), vision_end, llm_groups)]
+    counts, previous = [], start
+    for share in shares:
+        previous = max(budget, min(previous, round(start * (budget / start) ** share)))
+        counts.append(previous)
+    counts[-1] = budget
+    return {"vision": vision, "llm": counts}
+
+
+def _preset_counts(patches: int, budget: int, vision_groups: int, llm_groups: int) -> list[int]:
+    """`budget_schedule`'s counts for one image of `patches` patches: the vision groups', then the LLM groups'
+    (none: the vision groups spend the reduction evenly, geometric counts)."""
+    if llm_groups:
         shares = _interpolate(_shares(PRESET_VISION), 0.0, vision_groups)
         shares += _interpolate(_shares(PRESET_LLM), shares[-1], llm_groups)
     else:
         shares = [group / vision_groups for group in range(1, vision_groups + 1)]
-    patches = config.num_patches
     multiple = max(1, (8 * patches) // PRESET_PATCHES)
     counts, previous = [], patches
     for share in shares:
@@ -532,7 +564,7 @@ def budget_schedule(config, budget: int, llm: bool = True) -> dict:
         previous = max(budget, min(previous, value))
         counts.append(previous)
     counts[-1] = budget
-    return {"vision": counts[:vision_groups], "llm": counts[vision_groups:]}
+    return counts
 
 
 def at_group_ends(groups, counts) -> dict[int, int]:

@@ -25,13 +25,12 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k).indices.sort().values
 
 
-@torch.no_grad()
-def reference_forward(stock, config, input_ids: torch.Tensor, pixel_values: torch.Tensor, pseudo_cls=None):
-    """`stock` must use eager attention. `input_ids` is 1-D (one sample, one image, no padding). `pseudo_cls`
-    (a callable of the stage-1 output `(1 + kept, hidden)` -> `(hidden,)` in LLM space) replaces the visual CLS
-    through the projector."""
-    vision = stock.model.vision_tower
-    hidden = vision.pre_layrnorm(vision.embeddings(pixel_values[None].float()))[0]
+def reference_stage_one(vision, config, pixels: torch.Tensor, shown: torch.Tensor | None = None):
+    """Stage 1 on one image (or crop) `(channels, height, width)`: per group, the rollout's CLS row times the top
+    layer's value norms keeps the top-k patches. `shown` `(patches,)` bool: patches that may be kept before the
+    others (LLaVA-NeXT: a tile's patches on the letterbox padding rank last); ties go to the lower index. Returns the
+    feature layer's hidden states `(1 + kept, hidden)` and the kept patches."""
+    hidden = vision.pre_layrnorm(vision.embeddings(pixels[None].float()))[0]
     patch_ids = torch.arange(config.num_patches)
     for (first, last), k in zip(config.vision_layer_groups, config.schedule["vision"]):
         attentions = []
@@ -43,12 +42,74 @@ def reference_forward(stock, config, input_ids: torch.Tensor, pixel_values: torc
             hidden = layer(hidden[None], None)[0]
         row = rollout_matrix(attentions)[0, 1:]
         scores = row * values[1:].norm(dim=-1).double()
-        keep = topk_sorted(scores / scores.sum(), k)
+        scores = scores / scores.sum()
+        if shown is None:
+            keep = topk_sorted(scores, k)
+        else:
+            rank = sorted(range(len(scores)), key=lambda j: (not bool(shown[patch_ids[j]]), -float(scores[j])))
+            keep = torch.tensor(sorted(rank[:k]))
         hidden = torch.cat([hidden[:1], hidden[1:][keep]])
         patch_ids = patch_ids[keep]
+    return hidden, patch_ids
+
+
+@torch.no_grad()
+def reference_forward(stock, config, input_ids: torch.Tensor, pixel_values: torch.Tensor, pseudo_cls=None):
+    """`stock` must use eager attention. `input_ids` is 1-D (one sample, one image, no padding). `pseudo_cls`
+    (a callable of the stage-1 output `(1 + kept, hidden)` -> `(hidden,)` in LLM space) replaces the visual CLS
+    through the projector."""
+    hidden, patch_ids = reference_stage_one(stock.model.vision_tower, config, pixel_values)
     features = stock.model.multi_modal_projector(hidden[1:])
     pseudo = stock.model.multi_modal_projector(hidden[0]) if pseudo_cls is None else pseudo_cls(hidden)
+    out = reference_stage_two(stock, config, input_ids, features, patch_ids, pseudo, config.schedule["llm"])
+    return {**out, "vision_keep_indices": patch_ids.sort().values}
 
+
+@torch.no_grad()
+def reference_next_forward(stock, config, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_size,
+                           pseudo=None):
+    """IVTP on LLaVA-NeXT by the host's stated rule, for one unpadded sample of one image: stage 1 on each crop alone
+    (a tile's patches that stock unpadding removes rank last), the kept patches packed as stock
+    `pack_image_features` packs an image (found by packing each patch's id), every newline kept, then stage 2 over
+    the image's tokens with each group keeping `min(count, tokens held)`. `stock` is a stock
+    `LlavaNextForConditionalGeneration` with eager attention; `pixel_values` `(crops, channels, height, width)`;
+    `pseudo` `(hidden,)` the pseudo-CLS (default: the base crop's CLS through the projector)."""
+    model, patches = stock.model, config.num_patches
+    crops = pixel_values.shape[0]
+    hidden_size = config.text_config.hidden_size
+    ids = torch.arange(crops * patches, dtype=torch.float32).view(crops, patches, 1).expand(-1, -1, hidden_size)
+    packed_ids, _ = model.pack_image_features([ids], torch.tensor([image_size]), config.vision_feature_select_strategy,
+                                              model.image_newline)
+    packed_ids = packed_ids[0] if isinstance(packed_ids, (list, tuple)) else packed_ids
+    is_patch = (packed_ids == packed_ids[:, :1]).all(dim=1) & (packed_ids[:, 0] == packed_ids[:, 0].round())
+    is_patch &= ~(packed_ids == model.image_newline.to(packed_ids)).all(dim=1)
+    source = torch.where(is_patch, packed_ids[:, 0].long(), -1)
+    shown = torch.zeros(crops * patches, dtype=torch.bool)
+    shown[source[source >= 0]] = True
+    full = torch.zeros(crops, patches, hidden_size)
+    kept_source = torch.zeros(crops * patches, dtype=torch.bool)
+    base_cls = None
+    for crop in range(crops):
+        hidden, patch_ids = reference_stage_one(model.vision_tower, config, pixel_values[crop],
+                                                shown.view(crops, patches)[crop])
+        full[crop, patch_ids] = model.multi_modal_projector(hidden[1:])
+        kept_source[crop * patches + patch_ids] = True
+        if crop == 0:
+            base_cls = model.multi_modal_projector(hidden[0])
+    packed, _ = model.pack_image_features([full], torch.tensor([image_size]), config.vision_feature_select_strategy,
+                                          model.image_newline)
+    packed = packed[0] if isinstance(packed, (list, tuple)) else packed
+    kept = (source < 0) | kept_source[source.clamp_min(0)]
+    positions = torch.where(kept)[0]
+    pseudo = base_cls if pseudo is None else pseudo
+    out = reference_stage_two(stock, config, input_ids, packed[positions], positions, pseudo, config.schedule["llm"])
+    return {**out, "vision_keep_indices": positions}
+
+
+def reference_stage_two(stock, config, input_ids, features, patch_ids, pseudo, llm_counts):
+    """Stage 2 on the sequence `[prefix, image tokens (features, at image_start + patch_ids), pseudo-CLS, suffix]`:
+    per LLM group the pseudo-CLS's rollout row keeps `min(count, tokens held)` image tokens."""
+    language_model = stock.model.language_model
     image_slots = (input_ids == config.image_token_id).nonzero()[:, 0]
     image_start, image_end = int(image_slots[0]), int(image_slots[-1])
     embeds = stock.model.language_model.embed_tokens(input_ids)
@@ -63,7 +124,6 @@ def reference_forward(stock, config, input_ids: torch.Tensor, pixel_values: torc
         torch.zeros(image_start), torch.ones(len(patch_ids)), torch.tensor([2.0]),
         torch.zeros(len(input_ids) - image_end - 1),
     ]).long()
-    language_model = stock.model.language_model
     llm_keep = []
     layer_groups = list(config.llm_layer_groups)
     window_end = layer_groups[-1][1] + 1 if layer_groups else 0
@@ -92,7 +152,7 @@ def reference_forward(stock, config, input_ids: torch.Tensor, pixel_values: torc
         image_index = (kind == 1).nonzero()[:, 0]
         row = rollout_matrix(attentions)[pseudo_index, image_index]
         scores = row * values[image_index].norm(dim=-1).double()
-        keep = topk_sorted(scores / scores.sum(), config.schedule["llm"][segment_index])
+        keep = topk_sorted(scores / scores.sum(), min(llm_counts[segment_index], len(image_index)))
         llm_keep.append(positions[image_index[keep]] - image_start)
         survivors = torch.ones(len(positions), dtype=torch.bool)
         survivors[image_index] = False
@@ -101,9 +161,4 @@ def reference_forward(stock, config, input_ids: torch.Tensor, pixel_values: torc
             survivors[pseudo_index] = False
         hidden, positions, kind = hidden[survivors], positions[survivors], kind[survivors]
     logits = stock.lm_head(language_model.norm(hidden))
-    return {
-        "logits": logits,
-        "kept_positions": positions,
-        "vision_keep_indices": patch_ids.sort().values,
-        "llm_keep_indices": llm_keep,
-    }
+    return {"logits": logits, "kept_positions": positions, "llm_keep_indices": llm_keep}

@@ -448,6 +448,8 @@ NEXT_METHODS = sorted(name for name, cls in PRUNERS.items() if cls.variable_leng
 
 
 def next_method_model(method: str, attn_implementation: str = "sdpa", options: dict | None = None, **overrides):
+    if method == "ivtp":  # the instruction steers stage 2 (the CLIP-relevance guidance needs the processor's CLIP ids)
+        overrides = {"guidance": "instruction_mean", **overrides}
     model = tiny_next_model(attn_implementation=attn_implementation, pruning_method=method,
                             pruning_options={"visual_tokens": BUDGET, **(options or {})}, **overrides)
     return sharpen_attention(model)
@@ -480,7 +482,7 @@ def next_alone(batch: dict, row: int) -> dict:
 
 
 def test_next_runs_the_packed_sequence_methods_and_refuses_the_others():
-    assert NEXT_METHODS == ["divprune", "fastv", "pdrop", "random"]
+    assert NEXT_METHODS == ["divprune", "fastv", "ivtp", "pdrop", "random"]
     for method in sorted(set(METHODS) - set(NEXT_METHODS)):
         with pytest.raises(ValueError, match=rf"pruning_method='{method}' does not run on the LLaVA-NeXT host yet"):
             tiny_next_model(pruning_method=method, pruning_options={"visual_tokens": BUDGET})
@@ -495,9 +497,14 @@ def test_next_budget_reaches_the_last_layers(next_model, next_method, next_batch
         assert int((tokens == IMAGE_TOKEN_ID).sum()) == BUDGET, next_method
     final = out.llm_keep_indices[-1] if out.llm_keep_indices else out.vision_keep_indices
     assert final.shape == (2, BUDGET) and (final >= 0).all()
-    if out.llm_keep_indices:  # every packed token entered the LLM: -1 past each image's own length
+    if out.llm_keep_indices:  # what entered the LLM: -1 past each image's own count
         entered = (out.vision_keep_indices >= 0).sum(dim=1).tolist()
-        assert entered == [114, 168] and out.vision_keep_indices.shape == (2, 168)
+        expected = [114, 168]  # every packed token, or what each crop kept in the tower, and every newline
+        if out.vision_token_counts:
+            expected = [layout.kept_length(out.vision_token_counts[-1], next_model.config.num_patches)
+                        for layout in next_model.image_layouts(next_batch["image_sizes"])]
+            assert expected[0] < 114 and expected[1] < 168
+        assert entered == expected and out.vision_keep_indices.shape == (2, max(expected))
 
 
 def test_next_cached_generate_equals_decoding_without_a_cache(next_model, next_method, next_batch):
@@ -639,14 +646,22 @@ def test_next_fastv_against_stock_eager_attention(next_batch):
 @pytest.mark.parametrize("next_method", NEXT_METHODS)
 def test_next_a_budget_above_an_images_length_keeps_that_image_whole(next_method, next_batch):
     """The budget counts one image's tokens, all crops, up to the longest packed sequence (`max_visual_tokens`, 192
-    here): 120 keeps the wide image's 114 tokens and 120 of the other's 168, alone as in the batch."""
+    here): 120 keeps the wide image's 114 tokens and 120 of the other's 168, alone as in the batch. IVTP prunes
+    each crop in the tower first (to its schedule's last vision count), so an image brings at most what its crops
+    kept, and every newline, to the LLM (`NextLayout.kept_length`)."""
     model = tiny_next_model(pruning_method=next_method, pruning_options={"visual_tokens": 120})
     assert model.config.max_visual_tokens == 192
     with torch.no_grad():
         out = model(**next_batch, use_cache=True)
     held = output_cache(out).layer_positions[-1]
     counts = [int((next_batch["input_ids"][row, held[row][held[row] >= 0]] == IMAGE_TOKEN_ID).sum()) for row in range(2)]
-    assert counts == [114, 120], next_method
+    expected = [114, 120]
+    if next_method == "ivtp":
+        per_crop = model.config.schedule["vision"][-1]
+        expected = [min(120, layout.kept_length(per_crop, model.config.num_patches))
+                    for layout in model.image_layouts(next_batch["image_sizes"])]
+        assert expected[0] < 114 and expected[1] == 120
+    assert counts == expected, next_method
     tokens = model.generate(**next_batch, max_new_tokens=4, **FIXED)[:, next_batch["input_ids"].shape[1]:]
     for row in range(2):
         alone = next_alone(next_batch, row)
@@ -680,3 +695,37 @@ def test_next_visual_features_are_stock_packing_with_each_images_base_crop():
     for image, length in enumerate(lengths):
         torch.testing.assert_close(vision["features"][image, :length], packed[image], atol=1e-5, rtol=0)
         assert not vision["features"][image, length:].any()
+
+
+@pytest.mark.parametrize("guidance", ["visual_cls", "instruction_mean"])
+def test_next_ivtp_is_its_rule_on_stock_llava_next(guidance, next_batch):
+    """IVTP on LLaVA-NeXT against a reference of the host's rule written on stock modules (`reference_ivtp.py`): stage
+    1 on each crop alone through the stock vision tower (full rollout matrices; a tile's patches on the letterbox
+    padding rank last), the kept patches packed by stock `pack_image_features` with every newline, stage 2 over the
+    image's tokens with the pseudo-CLS (the base crop's CLS, or the instruction tokens' mean), each group keeping
+    the smaller of its count and the tokens held; each sample of the padded batch against the reference alone."""
+    from reference_ivtp import reference_next_forward
+
+    model = next_method_model("ivtp", "eager", options={"visual_tokens": 32}, guidance=guidance)
+    stock = next_stock_twin(model, "eager")
+    with torch.no_grad():
+        batched = model(**next_batch, use_cache=False)
+    layouts = model.image_layouts(next_batch["image_sizes"])
+    for row in range(2):
+        real = next_batch["attention_mask"][row].bool()
+        ids = next_batch["input_ids"][row][real]
+        pseudo = None
+        if guidance == "instruction_mean":
+            with torch.no_grad():
+                pseudo = stock.get_input_embeddings()(ids[next_batch["instruction_mask"][row][real]]).mean(0)
+        reference = reference_next_forward(stock, model.config, ids, next_batch["pixel_values"][row][: layouts[row].crops],
+                                           next_batch["image_sizes"][row].tolist(), pseudo)
+        kept = batched.vision_keep_indices[row]
+        assert torch.equal(kept[kept >= 0], reference["vision_keep_indices"]), (guidance, row)
+        for group, expected in enumerate(reference["llm_keep_indices"]):
+            ours = batched.llm_keep_indices[group][row]
+            assert torch.equal(ours[ours >= 0], expected), (guidance, row, group)
+        offset = int((~real).sum())
+        slots = batched.kept_positions[row] >= offset
+        assert torch.equal(batched.kept_positions[row][slots] - offset, reference["kept_positions"])
+        assert (batched.logits[row][slots] - reference["logits"]).abs().max() <= 1e-4, (guidance, row)

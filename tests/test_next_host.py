@@ -90,7 +90,7 @@ def test_generate_takes_the_guidance_inputs_on_its_first_step():
 
 
 @pytest.mark.parametrize("settings", [
-    {"pruning_method": "ivtp", "schedule": {"vision": [], "llm": [8]}},
+    {"pruning_method": "topk", "pruning_options": {"visual_tokens": 16}},
     {"pruning_method": "visionzip", "pruning_options": {"visual_tokens": 16}},
     {"pruning_method": "pooling", "pruning_options": {"visual_tokens": 16}},
 ])
@@ -99,7 +99,7 @@ def test_a_method_that_does_not_run_on_next_yet_is_refused_naming_the_field(sett
     the methods that run; a config edited after construction is refused at the call."""
     config = IvtpNextConfig(**tiny_next_config_dict(**settings))
     expected = (rf"pruning_method='{settings['pruning_method']}' does not run on the LLaVA-NeXT host yet .* the methods "
-                r"that do: \['divprune', 'fastv', 'pdrop', 'random'\]. Set `pruning_method=None`")
+                r"that do: \['divprune', 'fastv', 'ivtp', 'pdrop', 'random'\]. Set `pruning_method=None`")
     with pytest.raises(ValueError, match=expected):
         LlavaNextIvtpForConditionalGeneration(config)
     model = tiny_next_model()
@@ -203,3 +203,33 @@ def test_saves_and_reloads_as_remote_code(tmp_path):
     assert result["model"][1] == "LlavaNextIvtpForConditionalGeneration"
     assert result["missing"] == [] and result["unexpected"] == [] and result["all_equal"]
     assert result["logits_max_diff"] <= 1e-6
+
+
+def test_ivtps_budget_derives_a_schedule_per_crop_and_per_image():
+    """On LLaVA-NeXT the vision counts are per crop (the LLaVA-1.5 schedule of `visual_tokens // max_crops`: 640 /
+    320 / 160 give 128 / 64 / 32 per crop at LLaVA-1.6-7B's 5 crops) and the LLM counts per image, from the most an
+    image can bring after the tower down to the budget; a count above that bound is refused naming the field."""
+    from pathlib import Path
+
+    from modeling_llava_ivtp import IvtpConfig
+    from modeling_llava_ivtp.pruner_base import budget_schedule
+
+    presets = Path(__file__).resolve().parents[1] / "configuration"
+    preset = IvtpNextConfig.from_json_file(presets / "llava-v1.6-vicuna-7b-ivtp.json")
+    llava = IvtpConfig.from_json_file(presets / "llava-1.5-7b-ivtp.json")
+    assert preset.max_crops == 5 and preset.max_visual_tokens == 2928 and preset.num_patches == 576
+    assert preset.pruning_options == {"visual_tokens": 640} and preset.schedule["llm"][-1] == 640
+    for budget in (640, 320, 160):
+        config = IvtpNextConfig.from_dict({**preset.to_dict(), "schedule": None, "pruning_options": {"visual_tokens": budget}})
+        vision, llm = config.schedule["vision"], config.schedule["llm"]
+        assert vision == budget_schedule(llava, budget // 5)["vision"]
+        bound = config.stage_two_bound(vision[-1])
+        assert bound == 5 * vision[-1] + 2 * 24  # the 2x2 grid's five crops and its 48 rows' newlines
+        assert len(llm) == 4 and llm[-1] == budget and llm == sorted(llm, reverse=True) and llm[0] <= bound
+    assert IvtpNextConfig.from_dict({**preset.to_dict(), "schedule": None, "pruning_options": {"visual_tokens": 320}}
+                                    ).schedule["vision"] == llava.schedule["vision"]
+    schedule = {"vision": preset.schedule["vision"], "llm": [1049]}  # the bound at 200 per crop: 1,048
+    with pytest.raises(ValueError, match=r'`schedule\["llm"\]\[0\]` = 1049 is larger than the most visual tokens an image'):
+        IvtpNextConfig.from_dict({**preset.to_dict(), "schedule": schedule, "pruning_options": None})
+    with pytest.raises(ValueError, match=r"must be an int in \[1, 2928\]"):
+        IvtpNextConfig.from_dict({**preset.to_dict(), "schedule": None, "pruning_options": {"visual_tokens": 2929}})
