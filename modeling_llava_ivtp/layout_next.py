@@ -41,25 +41,26 @@ class NextLayout:
         shown[torch.tensor([source for source in self.source if source != NEWLINE])] = True
         return shown.view(self.crops, patches)
 
-    def kept_length(self, per_crop: int, patches: int) -> int:
+    def kept_length(self, per_crop: int, patches: int, newlines: bool = True) -> int:
         """The packed length when each crop keeps `per_crop` of its patches, those shown first (`shown`): the base
-        crop's, each tile's up to the patches it shows, and every newline."""
+        crop's, each tile's up to the patches it shows, and (`newlines`) every newline."""
         shown = self.shown(patches).sum(dim=1).tolist()
-        return min(per_crop, shown[0]) + sum(min(per_crop, count) for count in shown[1:]) + self.source.count(NEWLINE)
+        kept = min(per_crop, shown[0]) + sum(min(per_crop, count) for count in shown[1:])
+        return kept + (self.source.count(NEWLINE) if newlines else 0)
 
     def pack_kept(self, crop_features: torch.Tensor, kept: torch.Tensor, newline: torch.Tensor, patches: int,
-                  length: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  length: int, newlines: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed sequence of the kept patches -- `crop_features` `(crops, k, hidden)` of the patches `kept`
-        `(crops, k)` of each crop's `patches` -- in stock order, the patches the unpadding removes left out, every
-        newline kept: `(length, hidden)`, and each token's index in the full packed sequence `(length,)`. `length`
-        (host) is `kept_length`."""
+        `(crops, k)` of each crop's `patches` -- in stock order, the patches the unpadding removes left out, and
+        every newline (`newlines`) or none: `(length, hidden)`, and each token's index in the full packed sequence
+        `(length,)`. `length` (host) is `kept_length`."""
         crops, _, hidden = crop_features.shape
         device = kept.device
         flat_kept = (kept + torch.arange(crops, device=device).unsqueeze(1) * patches).flatten()
         grid = crop_features.new_zeros(crops * patches, hidden).index_copy(0, flat_kept, crop_features.reshape(-1, hidden))
         flat = torch.cat([grid, newline.to(grid).unsqueeze(0)])  # the newline last, as in `pack`
         is_kept = torch.zeros(crops * patches + 1, dtype=torch.bool, device=device).index_fill(0, flat_kept, True)
-        is_kept[-1] = True
+        is_kept[-1] = newlines
         index = torch.tensor([crops * patches if source == NEWLINE else source for source in self.source], device=device)
         order = torch.arange(len(self.source), device=device)
         positions = torch.where(is_kept.index_select(0, index), order, len(self.source)).sort().values[:length]

@@ -177,7 +177,8 @@ class LlavaNextIvtpForConditionalGeneration(
         """Every image's crops through the vision tower (`_run_vision_tower`, where a method may prune each crop: a
         tile's patches on the letterbox padding rank last, `PruneContext.vision_valid`) and the projector, packed
         as stock LLaVA-NeXT packs them (base crop, unpadded tiles, a newline per row: `NextLayout.pack`; of the
-        patches each crop kept, with every newline: `NextLayout.pack_kept`) and padded to `(images, longest,
+        patches each crop kept, with every newline where the method prunes in the LLM too: `NextLayout.pack_kept`)
+        and padded to `(images, longest,
         hidden)`. `keep_indices` index each image's full packed sequence (-1 past its count); the CLS and the
         feature layer's hidden states are each image's base crop's."""
         layouts = self.image_layouts(images.sizes)
@@ -190,6 +191,9 @@ class LlavaNextIvtpForConditionalGeneration(
         vision = self._run_vision_tower(pixel_values, pruner)
         crop_features = self.model.multi_modal_projector(vision["patch_hidden_states"])
         per_crop = crop_features.shape[1]
+        # the newlines enter the LLM where a method prunes there (it spends the budget over them too); a method
+        # that prunes in the tower only leaves them out, so that an image brings at most the budget
+        newlines = bool(pruner.llm_prune_layers())
         packed, positions, first_crops, crop = [], [], [], 0
         for layout in layouts:
             features = crop_features[crop : crop + layout.crops]
@@ -198,7 +202,7 @@ class LlavaNextIvtpForConditionalGeneration(
             else:
                 kept = vision["keep_indices"][crop : crop + layout.crops]
                 tokens, at = layout.pack_kept(features, kept, self.model.image_newline, patches,
-                                              layout.kept_length(per_crop, patches))
+                                              layout.kept_length(per_crop, patches, newlines), newlines)
                 packed.append(tokens)
                 positions.append(at)
             first_crops.append(crop)

@@ -277,6 +277,27 @@ class Pruner:
                       "visual tokens per image that reach the LLM's last layers")
 
     @property
+    def crop_budget(self) -> int:
+        """The budget of one crop through the vision tower: the budget where an image is one crop; where it is up to
+        `config.max_crops` (LLaVA-NeXT), `budget // max_crops`, at least 1 and at most a crop's patches (the split
+        of `budget_schedule` and of the peers' LLaVA-NeXT code)."""
+        crops = self.config.max_crops
+        return self.budget if crops == 1 else max(1, min(self.config.num_patches, self.budget // crops))
+
+    def shown_first(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` `(crops, patches)` of the vision tower's current patches with the patches that do not show the
+        image (`PruneContext.vision_valid`: a LLaVA-NeXT tile's letterbox padding) at -inf, so they are kept last."""
+        valid = self.context.vision_valid if self.context is not None else None
+        return scores if valid is None else scores.masked_fill(~moved(valid, scores.device), float("-inf"))
+
+    def held_counts(self, count: int) -> int | tuple:
+        """Visual tokens kept per image by an LLM-site count: `count`, or, where images entered the LLM with
+        different counts (LLaVA-NeXT: `vision["image_kept"]`), the smaller of `count` and each image's (an image
+        holding fewer keeps them all; counts never increase, so its entry count is what it holds)."""
+        held = self.context.vision.get("image_kept") if self.context is not None else None
+        return count if held is None else tuple(min(count, tokens) for tokens in held)
+
+    @property
     def renumbers(self) -> bool:
         """Whether the tokens that go on after a pruning step close the gaps in their position ids."""
         return self.values["positions"] == "renumbered"
@@ -374,7 +395,7 @@ class VisionLayerPruner(Pruner):
         self.counts = self.vision_counts()
 
     def vision_counts(self) -> dict[int, int]:
-        return {self.config.vision_layer_groups[-1][1]: self.budget}
+        return {self.config.vision_layer_groups[-1][1]: self.crop_budget}
 
     def select(self, hidden_states: torch.Tensor, request: RowRequest | None, num_keep: int):
         """`hidden_states` `(images, 1 + patches, hidden)`, the CLS first; `request` answers with `probabilities`

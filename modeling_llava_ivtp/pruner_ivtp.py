@@ -157,11 +157,7 @@ class IvtpPruner(Pruner):
         return sorted(layer for layer, (_, _, keep) in self.llm.items() if keep is not None)
 
     def llm_budget(self, layer_idx):
-        count = self.llm[layer_idx][2]
-        held = self.context.vision.get("image_kept") if self.context is not None else None
-        if held is None:
-            return count
-        return tuple(min(count, tokens) for tokens in held)  # an image holding fewer keeps them all
+        return self.held_counts(self.llm[layer_idx][2])
 
     def llm_probe(self, tokens):
         with profiler_label("ivtp/probe/guidance"):

@@ -77,13 +77,7 @@ def reference_next_forward(stock, config, input_ids: torch.Tensor, pixel_values:
     model, patches = stock.model, config.num_patches
     crops = pixel_values.shape[0]
     hidden_size = config.text_config.hidden_size
-    ids = torch.arange(crops * patches, dtype=torch.float32).view(crops, patches, 1).expand(-1, -1, hidden_size)
-    packed_ids, _ = model.pack_image_features([ids], torch.tensor([image_size]), config.vision_feature_select_strategy,
-                                              model.image_newline)
-    packed_ids = packed_ids[0] if isinstance(packed_ids, (list, tuple)) else packed_ids
-    is_patch = (packed_ids == packed_ids[:, :1]).all(dim=1) & (packed_ids[:, 0] == packed_ids[:, 0].round())
-    is_patch &= ~(packed_ids == model.image_newline.to(packed_ids)).all(dim=1)
-    source = torch.where(is_patch, packed_ids[:, 0].long(), -1)
+    source = packed_sources(stock, config, crops, image_size)
     shown = torch.zeros(crops * patches, dtype=torch.bool)
     shown[source[source >= 0]] = True
     full = torch.zeros(crops, patches, hidden_size)
@@ -98,12 +92,26 @@ def reference_next_forward(stock, config, input_ids: torch.Tensor, pixel_values:
             base_cls = model.multi_modal_projector(hidden[0])
     packed, _ = model.pack_image_features([full], torch.tensor([image_size]), config.vision_feature_select_strategy,
                                           model.image_newline)
-    packed = packed[0] if isinstance(packed, (list, tuple)) else packed
+    packed = packed[0]
     kept = (source < 0) | kept_source[source.clamp_min(0)]
     positions = torch.where(kept)[0]
     pseudo = base_cls if pseudo is None else pseudo
     out = reference_stage_two(stock, config, input_ids, packed[positions], positions, pseudo, config.schedule["llm"])
     return {**out, "vision_keep_indices": positions}
+
+
+def packed_sources(stock, config, crops: int, image_size) -> torch.Tensor:
+    """For each token stock `pack_image_features` packs for an image of `crops` crops and `image_size`: the crop
+    patch it is, `crop * patches + patch`, or -1 for a newline (found by packing each patch's id)."""
+    model, patches = stock.model, config.num_patches
+    ids = torch.arange(crops * patches, dtype=torch.float32).view(crops, patches, 1)
+    ids = ids.expand(-1, -1, config.text_config.hidden_size)
+    packed_ids, _ = model.pack_image_features([ids], torch.tensor([image_size]), config.vision_feature_select_strategy,
+                                              model.image_newline)
+    packed_ids = packed_ids[0]
+    is_patch = (packed_ids == packed_ids[:, :1]).all(dim=1) & (packed_ids[:, 0] == packed_ids[:, 0].round())
+    is_patch &= ~(packed_ids == model.image_newline.to(packed_ids)).all(dim=1)
+    return torch.where(is_patch, packed_ids[:, 0].long(), -1)
 
 
 def reference_stage_two(stock, config, input_ids, features, patch_ids, pseudo, llm_counts):

@@ -482,29 +482,47 @@ def next_alone(batch: dict, row: int) -> dict:
 
 
 def test_next_runs_the_packed_sequence_methods_and_refuses_the_others():
-    assert NEXT_METHODS == ["divprune", "fastv", "ivtp", "pdrop", "random"]
+    assert NEXT_METHODS == ["divprune", "fastv", "ivtp", "pdrop", "random", "topk", "topk_plus"]
     for method in sorted(set(METHODS) - set(NEXT_METHODS)):
         with pytest.raises(ValueError, match=rf"pruning_method='{method}' does not run on the LLaVA-NeXT host yet"):
             tiny_next_model(pruning_method=method, pruning_options={"visual_tokens": BUDGET})
 
 
+def next_entry_counts(model, out, batch) -> list[int]:
+    """What each image brings to the LLM on the NeXT host: its whole packed sequence, or, where the method pruned each
+    crop in the tower, what the crops kept (a tile's padding patches last) and, where it prunes in the LLM too, every
+    newline (`NextLayout.kept_length`)."""
+    layouts = model.image_layouts(batch["image_sizes"])
+    if not out.vision_token_counts:
+        return [layout.length for layout in layouts]
+    newlines = bool(out.llm_keep_indices)
+    return [layout.kept_length(out.vision_token_counts[-1], model.config.num_patches, newlines) for layout in layouts]
+
+
 def test_next_budget_reaches_the_last_layers(next_model, next_method, next_batch):
+    """Each image holds the budget in the last layer -- or what it brought where that is less: a method pruning
+    each crop in the tower gives each crop `budget // max_crops` (8 // 5 = 1 here), so an image brings at most its
+    crops' share (the peers' rule: 640 = 5 x 128 on LLaVA-1.6-7B)."""
     with torch.no_grad():
         out = next_model(**next_batch, use_cache=True)
+    entered = next_entry_counts(next_model, out, next_batch)
+    expected = [min(BUDGET, count) for count in entered]
+    if out.vision_token_counts:
+        crop_budget = PRUNERS[next_method](next_model.config, None).crop_budget
+        assert crop_budget == BUDGET // 5
+        if not out.llm_keep_indices:  # the tower only: each crop keeps its share
+            assert out.vision_token_counts[-1] == crop_budget and expected == entered and expected[1] < BUDGET
+    else:
+        assert expected == [BUDGET, BUDGET]
     held = output_cache(out).layer_positions[-1]
     for row in range(2):
         tokens = next_batch["input_ids"][row, held[row][held[row] >= 0]]
-        assert int((tokens == IMAGE_TOKEN_ID).sum()) == BUDGET, next_method
+        assert int((tokens == IMAGE_TOKEN_ID).sum()) == expected[row], next_method
     final = out.llm_keep_indices[-1] if out.llm_keep_indices else out.vision_keep_indices
-    assert final.shape == (2, BUDGET) and (final >= 0).all()
+    assert final.shape == (2, max(expected)) and ((final >= 0).sum(dim=1) == torch.tensor(expected)).all()
     if out.llm_keep_indices:  # what entered the LLM: -1 past each image's own count
-        entered = (out.vision_keep_indices >= 0).sum(dim=1).tolist()
-        expected = [114, 168]  # every packed token, or what each crop kept in the tower, and every newline
-        if out.vision_token_counts:
-            expected = [layout.kept_length(out.vision_token_counts[-1], next_model.config.num_patches)
-                        for layout in next_model.image_layouts(next_batch["image_sizes"])]
-            assert expected[0] < 114 and expected[1] < 168
-        assert entered == expected and out.vision_keep_indices.shape == (2, max(expected))
+        assert (out.vision_keep_indices >= 0).sum(dim=1).tolist() == entered
+        assert out.vision_keep_indices.shape == (2, max(entered))
 
 
 def test_next_cached_generate_equals_decoding_without_a_cache(next_model, next_method, next_batch):
@@ -646,21 +664,16 @@ def test_next_fastv_against_stock_eager_attention(next_batch):
 @pytest.mark.parametrize("next_method", NEXT_METHODS)
 def test_next_a_budget_above_an_images_length_keeps_that_image_whole(next_method, next_batch):
     """The budget counts one image's tokens, all crops, up to the longest packed sequence (`max_visual_tokens`, 192
-    here): 120 keeps the wide image's 114 tokens and 120 of the other's 168, alone as in the batch. IVTP prunes
-    each crop in the tower first (to its schedule's last vision count), so an image brings at most what its crops
-    kept, and every newline, to the LLM (`NextLayout.kept_length`)."""
+    here): 120 keeps the wide image's 114 tokens and 120 of the other's 168, alone as in the batch. A method that
+    prunes each crop in the tower first brings at most what the crops kept (`next_entry_counts`)."""
     model = tiny_next_model(pruning_method=next_method, pruning_options={"visual_tokens": 120})
     assert model.config.max_visual_tokens == 192
     with torch.no_grad():
         out = model(**next_batch, use_cache=True)
     held = output_cache(out).layer_positions[-1]
     counts = [int((next_batch["input_ids"][row, held[row][held[row] >= 0]] == IMAGE_TOKEN_ID).sum()) for row in range(2)]
-    expected = [114, 120]
-    if next_method == "ivtp":
-        per_crop = model.config.schedule["vision"][-1]
-        expected = [min(120, layout.kept_length(per_crop, model.config.num_patches))
-                    for layout in model.image_layouts(next_batch["image_sizes"])]
-        assert expected[0] < 114 and expected[1] == 120
+    expected = [min(120, count) for count in next_entry_counts(model, out, next_batch)]
+    assert expected == [114, 120] or out.vision_token_counts and expected[0] < 114
     assert counts == expected, next_method
     tokens = model.generate(**next_batch, max_new_tokens=4, **FIXED)[:, next_batch["input_ids"].shape[1]:]
     for row in range(2):
@@ -729,3 +742,51 @@ def test_next_ivtp_is_its_rule_on_stock_llava_next(guidance, next_batch):
         slots = batched.kept_positions[row] >= offset
         assert torch.equal(batched.kept_positions[row][slots] - offset, reference["kept_positions"])
         assert (batched.logits[row][slots] - reference["logits"]).abs().max() <= 1e-4, (guidance, row)
+
+
+def test_next_topk_is_its_rule_on_stock_llava_next(next_batch):
+    """TopK on LLaVA-NeXT (`site="feature_layer"`: one selection where LLaVA reads its features): on each crop, the
+    `budget // max_crops` patches of the stock vision tower's feature layer most similar to the crop's CLS, a tile's
+    padding patches last; packed in stock `pack_image_features` order without the newlines (the tower-only rule), and
+    the logits are stock LLaVA-NeXT's decoder on the prompt with those tokens at their original positions."""
+    from reference_ivtp import packed_sources
+
+    model = next_method_model("topk", options={"visual_tokens": 20, "site": "feature_layer"})
+    stock = next_stock_twin(model)
+    config, patches = model.config, model.config.num_patches
+    with torch.no_grad():
+        batched = model(**next_batch, use_cache=False)
+    layouts = model.image_layouts(next_batch["image_sizes"])
+    for row in range(2):
+        crops = layouts[row].crops
+        pixels = next_batch["pixel_values"][row][:crops]
+        source = packed_sources(stock, config, crops, next_batch["image_sizes"][row].tolist())
+        shown = torch.zeros(crops * patches, dtype=torch.bool)
+        shown[source[source >= 0]] = True
+        with torch.no_grad():
+            feature_layer = stock.model.vision_tower(pixels, output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        kept = torch.zeros(crops * patches, dtype=torch.bool)
+        for crop in range(crops):
+            similarity = torch.nn.functional.cosine_similarity(feature_layer[crop, 1:], feature_layer[crop, :1], dim=-1)
+            order = sorted(range(patches), key=lambda p: (not bool(shown[crop * patches + p]), -float(similarity[p])))
+            kept[crop * patches + torch.tensor(order[: 20 // 5])] = True
+        expected = torch.where((source >= 0) & kept[source.clamp_min(0)])[0]
+        ours = batched.vision_keep_indices[row]
+        assert torch.equal(ours[ours >= 0], expected), row
+        real = next_batch["attention_mask"][row].bool()
+        ids = next_batch["input_ids"][row][real]
+        image = torch.where(ids == IMAGE_TOKEN_ID)[0]
+        with torch.no_grad():
+            packed = stock.model.get_image_features(pixels[None], next_batch["image_sizes"][row:row + 1]).pooler_output[0]
+            embeds = stock.get_input_embeddings()(ids).clone()
+            embeds[image] = packed
+            keep = torch.ones_like(ids, dtype=torch.bool)
+            keep[image] = False
+            keep[image[expected]] = True
+            hidden = stock.model.language_model(inputs_embeds=embeds[keep][None],
+                                                position_ids=torch.where(keep)[0][None]).last_hidden_state
+            logits = stock.lm_head(hidden)
+        offset = int((~real).sum())
+        slots = batched.kept_positions[row] >= offset
+        assert torch.equal(batched.kept_positions[row][slots] - offset, torch.where(keep)[0])
+        assert (batched.logits[row][slots] - logits[0]).abs().max() <= 1e-4, row
