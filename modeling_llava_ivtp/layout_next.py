@@ -66,6 +66,15 @@ class NextLayout:
         positions = torch.where(is_kept.index_select(0, index), order, len(self.source)).sort().values[:length]
         return flat.index_select(0, index.index_select(0, positions)), positions
 
+    def packed_index(self, sources: torch.Tensor, patches: int) -> torch.Tensor:
+        """For crop patches `sources` (`crop * patches + patch`; -1: none), their index in the packed sequence, or
+        -1 where it has none (a patch the unpadding removes)."""
+        index = torch.full((self.crops * patches + 1,), -1, dtype=torch.long)
+        at = [j for j, source in enumerate(self.source) if source != NEWLINE]
+        index[torch.tensor([self.source[j] for j in at])] = torch.tensor(at)
+        index = index.to(sources.device)
+        return index[torch.where(sources >= 0, sources, self.crops * patches)]
+
     def pack(self, crop_features: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
         """`(length, hidden)`: the packed sequence from `crop_features` `(crops, patches, hidden)` and `newline`
         `(hidden,)`, as stock LLaVA-NeXT packs them (one gather)."""

@@ -190,34 +190,44 @@ class LlavaNextIvtpForConditionalGeneration(
             pruner.context.vision_valid = shown.to(pixel_values.device)
         vision = self._run_vision_tower(pixel_values, pruner)
         crop_features = self.model.multi_modal_projector(vision["patch_hidden_states"])
-        per_crop = crop_features.shape[1]
+        # every patch of every crop (no selection in the tower): stock packing
+        stock = crop_features.shape[1] == patches and vision["placement"] is vision["keep_indices"]
         # the newlines enter the LLM where a method prunes there (it spends the budget over them too); a method
         # that prunes in the tower only leaves them out, so that an image brings at most the budget
         newlines = bool(pruner.llm_prune_layers())
-        packed, positions, first_crops, crop = [], [], [], 0
+        packed, stands_for, placement, first_crops, crop = [], [], [], [], 0
         for layout in layouts:
             features = crop_features[crop : crop + layout.crops]
-            if per_crop == patches:  # every patch: stock packing
+            if stock:
                 packed.append(layout.pack(features, self.model.image_newline))
-            else:
+            else:  # what each crop kept, by the method's rule (`Pruner.pack_crops`)
                 kept = vision["keep_indices"][crop : crop + layout.crops]
-                tokens, at = layout.pack_kept(features, kept, self.model.image_newline, patches,
-                                              layout.kept_length(per_crop, patches, newlines), newlines)
+                tokens, at, place = pruner.pack_crops(layout, features, kept, self.model.image_newline, newlines)
                 packed.append(tokens)
-                positions.append(at)
+                stands_for.append(at)
+                placement.append(place)
             first_crops.append(crop)
             crop += layout.crops
         image_kept = tuple(len(tokens) for tokens in packed)
+        for image, (kept, length) in enumerate(zip(image_kept, images.flat_lengths)):
+            if kept > length:  # a layout that is not stock's (VisionZip's: every crop's tokens, no unpadding)
+                raise ValueError(
+                    f"pruning_method={self.config.pruning_method!r} gives image {image} {kept} tokens, more than its "
+                    f"{length} placeholders (its packed length under stock LLaVA-NeXT); lower "
+                    "`pruning_options['visual_tokens']`."
+                )
         features = pad_sequence(packed, batch_first=True)  # zeros past each image's count
-        if positions:
-            keep_indices = pad_sequence(positions, batch_first=True, padding_value=-1)
-        else:
+        if stock:
             order = torch.arange(features.shape[1], device=features.device)
-            keep_indices = torch.where(prefix_mask(image_kept, features.shape[1], order.device), order, -1)
+            keep_indices = placement = torch.where(prefix_mask(image_kept, features.shape[1], order.device), order, -1)
+        else:
+            keep_indices = pad_sequence(stands_for, batch_first=True, padding_value=-1)
+            same = all(at is place for at, place in zip(stands_for, placement))
+            placement = keep_indices if same else pad_sequence(placement, batch_first=True, padding_value=-1)
         # per image, its base crop's: the whole image at the tower's size (the CLS a method reads for the image)
         base_crops = torch.tensor(first_crops, device=vision["cls_hidden_state"].device)
         return {
-            "features": features, "keep_indices": keep_indices, "placement": keep_indices, "counts": vision["counts"],
+            "features": features, "keep_indices": keep_indices, "placement": placement, "counts": vision["counts"],
             "cls_hidden_state": vision["cls_hidden_state"].index_select(0, base_crops), "image_kept": image_kept,
             "feature_layer_hidden_states": vision["feature_layer_hidden_states"].index_select(0, base_crops),
         }

@@ -278,11 +278,21 @@ class Pruner:
 
     @property
     def crop_budget(self) -> int:
-        """The budget of one crop through the vision tower: the budget where an image is one crop; where it is up to
-        `config.max_crops` (LLaVA-NeXT), `budget // max_crops`, at least 1 and at most a crop's patches (the split
-        of `budget_schedule` and of the peers' LLaVA-NeXT code)."""
-        crops = self.config.max_crops
-        return self.budget if crops == 1 else max(1, min(self.config.num_patches, self.budget // crops))
+        """The budget of one crop through the vision tower (`crop_budget`)."""
+        return crop_budget(self.config, self.budget)
+
+    def pack_crops(self, layout, crop_features: torch.Tensor, patch_ids: torch.Tensor, newline: torch.Tensor,
+                   newlines: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LLaVA-NeXT: one image's tokens for the LLM from what its crops kept in the tower -- `crop_features`
+        `(crops, k, hidden)` projected, standing for `patch_ids` `(crops, k)` -- by the image's `layout`
+        (`layout_next.NextLayout`). Returns the tokens `(n, hidden)` (`n` known on the host), the index in the
+        image's full packed sequence each stands for (-1: none), and the placeholders they fill (their own: each
+        token where stock packing puts its patch). Default: the kept patches in stock order, those the unpadding
+        removes left out, every newline where `newlines` (`NextLayout.pack_kept`)."""
+        patches = self.config.num_patches
+        length = layout.kept_length(crop_features.shape[1], patches, newlines)
+        tokens, positions = layout.pack_kept(crop_features, patch_ids, newline, patches, length, newlines)
+        return tokens, positions, positions
 
     def shown_first(self, scores: torch.Tensor) -> torch.Tensor:
         """`scores` `(crops, patches)` of the vision tower's current patches with the patches that do not show the
@@ -505,6 +515,14 @@ def select_keep_indices_per_row(scores: torch.Tensor, counts: tuple) -> torch.Te
     return torch.where(picked == spare, -1, picked)
 
 
+def crop_budget(config, budget: int) -> int:
+    """The budget of one crop through the vision tower: `budget` where an image is one crop; where it is up to
+    `config.max_crops` (LLaVA-NeXT), `budget // max_crops`, at least 1 and at most a crop's patches (the split of
+    `budget_schedule` and of the peers' LLaVA-NeXT code: 640 = 5 x 128)."""
+    crops = config.max_crops
+    return budget if crops == 1 else max(1, min(config.num_patches, budget // crops))
+
+
 def check_choice(method: str, name: str, value, allowed, what: str):
     if value not in allowed:
         raise ValueError(
@@ -631,5 +649,6 @@ def register_pruner(cls: type[Pruner]) -> type[Pruner]:
 __all__ = [
     "POSITION_RULES", "QUERY_ROWS", "LlmLayerPruner", "LlmView", "PRUNERS", "ProjectedPruner", "PruneContext", "Pruner",
     "Selection", "VisionLayerPruner", "as_selection", "at_group_ends", "budget_schedule", "check_choice", "check_int",
+    "crop_budget",
     "register_pruner", "sample_visual_cls", "select_keep_indices", "select_keep_indices_per_row",
 ]

@@ -104,3 +104,54 @@ def test_visionzip_options_are_checked():
         tiny_model(schedule=None, pruning_method="visionzip", pruning_options={"visual_tokens": 8, "layout": "cls"})
     with pytest.raises(ValueError, match=r"`pruning_options\['dominant'\]`.*\[1, 8\]"):
         tiny_model(schedule=None, pruning_method="visionzip", pruning_options={"visual_tokens": 8, "dominant": 0})
+
+
+def official_next_layout(crops: list[tuple[list[int], torch.Tensor]], grid: tuple[int, int], side: int, dominant: int):
+    """VisionZip's LLaVA-NeXT layout of one image (`llava_arch.py`, `restore_image_features_sorted`) from each crop's
+    `(ids, tokens)`: the base crop's block as it is; each tile's dominant patches scattered into a zeroed grid of its
+    patches, the tiles stitched into one `(rows * side, columns * side)` grid and read back in raster order; then the
+    tiles' CLS tokens; then each tile's contextual tokens. No unpadding, no newline."""
+    rows, columns = grid
+    base_ids, base_tokens = crops[0]
+    stitched = {}
+    for tile, (ids, tokens) in enumerate(crops[1:]):
+        for position in range(1, dominant):
+            patch = ids[position]
+            row = (tile // columns) * side + patch // side
+            column = (tile % columns) * side + patch % side
+            stitched[row * columns * side + column] = tokens[position]
+    dominant_tokens = [stitched[key] for key in sorted(stitched)]
+    cls_tokens = [tokens[0] for _, tokens in crops[1:]]
+    contextual = [token for _, tokens in crops[1:] for token in tokens[dominant:]]
+    return torch.cat([base_tokens, torch.stack(dominant_tokens + cls_tokens + contextual)])
+
+
+def test_visionzip_on_llava_next_is_the_released_codes_layout():
+    """On LLaVA-NeXT each crop goes through VisionZip alone with the same `dominant + contextual` (the budget's share
+    of a crop, `visual_tokens // 5`: 60 -> 12 = 10 + 2, as the paper's 640 -> 108 + 20), and the image's block is
+    the code's layout (`official_next_layout`); the LLM gets it with fresh position ids, as stock LLaVA-NeXT's decoder
+    on that block."""
+    from tiny_models import make_next_batch, next_stock_twin, tiny_next_model
+
+    model = sharpen_attention(tiny_next_model(pruning_method="visionzip", pruning_options={"visual_tokens": 60}))
+    batch = make_next_batch(model.config)
+    stock = next_stock_twin(model)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    layouts = model.image_layouts(batch["image_sizes"])
+    for row in range(2):
+        real = batch["attention_mask"][row].bool()
+        ids = batch["input_ids"][row][real]
+        pixels = batch["pixel_values"][row][: layouts[row].crops]
+        with torch.no_grad():
+            out = model(input_ids=ids[None], pixel_values=pixels[None], image_sizes=batch["image_sizes"][row:row + 1],
+                        use_cache=False)
+            hidden, attention, keys = feature_layer_inputs(model, pixels)
+            crops = [official_visionzip(hidden[crop], attention[crop], keys[crop], 10, 2) for crop in range(len(pixels))]
+            block = model.model.multi_modal_projector(official_next_layout(crops, layouts[row].grid, side, 10))
+            assert block.shape[0] == 12 * layouts[row].crops
+            torch.testing.assert_close(output_image_features(out)[0], block, atol=1e-5, rtol=1e-5)
+            image = torch.where(ids == IMAGE_TOKEN_ID)[0]
+            embeds = stock.get_input_embeddings()(ids)
+            sequence = torch.cat([embeds[: image[0]], block, embeds[image[-1] + 1 :]])[None]
+            logits = stock.lm_head(stock.model.language_model(inputs_embeds=sequence).last_hidden_state)[0]
+        torch.testing.assert_close(out.logits[0], logits, atol=2e-5, rtol=1e-5)

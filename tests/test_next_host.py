@@ -91,7 +91,7 @@ def test_generate_takes_the_guidance_inputs_on_its_first_step():
 
 @pytest.mark.parametrize("settings", [
     {"pruning_method": "evit", "pruning_options": {"visual_tokens": 16}},
-    {"pruning_method": "visionzip", "pruning_options": {"visual_tokens": 16}},
+    {"pruning_method": "vispruner", "pruning_options": {"visual_tokens": 16}},
     {"pruning_method": "pooling", "pruning_options": {"visual_tokens": 16}},
 ])
 def test_a_method_that_does_not_run_on_next_yet_is_refused_naming_the_field(settings):
@@ -99,7 +99,7 @@ def test_a_method_that_does_not_run_on_next_yet_is_refused_naming_the_field(sett
     the methods that run; a config edited after construction is refused at the call."""
     config = IvtpNextConfig(**tiny_next_config_dict(**settings))
     expected = (rf"pruning_method='{settings['pruning_method']}' does not run on the LLaVA-NeXT host yet .* the methods "
-                r"that do: \['divprune', 'fastv', 'ivtp', 'pdrop', 'random', 'topk', 'topk_plus'\]. Set `pruning_method=None`")
+                r"that do: \['divprune', 'fastv', 'ivtp', 'pdrop', 'random', 'topk', 'topk_plus', 'visionzip'\]. Set `pruning_method=None`")
     with pytest.raises(ValueError, match=expected):
         LlavaNextIvtpForConditionalGeneration(config)
     model = tiny_next_model()
@@ -233,3 +233,11 @@ def test_ivtps_budget_derives_a_schedule_per_crop_and_per_image():
         IvtpNextConfig.from_dict({**preset.to_dict(), "schedule": schedule, "pruning_options": None})
     with pytest.raises(ValueError, match=r"must be an int in \[1, 2928\]"):
         IvtpNextConfig.from_dict({**preset.to_dict(), "schedule": None, "pruning_options": {"visual_tokens": 2929}})
+
+
+def test_a_layout_longer_than_the_images_placeholders_is_refused_naming_the_budget():
+    """VisionZip's layout keeps every crop's share, padding patches included: at 190 (a crop's share capped at its 36
+    patches) the tall image (5 crops, 168 placeholders) would get 5 x 36 = 180 tokens: refused, naming the field."""
+    model = tiny_next_model(pruning_method="visionzip", pruning_options={"visual_tokens": 190})
+    with pytest.raises(ValueError, match=r"gives image 1 180 tokens, more than its 168 placeholders .* `pruning_options\['visual_tokens'\]`"):
+        model(**make_next_batch(model.config))
