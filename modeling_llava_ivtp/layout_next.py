@@ -66,6 +66,32 @@ class NextLayout:
         positions = torch.where(is_kept.index_select(0, index), order, len(self.source)).sort().values[:length]
         return flat.index_select(0, index.index_select(0, positions)), positions
 
+    def tile_raster(self, tile_patch_ids: torch.Tensor, patches: int) -> torch.Tensor:
+        """For patches `tile_patch_ids` `(tiles, k)` of each tile (the crops after the base), their raster index over
+        the stitched grid of tiles at full size (before unpadding): the order the peers' NeXT code reads kept tile
+        patches in."""
+        side = round(patches ** 0.5)
+        columns = self.grid[1]
+        tile = torch.arange(tile_patch_ids.shape[0], device=tile_patch_ids.device).unsqueeze(1)
+        row = (tile // columns) * side + tile_patch_ids // side
+        column = (tile % columns) * side + tile_patch_ids % side
+        return row * (columns * side) + column
+
+    def pack_base_then_tiles(self, crop_features: torch.Tensor, patch_ids: torch.Tensor,
+                             patches: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The peers' NeXT layout without unpadding or newlines (VisPruner's and CDPruner's code): the base crop's
+        kept patches in order, then every tile's kept patches in raster order over the stitched grid of tiles.
+        `crop_features` `(crops, k, hidden)` stand for `patch_ids` `(crops, k)`, increasing per crop. Returns
+        `Pruner.pack_crops`' triple: the tokens, the packed index each stands for (-1: a patch the stock unpadding
+        removes), and the image's first placeholders, which they fill."""
+        hidden, device = crop_features.shape[-1], patch_ids.device
+        order = self.tile_raster(patch_ids[1:], patches).flatten().argsort()
+        tokens = torch.cat([crop_features[0], crop_features[1:].reshape(-1, hidden).index_select(0, order)])
+        crop_of = torch.arange(self.crops, device=device).unsqueeze(1)
+        sources = (crop_of * patches + patch_ids)
+        sources = torch.cat([sources[0], sources[1:].flatten().index_select(0, order)])
+        return tokens, self.packed_index(sources, patches), torch.arange(len(tokens), device=device)
+
     def packed_index(self, sources: torch.Tensor, patches: int) -> torch.Tensor:
         """For crop patches `sources` (`crop * patches + patch`; -1: none), their index in the packed sequence, or
         -1 where it has none (a patch the unpadding removes)."""

@@ -205,16 +205,11 @@ class VisionZipPruner(VisionLayerPruner):
         if self.values["layout"] != "visionzip":
             return super().pack_crops(layout, crop_features, patch_ids, newline, newlines)
         patches, dominant = self.config.num_patches, self.dominant
-        side = round(patches ** 0.5)
         tiles, hidden = crop_features.shape[0] - 1, crop_features.shape[-1]
-        columns = layout.grid[1]
         device = patch_ids.device
-        tile = torch.arange(tiles, device=device).unsqueeze(1)
         ids = patch_ids[1:]
         dominant_ids = ids[:, 1:dominant]  # the CLS first, then the dominant patches
-        raster = (((tile // columns) * side + dominant_ids // side) * (columns * side)
-                  + (tile % columns) * side + dominant_ids % side)
-        order = raster.flatten().argsort()
+        order = layout.tile_raster(dominant_ids, patches).flatten().argsort()
         tokens = torch.cat([
             crop_features[0],
             crop_features[1:, 1:dominant].reshape(-1, hidden).index_select(0, order),

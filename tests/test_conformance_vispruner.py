@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from modeling_llava_ivtp.pruner_vispruner import released_code_fails, vispruner_keep_indices
+from modeling_llava_ivtp.transformers_compat import output_image_features
 from tiny_models import make_pixels, make_prompt, sharpen_attention, tiny_model
 
 
@@ -120,3 +121,50 @@ def test_pure_function_with_ties_matches_the_plain_reference():
     for important, diverse in ((3, 5), (0, 4), (6, 2), (2, 9)):
         kept = vispruner_keep_indices(features, torch.tensor([attention]), important, diverse)
         assert kept[0].tolist() == plain_vispruner(features[0], attention, important, diverse), (important, diverse)
+
+
+def test_vispruner_on_llava_next_is_the_released_codes_layout():
+    """On LLaVA-NeXT each crop goes through the rule alone with the budget's share (`visual_tokens // 5`: 80 -> 16 =
+    12 important + 4 diverse, as the code's `--visual_token_num 128 / 64 / 32` for 640 / 320 / 160), and the image's
+    block is the code's "spatial" layout (`_unpad` stripped): the base crop's kept patches in order, then the tiles'
+    kept patches read in raster order off the stitched grid of tiles, no unpadding, no newline; the LLM gets it with
+    fresh position ids, as stock LLaVA-NeXT's decoder on that block."""
+    import copy
+
+    from tiny_models import IMAGE_TOKEN_ID, make_next_batch, next_stock_twin, tiny_next_model
+
+    model = sharpen_attention(tiny_next_model(pruning_method="vispruner", pruning_options={"visual_tokens": 80}))
+    batch = make_next_batch(model.config)
+    stock = next_stock_twin(model)
+    tower = copy.deepcopy(model.model.vision_tower)
+    tower.set_attn_implementation("eager")
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    layouts = model.image_layouts(batch["image_sizes"])
+    for row in range(2):
+        real = batch["attention_mask"][row].bool()
+        ids = batch["input_ids"][row][real]
+        pixels = batch["pixel_values"][row][: layouts[row].crops]
+        with torch.no_grad():
+            out = model(input_ids=ids[None], pixel_values=pixels[None], image_sizes=batch["image_sizes"][row:row + 1],
+                        use_cache=False)
+            vision = tower(pixels, output_hidden_states=True, output_attentions=True)
+            features = vision.hidden_states[-2][:, 1:]
+            attention = vision.attentions[len(vision.hidden_states) - 3].mean(dim=1)[:, 0, 1:]
+            kept = [plain_vispruner(features[crop], attention[crop].tolist(), 12, 4) for crop in range(len(pixels))]
+            projected = model.model.multi_modal_projector(features)
+            rows, columns = layouts[row].grid
+            grid = torch.zeros(rows * side, columns * side, dtype=torch.bool)
+            grid_features = torch.zeros(rows * side, columns * side, projected.shape[-1])
+            for tile, patches in enumerate(kept[1:]):
+                for patch in patches:
+                    y, x = (tile // columns) * side + patch // side, (tile % columns) * side + patch % side
+                    grid[y, x] = True
+                    grid_features[y, x] = projected[1 + tile, patch]
+            block = torch.cat([projected[0, kept[0]], grid_features[grid]])
+            assert block.shape[0] == 16 * layouts[row].crops
+            torch.testing.assert_close(output_image_features(out)[0], block, atol=1e-5, rtol=1e-5)
+            image = torch.where(ids == IMAGE_TOKEN_ID)[0]
+            embeds = stock.get_input_embeddings()(ids)
+            sequence = torch.cat([embeds[: image[0]], block, embeds[image[-1] + 1 :]])[None]
+            logits = stock.lm_head(stock.model.language_model(inputs_embeds=sequence).last_hidden_state)[0]
+        torch.testing.assert_close(out.logits[0], logits, atol=2e-5, rtol=1e-5)

@@ -482,7 +482,7 @@ def next_alone(batch: dict, row: int) -> dict:
 
 
 def test_next_runs_the_packed_sequence_methods_and_refuses_the_others():
-    assert NEXT_METHODS == ["divprune", "fastv", "ivtp", "pdrop", "random", "topk", "topk_plus", "visionzip"]
+    assert NEXT_METHODS == ["divprune", "fastv", "ivtp", "pdrop", "random", "topk", "topk_plus", "visionzip", "vispruner"]
     for method in sorted(set(METHODS) - set(NEXT_METHODS)):
         with pytest.raises(ValueError, match=rf"pruning_method='{method}' does not run on the LLaVA-NeXT host yet"):
             tiny_next_model(pruning_method=method, pruning_options={"visual_tokens": BUDGET})
@@ -495,8 +495,8 @@ def next_entry_counts(model, out, batch) -> list[int]:
     layouts = model.image_layouts(batch["image_sizes"])
     if not out.vision_token_counts:
         return [layout.length for layout in layouts]
-    if model.config.pruning_method == "visionzip":  # its code's layout: every token each crop kept, no newline
-        return [layout.crops * out.vision_token_counts[-1] for layout in layouts]
+    if model.config.pruning_method in ("visionzip", "vispruner"):  # their code's layout: what each crop kept, no
+        return [layout.crops * out.vision_token_counts[-1] for layout in layouts]  # unpadding, no newline
     newlines = bool(out.llm_keep_indices)
     return [layout.kept_length(out.vision_token_counts[-1], model.config.num_patches, newlines) for layout in layouts]
 
@@ -522,7 +522,7 @@ def test_next_budget_reaches_the_last_layers(next_model, next_method, next_batch
         assert int((tokens == IMAGE_TOKEN_ID).sum()) == expected[row], next_method
     final = out.llm_keep_indices[-1] if out.llm_keep_indices else out.vision_keep_indices
     assert final.shape == (2, max(expected))
-    if next_method != "visionzip":  # its tokens stand for a packed token, or none (-1: a CLS, a padding patch)
+    if next_method not in ("visionzip", "vispruner"):  # a token of theirs stands for a packed token or none (-1)
         assert ((final >= 0).sum(dim=1) == torch.tensor(expected)).all()
     if out.llm_keep_indices:  # what entered the LLM: -1 past each image's own count
         assert (out.vision_keep_indices >= 0).sum(dim=1).tolist() == entered
