@@ -190,19 +190,23 @@ class LlavaNextIvtpForConditionalGeneration(
             pruner.context.vision_valid = shown.to(pixel_values.device)
         vision = self._run_vision_tower(pixel_values, pruner)
         crop_features = self.model.multi_modal_projector(vision["patch_hidden_states"])
-        # every patch of every crop (no selection in the tower): stock packing
-        stock = crop_features.shape[1] == patches and vision["placement"] is vision["keep_indices"]
+        # every patch of every crop (no selection in the tower, none per crop after it): stock packing
+        stock = (crop_features.shape[1] == patches and vision["placement"] is vision["keep_indices"]
+                 and not pruner.prunes_crops)
         # the newlines enter the LLM where a method prunes there (it spends the budget over them too); a method
         # that prunes in the tower only leaves them out, so that an image brings at most the budget
         newlines = bool(pruner.llm_prune_layers())
         packed, stands_for, placement, first_crops, crop = [], [], [], [], 0
-        for layout in layouts:
+        for image, layout in enumerate(layouts):
             features = crop_features[crop : crop + layout.crops]
             if stock:
                 packed.append(layout.pack(features, self.model.image_newline))
             else:  # what each crop kept, by the method's rule (`Pruner.pack_crops`)
                 kept = vision["keep_indices"][crop : crop + layout.crops]
-                tokens, at, place = pruner.pack_crops(layout, features, kept, self.model.image_newline, newlines)
+                tokens, at, place = pruner.pack_crops(
+                    layout, features, kept, self.model.image_newline, newlines, image=image,
+                    crop_hidden_states=vision["patch_hidden_states"][crop : crop + layout.crops],
+                )
                 packed.append(tokens)
                 stands_for.append(at)
                 placement.append(place)

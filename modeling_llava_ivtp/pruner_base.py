@@ -242,6 +242,9 @@ class Pruner:
     positions: ClassVar[str] = "original"  # the position rule of the method's code: one of POSITION_RULES
     # Whether the method runs on images of different lengths (LLaVA-NeXT's packed sequences: `visual_lengths`).
     variable_lengths: ClassVar[bool] = False
+    # Whether it prunes each crop of a LLaVA-NeXT image after the projector, before packing (`pack_crops`), rather
+    # than the packed sequence (`on_projected`): CDPruner's NeXT code.
+    prunes_crops: ClassVar[bool] = False
 
     def __init__(self, config, context: PruneContext | None):
         self.config = config
@@ -282,9 +285,11 @@ class Pruner:
         return crop_budget(self.config, self.budget)
 
     def pack_crops(self, layout, crop_features: torch.Tensor, patch_ids: torch.Tensor, newline: torch.Tensor,
-                   newlines: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   newlines: bool, image: int = 0, crop_hidden_states: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """LLaVA-NeXT: one image's tokens for the LLM from what its crops kept in the tower -- `crop_features`
-        `(crops, k, hidden)` projected, standing for `patch_ids` `(crops, k)` -- by the image's `layout`
+        `(crops, k, hidden)` projected, standing for `patch_ids` `(crops, k)`; `crop_hidden_states` the same
+        tokens at the tower's feature layer; `image` its index in the batch's images -- by the image's `layout`
         (`layout_next.NextLayout`). Returns the tokens `(n, hidden)` (`n` known on the host), the index in the
         image's full packed sequence each stands for (-1: none), and the placeholders they fill (their own: each
         token where stock packing puts its patch). Default: the kept patches in stock order, those the unpadding

@@ -196,7 +196,7 @@ class VisionZipPruner(VisionLayerPruner):
         # per crop on LLaVA-NeXT: 640 / 320 / 160 give 108 + 20 / 54 + 10 / 27 + 5 (the paper's Table 9)
         self.dominant = max(1, round(self.crop_budget * 54 / 64)) if dominant is None else dominant
 
-    def pack_crops(self, layout, crop_features, patch_ids, newline, newlines):
+    def pack_crops(self, layout, crop_features, patch_ids, newline, newlines, image=0, crop_hidden_states=None):
         """LLaVA-NeXT as VisionZip's code lays an image out (`llava_arch.py`, `restore_image_features_sorted`): the
         base crop's tokens as the tower gave them (the CLS, the dominant patches, the contextual tokens); then every
         tile's dominant patches in raster order over the stitched grid of tiles (no unpadding: a patch on the

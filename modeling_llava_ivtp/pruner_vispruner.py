@@ -144,7 +144,7 @@ class VisPrunerPruner(VisionLayerPruner):
         cls_attention = request.probabilities[:, 0, 1:]
         return vispruner_keep_indices(hidden_states[:, 1:], cls_attention, self.important, num_keep - self.important)
 
-    def pack_crops(self, layout, crop_features, patch_ids, newline, newlines):
+    def pack_crops(self, layout, crop_features, patch_ids, newline, newlines, image=0, crop_hidden_states=None):
         """LLaVA-NeXT as VisPruner's code lays an image out (`llava_arch.py`: `_unpad` stripped from the merge type,
         so the plain "spatial" branch runs): the base crop's kept patches in order, then every tile's kept patches in
         raster order over the stitched grid of tiles; no unpadding (a patch on the letterbox padding may be kept), no

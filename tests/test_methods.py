@@ -450,6 +450,8 @@ NEXT_METHODS = sorted(name for name, cls in PRUNERS.items() if cls.variable_leng
 def next_method_model(method: str, attn_implementation: str = "sdpa", options: dict | None = None, **overrides):
     if method == "ivtp":  # the instruction steers stage 2 (the CLIP-relevance guidance needs the processor's CLIP ids)
         overrides = {"guidance": "instruction_mean", **overrides}
+    if method == "cdpruner":
+        overrides = {"clip_text_encoder": TINY_CLIP_TEXT, **overrides}
     model = tiny_next_model(attn_implementation=attn_implementation, pruning_method=method,
                             pruning_options={"visual_tokens": BUDGET, **(options or {})}, **overrides)
     return sharpen_attention(model)
@@ -482,7 +484,8 @@ def next_alone(batch: dict, row: int) -> dict:
 
 
 def test_next_runs_the_packed_sequence_methods_and_refuses_the_others():
-    assert NEXT_METHODS == ["divprune", "fastv", "ivtp", "pdrop", "random", "topk", "topk_plus", "visionzip", "vispruner"]
+    assert NEXT_METHODS == ["cdpruner", "divprune", "fastv", "ivtp", "pdrop", "random", "topk", "topk_plus", "visionzip",
+                            "vispruner"]
     for method in sorted(set(METHODS) - set(NEXT_METHODS)):
         with pytest.raises(ValueError, match=rf"pruning_method='{method}' does not run on the LLaVA-NeXT host yet"):
             tiny_next_model(pruning_method=method, pruning_options={"visual_tokens": BUDGET})
@@ -493,6 +496,9 @@ def next_entry_counts(model, out, batch) -> list[int]:
     crop in the tower, what the crops kept (a tile's padding patches last) and, where it prunes in the LLM too, every
     newline (`NextLayout.kept_length`)."""
     layouts = model.image_layouts(batch["image_sizes"])
+    if model.config.pruning_method == "cdpruner":  # its code: each crop's share after the projector, no unpadding
+        share = PRUNERS["cdpruner"](model.config, None).crop_budget
+        return [layout.crops * share for layout in layouts]
     if not out.vision_token_counts:
         return [layout.length for layout in layouts]
     if model.config.pruning_method in ("visionzip", "vispruner"):  # their code's layout: what each crop kept, no
@@ -514,6 +520,8 @@ def test_next_budget_reaches_the_last_layers(next_model, next_method, next_batch
         assert crop_budget == BUDGET // 5
         if not out.llm_keep_indices:  # the tower only: each crop keeps its share
             assert out.vision_token_counts[-1] == crop_budget and expected == entered and expected[1] < BUDGET
+    elif next_method == "cdpruner":  # each crop after the projector keeps its share
+        assert expected == entered and expected[1] < BUDGET
     else:
         assert expected == [BUDGET, BUDGET]
     held = output_cache(out).layer_positions[-1]
@@ -522,7 +530,7 @@ def test_next_budget_reaches_the_last_layers(next_model, next_method, next_batch
         assert int((tokens == IMAGE_TOKEN_ID).sum()) == expected[row], next_method
     final = out.llm_keep_indices[-1] if out.llm_keep_indices else out.vision_keep_indices
     assert final.shape == (2, max(expected))
-    if next_method not in ("visionzip", "vispruner"):  # a token of theirs stands for a packed token or none (-1)
+    if next_method not in ("cdpruner", "visionzip", "vispruner"):  # their tokens stand for a packed token or none
         assert ((final >= 0).sum(dim=1) == torch.tensor(expected)).all()
     if out.llm_keep_indices:  # what entered the LLM: -1 past each image's own count
         assert (out.vision_keep_indices >= 0).sum(dim=1).tolist() == entered
@@ -677,7 +685,8 @@ def test_next_a_budget_above_an_images_length_keeps_that_image_whole(next_method
     held = output_cache(out).layer_positions[-1]
     counts = [int((next_batch["input_ids"][row, held[row][held[row] >= 0]] == IMAGE_TOKEN_ID).sum()) for row in range(2)]
     expected = [min(120, count) for count in next_entry_counts(model, out, next_batch)]
-    assert expected == [114, 120] or out.vision_token_counts and expected[0] < 114
+    per_image = not out.vision_token_counts and next_method != "cdpruner"  # else each crop keeps its share first
+    assert expected == [114, 120] if per_image else expected[0] < 114 and expected[1] == 120
     assert counts == expected, next_method
     tokens = model.generate(**next_batch, max_new_tokens=4, **FIXED)[:, next_batch["input_ids"].shape[1]:]
     for row in range(2):
@@ -794,3 +803,52 @@ def test_next_topk_is_its_rule_on_stock_llava_next(next_batch):
         slots = batched.kept_positions[row] >= offset
         assert torch.equal(batched.kept_positions[row][slots] - offset, torch.where(keep)[0])
         assert (batched.logits[row][slots] - logits[0]).abs().max() <= 1e-4, row
+
+
+def test_next_cdpruner_is_its_codes_rule(next_batch):
+    """CDPruner on LLaVA-NeXT as its code runs it (`encode_images` on an image's crops): per crop the budget's share
+    (`visual_tokens // 5`, its scripts' 128 / 64 / 32 for 640 / 320 / 160) by the greedy DPP over the projected
+    features (brute-force log-det greedy here), the relevance -- negative cosine of each patch's CLIP embedding
+    (the feature layer through `post_layernorm` and the visual projection) to the instruction's -- min-max
+    normalised over all the image's crops at once; the base crop's kept tokens, then the tiles' in raster order over
+    the stitched grid, no unpadding, no newline; stock LLaVA-NeXT's decoder on that block at fresh positions."""
+    from test_pruner_peers import plain_dpp_greedy
+
+    model = next_method_model("cdpruner", options={"visual_tokens": 30})
+    stock = next_stock_twin(model)
+    clip_ids = torch.zeros(1, 77, dtype=torch.long)
+    clip_ids[0, :6] = torch.tensor([49406, 320, 1125, 533, 518, 49407])
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    layouts = model.image_layouts(next_batch["image_sizes"])
+    for row in range(2):
+        real = next_batch["attention_mask"][row].bool()
+        ids = next_batch["input_ids"][row][real]
+        pixels = next_batch["pixel_values"][row][: layouts[row].crops]
+        with torch.no_grad():
+            out = model(input_ids=ids[None], pixel_values=pixels[None], image_sizes=next_batch["image_sizes"][row:row + 1],
+                        clip_input_ids=clip_ids, use_cache=False)
+            hidden = stock.model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+            projected = stock.model.multi_modal_projector(hidden)
+            image_embeds = model.clip_visual_projection(stock.model.vision_tower.post_layernorm(hidden))
+            text = model.clip_text_model(clip_ids)
+            text = text[0] if isinstance(text, tuple) else text
+            cosine = torch.nn.functional.cosine_similarity(image_embeds, text.reshape(1, 1, -1), dim=-1)
+            relevance = -cosine
+            relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+        kept = [plain_dpp_greedy(projected[crop], relevance[crop], 30 // 5) for crop in range(len(pixels))]
+        rows, columns = layouts[row].grid
+        grid = torch.zeros(rows * side, columns * side, dtype=torch.bool)
+        grid_features = torch.zeros(rows * side, columns * side, projected.shape[-1])
+        for tile, patches in enumerate(kept[1:]):
+            for patch in patches:
+                y, x = (tile // columns) * side + patch // side, (tile % columns) * side + patch % side
+                grid[y, x] = True
+                grid_features[y, x] = projected[1 + tile, patch]
+        block = torch.cat([projected[0, kept[0]], grid_features[grid]])
+        assert block.shape[0] == 6 * layouts[row].crops
+        image = torch.where(ids == IMAGE_TOKEN_ID)[0]
+        with torch.no_grad():
+            embeds = stock.get_input_embeddings()(ids)
+            sequence = torch.cat([embeds[: image[0]], block, embeds[image[-1] + 1 :]])[None]
+            logits = stock.lm_head(stock.model.language_model(inputs_embeds=sequence).last_hidden_state)[0]
+        torch.testing.assert_close(out.logits[0], logits, atol=2e-5, rtol=1e-5)
