@@ -5,7 +5,7 @@ from .configuration_llava_ivtp import SUPPORTED_TRANSFORMERS, IvtpConfig, IvtpNe
 from .cache_ivtp import IvtpCache, IvtpStaticCache
 from .modeling_llava_ivtp import IvtpCausalLMOutputWithPast, LlavaIvtpForConditionalGeneration
 from .modeling_llava_next_ivtp import LlavaNextIvtpForConditionalGeneration
-from .processing_llava_ivtp import LlavaIvtpProcessor
+from .processing_llava_ivtp import LlavaIvtpProcessor, LlavaNextIvtpProcessor
 
 
 __version__ = "0.1.0"
@@ -19,5 +19,6 @@ __all__ = [
     "LlavaIvtpForConditionalGeneration",
     "LlavaIvtpProcessor",
     "LlavaNextIvtpForConditionalGeneration",
+    "LlavaNextIvtpProcessor",
     "SUPPORTED_TRANSFORMERS",
 ]

@@ -241,3 +241,48 @@ def test_a_layout_longer_than_the_images_placeholders_is_refused_naming_the_budg
     model = tiny_next_model(pruning_method="visionzip", pruning_options={"visual_tokens": 190})
     with pytest.raises(ValueError, match=r"gives image 1 180 tokens, more than its 168 placeholders .* `pruning_options\['visual_tokens'\]`"):
         model(**make_next_batch(model.config))
+
+
+def test_the_next_processor_gives_the_guidance_and_ivtp_prunes_with_it():
+    """`LlavaNextIvtpProcessor`: stock `LlavaNextProcessor`'s outputs (each image's crops, size and placeholders)
+    plus IVTP's guidance inputs; with them IVTP's default guidance (`clip_relevance`) ranks stage 2 by the
+    instruction's CLIP relevance, and a sample in the padded batch prunes as alone."""
+    import numpy as np
+    from PIL import Image
+    from transformers import LlavaNextProcessor
+
+    from modeling_llava_ivtp.processing_llava_ivtp import GUIDANCE_OUTPUTS
+    from tiny_models import TINY_CLIP_TEXT, tiny_next_processor
+
+    processor = tiny_next_processor()
+    generator = np.random.default_rng(0)
+    images = [Image.fromarray(generator.integers(0, 256, size, dtype=np.uint8)) for size in ((20, 40, 3), (40, 36, 3))]
+    prompts = ["USER: <image>\nWhat color is the cat? ASSISTANT:", "USER: <image>\nIs there a dog here? ASSISTANT:"]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    stock = LlavaNextProcessor(processor.image_processor, processor.tokenizer, patch_size=4,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    plain = stock(images=images, text=prompts, return_tensors="pt", padding=True)
+    for name in plain:
+        assert torch.equal(inputs[name], plain[name]), name
+    assert set(GUIDANCE_OUTPUTS) <= set(inputs) and "offset_mapping" not in inputs
+    for row, question in enumerate(("What color is the cat?", "Is there a dog here?")):
+        instruction = inputs["input_ids"][row][inputs["instruction_mask"][row].bool()]
+        assert processor.tokenizer.decode(instruction).replace(" ", "") == question.replace(" ", "")
+        assert (inputs["clip_token_spans"][row][inputs["instruction_mask"][row].bool()][:, 1] > 0).all()
+
+    model = tiny_next_model(pruning_method="ivtp", pruning_options={"visual_tokens": 32}, clip_text_encoder=TINY_CLIP_TEXT)
+    layouts = model.image_layouts(inputs["image_sizes"])
+    assert (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist() == [layout.length for layout in layouts]
+    with torch.no_grad():
+        batched = model(**inputs, use_cache=False)
+    assert batched.pseudo_cls_tokens is not None and batched.instruction_relevance is not None
+    relevance = batched.instruction_relevance[inputs["instruction_mask"].bool()]
+    assert torch.isfinite(relevance).all()
+    for row in range(2):
+        real = inputs["attention_mask"][row].bool()
+        alone = {name: inputs[name][row:row + 1] for name in ("pixel_values", "image_sizes", "clip_input_ids")}
+        alone.update({name: inputs[name][row:row + 1, real] for name in ("input_ids", "instruction_mask", "clip_token_spans")})
+        with torch.no_grad():
+            single = model(**alone, use_cache=False)
+        for ours, theirs in zip(single.llm_keep_indices, batched.llm_keep_indices, strict=True):
+            assert torch.equal(ours[0][ours[0] >= 0], theirs[row][theirs[row] >= 0]), row

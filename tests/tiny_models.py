@@ -155,6 +155,22 @@ def tiny_processor(**overrides):
     return LlavaIvtpProcessor(tiny_image_processor(), tiny_tokenizer(), **settings)
 
 
+def tiny_next_processor(**overrides):
+    """`LlavaNextIvtpProcessor` for the tiny NeXT models: 24 px crops on the tiny grid pinpoints, 4 px patches."""
+    from transformers import LlavaNextImageProcessor
+
+    from modeling_llava_ivtp import LlavaNextIvtpProcessor
+
+    settings = dict(
+        patch_size=4, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE, clip_model_name="ViT-L-14-336",
+    )
+    settings.update(overrides)
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24},
+                                              image_grid_pinpoints=TINY_GRID_PINPOINTS)
+    return LlavaNextIvtpProcessor(image_processor, tiny_tokenizer(), **settings)
+
+
 def make_images(count: int, seed: int = 0):
     """PIL images of random pixels, different sizes (the image processor resizes and crops them)."""
     import numpy as np
