@@ -484,8 +484,8 @@ def next_alone(batch: dict, row: int) -> dict:
 
 
 def test_next_runs_the_packed_sequence_methods_and_refuses_the_others():
-    assert NEXT_METHODS == ["cdpruner", "divprune", "fastv", "ivtp", "pdrop", "random", "topk", "topk_plus", "visionzip",
-                            "vispruner"]
+    assert NEXT_METHODS == ["cdpruner", "divprune", "fastv", "ivtp", "pdrop", "pooling", "random", "topk", "topk_plus",
+                            "visionzip", "vispruner"]
     for method in sorted(set(METHODS) - set(NEXT_METHODS)):
         with pytest.raises(ValueError, match=rf"pruning_method='{method}' does not run on the LLaVA-NeXT host yet"):
             tiny_next_model(pruning_method=method, pruning_options={"visual_tokens": BUDGET})
@@ -499,6 +499,11 @@ def next_entry_counts(model, out, batch) -> list[int]:
     if model.config.pruning_method == "cdpruner":  # its code: each crop's share after the projector, no unpadding
         share = PRUNERS["cdpruner"](model.config, None).crop_budget
         return [layout.crops * share for layout in layouts]
+    if model.config.pruning_method == "pooling":  # each crop's cells whose centre patch is not padding
+        from modeling_llava_ivtp.pruner_pooling import pooling_centres
+
+        share, patches = PRUNERS["pooling"](model.config, None).crop_budget, model.config.num_patches
+        return [int(layout.shown(patches)[:, pooling_centres(share, 6)].sum()) for layout in layouts]
     if not out.vision_token_counts:
         return [layout.length for layout in layouts]
     if model.config.pruning_method in ("visionzip", "vispruner"):  # their code's layout: what each crop kept, no
@@ -520,7 +525,7 @@ def test_next_budget_reaches_the_last_layers(next_model, next_method, next_batch
         assert crop_budget == BUDGET // 5
         if not out.llm_keep_indices:  # the tower only: each crop keeps its share
             assert out.vision_token_counts[-1] == crop_budget and expected == entered and expected[1] < BUDGET
-    elif next_method == "cdpruner":  # each crop after the projector keeps its share
+    elif next_method in ("cdpruner", "pooling"):  # each crop after the projector keeps its share
         assert expected == entered and expected[1] < BUDGET
     else:
         assert expected == [BUDGET, BUDGET]
@@ -685,8 +690,8 @@ def test_next_a_budget_above_an_images_length_keeps_that_image_whole(next_method
     held = output_cache(out).layer_positions[-1]
     counts = [int((next_batch["input_ids"][row, held[row][held[row] >= 0]] == IMAGE_TOKEN_ID).sum()) for row in range(2)]
     expected = [min(120, count) for count in next_entry_counts(model, out, next_batch)]
-    per_image = not out.vision_token_counts and next_method != "cdpruner"  # else each crop keeps its share first
-    assert expected == [114, 120] if per_image else expected[0] < 114 and expected[1] == 120
+    per_image = not out.vision_token_counts and next_method not in ("cdpruner", "pooling")  # else per crop first
+    assert expected == [114, 120] if per_image else expected[0] < 114 and expected[1] <= 120
     assert counts == expected, next_method
     tokens = model.generate(**next_batch, max_new_tokens=4, **FIXED)[:, next_batch["input_ids"].shape[1]:]
     for row in range(2):
@@ -852,3 +857,49 @@ def test_next_cdpruner_is_its_codes_rule(next_batch):
             sequence = torch.cat([embeds[: image[0]], block, embeds[image[-1] + 1 :]])[None]
             logits = stock.lm_head(stock.model.language_model(inputs_embeds=sequence).last_hidden_state)[0]
         torch.testing.assert_close(out.logits[0], logits, atol=2e-5, rtol=1e-5)
+
+
+def test_next_pooling_is_its_rule_on_stock_llava_next(next_batch):
+    """Pooling on LLaVA-NeXT (ours): each crop's projected grid average-pooled alone to the budget's share (45 // 5
+    = 9 cells of 2 x 2 patches here: `avg_pool2d`), each cell at its centre patch's place in stock packing, the cells
+    centred on a tile's padding and the newlines left out; the logits are stock LLaVA-NeXT's decoder on those tokens
+    at their original positions."""
+    from reference_ivtp import packed_sources
+
+    model = next_method_model("pooling", options={"visual_tokens": 45})
+    stock = next_stock_twin(model)
+    layouts = model.image_layouts(next_batch["image_sizes"])
+    with torch.no_grad():
+        batched = model(**next_batch, use_cache=False)
+    for row in range(2):
+        crops = layouts[row].crops
+        pixels = next_batch["pixel_values"][row][:crops]
+        source = packed_sources(stock, model.config, crops, next_batch["image_sizes"][row].tolist())
+        with torch.no_grad():
+            hidden = stock.model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+            projected = stock.model.multi_modal_projector(hidden[:, 1:])  # (crops, 36, hidden)
+            grid = projected.view(crops, 6, 6, -1).permute(0, 3, 1, 2)
+            cells = torch.nn.functional.avg_pool2d(grid, 2).permute(0, 2, 3, 1).reshape(crops, 9, -1)
+        centre = torch.tensor([(2 * (cell // 3) + 1) * 6 + 2 * (cell % 3) + 1 for cell in range(9)])
+        place = {int(s): j for j, s in enumerate(source.tolist()) if s >= 0}
+        tokens = sorted((place[crop * 36 + int(centre[cell])], crop, cell) for crop in range(crops) for cell in range(9)
+                        if crop * 36 + int(centre[cell]) in place)
+        expected = torch.tensor([at for at, _, _ in tokens])
+        ours = batched.vision_keep_indices[row]
+        assert torch.equal(ours[ours >= 0], expected), row
+        real = next_batch["attention_mask"][row].bool()
+        ids = next_batch["input_ids"][row][real]
+        image = torch.where(ids == IMAGE_TOKEN_ID)[0]
+        with torch.no_grad():
+            embeds = stock.get_input_embeddings()(ids).clone()
+            keep = torch.ones_like(ids, dtype=torch.bool)
+            keep[image] = False
+            keep[image[expected]] = True
+            embeds[image[expected]] = torch.stack([cells[crop, cell] for _, crop, cell in tokens])
+            hidden = stock.model.language_model(inputs_embeds=embeds[keep][None],
+                                                position_ids=torch.where(keep)[0][None]).last_hidden_state
+            logits = stock.lm_head(hidden)
+        offset = int((~real).sum())
+        slots = batched.kept_positions[row] >= offset
+        assert torch.equal(batched.kept_positions[row][slots] - offset, torch.where(keep)[0])
+        assert (batched.logits[row][slots] - logits[0]).abs().max() <= 1e-4, row

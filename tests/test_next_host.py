@@ -92,14 +92,14 @@ def test_generate_takes_the_guidance_inputs_on_its_first_step():
 @pytest.mark.parametrize("settings", [
     {"pruning_method": "evit", "pruning_options": {"visual_tokens": 16}},
     {"pruning_method": "tome", "pruning_options": {"visual_tokens": 16}},
-    {"pruning_method": "pooling", "pruning_options": {"visual_tokens": 16}},
+    {"pruning_method": "tome_plus", "pruning_options": {"visual_tokens": 16}},
 ])
 def test_a_method_that_does_not_run_on_next_yet_is_refused_naming_the_field(settings):
     """Methods that prune in the vision tower or per crop (and pooling's grid rule) are refused on this host, with
     the methods that run; a config edited after construction is refused at the call."""
     config = IvtpNextConfig(**tiny_next_config_dict(**settings))
     expected = (rf"pruning_method='{settings['pruning_method']}' does not run on the LLaVA-NeXT host yet .* the methods "
-                r"that do: \['cdpruner', 'divprune', 'fastv', 'ivtp', 'pdrop', 'random', 'topk', 'topk_plus', 'visionzip', 'vispruner'\]. Set `pruning_method=None`")
+                r"that do: \['cdpruner', 'divprune', 'fastv', 'ivtp', 'pdrop', 'pooling', 'random', 'topk', 'topk_plus', 'visionzip', 'vispruner'\]. Set `pruning_method=None`")
     with pytest.raises(ValueError, match=expected):
         LlavaNextIvtpForConditionalGeneration(config)
     model = tiny_next_model()
