@@ -85,3 +85,55 @@ def test_the_default_fused_token_is_the_released_sum_not_an_average():
 def test_evit_fused_option_is_checked():
     with pytest.raises(ValueError, match=r"`pruning_options\['fused'\]`.*\['sum', 'mean'\].*'average'"):
         tiny_model(schedule=None, pruning_method="evit", pruning_options={"visual_tokens": 8, "fused": "average"})
+
+
+def test_evit_on_llava_next_keeps_each_crops_share_shown_patches_first():
+    """LLaVA-NeXT (ours): each crop through the tower alone with the schedule of the budget's share (`visual_tokens
+    // 5`); a tile's patches on the letterbox padding rank below every shown patch and take no part in the fused
+    token (where no shown patch is left to fuse, the last slot keeps its own features); the kept patches packed in
+    stock order, those the unpadding removes left out, no newline."""
+    from reference_ivtp import packed_sources
+    from tiny_models import make_next_batch, next_stock_twin, tiny_next_model
+
+    model = sharpen_attention(tiny_next_model(pruning_method="evit", pruning_options={"visual_tokens": 60}))
+    schedule = EvitPruner(model.config, None).counts
+    assert schedule[max(schedule)] == 12
+    batch = make_next_batch(model.config)
+    stock = next_stock_twin(model)
+    tower = model.model.vision_tower
+    layouts = model.image_layouts(batch["image_sizes"])
+    with torch.no_grad():
+        out = model(**batch, use_cache=False)
+        for row in range(2):
+            crops = layouts[row].crops
+            source = packed_sources(stock, model.config, crops, batch["image_sizes"][row].tolist())
+            place = {int(s): j for j, s in enumerate(source.tolist()) if s >= 0}
+            tokens = {}
+            for crop in range(crops):
+                hidden = tower.pre_layrnorm(tower.embeddings(batch["pixel_values"][row, crop : crop + 1]))
+                patch_ids = list(range(36))
+                for layer_idx, layer in enumerate(tower.encoder.layers[: max(schedule) + 1]):
+                    attention = eager_cls_row(layer, hidden)[0].tolist()
+                    hidden = layer(hidden, None)
+                    if layer_idx not in schedule:
+                        continue
+                    shown = [crop * 36 + patch in place for patch in patch_ids]
+                    ranked = sorted(range(len(patch_ids)), key=lambda i: (not shown[i], -attention[i], i))
+                    keep = schedule[layer_idx]
+                    attentive, slot = ranked[: keep - 1], ranked[keep - 1]
+                    rest = [i for i in ranked[keep - 1 :] if shown[i]]
+                    kept = {i: hidden[0, 1 + i] for i in attentive}
+                    kept[slot] = sum(attention[i] * hidden[0, 1 + i] for i in rest) if rest else hidden[0, 1 + slot]
+                    order = sorted(kept)
+                    patch_ids = [patch_ids[i] for i in order]
+                    hidden = torch.cat([hidden[:, :1], torch.stack([kept[i] for i in order])[None]], dim=1)
+                features = model.model.multi_modal_projector(hidden[0, 1:])
+                for patch, feature in zip(patch_ids, features):
+                    if crop * 36 + patch in place:
+                        tokens[place[crop * 36 + patch]] = feature
+            expected = sorted(tokens)
+            ours = out.vision_keep_indices[row]
+            assert ours[ours >= 0].tolist() == expected, row
+            first = sum(int((out.vision_keep_indices[r] >= 0).sum()) for r in range(row))  # the images' rows, flat
+            torch.testing.assert_close(output_image_features(out)[first : first + len(expected)],
+                                       torch.stack([tokens[j] for j in expected]), atol=1e-5, rtol=1e-5)

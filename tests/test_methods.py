@@ -484,8 +484,8 @@ def next_alone(batch: dict, row: int) -> dict:
 
 
 def test_next_runs_the_packed_sequence_methods_and_refuses_the_others():
-    assert NEXT_METHODS == ["cdpruner", "divprune", "fastv", "ivtp", "pdrop", "pooling", "random", "topk", "topk_plus",
-                            "visionzip", "vispruner"]
+    assert NEXT_METHODS == ["cdpruner", "divprune", "evit", "fastv", "ivtp", "pdrop", "pooling", "random", "topk",
+                            "topk_plus", "visionzip", "vispruner"]
     for method in sorted(set(METHODS) - set(NEXT_METHODS)):
         with pytest.raises(ValueError, match=rf"pruning_method='{method}' does not run on the LLaVA-NeXT host yet"):
             tiny_next_model(pruning_method=method, pruning_options={"visual_tokens": BUDGET})

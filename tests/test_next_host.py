@@ -90,7 +90,6 @@ def test_generate_takes_the_guidance_inputs_on_its_first_step():
 
 
 @pytest.mark.parametrize("settings", [
-    {"pruning_method": "evit", "pruning_options": {"visual_tokens": 16}},
     {"pruning_method": "tome", "pruning_options": {"visual_tokens": 16}},
     {"pruning_method": "tome_plus", "pruning_options": {"visual_tokens": 16}},
 ])
@@ -99,7 +98,7 @@ def test_a_method_that_does_not_run_on_next_yet_is_refused_naming_the_field(sett
     the methods that run; a config edited after construction is refused at the call."""
     config = IvtpNextConfig(**tiny_next_config_dict(**settings))
     expected = (rf"pruning_method='{settings['pruning_method']}' does not run on the LLaVA-NeXT host yet .* the methods "
-                r"that do: \['cdpruner', 'divprune', 'fastv', 'ivtp', 'pdrop', 'pooling', 'random', 'topk', 'topk_plus', 'visionzip', 'vispruner'\]. Set `pruning_method=None`")
+                r"that do: \['cdpruner', 'divprune', 'evit', 'fastv', 'ivtp', 'pdrop', 'pooling', 'random', 'topk', 'topk_plus', 'visionzip', 'vispruner'\]. Set `pruning_method=None`")
     with pytest.raises(ValueError, match=expected):
         LlavaNextIvtpForConditionalGeneration(config)
     model = tiny_next_model()
