@@ -10,9 +10,9 @@ The host holds the same pruning fields as `LlavaIvtpForConditionalGeneration` (`
 LLaVA-NeXT checkpoints unchanged, and with pruning off is stock LLaVA-NeXT. It prunes through the same runner
 (`PrunedRunner`): its images are the packed sequences stock LLaVA-NeXT builds (`layout_next.py`), one length per
 image. How each method spends its budget over an image's crops, and what it does with the unpadding and the newline
-tokens, is in `docs/llava-next.md`. The methods that run on this host so far (`Pruner.variable_lengths`) are IVTP
-(stage 1 on each crop in the vision tower, the kept patches packed with every newline; stage 2 over the image's
-tokens) and those that select among the packed sequence; a config naming another is refused.
+tokens, is in `docs/llava-next.md`: a method prunes each crop in the vision tower, each crop after the projector,
+the packed sequence, or in the LLM, and lays out what an image keeps by its code's rule (`Pruner.pack_crops`). Every
+registered method runs here (`Pruner.variable_lengths`); a config naming one without that rule is refused.
 """
 
 from __future__ import annotations

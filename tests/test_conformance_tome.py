@@ -470,3 +470,36 @@ def test_the_order_option(method):
     for bad in ("sorted", None, 1):
         with pytest.raises(ValueError, match=r"`pruning_options\['order'\]`.*'official', 'original'"):
             tiny_config(schedule=None, pruning_method=method, pruning_options={"visual_tokens": 8, "order": bad})
+
+
+def test_tome_on_llava_next_merges_each_crop_as_on_llava_1_5_and_lays_them_out_without_unpadding():
+    """LLaVA-NeXT (ours): each crop goes through the tower's ToMe chain alone, to the budget's share (60 // 5 = 12 per
+    crop) -- the chain the LLaVA-1.5 host runs on one image, checked against the official one above -- and the
+    survivors are laid out as the peers' per-crop code lays out tokens without unpadding: the base crop's in order,
+    then the tiles' in raster order over the stitched grid; no newline."""
+    from modeling_llava_ivtp.transformers_compat import output_image_features
+    from tiny_models import make_next_batch, make_prompt, tiny_next_model
+
+    next_model = tiny_next_model(pruning_method="tome", pruning_options={"visual_tokens": 60})
+    one_image = tiny_model(schedule=None, pruning_method="tome", pruning_options={"visual_tokens": 12})
+    weights = {k: v for k, v in next_model.state_dict().items() if k.startswith(("model.vision_tower", "model.multi_modal"))}
+    missing = one_image.load_state_dict(weights, strict=False)
+    assert not missing.unexpected_keys
+    batch = make_next_batch(next_model.config)
+    layouts = next_model.image_layouts(batch["image_sizes"])
+    side = 6
+    with torch.no_grad():
+        out = next_model(**batch, use_cache=False)
+        first = 0
+        for row in range(2):
+            crops = layouts[row].crops
+            pixels = batch["pixel_values"][row, :crops]
+            per_crop = one_image(input_ids=torch.tensor([make_prompt(2, 3)] * crops), pixel_values=pixels, use_cache=False)
+            kept, features = per_crop.vision_keep_indices, output_image_features(per_crop).view(crops, 12, -1)
+            columns = layouts[row].grid[1]
+            tiles = sorted((((tile // columns) * side + int(patch) // side) * columns * side
+                            + (tile % columns) * side + int(patch) % side, tile, j)
+                           for tile in range(crops - 1) for j, patch in enumerate(kept[1 + tile]))
+            block = torch.cat([features[0], torch.stack([features[1 + tile, j] for _, tile, j in tiles])])
+            torch.testing.assert_close(output_image_features(out)[first : first + len(block)], block, atol=1e-5, rtol=1e-5)
+            first += len(block)

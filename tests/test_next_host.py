@@ -89,22 +89,22 @@ def test_generate_takes_the_guidance_inputs_on_its_first_step():
     assert with_guidance.shape[1] == length + 5
 
 
-@pytest.mark.parametrize("settings", [
-    {"pruning_method": "tome", "pruning_options": {"visual_tokens": 16}},
-    {"pruning_method": "tome_plus", "pruning_options": {"visual_tokens": 16}},
-])
-def test_a_method_that_does_not_run_on_next_yet_is_refused_naming_the_field(settings):
-    """Methods that prune in the vision tower or per crop (and pooling's grid rule) are refused on this host, with
-    the methods that run; a config edited after construction is refused at the call."""
+def test_a_method_without_variable_lengths_is_refused_naming_the_field(monkeypatch):
+    """Every registered method runs on this host (`Pruner.variable_lengths`); one that did not -- a method added to
+    the registry without a rule for images of different lengths -- is refused at construction and, for a config
+    edited after it, at the call, naming the methods that run."""
+    from modeling_llava_ivtp.pruners import PRUNERS
+
+    assert all(pruner.variable_lengths for pruner in PRUNERS.values())
+    monkeypatch.setattr(PRUNERS["tome"], "variable_lengths", False)  # the project's own class, restored after
+    settings = {"pruning_method": "tome", "pruning_options": {"visual_tokens": 16}}
     config = IvtpNextConfig(**tiny_next_config_dict(**settings))
-    expected = (rf"pruning_method='{settings['pruning_method']}' does not run on the LLaVA-NeXT host yet .* the methods "
-                r"that do: \['cdpruner', 'divprune', 'evit', 'fastv', 'ivtp', 'pdrop', 'pooling', 'random', 'topk', 'topk_plus', 'visionzip', 'vispruner'\]. Set `pruning_method=None`")
+    expected = (r"pruning_method='tome' does not run on the LLaVA-NeXT host yet .* the methods that do: "
+                r"\['cdpruner', 'divprune', .*'tome_plus', .*\]. Set `pruning_method=None`")
     with pytest.raises(ValueError, match=expected):
         LlavaNextIvtpForConditionalGeneration(config)
     model = tiny_next_model()
-    model.config.pruning_method = settings["pruning_method"]
-    model.config.pruning_options = settings.get("pruning_options")
-    model.config.schedule = settings.get("schedule")
+    model.config.pruning_method, model.config.pruning_options = "tome", settings["pruning_options"]
     with pytest.raises(ValueError, match="does not run on the LLaVA-NeXT host yet"):
         model(**make_next_batch(model.config))
 
