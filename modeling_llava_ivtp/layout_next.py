@@ -64,7 +64,9 @@ class NextLayout:
         index = torch.tensor([crops * patches if source == NEWLINE else source for source in self.source], device=device)
         order = torch.arange(len(self.source), device=device)
         positions = torch.where(is_kept.index_select(0, index), order, len(self.source)).sort().values[:length]
-        return flat.index_select(0, index.index_select(0, positions)), positions
+        # A selection that keeps the shown patches first holds `length` packed tokens; `llava-ivtp flops`' weight-free
+        # count keeps arbitrary patches (its scores are zeros): the clamp only keeps its shapes valid.
+        return flat.index_select(0, index.index_select(0, positions.clamp_max(len(self.source) - 1))), positions
 
     def tile_raster(self, tile_patch_ids: torch.Tensor, patches: int) -> torch.Tensor:
         """For patches `tile_patch_ids` `(tiles, k)` of each tile (the crops after the base), their raster index over

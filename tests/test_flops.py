@@ -279,3 +279,53 @@ def test_cli_errors(tmp_path, capsys):
     assert "one entry per vision group" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["flops", "--preset", "x.json", "--model-size", "7b"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", [None, "ivtp", "visionzip", "cdpruner", "tome_plus"])
+def test_next_weight_free_count_equals_the_real_forward_count(method):
+    """LLaVA-NeXT (stock, and methods at each site: the tower per crop, the crops after the projector, the LLM): the
+    weight-free count of one image of 40 x 36 px (5 crops) equals FlopCounterMode around a real CPU forward."""
+    from modeling_llava_ivtp import LlavaNextIvtpForConditionalGeneration
+    from tiny_models import next_stock_twin, tiny_next_model
+
+    if method is None:
+        real = next_stock_twin(tiny_next_model())
+    else:
+        real = tiny_next_model(pruning_method=method, pruning_options={"visual_tokens": 40}, clip_text_encoder=TINY_CLIP_TEXT)
+        assert isinstance(real, LlavaNextIvtpForConditionalGeneration)
+    inputs = example_inputs(real.config, text_tokens=14, prefix_tokens=3, seed=1, image_size=(40, 36))
+    assert inputs["pixel_values"].shape == (1, 5, 3, 24, 24) and inputs["image_sizes"].tolist() == [[40, 36]]
+    real_counts, substituted, real_output = count_forward(real, inputs, weight_free=False)
+    meta = build_weight_free(real.config)
+    meta_inputs = dict(inputs, pixel_values=inputs["pixel_values"].to("meta"))
+    meta_counts, substituted, meta_output = count_forward(meta, meta_inputs, weight_free=True)
+    assert meta_counts == real_counts, method
+    assert meta_output.logits.shape == real_output.logits.shape
+    assert part_breakdown(real, real_counts, 14, 1) == part_breakdown(meta, meta_counts, 14, 1)
+
+
+def test_next_cli_counts_every_method_at_a_budget(tmp_path, capsys):
+    """A LLaVA-NeXT preset: the stock row holds the image's packed length; every method's row at the budget keeps at
+    most the budget in the last layer and costs less than stock."""
+    from modeling_llava_ivtp import IvtpNextConfig
+    from modeling_llava_ivtp.configuration_llava_ivtp import PRUNING_METHODS
+    from tiny_models import tiny_next_config_dict
+
+    path = tmp_path / "tiny-next-ivtp.json"
+    IvtpNextConfig(**tiny_next_config_dict(pruning_method="ivtp", pruning_options={"visual_tokens": 40},
+                                           clip_text_encoder=TINY_CLIP_TEXT)).to_json_file(path)
+    assert main(["flops", "--preset", str(path), "--text-tokens", "16", "--methods", "all", "--visual-tokens", "40",
+                 "--image-size", "40", "36", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["host"] == "LLaVA-NeXT" and report["image_size"] == [40, 36] and report["image_tokens"] == 168
+    rows = {row["key"]: row for row in report["rows"]}
+    stock = rows["stock"]["results"][0]
+    assert stock["visual_tokens_into_llm"] == stock["visual_tokens_last_layer"] == 168
+    for method in PRUNING_METHODS:
+        result = rows[f"method:{method}"]["results"][0]
+        assert result["visual_tokens_last_layer"] <= 40 and result["ratio_to_stock"] < 1, method
+    assert main(["flops", "--preset", str(path), "--text-tokens", "16"]) == 0
+    assert "| LLaVA-NeXT (stock) |" in capsys.readouterr().out

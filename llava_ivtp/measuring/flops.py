@@ -34,17 +34,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from llava_ivtp_presets import PRESETS, preset_path
 
 from modeling_llava_ivtp.configuration_llava_ivtp import (
     PRUNING_METHODS,
     IvtpConfig,
+    IvtpNextConfig,
     resolve_feature_layer_count,
     stock_llava_fields,
 )
+from modeling_llava_ivtp.layout_next import next_layout
 from modeling_llava_ivtp.modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
+from modeling_llava_ivtp.modeling_llava_next_ivtp import LlavaNextIvtpForConditionalGeneration
 from modeling_llava_ivtp.pruner_base import budget_schedule
 
 
@@ -140,9 +143,23 @@ class WeightFreeMode(TorchDispatchMode):
 # ----------------------------------------------------------------------------------------------------------------
 # Models and inputs
 # ----------------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT's default image for a count: 672 x 672, the 2 x 2 grid at full size (LLaVA-1.6-7B: 5 crops, 2,928 tokens)
+DEFAULT_NEXT_IMAGE_SIZE = (672, 672)
+
+
+def is_next(config) -> bool:
+    """Whether `config` is a LLaVA-NeXT one (`IvtpNextConfig` or stock `LlavaNextConfig`)."""
+    return isinstance(config, (IvtpNextConfig, LlavaNextConfig))
+
+
+def host_name(config) -> str:
+    return "LLaVA-NeXT" if is_next(config) else "LLaVA-1.5"
+
+
 def stock_llava_config(config: IvtpConfig) -> LlavaConfig:
-    """The stock `LlavaConfig` of the same architecture (IVTP's fields removed)."""
-    stock = LlavaConfig(**stock_llava_fields(config.to_dict()))
+    """The stock `LlavaConfig` (`LlavaNextConfig` for LLaVA-NeXT) of the same architecture (IVTP's fields removed)."""
+    stock_class = LlavaNextConfig if is_next(config) else LlavaConfig
+    stock = stock_class(**stock_llava_fields(config.to_dict()))
     stock._attn_implementation = config._attn_implementation or "sdpa"
     return stock
 
@@ -168,15 +185,16 @@ def topk_config(config: IvtpConfig, vision_schedule: list[int] | None = None, fi
     patches to `final` (`budget_schedule(..., llm=False)`; `final` defaults to the tokens `config` keeps in the end,
     64 for the LLaVA-1.5 presets)."""
     final = final_visual_tokens(config) if final is None else final
-    if not 1 <= final <= config.num_patches:
+    if not 1 <= final <= config.max_visual_tokens:
         raise ValueError(
-            f"TopK's final token count must be in [1, {config.num_patches}] (the patches per image), got {final}."
+            f"TopK's final token count must be in [1, {config.max_visual_tokens}] (the visual tokens of an image), got "
+            f"{final}."
         )
     values = config.to_dict()
     vision_schedule = vision_schedule or budget_schedule(config, final, llm=False)["vision"]
-    values["schedule"] = {"vision": list(vision_schedule), "llm": []}
+    values.update(schedule={"vision": list(vision_schedule), "llm": []}, pruning_method="ivtp", pruning_options=None)
     values["clip_text_encoder"] = None
-    topk = IvtpConfig.from_dict(values)
+    topk = type(config).from_dict(values)
     topk._attn_implementation = config._attn_implementation or "sdpa"
     return topk
 
@@ -192,14 +210,21 @@ def ivtp_config(config: IvtpConfig, clip_model: str = DEFAULT_CLIP_MODEL) -> tup
 
     values = config.to_dict()
     values["clip_text_encoder"] = clip_text_encoder_spec(clip_model)
-    guided = IvtpConfig.from_dict(values)
+    guided = type(config).from_dict(values)
     guided._attn_implementation = config._attn_implementation or "sdpa"
     return guided, f"the preset has no CLIP text tower (`clip_text_encoder` is null); counted with open_clip {clip_model}'s"
 
 
+MODEL_CLASSES = {
+    IvtpConfig: LlavaIvtpForConditionalGeneration, LlavaConfig: LlavaForConditionalGeneration,
+    IvtpNextConfig: LlavaNextIvtpForConditionalGeneration, LlavaNextConfig: LlavaNextForConditionalGeneration,
+}
+
+
 def build_weight_free(config) -> torch.nn.Module:
-    """The model class of `config` (stock Llava for a `LlavaConfig`, IVTP for an `IvtpConfig`) on the meta device."""
-    model_class = LlavaIvtpForConditionalGeneration if isinstance(config, IvtpConfig) else LlavaForConditionalGeneration
+    """The model class of `config` (stock Llava for a `LlavaConfig`, IVTP for an `IvtpConfig`; their LLaVA-NeXT
+    twins for `LlavaNextConfig` and `IvtpNextConfig`) on the meta device."""
+    model_class = MODEL_CLASSES[type(config)]
     if config._attn_implementation is None:
         config._attn_implementation = "sdpa"
     with torch.device(META):
@@ -219,9 +244,11 @@ def example_inputs(
     batch_size: int = 1,
     device: torch.device | str = CPU,
     seed: int = 0,
+    image_size: tuple[int, int] = DEFAULT_NEXT_IMAGE_SIZE,
 ) -> dict:
     """A prompt of `prefix_tokens` text tokens (BOS first), one image's placeholders, then the rest of the
-    `text_tokens` text tokens (the instruction), as `LlavaIvtpProcessor` would lay it out.
+    `text_tokens` text tokens (the instruction), as `LlavaIvtpProcessor` would lay it out. LLaVA-NeXT: an image of
+    `image_size` `(height, width)`, its crops and as many placeholders as its packed sequence (`layout_next.py`).
 
     `pixel_values` are on `device` (meta for a weight-free count). For a model with a CLIP text tower the guidance
     tensors are added: the instruction is every text token after the image; `clip_input_ids` fill CLIP's whole
@@ -234,6 +261,10 @@ def example_inputs(
     text_config, vision_config = config.text_config, config.vision_config
     image_token = config.image_token_id
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    crops = None
+    if is_next(config):
+        layout = next_layout(image_size, config.image_grid_pinpoints, vision_config.image_size, vision_config.patch_size)
+        patches, crops = layout.length, layout.crops
     vocab = [token for token in range(3, min(text_config.vocab_size, 30000)) if token != image_token]
     vocab = torch.tensor(vocab)
     suffix = text_tokens - prefix_tokens
@@ -249,11 +280,15 @@ def example_inputs(
         dim=1,
     )
     shape = (batch_size, vision_config.num_channels, vision_config.image_size, vision_config.image_size)
+    if crops is not None:
+        shape = (batch_size, crops, *shape[1:])
     if torch.device(device).type == "meta":
         pixel_values = torch.empty(shape, device=META)
     else:
         pixel_values = torch.randn(shape, generator=generator).to(device)
     inputs = {"input_ids": input_ids, "pixel_values": pixel_values}
+    if crops is not None:
+        inputs["image_sizes"] = torch.tensor([list(image_size)] * batch_size)
     context = clip_context_length(config)
     if context is not None:
         length = input_ids.shape[1]
@@ -368,7 +403,7 @@ def part_breakdown(model: torch.nn.Module, counts: dict[str, int], text_tokens: 
             return counts[names[id(module)]]
         return sum(executed(child) for child in module.children())
 
-    is_ivtp = isinstance(model, LlavaIvtpForConditionalGeneration) and config.pruning_enabled
+    is_ivtp = isinstance(model, (LlavaIvtpForConditionalGeneration, LlavaNextIvtpForConditionalGeneration)) and config.pruning_enabled
     vit = total([vision_tower.embeddings, getattr(vision_tower, "pre_layrnorm", None)])
     vit += sum(executed(layer) for layer in vision_layers[:feature_layers])
     after_feature_layer = total(vision_layers[feature_layers:])
@@ -391,10 +426,11 @@ def measure(
     prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
     batch_size: int = 1,
     model: torch.nn.Module | None = None,
+    image_size: tuple[int, int] = DEFAULT_NEXT_IMAGE_SIZE,
 ) -> Breakdown:
     """Count one weight-free forward of `config`'s model class over `example_inputs` and split it by part."""
     model = model if model is not None else build_weight_free(config)
-    inputs = example_inputs(model.config, text_tokens, prefix_tokens, batch_size, device=META)
+    inputs = example_inputs(model.config, text_tokens, prefix_tokens, batch_size, device=META, image_size=image_size)
     counts, substituted, outputs = count_forward(model, inputs, weight_free=True)
     breakdown = part_breakdown(model, counts, text_tokens, num_images=inputs["pixel_values"].shape[0])
     breakdown.substituted_ops = sorted(set(substituted))
@@ -405,11 +441,11 @@ def measure(
 
 
 def visual_tokens_per_llm_layer(config, input_ids: torch.Tensor, outputs) -> list[int]:
-    """Visual tokens per image that each LLM layer held in the forward (the output's host-side sizes); every patch
-    for a forward that pruned nothing."""
+    """Visual tokens per image that each LLM layer held in the forward (the output's host-side sizes); every
+    placeholder for a forward that pruned nothing."""
     per_layer = getattr(outputs, "visual_tokens_per_layer", None)
     if not per_layer:
-        return [_patches(config)] * config.text_config.num_hidden_layers
+        return [int((input_ids[0] == config.image_token_id).sum())] * config.text_config.num_hidden_layers
     return list(per_layer)
 
 
@@ -432,7 +468,8 @@ def resolve_preset(preset: str | None, model_size: str | None) -> Path:
 
 
 def read_preset(path: Path) -> IvtpConfig:
-    """An IvtpConfig JSON file; a `ValueError` saying what is wrong with it otherwise."""
+    """An IvtpConfig JSON file (an `IvtpNextConfig` where its `model_type` is "llava_next_ivtp"); a `ValueError`
+    saying what is wrong with it otherwise."""
     from huggingface_hub.errors import StrictDataclassError
 
     try:
@@ -443,10 +480,11 @@ def read_preset(path: Path) -> IvtpConfig:
         raise ValueError(f"cannot be read ({error}).") from None
     if not isinstance(raw, dict):
         raise ValueError(f"expected a JSON object of IvtpConfig fields, got a JSON {type(raw).__name__}.")
+    config_class = IvtpNextConfig if raw.get("model_type") == IvtpNextConfig.model_type else IvtpConfig
     try:
-        return IvtpConfig.from_dict(raw)
+        return config_class.from_dict(raw)
     except (TypeError, ValueError, StrictDataclassError) as error:
-        raise ValueError(f"not a valid IvtpConfig: {error}") from None
+        raise ValueError(f"not a valid {config_class.__name__}: {error}") from None
 
 
 def flops_report(
@@ -460,16 +498,19 @@ def flops_report(
     preset_name: str = "",
     methods: list[str] = (),
     visual_tokens: int | None = None,
+    image_size: tuple[int, int] = DEFAULT_NEXT_IMAGE_SIZE,
 ) -> dict:
     """Counted FLOPs of stock LLaVA, TopK and IVTP (`preset`) at each text length, as a JSON-ready dict; then one row
-    per pruning method of `methods` at the budget `visual_tokens` (default: the tokens the preset keeps in the end)."""
+    per pruning method of `methods` at the budget `visual_tokens` (default: the tokens the preset keeps in the end).
+    A LLaVA-NeXT preset counts LLaVA-NeXT with one image of `image_size` `(height, width)`."""
     if preset._attn_implementation is None:
         preset._attn_implementation = "sdpa"
     guided, clip_note = ivtp_config(preset, clip_model)
     topk = topk_config(preset, topk_vision, topk_tokens)
     rows = [
-        ("stock", "LLaVA-1.5 (stock)", stock_llava_config(preset), None),
-        ("topk", f"TopK (vision only, to {topk.schedule['vision'][-1]})", topk, topk.schedule),
+        ("stock", f"{host_name(preset)} (stock)", stock_llava_config(preset), None),
+        ("topk", f"TopK (vision only, to {topk.schedule['vision'][-1]}{' per crop' if is_next(preset) else ''})",
+         topk, topk.schedule),
         ("ivtp", "IVTP (preset)", guided, guided.schedule),
     ]
     budget = visual_tokens if visual_tokens is not None else final_visual_tokens(preset)
@@ -477,7 +518,7 @@ def flops_report(
         # IVTP and CDPruner read the instruction through the CLIP text tower: counted with it, as the IVTP row
         values = guided.to_dict() if method in ("ivtp", "cdpruner") else preset.to_dict()
         values.update(schedule=None, pruning_method=method, pruning_options={"visual_tokens": budget})
-        config = IvtpConfig.from_dict(values)
+        config = type(preset).from_dict(values)
         config._attn_implementation = "sdpa"
         rows.append((f"method:{method}", f"{method} @{budget}", config, config.schedule))
     text = preset.text_config
@@ -486,7 +527,9 @@ def flops_report(
         "unit": "TFLOPs (1e12 FLOPs, 2 FLOPs per multiply-add)",
         "batch_size": batch_size,
         "prefix_tokens": prefix_tokens,
-        "image_tokens": preset.num_patches,
+        "host": host_name(preset),
+        "image_size": list(image_size) if is_next(preset) else None,
+        "image_tokens": example_inputs(preset, 8, 1, image_size=image_size)["input_ids"].eq(preset.image_token_id).sum().item(),
         "model": {
             "vision_layers_run": resolve_feature_layer_count(preset.vision_feature_layer, preset.vision_config.num_hidden_layers),
             "vision_layers": preset.vision_config.num_hidden_layers,
@@ -506,7 +549,7 @@ def flops_report(
         model = build_weight_free(config)
         results = []
         for length in text_tokens:
-            breakdown = measure(config, length, prefix_tokens, batch_size, model=model)
+            breakdown = measure(config, length, prefix_tokens, batch_size, model=model, image_size=image_size)
             values = asdict(breakdown)
             values["scoring"] = values["extra"] - values["clip_text_tower"]
             parts = ("vit", "llm", "extra", "total", "clip_text_tower", "scoring", "not_counted")
@@ -529,7 +572,7 @@ def flops_report(
 
 
 CONVENTION = (
-    "one prefill forward (use_cache=True, as in generate), batch {batch}, one image ({patches} patch tokens) and N text tokens (every "
+    "one prefill forward (use_cache=True, as in generate), batch {batch}, one image ({patches}) and N text tokens (every "
     "non-image prompt token: {prefix} before the image incl. BOS, the rest after it); 2 FLOPs per multiply-add; "
     "matmuls, linears, convolutions and attention products over the full T x T (no causal discount); LM head over every "
     "token that reaches it; ViT = patch embedding + vision layers up to the feature layer ({vit_layers} of "
@@ -544,7 +587,8 @@ def _format_tflops(value: float, digits: int = 3) -> str:
 
 def render_markdown(report: dict, breakdown_at: int) -> str:
     lengths = [result["text_tokens"] for result in report["rows"][0]["results"]]
-    lines = [f"# FLOPs of LLaVA-1.5 with and without token pruning ({Path(report['preset']).name or 'preset'})", ""]
+    host = report.get("host", "LLaVA-1.5")
+    lines = [f"# FLOPs of {host} with and without token pruning ({Path(report['preset']).name or 'preset'})", ""]
     model = report["model"]
     lines.append(
         f"Counted by `torch.utils.flop_counter.FlopCounterMode` on the model classes' real forward, weight-free (meta "
@@ -588,7 +632,10 @@ def render_markdown(report: dict, breakdown_at: int) -> str:
     ivtp_at = ivtp["results"][lengths.index(at)]["tflops"]
     notes = [
         "Convention: " + CONVENTION.format(
-            batch=report["batch_size"], patches=report["image_tokens"], prefix=report["prefix_tokens"],
+            batch=report["batch_size"], prefix=report["prefix_tokens"],
+            patches=(f"{report['image_tokens']} patch tokens" if not report.get("image_size") else
+                     f"{report['image_size'][0]} x {report['image_size'][1]} px: {report['image_tokens']} visual tokens, "
+                     "base crop, unpadded tiles and newlines"),
             vit_layers=model["vision_layers_run"], all_layers=model["vision_layers"],
         ),
         f"Not counted: the stock forward also runs the vision layers after the feature layer and discards them "
@@ -625,7 +672,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "device (LLaVA-1.5-7B/13B shapes count in seconds on a CPU). Prints the analogues of the paper's Table 3 "
         "(total vs text length) and Table 9 (ViT / LLM / extra).",
         "Convention (the paper's): " + CONVENTION.format(
-            batch="B (--batch-size)", patches=576, prefix="--prefix-tokens", vit_layers=23, all_layers="24 for LLaVA-1.5"
+            batch="B (--batch-size)", patches="576 patch tokens; LLaVA-NeXT: --image-size", prefix="--prefix-tokens", vit_layers=23, all_layers="24 for LLaVA-1.5"
         ),
         "Instruction length for 'extra': the CLIP text tower always runs over its whole context (77 tokens for "
         "ViT-L-14-336), as LlavaIvtpProcessor pads clip_input_ids to it, so its cost does not depend on the "
@@ -674,6 +721,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the --methods rows' budget: visual tokens per image in the LLM's last layers (default: as many as the "
         "preset keeps in the end, 64 for LLaVA-1.5's presets)",
     )
+    parser.add_argument(
+        "--image-size", type=int, nargs=2, default=list(DEFAULT_NEXT_IMAGE_SIZE), metavar=("HEIGHT", "WIDTH"),
+        help="LLaVA-NeXT presets (configuration/llava-v1.6-vicuna-7b-ivtp.json): the image's size, which decides its "
+        "crops and visual tokens (default 672 672: the 2 x 2 grid, 2,928 tokens for LLaVA-1.6-7B)",
+    )
     parser.add_argument("--format", choices=("md", "json"), default="md", help="markdown tables (default) or JSON")
 
 
@@ -705,7 +757,7 @@ def run(args) -> int:
     try:
         report = flops_report(
             preset, args.text_tokens, args.topk_vision, args.topk_tokens, args.prefix_tokens, args.batch_size, args.clip_model,
-            preset_name=str(path), methods=methods, visual_tokens=args.visual_tokens,
+            preset_name=str(path), methods=methods, visual_tokens=args.visual_tokens, image_size=tuple(args.image_size),
         )
     except ValueError as error:
         return report_error("flops", error)

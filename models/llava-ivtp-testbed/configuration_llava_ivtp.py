@@ -132,6 +132,17 @@ class IvtpFields:
         return self.num_patches
 
     @property
+    def max_crops(self) -> int:
+        """The most crops one image goes through the vision tower as: 1 here; LLaVA-NeXT's base crop and largest tile
+        grid in `IvtpNextConfig`."""
+        return 1
+
+    def stage_two_bound(self, per_crop: int) -> int:
+        """The most visual tokens one image brings to the LLM when every crop keeps `per_crop` patches: `per_crop`
+        here (LLaVA-NeXT adds its crops and newline tokens)."""
+        return per_crop
+
+    @property
     def vision_layer_groups(self) -> list[tuple[int, int]]:
         """`(first, last)` vision layer of each stage-1 group, over the layers that run for patch features."""
         feature_layers = resolve_feature_layer_count(self.vision_feature_layer, self.vision_config.num_hidden_layers)
@@ -241,6 +252,8 @@ class IvtpFields:
         available = self.num_patches
         normalized = {}
         for stage in SCHEDULE_STAGES:
+            if stage == "llm":  # per crop in the tower, per image in the LLM
+                available = self.stage_two_bound(available)
             counts = schedule[stage]
             if not isinstance(counts, (list, tuple)):
                 raise ValueError(f'`schedule["{stage}"]` must be a list of token counts, got {type(counts).__name__}.')
@@ -258,9 +271,11 @@ class IvtpFields:
                     if index:
                         what = "the previous group's count"
                     elif stage == "vision":
-                        what = "the patches per image"
+                        what = "the patches per crop" if self.max_crops > 1 else "the patches per image"
                     else:
                         what = "the visual tokens that enter the LLM (the last vision count, or every patch)"
+                        if self.max_crops > 1:
+                            what = "the most visual tokens an image brings to the LLM (`stage_two_bound`)"
                     raise ValueError(
                         f'`schedule["{stage}"][{index}]` = {count} is larger than {what} ({available}); counts '
                         "must not increase."
@@ -363,9 +378,20 @@ class IvtpNextConfig(IvtpFields, LlavaNextConfig):
     def max_visual_tokens(self) -> int:
         """The longest packed sequence of one image: the base crop, then a grid of tiles at full size (no unpadding
         removes a row or column) with a newline after each row, over `image_grid_pinpoints`."""
+        return self.stage_two_bound(self.num_patches)
+
+    @property
+    def max_crops(self) -> int:
+        """The base crop and the largest grid of tiles `image_grid_pinpoints` allows (5 for LLaVA-1.6-7B)."""
+        crop = self.vision_config.image_size
+        return 1 + max((height // crop) * (width // crop) for height, width in self.image_grid_pinpoints)
+
+    def stage_two_bound(self, per_crop: int) -> int:
+        """The most visual tokens one image brings to the LLM when each crop keeps `per_crop` patches: every crop of
+        a grid at full size (no unpadding), and a newline after each of the grid's rows."""
         side = self.vision_config.image_size // self.vision_config.patch_size
         crop = self.vision_config.image_size
-        return max(side * side + (height // crop * side) * (width // crop * side + 1)
+        return max((1 + (height // crop) * (width // crop)) * per_crop + (height // crop) * side
                    for height, width in self.image_grid_pinpoints)
 
     # `None`: derived from the vision geometry, `(image_size // patch_size) ** 2`: the patches of one crop.

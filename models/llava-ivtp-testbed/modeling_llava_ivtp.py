@@ -811,6 +811,9 @@ class PrunedRunner:
                 else:
                     patches = _apply_selection(hidden_states[:, 1:], selection)
                     keep_indices = keep_indices.gather(1, moved(selection.keep, keep_indices.device))
+                    context = pruner.context
+                    if context is not None and context.vision_valid is not None:  # the kept patches' validity
+                        context.vision_valid = context.vision_valid.gather(1, moved(selection.keep, context.vision_valid.device))
                 hidden_states = torch.cat([hidden_states[:, :1], patches], dim=1)  # CLS always kept, order kept
             kept_counts.append(hidden_states.shape[1] - 1)
         return {
@@ -966,8 +969,6 @@ def _select_llm_per_image(tokens: TokenState, view: LlmView, selection, num_keep
     """`_select_llm` where images keep different counts (`num_keep` per image; the selection's entries past an
     image's count are -1)."""
     with profiler_label("ivtp/llm_selection"):
-        if selection.merged is not None:
-            raise ValueError("A merging selection keeps the same count for every image.")
         keep = ~tokens.is_visual
         width = max(num_keep)
         picked = moved(selection.keep, view.visual_slots.device)
@@ -979,6 +980,14 @@ def _select_llm_per_image(tokens: TokenState, view: LlmView, selection, num_keep
         keep[rows] = marked[:, :spare]
         kept_patches = torch.full((keep.shape[0], width), -1, dtype=torch.long, device=keep.device)
         kept_patches[rows] = torch.where(taken, tokens.patch_index[rows].gather(1, chosen), -1)
+        if selection.merged is not None:  # merged features at the kept slots (the -1 entries into a spare column)
+            hidden = tokens.hidden_states.clone()
+            size = hidden.shape[-1]
+            rows_hidden = torch.cat([hidden[rows], hidden.new_zeros(len(rows), 1, size)], dim=1)
+            index = torch.where(taken, chosen, spare).unsqueeze(-1).expand(-1, -1, size)
+            rows_hidden = rows_hidden.scatter(1, index, moved(selection.merged, dtype=hidden.dtype))
+            hidden[rows] = rows_hidden[:, :spare]
+            tokens = replace(tokens, hidden_states=hidden)
         return tokens.keep_visual(keep, num_keep, renumber=renumber), kept_patches
 
 

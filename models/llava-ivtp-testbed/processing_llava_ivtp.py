@@ -1,4 +1,5 @@
-"""`LlavaIvtpProcessor`: the stock `LlavaProcessor` plus IVTP's instruction guidance inputs (paper sec. 3.3).
+"""`LlavaIvtpProcessor` and `LlavaNextIvtpProcessor`: the stock `LlavaProcessor` and `LlavaNextProcessor` plus IVTP's
+instruction guidance inputs (paper sec. 3.3).
 
 On top of `input_ids`, `attention_mask` and `pixel_values` it returns, per sample:
 
@@ -28,7 +29,7 @@ import functools
 
 import numpy as np
 import torch
-from transformers import LlavaProcessor
+from transformers import LlavaNextProcessor, LlavaProcessor
 
 from .guidance_ivtp import align_llm_to_clip, clip_tokens_with_spans
 
@@ -99,12 +100,12 @@ def _split_at(ranges: list[tuple[int, int]], text: str, token: str) -> list[tupl
     return pieces
 
 
-class LlavaIvtpProcessor(LlavaProcessor):
-    r"""
-    [`LlavaProcessor`] that also returns IVTP's guidance inputs (`instruction_mask`, `clip_input_ids`,
-    `clip_token_spans`); see the module docstring. Needs a fast (🤗 tokenizers) tokenizer, for character offsets.
+class IvtpGuidance:
+    r"""What `LlavaIvtpProcessor` (LLaVA-1.5) and `LlavaNextIvtpProcessor` (LLaVA-NeXT) add to their stock processor:
+    IVTP's guidance inputs (`instruction_mask`, `clip_input_ids`, `clip_token_spans`; see the module docstring).
+    Needs a fast (🤗 tokenizers) tokenizer, for character offsets.
 
-    Args (on top of [`LlavaProcessor`]'s):
+    Args (on top of the stock processor's):
         clip_model_name (`str`, defaults to `"ViT-L-14-336"`):
             The open_clip architecture whose tokenizer tokenizes the instruction; the model's
             `config.clip_text_encoder["model_name"]`.
@@ -132,7 +133,7 @@ class LlavaIvtpProcessor(LlavaProcessor):
                 raise ValueError(f"`{name}` must be a non-empty string, got {value!r}.")
         if tokenizer is not None and not getattr(tokenizer, "is_fast", False):
             raise ValueError(
-                "LlavaIvtpProcessor needs a fast tokenizer (🤗 tokenizers backend): the instruction is located by "
+                f"{type(self).__name__} needs a fast tokenizer (🤗 tokenizers backend): the instruction is located by "
                 f"character offsets, which {type(tokenizer).__name__} does not return."
             )
         self.clip_model_name = clip_model_name
@@ -160,7 +161,7 @@ class LlavaIvtpProcessor(LlavaProcessor):
     # ------------------------------------------------------------------------------------------------------------
     def __call__(self, images=None, text=None, videos=None, audio=None, instruction=None, instruction_spans=None, **kwargs):
         r"""
-        Same as [`LlavaProcessor.__call__`], plus:
+        Same as the stock processor's `__call__`, plus:
 
         instruction (`str` or `list[str | None]`, *optional*):
             The instruction's text in each prompt (its last occurrence is used); `None` entries use the default.
@@ -403,7 +404,26 @@ def _like(rows: list, reference):
     return rows
 
 
+class LlavaIvtpProcessor(IvtpGuidance, LlavaProcessor):
+    r"""
+    [`LlavaProcessor`] that also returns IVTP's guidance inputs (`instruction_mask`, `clip_input_ids`,
+    `clip_token_spans`); see the module docstring and [`IvtpGuidance`] for the arguments it adds.
+    """
+
+
+class LlavaNextIvtpProcessor(IvtpGuidance, LlavaNextProcessor):
+    r"""
+    [`LlavaNextProcessor`] (LLaVA-NeXT: each image's crops and size, as many placeholders as its packed sequence)
+    that also returns IVTP's guidance inputs (`instruction_mask`, `clip_input_ids`, `clip_token_spans`); see the
+    module docstring and [`IvtpGuidance`] for the arguments it adds.
+    """
+
+
 # Remote code: `save_pretrained` copies this file (and what it imports) and writes `auto_map["AutoProcessor"]`.
 LlavaIvtpProcessor.register_for_auto_class()
+LlavaNextIvtpProcessor.register_for_auto_class()
 
-__all__ = ["GUIDANCE_OUTPUTS", "LLAVA_CHAT_TEMPLATE", "LlavaIvtpProcessor", "clip_tokenizer_for", "expanded_position_function"]
+__all__ = [
+    "GUIDANCE_OUTPUTS", "LLAVA_CHAT_TEMPLATE", "IvtpGuidance", "LlavaIvtpProcessor", "LlavaNextIvtpProcessor",
+    "clip_tokenizer_for", "expanded_position_function",
+]

@@ -84,7 +84,9 @@ class PruneContext:
     `(batch,)`, the rotary position right after each sample's image block (after its last token for a sample without
     an image): where a probe token sits. `visual_lengths` (host): every image's visual tokens in order where images
     differ (LLaVA-NeXT: each image's packed length; a site-2 pruner then gets `(images, max length, hidden)` and
-    `visual_valid`), else `None` (`num_patches` each)."""
+    `visual_valid`), else `None` (`num_patches` each). `vision_valid` (LLaVA-NeXT, in the vision tower): `(crops,
+    tokens)` bool, which of each crop's current patch tokens show the image (a tile's patches on the letterbox padding,
+    which stock unpadding removes, do not), kept up to date by the runner after each selection; `None` where all do."""
 
     model: torch.nn.Module
     guidance: dict
@@ -92,6 +94,7 @@ class PruneContext:
     images: tuple = ()
     clip_length: int | None = None
     visual_lengths: tuple | None = None
+    vision_valid: torch.Tensor | None = None
     vision: dict = field(default_factory=dict)
     deferred: dict = field(default_factory=dict, repr=False)  # name -> function of no arguments, or its value
 
@@ -239,6 +242,9 @@ class Pruner:
     positions: ClassVar[str] = "original"  # the position rule of the method's code: one of POSITION_RULES
     # Whether the method runs on images of different lengths (LLaVA-NeXT's packed sequences: `visual_lengths`).
     variable_lengths: ClassVar[bool] = False
+    # Whether it prunes each crop of a LLaVA-NeXT image after the projector, before packing (`pack_crops`), rather
+    # than the packed sequence (`on_projected`): CDPruner's NeXT code.
+    prunes_crops: ClassVar[bool] = False
 
     def __init__(self, config, context: PruneContext | None):
         self.config = config
@@ -272,6 +278,39 @@ class Pruner:
         if "visual_tokens" in cls.options:
             check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.max_visual_tokens,
                       "visual tokens per image that reach the LLM's last layers")
+
+    @property
+    def crop_budget(self) -> int:
+        """The budget of one crop through the vision tower (`crop_budget`)."""
+        return crop_budget(self.config, self.budget)
+
+    def pack_crops(self, layout, crop_features: torch.Tensor, patch_ids: torch.Tensor, newline: torch.Tensor,
+                   newlines: bool, image: int = 0, crop_hidden_states: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LLaVA-NeXT: one image's tokens for the LLM from what its crops kept in the tower -- `crop_features`
+        `(crops, k, hidden)` projected, standing for `patch_ids` `(crops, k)`; `crop_hidden_states` the same
+        tokens at the tower's feature layer; `image` its index in the batch's images -- by the image's `layout`
+        (`layout_next.NextLayout`). Returns the tokens `(n, hidden)` (`n` known on the host), the index in the
+        image's full packed sequence each stands for (-1: none), and the placeholders they fill (their own: each
+        token where stock packing puts its patch). Default: the kept patches in stock order, those the unpadding
+        removes left out, every newline where `newlines` (`NextLayout.pack_kept`)."""
+        patches = self.config.num_patches
+        length = layout.kept_length(crop_features.shape[1], patches, newlines)
+        tokens, positions = layout.pack_kept(crop_features, patch_ids, newline, patches, length, newlines)
+        return tokens, positions, positions
+
+    def shown_first(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` `(crops, patches)` of the vision tower's current patches with the patches that do not show the
+        image (`PruneContext.vision_valid`: a LLaVA-NeXT tile's letterbox padding) at -inf, so they are kept last."""
+        valid = self.context.vision_valid if self.context is not None else None
+        return scores if valid is None else scores.masked_fill(~moved(valid, scores.device), float("-inf"))
+
+    def held_counts(self, count: int) -> int | tuple:
+        """Visual tokens kept per image by an LLM-site count: `count`, or, where images entered the LLM with
+        different counts (LLaVA-NeXT: `vision["image_kept"]`), the smaller of `count` and each image's (an image
+        holding fewer keeps them all; counts never increase, so its entry count is what it holds)."""
+        held = self.context.vision.get("image_kept") if self.context is not None else None
+        return count if held is None else tuple(min(count, tokens) for tokens in held)
 
     @property
     def renumbers(self) -> bool:
@@ -371,7 +410,7 @@ class VisionLayerPruner(Pruner):
         self.counts = self.vision_counts()
 
     def vision_counts(self) -> dict[int, int]:
-        return {self.config.vision_layer_groups[-1][1]: self.budget}
+        return {self.config.vision_layer_groups[-1][1]: self.crop_budget}
 
     def select(self, hidden_states: torch.Tensor, request: RowRequest | None, num_keep: int):
         """`hidden_states` `(images, 1 + patches, hidden)`, the CLS first; `request` answers with `probabilities`
@@ -481,6 +520,14 @@ def select_keep_indices_per_row(scores: torch.Tensor, counts: tuple) -> torch.Te
     return torch.where(picked == spare, -1, picked)
 
 
+def crop_budget(config, budget: int) -> int:
+    """The budget of one crop through the vision tower: `budget` where an image is one crop; where it is up to
+    `config.max_crops` (LLaVA-NeXT), `budget // max_crops`, at least 1 and at most a crop's patches (the split of
+    `budget_schedule` and of the peers' LLaVA-NeXT code: 640 = 5 x 128)."""
+    crops = config.max_crops
+    return budget if crops == 1 else max(1, min(config.num_patches, budget // crops))
+
+
 def check_choice(method: str, name: str, value, allowed, what: str):
     if value not in allowed:
         raise ValueError(
@@ -516,15 +563,44 @@ def budget_schedule(config, budget: int, llm: bool = True) -> dict:
     preset, with up to four LLM groups, fewer where the LLM cannot hold them before its last layer (none: the vision
     tower spends the whole reduction); for the 7B preset's geometry and a budget of 64 this is the preset.
     `llm=False`: the vision tower only, geometric. IVTP's `visual_tokens`, `llava-ivtp eval`'s `ivtp@K` /
-    `stage1@K`, `bench --kept`, `flops` and every method with a schedule (TopK, EViT, TopK+, ToMe+) use it."""
+    `stage1@K`, `bench --kept`, `flops` and every method with a schedule (TopK, EViT, TopK+, ToMe+) use it.
+
+    Where an image is up to `config.max_crops` crops through the vision tower (LLaVA-NeXT), the vision counts are per
+    crop: the schedule of the crop's share of the budget, `budget // max_crops` (at most a crop's patches), the split
+    the peers' LLaVA-NeXT code uses (640 = 5 x 128). The LLM counts are per image, from the most tokens an image can
+    bring after the tower (`config.stage_two_bound`: every crop at the last vision count, and the newline tokens)
+    down to `budget`, shaped as the preset's LLM groups (none where that bound is within the budget). An image that
+    holds fewer tokens than a count keeps them all."""
     vision_groups = len(config.vision_layer_groups)
     llm_groups = min(len(PRESET_LLM), (config.text_config.num_hidden_layers - 1) // config.group_size) if llm else 0
-    if llm:
+    patches = config.num_patches
+    if config.max_crops == 1:
+        counts = _preset_counts(patches, budget, vision_groups, llm_groups)
+        return {"vision": counts[:vision_groups], "llm": counts[vision_groups:]}
+    vision = _preset_counts(patches, max(1, min(patches, budget // config.max_crops)), vision_groups, llm_groups)
+    vision = vision[:vision_groups]
+    start = config.stage_two_bound(vision[-1] if vision else patches)
+    if start <= budget or not llm_groups:
+        return {"vision": vision, "llm": []}
+    vision_end = _shares(PRESET_VISION)[-1]  # the preset's LLM shares from its last vision group's (0) to 1
+    shares = [(share - vision_end) / (1 - vision_end)
+              for share in _interpolate(_shares(PRESET_LLM), vision_end, llm_groups)]
+    counts, previous = [], start
+    for share in shares:
+        previous = max(budget, min(previous, round(start * (budget / start) ** share)))
+        counts.append(previous)
+    counts[-1] = budget
+    return {"vision": vision, "llm": counts}
+
+
+def _preset_counts(patches: int, budget: int, vision_groups: int, llm_groups: int) -> list[int]:
+    """`budget_schedule`'s counts for one image of `patches` patches: the vision groups', then the LLM groups'
+    (none: the vision groups spend the reduction evenly, geometric counts)."""
+    if llm_groups:
         shares = _interpolate(_shares(PRESET_VISION), 0.0, vision_groups)
         shares += _interpolate(_shares(PRESET_LLM), shares[-1], llm_groups)
     else:
         shares = [group / vision_groups for group in range(1, vision_groups + 1)]
-    patches = config.num_patches
     multiple = max(1, (8 * patches) // PRESET_PATCHES)
     counts, previous = [], patches
     for share in shares:
@@ -532,7 +608,7 @@ def budget_schedule(config, budget: int, llm: bool = True) -> dict:
         previous = max(budget, min(previous, value))
         counts.append(previous)
     counts[-1] = budget
-    return {"vision": counts[:vision_groups], "llm": counts[vision_groups:]}
+    return counts
 
 
 def at_group_ends(groups, counts) -> dict[int, int]:
@@ -578,5 +654,6 @@ def register_pruner(cls: type[Pruner]) -> type[Pruner]:
 __all__ = [
     "POSITION_RULES", "QUERY_ROWS", "LlmLayerPruner", "LlmView", "PRUNERS", "ProjectedPruner", "PruneContext", "Pruner",
     "Selection", "VisionLayerPruner", "as_selection", "at_group_ends", "budget_schedule", "check_choice", "check_int",
+    "crop_budget",
     "register_pruner", "sample_visual_cls", "select_keep_indices", "select_keep_indices_per_row",
 ]

@@ -118,8 +118,50 @@ class CdPrunerPruner(ProjectedPruner):
     name = "cdpruner"
     options = {"visual_tokens": 64}
     positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
+    variable_lengths = True  # LLaVA-NeXT: each crop after the projector, the code's layout (`pack_crops`)
+    prunes_crops = True
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.texts = None  # each image's instruction embedding, computed once per call (`image_texts`)
+
+    def on_projected(self, features):
+        if self.config.max_crops > 1:  # LLaVA-NeXT: done per crop, before packing (`pack_crops`)
+            return None
+        return super().on_projected(features)
 
     def select(self, features, num_keep):
+        texts = self.image_texts(features.device)
+        if texts is None:
+            relevance = torch.ones(features.shape[:2], device=features.device)
+        else:
+            relevance = self.relevance(self.context.vision["patch_hidden_states"], texts)
+        return cdpruner_keep_indices(features, relevance.to(features.device), num_keep)
+
+    def pack_crops(self, layout, crop_features, patch_ids, newline, newlines, image=0, crop_hidden_states=None):
+        """LLaVA-NeXT as CDPruner's code runs it (`llava_arch.py`, `encode_images`): each crop alone keeps the
+        budget's share (`visual_tokens // 5`: its scripts' 128 / 64 / 32 for 640 / 320 / 160) by the DPP, the
+        relevance min-max normalised over all the image's crops together; then the code's plain "spatial" layout
+        (`_unpad` stripped): the base crop's kept tokens in order, the tiles' in raster order over the stitched grid
+        of tiles, no unpadding, no newline (`NextLayout.pack_base_then_tiles`)."""
+        crops, patches = crop_features.shape[:2]
+        texts = self.image_texts(crop_features.device)
+        if texts is None:
+            relevance = torch.ones(crops, patches, device=crop_features.device)
+        else:  # one normalisation over the image's crops, as the code's over its batch of crops
+            relevance = self.relevance(crop_hidden_states.reshape(1, crops * patches, -1), texts[image : image + 1])
+            relevance = relevance.view(crops, patches)
+        kept = cdpruner_keep_indices(crop_features, relevance.to(crop_features.device), min(self.crop_budget, patches))
+        features = crop_features.gather(1, kept.unsqueeze(-1).expand(-1, -1, crop_features.shape[-1]))
+        return layout.pack_base_then_tiles(features, moved(patch_ids, kept.device).gather(1, kept), self.config.num_patches)
+
+    @torch.no_grad()
+    def image_texts(self, device) -> torch.Tensor | None:
+        """`(images, dim)`: the CLIP text embedding of each image's sample's instruction (one segment,
+        `clip_input_ids` as the processor gives it), or `None` where the text tower or the CLIP ids are missing
+        (then the relevance is uniform, with a one-time warning)."""
+        if self.texts is not None:
+            return self.texts
         context = self.context
         model, clip_input_ids = context.model, context.guidance.get("clip_input_ids")
         if getattr(model, "clip_text_model", None) is None or clip_input_ids is None:
@@ -130,18 +172,8 @@ class CdPrunerPruner(ProjectedPruner):
                 f"CDPruner's instruction relevance needs {missing}, which were not given; it selects by diversity "
                 "alone. Use LlavaIvtpProcessor to get `clip_input_ids`."
             )
-            relevance = torch.ones(features.shape[:2], device=features.device)
-        else:
-            relevance = self.relevance(features.shape[0])
-        return cdpruner_keep_indices(features, relevance.to(features.device), num_keep)
-
-    @torch.no_grad()
-    def relevance(self, num_images: int) -> torch.Tensor:
-        context = self.context
-        model = context.model
-        patches = context.vision["patch_hidden_states"]
-        image_embeds = model.clip_visual_projection(model.model.vision_tower.post_layernorm(patches))
-        clip_input_ids = context.clip_input_ids(image_embeds.device)
+            return None
+        clip_input_ids = context.clip_input_ids(device)
         tokens = clip_token_features(model.clip_text_model, clip_input_ids)
         pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), clip_input_ids.argmax(dim=1)]
         # one instruction per sample, one image per sample that has one: each image takes its sample's text
@@ -149,4 +181,13 @@ class CdPrunerPruner(ProjectedPruner):
             torch.arange(len(context.images_per_sample), device=pooled.device),
             context.images_per_sample.to(pooled.device),
         )
-        return instruction_relevance(image_embeds, pooled[sample_of_image].unsqueeze(1).to(image_embeds.dtype))
+        self.texts = pooled[sample_of_image]
+        return self.texts
+
+    @torch.no_grad()
+    def relevance(self, patch_hidden_states: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """`(images, patches)`: each patch's relevance to its image's text (`instruction_relevance`), from the
+        feature layer's patch states `(images, patches, hidden)` through CLIP's post-layernorm and projection."""
+        model = self.context.model
+        image_embeds = model.clip_visual_projection(model.model.vision_tower.post_layernorm(patch_hidden_states))
+        return instruction_relevance(image_embeds, texts.unsqueeze(1).to(image_embeds.dtype))

@@ -33,7 +33,8 @@ FUSED_TOKENS = ("sum", "mean")
 
 
 def evit_keep_and_fuse(
-    features: torch.Tensor, cls_attention: torch.Tensor, num_keep: int, normalize: bool = False
+    features: torch.Tensor, cls_attention: torch.Tensor, num_keep: int, normalize: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-`(num_keep - 1)` patches by CLS attention plus one fused token of the rest.
 
@@ -43,6 +44,8 @@ def evit_keep_and_fuse(
         num_keep: `1 <= num_keep <= n`, tokens returned in total (fused one included).
         normalize: divide the fused sum by the inattentive tokens' attention mass (our `fused="mean"`); EViT's code
             does not (the default).
+        valid: optional bool `(batch, n)`: the tokens that may be kept or fused (LLaVA-NeXT: a tile's patches on the
+            letterbox padding may not); the others rank last and take no part in the fused token.
 
     Returns:
         `(keep_indices, merged_features, fused_index)`: `(batch, num_keep)` int64 sorted ascending;
@@ -63,19 +66,27 @@ def evit_keep_and_fuse(
         return torch.arange(num_tokens, device=features.device).expand(features.shape[0], -1), features, \
             torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
     scores = moved(cls_attention, dtype=torch.float32)
+    ranked = scores if valid is None else scores.masked_fill(~moved(valid, scores.device), float("-inf"))
     # Stable descending sort, as in `select_keep_indices`: ties go to the lower index.
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     fused_index = order[:, num_keep - 1]
     keep_indices = order[:, :num_keep].sort(dim=-1).values
+    if valid is not None:
+        scores = scores.masked_fill(~moved(valid, scores.device), 0.0)
     weights = scores.scatter(1, order[:, : num_keep - 1], 0.0)  # the inattentive tokens' scores, zeros elsewhere
     if normalize:
         inattentive = torch.ones_like(scores, dtype=torch.bool).scatter(1, order[:, : num_keep - 1], False)
+        if valid is not None:
+            inattentive &= moved(valid, inattentive.device)
         total = weights.sum(dim=-1, keepdim=True)
-        uniform = moved(inattentive, dtype=torch.float32) / inattentive.sum(dim=-1, keepdim=True)
+        uniform = moved(inattentive, dtype=torch.float32) / inattentive.sum(dim=-1, keepdim=True).clamp_min(1)
         weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
     fused = moved(torch.einsum("bn,bnd->bd", weights, moved(features, dtype=torch.float32)), dtype=features.dtype)
     kept = features.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
     is_fused = (keep_indices == fused_index[:, None]).unsqueeze(-1)
+    if valid is not None:  # every valid token among the attentive ones: nothing to fuse, the last slot as it is
+        left = moved(valid, order.device).scatter(1, order[:, : num_keep - 1], False).any(dim=-1)
+        is_fused = is_fused & left.view(-1, 1, 1)
     return keep_indices, torch.where(is_fused, fused[:, None], kept), fused_index
 
 
@@ -89,6 +100,7 @@ class EvitPruner(VisionLayerPruner):
 
     name = "evit"
     options = {"visual_tokens": 64, "fused": "sum"}
+    variable_lengths = True  # LLaVA-NeXT: each crop in the tower (`docs/llava-next.md`)
 
     def vision_counts(self):
         counts = budget_schedule(self.config, self.budget, llm=False)["vision"]
@@ -101,7 +113,9 @@ class EvitPruner(VisionLayerPruner):
                      "the fused token: EViT's attention-weighted sum, or our weighted average")
 
     def select(self, hidden_states, request, num_keep):
+        valid = self.context.vision_valid if self.context is not None else None  # LLaVA-NeXT: a tile's padding
         keep, merged, _ = evit_keep_and_fuse(
-            hidden_states[:, 1:], request.probabilities[:, 0, 1:], num_keep, normalize=self.values["fused"] == "mean"
+            hidden_states[:, 1:], request.probabilities[:, 0, 1:], num_keep, normalize=self.values["fused"] == "mean",
+            valid=valid,
         )
         return Selection(keep, merged)

@@ -30,6 +30,7 @@ from .pruner_base import (
     profiler_label,
     register_pruner,
     select_keep_indices,
+    select_keep_indices_per_row,
 )
 from .pruning_ivtp import cosine_relevance, pseudo_cls, rollout_cls_row, span_mean, token_weights
 
@@ -57,11 +58,12 @@ class IvtpPruner(Pruner):
 
     name = "ivtp"
     options = {"visual_tokens": None, "attention": "rollout", "aggregation": "residual"}
+    variable_lengths = True  # LLaVA-NeXT: stage 1 per crop, stage 2 per image (`docs/llava-next.md`)
 
     @classmethod
     def check_options(cls, config, values):
         if values["visual_tokens"] is not None:
-            check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.num_patches,
+            check_int(cls.name, "visual_tokens", values["visual_tokens"], 1, config.max_visual_tokens,
                       "visual tokens per image that reach the LLM's last layers")
         check_choice(cls.name, "attention", values["attention"], ATTENTION_MODES, "the scoring attention, Table 4")
         check_choice(cls.name, "aggregation", values["aggregation"], AGGREGATIONS, "across a group's layers, Table 5")
@@ -79,7 +81,9 @@ class IvtpPruner(Pruner):
         """`{layer: (first layer of its group, last layer of its group, tokens kept after it or None)}` over the
         groups' layers. `"layer"` mode prunes after every layer (`start`: the tokens before the first group, `None`
         for the LLM, whose start is the vision tower's last count)."""
-        previous = start if start is not None else (self.config.schedule["vision"] or [self.config.num_patches])[-1]
+        if start is None:  # the LLM: what an image brings (its crops' last vision count, LLaVA-NeXT's newlines)
+            start = self.config.stage_two_bound((self.config.schedule["vision"] or [self.config.num_patches])[-1])
+        previous = start
         targets = {}
         for (first, last), count in zip(groups, counts):
             for layer_idx in range(first, last + 1):
@@ -105,13 +109,19 @@ class IvtpPruner(Pruner):
         values = value_columns if scores_here else None
         return RowRequest(batch=batch, rows=cls_row, columns=block, value_columns=values)
 
-    def _select(self, targets, layer_idx, request, cls_index, candidates):
+    def _select(self, targets, layer_idx, request, cls_index, candidates, valid=None, counts=None, padded=False):
         """After a layer of a group: gather its attention; where it prunes, the kept `candidates` (a slice of the
-        block's columns)."""
+        block's columns). LLaVA-NeXT: `valid` `(n, block)` bool says which of the block's tokens may be kept (a
+        tile's patches on the letterbox padding may not: they rank last) or, with `padded`, which exist (images of
+        different lengths: the others are padding entries, whose attention is zeroed, as if absent); `counts` the
+        tokens kept per row (host), where rows keep different counts."""
         if layer_idx not in targets or request is None:
             return None
         _, _, keep = targets[layer_idx]
         probabilities = request.probabilities
+        if padded:  # padding entries: no attention to or from them
+            pair = valid.unsqueeze(-1) & valid.unsqueeze(-2)
+            probabilities = probabilities * (pair if probabilities.shape[1] > 1 else pair[:, -1:]).to(probabilities.dtype)
         if keep is None:
             self.gathered.append(probabilities if probabilities.shape[1] > 1 else probabilities[:, 0])
             return None
@@ -122,7 +132,12 @@ class IvtpPruner(Pruner):
             rows = torch.stack([*self.gathered, moved(row, dtype=torch.float32)])
             row = {"mean": rows.mean(0), "max": rows.amax(0), "multiply": rows.prod(0)}[self.aggregation]
         self.gathered = []
-        return Selection(select_keep_indices(token_weights(row[:, candidates], request.value_norms), keep))  # eq. 4
+        scores = token_weights(row[:, candidates], request.value_norms)  # eq. 4
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, candidates], float("-inf"))
+        if counts is not None:
+            return Selection(select_keep_indices_per_row(scores, counts))
+        return Selection(select_keep_indices(scores, keep))
 
     # --- stage 1 ------------------------------------------------------------------------------------------------
     def vision_request(self, layer_idx, images, tokens):
@@ -130,8 +145,11 @@ class IvtpPruner(Pruner):
         return self._request(self.vision, layer_idx, None, slice(0, 1), slice(1, None))
 
     def after_vision_layer(self, layer_idx, hidden_states, request):
+        valid = self.context.vision_valid if self.context is not None else None  # LLaVA-NeXT: a tile's padding
+        if valid is not None:  # the CLS first
+            valid = torch.cat([valid.new_ones(valid.shape[0], 1), moved(valid, hidden_states.device)], dim=1)
         with torch.no_grad(), profiler_label("ivtp/vision_scoring/rollout"):  # profiler label only
-            selection = self._select(self.vision, layer_idx, request, 0, slice(1, None))  # CLS excluded
+            selection = self._select(self.vision, layer_idx, request, 0, slice(1, None), valid)  # CLS excluded
         return selection
 
     # --- stage 2 ------------------------------------------------------------------------------------------------
@@ -139,7 +157,7 @@ class IvtpPruner(Pruner):
         return sorted(layer for layer, (_, _, keep) in self.llm.items() if keep is not None)
 
     def llm_budget(self, layer_idx):
-        return self.llm[layer_idx][2]
+        return self.held_counts(self.llm[layer_idx][2])
 
     def llm_probe(self, tokens):
         with profiler_label("ivtp/probe/guidance"):
@@ -160,8 +178,14 @@ class IvtpPruner(Pruner):
         return request
 
     def after_llm_layer(self, layer_idx, view, request, hidden_states):
+        valid = view.visual_valid  # images holding different counts (LLaVA-NeXT); the probe, last, exists
+        if valid is not None:
+            valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
+        budget = self.llm_budget(layer_idx) if self.llm.get(layer_idx, (0, 0, None))[2] is not None else None
+        counts = budget if isinstance(budget, tuple) else None
         with torch.no_grad(), profiler_label("ivtp/llm_scoring/rollout"):
-            return self._select(self.llm, layer_idx, request, view.tokens.visual, slice(None, -1))
+            return self._select(self.llm, layer_idx, request, view.tokens.visual, slice(None, -1), valid, counts,
+                                padded=valid is not None)
 
     def outputs(self):
         return {"instruction_relevance": (self.relevance, float("nan")), "pseudo_cls_tokens": (self.selected, False)}

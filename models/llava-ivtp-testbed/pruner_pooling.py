@@ -21,7 +21,7 @@ import math
 
 import torch
 from .attention_rows import moved
-from .pruner_base import ProjectedPruner, Selection, register_pruner
+from .pruner_base import ProjectedPruner, Selection, crop_budget, register_pruner
 
 
 def pooling_grid_split(num_keep: int, side: int) -> tuple[int, int]:
@@ -65,13 +65,19 @@ def spatial_pooling(features: torch.Tensor, num_keep: int) -> tuple[torch.Tensor
     weights = membership / membership.sum(dim=-1, keepdim=True)
     merged = moved(torch.einsum("kn,bnd->bkd", weights, moved(features, dtype=torch.float32)), dtype=features.dtype)
 
+    return pooling_centres(num_keep, side, device).expand(features.shape[0], -1), merged
+
+
+def pooling_centres(num_keep: int, side: int, device=None) -> torch.Tensor:
+    """`(num_keep,)`: the centre patch of each cell of `spatial_pooling`'s grid, row-major (increasing)."""
+    rows, columns = pooling_grid_split(num_keep, side)
+
     def centres(parts: int) -> torch.Tensor:
         # Cell j spans [ceil(j*side/parts), ceil((j+1)*side/parts)); its centre is (start + end) // 2.
         bounds = (torch.arange(parts + 1, device=device) * side + parts - 1) // parts
         return (bounds[:-1] + bounds[1:]) // 2
 
-    keep = (centres(rows)[:, None] * side + centres(columns)[None, :]).reshape(-1)
-    return keep.expand(features.shape[0], -1), merged
+    return (centres(rows)[:, None] * side + centres(columns)[None, :]).reshape(-1)
 
 
 @register_pruner
@@ -81,15 +87,35 @@ class PoolingPruner(ProjectedPruner):
 
     name = "pooling"
     options = {"visual_tokens": 64}
+    variable_lengths = True  # LLaVA-NeXT: each crop's grid alone (`pack_crops`)
+    prunes_crops = True
 
     @classmethod
     def check_options(cls, config, values):
         super().check_options(config, values)
         side = math.isqrt(config.num_patches)
         try:
-            pooling_grid_split(values["visual_tokens"], side)
+            pooling_grid_split(crop_budget(config, values["visual_tokens"]), side)
         except ValueError as error:
-            raise ValueError(f"`pruning_options['visual_tokens']` of pruning_method='pooling': {error}") from None
+            what = "a crop's share of it, visual_tokens // max_crops" if config.max_crops > 1 else "it"
+            raise ValueError(f"`pruning_options['visual_tokens']` of pruning_method='pooling' ({what}): {error}") from None
+
+    def on_projected(self, features):
+        if self.config.max_crops > 1:  # LLaVA-NeXT: each crop's grid, before packing (`pack_crops`)
+            return None
+        return super().on_projected(features)
 
     def select(self, features, num_keep):
         return Selection(*spatial_pooling(features, num_keep))
+
+    def pack_crops(self, layout, crop_features, patch_ids, newline, newlines, image=0, crop_hidden_states=None):
+        """LLaVA-NeXT (ours; no published NeXT code): each crop's grid pooled alone to the budget's share
+        (`visual_tokens // max_crops` cells), each cell's token where stock packing puts its centre patch; a cell
+        whose centre lies on a tile's letterbox padding is left out (stock unpadding removes that place), and so
+        are the newlines (nothing after the projector spends the budget over them)."""
+        patches, share = self.config.num_patches, self.crop_budget
+        keep, merged = spatial_pooling(crop_features, share)
+        centres = pooling_centres(share, math.isqrt(patches))
+        length = int(layout.shown(patches)[:, centres].sum())  # on the host: the cells' centres are fixed
+        tokens, positions = layout.pack_kept(merged, keep, newline, patches, length, newlines=False)
+        return tokens, positions, positions

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 from .attention_rows import RowRequest, moved
-from .pruner_base import Pruner, Selection, at_group_ends, budget_schedule, check_choice, register_pruner
+from .pruner_base import Pruner, Selection, at_group_ends, budget_schedule, check_choice, crop_budget, register_pruner
 
 TOME_ORDERS = ("official", "original")
 
@@ -245,11 +245,12 @@ class TomePruner(Pruner):
 
     name = "tome"
     options = {"visual_tokens": 64, "order": "official"}
+    variable_lengths = True  # LLaVA-NeXT: each crop in the tower, the survivors laid out as `pack_crops` says
 
     def __init__(self, config, context):
         super().__init__(config, context)
         layers = config.vision_layer_groups[-1][1] + 1
-        self.removals = merge_counts(config.num_patches, self.budget, layers)
+        self.removals = merge_counts(config.num_patches, self.crop_budget, layers)
         self.official = self.values["order"] == "official"
         self.sizes = None  # (images, 1 + tokens), CLS first: this call's token sizes
         self.order = None  # (images, 1 + tokens): ToMe's sequence over them (official order); None = as they are
@@ -259,7 +260,8 @@ class TomePruner(Pruner):
         super().check_options(config, values)
         check_order(cls.name, values)
         try:
-            merge_counts(config.num_patches, values["visual_tokens"], config.vision_layer_groups[-1][1] + 1)
+            merge_counts(config.num_patches, crop_budget(config, values["visual_tokens"]),
+                         config.vision_layer_groups[-1][1] + 1)
         except ValueError as error:
             raise ValueError(f"`pruning_options['visual_tokens']` of pruning_method={cls.name!r}: {error}") from None
 
@@ -283,6 +285,14 @@ class TomePruner(Pruner):
             self.order = step.order
         return Selection(step.keep[:, 1:] - 1, step.merged[:, 1:])  # the CLS (protected) stays first and unchanged
 
+    def pack_crops(self, layout, crop_features, patch_ids, newline, newlines, image=0, crop_hidden_states=None):
+        """LLaVA-NeXT (ours): a merged token stands for a group of patches, which may mix a tile's letterbox padding
+        with the image, not for one place, so stock unpadding (which removes places) does not apply: each crop's
+        survivors are laid out as the peers' code lays out per-crop tokens without unpadding -- the base crop's in
+        order, then the tiles' in raster order over the stitched grid of tiles -- each image bringing its crops'
+        share, filling its first placeholders; no newline (`NextLayout.pack_base_then_tiles`)."""
+        return layout.pack_base_then_tiles(crop_features, patch_ids, self.config.num_patches)
+
 
 @register_pruner
 class TomePlusPruner(Pruner):
@@ -296,6 +306,7 @@ class TomePlusPruner(Pruner):
 
     name = "tome_plus"
     options = {"visual_tokens": 64, "order": "official"}
+    variable_lengths = True  # LLaVA-NeXT: the tower per crop (as `tome`), then the LLM per image
 
     def __init__(self, config, context):
         super().__init__(config, context)
@@ -316,12 +327,13 @@ class TomePlusPruner(Pruner):
     vision_request = TomePruner.vision_request
     vision_mask = TomePruner.vision_mask
     after_vision_layer = TomePruner.after_vision_layer
+    pack_crops = TomePruner.pack_crops
 
     def llm_prune_layers(self):
         return sorted(self.llm)
 
     def llm_budget(self, layer_idx):
-        return self.llm[layer_idx]
+        return self.held_counts(self.llm[layer_idx])
 
     def llm_request(self, layer_idx, view):
         if layer_idx not in self.llm:
@@ -333,6 +345,9 @@ class TomePlusPruner(Pruner):
             return None
         rows = view.image_rows.to(hidden_states.device)
         features = hidden_states[rows.unsqueeze(-1), view.visual_slots.to(hidden_states.device)]
+        counts = self.llm_budget(layer_idx)
+        if not isinstance(counts, int):  # LLaVA-NeXT: images holding different counts, each merged alone
+            return self._merge_per_image(layer_idx, view, features, request.key_means, counts)
         metric = request.key_means
         keep = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
         sizes = torch.ones(features.shape[:2], device=features.device)
@@ -353,3 +368,26 @@ class TomePlusPruner(Pruner):
             keep = keep.gather(1, survivors.to(keep.device))
         self.llm_order = order
         return Selection(keep, features)
+
+    def _merge_per_image(self, layer_idx, view, features, metric, counts: tuple) -> Selection:
+        """`after_llm_layer` where images hold different counts (LLaVA-NeXT): each image's held tokens (the first of
+        its row, `LlmView.visual_valid`) merged alone down to its count, in their own order at every step (the
+        tower's order is per crop, not per image); rows padded with -1 and zeros."""
+        held = [sample[-1] for sample, has_image in zip(view.tokens.image_kept, view.tokens.has_image) if has_image]
+        width = max(counts)
+        keep = torch.full((len(counts), width), -1, dtype=torch.long, device=features.device)
+        merged = features.new_zeros(len(counts), width, features.shape[-1])
+        for row, (tokens, count) in enumerate(zip(held, counts)):
+            image, image_metric = features[row : row + 1, :tokens], metric[row : row + 1, :tokens]
+            survivors = torch.arange(tokens, device=features.device)[None]
+            sizes = torch.ones(1, tokens, device=features.device)
+            while image.shape[1] > count:
+                step = min(image.shape[1] - count, image.shape[1] // 2)
+                merge = tome_merge_step(image_metric, image, step, sizes=sizes, protected=0, check_values=False)
+                image, sizes = merge.merged, merge.sizes
+                image_metric = image_metric.gather(1, merge.keep.to(image_metric.device).unsqueeze(-1).expand(
+                    -1, -1, image_metric.shape[-1]))
+                survivors = survivors.gather(1, merge.keep.to(survivors.device))
+            keep[row, :count] = survivors[0]
+            merged[row, :count] = image[0]
+        return Selection(keep, merged)

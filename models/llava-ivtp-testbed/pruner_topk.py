@@ -24,6 +24,7 @@ from .pruner_base import (
     budget_schedule,
     register_pruner,
     select_keep_indices,
+    select_keep_indices_per_row,
 )
 
 
@@ -69,6 +70,7 @@ class TopKPruner(VisionLayerPruner):
     name = "topk"
     options = {"visual_tokens": 64, "site": "groups"}
     asks_cls_row = False  # similarity to the CLS feature, not attention
+    variable_lengths = True  # LLaVA-NeXT: each crop in the tower (`docs/llava-next.md`)
 
     @classmethod
     def check_options(cls, config, values):
@@ -86,7 +88,7 @@ class TopKPruner(VisionLayerPruner):
         return at_group_ends(self.config.vision_layer_groups, counts)
 
     def select(self, hidden_states, request, num_keep):
-        return topk_keep_indices(hidden_states[:, 1:], hidden_states[:, 0], num_keep)
+        return select_keep_indices(self.shown_first(topk_cls_similarity(hidden_states[:, 1:], hidden_states[:, 0])), num_keep)
 
 
 @register_pruner
@@ -97,6 +99,7 @@ class TopKPlusPruner(Pruner):
 
     name = "topk_plus"
     options = {"visual_tokens": 64}
+    variable_lengths = True  # LLaVA-NeXT: each crop in the tower, each image in the LLM (`docs/llava-next.md`)
 
     def __init__(self, config, context):
         super().__init__(config, context)
@@ -107,13 +110,14 @@ class TopKPlusPruner(Pruner):
     def after_vision_layer(self, layer_idx, hidden_states, request):
         if layer_idx not in self.vision:
             return None
-        return Selection(topk_keep_indices(hidden_states[:, 1:], hidden_states[:, 0], self.vision[layer_idx]))
+        scores = self.shown_first(topk_cls_similarity(hidden_states[:, 1:], hidden_states[:, 0]))
+        return Selection(select_keep_indices(scores, self.vision[layer_idx]))
 
     def llm_prune_layers(self):
         return sorted(self.llm)
 
     def llm_budget(self, layer_idx):
-        return self.llm[layer_idx]
+        return self.held_counts(self.llm[layer_idx])
 
     def llm_probe(self, tokens):
         context = self.context
@@ -128,4 +132,11 @@ class TopKPlusPruner(Pruner):
             rows = moved(view.image_rows, hidden_states.device)
             visual = hidden_states[rows.unsqueeze(-1), moved(view.visual_slots, hidden_states.device)]
             probe = hidden_states[rows, view.probe_slot]
-        return Selection(topk_keep_indices(visual, probe, self.llm[layer_idx]))
+        counts = self.llm_budget(layer_idx)
+        if isinstance(counts, int):
+            return Selection(topk_keep_indices(visual, probe, counts))
+        scores = topk_cls_similarity(visual, probe)  # images holding different counts (LLaVA-NeXT)
+        valid = view.visual_valid
+        if valid is not None:
+            scores = scores.masked_fill(~moved(valid, scores.device), float("-inf"))
+        return Selection(select_keep_indices_per_row(scores, counts))

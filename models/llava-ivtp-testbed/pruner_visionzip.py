@@ -34,7 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from .attention_rows import moved
-from .pruner_base import Selection, VisionLayerPruner, check_choice, check_int, register_pruner, select_keep_indices
+from .pruner_base import (
+    Selection,
+    VisionLayerPruner,
+    check_choice,
+    check_int,
+    crop_budget,
+    register_pruner,
+    select_keep_indices,
+)
 
 
 # Which tokens reach the LLM: VisionZip's (the CLS and the dominant patches, then the contextual tokens) or ours
@@ -134,6 +142,8 @@ def visionzip_tokens(
     """
     if num_dominant < 1:
         raise ValueError(f"num_dominant counts the CLS: it must be >= 1, got {num_dominant}.")
+    if num_dominant == 1 and num_contextual == 0:  # the CLS alone (a budget of one token)
+        return features.new_full((features.shape[0], 1), -1, dtype=torch.long), features[:, :1]
     keep, kept, contextual = visionzip_keep_indices(
         features[:, 1:], cls_attention[:, 1:], keys[:, 1:], num_dominant - 1, num_contextual
     )
@@ -168,6 +178,7 @@ class VisionZipPruner(VisionLayerPruner):
     options = {"visual_tokens": 64, "dominant": None, "layout": "visionzip"}
     positions = "renumbered"  # llava_arch.py passes the shortened sequence with position_ids=None
     asks_key_means = True  # contextual tokens merge by key similarity
+    variable_lengths = True  # LLaVA-NeXT: each crop alone, the code's layout (`pack_crops`)
 
     @classmethod
     def check_options(cls, config, values):
@@ -175,14 +186,45 @@ class VisionZipPruner(VisionLayerPruner):
         check_choice(cls.name, "layout", values["layout"], LAYOUTS, "which tokens reach the LLM, in which order")
         if values["dominant"] is not None:
             low = 1 if values["layout"] == "visionzip" else 0
-            check_int(cls.name, "dominant", values["dominant"], low, values["visual_tokens"],
-                      "dominant tokens (the CLS among them with layout 'visionzip'), the rest of the budget being "
-                      "contextual")
+            check_int(cls.name, "dominant", values["dominant"], low, crop_budget(config, values["visual_tokens"]),
+                      "dominant tokens of a crop (the CLS among them with layout 'visionzip'), the rest of its budget "
+                      "being contextual")
 
     def __init__(self, config, context):
         super().__init__(config, context)
         dominant = self.values["dominant"]
-        self.dominant = max(1, round(self.budget * 54 / 64)) if dominant is None else dominant
+        # per crop on LLaVA-NeXT: 640 / 320 / 160 give 108 + 20 / 54 + 10 / 27 + 5 (the paper's Table 9)
+        self.dominant = max(1, round(self.crop_budget * 54 / 64)) if dominant is None else dominant
+
+    def pack_crops(self, layout, crop_features, patch_ids, newline, newlines, image=0, crop_hidden_states=None):
+        """LLaVA-NeXT as VisionZip's code lays an image out (`llava_arch.py`, `restore_image_features_sorted`): the
+        base crop's tokens as the tower gave them (the CLS, the dominant patches, the contextual tokens); then every
+        tile's dominant patches in raster order over the stitched grid of tiles (no unpadding: a patch on the
+        letterbox padding stays), then the tiles' CLS tokens, then their contextual tokens, tile by tile; no
+        newline. Fills the image's first placeholders (positions renumbered)."""
+        if self.values["layout"] != "visionzip":
+            return super().pack_crops(layout, crop_features, patch_ids, newline, newlines)
+        patches, dominant = self.config.num_patches, self.dominant
+        tiles, hidden = crop_features.shape[0] - 1, crop_features.shape[-1]
+        device = patch_ids.device
+        ids = patch_ids[1:]
+        dominant_ids = ids[:, 1:dominant]  # the CLS first, then the dominant patches
+        order = layout.tile_raster(dominant_ids, patches).flatten().argsort()
+        tokens = torch.cat([
+            crop_features[0],
+            crop_features[1:, 1:dominant].reshape(-1, hidden).index_select(0, order),
+            crop_features[1:, 0],
+            crop_features[1:, dominant:].reshape(-1, hidden),
+        ])
+        crop_of = torch.arange(1, tiles + 1, device=device).unsqueeze(1)
+        sources = torch.cat([
+            patch_ids[0],
+            (crop_of * patches + dominant_ids).flatten().index_select(0, order),
+            torch.full((tiles,), -1, dtype=torch.long, device=device),
+            torch.where(ids[:, dominant:] >= 0, crop_of * patches + ids[:, dominant:], -1).flatten(),
+        ])
+        stands_for = layout.packed_index(sources, patches)
+        return tokens, stands_for, torch.arange(len(tokens), device=device)
 
     def select(self, hidden_states, request, num_keep):
         contextual = num_keep - self.dominant

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from .attention_rows import moved
-from .pruner_base import VisionLayerPruner, check_int, register_pruner
+from .pruner_base import VisionLayerPruner, check_int, crop_budget, register_pruner
 
 
 logger = logging.get_logger(__name__)
@@ -118,22 +118,23 @@ class VisPrunerPruner(VisionLayerPruner):
     name = "vispruner"
     options = {"visual_tokens": 64, "important": None}
     positions = "renumbered"  # the authors' code: see `pruner_base.POSITION_RULES`
+    variable_lengths = True  # LLaVA-NeXT: each crop alone, the code's layout (`pack_crops`)
 
     @classmethod
     def check_options(cls, config, values):
         super().check_options(config, values)
         if values["important"] is not None:
-            check_int(cls.name, "important", values["important"], 0, values["visual_tokens"],
-                      "important tokens, the rest of the budget being diverse")
+            check_int(cls.name, "important", values["important"], 0, crop_budget(config, values["visual_tokens"]),
+                      "important tokens of a crop, the rest of its budget being diverse")
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        important = self.values["important"]
-        self.important = int(self.budget * IMPORTANT_RATIO) if important is None else important
-        if released_code_fails(config.num_patches, self.important, self.budget - self.important):
+        important, budget = self.values["important"], self.crop_budget  # per crop on LLaVA-NeXT
+        self.important = int(budget * IMPORTANT_RATIO) if important is None else important
+        if released_code_fails(config.num_patches, self.important, budget - self.important):
             logger.warning_once(
                 f"VisPruner's released code leaves its rule for {self.important} important + "
-                f"{self.budget - self.important} diverse of {config.num_patches} tokens (it stops with an error, or "
+                f"{budget - self.important} diverse of {config.num_patches} tokens (it stops with an error, or "
                 "drops a token more than asked, where a round asks for more even-position tokens than there are or "
                 "an odd count is left); llava-ivtp continues the rule, removing at most a round's even-position "
                 "tokens (pruner_vispruner.py)."
@@ -142,3 +143,11 @@ class VisPrunerPruner(VisionLayerPruner):
     def select(self, hidden_states, request, num_keep):
         cls_attention = request.probabilities[:, 0, 1:]
         return vispruner_keep_indices(hidden_states[:, 1:], cls_attention, self.important, num_keep - self.important)
+
+    def pack_crops(self, layout, crop_features, patch_ids, newline, newlines, image=0, crop_hidden_states=None):
+        """LLaVA-NeXT as VisPruner's code lays an image out (`llava_arch.py`: `_unpad` stripped from the merge type,
+        so the plain "spatial" branch runs): the base crop's kept patches in order, then every tile's kept patches in
+        raster order over the stitched grid of tiles; no unpadding (a patch on the letterbox padding may be kept), no
+        newline. Fills the image's first placeholders (positions renumbered). (Its code also fixes every image's
+        grid at 2 x 2 tiles in preprocessing; here the grid is the checkpoint's `image_grid_pinpoints`.)"""
+        return layout.pack_base_then_tiles(crop_features, patch_ids, self.config.num_patches)
