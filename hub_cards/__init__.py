@@ -1,4 +1,5 @@
-"""Model cards for IVTP checkpoints: a Jinja template (`llava_ivtp.md.j2`) rendered with `huggingface_hub.ModelCard`.
+"""Model cards for IVTP checkpoints: a Jinja template per host (`llava_ivtp.md.j2` for LLaVA-1.5,
+`llava_next_ivtp.md.j2` for LLaVA-NeXT) rendered with `huggingface_hub.ModelCard`.
 
 `render_model_card(config, ...)` fills the YAML metadata (`ModelCardData`), the schedule table from the config, the
 paper's figures (labelled as the paper's) and a usage snippet pinned to a revision. `llava-ivtp convert` writes it as
@@ -13,19 +14,24 @@ from huggingface_hub import ModelCard, ModelCardData
 
 
 TEMPLATE_PATH = Path(__file__).with_name("llava_ivtp.md.j2")
+NEXT_TEMPLATE_PATH = Path(__file__).with_name("llava_next_ivtp.md.j2")
 TAGS = ["llava", "ivtp", "token-pruning", "image-text-to-text", "custom_code"]
 UNPINNED = "main"
 
 
 def schedule_rows(config) -> list[dict]:
-    """One row per pruning group: stage, layers (0-based, inclusive) and visual tokens kept after it."""
+    """One row per pruning group: stage, layers (0-based, inclusive) and visual tokens kept after it (LLaVA-NeXT:
+    per crop in the vision tower, per image in the LLM)."""
     schedule = config.schedule or {"vision": [], "llm": []}
+    crops = config.max_crops > 1
     rows = [
-        {"stage": "1: vision tower (attention rollout)", "layers": f"{first}-{last}", "kept": kept}
+        {"stage": f"1: vision tower (attention rollout{', each crop' if crops else ''})", "layers": f"{first}-{last}",
+         "kept": kept}
         for (first, last), kept in zip(config.vision_layer_groups, schedule["vision"])
     ]
     rows += [
-        {"stage": "2: LLM (instruction-guided)", "layers": f"{first}-{last}", "kept": kept}
+        {"stage": f"2: LLM (instruction-guided{', each image' if crops else ''})", "layers": f"{first}-{last}",
+         "kept": kept}
         for (first, last), kept in zip(config.llm_layer_groups, schedule["llm"])
     ]
     return rows
@@ -36,7 +42,7 @@ def computed_flops(config, text_tokens: int = 512) -> dict | None:
     from llava_ivtp.measuring.analytic_flops import llava_flops
     from modeling_llava_ivtp import IvtpConfig
 
-    if not config.schedule:
+    if not config.schedule or config.max_crops > 1:  # the analytic count is LLaVA-1.5's (NeXT: `llava-ivtp flops`)
         return None
     stock = IvtpConfig.from_dict({**config.to_dict(), "schedule": None})
     pruned, base = llava_flops(config, text_tokens)["total"], llava_flops(stock, text_tokens)["total"]
@@ -76,7 +82,8 @@ def render_model_card(
     name = (repo_id or f"{base_model.split('/')[-1]}-ivtp").split("/")[-1]
     return ModelCard.from_template(
         card_data,
-        template_path=str(TEMPLATE_PATH),
+        template_path=str(NEXT_TEMPLATE_PATH if config.max_crops > 1 else TEMPLATE_PATH),
+        max_visual_tokens=config.max_visual_tokens,
         title=name,
         base_model=base_model,
         license=license,

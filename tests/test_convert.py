@@ -224,3 +224,46 @@ def test_real_vit_l_14_336_maps_onto_the_7b_preset():
     for hf_name, clip_name in VISION_EMBEDDINGS:
         assert ours[hf_name].shape == theirs[clip_name].shape, hf_name
     assert clip.visual.proj.shape == (config.vision_config.hidden_size, spec["embed_dim"])
+
+
+def test_converts_a_llava_next_checkpoint_with_its_preset(tmp_path, capsys):
+    """A stock LLaVA-NeXT checkpoint in llava-hf's format + its CLIP + a NeXT preset -> a `LlavaNextIvtp` checkpoint:
+    every LLaVA-NeXT tensor (`image_newline` included) unchanged, the NeXT processor with the guidance inputs, the
+    NeXT card; a LLaVA-1.5 preset for it, or a NeXT preset for a LLaVA-1.5 checkpoint, is refused naming both."""
+    from transformers import AutoProcessor
+
+    from modeling_llava_ivtp import IvtpNextConfig, LlavaNextIvtpForConditionalGeneration, LlavaNextIvtpProcessor
+    from tiny_models import make_next_batch, tiny_next_config_dict, write_llava_next_hf
+
+    llava = write_llava_next_hf(tmp_path / "llava-next-hf")
+    write_open_clip(tmp_path / "clip", llava)
+    preset = tmp_path / "tiny-next-preset.json"
+    IvtpNextConfig(**tiny_next_config_dict(pruning_method="ivtp", pruning_options={"visual_tokens": 32})).to_json_file(preset)
+    args = ["convert", "--llava", str(tmp_path / "llava-next-hf"), "--clip", f"local-dir:{tmp_path / 'clip'}",
+            "--preset", str(preset), "--out", str(tmp_path / "out"), "--clip-tokenizer", "ViT-L-14-336",
+            "--base-model", "llava-hf/llava-v1.6-vicuna-7b-hf"]
+    assert cli_main(args) == 0
+    out = tmp_path / "out"
+    model, info = LlavaNextIvtpForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.config.schedule == IvtpNextConfig(**tiny_next_config_dict(
+        pruning_method="ivtp", pruning_options={"visual_tokens": 32})).schedule
+    source = llava.state_dict()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("clip_")}
+    assert sorted(state) == sorted(source) and "model.image_newline" in state
+    assert all(torch.equal(state[key], source[key]) for key in state)
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert type(processor).__name__ == LlavaNextIvtpProcessor.__name__
+    card = (out / "README.md").read_text()
+    assert "LLaVA-NeXT" in card and "each crop" in card and "each image" in card and "license: llama2" in card
+    with torch.no_grad():
+        outputs = model(**make_next_batch(model.config))
+    assert outputs.llm_keep_indices  # stage 2 ran
+    one_five = tmp_path / "tiny-preset.json"
+    one_five.write_text(json.dumps({"model_type": "llava_ivtp", **tiny_config_dict()}))
+    assert cli_main(args[:6] + [str(one_five), "--out", str(tmp_path / "out2")] + args[9:]) == 2
+    assert "is a 'llava_ivtp' preset; --llava" in capsys.readouterr().err
+    write_llava_hf(tmp_path / "llava-hf")
+    assert cli_main(["convert", "--llava", str(tmp_path / "llava-hf")] + args[3:8] + [str(tmp_path / "out3")] + args[9:]) == 2
+    error = capsys.readouterr().err
+    assert "is a 'llava_next_ivtp' preset" in error and "LLaVA-1.5 checkpoint" in error

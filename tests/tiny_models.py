@@ -229,6 +229,30 @@ def write_llava_hf(folder, seed: int = 0) -> LlavaForConditionalGeneration:
     return model
 
 
+def write_llava_next_hf(folder, seed: int = 0):
+    """A stock tiny LLaVA-NeXT saved by transformers (llava-hf layout) with its `LlavaNextProcessor` and a card with a
+    license: `write_llava_hf`'s NeXT twin."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+
+    from modeling_llava_ivtp import IvtpNextConfig
+    from modeling_llava_ivtp.configuration_llava_ivtp import stock_llava_fields
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(**stock_llava_fields(IvtpNextConfig(**tiny_next_config_dict()).to_dict()))
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]
+    model.save_pretrained(folder)
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24},
+                                              image_grid_pinpoints=TINY_GRID_PINPOINTS)
+    LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tiny_tokenizer(), patch_size=4, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    ).save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlicense: llama2\n---\n# tiny llava-next\n")
+    return model
+
+
 def write_open_clip(folder, llava: LlavaForConditionalGeneration | None, seed: int = 1):
     """A tiny OpenAI-style open_clip CLIP in open_clip's folder format; with `llava`, its vision embeddings are the
     llava vision tower's (the same CLIP), otherwise random (another CLIP)."""

@@ -2,6 +2,11 @@
 
     llava-ivtp convert --llava llava-hf/llava-1.5-7b-hf --clip ViT-L-14-336:openai \
         --preset configuration/llava-1.5-7b-ivtp.json --out llava-1.5-7b-ivtp [--push-to-hub me/llava-1.5-7b-ivtp]
+    llava-ivtp convert --llava llava-hf/llava-v1.6-vicuna-7b-hf --clip ViT-L-14-336:openai \
+        --preset configuration/llava-v1.6-vicuna-7b-ivtp.json --out llava-v1.6-vicuna-7b-ivtp
+
+A LLaVA-1.5 checkpoint (model_type "llava") becomes a `LlavaIvtpForConditionalGeneration`, a LLaVA-NeXT one
+("llava_next") a `LlavaNextIvtpForConditionalGeneration`, each with its preset kind ("llava_ivtp" / "llava_next_ivtp").
 
 The LLaVA weights are loaded unchanged (every tensor, checked), the preset gives the pruning schedule, and the CLIP
 checkpoint gives the text tower and visual projection that instruction guidance needs (paper eq. 5-6). The output
@@ -32,7 +37,10 @@ PRESET_FIELDS = {
     "text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"),
     None: ("image_token_index", "vision_feature_layer", "vision_feature_select_strategy"),
 }
+NEXT_PRESET_FIELDS = ("image_grid_pinpoints",)  # LLaVA-NeXT's too: the grid decides the crops and the schedule bound
 PRESET_IVTP_FIELDS = ("group_size", "schedule", "tau", "guidance")  # IVTP_FIELDS but the CLIP, given by --clip
+# The stock checkpoint's model_type -> the preset's model_type and the host's name.
+HOSTS = {"llava": ("llava_ivtp", "LLaVA-1.5"), "llava_next": ("llava_next_ivtp", "LLaVA-NeXT")}
 # HF CLIP vision embeddings <-> open_clip `visual` parameters that show two vision towers are the same CLIP.
 VISION_EMBEDDINGS = (
     ("embeddings.class_embedding", "class_embedding"),
@@ -211,13 +219,16 @@ def _llava_config(llava: str):
         config = AutoConfig.from_pretrained(llava)
     except OSError as error:
         raise ConversionError(f"--llava {llava}: cannot read its config: {error}") from error
-    if config.model_type != "llava":
-        raise ConversionError(f"--llava {llava}: expected a stock llava-hf checkpoint (model_type 'llava'), got {config.model_type!r}.")
+    if config.model_type not in HOSTS:
+        raise ConversionError(
+            f"--llava {llava}: expected a stock llava-hf checkpoint (model_type {' or '.join(map(repr, HOSTS))}), got "
+            f"{config.model_type!r}."
+        )
     return config
 
 
 def _read_preset(preset: str):
-    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig
+    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig, IvtpNextConfig
 
     path = Path(preset)
     if not path.is_file():
@@ -228,18 +239,30 @@ def _read_preset(preset: str):
         raise ConversionError(f"--preset {preset}: not JSON ({error}).") from error
     except OSError as error:
         raise ConversionError(f"--preset {preset}: cannot be read ({error}).") from error
-    if not isinstance(raw, dict) or raw.get("model_type") != "llava_ivtp" or "schedule" not in raw:
-        raise ConversionError(f"--preset {preset}: not an IVTP preset (needs model_type 'llava_ivtp' and a schedule).")
+    kinds = {"llava_ivtp": IvtpConfig, "llava_next_ivtp": IvtpNextConfig}
+    if not isinstance(raw, dict) or raw.get("model_type") not in kinds or "schedule" not in raw:
+        raise ConversionError(
+            f"--preset {preset}: not an IVTP preset (needs model_type 'llava_ivtp' or 'llava_next_ivtp' and a schedule)."
+        )
     try:
-        return IvtpConfig.from_dict(raw)
+        return kinds[raw["model_type"]].from_dict(raw)
     except (ValueError, TypeError, StrictDataclassError) as error:
         raise ConversionError(f"--preset {preset}: {error}") from error
 
 
 def check_preset_matches(preset, llava_config, preset_name: str, llava_name: str) -> None:
-    """Refuse a preset made for another architecture, listing every field that differs."""
+    """Refuse a preset made for another host or architecture, listing every field that differs."""
+    wanted, host = HOSTS[llava_config.model_type]
+    if preset.model_type != wanted:
+        raise ConversionError(
+            f"--preset {preset_name} is a {preset.model_type!r} preset; --llava {llava_name} is a {host} checkpoint "
+            f"(model_type {llava_config.model_type!r}), which takes a {wanted!r} preset (configuration/*.json)."
+        )
     differences = []
-    for section, fields in PRESET_FIELDS.items():
+    sections = dict(PRESET_FIELDS)
+    if wanted == "llava_next_ivtp":
+        sections[None] = sections[None] + NEXT_PRESET_FIELDS
+    for section, fields in sections.items():
         mine = getattr(preset, section) if section else preset
         theirs = getattr(llava_config, section) if section else llava_config
         for field in fields:
@@ -276,10 +299,10 @@ def check_same_vision_tower(model, clip_model, clip_name: str, llava_name: str) 
         )
 
 
-def _processor(llava: str, tokenizer_name: str):
-    from transformers import AutoProcessor
+def _processor(llava: str, tokenizer_name: str, next_host: bool = False):
+    from transformers import AutoProcessor, LlavaNextProcessor
 
-    from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE, LlavaIvtpProcessor
+    from modeling_llava_ivtp.processing_llava_ivtp import LLAVA_CHAT_TEMPLATE, LlavaIvtpProcessor, LlavaNextIvtpProcessor
 
     try:
         stock = AutoProcessor.from_pretrained(llava)
@@ -287,9 +310,13 @@ def _processor(llava: str, tokenizer_name: str):
         raise ConversionError(
             f"--llava {llava}: cannot load its processor (tokenizer, preprocessor_config.json, processor_config.json): {error}"
         ) from error
-    if not hasattr(stock, "image_processor") or not getattr(stock.tokenizer, "is_fast", False):
-        raise ConversionError(f"--llava {llava}: needs a LlavaProcessor with a fast tokenizer, got {type(stock).__name__}.")
-    return LlavaIvtpProcessor(
+    wanted = LlavaNextProcessor if next_host else None
+    if (not hasattr(stock, "image_processor") or not getattr(stock.tokenizer, "is_fast", False)
+            or wanted is not None and not isinstance(stock, wanted)):
+        expected = "a LlavaNextProcessor" if next_host else "a LlavaProcessor"
+        raise ConversionError(f"--llava {llava}: needs {expected} with a fast tokenizer, got {type(stock).__name__}.")
+    processor_class = LlavaNextIvtpProcessor if next_host else LlavaIvtpProcessor
+    return processor_class(
         stock.image_processor,
         stock.tokenizer,
         patch_size=stock.patch_size,
@@ -384,11 +411,15 @@ def build(llava: str, clip: str, preset: str, *, clip_tokenizer: str | None = No
     """The IVTP model (eval mode) and processor of `llava` + `clip` with `preset`'s schedule, in memory: what
     `convert` writes. Every LLaVA tensor is checked to load; mismatched inputs raise `ConversionError`. `checked`:
     what `_check_inputs` returned for these arguments (else it is called here)."""
-    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig
+    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig, IvtpNextConfig
     from modeling_llava_ivtp.modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
+    from modeling_llava_ivtp.modeling_llava_next_ivtp import LlavaNextIvtpForConditionalGeneration
 
     preset_config, llava_config, clip_tokenizer = checked or _check_inputs(llava, clip, preset, clip_tokenizer, dtype)
-    processor = _processor(llava, clip_tokenizer)
+    next_host = llava_config.model_type == "llava_next"
+    config_class = IvtpNextConfig if next_host else IvtpConfig
+    model_class = LlavaNextIvtpForConditionalGeneration if next_host else LlavaIvtpForConditionalGeneration
+    processor = _processor(llava, clip_tokenizer, next_host)
 
     clip_model = load_open_clip(clip)
     spec = clip_text_spec(clip_model, clip_tokenizer)
@@ -398,10 +429,10 @@ def build(llava: str, clip: str, preset: str, *, clip_tokenizer: str | None = No
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         settings.pop(key, None)
     settings.update({key: getattr(preset_config, key) for key in PRESET_IVTP_FIELDS}, clip_text_encoder=spec)
-    config = IvtpConfig(**settings)
+    config = config_class(**settings)
 
     try:
-        model, info = LlavaIvtpForConditionalGeneration.from_pretrained(
+        model, info = model_class.from_pretrained(
             llava, config=config, dtype=DTYPES[dtype], output_loading_info=True, clip_text_tower_loaded_later=True
         )
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:
@@ -432,14 +463,15 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     from huggingface_hub import HfApi, ModelCard
 
     from hub_cards import render_model_card
-    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig
+    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig, IvtpNextConfig
 
     folder = Path(folder)
     api = api or HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Add IVTP checkpoint (llava-ivtp convert)")
     old = ModelCard.load(folder / "README.md")
-    config = IvtpConfig.from_pretrained(folder)
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    config = (IvtpNextConfig if model_type == IvtpNextConfig.model_type else IvtpConfig).from_pretrained(folder)
     clip_source = _card_field(old.content, "CLIP text tower and visual projection: open_clip `")
     command = _card_field(old.content, "Converted with: `")
     card = render_model_card(
