@@ -235,6 +235,9 @@ def is_hub_repo_id(text: str) -> bool:
     return True
 
 
+IVTP_MODEL_TYPES = ("llava_ivtp", "llava_next_ivtp")  # LLaVA-1.5 and LLaVA-NeXT checkpoints
+
+
 def load_ivtp_checkpoint(flag: str, source: str, error: type[ValueError]):
     """`(model in eval mode, processor)` of an IVTP checkpoint (folder or hub id, loaded with `trust_remote_code`).
     A bad argument -- see `resolve_checkpoint`; not loadable (a hub id not in the cache offline, broken files); not
@@ -246,10 +249,10 @@ def load_ivtp_checkpoint(flag: str, source: str, error: type[ValueError]):
     failure = "cannot load it" if Path(where).is_dir() else "no such folder, and as a hub repo id it cannot be loaded"
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=True)
-        if getattr(config, "model_type", None) != "llava_ivtp":
+        if getattr(config, "model_type", None) not in IVTP_MODEL_TYPES:
             raise error(
                 f"{flag} {source}: model_type {getattr(config, 'model_type', None)!r}, not an IVTP checkpoint "
-                "('llava_ivtp'); make one with `llava-ivtp convert`."
+                f"({' or '.join(map(repr, IVTP_MODEL_TYPES))}); make one with `llava-ivtp convert`."
             )
         model = AutoModelForImageTextToText.from_pretrained(where, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained(where, trust_remote_code=True)

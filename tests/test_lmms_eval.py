@@ -224,3 +224,79 @@ def test_other_refusals(lmms_model):
         LlavaIvtp(pretrained=str(MODEL), dtype="int4")
     with pytest.raises(NotImplementedError, match="generate_until_multi_round"):
         lmms_model.generate_until_multi_round([])
+
+
+@pytest.fixture(scope="module")
+def next_checkpoint(tmp_path_factory):
+    """A tiny LLaVA-NeXT IVTP checkpoint converted from llava-hf's format (`llava-ivtp convert`)."""
+    from modeling_llava_ivtp import IvtpNextConfig
+    from tiny_models import tiny_next_config_dict, write_llava_next_hf
+
+    root = tmp_path_factory.mktemp("next-checkpoint")
+    llava = write_llava_next_hf(root / "llava-next-hf")
+    write_open_clip(root / "clip", llava)
+    preset = root / "preset.json"
+    IvtpNextConfig(**tiny_next_config_dict(pruning_method="ivtp", pruning_options={"visual_tokens": 40})).to_json_file(preset)
+    assert cli_main(["convert", "--llava", str(root / "llava-next-hf"), "--clip", f"local-dir:{root / 'clip'}",
+                     "--preset", str(preset), "--out", str(root / "out"), "--clip-tokenizer", "ViT-L-14-336",
+                     "--base-model", "llava-hf/llava-v1.6-vicuna-7b-hf"]) == 0
+    return root / "out"
+
+
+def test_a_llava_next_checkpoint_runs_through_the_model_and_llava_ivtp_eval(task, next_checkpoint, tmp_path):
+    """The checkpoint picks its host: a converted LLaVA-NeXT checkpoint loads the NeXT classes, and its answers in
+    padded batches (the testbed's 192 px images: 5 crops each) are `llava-ivtp eval`'s loop's; `llava-ivtp eval`
+    measures it too, each setting's visual tokens within its budget."""
+    lmms_model = LlavaIvtp(pretrained=str(next_checkpoint), method="visionzip", budget=30, device="cpu", batch_size=3)
+    assert type(lmms_model.model).__name__ == "LlavaNextIvtpForConditionalGeneration"
+    assert type(lmms_model.processor).__name__ == "LlavaNextIvtpProcessor"
+    requests, _ = _requests(task, lmms_model, 5, {"max_new_tokens": 3, "temperature": 0, "do_sample": False})
+    answers = lmms_model.generate_until(requests)
+    records, _ = load_records(str(task / "test.jsonl"), 5)
+    expected = run_setting(lmms_model.model, lmms_model.processor, records, Setting("as loaded", {}), 3, 3)["predictions"]
+    assert answers == expected and len(answers) == 5
+    out = tmp_path / "next-eval.json"
+    assert cli_main(["eval", "--model", str(next_checkpoint), "--dataset", str(task / "test.jsonl"), "--limit", "4",
+                     "--settings", "full", "ivtp@40", "visionzip@30", "--batch-size", "2", "--max-new-tokens", "2",
+                     "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["full"]["visual_tokens"] == 192  # 192 px: the 2 x 2 grid at full size, every packed token
+    assert settings["ivtp@40"]["visual_tokens"] == 40 and settings["visionzip@30"]["visual_tokens"] == 30
+    assert settings["visionzip@30"]["tflops"] < settings["full"]["tflops"]
+
+
+def test_show_draws_every_crop_of_a_llava_next_image(next_checkpoint, tmp_path):
+    """`llava-ivtp show` on a LLaVA-NeXT checkpoint: each panel is every crop the tower saw (the base crop, then the
+    tiles stitched into their grid), the patches of the kept tokens clear and the rest greyed; newlines are counted."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llava_ivtp.evaluation.show import crop_panel, pruning_of
+
+    picture = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(picture)
+    out = tmp_path / "next-fig5.png"
+    assert cli_main(["show", "--model", str(next_checkpoint), "--image", str(picture), "--question", "What is it?",
+                     "--settings", "ivtp@40", "topk@20", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 400
+    model = AutoModelForImageTextToText.from_pretrained(next_checkpoint, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(next_checkpoint, trust_remote_code=True)
+    result = pruning_of(model, processor, Image.open(picture).convert("RGB"), "What is it?")
+    layout = model.image_layouts([result["image_sizes"]])[0]
+    assert result["image_sizes"] == [40, 36] and result["crops"].shape == (layout.crops, 24, 24, 3)
+    clear, _ = crop_panel(model, result["crops"], result["image_sizes"], None)
+    grey, _ = crop_panel(model, result["crops"], result["image_sizes"], [])
+    for title, kept in result["stages"]:
+        panel, newlines = crop_panel(model, result["crops"], result["image_sizes"], kept)
+        sources = [layout.source[index] for index in kept if index >= 0]
+        assert newlines == sum(source < 0 for source in sources), title
+        # 4 px blocks: a tile's patch is one (2 x 2 tiles of 24 px stitched: 48 px high), a base crop's patch four
+        # (the base crop is scaled to the stitched grid's height); blocks greying leaves as they are (the white gap,
+        # the letterbox padding's flat colour where it is the grey) are left out
+        blocks = [(y, x) for y in range(0, clear.shape[0], 4) for x in range(0, clear.shape[1], 4)
+                  if not np.array_equal(clear[y : y + 4, x : x + 4], grey[y : y + 4, x : x + 4])]
+        untouched = sum(np.array_equal(panel[y : y + 4, x : x + 4], clear[y : y + 4, x : x + 4]) for y, x in blocks)
+        base = sum(0 <= source < 36 for source in sources)
+        tiles = sum(source >= 36 for source in sources)
+        assert untouched == 4 * base + tiles, title

@@ -138,9 +138,9 @@ def parse_setting(spec: str, base) -> Setting:
             f"--settings {spec!r}: expected full, ivtp@K, ivtp@K:MODE, stage1@K, METHOD@K (METHOD one of "
             f"{list(PRUNING_METHODS)}) or preset:PATH (K a token count)."
         )
-    kept, patches = int(budget), base.num_patches
+    kept, patches = int(budget), base.max_visual_tokens
     if not 1 <= kept <= patches:
-        raise EvalError(f"--settings {spec}: K must be in [1, {patches}] (the patches per image), got {kept}.")
+        raise EvalError(f"--settings {spec}: K must be in [1, {patches}] (the visual tokens of an image), got {kept}.")
     if kind == "stage1":
         if mode:
             raise EvalError(f"--settings {spec}: stage1@K takes no guidance mode (stage 2 is off).")
@@ -245,7 +245,7 @@ def prompt_of(question: str) -> str:
 @torch.no_grad()
 def run_setting(model, processor, records: list[dict], setting: Setting, batch_size: int, max_new_tokens: int,
                 progress=None) -> dict:
-    per_layer = None
+    per_layer, unpruned = None, None
     with setting.applied(model) as config:
         predictions, prefill_seconds = [], []
         for begin in range(0, len(records), batch_size):
@@ -257,32 +257,39 @@ def run_setting(model, processor, records: list[dict], setting: Setting, batch_s
             prefill = model(**inputs, use_cache=True, logits_to_keep=1)
             prefill_seconds.append(time.perf_counter() - start)
             per_layer = per_layer or prefill.visual_tokens_per_layer
+            if not per_layer:  # nothing pruned: every placeholder (LLaVA-NeXT: the batch's longest image)
+                held = int((inputs["input_ids"] == config.image_token_id).sum(dim=1).max())
+                unpruned = max(unpruned or 0, held)
             generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             new_tokens = generated[:, inputs["input_ids"].shape[1]:]
             texts = processor.batch_decode(new_tokens, skip_special_tokens=True)
             predictions += [text.strip() for text in texts]
             if progress is not None:
                 progress(len(batch))
-        counts = visual_tokens(config, per_layer)
+        counts = visual_tokens(config, per_layer, unpruned)
     return {"predictions": predictions, "prefill_ms_per_batch": 1000 * statistics.median(prefill_seconds), **counts}
 
 
-def visual_tokens(config, per_layer: tuple[int, ...] | None) -> dict:
+def visual_tokens(config, per_layer: tuple[int, ...] | None, unpruned: int | None = None) -> dict:
     """Visual tokens per image in the LLM's last layers and their mean over the LLM's layers, from what a forward's
-    layers held (`visual_tokens_per_layer` of its output; `None`: nothing pruned, every patch in every layer)."""
+    layers held (`visual_tokens_per_layer` of its output, the most any image of the batch held; `None`: nothing
+    pruned, `unpruned` (the placeholders of an image; `num_patches` by default) in every layer)."""
     if not per_layer:
-        per_layer = (config.num_patches,) * config.text_config.num_hidden_layers
+        per_layer = (unpruned or config.num_patches,) * config.text_config.num_hidden_layers
     return {"visual_tokens": per_layer[-1], "mean_visual_tokens_per_llm_layer": sum(per_layer) / len(per_layer)}
 
 
-def setting_tflops(config, text_tokens: int) -> float:
-    """Prefill TFLOPs of one sample (`measuring.flops.measure`)."""
-    from llava_ivtp.measuring.flops import DEFAULT_PREFIX_TOKENS, measure
-    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig
+def setting_tflops(config, text_tokens: int, image_size: tuple[int, int] | None = None) -> float:
+    """Prefill TFLOPs of one sample (`measuring.flops.measure`); LLaVA-NeXT: one image of `image_size` `(height,
+    width)` (its crops and packed tokens follow the size)."""
+    from llava_ivtp.measuring.flops import DEFAULT_NEXT_IMAGE_SIZE, DEFAULT_PREFIX_TOKENS, measure
+    from modeling_llava_ivtp.configuration_llava_ivtp import IvtpConfig, IvtpNextConfig
 
     # A checkpoint loaded as remote code has its own copy of the config class: count with this package's.
-    config = IvtpConfig.from_dict(config.to_dict())
-    return measure(config, text_tokens, prefix_tokens=DEFAULT_PREFIX_TOKENS).total / 1e12
+    config_class = IvtpNextConfig if config.model_type == IvtpNextConfig.model_type else IvtpConfig
+    config = config_class.from_dict(config.to_dict())
+    return measure(config, text_tokens, prefix_tokens=DEFAULT_PREFIX_TOKENS,
+                   image_size=image_size or DEFAULT_NEXT_IMAGE_SIZE).total / 1e12
 
 
 @functools.lru_cache(maxsize=None)
@@ -328,7 +335,8 @@ def evaluate_grid(model, processor, records, settings: list[Setting], results: d
         with tqdm(total=len(records), desc=setting.name, unit="question", disable=not progress) as bar:
             measured = run_setting(model, processor, records, setting, batch_size, max_new_tokens, progress=bar.update)
         entry = {**score(measured.pop("predictions"), records), **measured}
-        entry["tflops"] = setting_tflops(setting.config_of(model.config), text_tokens)
+        width, height = records[0]["image"].size  # LLaVA-NeXT: the first image's size decides its crops
+        entry["tflops"] = setting_tflops(setting.config_of(model.config), text_tokens, (height, width))
         entry["fields"] = setting.fields
         results["settings"][setting.name] = entry
         log(f"{setting.name}: exact match {entry['exact_match']:.3f} ± {entry['exact_match_stderr']:.3f}, "

@@ -12,8 +12,10 @@ two give the same answers on the same questions).
 
 `model_args` (lmms-eval's `key=value,...`):
 
-- `pretrained`: a converted IVTP folder or hub id (loaded with `trust_remote_code`, as `llava-ivtp eval` does), or a
-  stock llava-hf checkpoint together with `preset` (an IvtpConfig JSON such as `llava-1.5-7b-ivtp.json`) and
+- `pretrained`: a converted IVTP folder or hub id (loaded with `trust_remote_code`, as `llava-ivtp eval` does; the
+  checkpoint picks its host: a LLaVA-NeXT one loads `LlavaNextIvtpForConditionalGeneration` and
+  `LlavaNextIvtpProcessor`), or a stock llava-hf checkpoint (LLaVA-1.5 or LLaVA-NeXT) together with `preset` (an IVTP
+  preset of its host, such as `llava-1.5-7b-ivtp.json` or `llava-v1.6-vicuna-7b-ivtp.json`) and
   `clip` (its open_clip CLIP, as `llava-ivtp convert --clip` takes it), converted in memory;
 - `method`: a registered pruning method (`ivtp`, `fastv`, `divprune`, ...), or `none` for stock Llava (every token);
   default: the checkpoint's own;
@@ -146,9 +148,10 @@ def load_model(pretrained: str, *, preset=None, clip=None, clip_tokenizer=None, 
                              "built in memory: use `device`.")
         return model, processor
     config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
-    if config.model_type == "llava":
+    if config.model_type in ("llava", "llava_next"):
         raise ValueError(f"model_args `pretrained` {pretrained!r} is a stock llava-hf checkpoint: give `preset` (an "
-                         "IvtpConfig JSON) and `clip` (its open_clip CLIP) to convert it, or a converted IVTP checkpoint.")
+                         "IVTP preset JSON of its host) and `clip` (its open_clip CLIP) to convert it, or a converted "
+                         "IVTP checkpoint.")
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
     if device_map is not None:
         kwargs["device_map"] = device_map
