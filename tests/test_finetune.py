@@ -209,3 +209,54 @@ def test_lora_generates_the_same_tokens_after_reload_and_merge(workspace):
     assert report["adapted"] != report["plain"]  # the adapter changed what the model says
     assert report["merged_class"] == "LlavaIvtpForConditionalGeneration"
     assert report["merged_module"].startswith("transformers_modules.")
+
+
+@pytest.fixture(scope="module")
+def next_workspace(tmp_path_factory):
+    """A tiny remote-code LLaVA-NeXT checkpoint (IVTP at 32 tokens, the CLIP text tower) with its processor, and the
+    colour conversations."""
+    from tiny_models import tiny_next_model, tiny_next_processor
+
+    folder = tmp_path_factory.mktemp("finetune-next")
+    model = tiny_next_model(pruning_method="ivtp", pruning_options={"visual_tokens": 32}, clip_text_encoder=TINY_CLIP_TEXT)
+    model.save_pretrained(folder / "base")
+    tiny_next_processor().save_pretrained(folder / "base")
+    write_color_dataset(folder)
+    return folder
+
+
+def test_llava_next_fine_tunes_with_the_trainer_and_lora_and_reloads(next_workspace):
+    """The examples on a LLaVA-NeXT checkpoint: the HF Trainer with IVTP pruning every step (each image's crops,
+    padded batches) lowers the loss and the result reloads as remote code (the NeXT class); LoRA trains the LLM's
+    projections only and the adapter, reloaded in a fresh process and merged, generates what it generated."""
+    out = next_workspace / "trained"
+    run_example(
+        "finetune.py",
+        ["--model", str(next_workspace / "base"), "--data", str(next_workspace / "train.jsonl"), "--output-dir",
+         str(out), "--max-steps", "12", "--batch-size", "4", "--learning-rate", "3e-3", "--summary",
+         str(next_workspace / "summary.json")],
+        next_workspace,
+    )
+    summary = json.loads((next_workspace / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["pruned_steps"] == 12
+    assert np.mean(summary["losses"][-3:]) < np.mean(summary["losses"][:3]), summary["losses"]
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlavaNextIvtpForConditionalGeneration"]
+    lora = next_workspace / "lora"
+    run_example(
+        "finetune_lora.py",
+        ["--model", str(next_workspace / "base"), "--data", str(next_workspace / "train.jsonl"), "--output-dir",
+         str(lora), "--max-steps", "8", "--learning-rate", "1e-2", "--summary", str(next_workspace / "lora.json")],
+        next_workspace,
+    )
+    adapted = json.loads((next_workspace / "lora.json").read_text())["adapted_modules"]
+    assert len(adapted) == 8 * 7 and all(".language_model.layers." in name for name in adapted)
+    check = subprocess.run(
+        [sys.executable, "-c", LORA_CHECK, str(next_workspace / "base"), str(lora),
+         str(next_workspace / "images" / "0.png")],
+        capture_output=True, text=True, timeout=600, cwd=next_workspace,
+        env=dict(os.environ, HF_MODULES_CACHE=str(next_workspace / "modules-lora"), HF_HUB_OFFLINE="1"),
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    report = json.loads(check.stdout.strip().splitlines()[-1])
+    assert report["adapted"] == report["merged"]
+    assert report["merged_class"] == "LlavaNextIvtpForConditionalGeneration"
