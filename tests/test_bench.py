@@ -10,6 +10,8 @@ import io
 import json
 import math
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -210,6 +212,12 @@ def test_bad_arguments_give_a_clear_error_naming_the_flag(argv, flag, tiny_json,
 def test_unknown_config_error_lists_the_named_shapes(capsys):
     rc, _, err = run_cli(["--config", "7b-wide"], capsys)
     assert rc == 2 and "'7b-wide'" in err and "7b-narrow" in err
+
+
+def test_a_llava_next_config_is_refused_naming_flops(capsys):
+    preset = Path(__file__).resolve().parents[1] / "configuration" / "llava-v1.6-vicuna-7b-ivtp.json"
+    rc, out, err = run_cli(["--config", str(preset)], capsys)
+    assert rc == 2 and out == "" and "is a LLaVA-NeXT config" in err and "llava-ivtp flops --preset" in err
 
 
 def test_kept_out_of_range_names_the_patch_count(tiny_json, capsys):

@@ -137,6 +137,11 @@ def _check_args(args, config_dict: dict) -> None:
         raise BenchError("--dtype float16 is not supported on --device cpu; use float32 or bfloat16.")
     from huggingface_hub.errors import StrictDataclassError
 
+    if config_dict.get("model_type") == "llava_next_ivtp":
+        raise BenchError(
+            "--config is a LLaVA-NeXT config: `llava-ivtp bench` measures LLaVA-1.5 shapes for now; count a NeXT "
+            "config's FLOPs with `llava-ivtp flops --preset PATH --methods all` (docs/llava-next.md)."
+        )
     try:
         config = IvtpConfig(**copy.deepcopy(config_dict))
     except (TypeError, ValueError, StrictDataclassError) as error:
