@@ -214,10 +214,35 @@ def test_unknown_config_error_lists_the_named_shapes(capsys):
     assert rc == 2 and "'7b-wide'" in err and "7b-narrow" in err
 
 
-def test_a_llava_next_config_is_refused_naming_flops(capsys):
-    preset = Path(__file__).resolve().parents[1] / "configuration" / "llava-v1.6-vicuna-7b-ivtp.json"
-    rc, out, err = run_cli(["--config", str(preset)], capsys)
-    assert rc == 2 and out == "" and "is a LLaVA-NeXT config" in err and "llava-ivtp flops --preset" in err
+def test_a_llava_next_config_measures_stock_llava_next_ivtp_and_methods(tmp_path, capsys):
+    """A LLaVA-NeXT config (IVTP with a budget): stock `LlavaNextForConditionalGeneration`, IVTP and a method on the
+    same weights, one image of the grid's largest size per sample (5 crops, 192 tokens on the tiny grid), batch 1
+    and 2; FLOPs counted on the weight-free forward, the KV cache against the per-layer counts of that forward."""
+    from modeling_llava_ivtp import IvtpNextConfig
+    from tiny_models import tiny_next_config_dict
+
+    config = tmp_path / "tiny-next.json"
+    config.write_text(IvtpNextConfig(**tiny_next_config_dict(
+        pruning_method="ivtp", pruning_options={"visual_tokens": 40}, clip_text_encoder=TINY_CLIP_TEXT)).to_json_string())
+    out = tmp_path / "next.json"
+    rc, stdout, _ = run_cli(["--config", str(config), "--batch-sizes", "1", "2", "--text-tokens", str(TEXT_TOKENS),
+                             "--methods", "visionzip", "--json", str(out), *FAST], capsys)
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["image_size"] == [48, 48] and report["meta"]["prompt"]["image"] == 192
+    assert report["meta"]["kept"] == 40
+    variants = ["stock_sdpa", "ivtp_sdpa", "ivtp_eager", "method:visionzip"]
+    assert [result["variant"] for result in report["results"]] == variants * 2
+    assert report["flops"]["speedup"] > 1 and report["flops"]["methods"]["method:visionzip"]["speedup"] > 1
+    for result in report["results"]:
+        if result["variant"] in ("stock_sdpa", "ivtp_sdpa", "ivtp_eager"):  # the cache each layer holds, as counted
+            assert result["kv_cache_matches_analytic"] is True, result["variant"]
+        if result["variant"] != "stock_sdpa":
+            assert result["kv_cache_bytes"] < next(r["kv_cache_bytes"] for r in report["results"]
+                                                    if r["variant"] == "stock_sdpa" and r["batch_size"] == result["batch_size"])
+    assert "192 image tokens" in stdout
+    rc, _, err = run_cli(["--config", str(config), "--kept", "193", *FAST], capsys)
+    assert rc == 2 and "--kept must be in [1, 192] (the visual tokens of an image)" in err
 
 
 def test_kept_out_of_range_names_the_patch_count(tiny_json, capsys):

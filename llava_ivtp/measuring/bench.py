@@ -56,7 +56,8 @@ from llava_ivtp.measuring.bench_measure import (
 from llava_ivtp.measuring.bench_report import comparisons, draw_plot, markdown_table, top_ops_text, write_json
 from llava_ivtp.measuring.bench_setup import (
     BenchError, COMMAND, DTYPES, NAMED_CONFIGS, PLOT_KEPT_DEFAULT, REPORT_KEYS, TEXT_DIMS, VARIANTS, VISION_DIMS,
-    build_models, clip_spec_vit_l14_336, kept_schedule, load_config_dict, prompt_layout,
+    _with_schedule, bench_image_size, build_models, clip_spec_vit_l14_336, config_of, host_classes, image_tokens,
+    is_next, kept_schedule, load_config_dict, prompt_layout,
 )
 
 
@@ -113,8 +114,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args, config_dict: dict) -> None:
-    from modeling_llava_ivtp import IvtpConfig
-
     for flag, value, low in (
         ("--text-tokens", args.text_tokens, 4), ("--new-tokens", args.new_tokens, 2), ("--repeats", args.repeats, 1),
         ("--warmup", args.warmup, 0), ("--profile-runs", args.profile_runs, 1), ("--top-ops", args.top_ops, 0),
@@ -137,15 +136,11 @@ def _check_args(args, config_dict: dict) -> None:
         raise BenchError("--dtype float16 is not supported on --device cpu; use float32 or bfloat16.")
     from huggingface_hub.errors import StrictDataclassError
 
-    if config_dict.get("model_type") == "llava_next_ivtp":
-        raise BenchError(
-            "--config is a LLaVA-NeXT config: `llava-ivtp bench` measures LLaVA-1.5 shapes for now; count a NeXT "
-            "config's FLOPs with `llava-ivtp flops --preset PATH --methods all` (docs/llava-next.md)."
-        )
+    config_class = host_classes(config_dict)[0]
     try:
-        config = IvtpConfig(**copy.deepcopy(config_dict))
+        config = config_class(**copy.deepcopy(config_dict))
     except (TypeError, ValueError, StrictDataclassError) as error:
-        raise BenchError(f"--config: not a valid IvtpConfig: {error}") from None
+        raise BenchError(f"--config: not a valid {config_class.__name__}: {error}") from None
     if config.schedule is None:
         raise BenchError("--config has no pruning schedule (schedule is null): nothing to compare with stock.")
     from modeling_llava_ivtp.configuration_llava_ivtp import PRUNING_METHODS
@@ -155,12 +150,14 @@ def _check_args(args, config_dict: dict) -> None:
     unknown = [method for method in args.methods if method not in PRUNING_METHODS]
     if unknown or len(set(args.methods)) != len(args.methods):
         raise BenchError(f"--methods {args.methods}: each once, from {list(PRUNING_METHODS)} or 'all'.")
-    num_patches = config.num_patches
+    num_patches = image_tokens(config)
     plot_kept = args.plot_kept if args.plot is not None else []
+    bound, what = (config.num_patches, "the patches per image") if config.max_crops == 1 else (
+        config.max_visual_tokens, "the visual tokens of an image")
     for flag, values in (("--kept", [args.kept] if args.kept is not None else []), ("--plot-kept", plot_kept)):
         for value in values:
-            if not 1 <= value <= num_patches:
-                raise BenchError(f"{flag} must be in [1, {num_patches}] (the patches per image), got {value}.")
+            if not 1 <= value <= bound:
+                raise BenchError(f"{flag} must be in [1, {bound}] ({what}), got {value}.")
     length = args.text_tokens + num_patches + args.new_tokens
     if length > config.text_config.max_position_embeddings:
         raise BenchError(
@@ -220,6 +217,13 @@ def _prepare_config(args) -> tuple[dict, str]:
     elif config_dict.get("clip_text_encoder") is None:
         config_dict["clip_text_encoder"] = clip_spec_vit_l14_336()
         description += " + random-weight ViT-L-14-336 CLIP text tower"
+    if is_next(config_dict) and config_dict.get("schedule") is None and config_dict.get("pruning_options"):
+        from modeling_llava_ivtp import IvtpNextConfig
+
+        try:  # a NeXT config with a budget: the schedule it derives, written out (the bench reads the schedule)
+            config_dict = _with_schedule(config_dict, IvtpNextConfig)
+        except (TypeError, ValueError) as error:
+            raise BenchError(f"--config: not a valid IvtpNextConfig: {error}") from None
     _check_args(args, config_dict)
     _prepare_outputs(args)
     if args.kept is not None:
@@ -252,11 +256,11 @@ def _run(args, config_dict: dict, config_name: str) -> int:
     import transformers
 
     from llava_ivtp.cli import TOOL_KEY, tool_name
-    from modeling_llava_ivtp import IvtpConfig, __version__
+    from modeling_llava_ivtp import __version__
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    config = IvtpConfig(**copy.deepcopy(config_dict))
+    config = config_of(config_dict)
     flops = flops_figures(config_dict, args.text_tokens)
     flops["methods"] = {f"method:{method}": counted_flops(config_dict, method, args.text_tokens) for method in args.methods}
     layout = prompt_layout(args.text_tokens)
@@ -267,9 +271,10 @@ def _run(args, config_dict: dict, config_name: str) -> int:
         "config": config_name,
         "schedule": config.schedule,
         "num_patches": config.num_patches,
+        "image_size": list(bench_image_size(config)) if bench_image_size(config) else None,  # LLaVA-NeXT
         "kept": (config.schedule["llm"] or config.schedule["vision"])[-1],
         "text_tokens": args.text_tokens,
-        "prompt": {"prefix": layout.prefix, "image": config.num_patches, "suffix": layout.suffix,
+        "prompt": {"prefix": layout.prefix, "image": image_tokens(config), "suffix": layout.suffix,
                    "instruction": layout.instruction, "clip_tokens": layout.clip_tokens},
         "clip_text_encoder": config.clip_text_encoder,
         "dtype": str(dtype).replace("torch.", ""),
@@ -307,7 +312,7 @@ def _run(args, config_dict: dict, config_name: str) -> int:
             write_json(report, args.json)
     hardware = meta["device"].get("gpu", meta["device"]["cpu"])
     print(f"llava-ivtp bench: {config_name}, {meta['dtype']}, {device.type} ({hardware}, "
-          f"{meta['device']['torch_threads']} threads), {args.text_tokens} text tokens + {config.num_patches} image "
+          f"{meta['device']['torch_threads']} threads), {args.text_tokens} text tokens + {image_tokens(config)} image "
           f"tokens, {meta['kept']} kept, prefill median of {args.repeats}, decode {args.new_tokens} tokens")
     print()
     print(markdown_table(report))

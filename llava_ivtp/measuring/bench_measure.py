@@ -16,7 +16,8 @@ import torch
 
 from llava_ivtp.measuring.dispatch import count_dispatched, per_step
 from llava_ivtp.measuring.bench_setup import (
-    BenchError, VARIANTS, build_inputs, build_ivtp_model, kept_schedule, method_config_dict,
+    BenchError, VARIANTS, bench_image_size, build_inputs, build_ivtp_model, config_of, is_next, kept_schedule,
+    method_config_dict,
 )
 
 
@@ -292,11 +293,16 @@ def decode_figures(step_times: list[float], batch_size: int) -> dict:
 
 
 def flops_figures(config_dict: dict, text_tokens: int) -> dict:
+    """IVTP's and stock's prefill FLOPs, one sample: analytic on LLaVA-1.5 (`analytic_flops`), counted on the
+    weight-free forward on LLaVA-NeXT (`flops.measure`, the bench's image)."""
     from llava_ivtp.measuring.analytic_flops import llava_flops
-    from modeling_llava_ivtp import IvtpConfig
 
-    ivtp = llava_flops(IvtpConfig(**copy.deepcopy(config_dict)), text_tokens)
-    stock = llava_flops(IvtpConfig(**dict(copy.deepcopy(config_dict), schedule=None)), text_tokens)
+    if is_next(config_dict):
+        ivtp, stock = (_counted(dict(config_dict, **fields), text_tokens)
+                       for fields in ({}, {"pruning_method": None}))
+    else:
+        ivtp = llava_flops(config_of(config_dict), text_tokens)
+        stock = llava_flops(config_of(dict(config_dict, schedule=None)), text_tokens)
     ratio = ivtp["total"] / stock["total"]
     return {"stock": stock, "ivtp": ivtp, "ratio": ratio, "speedup": 1.0 / ratio}
 
@@ -304,23 +310,35 @@ def flops_figures(config_dict: dict, text_tokens: int) -> dict:
 def counted_flops(config_dict: dict, method: str, text_tokens: int) -> dict:
     """A method's prefill FLOPs and stock's, one sample, counted by `flops.measure` (the analytic formulas know
     IVTP's schedule only)."""
-    from llava_ivtp.measuring.flops import measure
-    from modeling_llava_ivtp import IvtpConfig
-
-    stock = IvtpConfig(**dict(copy.deepcopy(config_dict), pruning_method=None))
-    pruned = IvtpConfig(**method_config_dict(config_dict, method))
-    for config in (stock, pruned):
-        config._attn_implementation = "sdpa"
-    stock_total, total = measure(stock, text_tokens).total, measure(pruned, text_tokens).total
+    stock_total = _counted(dict(config_dict, pruning_method=None), text_tokens)["total"]
+    total = _counted(method_config_dict(config_dict, method), text_tokens)["total"]
     return {"total": total, "stock_total": stock_total, "speedup": stock_total / total}
+
+
+def _counted(config_dict: dict, text_tokens: int) -> dict:
+    """`{"vit", "llm", "total", "per_layer"}` of one sample's prefill, counted on the weight-free forward
+    (`flops.measure`; LLaVA-NeXT: the bench's image), and the visual tokens each LLM layer held."""
+    from llava_ivtp.measuring.flops import measure
+
+    config = config_of(config_dict)
+    config._attn_implementation = "sdpa"
+    breakdown = measure(config, text_tokens, image_size=bench_image_size(config) or (0, 0))
+    return {"vit": breakdown.vit, "llm": breakdown.llm, "total": breakdown.total,
+            "per_layer": breakdown.visual_tokens_per_llm_layer}
 
 
 def _analytic_kv(config_dict: dict, text_tokens: int, batch_size: int, bytes_per_value: int) -> dict:
     from llava_ivtp.measuring.analytic_flops import kv_cache_bytes_per_layer
-    from modeling_llava_ivtp import IvtpConfig
 
-    ivtp = IvtpConfig(**copy.deepcopy(config_dict))
-    stock = IvtpConfig(**dict(copy.deepcopy(config_dict), schedule=None))
+    if is_next(config_dict):  # the visual tokens each layer holds, from the weight-free forward
+        config = config_of(config_dict)
+        text = config.text_config
+        per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * bytes_per_value
+        return {name: [batch_size * (visual + text_tokens) * per_token
+                       for visual in _counted(dict(config_dict, **fields), text_tokens)["per_layer"]]
+                for name, fields in (("stock", {"pruning_method": None}), ("ivtp", {}))}
+    ivtp = config_of(config_dict)
+    stock = config_of(dict(config_dict, schedule=None))
     return {
         "stock": kv_cache_bytes_per_layer(stock, text_tokens, batch_size, bytes_per_value),
         "ivtp": kv_cache_bytes_per_layer(ivtp, text_tokens, batch_size, bytes_per_value),
@@ -433,8 +451,6 @@ def measure_batch(models: dict, config, config_dict: dict, args, batch_size: int
 
 def sweep_kept(models: dict, config_dict: dict, args, device, dtype, bar) -> list[dict]:
     """Analytic TFLOPs and measured IVTP (sdpa) prefill latency for each `--plot-kept` count, first batch size."""
-    from modeling_llava_ivtp import IvtpConfig
-
     batch_size = args.batch_sizes[0]
     weights = models["ivtp_sdpa"].state_dict()
     config = models["ivtp_sdpa"].config
@@ -442,7 +458,7 @@ def sweep_kept(models: dict, config_dict: dict, args, device, dtype, bar) -> lis
     rows = []
     for kept in sorted(set(args.plot_kept)):
         swept = dict(copy.deepcopy(config_dict), schedule=kept_schedule(config_dict, kept))
-        IvtpConfig(**copy.deepcopy(swept))  # validated
+        config_of(swept)  # validated
         model = build_ivtp_model(swept, weights, device, dtype)
         runner = Runner("ivtp_sdpa", model, common, guidance, device, args.new_tokens)
         for _ in range(args.warmup):

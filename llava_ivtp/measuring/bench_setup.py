@@ -41,18 +41,83 @@ def _read_preset(size: str) -> dict:
     return json.loads(preset_path(size).read_text())
 
 
+NEXT_PRESET = "llava-v1.6-vicuna-7b-ivtp.json"
+
+
+def _read_next_preset() -> dict:
+    """The installed LLaVA-1.6-7B (LLaVA-NeXT) preset, its schedule derived from its budget (640 tokens)."""
+    import llava_ivtp_presets
+
+    from modeling_llava_ivtp import IvtpNextConfig
+
+    config = json.loads((Path(llava_ivtp_presets.__file__).with_name(NEXT_PRESET)).read_text())
+    return _with_schedule(config, IvtpNextConfig)
+
+
+def _with_schedule(config_dict: dict, config_class) -> dict:
+    """`config_dict` with the schedule its budget derives written out and the budget dropped (the bench reads the
+    schedule)."""
+    derived = config_class(**copy.deepcopy(config_dict)).schedule
+    return dict(config_dict, schedule=derived, pruning_options=None)
+
+
+def is_next(config_dict: dict) -> bool:
+    """Whether a config dict is a LLaVA-NeXT one (`IvtpNextConfig`)."""
+    return config_dict.get("model_type") == "llava_next_ivtp"
+
+
+def host_classes(config_dict: dict):
+    """`(IVTP config class, IVTP model class, stock config class, stock model class)` of the config's host."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from modeling_llava_ivtp import (
+        IvtpConfig,
+        IvtpNextConfig,
+        LlavaIvtpForConditionalGeneration,
+        LlavaNextIvtpForConditionalGeneration,
+    )
+
+    if is_next(config_dict):
+        return IvtpNextConfig, LlavaNextIvtpForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+    return IvtpConfig, LlavaIvtpForConditionalGeneration, LlavaConfig, LlavaForConditionalGeneration
+
+
+def config_of(config_dict: dict):
+    """The IVTP config (`IvtpConfig` or `IvtpNextConfig`) of a config dict."""
+    return host_classes(config_dict)[0](**copy.deepcopy(config_dict))
+
+
+def bench_image_size(config) -> tuple[int, int] | None:
+    """LLaVA-NeXT: the image the bench feeds, the largest grid of `image_grid_pinpoints` at full size (LLaVA-1.6-7B:
+    672 x 672, 5 crops, 2,928 tokens); `None` for LLaVA-1.5."""
+    if config.max_crops == 1:
+        return None
+    return tuple(max(config.image_grid_pinpoints, key=lambda size: (size[0] * size[1], size[0])))
+
+
+def image_tokens(config) -> int:
+    """Image placeholders of the bench's prompt: `num_patches`, or the packed length of `bench_image_size`."""
+    size = bench_image_size(config)
+    if size is None:
+        return config.num_patches
+    vision = config.vision_config
+    from modeling_llava_ivtp.layout_next import next_layout
+
+    return next_layout(size, config.image_grid_pinpoints, vision.image_size, vision.patch_size).length
+
+
 def clip_spec_vit_l14_336() -> dict:
     from modeling_llava_ivtp.guidance_ivtp import clip_text_encoder_spec
 
     return clip_text_encoder_spec("ViT-L-14-336")
 
 
-def _narrow_7b() -> dict:
+def _narrow_7b(config: dict | None = None) -> dict:
     """LLaVA-1.5-7B's depths (24 vision layers, 32 LLM layers), 576 patches of a 336 px image, the 7B preset's
     schedule (8 vision groups, 4 LLM groups of 3 layers, 64 tokens kept), every width divided by 8 with the head
     dimensions kept (vision 2 heads of 64, LLM 4 heads of 128), LLaMA's vocabulary; CLIP text tower (ViT-L-14-336's
-    12 layers and 77 tokens) at width 96 and embedding 96."""
-    config = _read_preset("7b")
+    12 layers and 77 tokens) at width 96 and embedding 96. `config`: another 7B preset narrowed the same way."""
+    config = _read_preset("7b") if config is None else config
     vision, text = config["vision_config"], config["text_config"]
     d = NARROW_DIVISOR
     vision.update(
@@ -76,6 +141,9 @@ NAMED_CONFIGS = {
     ),
     "13b": ("configuration/llava-1.5-13b-ivtp.json: LLaVA-1.5-13B", lambda: _read_preset("13b")),
     "7b-narrow": ("LLaVA-1.5-7B depths, 576 patches, the 7B schedule, widths / 8 (CPU)", _narrow_7b),
+    "next-7b": (f"configuration/{NEXT_PRESET}: LLaVA-NeXT-7B, IVTP at 640 tokens", _read_next_preset),
+    "next-7b-narrow": ("LLaVA-NeXT-7B depths and grid (a 672 x 672 image: 5 crops, 2,928 tokens), IVTP at 640, "
+                       "widths / 8 (CPU)", lambda: _narrow_7b(_read_next_preset())),
 }
 
 
@@ -107,10 +175,9 @@ def kept_schedule(config_dict: dict, kept: int) -> dict:
     (`modeling_llava_ivtp.pruner_base.budget_schedule`), so `--kept K` runs what `pruning_options={"visual_tokens":
     K}` runs. For the 7B preset's geometry, e.g., 16 -> vision [416, 304, 224, 160, 120, 88, 64, 48], LLM
     [32, 24, 16, 16]."""
-    from modeling_llava_ivtp import IvtpConfig
     from modeling_llava_ivtp.pruner_base import budget_schedule
 
-    return budget_schedule(IvtpConfig(**dict(copy.deepcopy(config_dict), schedule=None)), kept)
+    return budget_schedule(config_of(dict(config_dict, schedule=None)), kept)
 
 
 def stock_config_dict(config_dict: dict) -> dict:
@@ -129,17 +196,14 @@ def build_models(config_dict: dict, device: torch.device, dtype: torch.dtype, se
     are held once: every other model's parameters are IVTP's own tensors (`load_state_dict(assign=True)`), so the
     variants fit where one model does (each is built with weights of its own first, which the shared ones
     replace)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
-
+    config_class, model_class, stock_config_class, stock_class = host_classes(config_dict)
     torch.manual_seed(seed)
     with torch.device(device):
-        ivtp = LlavaIvtpForConditionalGeneration._from_config(
-            IvtpConfig(**copy.deepcopy(config_dict)), dtype=dtype, attn_implementation="sdpa"
+        ivtp = model_class._from_config(
+            config_class(**copy.deepcopy(config_dict)), dtype=dtype, attn_implementation="sdpa"
         ).eval()
-        stock = LlavaForConditionalGeneration._from_config(
-            LlavaConfig(**stock_config_dict(config_dict)), dtype=dtype, attn_implementation="sdpa"
+        stock = stock_class._from_config(
+            stock_config_class(**stock_config_dict(config_dict)), dtype=dtype, attn_implementation="sdpa"
         ).eval()
     weights = ivtp.state_dict()
     shared = {key: value for key, value in weights.items() if not key.startswith("clip_")}
@@ -169,11 +233,10 @@ def variant_title(name: str) -> str:
 
 
 def build_ivtp_model(config_dict: dict, weights: dict, device, dtype, attn_implementation: str = "sdpa"):
-    from modeling_llava_ivtp import IvtpConfig, LlavaIvtpForConditionalGeneration
-
+    config_class, model_class, _, _ = host_classes(config_dict)
     with torch.device(device):
-        model = LlavaIvtpForConditionalGeneration._from_config(
-            IvtpConfig(**copy.deepcopy(config_dict)), dtype=dtype, attn_implementation=attn_implementation
+        model = model_class._from_config(
+            config_class(**copy.deepcopy(config_dict)), dtype=dtype, attn_implementation=attn_implementation
         ).eval()
     model.load_state_dict(weights, strict=True, assign=True)  # the given tensors themselves: no copy of the weights
     return model
@@ -211,20 +274,29 @@ def build_inputs(config, batch_size: int, text_tokens: int, device, dtype, seed:
     bos = text.bos_token_id if text.bos_token_id is not None else 1
     prefix = torch.randint(3, high, (batch_size, layout.prefix), generator=generator)
     suffix = torch.randint(3, high, (batch_size, layout.suffix), generator=generator)
-    image = torch.full((batch_size, config.num_patches), image_token)
+    placeholders = image_tokens(config)
+    image = torch.full((batch_size, placeholders), image_token)
     input_ids = torch.cat([torch.full((batch_size, 1), bos), prefix, image, suffix], dim=1)
     image_size = config.vision_config.image_size
     channels = config.vision_config.num_channels
-    pixel_values = torch.randn(batch_size, channels, image_size, image_size, generator=generator)
+    shape = (batch_size, channels, image_size, image_size)
+    size = bench_image_size(config)  # LLaVA-NeXT: the image's crops, and its size
+    if size is not None:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        shape = (batch_size, image_size_to_num_patches(list(size), config.image_grid_pinpoints, image_size), *shape[1:])
+    pixel_values = torch.randn(*shape, generator=generator)
     common = {
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids).to(device),
         "pixel_values": pixel_values.to(device, dtype),
     }
+    if size is not None:
+        common["image_sizes"] = torch.tensor([list(size)] * batch_size, device=device)
     guidance = {}
     if clip is not None:
         sequence = input_ids.shape[1]
-        start = 1 + layout.prefix + config.num_patches
+        start = 1 + layout.prefix + placeholders
         instruction_mask = torch.zeros(batch_size, sequence, dtype=torch.bool)
         instruction_mask[:, start : start + layout.instruction] = True
         context, vocab = clip["text_cfg"]["context_length"], clip["text_cfg"]["vocab_size"]
@@ -246,6 +318,6 @@ def build_inputs(config, batch_size: int, text_tokens: int, device, dtype, seed:
 
 
 __all__ = [
-    "BenchError", "NAMED_CONFIGS", "VARIANTS", "VARIANT_TITLES", "build_inputs", "build_ivtp_model", "build_models",
+    "BenchError", "NAMED_CONFIGS", "bench_image_size", "config_of", "host_classes", "image_tokens", "is_next", "VARIANTS", "VARIANT_TITLES", "build_inputs", "build_ivtp_model", "build_models",
     "kept_schedule", "load_config_dict",
 ]

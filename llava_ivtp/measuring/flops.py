@@ -370,6 +370,7 @@ class Breakdown:
     visual_tokens_last_layer: int = 0
     mean_visual_tokens_per_llm_layer: float = 0.0
     substituted_ops: list[str] = field(default_factory=list)
+    visual_tokens_per_llm_layer: list[int] = field(default_factory=list)
 
 
 def _module_names(model: torch.nn.Module) -> dict[int, str]:
@@ -437,6 +438,7 @@ def measure(
     per_layer = visual_tokens_per_llm_layer(model.config, inputs["input_ids"], outputs)
     breakdown.visual_tokens_into_llm, breakdown.visual_tokens_last_layer = per_layer[0], per_layer[-1]
     breakdown.mean_visual_tokens_per_llm_layer = sum(per_layer) / len(per_layer)
+    breakdown.visual_tokens_per_llm_layer = per_layer
     return breakdown
 
 
