@@ -10,8 +10,6 @@ import io
 import json
 import math
 
-from pathlib import Path
-
 import pytest
 import torch
 
