@@ -43,8 +43,8 @@ register_checkpoint_conversion_mapping("LlavaNextIvtpForConditionalGeneration", 
 
 
 def check_next_pruning(config: IvtpNextConfig) -> None:
-    """The config's fields, and a method this host runs (`Pruner.variable_lengths`: IVTP and those that select
-    among each image's packed tokens, for now), refused otherwise, naming the field."""
+    """The config's fields, and a method this host runs (`Pruner.variable_lengths`: every registered one has a rule
+    for images of different lengths), refused otherwise, naming the field."""
     config.check_ivtp()
     if config.pruning_enabled and not PRUNERS[config.pruning_method].variable_lengths:
         supported = sorted(name for name, pruner in PRUNERS.items() if pruner.variable_lengths)
@@ -177,10 +177,11 @@ class LlavaNextIvtpForConditionalGeneration(
         """Every image's crops through the vision tower (`_run_vision_tower`, where a method may prune each crop: a
         tile's patches on the letterbox padding rank last, `PruneContext.vision_valid`) and the projector, packed
         as stock LLaVA-NeXT packs them (base crop, unpadded tiles, a newline per row: `NextLayout.pack`; of the
-        patches each crop kept, with every newline where the method prunes in the LLM too: `NextLayout.pack_kept`)
-        and padded to `(images, longest,
-        hidden)`. `keep_indices` index each image's full packed sequence (-1 past its count); the CLS and the
-        feature layer's hidden states are each image's base crop's."""
+        patches each crop kept, with every newline where the method prunes in the LLM too: `NextLayout.pack_kept`;
+        or by the method's own layout, `Pruner.pack_crops`) and padded to `(images, longest, hidden)`. `keep_indices`
+        index each image's full packed sequence (-1 past its count, or for a token standing for no packed place);
+        `placement`, the placeholders the tokens fill; the CLS and the feature layer's hidden states are each
+        image's base crop's."""
         layouts = self.image_layouts(images.sizes)
         if pixel_values.dim() == 5:  # (images, max crops, channels, height, width): each image's own crops
             pixel_values = torch.cat([pixels[: layout.crops] for pixels, layout in zip(pixel_values, layouts)])
