@@ -170,3 +170,45 @@ def reference_stage_two(stock, config, input_ids, features, patch_ids, pseudo, l
         hidden, positions, kind = hidden[survivors], positions[survivors], kind[survivors]
     logits = stock.lm_head(language_model.norm(hidden))
     return {"logits": logits, "kept_positions": positions, "llm_keep_indices": llm_keep}
+
+
+# --- LLaVA-NeXT references shared by the methods' tests ------------------------------------------------------------
+def base_then_tiles_block(projected: torch.Tensor, kept: list[list[int]], grid: tuple[int, int], side: int):
+    """The peers' NeXT layout without unpadding or newlines (VisPruner's and CDPruner's plain "spatial" branch): the
+    base crop's kept tokens in order, then the tiles' kept patches read in raster order off their stitched grid.
+    `projected` `(crops, patches, hidden)`, `kept` each crop's kept patches (increasing)."""
+    rows, columns = grid
+    mask = torch.zeros(rows * side, columns * side, dtype=torch.bool)
+    features = torch.zeros(rows * side, columns * side, projected.shape[-1])
+    for tile, patches in enumerate(kept[1:]):
+        for patch in patches:
+            y, x = (tile // columns) * side + patch // side, (tile % columns) * side + patch % side
+            mask[y, x] = True
+            features[y, x] = projected[1 + tile, patch]
+    return torch.cat([projected[0, kept[0]], features[mask]])
+
+
+@torch.no_grad()
+def stock_logits_with_block(stock, ids: torch.Tensor, image_token_id: int, block: torch.Tensor) -> torch.Tensor:
+    """Stock decoder logits of the prompt `ids` (1-D) with its image placeholders replaced by `block` (as many
+    tokens as the block holds, at fresh positions: the peers' code passes the shortened sequence)."""
+    image = torch.where(ids == image_token_id)[0]
+    embeds = stock.get_input_embeddings()(ids)
+    sequence = torch.cat([embeds[: image[0]], block, embeds[image[-1] + 1 :]])[None]
+    return stock.lm_head(stock.model.language_model(inputs_embeds=sequence).last_hidden_state)[0]
+
+
+@torch.no_grad()
+def stock_logits_at_kept(stock, ids: torch.Tensor, image_token_id: int, kept: torch.Tensor, features: torch.Tensor):
+    """Stock decoder logits of the prompt `ids` (1-D) keeping only the placeholders `kept` (indices among the image's
+    placeholders, increasing), which take `features` `(kept, hidden)`, every token at its original position.
+    Returns `(logits (tokens, vocab), positions kept)`."""
+    image = torch.where(ids == image_token_id)[0]
+    embeds = stock.get_input_embeddings()(ids).clone()
+    embeds[image[kept]] = features
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[image] = False
+    keep[image[kept]] = True
+    positions = torch.where(keep)[0]
+    hidden = stock.model.language_model(inputs_embeds=embeds[keep][None], position_ids=positions[None]).last_hidden_state
+    return stock.lm_head(hidden)[0], positions

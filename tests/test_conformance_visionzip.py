@@ -131,6 +131,7 @@ def test_visionzip_on_llava_next_is_the_released_codes_layout():
     of a crop, `visual_tokens // 5`: 60 -> 12 = 10 + 2, as the paper's 640 -> 108 + 20), and the image's block is
     the code's layout (`official_next_layout`); the LLM gets it with fresh position ids, as stock LLaVA-NeXT's decoder
     on that block."""
+    from reference_ivtp import stock_logits_with_block
     from tiny_models import make_next_batch, next_stock_twin, tiny_next_model
 
     model = sharpen_attention(tiny_next_model(pruning_method="visionzip", pruning_options={"visual_tokens": 60}))
@@ -150,8 +151,5 @@ def test_visionzip_on_llava_next_is_the_released_codes_layout():
             block = model.model.multi_modal_projector(official_next_layout(crops, layouts[row].grid, side, 10))
             assert block.shape[0] == 12 * layouts[row].crops
             torch.testing.assert_close(output_image_features(out)[0], block, atol=1e-5, rtol=1e-5)
-            image = torch.where(ids == IMAGE_TOKEN_ID)[0]
-            embeds = stock.get_input_embeddings()(ids)
-            sequence = torch.cat([embeds[: image[0]], block, embeds[image[-1] + 1 :]])[None]
-            logits = stock.lm_head(stock.model.language_model(inputs_embeds=sequence).last_hidden_state)[0]
+        logits = stock_logits_with_block(stock, ids, IMAGE_TOKEN_ID, block)
         torch.testing.assert_close(out.logits[0], logits, atol=2e-5, rtol=1e-5)

@@ -131,6 +131,7 @@ def test_vispruner_on_llava_next_is_the_released_codes_layout():
     fresh position ids, as stock LLaVA-NeXT's decoder on that block."""
     import copy
 
+    from reference_ivtp import base_then_tiles_block, stock_logits_with_block
     from tiny_models import IMAGE_TOKEN_ID, make_next_batch, next_stock_twin, tiny_next_model
 
     model = sharpen_attention(tiny_next_model(pruning_method="vispruner", pruning_options={"visual_tokens": 80}))
@@ -152,19 +153,8 @@ def test_vispruner_on_llava_next_is_the_released_codes_layout():
             attention = vision.attentions[len(vision.hidden_states) - 3].mean(dim=1)[:, 0, 1:]
             kept = [plain_vispruner(features[crop], attention[crop].tolist(), 12, 4) for crop in range(len(pixels))]
             projected = model.model.multi_modal_projector(features)
-            rows, columns = layouts[row].grid
-            grid = torch.zeros(rows * side, columns * side, dtype=torch.bool)
-            grid_features = torch.zeros(rows * side, columns * side, projected.shape[-1])
-            for tile, patches in enumerate(kept[1:]):
-                for patch in patches:
-                    y, x = (tile // columns) * side + patch // side, (tile % columns) * side + patch % side
-                    grid[y, x] = True
-                    grid_features[y, x] = projected[1 + tile, patch]
-            block = torch.cat([projected[0, kept[0]], grid_features[grid]])
+            block = base_then_tiles_block(projected, kept, layouts[row].grid, side)
             assert block.shape[0] == 16 * layouts[row].crops
             torch.testing.assert_close(output_image_features(out)[0], block, atol=1e-5, rtol=1e-5)
-            image = torch.where(ids == IMAGE_TOKEN_ID)[0]
-            embeds = stock.get_input_embeddings()(ids)
-            sequence = torch.cat([embeds[: image[0]], block, embeds[image[-1] + 1 :]])[None]
-            logits = stock.lm_head(stock.model.language_model(inputs_embeds=sequence).last_hidden_state)[0]
+        logits = stock_logits_with_block(stock, ids, IMAGE_TOKEN_ID, block)
         torch.testing.assert_close(out.logits[0], logits, atol=2e-5, rtol=1e-5)

@@ -768,7 +768,7 @@ def test_next_topk_is_its_rule_on_stock_llava_next(next_batch):
     `budget // max_crops` patches of the stock vision tower's feature layer most similar to the crop's CLS, a tile's
     padding patches last; packed in stock `pack_image_features` order without the newlines (the tower-only rule), and
     the logits are stock LLaVA-NeXT's decoder on the prompt with those tokens at their original positions."""
-    from reference_ivtp import packed_sources
+    from reference_ivtp import packed_sources, stock_logits_at_kept
 
     model = next_method_model("topk", options={"visual_tokens": 20, "site": "feature_layer"})
     stock = next_stock_twin(model)
@@ -794,21 +794,13 @@ def test_next_topk_is_its_rule_on_stock_llava_next(next_batch):
         assert torch.equal(ours[ours >= 0], expected), row
         real = next_batch["attention_mask"][row].bool()
         ids = next_batch["input_ids"][row][real]
-        image = torch.where(ids == IMAGE_TOKEN_ID)[0]
         with torch.no_grad():
             packed = stock.model.get_image_features(pixels[None], next_batch["image_sizes"][row:row + 1]).pooler_output[0]
-            embeds = stock.get_input_embeddings()(ids).clone()
-            embeds[image] = packed
-            keep = torch.ones_like(ids, dtype=torch.bool)
-            keep[image] = False
-            keep[image[expected]] = True
-            hidden = stock.model.language_model(inputs_embeds=embeds[keep][None],
-                                                position_ids=torch.where(keep)[0][None]).last_hidden_state
-            logits = stock.lm_head(hidden)
+        logits, positions = stock_logits_at_kept(stock, ids, IMAGE_TOKEN_ID, expected, packed[expected])
         offset = int((~real).sum())
         slots = batched.kept_positions[row] >= offset
-        assert torch.equal(batched.kept_positions[row][slots] - offset, torch.where(keep)[0])
-        assert (batched.logits[row][slots] - logits[0]).abs().max() <= 1e-4, row
+        assert torch.equal(batched.kept_positions[row][slots] - offset, positions)
+        assert (batched.logits[row][slots] - logits).abs().max() <= 1e-4, row
 
 
 def test_next_cdpruner_is_its_codes_rule(next_batch):
@@ -818,6 +810,7 @@ def test_next_cdpruner_is_its_codes_rule(next_batch):
     (the feature layer through `post_layernorm` and the visual projection) to the instruction's -- min-max
     normalised over all the image's crops at once; the base crop's kept tokens, then the tiles' in raster order over
     the stitched grid, no unpadding, no newline; stock LLaVA-NeXT's decoder on that block at fresh positions."""
+    from reference_ivtp import base_then_tiles_block, stock_logits_with_block
     from test_pruner_peers import plain_dpp_greedy
 
     model = next_method_model("cdpruner", options={"visual_tokens": 30})
@@ -842,21 +835,9 @@ def test_next_cdpruner_is_its_codes_rule(next_batch):
             relevance = -cosine
             relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
         kept = [plain_dpp_greedy(projected[crop], relevance[crop], 30 // 5) for crop in range(len(pixels))]
-        rows, columns = layouts[row].grid
-        grid = torch.zeros(rows * side, columns * side, dtype=torch.bool)
-        grid_features = torch.zeros(rows * side, columns * side, projected.shape[-1])
-        for tile, patches in enumerate(kept[1:]):
-            for patch in patches:
-                y, x = (tile // columns) * side + patch // side, (tile % columns) * side + patch % side
-                grid[y, x] = True
-                grid_features[y, x] = projected[1 + tile, patch]
-        block = torch.cat([projected[0, kept[0]], grid_features[grid]])
+        block = base_then_tiles_block(projected, kept, layouts[row].grid, side)
         assert block.shape[0] == 6 * layouts[row].crops
-        image = torch.where(ids == IMAGE_TOKEN_ID)[0]
-        with torch.no_grad():
-            embeds = stock.get_input_embeddings()(ids)
-            sequence = torch.cat([embeds[: image[0]], block, embeds[image[-1] + 1 :]])[None]
-            logits = stock.lm_head(stock.model.language_model(inputs_embeds=sequence).last_hidden_state)[0]
+        logits = stock_logits_with_block(stock, ids, IMAGE_TOKEN_ID, block)
         torch.testing.assert_close(out.logits[0], logits, atol=2e-5, rtol=1e-5)
 
 
@@ -865,7 +846,7 @@ def test_next_pooling_is_its_rule_on_stock_llava_next(next_batch):
     = 9 cells of 2 x 2 patches here: `avg_pool2d`), each cell at its centre patch's place in stock packing, the cells
     centred on a tile's padding and the newlines left out; the logits are stock LLaVA-NeXT's decoder on those tokens
     at their original positions."""
-    from reference_ivtp import packed_sources
+    from reference_ivtp import packed_sources, stock_logits_at_kept
 
     model = next_method_model("pooling", options={"visual_tokens": 45})
     stock = next_stock_twin(model)
@@ -890,17 +871,9 @@ def test_next_pooling_is_its_rule_on_stock_llava_next(next_batch):
         assert torch.equal(ours[ours >= 0], expected), row
         real = next_batch["attention_mask"][row].bool()
         ids = next_batch["input_ids"][row][real]
-        image = torch.where(ids == IMAGE_TOKEN_ID)[0]
-        with torch.no_grad():
-            embeds = stock.get_input_embeddings()(ids).clone()
-            keep = torch.ones_like(ids, dtype=torch.bool)
-            keep[image] = False
-            keep[image[expected]] = True
-            embeds[image[expected]] = torch.stack([cells[crop, cell] for _, crop, cell in tokens])
-            hidden = stock.model.language_model(inputs_embeds=embeds[keep][None],
-                                                position_ids=torch.where(keep)[0][None]).last_hidden_state
-            logits = stock.lm_head(hidden)
+        features = torch.stack([cells[crop, cell] for _, crop, cell in tokens])
+        logits, positions = stock_logits_at_kept(stock, ids, IMAGE_TOKEN_ID, expected, features)
         offset = int((~real).sum())
         slots = batched.kept_positions[row] >= offset
-        assert torch.equal(batched.kept_positions[row][slots] - offset, torch.where(keep)[0])
-        assert (batched.logits[row][slots] - logits[0]).abs().max() <= 1e-4, row
+        assert torch.equal(batched.kept_positions[row][slots] - offset, positions)
+        assert (batched.logits[row][slots] - logits).abs().max() <= 1e-4, row
