@@ -238,7 +238,7 @@ def test_a_llava_next_config_measures_stock_llava_next_ivtp_and_methods(tmp_path
         if result["variant"] != "stock_sdpa":
             assert result["kv_cache_bytes"] < next(r["kv_cache_bytes"] for r in report["results"]
                                                     if r["variant"] == "stock_sdpa" and r["batch_size"] == result["batch_size"])
-    assert "192 image tokens" in stdout
+    assert "192 image tokens" in stdout and "FLOPs (counted on the weight-free forward, one sample)" in stdout
     rc, _, err = run_cli(["--config", str(config), "--kept", "193", *FAST], capsys)
     assert rc == 2 and "--kept must be in [1, 192] (the visual tokens of an image)" in err
 
