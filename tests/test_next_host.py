@@ -1,7 +1,7 @@
 """The LLaVA-NeXT host (`LlavaNextIvtpForConditionalGeneration`, `IvtpNextConfig`) on tiny random models: with
 pruning off it is stock `LlavaNextForConditionalGeneration`, in padded batches of images with different aspect
 ratios; it loads llava-hf's LLaVA-NeXT key format and reloads as remote code; a method that does not run on it yet is
-refused (the methods that do: the NeXT section of `tests/test_methods.py`)."""
+refused (every registered method does: `tests/test_methods.py` runs its invariants over both hosts)."""
 
 from __future__ import annotations
 
