@@ -1,5 +1,6 @@
 """The accuracy testbed's synthetic task: deterministic, well-posed questions, labels that match the scene."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -62,10 +63,71 @@ def test_training_turns_ask_about_the_same_scene(index):
         check_answer(question, answer, kind, scene.objects)
 
 
+def test_the_default_task_is_the_shipped_models():
+    """`TASK_KINDS` (the kinds examples cycle through by default) is v2's six, and its scenes, questions, images,
+    labels and training turns are the ones the shipped model was trained and measured on (a digest taken before the
+    `largest` kind existed)."""
+    assert testbed.TASK_KINDS == ("color", "shape", "exists", "where", "count", "small")
+    digest = hashlib.sha256()
+    for split in ("train", "validation", "test", "sparse"):
+        for index in range(12):
+            scene = testbed.example(split, index)
+            digest.update(repr((scene.question, scene.answer, scene.kind, scene.objects, scene.caption)).encode())
+            digest.update(np.asarray(scene.image).tobytes())
+            digest.update(scene.patch_objects.tobytes())
+            turns = (testbed.training_turns(split, index, 24), testbed.place_turns(split, index))
+            digest.update(repr(turns).encode())
+    assert digest.hexdigest()[:16] == "f9618b23c517dc3b"
+
+
+def largest_first(objects):
+    """The objects by the pixels they cover, largest first, counted on their own rendering (a reference apart from
+    `object_area`)."""
+    from llava_ivtp.testbed.scenes import _render
+
+    _, labels = _render(np.random.default_rng(0), objects)
+    return sorted(objects, key=lambda o: -int((labels == objects.index(o) + 1).sum())), labels
+
+
+@pytest.mark.parametrize("index", range(16))
+def test_largest_questions_ask_about_the_plainly_largest_object(index):
+    scene = testbed.example("validation", index, kind="largest")
+    assert scene.kind == "largest" and scene.target is not None and not scene.target.small
+    check_answer(scene.question, scene.answer, scene.kind, scene.objects)
+    ranked, labels = largest_first(scene.objects)
+    assert scene.target == ranked[0]
+    assert [o.area for o in scene.objects] == [int((labels == i + 1).sum()) for i in range(len(scene.objects))]
+
+
+def test_largest_questions_are_balanced_between_their_forms_and_cycle_when_asked():
+    forms = [testbed.example("test", i, kind="largest").question for i in range(90)]
+    assert set(forms) == {"What color is the largest object?", "Where is the largest object?"}
+    assert forms.count("Where is the largest object?") == pytest.approx(45, abs=12)
+    kinds = ("color", "largest")
+    assert [testbed.example("test", i, kinds=kinds).kind for i in range(4)] == ["color", "largest"] * 2
+    # a scene and its question depend on the kind, not on the cycle it came from
+    assert testbed.example("test", 3, kinds=kinds).question == testbed.example("test", 3, kind="largest").question
+    for index in range(6):
+        turns = testbed.training_turns("train", index, 24, kinds=testbed.QUESTION_KINDS)
+        assert {kind for _, _, kind in turns} <= set(testbed.QUESTION_KINDS)
+        scene = testbed.example("train", index, kinds=testbed.QUESTION_KINDS)
+        for question, answer, kind in turns:
+            check_answer(question, answer, kind, scene.objects)
+    assert any(kind == "largest" for i in range(6) for _, _, kind in
+               testbed.training_turns("train", i, 24, kinds=testbed.QUESTION_KINDS))
+
+
 def check_answer(question, answer, kind, objects):
     """The answer of `question` (of `kind`) follows from `objects`."""
     assert answer in testbed.ANSWERS
     words = question.rstrip("?").split()
+    if "largest" in words:
+        assert kind == "largest" and question in ("What color is the largest object?", "Where is the largest object?")
+        first, second = largest_first(objects)[0][:2]
+        assert first.area >= testbed.LARGEST_MARGIN * second.area
+        assert answer == (first.color if words[0] == "What" else first.place)
+        assert words[0] == "What" or first.clearly_placed
+        return
     small = "small" in words
     assert small == (kind == "small")
     if words[0] == "What" and words[1] == "color":
@@ -142,15 +204,19 @@ def test_bad_arguments():
         testbed.example("train", 0, kind="size")
     with pytest.raises(ValueError, match="`index`"):
         testbed.example("train", -1)
+    for kinds in (("color", "size"), ("color", "color"), (), "color"):
+        with pytest.raises(ValueError, match=r"`kinds` must be distinct kinds from \['color', .*'largest'\]"):
+            testbed.example("train", 0, kinds=kinds)
     assert testbed.scene_of("test:3").question == testbed.example("test", 3).question
     for spec in ("dev:3", "test", "test:-1", "test:x"):
         with pytest.raises(ValueError, match=r"expected SPLIT:INDEX with SPLIT in \['train', 'validation', 'test', 'sparse'\]"):
             testbed.scene_of(spec)
 
 
-def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path):
-    """The retraining command's stages on 48 scenes and 2 steps each: data, CLIP, LLaVA, the saved checkpoint
-    (which loads through the Auto classes and answers). The shipped model's accuracy is tested elsewhere."""
+def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path, capsys):
+    """The retraining command's stages on 48 scenes and 2 steps each, on three question kinds: data, CLIP, LLaVA,
+    the saved checkpoint (which loads through the Auto classes and answers). The shipped model's accuracy is tested
+    elsewhere."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from llava_ivtp.testbed import train as testbed_train
@@ -158,13 +224,18 @@ def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path):
     work, out = tmp_path / "work", tmp_path / "model"
     assert testbed_train.main(["all", "--work", str(work), "--out", str(out), "--train", "48", "--validation", "16",
                                "--clip-steps", "2", "--llava-steps", "2", "--sparse", "8",
-                               "--place-steps", "1", "--tau-questions", "8"]) == 0
+                               "--place-steps", "1", "--tau-questions", "8", "--kinds", "color,largest,small"]) == 0
     clip, llava = (json.loads((work / f"{name}-metrics.json").read_text()) for name in ("clip", "llava"))
     assert 0.0 <= clip["patch_color_accuracy"] <= 1.0 and (work / "clip.pt").is_file()
     assert set(llava) >= {"accuracy", "accuracy_color", "train_seconds"} and llava["steps"] == 3  # 2 + the place phase
     assert [(phase["steps"], phase["sparse_first"], phase["every_place"], phase["resume"]) for phase in llava["phases"]] == [
         (2, testbed_train.LLAVA_DEFAULTS["sparse_first"], True, False), (1, 0, True, True)]
-    assert "2 steps of 16 scenes" in (out / "README.md").read_text()  # the card states the recipe it was trained by
+    assert [phase["kinds"] for phase in llava["phases"]] == [["color", "largest", "small"]] * 2
+    assert set(llava) == {"accuracy", "accuracy_color", "accuracy_largest", "accuracy_small", "train_seconds", "steps", "phases"}
+    assert (work / "train-48-color+largest+small.npz").is_file()  # cached under the kinds its questions cycle through
+    card = (out / "README.md").read_text()
+    assert "2 steps of 16 scenes" in card  # the card states the recipe it was trained by
+    assert "the 3 kinds of\nquestion of the testbed's task v2 (`color`, `largest`, `small`)" in card
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     scene = testbed.example("test", 0)
@@ -178,6 +249,10 @@ def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path):
         assert {stored.get_tensor(name).dtype for name in stored.keys()} == {torch.float16}
     with pytest.raises(ValueError, match="--out"):
         testbed_train.save_checkpoint(work, out)  # never over an existing checkpoint without --overwrite
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        testbed_train.main(["clip", "--work", str(work), "--kinds", "color,size"])
+    assert "--kinds: `kinds` must be distinct kinds from ['color'" in capsys.readouterr().err
 
 
 def test_packed_questions_see_the_image_and_themselves_only():
@@ -238,7 +313,7 @@ def test_llava_resumes_and_never_reuses_features_of_another_clip(tmp_path):
     resumed = testbed_train.train_llava(tmp_path, 16, 8, steps=2, seed=1, resume=True, **quiet)
     assert resumed["steps"] == 3  # counted on from the saved run, whose weights it started from
     assert any(not torch.equal(value, first[name]) for name, value in torch.load(tmp_path / "llava.pt", weights_only=True).items())
-    assert len(list(tmp_path.glob("features-train-16-clip-*.pt"))) == 1  # the resumed run reused the features
+    assert len(list(tmp_path.glob("features-train-16-*-clip-*.pt"))) == 1  # the resumed run reused the features
     testbed_train.train_clip(tmp_path, 16, 8, steps=1, seed=1, **quiet)  # another CLIP in the same folder
     testbed_train.train_llava(tmp_path, 16, 8, steps=1, seed=0, **quiet)
-    assert len(list(tmp_path.glob("features-train-16-clip-*.pt"))) == 2
+    assert len(list(tmp_path.glob("features-train-16-*-clip-*.pt"))) == 2

@@ -19,6 +19,15 @@ answer:
   scene holds green and triangle apart, or a big green triangle only). The kind where what to keep depends on the
   question: the object covers one to four patches of 144.
 
+One more kind can be asked (`QUESTION_KINDS`), not yet in the cycle examples run through by default (`TASK_KINDS`,
+the kinds the shipped model was trained on); `kinds=` chooses the cycle:
+
+- `largest`: a question about the largest object of the scene, the same words for every scene, in one of two
+  forms: "What color is the largest object?", "Where is the largest object?" (largest by drawn area, `object_area`,
+  at least `LARGEST_MARGIN` times the next one's, so that the answer is plain to see; for `where` also clearly
+  placed). The kind where the question does not say what to keep: it names
+  no attribute, so instruction-guided and vision-only methods face the same choice.
+
 A scene also has a caption (for CLIP's contrastive training: "a small red star on the left, ...") and per-patch
 labels (the object covering most of each patch and its colour and shape, 0 for background; a small object also
 labels the patch holding most of it) that training may use as auxiliary supervision.
@@ -27,7 +36,7 @@ labels the patch holding most of it) that training may use as auxiliary supervis
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -45,9 +54,15 @@ COLORS = {
     "orange": (240, 128, 28),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
-QUESTION_KINDS = ("color", "shape", "exists", "where", "count", "small")
+QUESTION_KINDS = ("color", "shape", "exists", "where", "count", "small", "largest")  # every kind the generator asks
+# The kinds `example(split, index)` cycles through by default: the task the shipped model was trained and measured on.
+TASK_KINDS = QUESTION_KINDS[:6]
 PLACES = ("left", "middle", "right")
 SMALL_FORMS = ("color", "where", "exists")  # what a `small` question asks of the small object
+# What a `largest` question asks of the largest object. Not its shape: squares and circles cover the most of their
+# bounding box, so they are the largest object of most scenes, and the answer could be guessed.
+LARGEST_FORMS = ("color", "where")
+LARGEST_MARGIN = 1.3  # the largest object's drawn area is at least this times the next one's
 COUNTS = ("zero", "one", "two", "three", "four")
 ANSWERS = (*COLORS, *SHAPES, "yes", "no", *PLACES, *COUNTS)
 SPLITS = {"train": 0, "validation": 1, "test": 2, "sparse": 3}
@@ -76,6 +91,11 @@ class SceneObject:
     @property
     def place(self) -> str:
         return PLACES[min(self.x * 3 // IMAGE_SIZE, 2)]
+
+    @property
+    def area(self) -> int:
+        """The drawn area in pixels (`object_area`)."""
+        return object_area(self)
 
     @property
     def clearly_placed(self) -> bool:
@@ -112,13 +132,22 @@ class Example:
         return set(np.flatnonzero(found).tolist())
 
 
-def example(split: str, index: int, kind: str | None = None) -> Example:
-    """Example `index` of `split`; its question kind cycles through `QUESTION_KINDS` unless `kind` is given."""
+def check_kinds(kinds) -> tuple[str, ...]:
+    """`kinds` as a tuple of distinct question kinds; `ValueError` naming what is allowed otherwise."""
+    if isinstance(kinds, str) or not kinds or any(k not in QUESTION_KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+        raise ValueError(f"`kinds` must be distinct kinds from {list(QUESTION_KINDS)}, got {kinds!r}.")
+    return tuple(kinds)
+
+
+def example(split: str, index: int, kind: str | None = None, kinds=TASK_KINDS) -> Example:
+    """Example `index` of `split`; its question kind cycles through `kinds` (by default `TASK_KINDS`) unless `kind`
+    is given. A scene and its question depend on `(split, index, kind)` only, not on `kinds`."""
     if split not in SPLITS:
         raise ValueError(f"`split` must be one of {list(SPLITS)}, got {split!r}.")
     if not isinstance(index, int) or index < 0:
         raise ValueError(f"`index` must be an int >= 0, got {index!r}.")
-    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)] if kind is None else kind
+    kinds = check_kinds(kinds)
+    kind = kinds[index % len(kinds)] if kind is None else kind
     if kind not in QUESTION_KINDS:
         raise ValueError(f"`kind` must be one of {list(QUESTION_KINDS)}, got {kind!r}.")
     rng, objects, (question, answer, target) = _draw(split, index, kind)
@@ -135,7 +164,8 @@ def example(split: str, index: int, kind: str | None = None) -> Example:
 def _draw(split: str, index: int, kind: str):
     """The random stream of example `(split, index, kind)`, its objects and its question (nothing drawn yet)."""
     rng = np.random.default_rng([SPLITS[split], index, QUESTION_KINDS.index(kind)])
-    form = SMALL_FORMS[int(rng.integers(len(SMALL_FORMS)))] if kind == "small" else None  # drawn once: balanced
+    forms = {"small": SMALL_FORMS, "largest": LARGEST_FORMS}.get(kind)
+    form = forms[int(rng.integers(len(forms)))] if forms else None  # drawn once: balanced
     while True:  # a scene that cannot carry this kind of question is drawn again (from the same stream)
         objects = _scene_objects(rng, SPARSE_BIG_OBJECTS if split == "sparse" else BIG_OBJECTS)
         asked = _question(rng, kind, objects, form)
@@ -143,18 +173,19 @@ def _draw(split: str, index: int, kind: str):
             return rng, objects, asked
 
 
-def training_turns(split: str, index: int, count: int) -> list[tuple[str, str, str]]:
-    """Up to `count` distinct `(question, answer, kind)` about the scene of `example(split, index)`: its own question
-    first, then questions of every kind drawn in turn from a stream of their own (for training several answers per
-    image; the image is not rendered)."""
-    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
+def training_turns(split: str, index: int, count: int, kinds=TASK_KINDS) -> list[tuple[str, str, str]]:
+    """Up to `count` distinct `(question, answer, kind)` about the scene of `example(split, index, kinds=kinds)`: its
+    own question first, then questions of every kind of `kinds` drawn in turn from a stream of their own (for
+    training several answers per image; the image is not rendered)."""
+    kinds = check_kinds(kinds)
+    kind = kinds[index % len(kinds)]
     _, objects, (question, answer, _) = _draw(split, index, kind)
     turns, seen = [(question, answer, kind)], {question}
-    rng = np.random.default_rng([SPLITS[split], index, len(QUESTION_KINDS)])
+    rng = np.random.default_rng([SPLITS[split], index, len(kinds)])
     for attempt in range(4 * count):
         if len(turns) >= count:
             break
-        other = QUESTION_KINDS[attempt % len(QUESTION_KINDS)]
+        other = kinds[attempt % len(kinds)]
         asked = _question(rng, other, objects)
         if asked is not None and asked[0] not in seen:
             seen.add(asked[0])
@@ -162,11 +193,12 @@ def training_turns(split: str, index: int, count: int) -> list[tuple[str, str, s
     return turns
 
 
-def place_turns(split: str, index: int) -> list[tuple[str, str, str]]:
-    """Every `where` question the scene of `example(split, index)` can carry: "Where is the X?" for each big object
-    and "Where is the small X?" for each small one whose shape occurs once in the scene and that is clearly placed
-    (for training: the place of each object in turn)."""
-    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
+def place_turns(split: str, index: int, kinds=TASK_KINDS) -> list[tuple[str, str, str]]:
+    """Every `where` question the scene of `example(split, index, kinds=kinds)` can carry: "Where is the X?" for
+    each big object and "Where is the small X?" for each small one whose shape occurs once in the scene and that is
+    clearly placed (for training: the place of each object in turn)."""
+    kinds = check_kinds(kinds)
+    kind = kinds[index % len(kinds)]
     _, objects, _ = _draw(split, index, kind)
     shapes = [o.shape for o in objects]
     return [(f"Where is the {'small ' if o.small else ''}{o.shape}?", o.place, "small" if o.small else "where")
@@ -181,8 +213,8 @@ def scene_of(spec: str) -> Example:
     return example(split, int(index))
 
 
-def examples(split: str, count: int, start: int = 0) -> list[Example]:
-    return [example(split, index) for index in range(start, start + count)]
+def examples(split: str, count: int, start: int = 0, kinds=TASK_KINDS) -> list[Example]:
+    return [example(split, index, kinds=kinds) for index in range(start, start + count)]
 
 
 def caption(objects: list[SceneObject], rng: np.random.Generator | None = None) -> str:
@@ -242,6 +274,14 @@ def _question(rng, kind: str, objects: list[SceneObject], form: str | None = Non
         if number >= len(COUNTS):
             return None
         return f"How many {color} objects are there?", COUNTS[number], None
+    if kind == "largest":
+        form = form or LARGEST_FORMS[int(rng.integers(len(LARGEST_FORMS)))]
+        first, second = sorted(objects, key=object_area, reverse=True)[:2]
+        if object_area(first) < LARGEST_MARGIN * object_area(second) or (form == "where" and not first.clearly_placed):
+            return None
+        if form == "where":
+            return "Where is the largest object?", first.place, first
+        return "What color is the largest object?", first.color, first
     if kind == "small":
         form = form or SMALL_FORMS[int(rng.integers(len(SMALL_FORMS)))]
         if form == "exists":
@@ -336,6 +376,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, fill) -> None:
         draw.polygon(points, fill=fill)
 
 
+def object_area(obj: SceneObject) -> int:
+    """The pixels `obj` covers when drawn (a circle of side 30 covers more than a star of side 34): it drawn alone,
+    as `_render` draws it (objects never overlap and never touch the border, so this is its area in the scene)."""
+    side = obj.size + 8
+    mask = Image.new("L", (side, side), 0)
+    _draw_shape(ImageDraw.Draw(mask), replace(obj, x=side // 2, y=side // 2), 1)
+    return int(np.asarray(mask).sum())
+
+
 def patch_object_labels(labels: np.ndarray, objects: list[SceneObject]) -> np.ndarray:
     """Per patch, `1 + i` for the object `i` covering most of it when that covers at least a quarter of it, else 0;
     a small object also labels the patch holding most of it (so every object has at least one patch)."""
@@ -356,7 +405,7 @@ def _attribute_labels(patch_objects: np.ndarray, objects: list[SceneObject]) -> 
 
 
 __all__ = [
-    "ANSWERS", "COLORS", "COUNTS", "Example", "GRID", "IMAGE_SIZE", "PATCH_SIZE", "PLACES", "QUESTION_KINDS",
-    "SHAPES", "SPLITS", "SceneObject", "caption", "example", "examples", "patch_object_labels", "place_turns",
-    "training_turns",
+    "ANSWERS", "COLORS", "COUNTS", "Example", "GRID", "IMAGE_SIZE", "LARGEST_FORMS", "LARGEST_MARGIN", "PATCH_SIZE",
+    "PLACES", "QUESTION_KINDS", "SHAPES", "SPLITS", "SceneObject", "TASK_KINDS", "caption", "check_kinds", "example",
+    "examples", "object_area", "patch_object_labels", "place_turns", "training_turns",
 ]

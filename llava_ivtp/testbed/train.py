@@ -74,9 +74,9 @@ def image_processor():
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
-def _scene_arrays(job: tuple[str, int]) -> dict:
-    split, index = job
-    scene = scenes.example(split, index)
+def _scene_arrays(job: tuple[str, int, tuple[str, ...]]) -> dict:
+    split, index, kinds = job
+    scene = scenes.example(split, index, kinds=kinds)
     return {
         "image": np.asarray(scene.image, dtype=np.uint8),
         "caption": scene.caption,
@@ -98,13 +98,20 @@ def object_labels(scene: scenes.Example) -> dict:
     return {"patch_thirds": thirds[owners], "patch_sizes": sizes[owners]}
 
 
-def build_split(split: str, count: int, work: Path, workers: int = 2) -> dict:
-    """Scenes `0..count-1` of `split` as arrays, cached in `work/{split}-{count}.npz` (rebuilt only when missing)."""
-    path = work / f"{split}-{count}.npz"
+def split_name(split: str, count: int, kinds=scenes.TASK_KINDS) -> str:
+    """The name the cached arrays and features of scenes `0..count-1` of `split` go by: a scene depends on its
+    question's kind, so on the cycle of `kinds`."""
+    return f"{split}-{count}-{'+'.join(scenes.check_kinds(kinds))}"
+
+
+def build_split(split: str, count: int, work: Path, workers: int = 2, kinds=scenes.TASK_KINDS) -> dict:
+    """Scenes `0..count-1` of `split` (their question kinds cycling through `kinds`) as arrays, cached in
+    `work/{split_name}.npz` (rebuilt only when missing)."""
+    path = work / f"{split_name(split, count, kinds)}.npz"
     if path.is_file():
         data = np.load(path, allow_pickle=False)
         return {key: data[key] for key in data.files}
-    jobs = [(split, index) for index in range(count)]
+    jobs = [(split, index, tuple(kinds)) for index in range(count)]
     with Pool(workers) as pool:
         rows = pool.map(_scene_arrays, jobs, chunksize=64)
     data = {key: np.stack([row[key] for row in rows]) if key.startswith(("image", "patch")) else
@@ -224,11 +231,11 @@ def clip_tokens(texts) -> torch.Tensor:
 
 
 def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_size: int, lr: float, seed: int,
-               log=print) -> dict:
+               kinds=scenes.TASK_KINDS, log=print) -> dict:
     torch.manual_seed(seed)
     start = time.time()
-    train = build_split("train", train_count, work)
-    val = build_split("validation", val_count, work)
+    train = build_split("train", train_count, work, kinds=kinds)
+    val = build_split("validation", val_count, work, kinds=kinds)
     log(f"data: {train_count} train / {val_count} validation scenes in {time.time() - start:.0f} s")
     train_pixels, val_pixels = pixel_values(train["image"]), pixel_values(val["image"])
     train_text, val_text = clip_tokens(train["caption"]), clip_tokens(val["caption"])
@@ -524,13 +531,14 @@ def llava_loss(model, ids, labels, features, attention_mask=None, position_ids=N
     return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def cached_features(model, split: str, count: int, work: Path, clip_digest: str) -> torch.Tensor:
+def cached_features(model, split: str, count: int, work: Path, clip_digest: str,
+                    kinds=scenes.TASK_KINDS) -> torch.Tensor:
     """The frozen tower's features of scenes `0..count-1` of `split`, cached in `work` under the name of the CLIP
     they came from (so a retrained CLIP in the same work folder never meets the features of an earlier one)."""
-    cached = work / f"features-{split}-{count}-clip-{clip_digest}.pt"
+    cached = work / f"features-{split_name(split, count, kinds)}-clip-{clip_digest}.pt"
     if cached.is_file():
         return torch.load(cached, weights_only=True)
-    features = vision_features(model, pixel_values(build_split(split, count, work)["image"]))
+    features = vision_features(model, pixel_values(build_split(split, count, work, kinds=kinds)["image"]))
     torch.save(features, cached)
     return features
 
@@ -547,19 +555,20 @@ def init_projector(model) -> None:
 
 def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_size: int, lr: float, seed: int,
                 questions: int = 24, sparse: int = 0, sparse_share: float = 0.0, sparse_first: int = 0,
-                every_place: bool = False, resume: bool = False, log=print) -> dict:
+                every_place: bool = False, resume: bool = False, kinds=scenes.TASK_KINDS, log=print) -> dict:
     """Projector + Llama at full tokens, vision tower and CLIP frozen. Each training row is one scene with up to
     `questions` distinct questions about it (`scenes.training_turns`), packed so that each question sees the image
     and itself only (`QuestionPacker`): the evaluation prompt, many answers per image forward. A share
     `sparse_share` of each batch's rows comes from the first `sparse` scenes of the `sparse` split (1-2 big objects:
     see `scenes.SPLITS`), and every row of the first `sparse_first` steps. `every_place` adds to each scene's questions the place of every object a `where` question
     can name (`scenes.place_turns`). `resume` continues from `work`'s saved model and tokenizer for `steps` more (a new warm-up
-    and cosine decay)."""
+    and cosine decay). `kinds`: the question kinds the scenes cycle through and their questions are drawn from."""
     if (sparse_share or sparse_first) and not sparse:
         raise ValueError("sparse_share > 0 or sparse_first > 0 needs sparse scenes (sparse > 0).")
     start = time.time()
-    train = build_split("train", train_count, work)
-    val = build_split("validation", val_count, work)
+    kinds = scenes.check_kinds(kinds)
+    train = build_split("train", train_count, work, kinds=kinds)
+    val = build_split("validation", val_count, work, kinds=kinds)
     before = {}
     if resume:
         from transformers import PreTrainedTokenizerFast
@@ -579,15 +588,15 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     # The frozen tower's features, reused by a resumed run; named by the CLIP they came from, so a retrained CLIP
     # in the same work folder never meets the features of an earlier one.
     clip_digest = hashlib.sha256((work / "clip.pt").read_bytes()).hexdigest()[:12]
-    features = cached_features(model, "train", train_count, work, clip_digest)
+    features = cached_features(model, "train", train_count, work, clip_digest, kinds)
     def conversation(split: str, index: int) -> list[tuple[str, str]]:
-        turns = [(q, a) for q, a, _ in scenes.training_turns(split, index, questions)]
+        turns = [(q, a) for q, a, _ in scenes.training_turns(split, index, questions, kinds)]
         if every_place:
-            turns += [(q, a) for q, a, _ in scenes.place_turns(split, index) if (q, a) not in turns]
+            turns += [(q, a) for q, a, _ in scenes.place_turns(split, index, kinds) if (q, a) not in turns]
         return turns
 
     conversations = [conversation("train", index) for index in range(train_count)]
-    sparse_features = cached_features(model, "sparse", sparse, work, clip_digest) if sparse else None
+    sparse_features = cached_features(model, "sparse", sparse, work, clip_digest, kinds) if sparse else None
     sparse_conversations = [conversation("sparse", index) for index in range(sparse)]
     mixed_sparse_rows = round(batch_size * sparse_share)
     log(f"features and {sum(map(len, conversations))} questions of {train_count} scenes in {time.time() - start:.0f} s; "
@@ -632,7 +641,8 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
     metrics["steps"] = steps + before.get("steps", 0)
     metrics["phases"] = before.get("phases", []) + [{
         "steps": steps, "batch_size": batch_size, "lr": lr, "questions": questions, "sparse": sparse,
-        "sparse_share": sparse_share, "sparse_first": sparse_first, "every_place": every_place, "resume": resume}]
+        "sparse_share": sparse_share, "sparse_first": sparse_first, "every_place": every_place, "resume": resume,
+        "kinds": list(kinds)}]
     log(json.dumps(metrics))
     tokenizer.save_pretrained(work / "tokenizer")
     torch.save(model.state_dict(), work / "llava.pt")
@@ -712,7 +722,9 @@ def save_checkpoint(work: Path, out: Path, overwrite: bool = False,
         image_processor(), tokenizer, patch_size=scenes.PATCH_SIZE, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE, clip_model_name=CLIP_MODEL_NAME,
     )
-    records = [scenes.example("validation", index).record()
+    metrics = {name: json.loads((work / f"{name}-metrics.json").read_text()) for name in ("clip", "llava")}
+    kinds = trained_kinds(metrics["llava"])
+    records = [scenes.example("validation", index, kinds=kinds).record()
                for index in range(tau_questions or TAU_CALIBRATION_QUESTIONS)]
     calibration = calibrate(model, processor, records, TAU_QUANTILE)
     model.config.tau = calibration["tau"]
@@ -721,11 +733,17 @@ def save_checkpoint(work: Path, out: Path, overwrite: bool = False,
     # float32 weights by default (float16 matmuls on a CPU are slow and round the tiny model's logits).
     model.save_pretrained(out, state_dict={name: value.to(torch.float16) for name, value in model.state_dict().items()})
     processor.save_pretrained(out)
-    metrics = {name: json.loads((work / f"{name}-metrics.json").read_text()) for name in ("clip", "llava")}
     metrics["tau"] = calibration
     (work / "tau-calibration.json").write_text(json.dumps(calibration, indent=2))
     (out / "README.md").write_text(testbed_card(metrics))
     return out
+
+
+def trained_kinds(llava_metrics: dict) -> tuple[str, ...]:
+    """The question kinds the LLaVA stage trained on (its last phase's; runs that did not record them trained on
+    v2's six)."""
+    phases = llava_metrics.get("phases") or [{}]
+    return tuple(phases[-1].get("kinds", scenes.QUESTION_KINDS[:6]))
 
 
 def check_checkpoint_out(out: Path, overwrite: bool) -> None:
@@ -743,6 +761,7 @@ def build_llava_shell(tokenizer):
 
 def testbed_card(metrics: dict) -> str:
     clip, llava = metrics["clip"], metrics["llava"]
+    asked = trained_kinds(llava)
     kinds = ", ".join(f"{key.removeprefix('accuracy_')} {value:.3f}" for key, value in llava.items()
                       if key.startswith("accuracy_"))
     phases = "; then ".join(
@@ -761,8 +780,8 @@ tags: [llava, ivtp, token-pruning, testbed]
 
 A tiny LLaVA-IVTP trained from scratch by `python -m llava_ivtp.testbed.train` on the synthetic task of
 `llava_ivtp/testbed/scenes.py` (scenes of coloured shapes, one-word answers), to measure what pruning costs in
-accuracy. Not a general model: it knows 6 colours, 6 shapes, big and small objects, and the six kinds of question
-of the testbed's task v2.
+accuracy. Not a general model: it knows 6 colours, 6 shapes, big and small objects, and the {len(asked)} kinds of
+question of the testbed's task v2 ({", ".join(f"`{kind}`" for kind in asked)}).
 
 - Vision: CLIP ViT, 192 px, patch 16 (144 patches), {VISION['num_hidden_layers']} layers of width {VISION['hidden_size']};
   CLIP text tower: open_clip, {CLIP_TEXT['text_cfg']['layers']} layers of width {CLIP_TEXT['text_cfg']['width']} (ViT-L-14-336's tokenizer).
@@ -809,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
         stage.add_argument("--train", type=int, default=12000, help="training scenes")
         stage.add_argument("--validation", type=int, default=1000, help="validation scenes")
         stage.add_argument("--seed", type=int, default=0)
+        stage.add_argument("--kinds", default=",".join(scenes.TASK_KINDS),
+                           help=f"question kinds, comma-separated, from {','.join(scenes.QUESTION_KINDS)}")
         if name == "all":
             stage.add_argument("--out", type=Path, required=True)
             stage.add_argument("--overwrite", action="store_true")
@@ -851,9 +872,15 @@ def main(argv: list[str] | None = None) -> int:
             check_checkpoint_out(args.out, args.overwrite)
         except ValueError as error:
             parser.error(str(error))
+    kinds = scenes.TASK_KINDS
+    if hasattr(args, "kinds"):
+        try:
+            kinds = scenes.check_kinds(tuple(args.kinds.split(",")))
+        except ValueError as error:
+            parser.error(f"--kinds: {error}")
     log = lambda line: print(line, flush=True)  # noqa: E731
     common = {"work": args.work, "train_count": getattr(args, "train", None), "val_count": getattr(args, "validation", None),
-              "seed": getattr(args, "seed", 0)}
+              "seed": getattr(args, "seed", 0), "kinds": kinds}
     if args.stage in ("clip", "all"):
         options = ({**CLIP_DEFAULTS, "steps": args.clip_steps} if args.stage == "all" else
                    {key: getattr(args, key) for key in CLIP_DEFAULTS})
