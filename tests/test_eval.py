@@ -213,7 +213,11 @@ def test_testbed_ranges_start_where_asked_and_bad_specs_are_refused():
     assert description == "testbed test 1000..1002"
     assert [r["question"] for r in records] == [testbed.example("test", i).question for i in (1000, 1001, 1002)]
     assert load_records("testbed:validation", 2)[1] == "testbed validation 0..1"
-    for spec in ("testbed:dev", "testbed:test:-1", "testbed:test:x", "testbedx:test"):
+    records, description = load_records("testbed-next:test:5", 2)  # the LLaVA-NeXT testbed's scenes
+    assert description == "testbed-next test 5..6"
+    assert [r["image"].size for r in records] == [testbed.example("test", i, task=testbed.NEXT).image.size for i in (5, 6)]
+    assert [r["question"] for r in records] == [testbed.example("test", i, task=testbed.NEXT).question for i in (5, 6)]
+    for spec in ("testbed:dev", "testbed:test:-1", "testbed:test:x", "testbedx:test", "testbed-next:dev"):
         with pytest.raises(EvalError, match=r"expected testbed\[:SPLIT\[:START\]\]"):
             load_records(spec, 2)
 

@@ -85,7 +85,8 @@ def largest_first(objects):
     `object_area`)."""
     from llava_ivtp.testbed.scenes import _render
 
-    _, labels = _render(np.random.default_rng(0), objects)
+    canvas = (objects[0].canvas_width, 2 * testbed.IMAGE_SIZE)  # wide as the scene's, tall enough for any
+    _, labels = _render(np.random.default_rng(0), objects, canvas)
     return sorted(objects, key=lambda o: -int((labels == objects.index(o) + 1).sum())), labels
 
 

@@ -187,15 +187,17 @@ def load_records(dataset: str, limit: int | None) -> tuple[list[dict], str]:
     if dataset.startswith("testbed"):
         from llava_ivtp.testbed import scenes
 
-        _, _, rest = dataset.partition(":")
+        name, _, rest = dataset.partition(":")
         split, _, start = rest.partition(":")
         split = split or "test"
-        if dataset.partition(":")[0] != "testbed" or split not in scenes.SPLITS or not (start == "" or start.isdigit()):
-            raise EvalError(f"--dataset {dataset}: expected testbed[:SPLIT[:START]] with SPLIT one of "
-                            f"{list(scenes.SPLITS)} and START an index >= 0 (the first question).")
+        tasks = {"testbed": scenes.V2, "testbed-next": scenes.NEXT}  # v2's scenes; the LLaVA-NeXT testbed's
+        if name not in tasks or split not in scenes.SPLITS or not (start == "" or start.isdigit()):
+            raise EvalError(f"--dataset {dataset}: expected testbed[:SPLIT[:START]] (or testbed-next[:SPLIT[:START]], "
+                            f"the high-resolution scenes) with SPLIT one of {list(scenes.SPLITS)} and START an index "
+                            ">= 0 (the first question).")
         first, count = int(start or 0), limit if limit is not None else 1000
-        records = [scenes.example(split, index).record() for index in range(first, first + count)]
-        return records, f"testbed {split} {first}..{first + count - 1}"
+        records = [scenes.example(split, index, task=tasks[name]).record() for index in range(first, first + count)]
+        return records, f"{name} {split} {first}..{first + count - 1}"
     path = Path(dataset)
     if not path.exists():
         raise EvalError(f"--dataset {dataset}: neither `testbed[:split]` nor an existing file or folder.")
@@ -436,7 +438,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder or hub id (loaded with trust_remote_code)")
     parser.add_argument("--dataset", default="testbed:test",
                         help="testbed[:SPLIT[:START]] (SPLIT train, validation, test or sparse; questions START.. "
-                        "START+limit-1, default 0), or a JSON lines / parquet file or `datasets` folder")
+                        "START+limit-1, default 0), testbed-next[:SPLIT[:START]] (the LLaVA-NeXT testbed's "
+                        "high-resolution scenes), or a JSON lines / parquet file or `datasets` folder")
     parser.add_argument("--limit", type=int, default=None, help="questions (testbed default 1000)")
     parser.add_argument("--settings", nargs="+", default=["full", "ivtp@64", "ivtp@32", "ivtp@16"])
     parser.add_argument("--batch-size", type=int, default=16)

@@ -77,12 +77,34 @@ PLACE_MARGIN = 8  # px an object's centre keeps from the edge of its third, so "
 
 
 @dataclass(frozen=True)
+class Task:
+    """A family of scenes: the canvases a scene is drawn on (`(width, height)` px, one drawn per scene when there
+    are several), how many big and small objects it holds (inclusive), and `stream`, what its random streams add to
+    `(split, index, kind)` so that tasks never share a scene."""
+
+    name: str
+    canvases: tuple[tuple[int, int], ...]
+    big_objects: tuple[int, int]
+    small_objects: tuple[int, int]
+    stream: tuple[int, ...] = ()
+
+
+# v2: every scene 192 x 192 (one crop of the testbed CLIP). `NEXT`: the same objects at the same sizes on canvases up
+# to twice as large (LLaVA-NeXT's AnyRes cuts them into 192 px tiles, beside the whole image shrunk to 192 px, where a
+# small object is half a patch wide), with one to two more small objects.
+V2 = Task("v2", ((IMAGE_SIZE, IMAGE_SIZE),), BIG_OBJECTS, SMALL_OBJECTS)
+NEXT = Task("next", ((384, 384), (384, 288), (288, 384), (384, 192), (192, 384)), BIG_OBJECTS, (3, 5), stream=(1,))
+TASKS = {task.name: task for task in (V2, NEXT)}
+
+
+@dataclass(frozen=True)
 class SceneObject:
     color: str
     shape: str
     x: int  # centre, px
     y: int
     size: int  # bounding box side, px
+    canvas_width: int = field(default=IMAGE_SIZE, repr=False)  # of the scene it is in: its thirds
 
     @property
     def small(self) -> bool:
@@ -90,7 +112,7 @@ class SceneObject:
 
     @property
     def place(self) -> str:
-        return PLACES[min(self.x * 3 // IMAGE_SIZE, 2)]
+        return PLACES[min(self.x * 3 // self.canvas_width, 2)]
 
     @property
     def area(self) -> int:
@@ -99,7 +121,7 @@ class SceneObject:
 
     @property
     def clearly_placed(self) -> bool:
-        third = IMAGE_SIZE / 3
+        third = self.canvas_width / 3
         offset = self.x - third * math.floor(self.x / third)
         return PLACE_MARGIN <= offset <= third - PLACE_MARGIN
 
@@ -116,10 +138,13 @@ class Example:
     kind: str
     objects: list[SceneObject]
     caption: str
-    patch_colors: np.ndarray = field(repr=False)  # (GRID, GRID) int: 0 background, 1 + index in COLORS
-    patch_shapes: np.ndarray = field(repr=False)  # (GRID, GRID) int: 0 background, 1 + index in SHAPES
-    patch_objects: np.ndarray = field(repr=False)  # (GRID, GRID) int: 0 background, 1 + index in `objects`
+    # per 16 px patch of the canvas, (GRID, GRID) for v2 (rows, columns): 0 background, else 1 + index in COLORS /
+    # in SHAPES / in `objects`
+    patch_colors: np.ndarray = field(repr=False)
+    patch_shapes: np.ndarray = field(repr=False)
+    patch_objects: np.ndarray = field(repr=False)
     target: SceneObject | None = None  # the object the question is about (None for count / a "no")
+    task: str = "v2"  # the name of its `Task`
 
     def record(self) -> dict:
         """The evaluation record: image, question, answers."""
@@ -139,9 +164,11 @@ def check_kinds(kinds) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def example(split: str, index: int, kind: str | None = None, kinds=TASK_KINDS) -> Example:
-    """Example `index` of `split`; its question kind cycles through `kinds` (by default `TASK_KINDS`) unless `kind`
-    is given. A scene and its question depend on `(split, index, kind)` only, not on `kinds`."""
+def example(split: str, index: int, kind: str | None = None, kinds=TASK_KINDS, task: Task = V2) -> Example:
+    """Example `index` of `split` of `task`; its question kind cycles through `kinds` (by default `TASK_KINDS`)
+    unless `kind` is given. A scene and its question depend on `(task, split, index, kind)` only, not on `kinds`."""
+    if not isinstance(task, Task):
+        raise ValueError(f"`task` must be a scenes.Task such as {list(TASKS)}, got {task!r}.")
     if split not in SPLITS:
         raise ValueError(f"`split` must be one of {list(SPLITS)}, got {split!r}.")
     if not isinstance(index, int) or index < 0:
@@ -150,38 +177,41 @@ def example(split: str, index: int, kind: str | None = None, kinds=TASK_KINDS) -
     kind = kinds[index % len(kinds)] if kind is None else kind
     if kind not in QUESTION_KINDS:
         raise ValueError(f"`kind` must be one of {list(QUESTION_KINDS)}, got {kind!r}.")
-    rng, objects, (question, answer, target) = _draw(split, index, kind)
-    image, labels = _render(rng, objects)
+    rng, canvas, objects, (question, answer, target) = _draw(split, index, kind, task)
+    image, labels = _render(rng, objects, canvas)
     patch_objects = patch_object_labels(labels, objects)
     patch_colors, patch_shapes = _attribute_labels(patch_objects, objects)
     return Example(
         split=split, index=index, image=image, question=question, answer=answer, kind=kind, objects=objects,
         caption=caption(objects, rng), patch_colors=patch_colors, patch_shapes=patch_shapes,
-        patch_objects=patch_objects, target=target,
+        patch_objects=patch_objects, target=target, task=task.name,
     )
 
 
-def _draw(split: str, index: int, kind: str):
-    """The random stream of example `(split, index, kind)`, its objects and its question (nothing drawn yet)."""
-    rng = np.random.default_rng([SPLITS[split], index, QUESTION_KINDS.index(kind)])
+def _draw(split: str, index: int, kind: str, task: Task = V2):
+    """The random stream of example `(task, split, index, kind)`, its canvas, its objects and its question (nothing
+    drawn yet)."""
+    rng = np.random.default_rng([SPLITS[split], index, QUESTION_KINDS.index(kind), *task.stream])
+    canvas = task.canvases[int(rng.integers(len(task.canvases)))] if len(task.canvases) > 1 else task.canvases[0]
     forms = {"small": SMALL_FORMS, "largest": LARGEST_FORMS}.get(kind)
     form = forms[int(rng.integers(len(forms)))] if forms else None  # drawn once: balanced
+    big_objects = SPARSE_BIG_OBJECTS if split == "sparse" else task.big_objects
     while True:  # a scene that cannot carry this kind of question is drawn again (from the same stream)
-        objects = _scene_objects(rng, SPARSE_BIG_OBJECTS if split == "sparse" else BIG_OBJECTS)
+        objects = _scene_objects(rng, big_objects, task.small_objects, canvas)
         asked = _question(rng, kind, objects, form)
         if asked is not None:
-            return rng, objects, asked
+            return rng, canvas, objects, asked
 
 
-def training_turns(split: str, index: int, count: int, kinds=TASK_KINDS) -> list[tuple[str, str, str]]:
-    """Up to `count` distinct `(question, answer, kind)` about the scene of `example(split, index, kinds=kinds)`: its
-    own question first, then questions of every kind of `kinds` drawn in turn from a stream of their own (for
-    training several answers per image; the image is not rendered)."""
+def training_turns(split: str, index: int, count: int, kinds=TASK_KINDS, task: Task = V2) -> list[tuple[str, str, str]]:
+    """Up to `count` distinct `(question, answer, kind)` about the scene of `example(split, index, kinds=kinds,
+    task=task)`: its own question first, then questions of every kind of `kinds` drawn in turn from a stream of
+    their own (for training several answers per image; the image is not rendered)."""
     kinds = check_kinds(kinds)
     kind = kinds[index % len(kinds)]
-    _, objects, (question, answer, _) = _draw(split, index, kind)
+    _, _, objects, (question, answer, _) = _draw(split, index, kind, task)
     turns, seen = [(question, answer, kind)], {question}
-    rng = np.random.default_rng([SPLITS[split], index, len(kinds)])
+    rng = np.random.default_rng([SPLITS[split], index, len(kinds), *task.stream])
     for attempt in range(4 * count):
         if len(turns) >= count:
             break
@@ -193,13 +223,13 @@ def training_turns(split: str, index: int, count: int, kinds=TASK_KINDS) -> list
     return turns
 
 
-def place_turns(split: str, index: int, kinds=TASK_KINDS) -> list[tuple[str, str, str]]:
-    """Every `where` question the scene of `example(split, index, kinds=kinds)` can carry: "Where is the X?" for
-    each big object and "Where is the small X?" for each small one whose shape occurs once in the scene and that is
-    clearly placed (for training: the place of each object in turn)."""
+def place_turns(split: str, index: int, kinds=TASK_KINDS, task: Task = V2) -> list[tuple[str, str, str]]:
+    """Every `where` question the scene of `example(split, index, kinds=kinds, task=task)` can carry: "Where is the
+    X?" for each big object and "Where is the small X?" for each small one whose shape occurs once in the scene and
+    that is clearly placed (for training: the place of each object in turn)."""
     kinds = check_kinds(kinds)
     kind = kinds[index % len(kinds)]
-    _, objects, _ = _draw(split, index, kind)
+    _, _, objects, _ = _draw(split, index, kind, task)
     shapes = [o.shape for o in objects]
     return [(f"Where is the {'small ' if o.small else ''}{o.shape}?", o.place, "small" if o.small else "where")
             for o in objects if shapes.count(o.shape) == 1 and o.clearly_placed]
@@ -213,8 +243,8 @@ def scene_of(spec: str) -> Example:
     return example(split, int(index))
 
 
-def examples(split: str, count: int, start: int = 0, kinds=TASK_KINDS) -> list[Example]:
-    return [example(split, index, kinds=kinds) for index in range(start, start + count)]
+def examples(split: str, count: int, start: int = 0, kinds=TASK_KINDS, task: Task = V2) -> list[Example]:
+    return [example(split, index, kinds=kinds, task=task) for index in range(start, start + count)]
 
 
 def caption(objects: list[SceneObject], rng: np.random.Generator | None = None) -> str:
@@ -229,22 +259,25 @@ def caption(objects: list[SceneObject], rng: np.random.Generator | None = None) 
 # ----------------------------------------------------------------------------------------------------------------
 # Scenes and questions
 # ----------------------------------------------------------------------------------------------------------------
-def _scene_objects(rng: np.random.Generator, big_objects: tuple[int, int]) -> list[SceneObject]:
-    """Big objects first (`big_objects`: how many, inclusive), then small ones, none closer than 4 px to another."""
+def _scene_objects(rng: np.random.Generator, big_objects: tuple[int, int], small_objects: tuple[int, int] = SMALL_OBJECTS,
+                   canvas: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> list[SceneObject]:
+    """Big objects first, then small ones (how many: inclusive ranges), none closer than 4 px to another, on a
+    `canvas` of `(width, height)` px."""
+    width, height = canvas
     objects: list[SceneObject] = []
-    for (low, high), (smallest, largest) in ((big_objects, BIG_SIZES), (SMALL_OBJECTS, SMALL_SIZES)):
+    for (low, high), (smallest, largest) in ((big_objects, BIG_SIZES), (small_objects, SMALL_SIZES)):
         count, placed, attempts = int(rng.integers(low, high + 1)), 0, 0
         while placed < count and attempts < 500:
             attempts += 1
             size = int(rng.integers(smallest, largest + 1))
             half = size // 2 + 2
-            x, y = (int(v) for v in rng.integers(half, IMAGE_SIZE - half, size=2))
+            x, y = (int(v) for v in rng.integers([half, half], [width - half, height - half]))
             if any(abs(x - o.x) < (size + o.size) // 2 + 4 and abs(y - o.y) < (size + o.size) // 2 + 4
                    for o in objects):
                 continue
             color = list(COLORS)[int(rng.integers(len(COLORS)))]
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
-            objects.append(SceneObject(color, shape, x, y, size))
+            objects.append(SceneObject(color, shape, x, y, size, canvas_width=width))
             placed += 1
     return objects
 
@@ -320,10 +353,10 @@ def _exists(rng, objects: list[SceneObject], small: bool):
 # ----------------------------------------------------------------------------------------------------------------
 # Drawing
 # ----------------------------------------------------------------------------------------------------------------
-def _render(rng, objects: list[SceneObject]) -> tuple[Image.Image, np.ndarray]:
-    """The RGB image and a label map (`0` background, `1 + i` object `i`)."""
-    image = _background(rng)
-    labels = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+def _render(rng, objects: list[SceneObject], canvas: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> tuple[Image.Image, np.ndarray]:
+    """The RGB image of `canvas` `(width, height)` and a label map (`0` background, `1 + i` object `i`)."""
+    image = _background(rng, canvas)
+    labels = Image.new("L", canvas, 0)
     draw, label_draw = ImageDraw.Draw(image), ImageDraw.Draw(labels)
     for index, obj in enumerate(objects):
         jitter = rng.integers(-18, 19, size=3)
@@ -333,15 +366,18 @@ def _render(rng, objects: list[SceneObject]) -> tuple[Image.Image, np.ndarray]:
     return image, np.asarray(labels)
 
 
-def _background(rng) -> Image.Image:
-    coarse = rng.normal(0.0, 1.0, size=(6, 6))
-    texture = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
+def _background(rng, canvas: tuple[int, int]) -> Image.Image:
+    """Soft texture (one coarse cell per 32 px), grey specks and strokes (as many per pixel on every canvas)."""
+    width, height = canvas
+    coarse = rng.normal(0.0, 1.0, size=(6 * height // IMAGE_SIZE, 6 * width // IMAGE_SIZE))
+    texture = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize(canvas, Image.BICUBIC))
     base = float(rng.uniform(95, 165))
-    grey = np.clip(base + 14 * texture + rng.normal(0, 5, size=(IMAGE_SIZE, IMAGE_SIZE)), 0, 255)
+    grey = np.clip(base + 14 * texture + rng.normal(0, 5, size=(height, width)), 0, 255)
     image = Image.fromarray(np.repeat(grey[..., None], 3, axis=2).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(25, 45))):  # grey clutter: specks and short strokes
-        x, y = (int(v) for v in rng.integers(0, IMAGE_SIZE, size=2))
+    scale = width * height / IMAGE_SIZE**2
+    for _ in range(int(rng.integers(round(25 * scale), round(45 * scale)))):  # grey clutter: specks and short strokes
+        x, y = (int(v) for v in rng.integers([0, 0], [width, height]))
         tone = int(np.clip(base + rng.normal(0, 45), 0, 255))
         if rng.random() < 0.6:
             radius = int(rng.integers(1, 4))
@@ -388,13 +424,14 @@ def object_area(obj: SceneObject) -> int:
 def patch_object_labels(labels: np.ndarray, objects: list[SceneObject]) -> np.ndarray:
     """Per patch, `1 + i` for the object `i` covering most of it when that covers at least a quarter of it, else 0;
     a small object also labels the patch holding most of it (so every object has at least one patch)."""
-    patches = labels.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
+    rows, columns = labels.shape[0] // PATCH_SIZE, labels.shape[1] // PATCH_SIZE
+    patches = labels.reshape(rows, PATCH_SIZE, columns, PATCH_SIZE).transpose(0, 2, 1, 3).reshape(rows * columns, -1)
     cover = np.stack([(patches == index + 1).sum(axis=1) for index in range(len(objects))], axis=1)
     owner = np.where(cover.max(axis=1) >= PATCH_SIZE * PATCH_SIZE // 4, cover.argmax(axis=1) + 1, 0)
     for index, obj in enumerate(objects):
         if obj.small and not (owner == index + 1).any():
             owner[int(cover[:, index].argmax())] = index + 1
-    return owner.reshape(GRID, GRID)
+    return owner.reshape(rows, columns)
 
 
 def _attribute_labels(patch_objects: np.ndarray, objects: list[SceneObject]) -> tuple[np.ndarray, np.ndarray]:
@@ -405,7 +442,8 @@ def _attribute_labels(patch_objects: np.ndarray, objects: list[SceneObject]) -> 
 
 
 __all__ = [
-    "ANSWERS", "COLORS", "COUNTS", "Example", "GRID", "IMAGE_SIZE", "LARGEST_FORMS", "LARGEST_MARGIN", "PATCH_SIZE",
-    "PLACES", "QUESTION_KINDS", "SHAPES", "SPLITS", "SceneObject", "TASK_KINDS", "caption", "check_kinds", "example",
+    "ANSWERS", "COLORS", "COUNTS", "Example", "GRID", "IMAGE_SIZE", "LARGEST_FORMS", "LARGEST_MARGIN", "NEXT",
+    "PATCH_SIZE", "PLACES", "QUESTION_KINDS", "SHAPES", "SPLITS", "SceneObject", "TASKS", "TASK_KINDS", "Task", "V2",
+    "caption", "check_kinds", "example",
     "examples", "object_area", "patch_object_labels", "place_turns", "training_turns",
 ]

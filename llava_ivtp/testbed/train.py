@@ -428,17 +428,19 @@ def encode_examples(tokenizer, questions, answers, num_patches: int):
 
 class TurnEncoder:
     """Token ids and labels of one question about an image, exactly as evaluation prompts it:
-    `USER: <image>\\n{question} ASSISTANT: {answer}</s>`, the image expanded to its placeholders, labels on the
-    answer and its EOS only; token lists are cached per text."""
+    `USER: <image>\\n{question} ASSISTANT: {answer}</s>`, the image expanded to its placeholders (`num_patches`, or
+    the image's own count: a LLaVA-NeXT image has as many as its packed sequence), labels on the answer and its EOS
+    only; token lists are cached per text."""
 
     def __init__(self, tokenizer, num_patches: int):
         self.tokenizer, self.num_patches = tokenizer, num_patches
-        self.cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self.cache: dict[tuple[str, str, int], tuple[list[int], list[int]]] = {}
 
-    def turn(self, question: str, answer: str) -> tuple[list[int], list[int]]:
-        key = (question, answer)
+    def turn(self, question: str, answer: str, num_patches: int | None = None) -> tuple[list[int], list[int]]:
+        num_patches = self.num_patches if num_patches is None else num_patches
+        key = (question, answer, num_patches)
         if key not in self.cache:
-            head = f"USER: {IMAGE * self.num_patches}\n{question} ASSISTANT:"
+            head = f"USER: {IMAGE * num_patches}\n{question} ASSISTANT:"
             prompt = self.tokenizer(head)["input_ids"]
             full = self.tokenizer(f"{head} {answer}")["input_ids"]
             if full[: len(prompt)] != prompt:
@@ -461,21 +463,23 @@ class QuestionPacker:
         self.turns, self.image_token_id = TurnEncoder(tokenizer, num_patches), image_token_id
         self.pad_id = tokenizer.pad_token_id
 
-    def split(self, question: str, answer: str) -> tuple[list[int], list[int], list[int]]:
+    def split(self, question: str, answer: str, num_patches: int | None = None) -> tuple[list[int], list[int], list[int]]:
         """`(head, segment ids, segment labels)` of one question; the head ends at the last image placeholder."""
-        ids, labels = self.turns.turn(question, answer)
+        ids, labels = self.turns.turn(question, answer, num_patches)
         cut = len(ids) - ids[::-1].index(self.image_token_id)
         return ids[:cut], ids[cut:], labels[cut:]
 
-    def __call__(self, conversations: list[list[tuple[str, str]]]):
+    def __call__(self, conversations: list[list[tuple[str, str]]], num_patches: list[int] | None = None):
         """`(ids, labels, position_ids, attention_mask)`: right-padded `(batch, length)` tensors and a boolean
-        `(batch, 1, length, length)` mask (True = attend), one row per conversation."""
+        `(batch, 1, length, length)` mask (True = attend), one row per conversation; `num_patches`: each row's
+        image placeholders (default: the packer's)."""
         rows = []
-        for questions in conversations:
+        for row, questions in enumerate(conversations):
             head = None
             ids, labels, positions, segments = [], [], [], []
             for number, (question, answer) in enumerate(questions, start=1):
-                this_head, segment, segment_labels = self.split(question, answer)
+                this_head, segment, segment_labels = self.split(
+                    question, answer, None if num_patches is None else num_patches[row])
                 if head is None:
                     head = this_head
                     ids, labels = list(head), [-100] * len(head)
@@ -511,12 +515,16 @@ def _right_padded(rows, labels, pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, target
 
 
-def full_token_logits(model, ids, features, attention_mask=None, position_ids=None):
+def full_token_logits(model, ids, features, attention_mask=None, position_ids=None, projected=None):
     """Stock Llava's forward at full tokens on precomputed patch features: placeholders replaced by the projected
-    features, the decoder, the LM head. The mask is the padding mask of `ids` unless a 4-D one is given."""
+    features (or by `projected`, the visual tokens already in the LLM's space, every placeholder's in order: a
+    LLaVA-NeXT image's packed sequence), the decoder, the LM head. The mask is the padding mask of `ids` unless a
+    4-D one is given."""
     embeds = model.get_input_embeddings()(ids)
     image = ids == model.config.image_token_id
-    projected = model.model.multi_modal_projector(features).to(embeds.dtype)
+    if projected is None:
+        projected = model.model.multi_modal_projector(features)
+    projected = projected.to(embeds.dtype)
     embeds = embeds.masked_scatter(image.unsqueeze(-1), projected.reshape(-1, embeds.shape[-1]))
     if attention_mask is None:
         attention_mask = (ids != model.config.text_config.pad_token_id).long()
@@ -525,9 +533,9 @@ def full_token_logits(model, ids, features, attention_mask=None, position_ids=No
     return model.lm_head(hidden)
 
 
-def llava_loss(model, ids, labels, features, attention_mask=None, position_ids=None):
+def llava_loss(model, ids, labels, features, attention_mask=None, position_ids=None, projected=None):
     """Cross-entropy of `full_token_logits` on the labelled tokens."""
-    logits = full_token_logits(model, ids, features, attention_mask, position_ids)[:, :-1]
+    logits = full_token_logits(model, ids, features, attention_mask, position_ids, projected)[:, :-1]
     return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
@@ -551,6 +559,36 @@ def init_projector(model) -> None:
     for linear in (projector.linear_1, projector.linear_2):
         nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
         nn.init.zeros_(linear.bias)
+
+
+def optimise(model, step_loss, steps: int, lr: float, check, start: float, log, name: str = "llava") -> None:
+    """The LLaVA stages' loop: AdamW (betas 0.9 / 0.98, no weight decay) on the projector, the LLM and (LLaVA-NeXT)
+    the newline, the towers frozen; a linear warm-up over 5% of the steps, then cosine decay; gradients clipped to
+    norm 1. `step_loss(step)` draws a batch and returns its loss; `check()` returns the validation figures logged
+    every 250 steps. Leaves the model in eval mode."""
+    model.model.vision_tower.requires_grad_(False)
+    model.clip_text_model.requires_grad_(False)
+    model.clip_visual_projection.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(steps // 20, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
+    )
+    model.train()
+    for step in range(steps):
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"{name} step {step:4d} loss {loss.item():.3f} {time.time() - start:.0f} s")
+        if (step + 1) % 250 == 0 and step != steps - 1:
+            log(json.dumps(check()))
+            model.train()
+    model.eval()
 
 
 def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_size: int, lr: float, seed: int,
@@ -603,19 +641,10 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
         f"vocabulary {len(tokenizer)}")
     packer = QuestionPacker(tokenizer, model.config.num_patches, model.config.image_token_id)
 
-    model.model.vision_tower.requires_grad_(False)
-    model.clip_text_model.requires_grad_(False)
-    model.clip_visual_projection.requires_grad_(False)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warmup = max(steps // 20, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
-    )
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model.train()
-    for step in range(steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         sparse_rows = batch_size if step < sparse_first else mixed_sparse_rows
         index = torch.randint(0, train_count, (batch_size - sparse_rows,), generator=generator).tolist()
         rows, row_features = [conversations[scene] for scene in index], features[index]
@@ -624,18 +653,9 @@ def train_llava(work: Path, train_count: int, val_count: int, steps: int, batch_
             rows += [sparse_conversations[scene] for scene in extra]
             row_features = torch.cat([row_features, sparse_features[extra]])
         ids, labels, positions, mask = packer(rows)
-        loss = llava_loss(model, ids, labels, row_features, mask, positions)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 25 == 0 or step == steps - 1:
-            log(f"llava step {step:4d} loss {loss.item():.3f} {time.time() - start:.0f} s")
-        if (step + 1) % 250 == 0 and step != steps - 1:
-            log(json.dumps(quick_accuracy(model, tokenizer, val, count=300)))
-            model.train()
-    model.eval()
+        return llava_loss(model, ids, labels, row_features, mask, positions)
+
+    optimise(model, step_loss, steps, lr, lambda: quick_accuracy(model, tokenizer, val, count=300), start, log)
     metrics = quick_accuracy(model, tokenizer, val, count=val_count)
     metrics["train_seconds"] = time.time() - start + before.get("train_seconds", 0.0)
     metrics["steps"] = steps + before.get("steps", 0)
@@ -857,6 +877,21 @@ def main(argv: list[str] | None = None) -> int:
     save.add_argument("--overwrite", action="store_true")
     save.add_argument("--tau-questions", type=int, default=TAU_CALIBRATION_QUESTIONS,
                       help="validation questions tau is calibrated on")
+    from llava_ivtp.testbed.train_next import NEXT_DEFAULTS
+
+    next_stage = sub.add_parser("next", help="the LLaVA-NeXT testbed: a v2 checkpoint made a LLaVA-NeXT model and "
+                                "fine-tuned on the high-resolution scenes (llava_ivtp/testbed/train_next.py)")
+    next_stage.add_argument("--base", type=Path, required=True, help="the v2 testbed checkpoint it starts from")
+    next_stage.add_argument("--work", type=Path, default=Path("next-work"))
+    next_stage.add_argument("--out", type=Path, required=True)
+    next_stage.add_argument("--overwrite", action="store_true")
+    next_stage.add_argument("--seed", type=int, default=0)
+    next_stage.add_argument("--kinds", default=",".join(scenes.TASK_KINDS),
+                            help=f"question kinds, comma-separated, from {','.join(scenes.QUESTION_KINDS)}")
+    next_stage.add_argument("--tau-questions", type=int, default=TAU_CALIBRATION_QUESTIONS,
+                            help="NeXT validation questions tau is calibrated on")
+    for option, value in NEXT_DEFAULTS.items():
+        next_stage.add_argument(f"--{option.replace('_', '-')}", type=type(value), default=value)
     export = sub.add_parser("export", help="training scenes as LLaVA-format JSON lines for examples/finetune.py")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--start", type=int, default=0)
@@ -867,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "export":
         print(export_conversations(args.out, args.start, args.count, args.turns, args.overwrite))
         return 0
-    if args.stage in ("save", "all"):  # a clear command-line error, and for `all` before an hour of training
+    if args.stage in ("save", "all", "next"):  # a clear command-line error, and before an hour of training
         try:
             check_checkpoint_out(args.out, args.overwrite)
         except ValueError as error:
@@ -879,6 +914,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             parser.error(f"--kinds: {error}")
     log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.stage == "next":
+        from llava_ivtp.testbed.train_next import train_next
+
+        if not (args.base / "config.json").is_file():
+            parser.error(f"--base {args.base}: not a checkpoint folder (no config.json).")
+        train_next(args.base, args.work, args.out, args.train, args.validation, args.steps, args.batch_size, args.lr,
+                   args.questions, args.seed, kinds, args.overwrite, args.tau_questions, log)
+        print(args.out)
+        return 0
     common = {"work": args.work, "train_count": getattr(args, "train", None), "val_count": getattr(args, "validation", None),
               "seed": getattr(args, "seed", 0), "kinds": kinds}
     if args.stage in ("clip", "all"):
