@@ -318,3 +318,33 @@ def test_llava_resumes_and_never_reuses_features_of_another_clip(tmp_path):
     testbed_train.train_clip(tmp_path, 16, 8, steps=1, seed=1, **quiet)  # another CLIP in the same folder
     testbed_train.train_llava(tmp_path, 16, 8, steps=1, seed=0, **quiet)
     assert len(list(tmp_path.glob("features-train-16-*-clip-*.pt"))) == 2
+
+
+def test_the_llava_stage_trains_on_the_towers_of_a_checkpoint(tmp_path, capsys):
+    """`train llava --clip-from CHECKPOINT`: the towers copied from a testbed checkpoint (the shipped one here), the
+    LLaVA stage on them, the card naming where they came from; an existing clip.pt is never overwritten."""
+    from pathlib import Path
+
+    from modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
+
+    from llava_ivtp.testbed import train as testbed_train
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "llava-ivtp-testbed"
+    work, out = tmp_path / "work", tmp_path / "model"
+    assert testbed_train.main(["llava", "--clip-from", str(shipped), "--work", str(work), "--train", "16",
+                               "--validation", "8", "--steps", "1", "--batch-size", "4", "--sparse", "4",
+                               "--kinds", "color,largest"]) == 0
+    assert testbed_train.main(["save", "--work", str(work), "--out", str(out), "--tau-questions", "4"]) == 0
+    source = LlavaIvtpForConditionalGeneration.from_pretrained(shipped, dtype=torch.float32)
+    made = LlavaIvtpForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    for name in ("model.vision_tower", "clip_text_model", "clip_visual_projection"):
+        ours, theirs = made.get_submodule(name).state_dict(), source.get_submodule(name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    card = (out / "README.md").read_text()
+    assert f"The towers are those of `{shipped}` (`train llava --clip-from`)." in card
+    assert (shipped / "README.md").read_text().split("\n- Vision:")[1].split("\n- LLM:")[0] in card
+    assert "(`color`, `largest`)" in card
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        testbed_train.main(["llava", "--clip-from", str(shipped), "--work", str(work), "--steps", "1"])
+    assert f"--clip-from {shipped}: {work / 'clip.pt'} exists; use another --work" in capsys.readouterr().err

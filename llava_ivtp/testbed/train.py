@@ -407,6 +407,31 @@ def build_llava(work: Path, tokenizer):
     return model
 
 
+def clip_from_checkpoint(checkpoint: Path, work: Path) -> Path:
+    """`work/clip.pt` from the vision tower, CLIP text tower and visual projection of a testbed checkpoint, so that
+    the LLaVA stage can train on the towers of a model already trained (`train llava --clip-from`); the auxiliary
+    heads, thrown away when that model was saved, stay at their initialisation (the LLaVA stage does not use them).
+    `clip-metrics.json` names the checkpoint and keeps the vision bullet of its card. Refused when `work` already
+    holds a `clip.pt`."""
+    from modeling_llava_ivtp.modeling_llava_ivtp import LlavaIvtpForConditionalGeneration
+
+    if (work / "clip.pt").exists():
+        raise ValueError(f"{work / 'clip.pt'} exists; use another --work (it is never overwritten).")
+    model = LlavaIvtpForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    torch.manual_seed(0)
+    clip = TinyClip()
+    clip.vision.load_state_dict(model.model.vision_tower.state_dict())
+    clip.text.load_state_dict(model.clip_text_model.state_dict())
+    clip.visual_projection.load_state_dict(model.clip_visual_projection.state_dict())
+    card = (checkpoint / "README.md").read_text() if (checkpoint / "README.md").is_file() else ""
+    start, end = card.find("- Vision:"), card.find("\n- LLM:")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(clip.state_dict(), work / "clip.pt")
+    metrics = {"from_checkpoint": str(checkpoint), "vision_bullet": card[start:end] if 0 <= start < end else None}
+    (work / "clip-metrics.json").write_text(json.dumps(metrics, indent=2))
+    return work / "clip.pt"
+
+
 @torch.no_grad()
 def vision_features(model, pixels: torch.Tensor, chunk: int = 200) -> torch.Tensor:
     """The frozen tower's patch features at the feature layer, `(n, 144, hidden)` (what the projector reads)."""
@@ -779,6 +804,23 @@ def build_llava_shell(tokenizer):
     return LlavaIvtpForConditionalGeneration(llava_config(tokenizer)).eval()
 
 
+def vision_bullet(clip: dict) -> str:
+    """The card's bullet on the CLIP stage: its figures, or (`--clip-from`) the bullet of the checkpoint whose towers
+    the model holds."""
+    if "from_checkpoint" in clip:
+        copied = f"  The towers are those of `{clip['from_checkpoint']}` (`train llava --clip-from`)."
+        return f"{clip['vision_bullet']}\n{copied}" if clip["vision_bullet"] else f"- Vision: {copied.strip()}"
+    return f"""- Vision: CLIP ViT, 192 px, patch 16 (144 patches), {VISION['num_hidden_layers']} layers of width {VISION['hidden_size']};
+  CLIP text tower: open_clip, {CLIP_TEXT['text_cfg']['layers']} layers of width {CLIP_TEXT['text_cfg']['width']} (ViT-L-14-336's tokenizer).
+  Trained with CLIP's contrastive loss, per-patch labels (colour, shape, row and column, the covering object's
+  third and size) and image-level labels on the feature layer's CLS (the colours and shapes of the big and of the
+  small objects shown; recall {clip.get('cls_presence_recall', float('nan')):.3f}, precision {clip.get('cls_presence_precision', float('nan')):.3f}):
+  image-to-text retrieval {clip['image_to_text_retrieval']:.3f} among {clip['retrieval_pool']},
+  patch colour {clip['patch_color_accuracy']:.3f}, patch shape {clip['patch_shape_accuracy']:.3f}, patch column
+  {clip.get('patch_column_accuracy', float('nan')):.3f}, object third {clip.get('patch_object_third_accuracy', float('nan')):.3f}, small-object patch shape
+  {clip.get('small_patch_shape_accuracy', float('nan')):.3f} (validation), {clip['train_seconds'] / 60:.0f} min on 2 CPU cores."""
+
+
 def testbed_card(metrics: dict) -> str:
     clip, llava = metrics["clip"], metrics["llava"]
     asked = trained_kinds(llava)
@@ -803,15 +845,7 @@ A tiny LLaVA-IVTP trained from scratch by `python -m llava_ivtp.testbed.train` o
 accuracy. Not a general model: it knows 6 colours, 6 shapes, big and small objects, and the {len(asked)} kinds of
 question of the testbed's task v2 ({", ".join(f"`{kind}`" for kind in asked)}).
 
-- Vision: CLIP ViT, 192 px, patch 16 (144 patches), {VISION['num_hidden_layers']} layers of width {VISION['hidden_size']};
-  CLIP text tower: open_clip, {CLIP_TEXT['text_cfg']['layers']} layers of width {CLIP_TEXT['text_cfg']['width']} (ViT-L-14-336's tokenizer).
-  Trained with CLIP's contrastive loss, per-patch labels (colour, shape, row and column, the covering object's
-  third and size) and image-level labels on the feature layer's CLS (the colours and shapes of the big and of the
-  small objects shown; recall {clip.get('cls_presence_recall', float('nan')):.3f}, precision {clip.get('cls_presence_precision', float('nan')):.3f}):
-  image-to-text retrieval {clip['image_to_text_retrieval']:.3f} among {clip['retrieval_pool']},
-  patch colour {clip['patch_color_accuracy']:.3f}, patch shape {clip['patch_shape_accuracy']:.3f}, patch column
-  {clip.get('patch_column_accuracy', float('nan')):.3f}, object third {clip.get('patch_object_third_accuracy', float('nan')):.3f}, small-object patch shape
-  {clip.get('small_patch_shape_accuracy', float('nan')):.3f} (validation), {clip['train_seconds'] / 60:.0f} min on 2 CPU cores.
+{vision_bullet(clip)}
 - LLM: Llama, {TEXT['num_hidden_layers']} layers of width {TEXT['hidden_size']}, BPE tokenizer trained on the task's text;
   projector and LLM trained at full tokens (vision frozen), {llava['steps']} steps ({phases}):
   validation accuracy {llava['accuracy']:.3f} ({kinds}), {llava['train_seconds'] / 60:.0f} min on 2 CPU cores.
@@ -869,6 +903,8 @@ def main(argv: list[str] | None = None) -> int:
                 stage.add_argument(f"--{option.replace('_', '-')}", type=type(value), default=value)
         if name == "llava":
             stage.add_argument("--resume", action="store_true", help="continue training the saved model")
+            stage.add_argument("--clip-from", type=Path, default=None,
+                               help="a testbed checkpoint whose towers to train on (written to WORK/clip.pt first)")
             stage.add_argument("--place-steps", type=int, default=PLACE_PHASE["steps"],
                                help="steps of the place phase after the first (0: none)")
     save = sub.add_parser("save", help="write the trained model as a remote-code checkpoint")
@@ -929,6 +965,11 @@ def main(argv: list[str] | None = None) -> int:
         options = ({**CLIP_DEFAULTS, "steps": args.clip_steps} if args.stage == "all" else
                    {key: getattr(args, key) for key in CLIP_DEFAULTS})
         train_clip(**common, **options, log=log)
+    if getattr(args, "clip_from", None) is not None:
+        try:
+            clip_from_checkpoint(args.clip_from, args.work)
+        except (ValueError, OSError) as error:
+            parser.error(f"--clip-from {args.clip_from}: {error}")
     if args.stage in ("llava", "all"):
         options = ({**LLAVA_DEFAULTS, "steps": args.llava_steps, "sparse": args.sparse} if args.stage == "all" else
                    {**{key: getattr(args, key) for key in LLAVA_DEFAULTS}, "resume": args.resume})
