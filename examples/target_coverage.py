@@ -1,6 +1,7 @@
 """Does the instruction steer what is kept? On the testbed model, for test questions about one object ("What color
 is the star?", "Where is the circle?", "What shape is the purple object?", "Is there a green triangle?" when it is
-there, and the `small` kind's questions about a small object, "Where is the small star?"), the share of that
+there, the `small` kind's questions about a small object, "Where is the small star?", and the `largest` kind's,
+"Where is the largest object?", which name none of its attributes), the share of that
 object's patches among the visual tokens that reach the LLM's last layers, per setting, and what IVTP's relevance
 (eq. 6-7) ranks highest in the instruction.
 
@@ -41,9 +42,12 @@ def target_patches(scene: testbed.Example) -> set[int]:
     return scene.object_patches(scene.target)
 
 
-def named_word(scene: testbed.Example) -> str:
+def named_word(scene: testbed.Example) -> str | None:
     """The instruction's word that names the object: the shape, or the colour for `shape` questions (a `small`
-    question names its object by its shape, and by its colour too when it asks whether it exists)."""
+    question names its object by its shape, and by its colour too when it asks whether it exists); None for a
+    `largest` question, which names no attribute of its object (left out of the relevance figures)."""
+    if scene.kind == "largest":
+        return None
     return scene.target.color if scene.kind == "shape" else scene.target.shape
 
 

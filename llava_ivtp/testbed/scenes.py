@@ -1,11 +1,12 @@
 """The accuracy testbed's task (v2): synthetic scenes of big and small coloured shapes and questions whose answer
-depends on one object among distractors, or on every object of a colour. Deterministic by split and index; nothing
+depends on one object among distractors, on every object of a colour, or on the scene's largest object.
+Deterministic by split and index; nothing
 is downloaded.
 
 Each scene is a 192 px image (12 x 12 = 144 patches of 16 px, so 64 / 32 / 16 kept tokens are 44% / 22% / 11%) with
 3-6 big objects (24-38 px) and 2-3 small ones (12-16 px, about one patch), 6 shapes x 6 colours, on a cluttered grey
-background (a soft texture with grey specks and strokes). A question is one of six kinds, each with a one-word
-answer:
+background (a soft texture with grey specks and strokes). A question is one of seven kinds (`QUESTION_KINDS`),
+each with a one-word answer:
 
 - `color`: "What color is the star?" (a big object; the shape occurs once in the scene, big or small);
 - `shape`: "What shape is the purple object?" (a big object; the colour occurs once in the scene);
@@ -17,16 +18,16 @@ answer:
 - `small`: a question about one small object, named by the question, in one of three forms: "What color is the
   small star?", "Where is the small star?" (its shape once in the scene), "Is there a small green triangle?" (a "no"
   scene holds green and triangle apart, or a big green triangle only). The kind where what to keep depends on the
-  question: the object covers one to four patches of 144.
-
-One more kind can be asked (`QUESTION_KINDS`), not yet in the cycle examples run through by default (`TASK_KINDS`,
-the kinds the shipped model was trained on); `kinds=` chooses the cycle:
-
+  question: the object covers one to four patches of 144;
 - `largest`: a question about the largest object of the scene, the same words for every scene, in one of two
   forms: "What color is the largest object?", "Where is the largest object?" (largest by drawn area, `object_area`,
   at least `LARGEST_MARGIN` times the next one's, so that the answer is plain to see; for `where` also clearly
   placed). The kind where the question does not say what to keep: it names
   no attribute, so instruction-guided and vision-only methods face the same choice.
+
+`example(split, index)` cycles through the seven kinds (`TASK_KINDS`, the task the shipped model was trained and is
+measured on); `kinds=` chooses another cycle (`V2_SIX_KINDS`: the cycle before `largest`, whose scenes trained the
+shipped model's vision tower).
 
 A scene also has a caption (for CLIP's contrastive training: "a small red star on the left, ...") and per-patch
 labels (the object covering most of each patch and its colour and shape, 0 for background; a small object also
@@ -56,7 +57,9 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 QUESTION_KINDS = ("color", "shape", "exists", "where", "count", "small", "largest")  # every kind the generator asks
 # The kinds `example(split, index)` cycles through by default: the task the shipped model was trained and measured on.
-TASK_KINDS = QUESTION_KINDS[:6]
+TASK_KINDS = QUESTION_KINDS
+# v2's cycle before `largest` (2026-12-06): its scenes trained the shipped model's CLIP (`train clip`'s default).
+V2_SIX_KINDS = QUESTION_KINDS[:6]
 PLACES = ("left", "middle", "right")
 SMALL_FORMS = ("color", "where", "exists")  # what a `small` question asks of the small object
 # What a `largest` question asks of the largest object. Not its shape: squares and circles cover the most of their
@@ -444,6 +447,7 @@ def _attribute_labels(patch_objects: np.ndarray, objects: list[SceneObject]) -> 
 __all__ = [
     "ANSWERS", "COLORS", "COUNTS", "Example", "GRID", "IMAGE_SIZE", "LARGEST_FORMS", "LARGEST_MARGIN", "NEXT",
     "PATCH_SIZE", "PLACES", "QUESTION_KINDS", "SHAPES", "SPLITS", "SceneObject", "TASKS", "TASK_KINDS", "Task", "V2",
+    "V2_SIX_KINDS",
     "caption", "check_kinds", "example",
     "examples", "object_area", "patch_object_labels", "place_turns", "training_turns",
 ]

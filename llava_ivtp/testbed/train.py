@@ -231,7 +231,7 @@ def clip_tokens(texts) -> torch.Tensor:
 
 
 def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_size: int, lr: float, seed: int,
-               kinds=scenes.TASK_KINDS, log=print) -> dict:
+               kinds=scenes.V2_SIX_KINDS, log=print) -> dict:
     torch.manual_seed(seed)
     start = time.time()
     train = build_split("train", train_count, work, kinds=kinds)
@@ -882,9 +882,14 @@ def main(argv: list[str] | None = None) -> int:
         stage.add_argument("--train", type=int, default=12000, help="training scenes")
         stage.add_argument("--validation", type=int, default=1000, help="validation scenes")
         stage.add_argument("--seed", type=int, default=0)
-        stage.add_argument("--kinds", default=",".join(scenes.TASK_KINDS),
-                           help=f"question kinds, comma-separated, from {','.join(scenes.QUESTION_KINDS)}")
+        stage.add_argument("--kinds", default=",".join(scenes.V2_SIX_KINDS if name == "clip" else scenes.TASK_KINDS),
+                           help=f"question kinds, comma-separated, from {','.join(scenes.QUESTION_KINDS)}"
+                           + (" (the CLIP's scenes: by default v2's six-kind cycle, as the shipped tower's)"
+                              if name == "clip" else ""))
         if name == "all":
+            stage.add_argument("--clip-kinds", default=",".join(scenes.V2_SIX_KINDS),
+                               help="the question kinds of the CLIP stage's scenes (default: v2's six-kind cycle, "
+                               "whose scenes trained the shipped model's tower)")
             stage.add_argument("--out", type=Path, required=True)
             stage.add_argument("--overwrite", action="store_true")
             stage.add_argument("--clip-steps", type=int, default=CLIP_DEFAULTS["steps"])
@@ -943,12 +948,16 @@ def main(argv: list[str] | None = None) -> int:
             check_checkpoint_out(args.out, args.overwrite)
         except ValueError as error:
             parser.error(str(error))
-    kinds = scenes.TASK_KINDS
-    if hasattr(args, "kinds"):
+
+    def kinds_of(option: str) -> tuple[str, ...]:
         try:
-            kinds = scenes.check_kinds(tuple(args.kinds.split(",")))
+            return scenes.check_kinds(tuple(getattr(args, option.replace("-", "_")).split(",")))
         except ValueError as error:
-            parser.error(f"--kinds: {error}")
+            parser.error(f"--{option}: {error}")
+
+    kinds = kinds_of("kinds") if hasattr(args, "kinds") else scenes.TASK_KINDS
+    # the CLIP stage's scenes: `clip --kinds`, `all --clip-kinds`
+    clip_kinds = kinds_of("clip-kinds") if args.stage == "all" else kinds
     log = lambda line: print(line, flush=True)  # noqa: E731
     if args.stage == "next":
         from llava_ivtp.testbed.train_next import train_next
@@ -964,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("clip", "all"):
         options = ({**CLIP_DEFAULTS, "steps": args.clip_steps} if args.stage == "all" else
                    {key: getattr(args, key) for key in CLIP_DEFAULTS})
-        train_clip(**common, **options, log=log)
+        train_clip(**{**common, "kinds": clip_kinds}, **options, log=log)
     if getattr(args, "clip_from", None) is not None:
         try:
             clip_from_checkpoint(args.clip_from, args.work)
