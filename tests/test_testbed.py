@@ -250,6 +250,7 @@ def test_training_pipeline_runs_end_to_end_at_toy_scale(tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "2 steps of 16 scenes" in card  # the card states the recipe it was trained by
     assert "the 3 kinds of\nquestion of the testbed's task v2 (`color`, `largest`, `small`)" in card
+    assert "on 2 CPU cores, on the scenes of the cycle of 2 kinds (`color`, `small`)." in card  # --clip-kinds
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     scene = testbed.example("test", 0)

@@ -287,6 +287,7 @@ def train_clip(work: Path, train_count: int, val_count: int, steps: int, batch_s
             model.train()
     metrics = evaluate_clip(model, val_pixels, val_text, val)
     metrics["train_seconds"] = time.time() - start
+    metrics["kinds"] = list(kinds)
     log(json.dumps(metrics))
     work.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), work / "clip.pt")
@@ -818,7 +819,13 @@ def vision_bullet(clip: dict) -> str:
   image-to-text retrieval {clip['image_to_text_retrieval']:.3f} among {clip['retrieval_pool']},
   patch colour {clip['patch_color_accuracy']:.3f}, patch shape {clip['patch_shape_accuracy']:.3f}, patch column
   {clip.get('patch_column_accuracy', float('nan')):.3f}, object third {clip.get('patch_object_third_accuracy', float('nan')):.3f}, small-object patch shape
-  {clip.get('small_patch_shape_accuracy', float('nan')):.3f} (validation), {clip['train_seconds'] / 60:.0f} min on 2 CPU cores."""
+  {clip.get('small_patch_shape_accuracy', float('nan')):.3f} (validation), {clip['train_seconds'] / 60:.0f} min on 2 CPU cores{scenes_of(clip)}."""
+
+
+def scenes_of(clip: dict) -> str:
+    """The card's words on the scenes the CLIP stage trained on (runs that did not record them: v2's six kinds)."""
+    kinds = clip.get("kinds", list(scenes.V2_SIX_KINDS))
+    return f", on the scenes of the cycle of {len(kinds)} kinds ({', '.join(f'`{kind}`' for kind in kinds)})"
 
 
 def testbed_card(metrics: dict) -> str:
