@@ -1,7 +1,6 @@
 """The accuracy testbed's task (v2): synthetic scenes of big and small coloured shapes and questions whose answer
 depends on one object among distractors, on every object of a colour, or on the scene's largest object.
-Deterministic by split and index; nothing
-is downloaded.
+Deterministic by split and index; nothing is downloaded.
 
 Each scene is a 192 px image (12 x 12 = 144 patches of 16 px, so 64 / 32 / 16 kept tokens are 44% / 22% / 11%) with
 3-6 big objects (24-38 px) and 2-3 small ones (12-16 px, about one patch), 6 shapes x 6 colours, on a cluttered grey

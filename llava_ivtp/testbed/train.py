@@ -19,16 +19,19 @@ methods read has to gather every object (without it, it attended to orange objec
 `docs/accuracy.md`). The heads are thrown away after training. The first third of the steps trains on these labels
 alone and the rest adds the contrastive loss (trained jointly from the start, the contrastive gradient kept the
 shape head at chance for 450 steps; alone, shape reached 0.55 in 250). There is no per-token text-to-image
-objective (it would favour IVTP's eq. 6).
+objective (it would favour IVTP's eq. 6). Its scenes are those of v2's six-kind cycle (`scenes.V2_SIX_KINDS`,
+`all --clip-kinds`, `clip --kinds`), as the shipped tower's were: the seventh kind, `largest`, adds questions and no
+objects.
 
 LLaVA = that vision tower frozen, a projector and a small Llama trained at full tokens (pruning only at inference,
 the paper's pure-inference setting) on many questions per scene packed in one row (each sees the image and itself),
-with a BPE tokenizer trained on the task's text: 4,000 steps; the first 300 take every scene from the `sparse`
-training split (1-2 big objects), the rest a quarter of each batch; every scene's questions also ask the place of
-every object a `where` question can name (`scenes.place_turns`). Without the sparse start and the places
+with a BPE tokenizer trained on the task's text, on the seven kinds (`scenes.TASK_KINDS`, `--kinds`): 4,000
+steps; the first 300 take every scene from the `sparse` training split (1-2 big objects), the rest a quarter of each
+batch; every scene's questions also ask the place of every object a `where` question can name
+(`scenes.place_turns`). Without the sparse start and the places
 (`--sparse-first 0 --no-every-place`) the model learns every kind but `where`, which stays at chance: it learns to
 pick the object a colour question names, never the one a `where` question names (`docs/accuracy.md`, "How `where`
-fails"). `--place-steps N` adds a second phase continued from the first (half of each batch sparse, every place
+was learned"). `--place-steps N` adds a second phase continued from the first (half of each batch sparse, every place
 asked), which did not teach `where` to a model trained without them.
 """
 
