@@ -792,7 +792,7 @@ def trained_kinds(llava_metrics: dict) -> tuple[str, ...]:
     """The question kinds the LLaVA stage trained on (its last phase's; runs that did not record them trained on
     v2's six)."""
     phases = llava_metrics.get("phases") or [{}]
-    return tuple(phases[-1].get("kinds", scenes.QUESTION_KINDS[:6]))
+    return tuple(phases[-1].get("kinds", scenes.V2_SIX_KINDS))
 
 
 def check_checkpoint_out(out: Path, overwrite: bool) -> None:
